@@ -1,0 +1,365 @@
+//! `decree demo`: a local cluster of real processes, a bank workload, and a verdict.
+//!
+//! Starts a coordinator and participants (this same binary, with its
+//! `coordinator` and `participant` subcommands) in a temporary directory,
+//! seeds accounts, runs concurrent transfers (`add a=-x, add b=+x`), then
+//! checks that the sum of balances is unchanged and that nothing is left in
+//! doubt. With `--chaos`, processes are killed (SIGKILL, and once at the crash
+//! point `coordinator.decision.after_log`) and restarted while it runs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use decree_client::{Client, KvOp, Outcome};
+use decree_tests::{Cluster, NodeId, Options};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+use tokio::sync::Mutex;
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Participants to start.
+    #[arg(long, default_value_t = 3)]
+    participants: usize,
+    /// Bank accounts.
+    #[arg(long, default_value_t = 200)]
+    accounts: usize,
+    /// Starting balance of each account.
+    #[arg(long, default_value_t = 1_000)]
+    balance: i64,
+    /// Transfers to run.
+    #[arg(long, default_value_t = 3_000)]
+    transfers: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Kill and restart processes while the transfers run.
+    #[arg(long)]
+    chaos: bool,
+    /// Seed of the chaos schedule (default: random; printed).
+    #[arg(long, env = "DECREE_SEED")]
+    seed: Option<u64>,
+    /// Keep the cluster's directory (data and logs) afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn account(i: usize) -> String {
+    format!("acct-{i:05}")
+}
+
+#[derive(Default)]
+struct Tally {
+    committed: u64,
+    aborted: BTreeMap<String, u64>,
+    unknown: u64,
+}
+
+/// Groups abort reasons: "participant p2 voted NO: lock conflict on key ..." -> "lock conflict".
+fn reason_class(reason: &str) -> String {
+    let tail = reason.rsplit(": ").next().unwrap_or(reason);
+    if reason.contains("lock conflict") {
+        "lock conflict".into()
+    } else if reason.contains("timed out") || reason.contains("deadline") {
+        "prepare timeout".into()
+    } else if reason.contains("failed to prepare") {
+        "participant unreachable".into()
+    } else {
+        tail.chars().take(60).collect()
+    }
+}
+
+pub async fn run(args: DemoArgs) -> i32 {
+    match demo(args).await {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(err) => {
+            eprintln!("decree demo: {err}");
+            2
+        }
+    }
+}
+
+async fn demo(args: DemoArgs) -> Result<bool, String> {
+    if args.participants == 0 || args.accounts < 2 || args.concurrency == 0 {
+        return Err("need --participants >= 1, --accounts >= 2 and --concurrency >= 1".into());
+    }
+    let binary = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut options = Options::new(args.participants);
+    options.binary = binary;
+    options.keep_dir = args.keep;
+    // Short deadlines keep the demo moving when chaos takes a process away.
+    options.coordinator_args =
+        vec!["--prepare-timeout-ms".into(), "1000".into(), "--commit-timeout-ms".into(), "500".into()];
+    println!("decree demo: starting a coordinator and {} participants ...", args.participants);
+    let cluster = Cluster::start(options).await.map_err(|e| e.to_string())?;
+    println!("  directory {}", cluster.dir().display());
+    let client = cluster.client().await.map_err(|e| e.to_string())?;
+    for p in client.participants().await.map_err(|e| e.to_string())? {
+        println!("  participant {} at {} ({})", p.name, p.address, p.state);
+    }
+
+    println!("seeding {} accounts with {} each ...", args.accounts, args.balance);
+    for chunk in (0..args.accounts).collect::<Vec<_>>().chunks(50) {
+        let ops = chunk
+            .iter()
+            .map(|i| KvOp::Put { key: account(*i), value: args.balance.to_string().into_bytes() })
+            .collect();
+        let result = client.transact(ops).await.map_err(|e| e.to_string())?;
+        if result.outcome != Outcome::Committed {
+            return Err(format!("seeding aborted: {}", result.reason));
+        }
+    }
+    let expected = args.balance * args.accounts as i64;
+
+    let cluster = Arc::new(Mutex::new(cluster));
+    let chaos_log = Arc::new(std::sync::Mutex::new(ChaosLog::default()));
+    let chaos = args.chaos.then(|| {
+        let seed = args.seed.unwrap_or_else(rand::random);
+        println!("chaos: seed {seed} (replay with --seed {seed})");
+        tokio::spawn(chaos_schedule(cluster.clone(), seed, chaos_log.clone()))
+    });
+
+    println!("running {} transfers with {} concurrent clients ...", args.transfers, args.concurrency);
+    let bar = ProgressBar::new(args.transfers as u64);
+    bar.set_style(
+        ProgressStyle::with_template("  [{bar:40}] {pos}/{len} {per_sec} {msg}")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (client, next, bar) = (client.clone(), next.clone(), bar.clone());
+        let (transfers, accounts) = (args.transfers, args.accounts);
+        workers.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < transfers {
+                let (from, to, amount) = {
+                    let mut rng = rand::rng();
+                    let from = rng.random_range(0..accounts);
+                    let to = (from + rng.random_range(1..accounts)) % accounts;
+                    (from, to, rng.random_range(1..=100i64))
+                };
+                let ops = vec![
+                    KvOp::Add { key: account(from), delta: -amount },
+                    KvOp::Add { key: account(to), delta: amount },
+                ];
+                let begun = Instant::now();
+                match client.transact(ops).await {
+                    Ok(result) if result.outcome == Outcome::Committed => {
+                        tally.committed += 1;
+                        let _ = latency.record(begun.elapsed().as_micros() as u64);
+                    }
+                    Ok(result) => *tally.aborted.entry(reason_class(&result.reason)).or_default() += 1,
+                    Err(_) => tally.unknown += 1,
+                }
+                bar.inc(1);
+            }
+            (tally, latency)
+        }));
+    }
+    let mut tally = Tally::default();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    for worker in workers {
+        let (t, h) = worker.await.map_err(|e| e.to_string())?;
+        tally.committed += t.committed;
+        tally.unknown += t.unknown;
+        for (reason, n) in t.aborted {
+            *tally.aborted.entry(reason).or_default() += n;
+        }
+        latency.add(h).map_err(|e| e.to_string())?;
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+
+    let chaos_report = match chaos {
+        Some(task) => {
+            task.abort();
+            let _ = task.await;
+            Some(restore(&cluster, &chaos_log).await?)
+        }
+        None => None,
+    };
+
+    let cluster = cluster.lock().await;
+    let settle_started = Instant::now();
+    let settled = cluster.wait_settled(Duration::from_secs(30)).await;
+    let settle_ms = settle_started.elapsed().as_millis();
+    let client = cluster.client().await.map_err(|e| e.to_string())?;
+    let keys: Vec<String> = (0..args.accounts).map(account).collect();
+    let values = client.get(&keys).await.map_err(|e| e.to_string())?;
+    let mut sum = 0i64;
+    let mut unreadable = 0;
+    for value in values.values() {
+        match value.as_deref().map(String::from_utf8_lossy).and_then(|v| v.parse::<i64>().ok()) {
+            Some(n) => sum += n,
+            None => unreadable += 1,
+        }
+    }
+
+    let aborted: u64 = tally.aborted.values().sum();
+    println!();
+    println!("summary");
+    println!("  transfers      {}", args.transfers);
+    println!("  committed      {}", tally.committed);
+    println!("  aborted        {aborted}");
+    for (reason, n) in &tally.aborted {
+        println!("    {n:>6}  {reason}");
+    }
+    if tally.unknown > 0 {
+        println!(
+            "  unknown        {} (the client lost its connection; the outcome is still atomic)",
+            tally.unknown
+        );
+    }
+    println!("  elapsed        {:.2} s", elapsed.as_secs_f64());
+    println!("  throughput     {:.0} committed tx/s", tally.committed as f64 / elapsed.as_secs_f64());
+    if !latency.is_empty() {
+        let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "  latency        p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            ms(0.5),
+            ms(0.9),
+            ms(0.99),
+            latency.max() as f64 / 1000.0
+        );
+    }
+    if let Some(report) = &chaos_report {
+        println!("  chaos          {report}");
+    }
+    println!("  balances       sum {sum}, expected {expected}");
+    let in_doubt_ok = settled.is_ok();
+    println!(
+        "  in doubt       {}",
+        if in_doubt_ok {
+            format!("none (settled in {settle_ms} ms)")
+        } else {
+            "branches still in doubt after 30 s".into()
+        }
+    );
+    let ok = sum == expected && unreadable == 0 && in_doubt_ok;
+    println!();
+    if ok {
+        println!("verdict: OK — every transfer was all-or-nothing; the sum of balances is unchanged");
+    } else {
+        println!("verdict: FAILED — sum {sum} (expected {expected}), {unreadable} unreadable balances, in doubt: {}", !in_doubt_ok);
+    }
+    if args.keep {
+        println!("kept {}", cluster.dir().display());
+    }
+    Ok(ok)
+}
+
+/// What the chaos schedule did.
+#[derive(Default)]
+struct ChaosLog {
+    kills: u32,
+    crash_points: u32,
+    in_doubt_resolved: usize,
+    longest_recovery_ms: u128,
+}
+
+type SharedLog = Arc<std::sync::Mutex<ChaosLog>>;
+
+fn lock(log: &SharedLog) -> std::sync::MutexGuard<'_, ChaosLog> {
+    log.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Kills and restarts processes until aborted: first the coordinator at the
+/// crash point `coordinator.decision.after_log` (participants are left in
+/// doubt), then random SIGKILLs of any process.
+async fn chaos_schedule(cluster: Arc<Mutex<Cluster>>, seed: u64, log: SharedLog) {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    {
+        let mut c = cluster.lock().await;
+        println!("\rchaos: restarting the coordinator armed with coordinator.decision.after_log");
+        let _ = c.restart_with(NodeId::Coordinator, Some("coordinator.decision.after_log"));
+    }
+    // It dies at its first decision after the restart.
+    let died = {
+        let mut c = cluster.lock().await;
+        c.wait_exit(NodeId::Coordinator, Duration::from_secs(20)).await.is_ok()
+    };
+    if died {
+        lock(&log).crash_points += 1;
+        println!("\rchaos: coordinator crashed after making a decision durable; restarting it");
+        recover(&cluster, NodeId::Coordinator, "coordinator", &log).await;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..900))).await;
+        let count = cluster.lock().await.participant_count();
+        let victim = match rng.random_range(0..=count) {
+            0 => NodeId::Coordinator,
+            i => NodeId::Participant(i - 1),
+        };
+        let name = match victim {
+            NodeId::Coordinator => "coordinator".to_string(),
+            NodeId::Participant(i) => format!("p{}", i + 1),
+        };
+        {
+            let mut c = cluster.lock().await;
+            c.kill(victim);
+        }
+        lock(&log).kills += 1;
+        println!("\rchaos: SIGKILL {name}");
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..500))).await;
+        recover(&cluster, victim, &name, &log).await;
+    }
+}
+
+/// Restarts `victim` and reports how many branches were in doubt and how long they took to resolve.
+async fn recover(cluster: &Arc<Mutex<Cluster>>, victim: NodeId, name: &str, log: &SharedLog) {
+    let started = Instant::now();
+    let url = {
+        let mut c = cluster.lock().await;
+        if let Err(err) = c.restart(victim) {
+            println!("\rchaos: restarting {name} failed: {err}");
+            return;
+        }
+        c.coordinator_url()
+    };
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(client) = Client::connect(&url).await {
+            if let Ok((branches, unreachable)) = client.in_doubt().await {
+                most = most.max(branches.len());
+                if branches.is_empty() && unreachable.is_empty() {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ms = started.elapsed().as_millis();
+    let mut log = lock(log);
+    log.in_doubt_resolved += most;
+    log.longest_recovery_ms = log.longest_recovery_ms.max(ms);
+    println!("\rchaos: {name} back; {most} branch(es) were in doubt, all resolved {ms} ms after the restart");
+}
+
+/// Brings every process back after the chaos stops.
+async fn restore(cluster: &Arc<Mutex<Cluster>>, log: &SharedLog) -> Result<String, String> {
+    let mut c = cluster.lock().await;
+    let ids: Vec<NodeId> = std::iter::once(NodeId::Coordinator)
+        .chain((0..c.participant_count()).map(NodeId::Participant))
+        .collect();
+    for id in ids {
+        if !c.is_running(id) {
+            c.restart(id).map_err(|e| e.to_string())?;
+        }
+    }
+    c.wait_enrolled(Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+    let log = lock(log);
+    Ok(format!(
+        "{} SIGKILLs, {} crash point(s), {} in-doubt branch(es) resolved, longest recovery {} ms",
+        log.kills, log.crash_points, log.in_doubt_resolved, log.longest_recovery_ms
+    ))
+}

@@ -1,0 +1,204 @@
+//! `decree`: run a coordinator or a participant, run transactions, look inside.
+//!
+//! Exit codes of the client commands: 0 success (for `txn`: committed),
+//! 1 aborted (`txn` only), 2 error or unknown outcome. The command-line
+//! contract is in the README; scripts depend on it.
+
+mod demo;
+mod txn;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use decree_client::Client;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "decree", version, about = "decree: a two-phase-commit transaction coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator.
+    Coordinator(decree_coordinator::Config),
+    /// Run the reference KV participant.
+    Participant(decree_participant::Config),
+    /// Run one transaction of KV operations (applied in the order given).
+    Txn(txn::TxnArgs),
+    /// Read committed values.
+    Get(GetArgs),
+    /// The coordinator's outcome of a transaction.
+    Status(StatusArgs),
+    /// The enrolled participants.
+    Participants(ListArgs),
+    /// Branches prepared and undecided at any participant.
+    InDoubt(ListArgs),
+    /// A local cluster, a bank workload, and a verdict.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// The coordinator's URL.
+    #[arg(long, env = "DECREE_COORDINATOR", default_value = "http://127.0.0.1:7000")]
+    coordinator: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct GetArgs {
+    /// Keys to read.
+    #[arg(required = true)]
+    keys: Vec<String>,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The transaction id, as printed by `decree txn`.
+    txid: String,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(clap::Args)]
+struct ListArgs {
+    #[command(flatten)]
+    target: Target,
+}
+
+/// A client command's failure: printed to stderr, exit 2.
+pub(crate) struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(err: E) -> Self {
+        Failure(err.to_string())
+    }
+}
+
+fn main() {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("decree: cannot start the runtime: {err}");
+            std::process::exit(2);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Cmd::Coordinator(config) => {
+                decree_runtime::serve::init_tracing();
+                decree_coordinator::run(config).await
+            }
+            Cmd::Participant(config) => {
+                decree_runtime::serve::init_tracing();
+                decree_participant::run(config).await
+            }
+            Cmd::Txn(args) => {
+                let order = matches.subcommand_matches("txn").map(txn::op_order).unwrap_or_default();
+                txn::run(args, order).await
+            }
+            Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Get(args) => report("get", get(args).await),
+            Cmd::Status(args) => report("status", status(args).await),
+            Cmd::Participants(args) => report("participants", participants(args).await),
+            Cmd::InDoubt(args) => report("in-doubt", in_doubt(args).await),
+        }
+    });
+    std::process::exit(code);
+}
+
+fn report(command: &str, result: Result<(), Failure>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(Failure(message)) => {
+            eprintln!("decree {command}: {message}");
+            2
+        }
+    }
+}
+
+async fn get(args: GetArgs) -> Result<(), Failure> {
+    let client = Client::connect(&args.target.coordinator).await?;
+    let values = client.get(&args.keys).await?;
+    if args.target.json {
+        let mut object = serde_json::Map::new();
+        for key in &args.keys {
+            let value = values.get(key).cloned().flatten();
+            object.insert(key.clone(), value.map(|v| String::from_utf8_lossy(&v).into_owned()).into());
+        }
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        for key in &args.keys {
+            match values.get(key).cloned().flatten() {
+                Some(value) => println!("{key}={}", String::from_utf8_lossy(&value)),
+                None => println!("{key} (absent)"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> Result<(), Failure> {
+    args.txid.parse::<decree_client::TxId>()?;
+    let client = Client::connect(&args.target.coordinator).await?;
+    let outcome = client.status(&args.txid).await?;
+    if args.target.json {
+        println!("{}", json!({ "txid": args.txid, "outcome": outcome.as_str() }));
+    } else {
+        println!("{} {}", args.txid, outcome.as_str());
+    }
+    Ok(())
+}
+
+async fn participants(args: ListArgs) -> Result<(), Failure> {
+    let client = Client::connect(&args.target.coordinator).await?;
+    let listed = client.participants().await?;
+    if args.target.json {
+        let list: Vec<_> = listed
+            .iter()
+            .map(|p| json!({ "name": p.name, "address": p.address, "state": p.state }))
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        for p in listed {
+            println!("{}\t{}\t{}", p.name, p.address, p.state);
+        }
+    }
+    Ok(())
+}
+
+async fn in_doubt(args: ListArgs) -> Result<(), Failure> {
+    let client = Client::connect(&args.target.coordinator).await?;
+    let (branches, unreachable) = client.in_doubt().await?;
+    for name in &unreachable {
+        eprintln!("decree in-doubt: participant {name} did not answer");
+    }
+    if args.target.json {
+        let list: Vec<_> = branches
+            .iter()
+            .map(|b| json!({ "txid": b.txid, "participant": b.participant, "age_ms": b.age_ms, "locked_keys": b.locked_keys }))
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else if branches.is_empty() {
+        println!("nothing in doubt");
+    } else {
+        for b in branches {
+            println!("{}\t{}\t{} ms\t{}", b.txid, b.participant, b.age_ms, b.locked_keys.join(","));
+        }
+    }
+    if unreachable.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure(format!("{} participant(s) did not answer", unreachable.len())))
+    }
+}

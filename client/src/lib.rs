@@ -1,0 +1,293 @@
+//! The decree client SDK: one-shot KV transactions routed by a consistent-hash
+//! ring, reads, outcomes, and the operator views. No RocksDB here.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), decree_client::ClientError> {
+//! use decree_client::{Client, KvOp};
+//! let client = Client::connect("http://127.0.0.1:7000").await?;
+//! let result = client
+//!     .transact(vec![
+//!         KvOp::Add { key: "alice".into(), delta: -10 },
+//!         KvOp::Add { key: "bob".into(), delta: 10 },
+//!     ])
+//!     .await?;
+//! println!("{} {:?}", result.txid, result.outcome);
+//! # Ok(()) }
+//! ```
+
+pub mod ring;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use decree_proto::v1::coordinator_client::CoordinatorClient;
+use decree_proto::v1::kv_client::KvClient;
+use decree_proto::v1::participant_client::ParticipantClient;
+use decree_proto::v1::registry_client::RegistryClient;
+pub use decree_proto::{v1, KvOp, TxId};
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+
+pub use ring::Ring;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid URL {url:?}: {why}")]
+    Url { url: String, why: String },
+    #[error("cannot reach {url}: {why}")]
+    Connect { url: String, why: String },
+    /// The server answered with an error (its message says why).
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("no participant is enrolled with the coordinator")]
+    NoParticipants,
+    #[error(transparent)]
+    Invalid(#[from] decree_proto::InvalidInput),
+    #[error("participant {0:?} is not enrolled")]
+    UnknownParticipant(String),
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::ResourceExhausted => "resource exhausted",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::DeadlineExceeded => "deadline exceeded",
+        tonic::Code::Unimplemented => "unimplemented",
+        _ => "error",
+    }
+}
+
+/// How a transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Aborted,
+    Pending,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::Aborted => "aborted",
+            Outcome::Pending => "pending",
+        }
+    }
+
+    fn from_wire(value: i32) -> Result<Self, ClientError> {
+        match v1::Outcome::try_from(value) {
+            Ok(v1::Outcome::Committed) => Ok(Outcome::Committed),
+            Ok(v1::Outcome::Aborted) => Ok(Outcome::Aborted),
+            Ok(v1::Outcome::Pending) => Ok(Outcome::Pending),
+            _ => {
+                Err(tonic::Status::internal(format!("the coordinator sent an unknown outcome {value}"))
+                    .into())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnResult {
+    pub txid: String,
+    pub outcome: Outcome,
+    pub reason: String,
+    pub participants: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParticipantInfo {
+    pub name: String,
+    pub address: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InDoubt {
+    pub txid: String,
+    pub participant: String,
+    pub age_ms: u64,
+    pub locked_keys: Vec<String>,
+}
+
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn channel(url: &str) -> Result<Channel, ClientError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| ClientError::Url { url: url.into(), why: e.to_string() })?;
+    Ok(endpoint.connect_timeout(Duration::from_secs(2)).timeout(RPC_TIMEOUT).tcp_nodelay(true).connect_lazy())
+}
+
+/// Encodes KV operations as a KV participant's branch payload.
+pub fn kv_payload(ops: Vec<KvOp>) -> Vec<u8> {
+    v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec()
+}
+
+/// A client of one coordinator and its participants.
+#[derive(Clone)]
+pub struct Client {
+    coordinator: CoordinatorClient<Channel>,
+    registry: RegistryClient<Channel>,
+    participants: BTreeMap<String, (String, Channel)>,
+    ring: Ring,
+}
+
+impl Client {
+    /// Connects to the coordinator at `url` and reads the participant list.
+    pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ClientError::Url { url: url.into(), why: "expected http://HOST:PORT".into() });
+        }
+        let channel = channel(url)?;
+        let mut client = Client {
+            coordinator: CoordinatorClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            registry: RegistryClient::new(channel),
+            participants: BTreeMap::new(),
+            ring: Ring::default(),
+        };
+        client.refresh().await.map_err(|err| match err {
+            ClientError::Status(status) if status.code() == tonic::Code::Unavailable => {
+                ClientError::Connect { url: url.into(), why: status.message().to_owned() }
+            }
+            other => other,
+        })?;
+        Ok(client)
+    }
+
+    /// Reads the participant list again and rebuilds the ring.
+    pub async fn refresh(&mut self) -> Result<(), ClientError> {
+        let listed = self.participants().await?;
+        let mut participants = BTreeMap::new();
+        for p in listed {
+            let channel = match self.participants.get(&p.name) {
+                Some((address, channel)) if *address == p.address => channel.clone(),
+                _ => channel(&p.address)?,
+            };
+            participants.insert(p.name, (p.address, channel));
+        }
+        self.ring = Ring::new(participants.keys().cloned());
+        self.participants = participants;
+        Ok(())
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// The participant that owns `key`.
+    pub fn route(&self, key: &str) -> Result<&str, ClientError> {
+        self.ring.route(key).ok_or(ClientError::NoParticipants)
+    }
+
+    /// Runs `ops` as one transaction: each op goes to the participant that owns
+    /// its key; ops on one participant keep their order.
+    pub async fn transact(&self, ops: Vec<KvOp>) -> Result<TxnResult, ClientError> {
+        let mut branches: BTreeMap<String, Vec<KvOp>> = BTreeMap::new();
+        for op in ops {
+            KvOp::check_key(op.key())?;
+            let owner = self.route(op.key())?.to_owned();
+            branches.entry(owner).or_default().push(op);
+        }
+        let branches = branches
+            .into_iter()
+            .map(|(participant, ops)| v1::Branch { participant, payload: kv_payload(ops) })
+            .collect();
+        self.transact_branches(branches).await
+    }
+
+    /// Runs a transaction over explicit branches (any participant's payloads).
+    pub async fn transact_branches(&self, branches: Vec<v1::Branch>) -> Result<TxnResult, ClientError> {
+        let response = self
+            .coordinator
+            .clone()
+            .transact(v1::TransactRequest { branches, timeout_ms: 0 })
+            .await?
+            .into_inner();
+        Ok(TxnResult {
+            txid: response.txid,
+            outcome: Outcome::from_wire(response.outcome)?,
+            reason: response.reason,
+            participants: response.participants,
+        })
+    }
+
+    /// Committed values of `keys`, each read from its participant.
+    pub async fn get(&self, keys: &[String]) -> Result<BTreeMap<String, Option<Vec<u8>>>, ClientError> {
+        let mut by_owner: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for key in keys {
+            KvOp::check_key(key)?;
+            by_owner.entry(self.route(key)?).or_default().push(key.clone());
+        }
+        let mut out = BTreeMap::new();
+        for (owner, keys) in by_owner {
+            let (_, channel) =
+                self.participants.get(owner).ok_or_else(|| ClientError::UnknownParticipant(owner.into()))?;
+            let response = KvClient::new(channel.clone()).get(v1::GetRequest { keys }).await?.into_inner();
+            out.extend(response.values.into_iter().map(|kv| (kv.key, kv.value)));
+        }
+        Ok(out)
+    }
+
+    /// Committed values of `keys` at one named participant, bypassing routing.
+    pub async fn get_at(
+        &self,
+        participant: &str,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        let (_, channel) = self
+            .participants
+            .get(participant)
+            .ok_or_else(|| ClientError::UnknownParticipant(participant.into()))?;
+        let response = KvClient::new(channel.clone()).get(v1::GetRequest { keys }).await?.into_inner();
+        Ok(response.values.into_iter().map(|kv| kv.value).collect())
+    }
+
+    /// The coordinator's answer for `txid`.
+    pub async fn status(&self, txid: &str) -> Result<Outcome, ClientError> {
+        txid.parse::<TxId>()?;
+        let response =
+            self.coordinator.clone().get_outcome(v1::GetOutcomeRequest { txid: txid.into() }).await?;
+        Outcome::from_wire(response.into_inner().outcome)
+    }
+
+    pub async fn participants(&self) -> Result<Vec<ParticipantInfo>, ClientError> {
+        let response =
+            self.registry.clone().list_participants(v1::ListParticipantsRequest {}).await?.into_inner();
+        Ok(response
+            .participants
+            .into_iter()
+            .map(|p| ParticipantInfo { name: p.name, address: p.address, state: p.state })
+            .collect())
+    }
+
+    /// Every prepared, undecided branch at every participant that answers.
+    /// Participants that do not answer are returned in the second list.
+    pub async fn in_doubt(&self) -> Result<(Vec<InDoubt>, Vec<String>), ClientError> {
+        let mut branches = Vec::new();
+        let mut unreachable = Vec::new();
+        for (name, (_, channel)) in &self.participants {
+            let mut client = ParticipantClient::new(channel.clone());
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                client.list_in_doubt(v1::ListInDoubtRequest {}),
+            )
+            .await
+            {
+                Ok(Ok(response)) => {
+                    branches.extend(response.into_inner().branches.into_iter().map(|b| InDoubt {
+                        txid: b.txid,
+                        participant: name.clone(),
+                        age_ms: b.age_ms,
+                        locked_keys: b.locked_keys,
+                    }))
+                }
+                _ => unreachable.push(name.clone()),
+            }
+        }
+        Ok((branches, unreachable))
+    }
+}

@@ -1,0 +1,110 @@
+//! The coordinator's configuration: flags, each also an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use decree_runtime::backoff::Backoff;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to serve gRPC on (Coordinator and Registry services).
+    #[arg(long, env = "DECREE_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+    /// Directory of the coordinator's durable log (created if missing).
+    #[arg(long, env = "DECREE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Prepare deadline: votes not in by then abort the transaction.
+    #[arg(long, env = "DECREE_PREPARE_TIMEOUT_MS", default_value_t = 2_000)]
+    pub prepare_timeout_ms: u64,
+    /// Deadline of one Commit RPC before it counts as failed and is redelivered.
+    #[arg(long, env = "DECREE_COMMIT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub commit_timeout_ms: u64,
+    /// An interactive transaction not committed within this idle time aborts.
+    #[arg(long, env = "DECREE_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+    /// First redelivery delay of a failed Commit; doubles per attempt.
+    #[arg(long, env = "DECREE_REDELIVERY_BASE_MS", default_value_t = 50)]
+    pub redelivery_base_ms: u64,
+    /// Longest redelivery delay.
+    #[arg(long, env = "DECREE_REDELIVERY_CAP_MS", default_value_t = 2_000)]
+    pub redelivery_cap_ms: u64,
+    /// Transactions in memory at once; beyond it new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DECREE_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+    /// Largest gRPC message accepted, in bytes (and so the largest transaction).
+    #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// A participant not heard from within this window is listed as "down".
+    #[arg(long, env = "DECREE_LIVENESS_MS", default_value_t = 3_000)]
+    pub liveness_ms: u64,
+    /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
+    #[arg(long)]
+    pub crash_at: Option<String>,
+}
+
+impl Config {
+    /// A configuration with defaults, for tests and embedding.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            prepare_timeout_ms: 2_000,
+            commit_timeout_ms: 2_000,
+            idle_timeout_ms: 30_000,
+            redelivery_base_ms: 50,
+            redelivery_cap_ms: 2_000,
+            max_in_flight: 10_000,
+            max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
+            liveness_ms: 3_000,
+            crash_at: None,
+        }
+    }
+
+    /// Checks every value; the message names the option.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--prepare-timeout-ms", self.prepare_timeout_ms),
+            ("--commit-timeout-ms", self.commit_timeout_ms),
+            ("--idle-timeout-ms", self.idle_timeout_ms),
+            ("--redelivery-base-ms", self.redelivery_base_ms),
+            ("--redelivery-cap-ms", self.redelivery_cap_ms),
+            ("--liveness-ms", self.liveness_ms),
+            ("--max-in-flight", self.max_in_flight as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.redelivery_cap_ms < self.redelivery_base_ms {
+            return Err("--redelivery-cap-ms must be at least --redelivery-base-ms".into());
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err("--max-message-bytes must be between 1024 and 268435456".into());
+        }
+        if let Some(list) = &self.crash_at {
+            decree_runtime::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn prepare_timeout(&self) -> Duration {
+        Duration::from_millis(self.prepare_timeout_ms)
+    }
+
+    pub fn commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.commit_timeout_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    pub fn redelivery(&self) -> Backoff {
+        Backoff {
+            base: Duration::from_millis(self.redelivery_base_ms),
+            cap: Duration::from_millis(self.redelivery_cap_ms),
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The coordinator's protocol engine: presumed-abort two-phase commit as a
+//! state machine, with no I/O.
+//!
+//! [`Engine::on_event`] takes one [`Event`] (a request, a vote, an ack, a
+//! durable write finished, a timer fired) and queues [`Command`]s (send this
+//! message, persist that record, answer the client, arm that timer). The
+//! runtime executes the commands and feeds their results back as events. The
+//! engine never imports tokio, tonic or RocksDB, and it never waits.
+//!
+//! The rules it enforces (docs/protocol.md has the argument):
+//! - a Commit is sent only after [`Event::DecisionLogged`] (I3);
+//! - any NO, failed Prepare or timeout aborts, and an abort persists nothing;
+//! - the end record is asked for only after every participant acked;
+//! - a committed transaction keeps being redelivered until acked.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use decree_proto::{ParticipantName, TxId};
+
+/// A participant's answer to Prepare, or what happened instead of one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoteResult {
+    Yes,
+    No {
+        reason: String,
+    },
+    ReadOnly,
+    /// A one-phase Prepare committed.
+    Committed,
+    /// The Prepare RPC failed (unreachable, error, bad answer).
+    Failed {
+        error: String,
+    },
+}
+
+/// The answer a client gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decided {
+    Committed,
+    Aborted { reason: String },
+}
+
+/// What a timer was armed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TimerKind {
+    /// An interactive transaction idle before Commit.
+    Idle,
+    /// Votes not all in by the prepare deadline.
+    Prepare,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A one-shot transaction: prepare these branches now.
+    Transact { txid: TxId, branches: Vec<(ParticipantName, Vec<u8>)>, timeout: Duration },
+    /// An interactive transaction begins; it aborts if not committed within `idle_timeout`.
+    Begin { txid: TxId, idle_timeout: Duration },
+    /// The client asks to commit an interactive transaction.
+    CommitRequested { txid: TxId, timeout: Duration },
+    /// The client asks to abort an interactive transaction.
+    AbortRequested { txid: TxId },
+    /// A Prepare was answered (or failed).
+    Voted { txid: TxId, participant: ParticipantName, vote: VoteResult },
+    /// The COMMIT decision record is durable.
+    DecisionLogged { txid: TxId },
+    /// A participant acked Commit.
+    CommitAcked { txid: TxId, participant: ParticipantName },
+    /// A Commit RPC failed; it will be redelivered.
+    CommitFailed { txid: TxId, participant: ParticipantName },
+    /// A timer armed by [`Command::ArmTimer`] fired.
+    TimerFired { txid: TxId, kind: TimerKind },
+    /// A redelivery scheduled by [`Command::ScheduleRedelivery`] is due.
+    RedeliveryDue { txid: TxId, participant: ParticipantName },
+    /// A participant enrolled (again): redeliver what it owes at once.
+    Enrolled { participant: ParticipantName },
+    /// Found at start: a COMMIT decision with no end record.
+    Recovered { txid: TxId, participants: Vec<ParticipantName> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    SendPrepare {
+        txid: TxId,
+        participant: ParticipantName,
+        payload: Vec<u8>,
+        one_phase: bool,
+    },
+    /// Write the COMMIT decision with a synced write, then feed back [`Event::DecisionLogged`].
+    LogDecision {
+        txid: TxId,
+        participants: Vec<ParticipantName>,
+    },
+    /// Note a one-phase commit (not synced: the participant holds the truth).
+    LogOnePhaseCommit {
+        txid: TxId,
+        participant: ParticipantName,
+    },
+    /// `recovery` is set for redrives of decisions found at start.
+    SendCommit {
+        txid: TxId,
+        participant: ParticipantName,
+        recovery: bool,
+    },
+    SendAbort {
+        txid: TxId,
+        participant: ParticipantName,
+    },
+    /// Every participant acked: write the end record (not synced).
+    LogEnd {
+        txid: TxId,
+    },
+    Reply {
+        txid: TxId,
+        decided: Decided,
+    },
+    ArmTimer {
+        txid: TxId,
+        kind: TimerKind,
+        after: Duration,
+    },
+    /// Redeliver Commit after a backoff; `attempt` counts failures so far.
+    ScheduleRedelivery {
+        txid: TxId,
+        participant: ParticipantName,
+        attempt: u32,
+    },
+}
+
+/// A transaction's state. Aborted and ended transactions are not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Txn {
+    /// Interactive, before Commit: participants enlist.
+    Active { enlisted: BTreeSet<ParticipantName> },
+    /// Waiting for votes from `waiting`.
+    Preparing { order: Vec<ParticipantName>, waiting: BTreeSet<ParticipantName>, yes: Vec<ParticipantName> },
+    /// All voted YES; the decision is being made durable.
+    Logging { participants: Vec<ParticipantName> },
+    /// Decided COMMIT and durable; `unacked` maps to failed deliveries so far.
+    Committing { unacked: BTreeMap<ParticipantName, u32>, recovered: bool },
+}
+
+/// What the coordinator knows of a transaction right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// Not decided yet.
+    Pending,
+    /// Decided COMMIT (durable), phase two under way.
+    Committing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("transaction {0} is not active (unknown, already committing, or over)")]
+    NotActive(TxId),
+    #[error("transaction {0} already exists")]
+    Duplicate(TxId),
+}
+
+#[derive(Debug, Default)]
+pub struct Engine {
+    txns: HashMap<TxId, Txn>,
+    commands: Vec<Command>,
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Engine::default()
+    }
+
+    /// Commands queued by events so far, oldest first.
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.commands)
+    }
+
+    /// Transactions in memory: undecided or in phase two.
+    pub fn in_flight(&self) -> usize {
+        self.txns.len()
+    }
+
+    /// What is known of `txid` in memory; `None` means aborted, ended or never seen
+    /// (the durable log tells which of committed or aborted).
+    pub fn known(&self, txid: TxId) -> Option<Known> {
+        self.txns.get(&txid).map(|txn| match txn {
+            Txn::Active { .. } | Txn::Preparing { .. } | Txn::Logging { .. } => Known::Pending,
+            Txn::Committing { .. } => Known::Committing,
+        })
+    }
+
+    /// Participants that still owe an ack, per committing transaction.
+    pub fn unacked(&self) -> Vec<(TxId, ParticipantName)> {
+        let mut out = Vec::new();
+        for (txid, txn) in &self.txns {
+            if let Txn::Committing { unacked, .. } = txn {
+                out.extend(unacked.keys().map(|p| (*txid, p.clone())));
+            }
+        }
+        out
+    }
+
+    /// Adds `participant` to an active interactive transaction.
+    pub fn enlist(&mut self, txid: TxId, participant: ParticipantName) -> Result<(), EngineError> {
+        match self.txns.get_mut(&txid) {
+            Some(Txn::Active { enlisted }) => {
+                enlisted.insert(participant);
+                Ok(())
+            }
+            _ => Err(EngineError::NotActive(txid)),
+        }
+    }
+
+    pub fn on_event(&mut self, event: Event) -> Result<(), EngineError> {
+        match event {
+            Event::Transact { txid, branches, timeout } => {
+                if self.txns.contains_key(&txid) {
+                    return Err(EngineError::Duplicate(txid));
+                }
+                self.start_prepare(txid, branches, timeout);
+            }
+            Event::Begin { txid, idle_timeout } => {
+                if self.txns.contains_key(&txid) {
+                    return Err(EngineError::Duplicate(txid));
+                }
+                self.txns.insert(txid, Txn::Active { enlisted: BTreeSet::new() });
+                self.commands.push(Command::ArmTimer { txid, kind: TimerKind::Idle, after: idle_timeout });
+            }
+            Event::CommitRequested { txid, timeout } => match self.txns.remove(&txid) {
+                Some(Txn::Active { enlisted }) => {
+                    let branches = enlisted.into_iter().map(|p| (p, Vec::new())).collect();
+                    self.start_prepare(txid, branches, timeout);
+                }
+                Some(other) => {
+                    self.txns.insert(txid, other);
+                    return Err(EngineError::NotActive(txid));
+                }
+                None => return Err(EngineError::NotActive(txid)),
+            },
+            Event::AbortRequested { txid } => match self.txns.remove(&txid) {
+                Some(Txn::Active { enlisted }) => {
+                    self.abort(txid, enlisted, "aborted by the client".into());
+                }
+                Some(other) => {
+                    self.txns.insert(txid, other);
+                    return Err(EngineError::NotActive(txid));
+                }
+                None => return Err(EngineError::NotActive(txid)),
+            },
+            Event::Voted { txid, participant, vote } => self.on_vote(txid, participant, vote),
+            Event::DecisionLogged { txid } => self.on_decision_logged(txid),
+            Event::CommitAcked { txid, participant } => self.on_commit_acked(txid, &participant),
+            Event::CommitFailed { txid, participant } => {
+                if let Some(Txn::Committing { unacked, .. }) = self.txns.get_mut(&txid) {
+                    if let Some(attempt) = unacked.get_mut(&participant) {
+                        *attempt += 1;
+                        let attempt = *attempt;
+                        self.commands.push(Command::ScheduleRedelivery { txid, participant, attempt });
+                    }
+                }
+            }
+            Event::RedeliveryDue { txid, participant } => {
+                if let Some(Txn::Committing { unacked, recovered }) = self.txns.get(&txid) {
+                    if unacked.contains_key(&participant) {
+                        let recovery = *recovered;
+                        self.commands.push(Command::SendCommit { txid, participant, recovery });
+                    }
+                }
+            }
+            Event::Enrolled { participant } => {
+                for (txid, txn) in &self.txns {
+                    if let Txn::Committing { unacked, recovered } = txn {
+                        if unacked.contains_key(&participant) {
+                            let (txid, recovery) = (*txid, *recovered);
+                            self.commands.push(Command::SendCommit {
+                                txid,
+                                participant: participant.clone(),
+                                recovery,
+                            });
+                        }
+                    }
+                }
+            }
+            Event::TimerFired { txid, kind } => self.on_timer(txid, kind),
+            Event::Recovered { txid, participants } => {
+                assert!(!participants.is_empty(), "a decision record names its participants");
+                if self.txns.contains_key(&txid) {
+                    return Err(EngineError::Duplicate(txid));
+                }
+                for participant in &participants {
+                    self.commands.push(Command::SendCommit {
+                        txid,
+                        participant: participant.clone(),
+                        recovery: true,
+                    });
+                }
+                let unacked = participants.into_iter().map(|p| (p, 0)).collect();
+                self.txns.insert(txid, Txn::Committing { unacked, recovered: true });
+            }
+        }
+        Ok(())
+    }
+
+    fn start_prepare(&mut self, txid: TxId, branches: Vec<(ParticipantName, Vec<u8>)>, timeout: Duration) {
+        if branches.is_empty() {
+            // Nothing enlisted: nothing to prepare, nothing to log.
+            self.commands.push(Command::Reply { txid, decided: Decided::Committed });
+            return;
+        }
+        let one_phase = branches.len() == 1;
+        let order: Vec<_> = branches.iter().map(|(p, _)| p.clone()).collect();
+        let waiting: BTreeSet<_> = order.iter().cloned().collect();
+        assert_eq!(waiting.len(), order.len(), "branches name distinct participants");
+        for (participant, payload) in branches {
+            self.commands.push(Command::SendPrepare { txid, participant, payload, one_phase });
+        }
+        self.commands.push(Command::ArmTimer { txid, kind: TimerKind::Prepare, after: timeout });
+        self.txns.insert(txid, Txn::Preparing { order, waiting, yes: Vec::new() });
+    }
+
+    fn on_vote(&mut self, txid: TxId, participant: ParticipantName, vote: VoteResult) {
+        let Some(Txn::Preparing { order, waiting, yes }) = self.txns.get_mut(&txid) else {
+            if vote == VoteResult::Yes && !self.txns.contains_key(&txid) {
+                // A YES that arrived after the transaction aborted: that branch
+                // is prepared and would otherwise wait to ask. Tell it now.
+                self.commands.push(Command::SendAbort { txid, participant });
+            }
+            return;
+        };
+        if !waiting.remove(&participant) {
+            return; // a duplicate or a stranger's vote
+        }
+        let reason = match vote {
+            VoteResult::Yes => {
+                yes.push(participant);
+                None
+            }
+            VoteResult::ReadOnly => None,
+            VoteResult::Committed => {
+                assert_eq!(order.len(), 1, "only a one-phase Prepare commits");
+                self.txns.remove(&txid);
+                self.commands.push(Command::LogOnePhaseCommit { txid, participant });
+                self.commands.push(Command::Reply { txid, decided: Decided::Committed });
+                return;
+            }
+            VoteResult::No { reason } => Some(format!("participant {participant} voted NO: {reason}")),
+            VoteResult::Failed { error } => {
+                Some(format!("participant {participant} failed to prepare: {error}"))
+            }
+        };
+        if let Some(reason) = reason {
+            let Some(Txn::Preparing { order, waiting, yes }) = self.txns.remove(&txid) else {
+                unreachable!()
+            };
+            // Abort everyone that may hold a prepared branch: YES voters and those not heard from.
+            let targets: Vec<_> =
+                order.into_iter().filter(|p| waiting.contains(p) || yes.contains(p)).collect();
+            self.abort(txid, targets, reason);
+            return;
+        }
+        if !waiting.is_empty() {
+            return;
+        }
+        let yes = std::mem::take(yes);
+        if yes.is_empty() {
+            // Every participant was read-only: nothing to commit, nothing to log.
+            self.txns.remove(&txid);
+            self.commands.push(Command::Reply { txid, decided: Decided::Committed });
+            return;
+        }
+        self.commands.push(Command::LogDecision { txid, participants: yes.clone() });
+        self.txns.insert(txid, Txn::Logging { participants: yes });
+    }
+
+    fn on_decision_logged(&mut self, txid: TxId) {
+        let Some(Txn::Logging { participants }) = self.txns.remove(&txid) else {
+            panic!("decision logged for {txid}, which was not being logged");
+        };
+        for participant in &participants {
+            self.commands.push(Command::SendCommit {
+                txid,
+                participant: participant.clone(),
+                recovery: false,
+            });
+        }
+        self.commands.push(Command::Reply { txid, decided: Decided::Committed });
+        let unacked = participants.into_iter().map(|p| (p, 0)).collect();
+        self.txns.insert(txid, Txn::Committing { unacked, recovered: false });
+    }
+
+    fn on_commit_acked(&mut self, txid: TxId, participant: &ParticipantName) {
+        let Some(Txn::Committing { unacked, .. }) = self.txns.get_mut(&txid) else {
+            return; // a duplicate ack after the end
+        };
+        unacked.remove(participant);
+        if unacked.is_empty() {
+            self.txns.remove(&txid);
+            self.commands.push(Command::LogEnd { txid });
+        }
+    }
+
+    fn on_timer(&mut self, txid: TxId, kind: TimerKind) {
+        match (self.txns.get(&txid), kind) {
+            (Some(Txn::Active { .. }), TimerKind::Idle) => {
+                let Some(Txn::Active { enlisted }) = self.txns.remove(&txid) else { unreachable!() };
+                self.abort(txid, enlisted, "idle timeout before commit".into());
+            }
+            (Some(Txn::Preparing { .. }), TimerKind::Prepare) => {
+                let Some(Txn::Preparing { order, waiting, yes }) = self.txns.remove(&txid) else {
+                    unreachable!()
+                };
+                let late: Vec<_> =
+                    order.iter().filter(|p| waiting.contains(*p)).map(|p| p.to_string()).collect();
+                let reason = format!("prepare timed out waiting for {}", late.join(", "));
+                let targets: Vec<_> =
+                    order.into_iter().filter(|p| waiting.contains(p) || yes.contains(p)).collect();
+                self.abort(txid, targets, reason);
+            }
+            // A timer for a state the transaction has left: stale, ignore.
+            (Some(Txn::Active { .. }), TimerKind::Prepare)
+            | (Some(Txn::Preparing { .. }), TimerKind::Idle)
+            | (Some(Txn::Logging { .. }), _)
+            | (Some(Txn::Committing { .. }), _)
+            | (None, _) => {}
+        }
+    }
+
+    /// Aborts: tells `targets`, answers the client, persists nothing (presumed abort).
+    fn abort(&mut self, txid: TxId, targets: impl IntoIterator<Item = ParticipantName>, reason: String) {
+        debug_assert!(!self.txns.contains_key(&txid));
+        for participant in targets {
+            self.commands.push(Command::SendAbort { txid, participant });
+        }
+        self.commands.push(Command::Reply { txid, decided: Decided::Aborted { reason } });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,331 @@
+use super::*;
+
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+fn tx(seq: u64) -> TxId {
+    TxId::new(0xabcd, 1, seq)
+}
+
+fn p(name: &str) -> ParticipantName {
+    name.parse().unwrap()
+}
+
+fn engine_preparing(txid: TxId, names: &[&str]) -> Engine {
+    let mut engine = Engine::new();
+    let branches = names.iter().map(|n| (p(n), n.as_bytes().to_vec())).collect();
+    engine.on_event(Event::Transact { txid, branches, timeout: TIMEOUT }).unwrap();
+    engine.take_commands();
+    engine
+}
+
+fn vote(engine: &mut Engine, txid: TxId, name: &str, vote: VoteResult) -> Vec<Command> {
+    engine.on_event(Event::Voted { txid, participant: p(name), vote }).unwrap();
+    engine.take_commands()
+}
+
+fn aborted(txid: TxId, reason: &str) -> Command {
+    Command::Reply { txid, decided: Decided::Aborted { reason: reason.into() } }
+}
+
+fn committing(t: TxId, names: &[&str]) -> Engine {
+    let mut engine = engine_preparing(t, names);
+    for name in names {
+        vote(&mut engine, t, name, VoteResult::Yes);
+    }
+    engine.on_event(Event::DecisionLogged { txid: t }).unwrap();
+    engine.take_commands();
+    engine
+}
+
+#[test]
+fn transact_sends_prepare_to_every_branch_and_arms_the_deadline() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    let branches = vec![(p("a"), b"pa".to_vec()), (p("b"), b"pb".to_vec())];
+    engine.on_event(Event::Transact { txid: t, branches, timeout: TIMEOUT }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::SendPrepare { txid: t, participant: p("a"), payload: b"pa".to_vec(), one_phase: false },
+            Command::SendPrepare { txid: t, participant: p("b"), payload: b"pb".to_vec(), one_phase: false },
+            Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
+        ]
+    );
+    assert_eq!(engine.known(t), Some(Known::Pending));
+}
+
+#[test]
+fn all_yes_logs_the_decision_and_sends_nothing_before_it_is_durable() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a", "b"]);
+    assert_eq!(vote(&mut engine, t, "a", VoteResult::Yes), vec![]);
+    assert_eq!(
+        vote(&mut engine, t, "b", VoteResult::Yes),
+        vec![Command::LogDecision { txid: t, participants: vec![p("a"), p("b")] }]
+    );
+    assert_eq!(engine.known(t), Some(Known::Pending), "not committed until the decision is durable");
+
+    engine.on_event(Event::DecisionLogged { txid: t }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::SendCommit { txid: t, participant: p("a"), recovery: false },
+            Command::SendCommit { txid: t, participant: p("b"), recovery: false },
+            Command::Reply { txid: t, decided: Decided::Committed },
+        ]
+    );
+    assert_eq!(engine.known(t), Some(Known::Committing));
+}
+
+#[test]
+fn end_is_logged_only_after_every_ack() {
+    let t = tx(1);
+    let mut engine = committing(t, &["a", "b"]);
+    engine.on_event(Event::CommitAcked { txid: t, participant: p("a") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![]);
+    engine.on_event(Event::CommitAcked { txid: t, participant: p("a") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![], "a duplicate ack is not b's ack");
+    engine.on_event(Event::CommitAcked { txid: t, participant: p("b") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![Command::LogEnd { txid: t }]);
+    assert_eq!(engine.known(t), None);
+    assert_eq!(engine.in_flight(), 0);
+}
+
+#[test]
+fn one_no_aborts_and_tells_the_yes_voters_and_the_silent() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a", "b", "c"]);
+    vote(&mut engine, t, "a", VoteResult::Yes);
+    let commands = vote(&mut engine, t, "b", VoteResult::No { reason: "lock conflict".into() });
+    assert_eq!(
+        commands,
+        vec![
+            Command::SendAbort { txid: t, participant: p("a") },
+            Command::SendAbort { txid: t, participant: p("c") },
+            aborted(t, "participant b voted NO: lock conflict"),
+        ]
+    );
+    assert_eq!(engine.known(t), None);
+    // c's late vote changes nothing but gets an Abort, so it need not wait to ask.
+    assert_eq!(
+        vote(&mut engine, t, "c", VoteResult::Yes),
+        vec![Command::SendAbort { txid: t, participant: p("c") }]
+    );
+    assert_eq!(vote(&mut engine, t, "c", VoteResult::No { reason: "x".into() }), vec![]);
+}
+
+#[test]
+fn a_failed_prepare_aborts_with_the_error() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a", "b"]);
+    let commands = vote(&mut engine, t, "a", VoteResult::Failed { error: "unreachable".into() });
+    assert_eq!(
+        commands,
+        vec![
+            Command::SendAbort { txid: t, participant: p("a") },
+            Command::SendAbort { txid: t, participant: p("b") },
+            aborted(t, "participant a failed to prepare: unreachable"),
+        ]
+    );
+}
+
+#[test]
+fn the_prepare_deadline_aborts_and_names_the_late() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a", "b", "c"]);
+    vote(&mut engine, t, "b", VoteResult::Yes);
+    engine.on_event(Event::TimerFired { txid: t, kind: TimerKind::Prepare }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::SendAbort { txid: t, participant: p("a") },
+            Command::SendAbort { txid: t, participant: p("b") },
+            Command::SendAbort { txid: t, participant: p("c") },
+            aborted(t, "prepare timed out waiting for a, c"),
+        ]
+    );
+}
+
+#[test]
+fn a_deadline_after_the_votes_is_stale() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a", "b"]);
+    vote(&mut engine, t, "a", VoteResult::Yes);
+    vote(&mut engine, t, "b", VoteResult::Yes);
+    engine.on_event(Event::TimerFired { txid: t, kind: TimerKind::Prepare }).unwrap();
+    assert_eq!(engine.take_commands(), vec![]);
+    assert_eq!(engine.known(t), Some(Known::Pending));
+}
+
+#[test]
+fn read_only_voters_leave_phase_two() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a", "b"]);
+    vote(&mut engine, t, "a", VoteResult::ReadOnly);
+    assert_eq!(
+        vote(&mut engine, t, "b", VoteResult::Yes),
+        vec![Command::LogDecision { txid: t, participants: vec![p("b")] }]
+    );
+}
+
+#[test]
+fn all_read_only_commits_without_a_log_write() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a", "b"]);
+    vote(&mut engine, t, "a", VoteResult::ReadOnly);
+    assert_eq!(
+        vote(&mut engine, t, "b", VoteResult::ReadOnly),
+        vec![Command::Reply { txid: t, decided: Decided::Committed }]
+    );
+    assert_eq!(engine.in_flight(), 0);
+}
+
+#[test]
+fn a_single_participant_commits_in_one_phase_without_a_decision_record() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    engine
+        .on_event(Event::Transact { txid: t, branches: vec![(p("a"), vec![1])], timeout: TIMEOUT })
+        .unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::SendPrepare { txid: t, participant: p("a"), payload: vec![1], one_phase: true },
+            Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
+        ]
+    );
+    assert_eq!(
+        vote(&mut engine, t, "a", VoteResult::Committed),
+        vec![
+            Command::LogOnePhaseCommit { txid: t, participant: p("a") },
+            Command::Reply { txid: t, decided: Decided::Committed },
+        ]
+    );
+    assert_eq!(engine.in_flight(), 0);
+}
+
+#[test]
+fn a_one_phase_no_aborts_without_phase_two() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a"]);
+    assert_eq!(
+        vote(&mut engine, t, "a", VoteResult::No { reason: "expect failed".into() }),
+        vec![aborted(t, "participant a voted NO: expect failed")]
+    );
+}
+
+#[test]
+fn failed_commits_are_redelivered_with_growing_attempts_until_acked() {
+    let t = tx(1);
+    let mut engine = committing(t, &["a", "b"]);
+    for attempt in 1..=3 {
+        engine.on_event(Event::CommitFailed { txid: t, participant: p("b") }).unwrap();
+        assert_eq!(
+            engine.take_commands(),
+            vec![Command::ScheduleRedelivery { txid: t, participant: p("b"), attempt }]
+        );
+        engine.on_event(Event::RedeliveryDue { txid: t, participant: p("b") }).unwrap();
+        assert_eq!(
+            engine.take_commands(),
+            vec![Command::SendCommit { txid: t, participant: p("b"), recovery: false }]
+        );
+    }
+    engine.on_event(Event::CommitAcked { txid: t, participant: p("b") }).unwrap();
+    engine.on_event(Event::RedeliveryDue { txid: t, participant: p("b") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![], "no redelivery after the ack");
+}
+
+#[test]
+fn recovery_redrives_and_enrollment_redelivers_at_once_what_is_owed() {
+    let t = tx(1);
+    let mut engine = Engine::new();
+    engine.on_event(Event::Recovered { txid: t, participants: vec![p("a"), p("b")] }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::SendCommit { txid: t, participant: p("a"), recovery: true },
+            Command::SendCommit { txid: t, participant: p("b"), recovery: true },
+        ]
+    );
+    assert_eq!(engine.known(t), Some(Known::Committing));
+    engine.on_event(Event::CommitAcked { txid: t, participant: p("a") }).unwrap();
+    engine.on_event(Event::Enrolled { participant: p("a") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![]);
+    engine.on_event(Event::Enrolled { participant: p("b") }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::SendCommit { txid: t, participant: p("b"), recovery: true }]
+    );
+    assert_eq!(engine.unacked(), vec![(t, p("b"))]);
+}
+
+#[test]
+fn interactive_commit_prepares_the_enlisted_with_empty_payloads() {
+    let t = tx(7);
+    let mut engine = Engine::new();
+    engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::ArmTimer { txid: t, kind: TimerKind::Idle, after: TIMEOUT }]
+    );
+    engine.enlist(t, p("b")).unwrap();
+    engine.enlist(t, p("a")).unwrap();
+    engine.enlist(t, p("a")).unwrap();
+    engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::SendPrepare { txid: t, participant: p("a"), payload: vec![], one_phase: false },
+            Command::SendPrepare { txid: t, participant: p("b"), payload: vec![], one_phase: false },
+            Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
+        ]
+    );
+    assert_eq!(engine.enlist(t, p("c")), Err(EngineError::NotActive(t)), "too late to enlist");
+    engine.on_event(Event::TimerFired { txid: t, kind: TimerKind::Idle }).unwrap();
+    assert_eq!(engine.take_commands(), vec![], "the idle timer is stale once preparing");
+}
+
+#[test]
+fn interactive_idle_timeout_and_client_abort() {
+    let mut engine = Engine::new();
+    let (t1, t2) = (tx(1), tx(2));
+    for t in [t1, t2] {
+        engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
+        engine.enlist(t, p("a")).unwrap();
+    }
+    engine.take_commands();
+    engine.on_event(Event::TimerFired { txid: t1, kind: TimerKind::Idle }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::SendAbort { txid: t1, participant: p("a") }, aborted(t1, "idle timeout before commit")]
+    );
+    engine.on_event(Event::AbortRequested { txid: t2 }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::SendAbort { txid: t2, participant: p("a") }, aborted(t2, "aborted by the client")]
+    );
+    assert_eq!(engine.on_event(Event::AbortRequested { txid: t2 }), Err(EngineError::NotActive(t2)));
+    assert_eq!(
+        engine.on_event(Event::CommitRequested { txid: t1, timeout: TIMEOUT }),
+        Err(EngineError::NotActive(t1))
+    );
+}
+
+#[test]
+fn an_interactive_transaction_with_no_work_commits_trivially() {
+    let mut engine = Engine::new();
+    let t = tx(3);
+    engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
+    engine.take_commands();
+    engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
+    assert_eq!(engine.take_commands(), vec![Command::Reply { txid: t, decided: Decided::Committed }]);
+}
+
+#[test]
+fn duplicate_txids_are_refused() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a"]);
+    let again = Event::Transact { txid: t, branches: vec![(p("a"), vec![])], timeout: TIMEOUT };
+    assert_eq!(engine.on_event(again), Err(EngineError::Duplicate(t)));
+    assert_eq!(engine.take_commands(), vec![]);
+}

@@ -1,0 +1,143 @@
+//! The decree coordinator: presumed-abort two-phase commit over gRPC.
+//!
+//! - [`engine`]: the protocol as a sans-IO state machine (no tokio, tonic or RocksDB);
+//! - [`store`]: the durable decision log and its correctness contract;
+//! - `runtime`: the actor that executes the engine's commands;
+//! - `service`: the thin gRPC handlers;
+//! - [`Config`]: every knob, with units in the names.
+//!
+//! The protocol and why it is atomic: docs/protocol.md. Recovery: docs/recovery.md.
+
+pub mod config;
+pub mod engine;
+mod registry;
+mod runtime;
+mod service;
+pub mod store;
+
+use std::future::Future;
+
+use decree_proto::v1::coordinator_server::CoordinatorServer;
+use decree_proto::v1::registry_server::RegistryServer;
+use decree_proto::{InvalidInput, TxId};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::Config;
+use engine::EngineError;
+use store::{DecisionLog, StoreError};
+
+/// Every error of the coordinator crate. [`tonic::Status`] is made from it in
+/// exactly one place (`From<CoordinatorError> for Status`).
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("too many transactions in flight (limit {limit})")]
+    Overloaded { limit: usize },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("txid {txid} was not issued by this coordinator ({coordinator_id:08x})")]
+    ForeignTxid { txid: TxId, coordinator_id: u32 },
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    /// Fatal: the process stops rather than retry.
+    #[error("storage: {0}")]
+    Storage(#[from] StoreError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(err: CoordinatorError) -> Self {
+        use tonic::Status;
+        let message = err.to_string();
+        match err {
+            CoordinatorError::Invalid(_) => Status::invalid_argument(message),
+            CoordinatorError::Overloaded { .. } => Status::resource_exhausted(message),
+            CoordinatorError::Engine(_) | CoordinatorError::ForeignTxid { .. } => {
+                Status::failed_precondition(message)
+            }
+            CoordinatorError::ShuttingDown => Status::unavailable(message),
+            CoordinatorError::Storage(_) | CoordinatorError::Config(_) | CoordinatorError::Transport(_) => {
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// Recovers from the data directory, then serves on `listener` until `shutdown`.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    config.validate().map_err(CoordinatorError::Config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| CoordinatorError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
+    let (store, recovered) = DecisionLog::open(&config.data_dir).await?;
+    tracing::info!(
+        coordinator = format_args!("{:08x}", recovered.coordinator_id),
+        incarnation = recovered.incarnation,
+        unfinished = recovered.unfinished.len(),
+        address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "coordinator starting"
+    );
+    let config = std::sync::Arc::new(config);
+    let registry = std::sync::Arc::new(registry::Registry::new(
+        std::time::Duration::from_millis(config.liveness_ms),
+        config.max_message_bytes,
+    ));
+    for (name, address) in recovered.participants {
+        if let Err(err) = registry.enroll(name.clone(), &address, false) {
+            tracing::warn!(participant = %name, error = %err, "ignoring a stored participant");
+        }
+    }
+    let handle = runtime::start(
+        config.clone(),
+        store,
+        registry,
+        recovered.coordinator_id,
+        recovered.incarnation,
+        recovered.unfinished,
+    );
+    let service = service::Service::new(handle);
+    let limit = config.max_message_bytes * 2;
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(1024)
+        .tcp_nodelay(true)
+        .add_service(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))
+        .add_service(RegistryServer::new(service).max_decoding_message_size(limit))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Runs the coordinator as a process: arms crash points, binds, serves until
+/// SIGINT or SIGTERM. Returns the process exit code.
+pub async fn run(config: Config) -> i32 {
+    if let Err(err) = config.validate() {
+        eprintln!("decree coordinator: {err}");
+        return 2;
+    }
+    if let Err(err) = decree_runtime::crash::arm(config.crash_at.as_deref()) {
+        eprintln!("decree coordinator: {err}");
+        return 2;
+    }
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("decree coordinator: cannot listen on {}: {err}", config.listen);
+            return 1;
+        }
+    };
+    match serve(config, listener, decree_runtime::serve::shutdown_signal()).await {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("decree coordinator: {err}");
+            1
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! Executes the engine's commands with tokio, tonic and RocksDB.
+//!
+//! One actor task owns the [`Engine`]. gRPC handlers send it [`Request`]s;
+//! the I/O it starts (Prepare and Commit RPCs, log writes, timers) runs in
+//! spawned tasks that report back as engine [`Event`]s. The actor never blocks
+//! on I/O, except where a crash point asks it to finish one send before dying.
+//! Crash points sit here, at the boundaries the engine's commands cross.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use decree_proto::v1;
+use decree_proto::{ParticipantName, TxId};
+use decree_runtime::crash;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::engine::{Command, Decided, Engine, Event, Known, VoteResult};
+use crate::registry::Registry;
+use crate::store::DecisionLog;
+use crate::CoordinatorError;
+
+/// Most client requests queued for the actor.
+const REQUEST_QUEUE: usize = 4096;
+
+type Decision = oneshot::Sender<(TxId, Decided)>;
+
+pub(crate) enum Request {
+    Transact {
+        branches: Vec<(ParticipantName, Vec<u8>)>,
+        timeout: Duration,
+        reply: Decision,
+        refused: oneshot::Sender<CoordinatorError>,
+    },
+    Begin {
+        timeout: Duration,
+        reply: oneshot::Sender<Result<TxId, CoordinatorError>>,
+    },
+    Commit {
+        txid: TxId,
+        timeout: Duration,
+        reply: Decision,
+        refused: oneshot::Sender<CoordinatorError>,
+    },
+    Abort {
+        txid: TxId,
+        reply: oneshot::Sender<Result<(), CoordinatorError>>,
+    },
+    Enlist {
+        txid: TxId,
+        participant: ParticipantName,
+        reply: oneshot::Sender<Result<(), CoordinatorError>>,
+    },
+    Known {
+        txid: TxId,
+        reply: oneshot::Sender<Option<Known>>,
+    },
+}
+
+/// What handlers hold: a way to the actor and to the shared read-only state.
+#[derive(Clone)]
+pub struct Handle {
+    requests: mpsc::Sender<Request>,
+    events: mpsc::UnboundedSender<Event>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) store: DecisionLog,
+    pub(crate) config: Arc<Config>,
+    pub coordinator_id: u32,
+    pub incarnation: u64,
+}
+
+impl Handle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, CoordinatorError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(make(reply)).await.map_err(|_| CoordinatorError::ShuttingDown)?;
+        answer.await.map_err(|_| CoordinatorError::ShuttingDown)
+    }
+
+    pub(crate) async fn transact(
+        &self,
+        branches: Vec<(ParticipantName, Vec<u8>)>,
+        timeout: Duration,
+    ) -> Result<(TxId, Decided), CoordinatorError> {
+        self.decide(|reply, refused| Request::Transact { branches, timeout, reply, refused }).await
+    }
+
+    /// Sends a request that ends in a decision, or is refused before it starts.
+    async fn decide(
+        &self,
+        make: impl FnOnce(Decision, oneshot::Sender<CoordinatorError>) -> Request,
+    ) -> Result<(TxId, Decided), CoordinatorError> {
+        let (refused, refusal) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(make(reply, refused)).await.map_err(|_| CoordinatorError::ShuttingDown)?;
+        tokio::select! {
+            Ok(decided) = answer => Ok(decided),
+            Ok(err) = refusal => Err(err),
+            else => Err(CoordinatorError::ShuttingDown),
+        }
+    }
+
+    pub(crate) async fn begin(&self, timeout: Duration) -> Result<TxId, CoordinatorError> {
+        self.ask(|reply| Request::Begin { timeout, reply }).await?
+    }
+
+    pub(crate) async fn commit(&self, txid: TxId, timeout: Duration) -> Result<Decided, CoordinatorError> {
+        let (_, decided) =
+            self.decide(|reply, refused| Request::Commit { txid, timeout, reply, refused }).await?;
+        Ok(decided)
+    }
+
+    pub(crate) async fn abort(&self, txid: TxId) -> Result<(), CoordinatorError> {
+        self.ask(|reply| Request::Abort { txid, reply }).await?
+    }
+
+    pub(crate) async fn enlist(
+        &self,
+        txid: TxId,
+        participant: ParticipantName,
+    ) -> Result<(), CoordinatorError> {
+        self.ask(|reply| Request::Enlist { txid, participant, reply }).await?
+    }
+
+    /// The outcome of `txid`: from memory if it is in flight, else from the log.
+    pub(crate) async fn outcome(&self, txid: TxId) -> Result<v1::Outcome, CoordinatorError> {
+        if txid.coordinator != self.coordinator_id {
+            return Err(CoordinatorError::ForeignTxid { txid, coordinator_id: self.coordinator_id });
+        }
+        match self.ask(|reply| Request::Known { txid, reply }).await? {
+            Some(Known::Pending) => Ok(v1::Outcome::Pending),
+            Some(Known::Committing) => Ok(v1::Outcome::Committed),
+            None if self.store.is_committed(txid)? => Ok(v1::Outcome::Committed),
+            None => Ok(v1::Outcome::Aborted),
+        }
+    }
+
+    /// Tells the engine a participant enrolled, so owed Commits go out at once.
+    pub(crate) fn enrolled(&self, participant: ParticipantName) {
+        let _ = self.events.send(Event::Enrolled { participant });
+    }
+}
+
+struct Actor {
+    engine: Engine,
+    handle: Handle,
+    next_sequence: u64,
+    replies: HashMap<TxId, Decision>,
+}
+
+/// Starts the actor with the decisions found unfinished at start.
+pub(crate) fn start(
+    config: Arc<Config>,
+    store: DecisionLog,
+    registry: Arc<Registry>,
+    coordinator_id: u32,
+    incarnation: u64,
+    unfinished: Vec<(TxId, Vec<ParticipantName>)>,
+) -> Handle {
+    let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
+    let (events, event_rx) = mpsc::unbounded_channel();
+    let handle = Handle { requests, events, registry, store, config, coordinator_id, incarnation };
+    let mut actor =
+        Actor { engine: Engine::new(), handle: handle.clone(), next_sequence: 1, replies: HashMap::new() };
+    for (txid, participants) in unfinished {
+        info!(%txid, participants = ?participants.iter().map(|p| p.as_str()).collect::<Vec<_>>(), "recovery: redriving committed transaction");
+        if let Err(err) = actor.engine.on_event(Event::Recovered { txid, participants }) {
+            warn!(%txid, error = %err, "recovery: skipping duplicate decision");
+        }
+    }
+    tokio::spawn(actor.run(request_rx, event_rx));
+    handle
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        let commands = self.engine.take_commands();
+        self.execute(commands).await;
+        loop {
+            tokio::select! {
+                biased;
+                Some(event) = events.recv() => {
+                    if let Err(err) = self.engine.on_event(event) {
+                        debug!(error = %err, "event refused by the engine");
+                    }
+                }
+                request = requests.recv() => match request {
+                    Some(request) => self.on_request(request),
+                    None => break,
+                },
+            }
+            let commands = self.engine.take_commands();
+            if !commands.is_empty() {
+                self.execute(commands).await;
+            }
+        }
+    }
+
+    fn next_txid(&mut self) -> TxId {
+        let txid = TxId::new(self.handle.coordinator_id, self.handle.incarnation, self.next_sequence);
+        self.next_sequence += 1;
+        txid
+    }
+
+    fn admit(&self) -> Result<(), CoordinatorError> {
+        let limit = self.handle.config.max_in_flight;
+        if self.engine.in_flight() >= limit {
+            return Err(CoordinatorError::Overloaded { limit });
+        }
+        Ok(())
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Transact { branches, timeout, reply, refused } => {
+                if let Err(err) = self.admit() {
+                    let _ = refused.send(err);
+                    return;
+                }
+                let txid = self.next_txid();
+                debug!(%txid, participants = branches.len(), "transaction starts");
+                self.engine.on_event(Event::Transact { txid, branches, timeout }).expect("fresh txid");
+                self.replies.insert(txid, reply);
+            }
+            Request::Begin { timeout, reply } => {
+                let result = self.admit().map(|()| {
+                    let txid = self.next_txid();
+                    self.engine.on_event(Event::Begin { txid, idle_timeout: timeout }).expect("fresh txid");
+                    txid
+                });
+                let _ = reply.send(result);
+            }
+            Request::Commit { txid, timeout, reply, refused } => {
+                match self.engine.on_event(Event::CommitRequested { txid, timeout }) {
+                    Ok(()) => {
+                        self.replies.insert(txid, reply);
+                    }
+                    Err(err) => {
+                        let _ = refused.send(err.into());
+                    }
+                }
+            }
+            Request::Abort { txid, reply } => {
+                let _ = reply.send(self.engine.on_event(Event::AbortRequested { txid }).map_err(Into::into));
+            }
+            Request::Enlist { txid, participant, reply } => {
+                let _ = reply.send(self.engine.enlist(txid, participant).map_err(Into::into));
+            }
+            Request::Known { txid, reply } => {
+                let _ = reply.send(self.engine.known(txid));
+            }
+        }
+    }
+
+    async fn execute(&mut self, commands: Vec<Command>) {
+        let prepares = commands.iter().filter(|c| matches!(c, Command::SendPrepare { .. })).count();
+        let commits =
+            commands.iter().filter(|c| matches!(c, Command::SendCommit { recovery: false, .. })).count();
+        let mut first_prepare = true;
+        let mut first_commit = true;
+        for command in commands {
+            match command {
+                Command::SendPrepare { txid, participant, payload, one_phase } => {
+                    let send = self.send_prepare(txid, participant, payload, one_phase);
+                    if prepares > 1
+                        && first_prepare
+                        && crash::is_armed(crash::COORDINATOR_PREPARE_PARTIAL_FANOUT)
+                    {
+                        send.await;
+                        crash::point(crash::COORDINATOR_PREPARE_PARTIAL_FANOUT);
+                    } else {
+                        tokio::spawn(send);
+                    }
+                    first_prepare = false;
+                }
+                Command::LogDecision { txid, participants } => {
+                    crash::point(crash::COORDINATOR_DECISION_BEFORE_LOG);
+                    let (store, events) = (self.handle.store.clone(), self.handle.events.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_decision(txid, &participants).await {
+                            fatal(&err.into());
+                        }
+                        crash::point(crash::COORDINATOR_DECISION_AFTER_LOG);
+                        debug!(%txid, "decision COMMIT durable");
+                        let _ = events.send(Event::DecisionLogged { txid });
+                    });
+                }
+                Command::LogOnePhaseCommit { txid, participant } => {
+                    let store = self.handle.store.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_one_phase_commit(txid, &participant).await {
+                            fatal(&err.into());
+                        }
+                    });
+                }
+                Command::SendCommit { txid, participant, recovery } => {
+                    let send = self.send_commit(txid, participant, recovery);
+                    if !recovery
+                        && commits > 1
+                        && first_commit
+                        && crash::is_armed(crash::COORDINATOR_COMMIT_PARTIAL_FANOUT)
+                    {
+                        send.await;
+                        crash::point(crash::COORDINATOR_COMMIT_PARTIAL_FANOUT);
+                    } else {
+                        tokio::spawn(send);
+                    }
+                    first_commit &= recovery;
+                }
+                Command::SendAbort { txid, participant } => {
+                    tokio::spawn(self.send_abort(txid, participant));
+                }
+                Command::LogEnd { txid } => {
+                    crash::point(crash::COORDINATOR_COMMIT_BEFORE_END);
+                    debug!(%txid, "every participant acked; ending");
+                    let store = self.handle.store.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_end(txid).await {
+                            fatal(&err.into());
+                        }
+                    });
+                }
+                Command::Reply { txid, decided } => {
+                    crash::point(crash::COORDINATOR_REPLY_BEFORE_CLIENT);
+                    match &decided {
+                        Decided::Committed => debug!(%txid, "committed"),
+                        Decided::Aborted { reason } => debug!(%txid, %reason, "aborted"),
+                    }
+                    if let Some(reply) = self.replies.remove(&txid) {
+                        let _ = reply.send((txid, decided));
+                    }
+                }
+                Command::ArmTimer { txid, kind, after } => {
+                    let events = self.handle.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = events.send(Event::TimerFired { txid, kind });
+                    });
+                }
+                Command::ScheduleRedelivery { txid, participant, attempt } => {
+                    let delay =
+                        self.handle.config.redelivery().delay(attempt.saturating_sub(1), &mut rand::rng());
+                    debug!(%txid, %participant, attempt, delay_ms = delay.as_millis() as u64, "commit redelivery scheduled");
+                    let events = self.handle.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = events.send(Event::RedeliveryDue { txid, participant });
+                    });
+                }
+            }
+        }
+    }
+
+    fn send_prepare(
+        &self,
+        txid: TxId,
+        participant: ParticipantName,
+        payload: Vec<u8>,
+        one_phase: bool,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let client = self.handle.registry.client(&participant);
+        let events = self.handle.events.clone();
+        let timeout = self.handle.config.prepare_timeout();
+        let request = v1::PrepareRequest {
+            txid: txid.to_string(),
+            payload,
+            one_phase,
+            coordinator_incarnation: self.handle.incarnation,
+        };
+        async move {
+            let vote = match client {
+                None => VoteResult::Failed { error: "not enrolled".into() },
+                Some(mut client) => match tokio::time::timeout(timeout, client.prepare(request)).await {
+                    Err(_) => VoteResult::Failed { error: "no answer before the deadline".into() },
+                    Ok(Err(status)) => VoteResult::Failed { error: status.message().to_owned() },
+                    Ok(Ok(response)) => vote_of(response.into_inner()),
+                },
+            };
+            let _ = events.send(Event::Voted { txid, participant, vote });
+        }
+    }
+
+    fn send_commit(
+        &self,
+        txid: TxId,
+        participant: ParticipantName,
+        recovery: bool,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let client = self.handle.registry.client(&participant);
+        let events = self.handle.events.clone();
+        let timeout = self.handle.config.commit_timeout();
+        async move {
+            let result = match client {
+                None => Err("not enrolled".to_owned()),
+                Some(mut client) => {
+                    match tokio::time::timeout(
+                        timeout,
+                        client.commit(v1::CommitRequest { txid: txid.to_string() }),
+                    )
+                    .await
+                    {
+                        Err(_) => Err("no answer before the deadline".to_owned()),
+                        Ok(Err(status)) => Err(status.message().to_owned()),
+                        Ok(Ok(_)) => Ok(()),
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {
+                    if recovery {
+                        info!(%txid, %participant, "recovery: commit delivered");
+                        crash::point(crash::COORDINATOR_RECOVERY_MID_REDRIVE);
+                    }
+                    let _ = events.send(Event::CommitAcked { txid, participant });
+                }
+                Err(error) => {
+                    debug!(%txid, %participant, %error, "commit not delivered");
+                    let _ = events.send(Event::CommitFailed { txid, participant });
+                }
+            }
+        }
+    }
+
+    fn send_abort(
+        &self,
+        txid: TxId,
+        participant: ParticipantName,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let client = self.handle.registry.client(&participant);
+        let timeout = self.handle.config.commit_timeout();
+        async move {
+            // Best effort: a participant that misses it asks, and presumed abort answers.
+            if let Some(mut client) = client {
+                let abort = client.abort(v1::AbortRequest { txid: txid.to_string() });
+                if let Ok(Err(status)) = tokio::time::timeout(timeout, abort).await {
+                    debug!(%txid, %participant, error = status.message(), "abort not delivered");
+                }
+            }
+        }
+    }
+}
+
+fn vote_of(response: v1::PrepareResponse) -> VoteResult {
+    match v1::Vote::try_from(response.vote) {
+        Ok(v1::Vote::Yes) => VoteResult::Yes,
+        Ok(v1::Vote::No) => VoteResult::No { reason: response.reason },
+        Ok(v1::Vote::ReadOnly) => VoteResult::ReadOnly,
+        Ok(v1::Vote::Committed) => VoteResult::Committed,
+        Ok(v1::Vote::Unspecified) | Err(_) => {
+            VoteResult::Failed { error: format!("invalid vote {}", response.vote) }
+        }
+    }
+}
+
+/// A storage failure: stop at once. Retrying a failed fsync and trusting it
+/// would be lying about durability.
+pub(crate) fn fatal(err: &CoordinatorError) -> ! {
+    tracing::error!(error = %err, "fatal storage error; stopping");
+    eprintln!("decree-coordinator: fatal storage error: {err}");
+    std::process::exit(70)
+}

@@ -1,0 +1,191 @@
+//! The gRPC handlers: decode, validate into domain types, call the runtime,
+//! encode. Nothing else happens here.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use decree_proto::v1::coordinator_server::Coordinator;
+use decree_proto::v1::registry_server::Registry;
+use decree_proto::v1::{self, Outcome};
+use decree_proto::{InvalidInput, ParticipantName, TxId};
+use tonic::{Request, Response, Status};
+
+use crate::engine::Decided;
+use crate::runtime::Handle;
+use crate::CoordinatorError;
+
+/// Longest prepare deadline or idle timeout a client may ask for.
+const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Clone)]
+pub struct Service {
+    handle: Handle,
+}
+
+impl Service {
+    pub(crate) fn new(handle: Handle) -> Self {
+        Service { handle }
+    }
+
+    fn timeout(&self, ms: u32, default: Duration) -> Duration {
+        if ms == 0 {
+            default
+        } else {
+            Duration::from_millis(ms.into()).min(MAX_CLIENT_TIMEOUT)
+        }
+    }
+
+    fn branches(
+        &self,
+        branches: Vec<v1::Branch>,
+    ) -> Result<Vec<(ParticipantName, Vec<u8>)>, CoordinatorError> {
+        if branches.is_empty() {
+            return Err(field("branches", "a transaction needs at least one branch"));
+        }
+        let limit = self.handle.config.max_message_bytes;
+        let size: usize = branches.iter().map(|b| b.payload.len()).sum();
+        if size > limit {
+            return Err(field(
+                "branches",
+                format!("payload of {size} bytes exceeds the limit of {limit} bytes"),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::with_capacity(branches.len());
+        for branch in branches {
+            let name: ParticipantName = branch.participant.parse()?;
+            if !self.handle.registry.contains(&name) {
+                return Err(field("branches", format!("unknown participant {name:?}")));
+            }
+            if !seen.insert(name.clone()) {
+                return Err(field("branches", format!("participant {name:?} appears twice")));
+            }
+            out.push((name, branch.payload));
+        }
+        Ok(out)
+    }
+}
+
+fn field(field: &'static str, why: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Invalid(InvalidInput::Field { field, why: why.into() })
+}
+
+fn txid(text: &str) -> Result<TxId, CoordinatorError> {
+    Ok(text.parse::<TxId>()?)
+}
+
+fn decided_response(txid: TxId, decided: Decided, participants: Vec<String>) -> v1::TransactResponse {
+    let (outcome, reason) = match decided {
+        Decided::Committed => (Outcome::Committed, String::new()),
+        Decided::Aborted { reason } => (Outcome::Aborted, reason),
+    };
+    v1::TransactResponse { txid: txid.to_string(), outcome: outcome as i32, reason, participants }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn transact(
+        &self,
+        request: Request<v1::TransactRequest>,
+    ) -> Result<Response<v1::TransactResponse>, Status> {
+        let request = request.into_inner();
+        let timeout = self.timeout(request.timeout_ms, self.handle.config.prepare_timeout());
+        let branches = self.branches(request.branches)?;
+        let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
+        let (txid, decided) = self.handle.transact(branches, timeout).await?;
+        Ok(Response::new(decided_response(txid, decided, participants)))
+    }
+
+    async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {
+        let timeout = self.timeout(request.into_inner().timeout_ms, self.handle.config.idle_timeout());
+        let txid = self.handle.begin(timeout).await?;
+        Ok(Response::new(v1::BeginResponse { txid: txid.to_string() }))
+    }
+
+    async fn enlist(
+        &self,
+        request: Request<v1::EnlistRequest>,
+    ) -> Result<Response<v1::EnlistResponse>, Status> {
+        let request = request.into_inner();
+        let txid = txid(&request.txid)?;
+        let participant: ParticipantName = request.participant.parse().map_err(CoordinatorError::from)?;
+        if !self.handle.registry.contains(&participant) {
+            return Err(field("participant", format!("unknown participant {participant:?}")).into());
+        }
+        self.handle.enlist(txid, participant).await?;
+        Ok(Response::new(v1::EnlistResponse {}))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<v1::CommitTransactionRequest>,
+    ) -> Result<Response<v1::TransactResponse>, Status> {
+        let txid = txid(&request.into_inner().txid)?;
+        let decided = self.handle.commit(txid, self.handle.config.prepare_timeout()).await?;
+        Ok(Response::new(decided_response(txid, decided, Vec::new())))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<v1::AbortTransactionRequest>,
+    ) -> Result<Response<v1::AbortTransactionResponse>, Status> {
+        let txid = txid(&request.into_inner().txid)?;
+        self.handle.abort(txid).await?;
+        Ok(Response::new(v1::AbortTransactionResponse {}))
+    }
+
+    async fn get_outcome(
+        &self,
+        request: Request<v1::GetOutcomeRequest>,
+    ) -> Result<Response<v1::GetOutcomeResponse>, Status> {
+        let txid = txid(&request.into_inner().txid)?;
+        let outcome = self.handle.outcome(txid).await?;
+        Ok(Response::new(v1::GetOutcomeResponse { outcome: outcome as i32 }))
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for Service {
+    async fn enroll(
+        &self,
+        request: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        let request = request.into_inner();
+        let name: ParticipantName = request.name.parse().map_err(CoordinatorError::from)?;
+        self.handle.registry.enroll(name.clone(), &request.address, true).map_err(CoordinatorError::from)?;
+        self.handle.store.save_participant(&name, &request.address).await.map_err(CoordinatorError::from)?;
+        tracing::info!(participant = %name, address = %request.address, "participant enrolled");
+        self.handle.enrolled(name);
+        Ok(Response::new(v1::EnrollResponse {
+            coordinator_incarnation: self.handle.incarnation,
+            coordinator_id: format!("{:08x}", self.handle.coordinator_id),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let name: ParticipantName = request.into_inner().name.parse().map_err(CoordinatorError::from)?;
+        let known = self.handle.registry.heartbeat(&name);
+        Ok(Response::new(v1::HeartbeatResponse { known, coordinator_incarnation: self.handle.incarnation }))
+    }
+
+    async fn list_participants(
+        &self,
+        _request: Request<v1::ListParticipantsRequest>,
+    ) -> Result<Response<v1::ListParticipantsResponse>, Status> {
+        let participants = self
+            .handle
+            .registry
+            .list()
+            .into_iter()
+            .map(|m| v1::ParticipantInfo {
+                name: m.name.to_string(),
+                address: m.address,
+                state: if m.up { "up" } else { "down" }.to_owned(),
+            })
+            .collect();
+        Ok(Response::new(v1::ListParticipantsResponse { participants }))
+    }
+}

@@ -1,0 +1,102 @@
+//! The participant's configuration: flags, each also an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to serve gRPC on (Participant and Kv services).
+    #[arg(long, env = "DECREE_LISTEN", default_value = "127.0.0.1:7001")]
+    pub listen: SocketAddr,
+    /// Directory of the participant's durable log and data (created if missing).
+    #[arg(long, env = "DECREE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The coordinator's URL, e.g. http://127.0.0.1:7000.
+    #[arg(long, env = "DECREE_COORDINATOR")]
+    pub coordinator: String,
+    /// The name this participant enrolls under: 1-64 of [A-Za-z0-9_.-].
+    #[arg(long, env = "DECREE_NAME")]
+    pub name: String,
+    /// The URL the coordinator and clients reach this participant at
+    /// (default: http://<listen>).
+    #[arg(long, env = "DECREE_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Interval of heartbeats to the coordinator.
+    #[arg(long, env = "DECREE_HEARTBEAT_MS", default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// A prepared branch undecided for this long asks the coordinator for its outcome.
+    #[arg(long, env = "DECREE_IN_DOUBT_AFTER_MS", default_value_t = 1_000)]
+    pub in_doubt_after_ms: u64,
+    /// How often in-doubt branches are checked.
+    #[arg(long, env = "DECREE_RESOLVE_INTERVAL_MS", default_value_t = 250)]
+    pub resolve_interval_ms: u64,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
+    #[arg(long)]
+    pub crash_at: Option<String>,
+}
+
+impl Config {
+    /// A configuration with defaults, for tests and embedding.
+    pub fn new(data_dir: PathBuf, coordinator: String, name: String) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            coordinator,
+            name,
+            advertise_url: None,
+            heartbeat_ms: 500,
+            in_doubt_after_ms: 1_000,
+            resolve_interval_ms: 250,
+            max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
+            crash_at: None,
+        }
+    }
+
+    /// Checks every value; the message names the option.
+    pub fn validate(&self) -> Result<(), String> {
+        self.name.parse::<decree_proto::ParticipantName>().map_err(|e| format!("--name: {e}"))?;
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            return Err(format!(
+                "--coordinator {:?}: expected a URL like http://127.0.0.1:7000",
+                self.coordinator
+            ));
+        }
+        if let Some(url) = &self.advertise_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("--advertise-url {url:?}: expected a URL like http://127.0.0.1:7001"));
+            }
+        }
+        for (name, value) in [
+            ("--heartbeat-ms", self.heartbeat_ms),
+            ("--in-doubt-after-ms", self.in_doubt_after_ms),
+            ("--resolve-interval-ms", self.resolve_interval_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err("--max-message-bytes must be between 1024 and 268435456".into());
+        }
+        if let Some(list) = &self.crash_at {
+            decree_runtime::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    pub fn in_doubt_after(&self) -> Duration {
+        Duration::from_millis(self.in_doubt_after_ms)
+    }
+
+    pub fn resolve_interval(&self) -> Duration {
+        Duration::from_millis(self.resolve_interval_ms)
+    }
+}

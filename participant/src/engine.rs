@@ -1,0 +1,483 @@
+//! The participant's protocol engine: branch states, the lock table and
+//! tombstones, with no I/O.
+//!
+//! Events come from the coordinator's messages, from the resource (a branch
+//! validated) and from the log (a record is durable). Commands ask the runtime
+//! to validate, persist, answer. The rules it enforces:
+//! - YES is answered only after the prepared record is durable (I3);
+//! - keys stay locked from Prepare until the decision is applied, and a
+//!   prepared branch found at start locks them again before anything is served;
+//! - after YES the branch waits for the coordinator: it never decides alone (I7);
+//! - Commit and Abort are idempotent; a Prepare for a decided txid votes NO
+//!   (or repeats the committed answer), and a Prepare from an older coordinator
+//!   incarnation votes NO (I8).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
+
+use decree_proto::TxId;
+
+/// Most decided txids remembered in memory.
+pub const TOMBSTONES: usize = 100_000;
+
+/// What the runtime answers to a Prepare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vote {
+    Yes,
+    No {
+        reason: String,
+    },
+    ReadOnly,
+    /// One-phase only: applied and durable.
+    Committed,
+}
+
+/// A branch's final state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Aborted,
+}
+
+/// What the resource made of a branch's payload, with its locks held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Validated {
+    /// The branch can commit; `redo` applies it.
+    Ready { redo: Vec<u8> },
+    /// The branch changes nothing.
+    ReadOnly,
+    /// The branch cannot commit.
+    Refused { reason: String },
+}
+
+/// Answer to a Commit or Abort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ack {
+    Done,
+    /// The request contradicts what this participant knows (a protocol violation).
+    Refused {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The coordinator's current incarnation (from enrollment).
+    CoordinatorIncarnation {
+        incarnation: u64,
+    },
+    /// Prepare: lock `keys`, then validate. `keys` come from the payload.
+    PrepareRequested {
+        txid: TxId,
+        keys: Vec<String>,
+        payload: Vec<u8>,
+        one_phase: bool,
+        incarnation: u64,
+    },
+    /// The resource validated the branch.
+    Validated {
+        txid: TxId,
+        result: Validated,
+    },
+    /// The prepared record is durable.
+    PreparedLogged {
+        txid: TxId,
+        at: Instant,
+    },
+    CommitRequested {
+        txid: TxId,
+    },
+    AbortRequested {
+        txid: TxId,
+    },
+    /// Commit (or a one-phase commit) is applied and durable.
+    CommitLogged {
+        txid: TxId,
+    },
+    /// The abort is applied.
+    AbortLogged {
+        txid: TxId,
+    },
+    /// Found at start: a prepared branch with no decision.
+    Recovered {
+        txid: TxId,
+        keys: Vec<String>,
+        redo: Vec<u8>,
+        at: Instant,
+    },
+    /// Tombstones found at start.
+    RecoveredTombstone {
+        txid: TxId,
+        outcome: Outcome,
+    },
+    /// The coordinator answered an in-doubt query.
+    OutcomeLearned {
+        txid: TxId,
+        outcome: Outcome,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Ask the resource to validate `payload` (its keys are locked).
+    Validate {
+        txid: TxId,
+        payload: Vec<u8>,
+    },
+    /// Write the prepared record with a synced write, then feed back PreparedLogged.
+    LogPrepared {
+        txid: TxId,
+        keys: Vec<String>,
+        redo: Vec<u8>,
+    },
+    /// Apply `redo`, record the commit and drop the prepared record, in one
+    /// synced batch; then feed back CommitLogged.
+    LogCommit {
+        txid: TxId,
+        redo: Vec<u8>,
+        one_phase: bool,
+    },
+    /// Drop the prepared record (if `prepared`) and record the abort; then feed back AbortLogged.
+    LogAbort {
+        txid: TxId,
+        prepared: bool,
+    },
+    Vote {
+        txid: TxId,
+        vote: Vote,
+    },
+    AckCommit {
+        txid: TxId,
+        ack: Ack,
+    },
+    AckAbort {
+        txid: TxId,
+        ack: Ack,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Branch {
+    /// Locks held; the resource is validating.
+    Validating { keys: Vec<String>, one_phase: bool, abort_requested: bool },
+    /// Validated; the prepared record (or, one-phase, the commit) is being written.
+    Logging { keys: Vec<String>, redo: Vec<u8>, one_phase: bool, abort_requested: bool },
+    /// Voted YES; waiting for the decision.
+    Prepared { keys: Vec<String>, redo: Vec<u8>, since: Instant },
+    /// Decided COMMIT; being applied.
+    Committing { keys: Vec<String> },
+    /// Decided ABORT; being applied.
+    Aborting { keys: Vec<String> },
+}
+
+impl Branch {
+    fn keys(&self) -> &[String] {
+        match self {
+            Branch::Validating { keys, .. }
+            | Branch::Logging { keys, .. }
+            | Branch::Prepared { keys, .. }
+            | Branch::Committing { keys }
+            | Branch::Aborting { keys } => keys,
+        }
+    }
+}
+
+/// A prepared branch awaiting its decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InDoubt {
+    pub txid: TxId,
+    pub since: Instant,
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Engine {
+    branches: HashMap<TxId, Branch>,
+    locks: HashMap<String, TxId>,
+    tombstones: HashMap<TxId, Outcome>,
+    tombstone_order: VecDeque<TxId>,
+    coordinator_incarnation: u64,
+    commands: Vec<Command>,
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Engine::default()
+    }
+
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.commands)
+    }
+
+    /// Prepared branches waiting for a decision, oldest first.
+    pub fn in_doubt(&self) -> Vec<InDoubt> {
+        let mut out: Vec<_> = self
+            .branches
+            .iter()
+            .filter_map(|(txid, branch)| match branch {
+                Branch::Prepared { keys, since, .. } => {
+                    Some(InDoubt { txid: *txid, since: *since, keys: keys.clone() })
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort_by_key(|b| (b.since, b.txid));
+        out
+    }
+
+    /// Locked keys and their holders, in key order.
+    pub fn locks(&self) -> BTreeMap<String, TxId> {
+        self.locks.iter().map(|(k, t)| (k.clone(), *t)).collect()
+    }
+
+    pub fn outcome(&self, txid: TxId) -> Option<Outcome> {
+        self.tombstones.get(&txid).copied()
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        match event {
+            Event::CoordinatorIncarnation { incarnation } => {
+                self.coordinator_incarnation = self.coordinator_incarnation.max(incarnation);
+            }
+            Event::PrepareRequested { txid, keys, payload, one_phase, incarnation } => {
+                self.on_prepare(txid, keys, payload, one_phase, incarnation)
+            }
+            Event::Validated { txid, result } => self.on_validated(txid, result),
+            Event::PreparedLogged { txid, at } => self.on_prepared_logged(txid, at),
+            Event::CommitRequested { txid } => self.on_commit(txid, true),
+            Event::OutcomeLearned { txid, outcome: Outcome::Committed } => self.on_commit(txid, false),
+            Event::AbortRequested { txid } => self.on_abort(txid, true),
+            Event::OutcomeLearned { txid, outcome: Outcome::Aborted } => self.on_abort(txid, false),
+            Event::CommitLogged { txid } => {
+                let Some(branch) = self.branches.remove(&txid) else {
+                    panic!("commit logged for {txid}, which has no branch");
+                };
+                let one_phase = matches!(branch, Branch::Logging { one_phase: true, .. });
+                assert!(
+                    one_phase || matches!(branch, Branch::Committing { .. }),
+                    "commit logged in state {branch:?}"
+                );
+                self.release(txid, branch.keys());
+                self.remember(txid, Outcome::Committed);
+                if one_phase {
+                    self.commands.push(Command::Vote { txid, vote: Vote::Committed });
+                } else {
+                    self.commands.push(Command::AckCommit { txid, ack: Ack::Done });
+                }
+            }
+            Event::AbortLogged { txid } => {
+                if let Some(branch) = self.branches.remove(&txid) {
+                    assert!(matches!(branch, Branch::Aborting { .. }), "abort logged in state {branch:?}");
+                    self.release(txid, branch.keys());
+                }
+                self.remember(txid, Outcome::Aborted);
+                self.commands.push(Command::AckAbort { txid, ack: Ack::Done });
+            }
+            Event::Recovered { txid, keys, redo, at } => {
+                for key in &keys {
+                    // Two prepared branches never hold one key: prepare takes the lock first.
+                    let holder = self.locks.insert(key.clone(), txid);
+                    assert!(holder.is_none() || holder == Some(txid), "key {key:?} recovered locked twice");
+                }
+                self.branches.insert(txid, Branch::Prepared { keys, redo, since: at });
+            }
+            Event::RecoveredTombstone { txid, outcome } => self.remember(txid, outcome),
+        }
+    }
+
+    fn on_prepare(
+        &mut self,
+        txid: TxId,
+        keys: Vec<String>,
+        payload: Vec<u8>,
+        one_phase: bool,
+        incarnation: u64,
+    ) {
+        let no = |reason: String| Command::Vote { txid, vote: Vote::No { reason } };
+        if let Some(outcome) = self.tombstones.get(&txid) {
+            let vote = match outcome {
+                Outcome::Aborted => Vote::No { reason: "transaction already aborted here".into() },
+                Outcome::Committed if one_phase => Vote::Committed,
+                Outcome::Committed => Vote::Yes,
+            };
+            self.commands.push(Command::Vote { txid, vote });
+            return;
+        }
+        if let Some(branch) = self.branches.get(&txid) {
+            let command = match branch {
+                Branch::Prepared { .. } | Branch::Committing { .. } => {
+                    Command::Vote { txid, vote: Vote::Yes }
+                }
+                _ => no("a Prepare for this transaction is already in progress".into()),
+            };
+            self.commands.push(command);
+            return;
+        }
+        if incarnation < self.coordinator_incarnation {
+            self.commands.push(no(format!(
+                "stale Prepare from coordinator incarnation {incarnation} (current is {})",
+                self.coordinator_incarnation
+            )));
+            return;
+        }
+        if let Some((key, holder)) =
+            keys.iter().find_map(|k| self.locks.get(k).filter(|h| **h != txid).map(|h| (k, *h)))
+        {
+            self.commands.push(no(format!("lock conflict on key {key:?} (held by {holder})")));
+            return;
+        }
+        for key in &keys {
+            self.locks.insert(key.clone(), txid);
+        }
+        self.branches.insert(txid, Branch::Validating { keys, one_phase, abort_requested: false });
+        self.commands.push(Command::Validate { txid, payload });
+    }
+
+    fn on_validated(&mut self, txid: TxId, result: Validated) {
+        let Some(Branch::Validating { keys, one_phase, abort_requested }) = self.branches.remove(&txid)
+        else {
+            panic!("validated {txid}, which was not validating");
+        };
+        match result {
+            Validated::Ready { redo } if !abort_requested => {
+                if one_phase {
+                    self.commands.push(Command::LogCommit { txid, redo: redo.clone(), one_phase: true });
+                } else {
+                    self.commands.push(Command::LogPrepared { txid, keys: keys.clone(), redo: redo.clone() });
+                }
+                self.branches.insert(txid, Branch::Logging { keys, redo, one_phase, abort_requested });
+            }
+            Validated::Ready { .. } => {
+                self.release(txid, &keys);
+                self.commands.push(Command::Vote {
+                    txid,
+                    vote: Vote::No { reason: "aborted while preparing".into() },
+                });
+            }
+            Validated::ReadOnly => {
+                self.release(txid, &keys);
+                let vote = if one_phase { Vote::Committed } else { Vote::ReadOnly };
+                self.commands.push(Command::Vote { txid, vote });
+            }
+            Validated::Refused { reason } => {
+                self.release(txid, &keys);
+                self.remember(txid, Outcome::Aborted);
+                self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+            }
+        }
+    }
+
+    fn on_prepared_logged(&mut self, txid: TxId, at: Instant) {
+        let Some(Branch::Logging { keys, redo, one_phase: false, abort_requested }) =
+            self.branches.remove(&txid)
+        else {
+            panic!("prepared record logged for {txid}, which was not logging one");
+        };
+        if abort_requested {
+            // The coordinator already gave up on it: never vote YES now.
+            self.commands.push(Command::LogAbort { txid, prepared: true });
+            self.commands
+                .push(Command::Vote { txid, vote: Vote::No { reason: "aborted while preparing".into() } });
+            self.branches.insert(txid, Branch::Aborting { keys });
+            return;
+        }
+        self.branches.insert(txid, Branch::Prepared { keys, redo, since: at });
+        self.commands.push(Command::Vote { txid, vote: Vote::Yes });
+    }
+
+    /// Commit from the coordinator (`ack` set) or learned by asking it.
+    fn on_commit(&mut self, txid: TxId, ack: bool) {
+        let reply = |engine: &mut Engine, result: Ack| {
+            if ack {
+                engine.commands.push(Command::AckCommit { txid, ack: result });
+            }
+        };
+        match self.branches.remove(&txid) {
+            Some(Branch::Prepared { keys, redo, .. }) => {
+                self.commands.push(Command::LogCommit { txid, redo, one_phase: false });
+                self.branches.insert(txid, Branch::Committing { keys });
+            }
+            Some(branch @ Branch::Committing { .. }) => {
+                // Already being applied: every waiting Commit is acked when it is durable.
+                self.branches.insert(txid, branch);
+            }
+            Some(branch) => {
+                self.branches.insert(txid, branch);
+                reply(self, Ack::Refused { reason: format!("transaction {txid} is not prepared here") });
+            }
+            None => match self.tombstones.get(&txid) {
+                Some(Outcome::Aborted) => {
+                    reply(self, Ack::Refused { reason: format!("transaction {txid} was aborted here") })
+                }
+                // Committed already, or never seen: nothing to do.
+                Some(Outcome::Committed) | None => reply(self, Ack::Done),
+            },
+        }
+    }
+
+    /// Abort from the coordinator (`ack` set) or learned by asking it.
+    fn on_abort(&mut self, txid: TxId, ack: bool) {
+        let reply = |engine: &mut Engine, result: Ack| {
+            if ack {
+                engine.commands.push(Command::AckAbort { txid, ack: result });
+            }
+        };
+        match self.branches.remove(&txid) {
+            Some(Branch::Prepared { keys, .. }) => {
+                self.commands.push(Command::LogAbort { txid, prepared: true });
+                self.branches.insert(txid, Branch::Aborting { keys });
+            }
+            Some(Branch::Validating { keys, one_phase, .. }) => {
+                self.branches.insert(txid, Branch::Validating { keys, one_phase, abort_requested: true });
+                reply(self, Ack::Done);
+            }
+            Some(Branch::Logging { keys, redo, one_phase: false, .. }) => {
+                self.branches
+                    .insert(txid, Branch::Logging { keys, redo, one_phase: false, abort_requested: true });
+                reply(self, Ack::Done);
+            }
+            Some(branch @ Branch::Logging { one_phase: true, .. })
+            | Some(branch @ Branch::Committing { .. }) => {
+                self.branches.insert(txid, branch);
+                reply(self, Ack::Refused { reason: format!("transaction {txid} is committing here") });
+            }
+            Some(branch @ Branch::Aborting { .. }) => {
+                // Already being applied: every waiting Abort is acked when it is done.
+                self.branches.insert(txid, branch);
+            }
+            None => match self.tombstones.get(&txid) {
+                Some(Outcome::Committed) => {
+                    reply(self, Ack::Refused { reason: format!("transaction {txid} was committed here") })
+                }
+                Some(Outcome::Aborted) => reply(self, Ack::Done),
+                None => {
+                    // Never seen: remember it, so that a late Prepare votes NO.
+                    self.commands.push(Command::LogAbort { txid, prepared: false });
+                    self.remember(txid, Outcome::Aborted);
+                }
+            },
+        }
+    }
+
+    fn release(&mut self, txid: TxId, keys: &[String]) {
+        for key in keys {
+            if self.locks.get(key) == Some(&txid) {
+                self.locks.remove(key);
+            }
+        }
+    }
+
+    fn remember(&mut self, txid: TxId, outcome: Outcome) {
+        if self.tombstones.insert(txid, outcome).is_none() {
+            self.tombstone_order.push_back(txid);
+            while self.tombstone_order.len() > TOMBSTONES {
+                if let Some(old) = self.tombstone_order.pop_front() {
+                    self.tombstones.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

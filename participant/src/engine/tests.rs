@@ -1,0 +1,291 @@
+use super::*;
+
+fn tx(seq: u64) -> TxId {
+    TxId::new(0xabcd, 2, seq)
+}
+
+fn keys(names: &[&str]) -> Vec<String> {
+    names.iter().map(|k| k.to_string()).collect()
+}
+
+fn prepare(engine: &mut Engine, txid: TxId, names: &[&str], one_phase: bool) -> Vec<Command> {
+    engine.on_event(Event::PrepareRequested {
+        txid,
+        keys: keys(names),
+        payload: vec![9],
+        one_phase,
+        incarnation: 2,
+    });
+    engine.take_commands()
+}
+
+fn event(engine: &mut Engine, event: Event) -> Vec<Command> {
+    engine.on_event(event);
+    engine.take_commands()
+}
+
+/// Runs a branch to the prepared state.
+fn prepared(engine: &mut Engine, txid: TxId, names: &[&str]) {
+    prepare(engine, txid, names, false);
+    event(engine, Event::Validated { txid, result: Validated::Ready { redo: vec![7] } });
+    let commands = event(engine, Event::PreparedLogged { txid, at: Instant::now() });
+    assert_eq!(commands, vec![Command::Vote { txid, vote: Vote::Yes }]);
+}
+
+fn no(txid: TxId, reason: &str) -> Command {
+    Command::Vote { txid, vote: Vote::No { reason: reason.into() } }
+}
+
+#[test]
+fn prepare_locks_validates_logs_then_votes_yes() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    assert_eq!(
+        prepare(&mut engine, t, &["a", "b"], false),
+        vec![Command::Validate { txid: t, payload: vec![9] }]
+    );
+    assert_eq!(engine.locks().len(), 2);
+    assert_eq!(
+        event(&mut engine, Event::Validated { txid: t, result: Validated::Ready { redo: vec![7] } }),
+        vec![Command::LogPrepared { txid: t, keys: keys(&["a", "b"]), redo: vec![7] }],
+        "no vote before the prepared record is durable"
+    );
+    let at = Instant::now();
+    assert_eq!(
+        event(&mut engine, Event::PreparedLogged { txid: t, at }),
+        vec![Command::Vote { txid: t, vote: Vote::Yes }]
+    );
+    assert_eq!(engine.in_doubt(), vec![InDoubt { txid: t, since: at, keys: keys(&["a", "b"]) }]);
+}
+
+#[test]
+fn a_conflicting_prepare_votes_no_and_changes_nothing() {
+    let mut engine = Engine::new();
+    let (t1, t2) = (tx(1), tx(2));
+    prepared(&mut engine, t1, &["a"]);
+    assert_eq!(
+        prepare(&mut engine, t2, &["b", "a"], false),
+        vec![no(t2, &format!("lock conflict on key \"a\" (held by {t1})"))]
+    );
+    assert_eq!(engine.locks(), BTreeMap::from([("a".to_string(), t1)]), "b was not locked");
+}
+
+#[test]
+fn commit_applies_durably_then_releases_and_acks() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    prepared(&mut engine, t, &["a"]);
+    assert_eq!(
+        event(&mut engine, Event::CommitRequested { txid: t }),
+        vec![Command::LogCommit { txid: t, redo: vec![7], one_phase: false }]
+    );
+    assert_eq!(
+        event(&mut engine, Event::CommitRequested { txid: t }),
+        vec![],
+        "a duplicate waits for durability"
+    );
+    assert_eq!(engine.locks().len(), 1, "locked until applied");
+    assert_eq!(
+        event(&mut engine, Event::CommitLogged { txid: t }),
+        vec![Command::AckCommit { txid: t, ack: Ack::Done }]
+    );
+    assert!(engine.locks().is_empty());
+    assert_eq!(engine.outcome(t), Some(Outcome::Committed));
+    assert_eq!(
+        event(&mut engine, Event::CommitRequested { txid: t }),
+        vec![Command::AckCommit { txid: t, ack: Ack::Done }],
+        "commit is idempotent"
+    );
+}
+
+#[test]
+fn abort_of_a_prepared_branch_releases_and_acks() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    prepared(&mut engine, t, &["a"]);
+    assert_eq!(
+        event(&mut engine, Event::AbortRequested { txid: t }),
+        vec![Command::LogAbort { txid: t, prepared: true }]
+    );
+    assert_eq!(
+        event(&mut engine, Event::AbortLogged { txid: t }),
+        vec![Command::AckAbort { txid: t, ack: Ack::Done }]
+    );
+    assert!(engine.locks().is_empty());
+    assert_eq!(
+        event(&mut engine, Event::AbortRequested { txid: t }),
+        vec![Command::AckAbort { txid: t, ack: Ack::Done }]
+    );
+    assert_eq!(prepare(&mut engine, t, &["a"], false), vec![no(t, "transaction already aborted here")]);
+}
+
+#[test]
+fn abort_for_an_unknown_txid_leaves_a_tombstone_so_a_late_prepare_votes_no() {
+    let mut engine = Engine::new();
+    let t = tx(5);
+    assert_eq!(
+        event(&mut engine, Event::AbortRequested { txid: t }),
+        vec![Command::LogAbort { txid: t, prepared: false }]
+    );
+    assert_eq!(
+        event(&mut engine, Event::AbortLogged { txid: t }),
+        vec![Command::AckAbort { txid: t, ack: Ack::Done }]
+    );
+    assert_eq!(prepare(&mut engine, t, &["a"], false), vec![no(t, "transaction already aborted here")]);
+    assert!(engine.locks().is_empty());
+}
+
+#[test]
+fn commit_for_an_unknown_txid_is_answered_without_effect() {
+    let mut engine = Engine::new();
+    let t = tx(5);
+    assert_eq!(
+        event(&mut engine, Event::CommitRequested { txid: t }),
+        vec![Command::AckCommit { txid: t, ack: Ack::Done }]
+    );
+    assert_eq!(engine.outcome(t), None);
+}
+
+#[test]
+fn contradictions_are_refused() {
+    let mut engine = Engine::new();
+    let (t1, t2) = (tx(1), tx(2));
+    event(&mut engine, Event::AbortRequested { txid: t1 });
+    event(&mut engine, Event::AbortLogged { txid: t1 });
+    assert!(matches!(
+        event(&mut engine, Event::CommitRequested { txid: t1 }).as_slice(),
+        [Command::AckCommit { ack: Ack::Refused { .. }, .. }]
+    ));
+    prepared(&mut engine, t2, &["a"]);
+    event(&mut engine, Event::CommitRequested { txid: t2 });
+    event(&mut engine, Event::CommitLogged { txid: t2 });
+    assert!(matches!(
+        event(&mut engine, Event::AbortRequested { txid: t2 }).as_slice(),
+        [Command::AckAbort { ack: Ack::Refused { .. }, .. }]
+    ));
+}
+
+#[test]
+fn a_refused_branch_votes_no_and_releases() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    prepare(&mut engine, t, &["a"], false);
+    assert_eq!(
+        event(
+            &mut engine,
+            Event::Validated { txid: t, result: Validated::Refused { reason: "expect failed".into() } }
+        ),
+        vec![no(t, "expect failed")]
+    );
+    assert!(engine.locks().is_empty());
+}
+
+#[test]
+fn read_only_branches_release_at_once() {
+    let mut engine = Engine::new();
+    let (t1, t2) = (tx(1), tx(2));
+    prepare(&mut engine, t1, &["a"], false);
+    assert_eq!(
+        event(&mut engine, Event::Validated { txid: t1, result: Validated::ReadOnly }),
+        vec![Command::Vote { txid: t1, vote: Vote::ReadOnly }]
+    );
+    prepare(&mut engine, t2, &["a"], true);
+    assert_eq!(
+        event(&mut engine, Event::Validated { txid: t2, result: Validated::ReadOnly }),
+        vec![Command::Vote { txid: t2, vote: Vote::Committed }]
+    );
+    assert!(engine.locks().is_empty());
+}
+
+#[test]
+fn one_phase_commits_in_one_durable_step() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    prepare(&mut engine, t, &["a"], true);
+    assert_eq!(
+        event(&mut engine, Event::Validated { txid: t, result: Validated::Ready { redo: vec![1] } }),
+        vec![Command::LogCommit { txid: t, redo: vec![1], one_phase: true }]
+    );
+    assert_eq!(
+        event(&mut engine, Event::CommitLogged { txid: t }),
+        vec![Command::Vote { txid: t, vote: Vote::Committed }]
+    );
+    assert!(engine.locks().is_empty());
+    assert_eq!(prepare(&mut engine, t, &["a"], true), vec![Command::Vote { txid: t, vote: Vote::Committed }]);
+}
+
+#[test]
+fn an_abort_while_preparing_never_becomes_yes() {
+    let mut engine = Engine::new();
+    let (t1, t2) = (tx(1), tx(2));
+    // Abort before validation finished.
+    prepare(&mut engine, t1, &["a"], false);
+    assert_eq!(
+        event(&mut engine, Event::AbortRequested { txid: t1 }),
+        vec![Command::AckAbort { txid: t1, ack: Ack::Done }]
+    );
+    assert_eq!(
+        event(&mut engine, Event::Validated { txid: t1, result: Validated::Ready { redo: vec![] } }),
+        vec![no(t1, "aborted while preparing")]
+    );
+    // Abort while the prepared record is being written.
+    prepare(&mut engine, t2, &["a"], false);
+    event(&mut engine, Event::Validated { txid: t2, result: Validated::Ready { redo: vec![] } });
+    event(&mut engine, Event::AbortRequested { txid: t2 });
+    assert_eq!(
+        event(&mut engine, Event::PreparedLogged { txid: t2, at: Instant::now() }),
+        vec![Command::LogAbort { txid: t2, prepared: true }, no(t2, "aborted while preparing")]
+    );
+    event(&mut engine, Event::AbortLogged { txid: t2 });
+    assert!(engine.locks().is_empty());
+}
+
+#[test]
+fn a_stale_prepare_from_an_older_incarnation_votes_no() {
+    let mut engine = Engine::new();
+    event(&mut engine, Event::CoordinatorIncarnation { incarnation: 3 });
+    let t = tx(1);
+    assert_eq!(
+        prepare(&mut engine, t, &["a"], false),
+        vec![no(t, "stale Prepare from coordinator incarnation 2 (current is 3)")]
+    );
+    assert!(engine.locks().is_empty());
+}
+
+#[test]
+fn a_duplicate_prepare_repeats_yes() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    prepared(&mut engine, t, &["a"]);
+    assert_eq!(prepare(&mut engine, t, &["a"], false), vec![Command::Vote { txid: t, vote: Vote::Yes }]);
+}
+
+#[test]
+fn recovered_branches_lock_again_and_wait_for_the_coordinator() {
+    let mut engine = Engine::new();
+    let (t1, t2) = (tx(1), tx(2));
+    let at = Instant::now();
+    event(&mut engine, Event::Recovered { txid: t1, keys: keys(&["a"]), redo: vec![3], at });
+    assert_eq!(engine.in_doubt().len(), 1);
+    assert!(matches!(
+        prepare(&mut engine, t2, &["a"], false).as_slice(),
+        [Command::Vote { vote: Vote::No { .. }, .. }]
+    ));
+    assert_eq!(
+        event(&mut engine, Event::OutcomeLearned { txid: t1, outcome: Outcome::Committed }),
+        vec![Command::LogCommit { txid: t1, redo: vec![3], one_phase: false }]
+    );
+    event(&mut engine, Event::CommitLogged { txid: t1 });
+    assert!(engine.locks().is_empty());
+    assert!(engine.in_doubt().is_empty());
+}
+
+#[test]
+fn tombstones_are_bounded() {
+    let mut engine = Engine::new();
+    for seq in 1..=(TOMBSTONES as u64 + 10) {
+        engine.on_event(Event::RecoveredTombstone { txid: tx(seq), outcome: Outcome::Aborted });
+    }
+    assert_eq!(engine.outcome(tx(1)), None);
+    assert_eq!(engine.outcome(tx(TOMBSTONES as u64 + 10)), Some(Outcome::Aborted));
+}

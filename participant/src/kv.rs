@@ -1,0 +1,246 @@
+//! The reference KV participant's [`Resource`]: put, delete, add, expect.
+//!
+//! Values live under `k/<key>` in the participant's log. A branch's payload is
+//! a [`v1::KvBatch`]; its redo is the final value of each written key.
+
+use std::collections::BTreeMap;
+
+use decree_proto::v1;
+use decree_proto::KvOp;
+use decree_runtime::{record, Log, LogError, Write};
+use prost::Message;
+
+use crate::engine::Validated;
+use crate::resource::Resource;
+
+const DATA: &[u8] = b"k/";
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct KvRedo {
+    #[prost(message, repeated, tag = "1")]
+    writes: Vec<KvWrite>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct KvWrite {
+    #[prost(string, tag = "1")]
+    key: String,
+    /// Unset deletes the key.
+    #[prost(bytes = "vec", optional, tag = "2")]
+    value: Option<Vec<u8>>,
+}
+
+fn data_key(key: &str) -> Vec<u8> {
+    [DATA, key.as_bytes()].concat()
+}
+
+/// The KV store over a participant's log.
+#[derive(Clone)]
+pub struct KvStore {
+    log: Log,
+}
+
+impl KvStore {
+    pub fn new(log: Log) -> Self {
+        KvStore { log }
+    }
+
+    /// The committed value of `key`.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LogError> {
+        self.log.get(&data_key(key))
+    }
+
+    fn ops(payload: &[u8]) -> Result<Vec<KvOp>, String> {
+        let batch = v1::KvBatch::decode(payload).map_err(|e| format!("invalid KV payload: {e}"))?;
+        batch.ops.into_iter().map(|op| KvOp::try_from(op).map_err(|e| e.to_string())).collect()
+    }
+}
+
+fn show(value: &Option<Vec<u8>>) -> String {
+    match value {
+        None => "nothing".into(),
+        Some(bytes) => format!("{:?}", String::from_utf8_lossy(bytes)),
+    }
+}
+
+impl Resource for KvStore {
+    fn keys(&self, payload: &[u8]) -> Result<Vec<String>, String> {
+        let mut keys: Vec<String> = Self::ops(payload)?.into_iter().map(|op| op.key().to_owned()).collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    fn validate(&self, payload: &[u8]) -> Validated {
+        let refuse = |reason: String| Validated::Refused { reason };
+        let ops = match Self::ops(payload) {
+            Ok(ops) => ops,
+            Err(reason) => return refuse(reason),
+        };
+        // Each key's value as the branch sees it, and whether the branch wrote it.
+        let mut overlay: BTreeMap<String, (Option<Vec<u8>>, bool)> = BTreeMap::new();
+        for op in ops {
+            let key = op.key().to_owned();
+            if !overlay.contains_key(&key) {
+                match self.get(&key) {
+                    Ok(value) => overlay.insert(key.clone(), (value, false)),
+                    Err(err) => return refuse(format!("storage error reading {key:?}: {err}")),
+                };
+            }
+            let (value, written) = overlay.get_mut(&key).expect("inserted above");
+            match op {
+                KvOp::Put { value: new, .. } => (*value, *written) = (Some(new), true),
+                KvOp::Delete { .. } => (*value, *written) = (None, true),
+                KvOp::Add { delta, .. } => {
+                    let current = match value {
+                        None => 0,
+                        Some(bytes) => {
+                            match std::str::from_utf8(bytes).ok().and_then(|s| s.parse::<i64>().ok()) {
+                                Some(n) => n,
+                                None => {
+                                    return refuse(format!(
+                                        "add on key {key:?}: value {} is not a decimal integer",
+                                        show(value)
+                                    ))
+                                }
+                            }
+                        }
+                    };
+                    let Some(sum) = current.checked_add(delta) else {
+                        return refuse(format!("add on key {key:?}: {current} + {delta} overflows"));
+                    };
+                    (*value, *written) = (Some(sum.to_string().into_bytes()), true);
+                }
+                KvOp::Expect { value: expected, .. } => {
+                    if *value != expected {
+                        return refuse(format!(
+                            "expect on key {key:?} failed: expected {}, found {}",
+                            show(&expected),
+                            show(value)
+                        ));
+                    }
+                }
+            }
+        }
+        let writes: Vec<KvWrite> = overlay
+            .into_iter()
+            .filter(|(_, (_, written))| *written)
+            .map(|(key, (value, _))| KvWrite { key, value })
+            .collect();
+        if writes.is_empty() {
+            Validated::ReadOnly
+        } else {
+            Validated::Ready { redo: record::encode(&KvRedo { writes }) }
+        }
+    }
+
+    fn apply(&self, redo: &[u8]) -> Result<Vec<Write>, String> {
+        let redo: KvRedo = record::decode(redo).map_err(|e| format!("corrupt redo: {e}"))?;
+        Ok(redo
+            .writes
+            .into_iter()
+            .map(|w| match w.value {
+                Some(value) => Write::put(data_key(&w.key), value),
+                None => Write::delete(data_key(&w.key)),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(ops: Vec<KvOp>) -> Vec<u8> {
+        v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec()
+    }
+
+    fn put(k: &str, v: &str) -> KvOp {
+        KvOp::Put { key: k.into(), value: v.as_bytes().to_vec() }
+    }
+
+    fn add(k: &str, delta: i64) -> KvOp {
+        KvOp::Add { key: k.into(), delta }
+    }
+
+    fn expect(k: &str, v: Option<&str>) -> KvOp {
+        KvOp::Expect { key: k.into(), value: v.map(|v| v.as_bytes().to_vec()) }
+    }
+
+    async fn store_with(values: &[(&str, &str)]) -> (tempfile::TempDir, KvStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        let writes = values.iter().map(|(k, v)| Write::put(data_key(k), v.as_bytes())).collect();
+        log.write(writes, false).await.unwrap();
+        (dir, KvStore::new(log))
+    }
+
+    async fn commit(store: &KvStore, ops: Vec<KvOp>) -> Validated {
+        let validated = store.validate(&payload(ops));
+        if let Validated::Ready { redo } = &validated {
+            store.log.write(store.apply(redo).unwrap(), false).await.unwrap();
+        }
+        validated
+    }
+
+    fn value(store: &KvStore, key: &str) -> Option<String> {
+        store.get(key).unwrap().map(|v| String::from_utf8(v).unwrap())
+    }
+
+    #[tokio::test]
+    async fn put_delete_add_apply_in_order() {
+        let (_dir, store) = store_with(&[("a", "1"), ("gone", "x")]).await;
+        let ops = vec![
+            add("a", 5),
+            add("b", -5),
+            put("c", "hi"),
+            KvOp::Delete { key: "gone".into() },
+            add("c2", 1),
+            add("c2", 1),
+        ];
+        assert!(matches!(commit(&store, ops).await, Validated::Ready { .. }));
+        assert_eq!(value(&store, "a").as_deref(), Some("6"));
+        assert_eq!(value(&store, "b").as_deref(), Some("-5"));
+        assert_eq!(value(&store, "c").as_deref(), Some("hi"));
+        assert_eq!(value(&store, "c2").as_deref(), Some("2"));
+        assert_eq!(value(&store, "gone"), None);
+    }
+
+    #[tokio::test]
+    async fn expect_guards_and_sees_earlier_ops_of_the_branch() {
+        let (_dir, store) = store_with(&[("a", "1")]).await;
+        assert!(matches!(
+            commit(&store, vec![expect("a", Some("9")), put("b", "7")]).await,
+            Validated::Refused { .. }
+        ));
+        assert_eq!(value(&store, "b"), None, "a refused branch changes nothing");
+        assert!(matches!(
+            commit(&store, vec![expect("z", None), put("z", "1"), expect("z", Some("1"))]).await,
+            Validated::Ready { .. }
+        ));
+        assert_eq!(commit(&store, vec![expect("a", Some("1"))]).await, Validated::ReadOnly);
+    }
+
+    #[tokio::test]
+    async fn add_refuses_non_numbers_and_overflow() {
+        let (_dir, store) = store_with(&[("s", "abc"), ("max", &i64::MAX.to_string())]).await;
+        for ops in [vec![add("s", 1)], vec![add("max", 1)], vec![add("n", i64::MIN), add("n", -1)]] {
+            match commit(&store, ops).await {
+                Validated::Refused { reason } => assert!(reason.contains("add on key"), "{reason}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(value(&store, "max"), Some(i64::MAX.to_string()));
+    }
+
+    #[tokio::test]
+    async fn keys_are_deduplicated_and_bad_payloads_refused() {
+        let (_dir, store) = store_with(&[]).await;
+        assert_eq!(
+            store.keys(&payload(vec![put("b", "1"), expect("a", None), add("b", 1)])).unwrap(),
+            vec!["a", "b"]
+        );
+        assert!(store.keys(b"\xff\xff\xff").is_err());
+        assert!(matches!(store.validate(b"\xff\xff\xff"), Validated::Refused { .. }));
+    }
+}

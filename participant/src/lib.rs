@@ -1,0 +1,142 @@
+//! The decree participant library and the reference KV participant.
+//!
+//! - [`engine`]: branch states, locks and tombstones as a sans-IO state machine;
+//! - [`store`]: prepared records and tombstones, and their correctness contract;
+//! - [`resource`]: what a service plugs in; [`kv`] is the reference resource;
+//! - `runtime`: the actor, the in-doubt resolver, enrollment and heartbeats;
+//! - `service`: the thin gRPC handlers.
+//!
+//! The protocol: docs/protocol.md. Recovery: docs/recovery.md.
+
+pub mod config;
+pub mod engine;
+pub mod kv;
+pub mod resource;
+mod runtime;
+mod service;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use decree_proto::v1::coordinator_client::CoordinatorClient;
+use decree_proto::v1::kv_server::KvServer;
+use decree_proto::v1::participant_server::ParticipantServer;
+use decree_proto::v1::registry_client::RegistryClient;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Endpoint;
+
+pub use config::Config;
+use engine::{Engine, Event};
+use store::{BranchLog, StoreError};
+
+/// Every error of the participant crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ParticipantError {
+    /// Fatal: the process stops rather than retry.
+    #[error("storage: {0}")]
+    Storage(#[from] StoreError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Recovers prepared branches (locking their keys again), then serves the KV
+/// participant on `listener` until `shutdown`, enrolled with the coordinator.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ParticipantError> {
+    config.validate().map_err(ParticipantError::Config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| ParticipantError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
+    let local = listener.local_addr().map_err(|e| ParticipantError::Config(e.to_string()))?;
+    let address = config.advertise_url.clone().unwrap_or_else(|| format!("http://{local}"));
+    let coordinator_channel = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| ParticipantError::Config(format!("--coordinator: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy();
+
+    let store = BranchLog::open(&config.data_dir, &config.coordinator)?;
+    let loaded = store.load().await?;
+    let mut engine = Engine::new();
+    let now = Instant::now();
+    for (txid, outcome) in loaded.tombstones {
+        engine.on_event(Event::RecoveredTombstone { txid, outcome });
+    }
+    let recovered = loaded.prepared.len();
+    for branch in loaded.prepared {
+        tracing::info!(txid = %branch.txid, keys = ?branch.keys, "recovery: prepared branch in doubt, keys locked");
+        engine.on_event(Event::Recovered {
+            txid: branch.txid,
+            keys: branch.keys,
+            redo: branch.redo,
+            at: now,
+        });
+    }
+    tracing::info!(name = %config.name, %address, in_doubt = recovered, "participant starting");
+
+    let kv = KvStore::new(store.log().clone());
+    let resource: Arc<dyn resource::Resource> = Arc::new(kv.clone());
+    let handle = runtime::start(engine, resource.clone(), store);
+    tokio::spawn(runtime::resolve_in_doubt(
+        handle.clone(),
+        CoordinatorClient::new(coordinator_channel.clone()),
+        recovered,
+        config.in_doubt_after(),
+        config.resolve_interval(),
+    ));
+    tokio::spawn(runtime::stay_enrolled(
+        handle.clone(),
+        RegistryClient::new(coordinator_channel),
+        config.name.clone(),
+        address,
+        config.heartbeat(),
+    ));
+    let limit = config.max_message_bytes * 2;
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(1024)
+        .tcp_nodelay(true)
+        .add_service(
+            ParticipantServer::new(service::ParticipantService::new(handle, resource))
+                .max_decoding_message_size(limit),
+        )
+        .add_service(KvServer::new(service::KvService::new(kv)).max_decoding_message_size(limit))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+pub use kv::KvStore;
+
+/// Runs the participant as a process: arms crash points, binds, serves until
+/// SIGINT or SIGTERM. Returns the process exit code.
+pub async fn run(config: Config) -> i32 {
+    if let Err(err) = config.validate() {
+        eprintln!("decree participant: {err}");
+        return 2;
+    }
+    if let Err(err) = decree_runtime::crash::arm(config.crash_at.as_deref()) {
+        eprintln!("decree participant: {err}");
+        return 2;
+    }
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("decree participant: cannot listen on {}: {err}", config.listen);
+            return 1;
+        }
+    };
+    match serve(config, listener, decree_runtime::serve::shutdown_signal()).await {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("decree participant: {err}");
+            1
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Executes the participant engine's commands: validation on blocking
+//! threads, log writes through the group-commit log, answers to waiting RPCs.
+//! Also the two background duties: enrollment with heartbeats, and asking the
+//! coordinator about branches in doubt. Crash points sit here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use decree_proto::v1::coordinator_client::CoordinatorClient;
+use decree_proto::v1::registry_client::RegistryClient;
+use decree_proto::{v1, TxId};
+use decree_runtime::backoff::Backoff;
+use decree_runtime::crash;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::engine::{Ack, Command, Engine, Event, InDoubt, Outcome, Vote};
+use crate::resource::Resource;
+use crate::store::BranchLog;
+
+const REQUEST_QUEUE: usize = 4096;
+
+pub(crate) enum Request {
+    Prepare {
+        txid: TxId,
+        keys: Vec<String>,
+        payload: Vec<u8>,
+        one_phase: bool,
+        incarnation: u64,
+        reply: oneshot::Sender<Vote>,
+    },
+    Commit {
+        txid: TxId,
+        reply: oneshot::Sender<Ack>,
+    },
+    Abort {
+        txid: TxId,
+        reply: oneshot::Sender<Ack>,
+    },
+    InDoubt {
+        reply: oneshot::Sender<Vec<InDoubt>>,
+    },
+}
+
+#[derive(Clone)]
+pub struct Handle {
+    requests: mpsc::Sender<Request>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the participant is shutting down")]
+pub struct ShuttingDown;
+
+impl Handle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, ShuttingDown> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(make(reply)).await.map_err(|_| ShuttingDown)?;
+        answer.await.map_err(|_| ShuttingDown)
+    }
+
+    pub(crate) async fn prepare(
+        &self,
+        txid: TxId,
+        keys: Vec<String>,
+        payload: Vec<u8>,
+        one_phase: bool,
+        incarnation: u64,
+    ) -> Result<Vote, ShuttingDown> {
+        self.ask(|reply| Request::Prepare { txid, keys, payload, one_phase, incarnation, reply }).await
+    }
+
+    pub(crate) async fn commit(&self, txid: TxId) -> Result<Ack, ShuttingDown> {
+        self.ask(|reply| Request::Commit { txid, reply }).await
+    }
+
+    pub(crate) async fn abort(&self, txid: TxId) -> Result<Ack, ShuttingDown> {
+        self.ask(|reply| Request::Abort { txid, reply }).await
+    }
+
+    pub(crate) async fn in_doubt(&self) -> Result<Vec<InDoubt>, ShuttingDown> {
+        self.ask(|reply| Request::InDoubt { reply }).await
+    }
+
+    fn event(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+}
+
+struct Actor {
+    engine: Engine,
+    resource: Arc<dyn Resource>,
+    store: BranchLog,
+    events: mpsc::UnboundedSender<Event>,
+    votes: HashMap<TxId, oneshot::Sender<Vote>>,
+    commit_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
+    abort_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
+}
+
+/// Starts the actor over an engine that already holds the recovered state.
+pub(crate) fn start(engine: Engine, resource: Arc<dyn Resource>, store: BranchLog) -> Handle {
+    let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
+    let (events, event_rx) = mpsc::unbounded_channel();
+    let actor = Actor {
+        engine,
+        resource,
+        store,
+        events: events.clone(),
+        votes: HashMap::new(),
+        commit_waiters: HashMap::new(),
+        abort_waiters: HashMap::new(),
+    };
+    tokio::spawn(actor.run(request_rx, event_rx));
+    Handle { requests, events }
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(event) = events.recv() => self.engine.on_event(event),
+                request = requests.recv() => match request {
+                    Some(request) => self.on_request(request),
+                    None => break,
+                },
+            }
+            let commands = self.engine.take_commands();
+            self.execute(commands);
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Prepare { txid, keys, payload, one_phase, incarnation, reply } => {
+                if self.votes.contains_key(&txid) {
+                    let reason = "a Prepare for this transaction is already in progress".into();
+                    let _ = reply.send(Vote::No { reason });
+                    return;
+                }
+                self.votes.insert(txid, reply);
+                self.engine.on_event(Event::PrepareRequested { txid, keys, payload, one_phase, incarnation });
+            }
+            Request::Commit { txid, reply } => {
+                self.commit_waiters.entry(txid).or_default().push(reply);
+                self.engine.on_event(Event::CommitRequested { txid });
+            }
+            Request::Abort { txid, reply } => {
+                self.abort_waiters.entry(txid).or_default().push(reply);
+                self.engine.on_event(Event::AbortRequested { txid });
+            }
+            Request::InDoubt { reply } => {
+                let _ = reply.send(self.engine.in_doubt());
+            }
+        }
+    }
+
+    fn execute(&mut self, commands: Vec<Command>) {
+        for command in commands {
+            match command {
+                Command::Validate { txid, payload } => {
+                    let (resource, events) = (self.resource.clone(), self.events.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let result = resource.validate(&payload);
+                        let _ = events.send(Event::Validated { txid, result });
+                    });
+                }
+                Command::LogPrepared { txid, keys, redo } => {
+                    crash::point(crash::PARTICIPANT_PREPARE_BEFORE_LOG);
+                    let (store, events) = (self.store.clone(), self.events.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_prepared(txid, &keys, &redo).await {
+                            fatal(&err);
+                        }
+                        let _ = events.send(Event::PreparedLogged { txid, at: Instant::now() });
+                    });
+                }
+                Command::LogCommit { txid, redo, one_phase } => {
+                    if !one_phase {
+                        crash::point(crash::PARTICIPANT_COMMIT_BEFORE_APPLY);
+                    }
+                    let (store, events, resource) =
+                        (self.store.clone(), self.events.clone(), self.resource.clone());
+                    tokio::spawn(async move {
+                        let writes = match resource.apply(&redo) {
+                            Ok(writes) => writes,
+                            Err(err) => fatal(&err),
+                        };
+                        if let Err(err) = store.log_commit(txid, writes).await {
+                            fatal(&err);
+                        }
+                        if !one_phase {
+                            crash::point(crash::PARTICIPANT_COMMIT_AFTER_APPLY);
+                        }
+                        debug!(%txid, one_phase, "branch committed");
+                        let _ = events.send(Event::CommitLogged { txid });
+                    });
+                }
+                Command::LogAbort { txid, prepared } => {
+                    crash::point(crash::PARTICIPANT_ABORT_BEFORE_APPLY);
+                    let (store, events) = (self.store.clone(), self.events.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_abort(txid).await {
+                            fatal(&err);
+                        }
+                        debug!(%txid, prepared, "branch aborted");
+                        let _ = events.send(Event::AbortLogged { txid });
+                    });
+                }
+                Command::Vote { txid, vote } => {
+                    if vote == Vote::Yes {
+                        crash::point(crash::PARTICIPANT_PREPARE_AFTER_LOG);
+                    }
+                    debug!(%txid, ?vote, "vote");
+                    if let Some(reply) = self.votes.remove(&txid) {
+                        let _ = reply.send(vote);
+                    }
+                }
+                Command::AckCommit { txid, ack } => {
+                    for reply in self.commit_waiters.remove(&txid).unwrap_or_default() {
+                        let _ = reply.send(ack.clone());
+                    }
+                }
+                Command::AckAbort { txid, ack } => {
+                    for reply in self.abort_waiters.remove(&txid).unwrap_or_default() {
+                        let _ = reply.send(ack.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A storage failure: stop at once rather than retry (a failed fsync must not be trusted).
+fn fatal(err: &dyn std::fmt::Display) -> ! {
+    tracing::error!(error = %err, "fatal storage error; stopping");
+    eprintln!("decree-participant: fatal storage error: {err}");
+    std::process::exit(70)
+}
+
+/// Asks the coordinator about branches in doubt: at once for those recovered at
+/// start, then for any prepared longer than `in_doubt_after`, every `interval`.
+/// A branch that voted YES is only ever decided by the coordinator's answer.
+pub(crate) async fn resolve_in_doubt(
+    handle: Handle,
+    mut coordinator: CoordinatorClient<Channel>,
+    recovered: usize,
+    in_doubt_after: Duration,
+    interval: Duration,
+) {
+    if recovered > 0 {
+        crash::point(crash::PARTICIPANT_RECOVERY_BEFORE_RESOLVE);
+    }
+    let mut first = recovered > 0;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Ok(branches) = handle.in_doubt().await else { return };
+        let now = Instant::now();
+        for branch in branches {
+            if !first && now.duration_since(branch.since) < in_doubt_after {
+                continue;
+            }
+            let request = v1::GetOutcomeRequest { txid: branch.txid.to_string() };
+            let answer = tokio::time::timeout(Duration::from_secs(2), coordinator.get_outcome(request)).await;
+            let outcome = match answer {
+                Ok(Ok(response)) => {
+                    v1::Outcome::try_from(response.into_inner().outcome).unwrap_or(v1::Outcome::Unspecified)
+                }
+                Ok(Err(status)) => {
+                    debug!(txid = %branch.txid, error = status.message(), "in doubt: coordinator did not answer");
+                    break;
+                }
+                Err(_) => break,
+            };
+            let outcome = match outcome {
+                v1::Outcome::Committed => Outcome::Committed,
+                v1::Outcome::Aborted => Outcome::Aborted,
+                v1::Outcome::Pending | v1::Outcome::Unspecified => continue,
+            };
+            info!(txid = %branch.txid, ?outcome, "in doubt: resolved by the coordinator");
+            handle.event(Event::OutcomeLearned { txid: branch.txid, outcome });
+        }
+        first = false;
+    }
+}
+
+/// Enrolls with the coordinator, then heartbeats; enrolls again whenever the
+/// coordinator does not know this participant. Tells the engine each
+/// coordinator incarnation it learns of.
+pub(crate) async fn stay_enrolled(
+    handle: Handle,
+    mut registry: RegistryClient<Channel>,
+    name: String,
+    address: String,
+    heartbeat: Duration,
+) {
+    let backoff = Backoff { base: Duration::from_millis(50), cap: heartbeat.max(Duration::from_millis(100)) };
+    let mut attempt = 0;
+    let mut enrolled = false;
+    loop {
+        if !enrolled {
+            let request = v1::EnrollRequest { name: name.clone(), address: address.clone() };
+            match tokio::time::timeout(Duration::from_secs(2), registry.enroll(request)).await {
+                Ok(Ok(response)) => {
+                    let response = response.into_inner();
+                    info!(
+                        coordinator_incarnation = response.coordinator_incarnation,
+                        "enrolled with the coordinator"
+                    );
+                    handle.event(Event::CoordinatorIncarnation {
+                        incarnation: response.coordinator_incarnation,
+                    });
+                    enrolled = true;
+                    attempt = 0;
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                    warn!(error = status.message(), "the coordinator refused enrollment");
+                }
+                _ => {}
+            }
+            if !enrolled {
+                let delay = backoff.delay(attempt, &mut rand::rng());
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+                continue;
+            }
+        }
+        tokio::time::sleep(heartbeat).await;
+        let request = v1::HeartbeatRequest { name: name.clone() };
+        match tokio::time::timeout(Duration::from_secs(2), registry.heartbeat(request)).await {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                handle.event(Event::CoordinatorIncarnation { incarnation: response.coordinator_incarnation });
+                enrolled = response.known;
+            }
+            // The coordinator is away: enroll again when it is back, so owed Commits come at once.
+            _ => enrolled = false,
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The participant's durable state: prepared records and tombstones, in the
+//! same RocksDB log as the resource's data.
+//!
+//! # Correctness
+//!
+//! - [`BranchLog::log_prepared`] returns only after the prepared record (the
+//!   redo, the locked keys) is **synced**: a YES vote is never sent for a
+//!   branch that a crash could forget.
+//! - [`BranchLog::log_commit`] writes the resource's writes, the committed
+//!   tombstone and the removal of the prepared record in **one synced batch**:
+//!   a branch is applied exactly once, and a crash leaves it either prepared
+//!   (redo not applied) or committed (applied), never half.
+//! - [`BranchLog::log_abort`] is **not synced**: if it is lost, the prepared
+//!   record comes back at start and the coordinator answers ABORTED again
+//!   (presumed abort).
+//! - A record that fails its checksum is an error: the participant refuses to
+//!   start rather than forget a YES vote.
+
+use std::path::Path;
+
+use decree_proto::TxId;
+use decree_runtime::{record, Log, RecordError, Write};
+
+use crate::engine::{Outcome, TOMBSTONES};
+
+const PREPARED: &[u8] = b"p/";
+const TOMBSTONE: &[u8] = b"t/";
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PreparedRecord {
+    #[prost(string, repeated, tag = "1")]
+    keys: Vec<String>,
+    #[prost(bytes = "vec", tag = "2")]
+    redo: Vec<u8>,
+    /// The coordinator that owns the decision.
+    #[prost(string, tag = "3")]
+    coordinator: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TombstoneRecord {
+    #[prost(bool, tag = "1")]
+    committed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Log(#[from] decree_runtime::LogError),
+    #[error("corrupt record at {key}: {source}")]
+    Corrupt { key: String, source: RecordError },
+}
+
+/// A prepared branch found at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedBranch {
+    pub txid: TxId,
+    pub keys: Vec<String>,
+    pub redo: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub prepared: Vec<PreparedBranch>,
+    /// The most recent tombstones, oldest first.
+    pub tombstones: Vec<(TxId, Outcome)>,
+}
+
+#[derive(Clone)]
+pub struct BranchLog {
+    log: Log,
+    coordinator: String,
+}
+
+fn key(prefix: &[u8], txid: TxId) -> Vec<u8> {
+    [prefix, &txid.to_key_bytes()].concat()
+}
+
+fn txid_of(prefix: &[u8], key: &[u8]) -> Result<TxId, StoreError> {
+    TxId::from_key_bytes(&key[prefix.len()..]).ok_or_else(|| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source: RecordError::Truncated { len: key.len() },
+    })
+}
+
+fn corrupt(key: &[u8], source: RecordError) -> StoreError {
+    StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), source }
+}
+
+impl BranchLog {
+    pub fn open(dir: &Path, coordinator: &str) -> Result<BranchLog, StoreError> {
+        Ok(BranchLog { log: Log::open(dir)?, coordinator: coordinator.to_owned() })
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Reads every prepared branch and the recent tombstones; prunes older tombstones.
+    pub async fn load(&self) -> Result<Loaded, StoreError> {
+        let mut loaded = Loaded::default();
+        for (k, value) in self.log.scan_prefix(PREPARED)? {
+            let txid = txid_of(PREPARED, &k)?;
+            let record: PreparedRecord = record::decode(&value).map_err(|e| corrupt(&k, e))?;
+            loaded.prepared.push(PreparedBranch { txid, keys: record.keys, redo: record.redo });
+        }
+        let tombstones = self.log.scan_prefix(TOMBSTONE)?;
+        let excess = tombstones.len().saturating_sub(TOMBSTONES);
+        let mut prune = Vec::new();
+        for (i, (k, value)) in tombstones.into_iter().enumerate() {
+            let txid = txid_of(TOMBSTONE, &k)?;
+            if i < excess {
+                prune.push(Write::delete(k));
+                continue;
+            }
+            let record: TombstoneRecord = record::decode(&value).map_err(|e| corrupt(&k, e))?;
+            let outcome = if record.committed { Outcome::Committed } else { Outcome::Aborted };
+            loaded.tombstones.push((txid, outcome));
+        }
+        if !prune.is_empty() {
+            self.log.write(prune, false).await?;
+        }
+        Ok(loaded)
+    }
+
+    /// Makes the prepared record durable (synced).
+    pub async fn log_prepared(&self, txid: TxId, keys: &[String], redo: &[u8]) -> Result<(), StoreError> {
+        let value = record::encode(&PreparedRecord {
+            keys: keys.to_vec(),
+            redo: redo.to_vec(),
+            coordinator: self.coordinator.clone(),
+        });
+        self.log.write(vec![Write::put(key(PREPARED, txid), value)], true).await?;
+        Ok(())
+    }
+
+    /// Applies `writes` and records the commit in one synced batch.
+    pub async fn log_commit(&self, txid: TxId, mut writes: Vec<Write>) -> Result<(), StoreError> {
+        writes.push(Write::delete(key(PREPARED, txid)));
+        writes.push(Write::put(key(TOMBSTONE, txid), record::encode(&TombstoneRecord { committed: true })));
+        self.log.write(writes, true).await?;
+        Ok(())
+    }
+
+    /// Drops the prepared record and records the abort (not synced).
+    pub async fn log_abort(&self, txid: TxId) -> Result<(), StoreError> {
+        let writes = vec![
+            Write::delete(key(PREPARED, txid)),
+            Write::put(key(TOMBSTONE, txid), record::encode(&TombstoneRecord { committed: false })),
+        ];
+        self.log.write(writes, false).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn reopen(dir: &Path) -> BranchLog {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match BranchLog::open(dir, "http://c") {
+                Ok(log) => return log,
+                Err(err) if std::time::Instant::now() > deadline => panic!("reopen: {err}"),
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn prepared_branches_survive_until_decided() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t1, t2, t3) = (TxId::new(1, 1, 1), TxId::new(1, 1, 2), TxId::new(1, 1, 3));
+        {
+            let log = BranchLog::open(dir.path(), "http://c").unwrap();
+            for t in [t1, t2, t3] {
+                log.log_prepared(t, &["k".to_string()], b"redo").await.unwrap();
+            }
+            log.log_commit(t1, vec![Write::put("k/k", "v")]).await.unwrap();
+            log.log_abort(t2).await.unwrap();
+        }
+        let log = reopen(dir.path()).await;
+        let loaded = log.load().await.unwrap();
+        assert_eq!(
+            loaded.prepared,
+            vec![PreparedBranch { txid: t3, keys: vec!["k".into()], redo: b"redo".to_vec() }]
+        );
+        assert_eq!(loaded.tombstones, vec![(t1, Outcome::Committed), (t2, Outcome::Aborted)]);
+        assert_eq!(log.log().get(b"k/k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_prepared_record_is_an_error_not_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BranchLog::open(dir.path(), "http://c").unwrap();
+        let mut value = record::encode(&PreparedRecord {
+            keys: vec!["a".into()],
+            redo: vec![1],
+            coordinator: String::new(),
+        });
+        value[6] ^= 1;
+        log.log().write(vec![Write::put(key(PREPARED, TxId::new(1, 1, 1)), value)], true).await.unwrap();
+        assert!(matches!(log.load().await, Err(StoreError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,18 @@
+//! Generates the decree.v1 gRPC code with protox (a pure-Rust protobuf
+//! compiler), so building decree needs no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "decree/v1/common.proto",
+        "decree/v1/coordinator.proto",
+        "decree/v1/participant.proto",
+        "decree/v1/registry.proto",
+        "decree/v1/kv.proto",
+    ];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["."])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

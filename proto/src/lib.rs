@@ -1,0 +1,43 @@
+//! The decree wire protocol (`decree.v1`) and its domain types.
+//!
+//! [`v1`] is generated from `proto/decree/v1/*.proto`, the contract that
+//! participants in any language implement. The rest of this crate converts
+//! untrusted wire values into validated domain types ([`TxId`],
+//! [`ParticipantName`], [`KvOp`]) once, at the border: code past a gRPC handler
+//! never sees a malformed id. This crate does no I/O.
+
+mod kv;
+mod txid;
+
+pub use kv::{KvOp, KEY_MAX_BYTES};
+pub use txid::{ParticipantName, TxId};
+
+/// Generated code for the `decree.v1` package.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("decree.v1");
+}
+
+/// Why a wire value was refused. Handlers map it to `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("malformed txid {text:?}: expected <coordinator hex8>-<incarnation>-<sequence>")]
+    TxId { text: String },
+    #[error("invalid participant name {text:?}: 1-64 characters of [A-Za-z0-9_.-]")]
+    ParticipantName { text: String },
+    #[error("invalid key {key:?}: {why}")]
+    Key { key: String, why: &'static str },
+    #[error("invalid operation on key {key:?}: {why}")]
+    Op { key: String, why: &'static str },
+    #[error("{field}: {why}")]
+    Field { field: &'static str, why: String },
+}
+
+impl From<InvalidInput> for tonic::Status {
+    fn from(err: InvalidInput) -> Self {
+        tonic::Status::invalid_argument(err.to_string())
+    }
+}
+
+/// Default limit on one gRPC message, and so on one transaction's payload.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

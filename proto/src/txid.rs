@@ -1,0 +1,158 @@
+//! Transaction ids and participant names.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::InvalidInput;
+
+/// A transaction id, unique across coordinator restarts: the coordinator's id,
+/// its incarnation (bumped durably at every start) and a sequence number
+/// within the incarnation.
+///
+/// Ordered by (coordinator, incarnation, sequence): within one coordinator a
+/// smaller id is an older transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TxId {
+    pub coordinator: u32,
+    pub incarnation: u64,
+    pub sequence: u64,
+}
+
+impl TxId {
+    pub fn new(coordinator: u32, incarnation: u64, sequence: u64) -> Self {
+        debug_assert!(incarnation >= 1 && sequence >= 1);
+        TxId { coordinator, incarnation, sequence }
+    }
+
+    /// Big-endian bytes whose order is the id's order: a key prefix for logs.
+    pub fn to_key_bytes(self) -> [u8; 20] {
+        let mut out = [0u8; 20];
+        out[..4].copy_from_slice(&self.coordinator.to_be_bytes());
+        out[4..12].copy_from_slice(&self.incarnation.to_be_bytes());
+        out[12..].copy_from_slice(&self.sequence.to_be_bytes());
+        out
+    }
+
+    /// Inverse of [`TxId::to_key_bytes`].
+    pub fn from_key_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 20 {
+            return None;
+        }
+        let coordinator = u32::from_be_bytes(bytes[..4].try_into().ok()?);
+        let incarnation = u64::from_be_bytes(bytes[4..12].try_into().ok()?);
+        let sequence = u64::from_be_bytes(bytes[12..].try_into().ok()?);
+        (incarnation >= 1 && sequence >= 1).then_some(TxId { coordinator, incarnation, sequence })
+    }
+}
+
+impl fmt::Display for TxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}-{}-{}", self.coordinator, self.incarnation, self.sequence)
+    }
+}
+
+impl FromStr for TxId {
+    type Err = InvalidInput;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidInput::TxId { text: text.chars().take(100).collect() };
+        let mut parts = text.split('-');
+        let (Some(c), Some(i), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        let hex = c.len() == 8 && c.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex || !digits(i) || !digits(s) {
+            return Err(bad());
+        }
+        let coordinator = u32::from_str_radix(c, 16).map_err(|_| bad())?;
+        let incarnation: u64 = i.parse().map_err(|_| bad())?;
+        let sequence: u64 = s.parse().map_err(|_| bad())?;
+        if incarnation == 0 || sequence == 0 {
+            return Err(bad());
+        }
+        Ok(TxId { coordinator, incarnation, sequence })
+    }
+}
+
+/// The name a participant enrolls under: 1-64 characters of `[A-Za-z0-9_.-]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ParticipantName(String);
+
+impl ParticipantName {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ParticipantName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ParticipantName {
+    type Err = InvalidInput;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let ok = !text.is_empty()
+            && text.len() <= Self::MAX_LEN
+            && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if ok {
+            Ok(ParticipantName(text.to_owned()))
+        } else {
+            Err(InvalidInput::ParticipantName { text: text.chars().take(100).collect() })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txid_round_trips_through_text_and_key_bytes() {
+        let id = TxId::new(0x3f9a12c0, 2, 17);
+        assert_eq!(id.to_string(), "3f9a12c0-2-17");
+        assert_eq!("3f9a12c0-2-17".parse::<TxId>(), Ok(id));
+        assert_eq!(TxId::from_key_bytes(&id.to_key_bytes()), Some(id));
+    }
+
+    #[test]
+    fn key_bytes_sort_like_ids() {
+        let a = TxId::new(1, 1, 300);
+        let b = TxId::new(1, 2, 1);
+        assert!(a < b);
+        assert!(a.to_key_bytes() < b.to_key_bytes());
+    }
+
+    #[test]
+    fn malformed_txids_are_refused() {
+        for text in [
+            "",
+            "x",
+            "3f9a12c0-2",
+            "3f9a12c0-2-17-1",
+            "3F9A12C0-2-17",
+            "3f9a12c-2-17",
+            "3f9a12c0-0-1",
+            "3f9a12c0-1-0",
+            "3f9a12c0--1",
+            "3f9a12c0-+1-1",
+            "3f9a12c0-1-99999999999999999999999",
+        ] {
+            assert!(text.parse::<TxId>().is_err(), "{text:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn participant_names_are_checked() {
+        assert!("p-1.a_b".parse::<ParticipantName>().is_ok());
+        for text in ["", "a b", "ä", &"x".repeat(65)] {
+            assert!(text.parse::<ParticipantName>().is_err(), "{text:?} was accepted");
+        }
+    }
+}

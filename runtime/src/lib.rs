@@ -1,0 +1,18 @@
+//! What decree's coordinator and participant processes share at run time:
+//!
+//! - [`log`]: the RocksDB log with group commit, the only place that syncs;
+//! - [`record`]: the checksummed envelope every durable record is stored in;
+//! - [`crash`]: named crash points for crash tests;
+//! - [`backoff`]: capped exponential backoff with jitter;
+//! - [`serve`]: logging and shutdown signals for the binaries.
+//!
+//! The protocol engines never import this crate's I/O: their runtimes do.
+
+pub mod backoff;
+pub mod crash;
+pub mod log;
+pub mod record;
+pub mod serve;
+
+pub use log::{Log, LogError, Write};
+pub use record::RecordError;

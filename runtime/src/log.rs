@@ -1,0 +1,269 @@
+//! The RocksDB log, with group commit.
+//!
+//! # Correctness
+//!
+//! - [`Log::write`] with `sync = true` returns only after the writes are in the
+//!   RocksDB write-ahead log *and* the log file is fsynced: they survive a
+//!   process kill and a machine crash.
+//! - With `sync = false` the writes are in the WAL in the OS page cache when it
+//!   returns: they survive a process kill (SIGKILL, abort) but may be lost
+//!   with the machine.
+//! - The writes of one call are atomic (one RocksDB write batch), and calls are
+//!   applied in the order they were queued.
+//! - A failed write poisons the log: every later call fails with
+//!   [`LogError::Poisoned`]. A failed fsync is never retried (the kernel may
+//!   have dropped the dirty pages); the process must stop.
+//!
+//! # Group commit
+//!
+//! One dedicated writer thread drains the queue: every request waiting when it
+//! wakes goes into one write batch with one fsync (if any of them asked for a
+//! sync). No request waits for an fsync it did not need beyond the one in
+//! flight when it arrived.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+
+use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use tokio::sync::oneshot;
+
+/// Most requests one write batch takes.
+const MAX_GROUP: usize = 4096;
+/// Most requests queued before `write` waits for room.
+const QUEUE_LIMIT: usize = 65_536;
+
+/// One change in a write batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+}
+
+impl Write {
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Write::Put { key: key.into(), value: value.into() }
+    }
+
+    pub fn delete(key: impl Into<Vec<u8>>) -> Self {
+        Write::Delete { key: key.into() }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    #[error("rocksdb: {0}")]
+    Rocks(String),
+    #[error("the log failed earlier and accepts no more writes")]
+    Poisoned,
+    #[error("the log writer has stopped")]
+    Closed,
+}
+
+impl From<rocksdb::Error> for LogError {
+    fn from(err: rocksdb::Error) -> Self {
+        LogError::Rocks(err.into_string())
+    }
+}
+
+struct Request {
+    writes: Vec<Write>,
+    sync: bool,
+    done: oneshot::Sender<Result<(), LogError>>,
+}
+
+/// Counters of the writer: machine-independent measures of cost.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// Synced write batches (each is one fsync of the WAL).
+    pub fsyncs: AtomicU64,
+    /// Write batches of any kind.
+    pub batches: AtomicU64,
+    /// Requests written (a batch holds one or more).
+    pub requests: AtomicU64,
+}
+
+/// A RocksDB database with one group-committing writer thread.
+#[derive(Clone)]
+pub struct Log {
+    db: Arc<DB>,
+    queue: mpsc::SyncSender<Request>,
+    stats: Arc<LogStats>,
+}
+
+impl Log {
+    /// Opens (or creates) the database at `path` and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Log, LogError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        // Small logs: keep memory low and let RocksDB sync the WAL only when asked.
+        options.set_max_background_jobs(2);
+        options.set_write_buffer_size(16 * 1024 * 1024);
+        let db = Arc::new(DB::open(&options, path)?);
+        let stats = Arc::new(LogStats::default());
+        let (queue, requests) = mpsc::sync_channel(QUEUE_LIMIT);
+        let writer_db = Arc::clone(&db);
+        let writer_stats = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("decree-log-writer".into())
+            .spawn(move || run_writer(&writer_db, &requests, &writer_stats))
+            .map_err(|err| LogError::Rocks(format!("cannot start the log writer: {err}")))?;
+        Ok(Log { db, queue, stats })
+    }
+
+    /// Writes `writes` atomically; see the module's Correctness section.
+    pub async fn write(&self, writes: Vec<Write>, sync: bool) -> Result<(), LogError> {
+        let (done, finished) = oneshot::channel();
+        let queue = self.queue.clone();
+        let request = Request { writes, sync, done };
+        // `send` blocks only when the queue is full: do that off the async threads.
+        match queue.try_send(request) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(request)) => {
+                tokio::task::spawn_blocking(move || queue.send(request))
+                    .await
+                    .map_err(|_| LogError::Closed)?
+                    .map_err(|_| LogError::Closed)?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(LogError::Closed),
+        }
+        finished.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Reads one key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self.db.get(key)?)
+    }
+
+    /// Every key and value whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LogError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator(IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.into_vec(), value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> &LogStats {
+        &self.stats
+    }
+}
+
+fn run_writer(db: &DB, requests: &mpsc::Receiver<Request>, stats: &LogStats) {
+    let poisoned = AtomicBool::new(false);
+    let mut group = Vec::with_capacity(64);
+    while let Ok(first) = requests.recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match requests.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let result = if poisoned.load(Ordering::Relaxed) {
+            Err(LogError::Poisoned)
+        } else {
+            let result = write_group(db, &group, stats);
+            if let Err(err) = &result {
+                tracing::error!(error = %err, "log write failed; the log is poisoned");
+                poisoned.store(true, Ordering::Relaxed);
+            }
+            result
+        };
+        for request in group.drain(..) {
+            // A caller that stopped waiting does not stop the write.
+            let _ = request.done.send(result.clone());
+        }
+    }
+}
+
+fn write_group(db: &DB, group: &[Request], stats: &LogStats) -> Result<(), LogError> {
+    let mut batch = WriteBatch::default();
+    let mut sync = false;
+    for request in group {
+        sync |= request.sync;
+        for write in &request.writes {
+            match write {
+                Write::Put { key, value } => batch.put(key, value),
+                Write::Delete { key } => batch.delete(key),
+            }
+        }
+    }
+    let mut options = WriteOptions::default();
+    options.set_sync(sync);
+    db.write_opt(batch, &options)?;
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
+    if sync {
+        stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = Log::open(dir.path()).unwrap();
+            log.write(vec![Write::put("a", "1"), Write::put("b", "2")], true).await.unwrap();
+            log.write(vec![Write::delete("a")], false).await.unwrap();
+            assert_eq!(log.stats().fsyncs.load(Ordering::Relaxed), 1);
+        }
+        // The writer thread holds the DB until its queue closes; wait for the lock.
+        let log = reopen(dir.path()).await;
+        assert_eq!(log.get(b"a").unwrap(), None);
+        assert_eq!(log.get(b"b").unwrap(), Some(b"2".to_vec()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_share_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        let writers: Vec<_> = (0..200)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.write(vec![Write::put(format!("k{i}"), "v")], true).await })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap().unwrap();
+        }
+        let fsyncs = log.stats().fsyncs.load(Ordering::Relaxed);
+        assert!((1..=200).contains(&fsyncs));
+        assert_eq!(log.stats().requests.load(Ordering::Relaxed), 200);
+        assert_eq!(log.scan_prefix(b"k").unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn scan_prefix_stops_at_the_prefix_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        log.write(
+            vec![Write::put("a/1", "x"), Write::put("b/1", "y"), Write::put("b/2", "z"), Write::put("c", "")],
+            false,
+        )
+        .await
+        .unwrap();
+        let keys: Vec<_> = log.scan_prefix(b"b/").unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![b"b/1".to_vec(), b"b/2".to_vec()]);
+    }
+
+    async fn reopen(path: &Path) -> Log {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Log::open(path) {
+                Ok(log) => return log,
+                Err(err) if std::time::Instant::now() > deadline => panic!("reopen: {err}"),
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The invariants of TESTING.md, as checks over a live cluster.
+//!
+//! Transactions built by [`marked_transfer`] touch every participant they
+//! name: each branch writes a marker key `marker-<tag>` and adds to the
+//! participant's `balance` key, with the deltas summing to zero. After
+//! recovery, [`markers`] tells whether a transaction is everywhere or nowhere
+//! (I1), and [`balance_sum`] whether money was created or lost (I5).
+
+use decree_client::{kv_payload as encode_batch, v1, Client, KvOp};
+
+use crate::{HarnessError, Result};
+
+/// The key each participant's balance lives under in marked transfers.
+pub const BALANCE: &str = "balance";
+
+/// Branches of a marked transfer of `amount` from the first participant to
+/// each of the others; every branch writes `marker-<tag>`.
+pub fn marked_transfer(tag: &str, participants: &[String], amount: i64) -> Vec<v1::Branch> {
+    let others = participants.len().saturating_sub(1) as i64;
+    participants
+        .iter()
+        .enumerate()
+        .map(|(i, participant)| {
+            let delta = if i == 0 { -amount * others } else { amount };
+            let ops = vec![
+                KvOp::Put { key: format!("marker-{tag}"), value: tag.as_bytes().to_vec() },
+                KvOp::Add { key: BALANCE.into(), delta },
+            ];
+            v1::Branch { participant: participant.clone(), payload: encode_batch(ops) }
+        })
+        .collect()
+}
+
+/// How many of `participants` hold the marker of `tag`.
+pub async fn markers(client: &Client, tag: &str, participants: &[String]) -> Result<usize> {
+    let mut present = 0;
+    for participant in participants {
+        let values = client.get_at(participant, vec![format!("marker-{tag}")]).await?;
+        if values.first().is_some_and(Option::is_some) {
+            present += 1;
+        }
+    }
+    Ok(present)
+}
+
+/// I1: the transaction is at every participant or at none. Returns whether it is everywhere.
+pub async fn all_or_nothing(client: &Client, tag: &str, participants: &[String]) -> Result<bool> {
+    match markers(client, tag, participants).await? {
+        0 => Ok(false),
+        n if n == participants.len() => Ok(true),
+        n => Err(HarnessError::Other(format!(
+            "atomicity violated: transaction {tag} is at {n} of {} participants",
+            participants.len()
+        ))),
+    }
+}
+
+/// I5: the sum of every participant's `balance`.
+pub async fn balance_sum(client: &Client, participants: &[String]) -> Result<i64> {
+    let mut sum = 0i64;
+    for participant in participants {
+        let values = client.get_at(participant, vec![BALANCE.into()]).await?;
+        if let Some(Some(bytes)) = values.first() {
+            let text = String::from_utf8_lossy(bytes);
+            sum += text.parse::<i64>().map_err(|_| {
+                HarnessError::Other(format!("{participant} balance {text:?} is not a number"))
+            })?;
+        }
+    }
+    Ok(sum)
+}
+
+/// I6 (locks): every key in `keys` can be written now, i.e. no branch holds it.
+/// Writes an `expect`-only transaction per key (read-only: changes nothing).
+pub async fn unlocked(client: &Client, participants: &[String], keys: &[&str]) -> Result<()> {
+    for participant in participants {
+        for key in keys {
+            let current = client.get_at(participant, vec![key.to_string()]).await?.pop().flatten();
+            let ops = vec![KvOp::Expect { key: key.to_string(), value: current }];
+            let branch = v1::Branch { participant: participant.clone(), payload: encode_batch(ops) };
+            let result = client.transact_branches(vec![branch]).await?;
+            if result.outcome != decree_client::Outcome::Committed {
+                return Err(HarnessError::Other(format!(
+                    "{key} at {participant} is still locked: {}",
+                    result.reason
+                )));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! A harness for tests that crash real decree processes, for our integration
+//! tests and for yours to copy from.
+//!
+//! [`Cluster::start`] runs a coordinator and N KV participants as child
+//! processes of the `decree` binary, on 127.0.0.1 ports of their own, each in
+//! its own data directory under one temporary directory. A test can kill any
+//! process with SIGKILL ([`Cluster::kill`]), arm crash points for its next
+//! start ([`Cluster::restart_with`]), wait for a process to die at a crash
+//! point ([`Cluster::wait_exit`]), restart it on the same directory, and wait,
+//! by polling with a deadline, until nothing is in doubt
+//! ([`Cluster::wait_settled`]). [`check`] holds the invariant checks.
+
+pub mod check;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use decree_client::{Client, ClientError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("client: {0}")]
+    Client(#[from] ClientError),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, HarnessError>;
+
+/// Which process of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeId {
+    Coordinator,
+    /// Participant by index: `Participant(0)` is named "p1".
+    Participant(usize),
+}
+
+struct Node {
+    name: String,
+    port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    crash_at: Option<String>,
+}
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub participants: usize,
+    /// The `decree` binary; see [`decree_binary`].
+    pub binary: PathBuf,
+    /// Keep the directory after the cluster is dropped.
+    pub keep_dir: bool,
+    /// Extra flags for the coordinator (e.g. a short prepare timeout).
+    pub coordinator_args: Vec<String>,
+    /// Extra flags for every participant.
+    pub participant_args: Vec<String>,
+}
+
+impl Options {
+    pub fn new(participants: usize) -> Self {
+        Options {
+            participants,
+            binary: decree_binary(),
+            keep_dir: false,
+            coordinator_args: Vec::new(),
+            participant_args: Vec::new(),
+        }
+    }
+}
+
+/// The `decree` binary: `$DECREE_BIN`, else `decree` next to the running
+/// test's target directory (`target/<profile>/decree`).
+pub fn decree_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("DECREE_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/<profile>/deps/<test> -> target/<profile>/decree
+    let profile_dir =
+        exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
+    let bin = profile_dir.join("decree");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --release --bin decree`; `make test` does) or set DECREE_BIN",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running cluster. Dropping it kills every process.
+pub struct Cluster {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    options: Options,
+    coordinator: Node,
+    participants: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts a coordinator and `options.participants` participants, and waits
+    /// until every participant is enrolled.
+    pub async fn start(options: Options) -> Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("decree-").tempdir()?;
+        let path = dir.path().to_path_buf();
+        Self::start_in(Some(dir), path, options).await
+    }
+
+    /// Like [`Cluster::start`], in a directory the caller owns.
+    pub async fn start_in_dir(path: PathBuf, options: Options) -> Result<Cluster> {
+        std::fs::create_dir_all(&path)?;
+        Self::start_in(None, path, options).await
+    }
+
+    async fn start_in(dir: Option<tempfile::TempDir>, path: PathBuf, options: Options) -> Result<Cluster> {
+        let node = |name: &str| -> Result<Node> {
+            Ok(Node {
+                name: name.to_owned(),
+                port: free_port()?,
+                data_dir: path.join(name),
+                log: path.join(format!("{name}.log")),
+                child: None,
+                crash_at: None,
+            })
+        };
+        let coordinator = node("coordinator")?;
+        let participants =
+            (1..=options.participants).map(|i| node(&format!("p{i}"))).collect::<Result<Vec<_>>>()?;
+        let mut cluster = Cluster { dir, path, options, coordinator, participants };
+        cluster.spawn(NodeId::Coordinator)?;
+        for i in 0..cluster.participants.len() {
+            cluster.spawn(NodeId::Participant(i))?;
+        }
+        cluster.wait_enrolled(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// The directory holding every data directory and log.
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn coordinator_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.coordinator.port)
+    }
+
+    pub fn participant_names(&self) -> Vec<String> {
+        self.participants.iter().map(|p| p.name.clone()).collect()
+    }
+
+    pub fn participant_count(&self) -> usize {
+        self.participants.len()
+    }
+
+    /// A participant's id by name.
+    pub fn participant(&self, name: &str) -> NodeId {
+        let index = self.participants.iter().position(|p| p.name == name);
+        NodeId::Participant(index.unwrap_or_else(|| panic!("no participant named {name}")))
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut Node {
+        match id {
+            NodeId::Coordinator => &mut self.coordinator,
+            NodeId::Participant(i) => &mut self.participants[i],
+        }
+    }
+
+    /// The process log of a node (its stderr and stdout).
+    pub fn log_of(&self, id: NodeId) -> String {
+        let node = match id {
+            NodeId::Coordinator => &self.coordinator,
+            NodeId::Participant(i) => &self.participants[i],
+        };
+        std::fs::read_to_string(&node.log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, id: NodeId) -> Result<()> {
+        let coordinator_url = self.coordinator_url();
+        let binary = self.options.binary.clone();
+        let extra = match id {
+            NodeId::Coordinator => self.options.coordinator_args.clone(),
+            NodeId::Participant(_) => self.options.participant_args.clone(),
+        };
+        let node = self.node(id);
+        assert!(node.child.is_none(), "{} is already running", node.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let mut command = Command::new(&binary);
+        match id {
+            NodeId::Coordinator => command.arg("coordinator"),
+            NodeId::Participant(_) => {
+                command.args(["participant", "--coordinator", &coordinator_url, "--name", &node.name])
+            }
+        };
+        command
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", node.port))
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(extra)
+            .env_remove("DECREE_CRASH_AT")
+            .env("RUST_LOG", std::env::var("DECREE_NODE_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(points) = &node.crash_at {
+            command.env("DECREE_CRASH_AT", points);
+        }
+        node.child = Some(command.spawn()?);
+        Ok(())
+    }
+
+    /// SIGKILL: no cleanup, no flush.
+    pub fn kill(&mut self, id: NodeId) {
+        if let Some(mut child) = self.node(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// True if the node's process is running (not exited).
+    pub fn is_running(&mut self, id: NodeId) -> bool {
+        match &mut self.node(id).child {
+            None => false,
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+        }
+    }
+
+    /// Restarts a node (killed or exited) on the same data directory and port,
+    /// with no crash points armed.
+    pub fn restart(&mut self, id: NodeId) -> Result<()> {
+        self.restart_with(id, None)
+    }
+
+    /// Restarts a node with `crash_at` armed (`DECREE_CRASH_AT`). A running node
+    /// is killed first.
+    pub fn restart_with(&mut self, id: NodeId, crash_at: Option<&str>) -> Result<()> {
+        self.kill(id);
+        self.node(id).crash_at = crash_at.map(str::to_owned);
+        self.spawn(id)
+    }
+
+    /// Waits until the node exits by itself (e.g. at a crash point).
+    pub async fn wait_exit(&mut self, id: NodeId, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.node(id);
+            let name = node.name.clone();
+            if let Some(child) = &mut node.child {
+                if let Some(status) = child.try_wait()? {
+                    node.child = None;
+                    return Ok(status);
+                }
+            } else {
+                return Err(HarnessError::Other(format!("{name} is not running")));
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout(timeout, format!("{name} to exit")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A client of the cluster (participants listed now).
+    pub async fn client(&self) -> Result<Client> {
+        Ok(Client::connect(&self.coordinator_url()).await?)
+    }
+
+    /// Waits until the coordinator answers and lists every participant as up.
+    pub async fn wait_enrolled(&self, timeout: Duration) -> Result<()> {
+        let want = self.participants.len();
+        poll(timeout, "every participant to enroll", || async {
+            let client = Client::connect(&self.coordinator_url()).await.ok()?;
+            let listed = client.participants().await.ok()?;
+            (listed.iter().filter(|p| p.state == "up").count() == want).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until every participant answers and none has a branch in doubt.
+    pub async fn wait_settled(&self, timeout: Duration) -> Result<()> {
+        poll(timeout, "no branch in doubt at any participant", || async {
+            let client = Client::connect(&self.coordinator_url()).await.ok()?;
+            let (in_doubt, unreachable) = client.in_doubt().await.ok()?;
+            (in_doubt.is_empty()
+                && unreachable.is_empty()
+                && client.participants().await.ok()?.len() == self.participants.len())
+            .then_some(())
+        })
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in
+            std::iter::once(NodeId::Coordinator).chain((0..self.participants.len()).map(NodeId::Participant))
+        {
+            self.kill(id);
+        }
+        if self.options.keep_dir {
+            if let Some(dir) = self.dir.take() {
+                let _ = dir.keep();
+            }
+        }
+    }
+}
+
+/// Polls `probe` until it returns `Some`, or fails after `timeout`.
+pub async fn poll<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout(timeout, what.to_owned()));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

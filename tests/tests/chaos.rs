@@ -1,0 +1,137 @@
+//! The seeded chaos test: concurrent marked transfers across 3 participants
+//! while a randomized schedule SIGKILLs and restarts the coordinator and the
+//! participants at random instants. Prints its seed; replay with DECREE_SEED=.
+//!
+//! At the end: the sum of balances is unchanged (I5), every transfer is at all
+//! of its participants or at none (I1), every transfer the client was told
+//! committed is present and every one told aborted is absent (I2), nothing is
+//! in doubt and no lock is held (I6).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use decree_client::Outcome;
+use decree_tests::{check, Cluster, NodeId, Options};
+use rand::{Rng, SeedableRng};
+use tokio::sync::Mutex;
+use tracing::info;
+
+/// How long the chaos lasts.
+const CHAOS: Duration = Duration::from_secs(25);
+const CLIENTS: usize = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_stay_atomic_under_random_kills() {
+    common::init();
+    let seed: u64 =
+        std::env::var("DECREE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    println!("chaos seed: {seed} (replay with DECREE_SEED={seed})");
+    info!(seed, "chaos seed");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let mut options = Options::new(3);
+    options.coordinator_args =
+        ["--prepare-timeout-ms", "1000", "--commit-timeout-ms", "500", "--redelivery-cap-ms", "300"]
+            .map(String::from)
+            .to_vec();
+    options.participant_args =
+        ["--in-doubt-after-ms", "300", "--heartbeat-ms", "200"].map(String::from).to_vec();
+    let cluster = Cluster::start(options).await.unwrap();
+    let url = cluster.coordinator_url();
+    let names = cluster.participant_names();
+    let cluster = Arc::new(Mutex::new(cluster));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (url, names, stop) = (url.clone(), names.clone(), stop.clone());
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(c as u64 + 1));
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                let mut client = None;
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if client.is_none() {
+                        client = decree_client::Client::connect(&url).await.ok();
+                        if client.is_none() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    }
+                    let Some(connected) = &client else { continue };
+                    // Two or three participants, in a random order.
+                    let mut chosen = names.clone();
+                    let keep = rng.random_range(2..=names.len());
+                    for j in (1..chosen.len()).rev() {
+                        chosen.swap(j, rng.random_range(0..=j));
+                    }
+                    chosen.truncate(keep);
+                    let tag = format!("c{c}-{i}");
+                    i += 1;
+                    let answer = connected
+                        .transact_branches(check::marked_transfer(&tag, &chosen, rng.random_range(1..50)))
+                        .await;
+                    let told = answer.ok().map(|r| r.outcome);
+                    if told.is_none() {
+                        client = None;
+                    }
+                    results.push((tag, chosen, told));
+                }
+                results
+            })
+        })
+        .collect();
+
+    info!("--- chaos for {CHAOS:?}");
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < CHAOS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
+        let victim = match rng.random_range(0..=names.len()) {
+            0 => NodeId::Coordinator,
+            i => NodeId::Participant(i - 1),
+        };
+        info!(?victim, "SIGKILL");
+        cluster.lock().await.kill(victim);
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        cluster.lock().await.restart(victim).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut results = Vec::new();
+    for client in clients {
+        results.extend(client.await.unwrap());
+    }
+
+    info!("--- everything back; waiting until nothing is in doubt");
+    let cluster = cluster.lock().await;
+    cluster.wait_enrolled(Duration::from_secs(30)).await.unwrap();
+    cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let (mut committed, mut aborted, mut unknown) = (0, 0, 0);
+    for (tag, chosen, told) in &results {
+        let everywhere =
+            check::all_or_nothing(&client, tag, chosen).await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        match told {
+            Some(Outcome::Committed) => {
+                committed += 1;
+                assert!(everywhere, "seed {seed}: {tag} was reported committed but is missing");
+            }
+            Some(_) => {
+                aborted += 1;
+                assert!(!everywhere, "seed {seed}: {tag} was reported aborted but is present");
+            }
+            None => unknown += 1,
+        }
+    }
+    info!(kills, committed, aborted, unknown, "chaos done");
+    println!(
+        "chaos: {kills} kills, {committed} committed, {aborted} aborted, {unknown} unknown to the client"
+    );
+    assert!(committed > 0, "seed {seed}: nothing committed at all");
+    assert_eq!(check::balance_sum(&client, &names).await.unwrap(), 0, "seed {seed}: money created or lost");
+    check::unlocked(&client, &names, &[check::BALANCE]).await.unwrap();
+}

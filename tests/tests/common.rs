@@ -1,0 +1,48 @@
+//! Helpers shared by the integration tests: run the `decree` CLI, narrate steps.
+
+#![allow(dead_code)]
+
+use std::process::Command;
+
+use decree_tests::decree_binary;
+
+/// Installs a test log subscriber once (RUST_LOG, default info).
+pub fn init() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// What one `decree` command printed, and its exit code.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", self.stdout))
+    }
+}
+
+/// Runs `decree <args>` and waits for it.
+pub fn decree(args: &[&str]) -> Run {
+    let output = Command::new(decree_binary()).args(args).output().expect("decree runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs `decree` off the async threads.
+pub async fn decree_async(args: Vec<String>) -> Run {
+    tokio::task::spawn_blocking(move || decree(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .unwrap()
+}

@@ -1,0 +1,314 @@
+//! The core: atomic commit across participants, through the CLI a user runs,
+//! across SIGKILL of every process, with locks and bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{decree_async, init};
+use decree_client::{v1, KvOp, Outcome};
+use decree_tests::check;
+use decree_tests::{Cluster, NodeId, Options};
+use tracing::info;
+
+fn s(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+async fn must_get(url: &str, keys: &[&str]) -> serde_json::Value {
+    let mut args = s(&["get"]);
+    args.extend(s(keys));
+    args.extend(s(&["--coordinator", url, "--json"]));
+    let run = decree_async(args).await;
+    assert_eq!(run.code, 0, "decree get failed: {}", run.stderr);
+    run.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_walkthrough_commits_aborts_and_survives_sigkill() {
+    init();
+    let mut cluster = Cluster::start(Options::new(3)).await.unwrap();
+    let url = cluster.coordinator_url();
+
+    info!("--- put a, b, c in one transaction");
+    let run = decree_async(s(&[
+        "txn",
+        "--coordinator",
+        &url,
+        "--put",
+        "a=1",
+        "--put",
+        "b=2",
+        "--put",
+        "c=3",
+        "--json",
+    ]))
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = run.json();
+    assert_eq!(out["outcome"], "committed");
+    assert!(out["txid"].as_str().is_some_and(|t| t.parse::<decree_client::TxId>().is_ok()));
+    let participants = out["participants"].as_array().unwrap();
+    assert!(participants.len() > 1, "a, b, c should land on more than one participant: {participants:?}");
+    assert_eq!(must_get(&url, &["a", "b", "c"]).await, serde_json::json!({"a": "1", "b": "2", "c": "3"}));
+
+    info!("--- a failed expect aborts the whole transaction");
+    let run =
+        decree_async(s(&["txn", "--coordinator", &url, "--expect", "a=9", "--put", "b=7", "--json"])).await;
+    assert_eq!(run.code, 1, "aborted exits 1: {}", run.stderr);
+    let out = run.json();
+    assert_eq!(out["outcome"], "aborted");
+    assert!(out["reason"].as_str().unwrap().contains("expect on key \"a\" failed"), "{out}");
+    assert_eq!(must_get(&url, &["b"]).await, serde_json::json!({"b": "2"}));
+
+    info!("--- add moves 5 from b to a");
+    let run = decree_async(s(&["txn", "--coordinator", &url, "--add", "a=5", "--add", "b=-5"])).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(must_get(&url, &["a", "b"]).await, serde_json::json!({"a": "6", "b": "-3"}));
+
+    info!("--- status of a committed transaction");
+    let txid = out["txid"].as_str().unwrap().to_owned();
+    let status = decree_async(s(&["status", &txid, "--coordinator", &url, "--json"])).await;
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    assert_eq!(status.json(), serde_json::json!({"txid": txid, "outcome": "aborted"}));
+
+    info!("--- SIGKILL every process, restart on the same directories");
+    let ids = [NodeId::Coordinator, NodeId::Participant(0), NodeId::Participant(1), NodeId::Participant(2)];
+    for id in ids {
+        cluster.kill(id);
+    }
+    for id in ids {
+        cluster.restart(id).unwrap();
+    }
+    cluster.wait_enrolled(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(must_get(&url, &["a", "b", "c"]).await, serde_json::json!({"a": "6", "b": "-3", "c": "3"}));
+
+    let listed = decree_async(s(&["participants", "--coordinator", &url, "--json"])).await;
+    assert_eq!(listed.code, 0);
+    let names: Vec<_> =
+        listed.json().as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, vec!["p1", "p2", "p3"]);
+    let doubt = decree_async(s(&["in-doubt", "--coordinator", &url, "--json"])).await;
+    assert_eq!(doubt.code, 0, "{}", doubt.stderr);
+    assert_eq!(doubt.json(), serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_branch_locks_its_keys_and_a_conflicting_transaction_votes_no() {
+    init();
+    let mut options = Options::new(2);
+    // Keep the hand-made branch from asking the coordinator while the test holds it.
+    options.participant_args = s(&["--in-doubt-after-ms", "600000"]);
+    let cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let owner = client.route("hot").unwrap().to_owned();
+    let seeded = client.transact(vec![KvOp::Put { key: "hot".into(), value: b"0".to_vec() }]).await.unwrap();
+    assert_eq!(seeded.outcome, Outcome::Committed);
+
+    info!("--- a branch prepared by hand holds the lock on 'hot'");
+    let real: decree_client::TxId = seeded.txid.parse().unwrap();
+    let held = decree_client::TxId::new(real.coordinator, real.incarnation, 1_000_000);
+    let address = client.participants().await.unwrap().into_iter().find(|p| p.name == owner).unwrap().address;
+    let mut participant = v1::participant_client::ParticipantClient::connect(address).await.unwrap();
+    let payload = decree_client::kv_payload(vec![KvOp::Put { key: "hot".into(), value: b"held".to_vec() }]);
+    let prepare = v1::PrepareRequest {
+        txid: held.to_string(),
+        payload,
+        one_phase: false,
+        coordinator_incarnation: real.incarnation,
+    };
+    let vote = participant.prepare(prepare).await.unwrap().into_inner();
+    assert_eq!(vote.vote, v1::Vote::Yes as i32, "{}", vote.reason);
+
+    info!("--- a concurrent transaction on 'hot' votes NO with 'lock conflict' and has no effect");
+    let result = client
+        .transact(vec![
+            KvOp::Put { key: "hot".into(), value: b"2".to_vec() },
+            KvOp::Put { key: "cold".into(), value: b"x".to_vec() },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(result.outcome, Outcome::Aborted);
+    assert!(result.reason.contains("lock conflict"), "{}", result.reason);
+    let values = client.get(&["hot".into(), "cold".into()]).await.unwrap();
+    assert_eq!(values["hot"].as_deref(), Some(&b"0"[..]));
+    assert_eq!(values["cold"], None, "the other branch was rolled back");
+
+    let listed = client.in_doubt().await.unwrap().0;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].locked_keys, vec!["hot"]);
+
+    info!("--- aborting the held branch releases the lock");
+    participant.abort(v1::AbortRequest { txid: held.to_string() }).await.unwrap();
+    let result = client.transact(vec![KvOp::Put { key: "hot".into(), value: b"3".to_vec() }]).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+    info!("--- a late Prepare after the Abort votes NO");
+    let payload = decree_client::kv_payload(vec![KvOp::Put { key: "hot".into(), value: b"late".to_vec() }]);
+    let prepare = v1::PrepareRequest {
+        txid: held.to_string(),
+        payload,
+        one_phase: false,
+        coordinator_incarnation: real.incarnation,
+    };
+    assert_eq!(participant.prepare(prepare).await.unwrap().into_inner().vote, v1::Vote::No as i32);
+    assert_eq!(client.get(&["hot".into()]).await.unwrap()["hot"].as_deref(), Some(&b"3"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_of_one_key_lose_no_update() {
+    init();
+    let cluster = Cluster::start(Options::new(3)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                // Each also touches a key of its own, so most are multi-participant.
+                let ops = vec![
+                    KvOp::Add { key: "counter".into(), delta: 1 },
+                    KvOp::Put { key: format!("own-{i}"), value: b"1".to_vec() },
+                ];
+                client.transact(ops).await.unwrap()
+            })
+        })
+        .collect();
+    let mut committed = 0;
+    let mut conflicts = 0;
+    for task in tasks {
+        let result = task.await.unwrap();
+        match result.outcome {
+            Outcome::Committed => committed += 1,
+            _ => {
+                assert!(result.reason.contains("lock conflict"), "unexpected abort: {}", result.reason);
+                conflicts += 1;
+            }
+        }
+    }
+    info!(committed, conflicts, "64 concurrent increments");
+    let value = client.get(&["counter".into()]).await.unwrap()["counter"].clone().unwrap();
+    assert_eq!(
+        String::from_utf8(value).unwrap(),
+        committed.to_string(),
+        "every committed increment counted once"
+    );
+    let owns: Vec<String> = (0..64).map(|i| format!("own-{i}")).collect();
+    let present = client.get(&owns).await.unwrap().values().filter(|v| v.is_some()).count();
+    assert_eq!(present, committed, "aborted transactions left no effect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    init();
+    let mut cluster = Cluster::start(Options::new(2)).await.unwrap();
+    let url = cluster.coordinator_url();
+    let client = cluster.client().await.unwrap();
+    assert_eq!(
+        client.transact(vec![KvOp::Put { key: "k".into(), value: b"v".to_vec() }]).await.unwrap().outcome,
+        Outcome::Committed
+    );
+
+    info!("--- the CLI refuses malformed input with exit 2");
+    let cases: &[(&[&str], &str)] = &[
+        (&["txn"], "empty transaction"),
+        (&["txn", "--put", "novalue"], "expected K=V"),
+        (&["txn", "--put", "=v"], "empty key"),
+        (&["txn", "--add", "k=x"], "not a signed 64-bit integer"),
+        (&["txn", "--add", "k=99999999999999999999"], "not a signed 64-bit integer"),
+        (&["status", "not-a-txid"], "malformed txid"),
+        (&["get", ""], "empty key"),
+    ];
+    for (args, message) in cases {
+        let mut full = s(args);
+        full.extend(s(&["--coordinator", &url]));
+        let run = decree_async(full).await;
+        assert_eq!(run.code, 2, "{args:?} should exit 2; stderr: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{args:?}: expected {message:?} in {:?}", run.stderr);
+    }
+    let run = decree_async(s(&["txn", "--coordinator", &url, "--json"])).await;
+    assert_eq!(run.code, 2);
+    assert_eq!(run.json()["outcome"], "unknown");
+
+    info!("--- the coordinator answers INVALID_ARGUMENT");
+    let mut coordinator = v1::coordinator_client::CoordinatorClient::connect(url.clone()).await.unwrap();
+    let branch = |p: &str, payload: Vec<u8>| v1::Branch { participant: p.into(), payload };
+    let small = decree_client::kv_payload(vec![KvOp::Put { key: "k".into(), value: b"bad".to_vec() }]);
+    let invalid: Vec<(&str, v1::TransactRequest)> = vec![
+        ("empty transaction", v1::TransactRequest { branches: vec![], timeout_ms: 0 }),
+        (
+            "unknown participant",
+            v1::TransactRequest { branches: vec![branch("p9", small.clone())], timeout_ms: 0 },
+        ),
+        (
+            "bad name",
+            v1::TransactRequest { branches: vec![branch("no spaces", small.clone())], timeout_ms: 0 },
+        ),
+        (
+            "duplicate participant",
+            v1::TransactRequest {
+                branches: vec![branch("p1", small.clone()), branch("p1", small.clone())],
+                timeout_ms: 0,
+            },
+        ),
+        (
+            "oversized payload",
+            v1::TransactRequest { branches: vec![branch("p1", vec![0; 4 * 1024 * 1024 + 1])], timeout_ms: 0 },
+        ),
+    ];
+    for (what, request) in invalid {
+        let status = coordinator.transact(request).await.expect_err(what);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
+        assert!(!status.message().is_empty());
+    }
+    for txid in ["", "x", "00000000-0-1", "zzzzzzzz-1-1"] {
+        let status =
+            coordinator.get_outcome(v1::GetOutcomeRequest { txid: txid.into() }).await.expect_err(txid);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{txid:?}");
+    }
+    let status =
+        coordinator.commit(v1::CommitTransactionRequest { txid: "00000001-1-1".into() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "commit of a txid that is not active");
+
+    info!("--- the participant refuses malformed messages and votes NO on bad payloads");
+    let address = client.participants().await.unwrap()[0].address.clone();
+    let mut participant = v1::participant_client::ParticipantClient::connect(address.clone()).await.unwrap();
+    let status = participant
+        .prepare(v1::PrepareRequest { txid: "nope".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let txid = "00000001-99-1".to_string();
+    let garbage = v1::PrepareRequest {
+        txid: txid.clone(),
+        payload: vec![0xff, 0xff, 0xff],
+        one_phase: false,
+        coordinator_incarnation: 99,
+    };
+    let vote = participant.prepare(garbage).await.unwrap().into_inner();
+    assert_eq!(vote.vote, v1::Vote::No as i32);
+    assert!(vote.reason.contains("invalid KV payload"), "{}", vote.reason);
+    let unknown_kind =
+        v1::KvBatch { ops: vec![v1::KvOp { kind: 42, key: "k".into(), value: None, delta: 0 }] };
+    let request = v1::PrepareRequest {
+        txid: "00000001-99-2".into(),
+        payload: prost::Message::encode_to_vec(&unknown_kind),
+        one_phase: false,
+        coordinator_incarnation: 99,
+    };
+    let vote = participant.prepare(request).await.unwrap().into_inner();
+    assert_eq!(vote.vote, v1::Vote::No as i32);
+    assert!(vote.reason.contains("unknown operation kind"), "{}", vote.reason);
+    participant
+        .commit(v1::CommitRequest { txid: "00000001-99-3".into() })
+        .await
+        .expect("commit of an unknown txid is a no-op");
+    let mut kv = v1::kv_client::KvClient::connect(address).await.unwrap();
+    let status = kv.get(v1::GetRequest { keys: vec![String::new()] }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    info!("--- nothing changed and nothing crashed");
+    assert_eq!(client.get(&["k".into()]).await.unwrap()["k"].as_deref(), Some(&b"v"[..]));
+    for id in [NodeId::Coordinator, NodeId::Participant(0), NodeId::Participant(1)] {
+        assert!(cluster.is_running(id), "{id:?} died");
+    }
+    check::unlocked(&client, &cluster.participant_names(), &["k"]).await.unwrap();
+}

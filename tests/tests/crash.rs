@@ -1,0 +1,321 @@
+//! The crash matrix: every crash point of DESIGN.md, armed in the real binary,
+//! with the outcome it must end in, and the invariants after recovery:
+//! I1 all-or-nothing (markers), I2/I5 balance sum, I6 nothing in doubt and no
+//! lock held, and the coordinator's answer agreeing with the participants.
+
+mod common;
+
+use std::time::Duration;
+
+use common::init;
+use decree_client::{Client, Outcome, TxnResult};
+use decree_tests::{check, Cluster, NodeId, Options};
+use tracing::info;
+
+const SETTLE: Duration = Duration::from_secs(30);
+const DIE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Committed,
+    Aborted,
+}
+
+fn options() -> Options {
+    let mut options = Options::new(3);
+    // Quick deadlines and redelivery keep each case short.
+    options.coordinator_args =
+        ["--prepare-timeout-ms", "1500", "--commit-timeout-ms", "500", "--redelivery-cap-ms", "300"]
+            .map(String::from)
+            .to_vec();
+    options.participant_args =
+        ["--in-doubt-after-ms", "300", "--heartbeat-ms", "200"].map(String::from).to_vec();
+    options
+}
+
+/// Runs a marked transfer across every participant; `Err` if the client got no answer.
+async fn transfer(client: &Client, tag: &str, participants: &[String]) -> Result<TxnResult, String> {
+    client.transact_branches(check::marked_transfer(tag, participants, 10)).await.map_err(|e| e.to_string())
+}
+
+/// Checks the invariants after everything is back, and that `tag` ended as `expect`.
+async fn must_end(cluster: &Cluster, tag: &str, txid: Option<&str>, expect: Expect) {
+    info!("--- waiting until nothing is in doubt");
+    cluster.wait_settled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let names = cluster.participant_names();
+    let everywhere = check::all_or_nothing(&client, tag, &names).await.unwrap();
+    assert_eq!(everywhere, expect == Expect::Committed, "transaction {tag} should have {expect:?}");
+    assert_eq!(check::balance_sum(&client, &names).await.unwrap(), 0, "money created or lost");
+    check::unlocked(&client, &names, &[check::BALANCE, &format!("marker-{tag}")]).await.unwrap();
+    if let Some(txid) = txid {
+        let outcome = client.status(txid).await.unwrap();
+        let want = if expect == Expect::Committed { Outcome::Committed } else { Outcome::Aborted };
+        assert_eq!(outcome, want, "the coordinator's answer for {txid}");
+    }
+}
+
+/// The common shape: arm `point` on `node`, run a transfer, see `node` die,
+/// restart it unarmed, check the outcome.
+async fn crash_case(point: &str, node: NodeId, expect: Expect) {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let names = cluster.participant_names();
+    info!("--- arm {point} on {node:?}");
+    cluster.restart_with(node, Some(point)).unwrap();
+    cluster.wait_enrolled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+
+    info!("--- run a transfer across every participant");
+    let answer = transfer(&client, "t1", &names).await;
+    info!(?answer, "client's answer");
+    let status = cluster.wait_exit(node, DIE).await.unwrap();
+    assert!(!status.success(), "{node:?} should have died at {point}");
+    assert!(
+        cluster.log_of(node).contains(&format!("crash point {point} reached")),
+        "{node:?} died elsewhere"
+    );
+
+    info!("--- restart {node:?} on the same directory");
+    cluster.restart(node).unwrap();
+    let txid = answer.as_ref().ok().map(|r| r.txid.clone());
+    if let Ok(result) = &answer {
+        // A client that heard an outcome must find it true (I2).
+        let heard = if result.outcome == Outcome::Committed { Expect::Committed } else { Expect::Aborted };
+        assert_eq!(heard, expect, "the client was told {:?}: {}", result.outcome, result.reason);
+    }
+    must_end(&cluster, "t1", txid.as_deref(), expect).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_prepare_partial_fanout_aborts() {
+    crash_case("coordinator.prepare.partial_fanout", NodeId::Coordinator, Expect::Aborted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_decision_before_log_aborts() {
+    crash_case("coordinator.decision.before_log", NodeId::Coordinator, Expect::Aborted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_decision_after_log_commits() {
+    crash_case("coordinator.decision.after_log", NodeId::Coordinator, Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_commit_partial_fanout_commits() {
+    crash_case("coordinator.commit.partial_fanout", NodeId::Coordinator, Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_commit_before_end_commits() {
+    crash_case("coordinator.commit.before_end", NodeId::Coordinator, Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_reply_before_client_commits_and_status_tells() {
+    crash_case("coordinator.reply.before_client", NodeId::Coordinator, Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_prepare_before_log_aborts() {
+    crash_case("participant.prepare.before_log", NodeId::Participant(1), Expect::Aborted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_prepare_after_log_aborts_and_the_prepared_branch_resolves() {
+    crash_case("participant.prepare.after_log", NodeId::Participant(1), Expect::Aborted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_commit_before_apply_commits_after_restart() {
+    crash_case("participant.commit.before_apply", NodeId::Participant(1), Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_commit_after_apply_commits_exactly_once() {
+    crash_case("participant.commit.after_apply", NodeId::Participant(1), Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_abort_before_apply_aborts_after_restart() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let names = cluster.participant_names();
+    let p2 = NodeId::Participant(1);
+    cluster.restart_with(p2, Some("participant.abort.before_apply")).unwrap();
+    cluster.wait_enrolled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+
+    info!("--- p3's branch votes NO, so p2 is told to abort");
+    let mut branches = check::marked_transfer("t1", &names, 10);
+    branches[2].payload = decree_client::kv_payload(vec![
+        decree_client::KvOp::Put { key: "marker-t1".into(), value: b"t1".to_vec() },
+        decree_client::KvOp::Expect { key: "never-set".into(), value: Some(b"x".to_vec()) },
+    ]);
+    let result = client.transact_branches(branches).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Aborted);
+    cluster.wait_exit(p2, DIE).await.unwrap();
+    assert!(cluster.log_of(p2).contains("crash point participant.abort.before_apply reached"));
+    cluster.restart(p2).unwrap();
+    must_end(&cluster, "t1", Some(&result.txid), Expect::Aborted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_recovery_mid_redrive_commits() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let names = cluster.participant_names();
+    info!("--- the coordinator dies with a durable decision and no Commit sent");
+    cluster.restart_with(NodeId::Coordinator, Some("coordinator.decision.after_log")).unwrap();
+    cluster.wait_enrolled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert!(transfer(&client, "t1", &names).await.is_err());
+    cluster.wait_exit(NodeId::Coordinator, DIE).await.unwrap();
+
+    info!("--- recovery redrives to one participant and dies again");
+    cluster.restart_with(NodeId::Coordinator, Some("coordinator.recovery.mid_redrive")).unwrap();
+    cluster.wait_exit(NodeId::Coordinator, DIE).await.unwrap();
+    assert!(cluster
+        .log_of(NodeId::Coordinator)
+        .contains("crash point coordinator.recovery.mid_redrive reached"));
+
+    cluster.restart(NodeId::Coordinator).unwrap();
+    must_end(&cluster, "t1", None, Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_recovery_before_resolve_then_commits() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let names = cluster.participant_names();
+    let p2 = NodeId::Participant(1);
+    cluster.restart_with(NodeId::Coordinator, Some("coordinator.decision.after_log")).unwrap();
+    cluster.wait_enrolled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert!(transfer(&client, "t1", &names).await.is_err());
+    cluster.wait_exit(NodeId::Coordinator, DIE).await.unwrap();
+
+    info!("--- p2 restarts with its branch in doubt and dies before asking");
+    cluster.restart_with(p2, Some("participant.recovery.before_resolve")).unwrap();
+    cluster.wait_exit(p2, DIE).await.unwrap();
+    assert!(cluster.log_of(p2).contains("crash point participant.recovery.before_resolve reached"));
+
+    cluster.restart(p2).unwrap();
+    cluster.restart(NodeId::Coordinator).unwrap();
+    must_end(&cluster, "t1", None, Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_branches_stay_locked_until_the_coordinator_returns() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let names = cluster.participant_names();
+    cluster.restart_with(NodeId::Coordinator, Some("coordinator.decision.after_log")).unwrap();
+    cluster.wait_enrolled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert!(transfer(&client, "t1", &names).await.is_err());
+    cluster.wait_exit(NodeId::Coordinator, DIE).await.unwrap();
+
+    info!("--- every participant shows the branch in doubt, its keys locked");
+    let (in_doubt, unreachable) = client.in_doubt().await.unwrap();
+    assert!(unreachable.is_empty());
+    assert_eq!(in_doubt.len(), 3, "{in_doubt:?}");
+    for branch in &in_doubt {
+        assert_eq!(branch.locked_keys, vec![check::BALANCE.to_string(), "marker-t1".into()]);
+    }
+    let run = common::decree_async(vec![
+        "in-doubt".into(),
+        "--coordinator".into(),
+        cluster.coordinator_url(),
+        "--json".into(),
+    ])
+    .await;
+    assert_eq!(run.json().as_array().unwrap().len(), 3, "decree in-doubt lists them");
+    assert!(check::markers(&client, "t1", &names).await.unwrap() == 0, "nothing applied while in doubt");
+    info!("--- a participant restarted meanwhile still holds the lock and does not decide alone");
+    cluster.kill(NodeId::Participant(0));
+    cluster.restart(NodeId::Participant(0)).unwrap();
+    let again = decree_tests::poll(SETTLE, "p1 to list its recovered branch", || async {
+        let (branches, unreachable) = client.in_doubt().await.ok()?;
+        (unreachable.is_empty() && branches.len() == 3).then_some(branches)
+    })
+    .await
+    .unwrap();
+    assert!(again.iter().any(|b| b.participant == "p1"));
+
+    info!("--- the coordinator returns: everything commits with no manual step");
+    cluster.restart(NodeId::Coordinator).unwrap();
+    must_end(&cluster, "t1", None, Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_fault_coordinator_and_participant_in_one_transaction() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let names = cluster.participant_names();
+    let p1 = NodeId::Participant(0);
+    // The first Commit goes to p1: it applies and dies before acking; the
+    // coordinator, having sent that one Commit, dies too.
+    cluster.restart_with(NodeId::Coordinator, Some("coordinator.commit.partial_fanout")).unwrap();
+    cluster.restart_with(p1, Some("participant.commit.after_apply")).unwrap();
+    cluster.wait_enrolled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert!(transfer(&client, "t1", &names).await.is_err());
+    cluster.wait_exit(p1, DIE).await.unwrap();
+    cluster.wait_exit(NodeId::Coordinator, DIE).await.unwrap();
+    assert!(cluster.log_of(p1).contains("crash point participant.commit.after_apply reached"));
+    info!("--- both restart on their directories");
+    cluster.restart(p1).unwrap();
+    cluster.restart(NodeId::Coordinator).unwrap();
+    must_end(&cluster, "t1", None, Expect::Committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_dies_at_once_under_load() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let names = cluster.participant_names();
+    let client = cluster.client().await.unwrap();
+    info!("--- transfers run while everything is SIGKILLed");
+    let load = {
+        let (client, names) = (client.clone(), names.clone());
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            for i in 0..10_000 {
+                let tag = format!("x{i}");
+                let answer = transfer(&client, &tag, &names).await;
+                let failed = answer.is_err();
+                results.push((tag, answer));
+                if failed {
+                    break;
+                }
+            }
+            results
+        })
+    };
+    decree_tests::poll(SETTLE, "some transfers to commit", || async {
+        (check::markers(&client, "x20", &names).await.ok()? == names.len()).then_some(())
+    })
+    .await
+    .unwrap();
+    let ids = [NodeId::Coordinator, NodeId::Participant(0), NodeId::Participant(1), NodeId::Participant(2)];
+    for id in ids {
+        cluster.kill(id);
+    }
+    let results = load.await.unwrap();
+    for id in ids {
+        cluster.restart(id).unwrap();
+    }
+    cluster.wait_settled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    info!(transfers = results.len(), "--- checking every transfer");
+    for (tag, answer) in &results {
+        let everywhere = check::all_or_nothing(&client, tag, &names).await.unwrap();
+        if let Ok(result) = answer {
+            assert_eq!(everywhere, result.outcome == Outcome::Committed, "{tag}: told {:?}", result.outcome);
+        }
+    }
+    assert_eq!(check::balance_sum(&client, &names).await.unwrap(), 0);
+    check::unlocked(&client, &names, &[check::BALANCE]).await.unwrap();
+}
