@@ -24,7 +24,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3)]
     participants: usize,
     /// Bank accounts.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 1_000)]
     accounts: usize,
     /// Starting balance of each account.
     #[arg(long, default_value_t = 1_000)]
@@ -88,7 +88,7 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     }
     let binary = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut options = Options::new(args.participants);
-    options.binary = binary;
+    options.binary = Some(binary);
     options.keep_dir = args.keep;
     // Short deadlines keep the demo moving when chaos takes a process away.
     options.coordinator_args =

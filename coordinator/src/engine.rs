@@ -328,6 +328,8 @@ impl Engine {
         if !waiting.remove(&participant) {
             return; // a duplicate or a stranger's vote
         }
+        // A failed Prepare may still have prepared the branch (the reply was
+        // lost): it is told to abort like a YES voter. A NO voter rolled back.
         let reason = match vote {
             VoteResult::Yes => {
                 yes.push(participant);
@@ -343,14 +345,17 @@ impl Engine {
             }
             VoteResult::No { reason } => Some(format!("participant {participant} voted NO: {reason}")),
             VoteResult::Failed { error } => {
-                Some(format!("participant {participant} failed to prepare: {error}"))
+                let reason = format!("participant {participant} failed to prepare: {error}");
+                yes.push(participant);
+                Some(reason)
             }
         };
         if let Some(reason) = reason {
             let Some(Txn::Preparing { order, waiting, yes }) = self.txns.remove(&txid) else {
                 unreachable!()
             };
-            // Abort everyone that may hold a prepared branch: YES voters and those not heard from.
+            // Abort everyone that may hold a prepared branch: YES voters, failed
+            // Prepares, and those not heard from.
             let targets: Vec<_> =
                 order.into_iter().filter(|p| waiting.contains(p) || yes.contains(p)).collect();
             self.abort(txid, targets, reason);

@@ -54,8 +54,8 @@ struct Node {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub participants: usize,
-    /// The `decree` binary; see [`decree_binary`].
-    pub binary: PathBuf,
+    /// The `decree` binary; `None` means [`decree_binary`].
+    pub binary: Option<PathBuf>,
     /// Keep the directory after the cluster is dropped.
     pub keep_dir: bool,
     /// Extra flags for the coordinator (e.g. a short prepare timeout).
@@ -68,7 +68,7 @@ impl Options {
     pub fn new(participants: usize) -> Self {
         Options {
             participants,
-            binary: decree_binary(),
+            binary: None,
             keep_dir: false,
             coordinator_args: Vec::new(),
             participant_args: Vec::new(),
@@ -187,7 +187,7 @@ impl Cluster {
 
     fn spawn(&mut self, id: NodeId) -> Result<()> {
         let coordinator_url = self.coordinator_url();
-        let binary = self.options.binary.clone();
+        let binary = self.options.binary.clone().unwrap_or_else(decree_binary);
         let extra = match id {
             NodeId::Coordinator => self.options.coordinator_args.clone(),
             NodeId::Participant(_) => self.options.participant_args.clone(),
