@@ -33,7 +33,7 @@ enum Cmd {
     /// The enrolled participants.
     Participants(ListArgs),
     /// Branches prepared and undecided at any participant.
-    InDoubt(ListArgs),
+    InDoubt(InDoubtArgs),
     /// A local cluster, a bank workload, and a verdict.
     Demo(demo::DemoArgs),
 }
@@ -61,6 +61,15 @@ struct GetArgs {
 struct StatusArgs {
     /// The transaction id, as printed by `decree txn`.
     txid: String,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(clap::Args)]
+struct InDoubtArgs {
+    /// Ask this participant directly (repeatable); for when the coordinator is down.
+    #[arg(long, value_name = "URL")]
+    participant: Vec<String>,
     #[command(flatten)]
     target: Target,
 }
@@ -177,9 +186,15 @@ async fn participants(args: ListArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn in_doubt(args: ListArgs) -> Result<(), Failure> {
-    let client = Client::connect(&args.target.coordinator).await?;
-    let (branches, unreachable) = client.in_doubt().await?;
+async fn in_doubt(args: InDoubtArgs) -> Result<(), Failure> {
+    let (branches, unreachable) = if args.participant.is_empty() {
+        let client = Client::connect(&args.target.coordinator).await.map_err(|err| {
+            Failure(format!("{err} (while the coordinator is down, ask participants with --participant URL)"))
+        })?;
+        client.in_doubt().await?
+    } else {
+        decree_client::in_doubt_at_urls(&args.participant).await?
+    };
     for name in &unreachable {
         eprintln!("decree in-doubt: participant {name} did not answer");
     }

@@ -267,27 +267,45 @@ impl Client {
     /// Every prepared, undecided branch at every participant that answers.
     /// Participants that do not answer are returned in the second list.
     pub async fn in_doubt(&self) -> Result<(Vec<InDoubt>, Vec<String>), ClientError> {
-        let mut branches = Vec::new();
-        let mut unreachable = Vec::new();
-        for (name, (_, channel)) in &self.participants {
-            let mut client = ParticipantClient::new(channel.clone());
-            match tokio::time::timeout(
-                Duration::from_secs(2),
-                client.list_in_doubt(v1::ListInDoubtRequest {}),
-            )
-            .await
-            {
-                Ok(Ok(response)) => {
-                    branches.extend(response.into_inner().branches.into_iter().map(|b| InDoubt {
-                        txid: b.txid,
-                        participant: name.clone(),
-                        age_ms: b.age_ms,
-                        locked_keys: b.locked_keys,
-                    }))
-                }
-                _ => unreachable.push(name.clone()),
-            }
-        }
-        Ok((branches, unreachable))
+        let channels =
+            self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect();
+        Ok(in_doubt_at(channels).await)
     }
+}
+
+/// Asks participants directly for their branches in doubt (works while the
+/// coordinator is away). Returns the branches and the URLs that did not answer.
+pub async fn in_doubt_at_urls(urls: &[String]) -> Result<(Vec<InDoubt>, Vec<String>), ClientError> {
+    let channels =
+        urls.iter().map(|url| Ok((url.clone(), channel(url)?))).collect::<Result<Vec<_>, ClientError>>()?;
+    Ok(in_doubt_at(channels).await)
+}
+
+/// `(label, channel)` pairs; the label names a participant that does not answer.
+async fn in_doubt_at(channels: Vec<(String, Channel)>) -> (Vec<InDoubt>, Vec<String>) {
+    let asks = channels.into_iter().map(|(label, channel)| async move {
+        let mut client = ParticipantClient::new(channel);
+        let answer =
+            tokio::time::timeout(Duration::from_secs(2), client.list_in_doubt(v1::ListInDoubtRequest {}))
+                .await;
+        (label, answer)
+    });
+    let mut branches = Vec::new();
+    let mut unreachable = Vec::new();
+    for (label, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                branches.extend(response.branches.into_iter().map(|b| InDoubt {
+                    txid: b.txid,
+                    participant: response.participant.clone(),
+                    age_ms: b.age_ms,
+                    locked_keys: b.locked_keys,
+                }));
+            }
+            _ => unreachable.push(label),
+        }
+    }
+    branches.sort_by(|a, b| (&a.participant, &a.txid).cmp(&(&b.participant, &b.txid)));
+    (branches, unreachable)
 }

@@ -364,7 +364,9 @@ impl Engine {
         if !waiting.is_empty() {
             return;
         }
-        let yes = std::mem::take(yes);
+        // Phase two goes out in request order, whatever order the votes came in.
+        let mut yes = std::mem::take(yes);
+        yes.sort_by_key(|p| order.iter().position(|o| o == p));
         if yes.is_empty() {
             // Every participant was read-only: nothing to commit, nothing to log.
             self.txns.remove(&txid);

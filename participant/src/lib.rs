@@ -103,7 +103,7 @@ pub async fn serve(
         .max_concurrent_streams(1024)
         .tcp_nodelay(true)
         .add_service(
-            ParticipantServer::new(service::ParticipantService::new(handle, resource))
+            ParticipantServer::new(service::ParticipantService::new(handle, resource, config.name.clone()))
                 .max_decoding_message_size(limit),
         )
         .add_service(KvServer::new(service::KvService::new(kv)).max_decoding_message_size(limit))

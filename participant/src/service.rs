@@ -20,11 +20,12 @@ const MAX_GET_KEYS: usize = 10_000;
 pub struct ParticipantService {
     handle: Handle,
     resource: Arc<dyn Resource>,
+    name: String,
 }
 
 impl ParticipantService {
-    pub(crate) fn new(handle: Handle, resource: Arc<dyn Resource>) -> Self {
-        ParticipantService { handle, resource }
+    pub(crate) fn new(handle: Handle, resource: Arc<dyn Resource>, name: String) -> Self {
+        ParticipantService { handle, resource, name }
     }
 }
 
@@ -101,7 +102,7 @@ impl Participant for ParticipantService {
                 locked_keys: b.keys,
             })
             .collect();
-        Ok(Response::new(v1::ListInDoubtResponse { branches }))
+        Ok(Response::new(v1::ListInDoubtResponse { branches, participant: self.name.clone() }))
     }
 }
 

@@ -243,11 +243,55 @@ impl Cluster {
     }
 
     /// Restarts a node with `crash_at` armed (`DECREE_CRASH_AT`). A running node
-    /// is killed first.
+    /// is killed first. Returns once the process started; see [`Cluster::wait_serving`].
     pub fn restart_with(&mut self, id: NodeId, crash_at: Option<&str>) -> Result<()> {
         self.kill(id);
         self.node(id).crash_at = crash_at.map(str::to_owned);
         self.spawn(id)
+    }
+
+    /// The URL a node serves gRPC at.
+    pub fn url_of(&self, id: NodeId) -> String {
+        let port = match id {
+            NodeId::Coordinator => self.coordinator.port,
+            NodeId::Participant(i) => self.participants[i].port,
+        };
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Waits until the node's process answers gRPC on its port (it has
+    /// finished recovery: both servers serve only after it).
+    pub async fn wait_serving(&self, id: NodeId, timeout: Duration) -> Result<()> {
+        use decree_client::v1;
+        let url = self.url_of(id);
+        poll(timeout, &format!("{url} to serve"), || async {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone()).ok()?.connect().await.ok()?;
+            match id {
+                NodeId::Coordinator => {
+                    let mut registry = v1::registry_client::RegistryClient::new(channel);
+                    registry.list_participants(v1::ListParticipantsRequest {}).await.ok().map(|_| ())
+                }
+                NodeId::Participant(_) => {
+                    let mut participant = v1::participant_client::ParticipantClient::new(channel);
+                    participant.list_in_doubt(v1::ListInDoubtRequest {}).await.ok().map(|_| ())
+                }
+            }
+        })
+        .await
+    }
+
+    /// Restarts a node with `crash_at` armed and waits until it serves and, for
+    /// a participant, has enrolled again.
+    pub async fn restart_armed(&mut self, id: NodeId, crash_at: &str) -> Result<()> {
+        self.restart_with(id, Some(crash_at))?;
+        self.wait_back(id).await
+    }
+
+    /// Waits until a restarted node serves (the coordinator reaches a
+    /// participant at its unchanged address) and every participant is listed.
+    pub async fn wait_back(&self, id: NodeId) -> Result<()> {
+        self.wait_serving(id, Duration::from_secs(30)).await?;
+        self.wait_enrolled(Duration::from_secs(30)).await
     }
 
     /// Waits until the node exits by itself (e.g. at a crash point).

@@ -158,6 +158,18 @@ fn a_deadline_after_the_votes_is_stale() {
 }
 
 #[test]
+fn phase_two_follows_request_order_not_vote_order() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a", "b", "c"]);
+    vote(&mut engine, t, "c", VoteResult::Yes);
+    vote(&mut engine, t, "a", VoteResult::Yes);
+    assert_eq!(
+        vote(&mut engine, t, "b", VoteResult::Yes),
+        vec![Command::LogDecision { txid: t, participants: vec![p("a"), p("b"), p("c")] }]
+    );
+}
+
+#[test]
 fn read_only_voters_leave_phase_two() {
     let t = tx(1);
     let mut engine = engine_preparing(t, &["a", "b"]);
