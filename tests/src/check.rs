@@ -1,8 +1,8 @@
 //! The invariants of TESTING.md, as checks over a live cluster.
 //!
 //! Transactions built by [`marked_transfer`] touch every participant they
-//! name: each branch writes a marker key `marker-<tag>` and adds to the
-//! participant's `balance` key, with the deltas summing to zero. After
+//! name: each branch writes a marker key `marker-<tag>` and adds to one
+//! account's balance key at the participant, the deltas summing to zero. After
 //! recovery, [`markers`] tells whether a transaction is everywhere or nowhere
 //! (I1), and [`balance_sum`] whether money was created or lost (I5).
 
@@ -10,12 +10,14 @@ use decree_client::{kv_payload as encode_batch, v1, Client, KvOp};
 
 use crate::{HarnessError, Result};
 
-/// The key each participant's balance lives under in marked transfers.
-pub const BALANCE: &str = "balance";
+/// The key account `account`'s balance lives under at each participant.
+pub fn balance_key(account: usize) -> String {
+    format!("balance-{account}")
+}
 
-/// Branches of a marked transfer of `amount` from the first participant to
-/// each of the others; every branch writes `marker-<tag>`.
-pub fn marked_transfer(tag: &str, participants: &[String], amount: i64) -> Vec<v1::Branch> {
+/// Branches of a marked transfer of `amount` on `account`, from the first
+/// participant to each of the others; every branch writes `marker-<tag>`.
+pub fn marked_transfer(tag: &str, participants: &[String], account: usize, amount: i64) -> Vec<v1::Branch> {
     let others = participants.len().saturating_sub(1) as i64;
     participants
         .iter()
@@ -24,7 +26,7 @@ pub fn marked_transfer(tag: &str, participants: &[String], amount: i64) -> Vec<v
             let delta = if i == 0 { -amount * others } else { amount };
             let ops = vec![
                 KvOp::Put { key: format!("marker-{tag}"), value: tag.as_bytes().to_vec() },
-                KvOp::Add { key: BALANCE.into(), delta },
+                KvOp::Add { key: balance_key(account), delta },
             ];
             v1::Branch { participant: participant.clone(), payload: encode_batch(ops) }
         })
@@ -55,13 +57,13 @@ pub async fn all_or_nothing(client: &Client, tag: &str, participants: &[String])
     }
 }
 
-/// I5: the sum of every participant's `balance`.
-pub async fn balance_sum(client: &Client, participants: &[String]) -> Result<i64> {
+/// I5: the sum of accounts `0..accounts` over every participant.
+pub async fn balance_sum(client: &Client, participants: &[String], accounts: usize) -> Result<i64> {
     let mut sum = 0i64;
     for participant in participants {
-        let values = client.get_at(participant, vec![BALANCE.into()]).await?;
-        if let Some(Some(bytes)) = values.first() {
-            let text = String::from_utf8_lossy(bytes);
+        let values = client.get_at(participant, (0..accounts).map(balance_key).collect()).await?;
+        for bytes in values.into_iter().flatten() {
+            let text = String::from_utf8_lossy(&bytes);
             sum += text.parse::<i64>().map_err(|_| {
                 HarnessError::Other(format!("{participant} balance {text:?} is not a number"))
             })?;
@@ -72,7 +74,7 @@ pub async fn balance_sum(client: &Client, participants: &[String]) -> Result<i64
 
 /// I6 (locks): every key in `keys` can be written now, i.e. no branch holds it.
 /// Writes an `expect`-only transaction per key (read-only: changes nothing).
-pub async fn unlocked(client: &Client, participants: &[String], keys: &[&str]) -> Result<()> {
+pub async fn unlocked(client: &Client, participants: &[String], keys: &[String]) -> Result<()> {
     for participant in participants {
         for key in keys {
             let current = client.get_at(participant, vec![key.to_string()]).await?.pop().flatten();

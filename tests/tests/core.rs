@@ -310,5 +310,5 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     for id in [NodeId::Coordinator, NodeId::Participant(0), NodeId::Participant(1)] {
         assert!(cluster.is_running(id), "{id:?} died");
     }
-    check::unlocked(&client, &cluster.participant_names(), &["k"]).await.unwrap();
+    check::unlocked(&client, &cluster.participant_names(), &["k".to_string()]).await.unwrap();
 }

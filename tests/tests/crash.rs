@@ -35,7 +35,10 @@ fn options() -> Options {
 
 /// Runs a marked transfer across every participant; `Err` if the client got no answer.
 async fn transfer(client: &Client, tag: &str, participants: &[String]) -> Result<TxnResult, String> {
-    client.transact_branches(check::marked_transfer(tag, participants, 10)).await.map_err(|e| e.to_string())
+    client
+        .transact_branches(check::marked_transfer(tag, participants, 0, 10))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Checks the invariants after everything is back, and that `tag` ended as `expect`.
@@ -46,8 +49,8 @@ async fn must_end(cluster: &Cluster, tag: &str, txid: Option<&str>, expect: Expe
     let names = cluster.participant_names();
     let everywhere = check::all_or_nothing(&client, tag, &names).await.unwrap();
     assert_eq!(everywhere, expect == Expect::Committed, "transaction {tag} should have {expect:?}");
-    assert_eq!(check::balance_sum(&client, &names).await.unwrap(), 0, "money created or lost");
-    check::unlocked(&client, &names, &[check::BALANCE, &format!("marker-{tag}")]).await.unwrap();
+    assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0, "money created or lost");
+    check::unlocked(&client, &names, &[check::balance_key(0), format!("marker-{tag}")]).await.unwrap();
     if let Some(txid) = txid {
         let outcome = client.status(txid).await.unwrap();
         let want = if expect == Expect::Committed { Outcome::Committed } else { Outcome::Aborted };
@@ -146,7 +149,7 @@ async fn participant_abort_before_apply_aborts_after_restart() {
     let client = cluster.client().await.unwrap();
 
     info!("--- p3's branch votes NO, so p2 is told to abort");
-    let mut branches = check::marked_transfer("t1", &names, 10);
+    let mut branches = check::marked_transfer("t1", &names, 0, 10);
     branches[2].payload = decree_client::kv_payload(vec![
         decree_client::KvOp::Put { key: "marker-t1".into(), value: b"t1".to_vec() },
         decree_client::KvOp::Expect { key: "never-set".into(), value: Some(b"x".to_vec()) },
@@ -217,7 +220,7 @@ async fn in_doubt_branches_stay_locked_until_the_coordinator_returns() {
     assert!(unreachable.is_empty());
     assert_eq!(in_doubt.len(), 3, "{in_doubt:?}");
     for branch in &in_doubt {
-        assert_eq!(branch.locked_keys, vec![check::BALANCE.to_string(), "marker-t1".into()]);
+        assert_eq!(branch.locked_keys, vec![check::balance_key(0), "marker-t1".into()]);
     }
     info!("--- decree in-doubt asks the participants directly while the coordinator is down");
     let mut args = vec!["in-doubt".to_string(), "--json".into()];
@@ -319,6 +322,6 @@ async fn every_process_dies_at_once_under_load() {
             assert_eq!(everywhere, result.outcome == Outcome::Committed, "{tag}: told {:?}", result.outcome);
         }
     }
-    assert_eq!(check::balance_sum(&client, &names).await.unwrap(), 0);
-    check::unlocked(&client, &names, &[check::BALANCE]).await.unwrap();
+    assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0);
+    check::unlocked(&client, &names, &[check::balance_key(0)]).await.unwrap();
 }
