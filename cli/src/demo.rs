@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use decree_client::{Client, KvOp, Outcome};
+use decree_client::{KvOp, Outcome};
 use decree_tests::{Cluster, NodeId, Options};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -116,29 +116,47 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
 
     let cluster = Arc::new(Mutex::new(cluster));
     let chaos_log = Arc::new(std::sync::Mutex::new(ChaosLog::default()));
-    let chaos = args.chaos.then(|| {
-        let seed = args.seed.unwrap_or_else(rand::random);
-        println!("chaos: seed {seed} (replay with --seed {seed})");
-        tokio::spawn(chaos_schedule(cluster.clone(), seed, chaos_log.clone()))
-    });
+    // With --chaos the transfers go on until the chaos schedule is over.
+    let chaos_over = Arc::new(std::sync::atomic::AtomicBool::new(!args.chaos));
 
-    println!("running {} transfers with {} concurrent clients ...", args.transfers, args.concurrency);
+    if args.chaos {
+        println!(
+            "running transfers with {} concurrent clients until the chaos is over ...",
+            args.concurrency
+        );
+    } else {
+        println!("running {} transfers with {} concurrent clients ...", args.transfers, args.concurrency);
+    }
     let bar = ProgressBar::new(args.transfers as u64);
     bar.set_style(
         ProgressStyle::with_template("  [{bar:40}] {pos}/{len} {per_sec} {msg}")
             .map_err(|e| e.to_string())?
             .progress_chars("=> "),
     );
+    let chaos = args.chaos.then(|| {
+        let seed = args.seed.unwrap_or_else(rand::random);
+        say(&bar, format!("chaos: seed {seed} (replay with --seed {seed})"));
+        let schedule = chaos_schedule(cluster.clone(), seed, chaos_log.clone(), bar.clone());
+        let over = chaos_over.clone();
+        tokio::spawn(async move {
+            schedule.await;
+            over.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    });
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
-        let (client, next, bar) = (client.clone(), next.clone(), bar.clone());
+        let (client, next, bar, over) = (client.clone(), next.clone(), bar.clone(), chaos_over.clone());
         let (transfers, accounts) = (args.transfers, args.accounts);
         workers.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < transfers {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= transfers && over.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 let (from, to, amount) = {
                     let mut rng = rand::rng();
                     let from = rng.random_range(0..accounts);
@@ -156,7 +174,14 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
                         let _ = latency.record(begun.elapsed().as_micros() as u64);
                     }
                     Ok(result) => *tally.aborted.entry(reason_class(&result.reason)).or_default() += 1,
-                    Err(_) => tally.unknown += 1,
+                    Err(_) => {
+                        tally.unknown += 1;
+                        // The coordinator is away: do not spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                if n >= transfers {
+                    bar.set_length(n as u64 + 1);
                 }
                 bar.inc(1);
             }
@@ -179,8 +204,7 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
 
     let chaos_report = match chaos {
         Some(task) => {
-            task.abort();
-            let _ = task.await;
+            task.await.map_err(|e| e.to_string())?;
             Some(restore(&cluster, &chaos_log).await?)
         }
         None => None,
@@ -205,7 +229,7 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     let aborted: u64 = tally.aborted.values().sum();
     println!();
     println!("summary");
-    println!("  transfers      {}", args.transfers);
+    println!("  transfers      {}", tally.committed + aborted + tally.unknown);
     println!("  committed      {}", tally.committed);
     println!("  aborted        {aborted}");
     for (reason, n) in &tally.aborted {
@@ -270,79 +294,127 @@ fn lock(log: &SharedLog) -> std::sync::MutexGuard<'_, ChaosLog> {
     log.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Kills and restarts processes until aborted: first the coordinator at the
-/// crash point `coordinator.decision.after_log` (participants are left in
-/// doubt), then random SIGKILLs of any process.
-async fn chaos_schedule(cluster: Arc<Mutex<Cluster>>, seed: u64, log: SharedLog) {
+/// SIGKILLs after the crash point, each followed by a measured recovery.
+const CHAOS_KILLS: u32 = 6;
+
+/// The chaos schedule: first the coordinator dies at the crash point
+/// `coordinator.decision.after_log` (so participants are left in doubt), then
+/// [`CHAOS_KILLS`] SIGKILLs of random processes at random instants. Each
+/// victim is restarted and its recovery measured.
+async fn chaos_schedule(cluster: Arc<Mutex<Cluster>>, seed: u64, log: SharedLog, bar: ProgressBar) {
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    {
-        let mut c = cluster.lock().await;
-        println!("\rchaos: restarting the coordinator armed with coordinator.decision.after_log");
-        let _ = c.restart_with(NodeId::Coordinator, Some("coordinator.decision.after_log"));
+    say(&bar, "chaos: restarting the coordinator armed with coordinator.decision.after_log");
+    // No waiting for it to serve: under load it dies at once.
+    let armed =
+        cluster.lock().await.restart_with(NodeId::Coordinator, Some("coordinator.decision.after_log"));
+    if let Err(err) = armed {
+        say(&bar, format!("chaos: could not restart the coordinator: {err}"));
     }
     // It dies at its first decision after the restart.
-    let died = {
-        let mut c = cluster.lock().await;
-        c.wait_exit(NodeId::Coordinator, Duration::from_secs(20)).await.is_ok()
-    };
+    let died = cluster.lock().await.wait_exit(NodeId::Coordinator, Duration::from_secs(20)).await.is_ok();
     if died {
         lock(&log).crash_points += 1;
-        println!("\rchaos: coordinator crashed after making a decision durable; restarting it");
-        recover(&cluster, NodeId::Coordinator, "coordinator", &log).await;
+        say(&bar, "chaos: the coordinator crashed right after a decision became durable");
+        recover(&cluster, NodeId::Coordinator, "coordinator", &log, &bar).await;
     }
-    loop {
+    for _ in 0..CHAOS_KILLS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..900))).await;
         let count = cluster.lock().await.participant_count();
-        let victim = match rng.random_range(0..=count) {
-            0 => NodeId::Coordinator,
-            i => NodeId::Participant(i - 1),
+        let (victim, name) = match rng.random_range(0..=count) {
+            0 => (NodeId::Coordinator, "coordinator".to_string()),
+            i => (NodeId::Participant(i - 1), format!("p{i}")),
         };
-        let name = match victim {
-            NodeId::Coordinator => "coordinator".to_string(),
-            NodeId::Participant(i) => format!("p{}", i + 1),
-        };
-        {
-            let mut c = cluster.lock().await;
-            c.kill(victim);
-        }
+        cluster.lock().await.kill(victim);
         lock(&log).kills += 1;
-        println!("\rchaos: SIGKILL {name}");
+        say(&bar, format!("chaos: SIGKILL {name}"));
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..500))).await;
-        recover(&cluster, victim, &name, &log).await;
+        recover(&cluster, victim, &name, &log, &bar).await;
     }
 }
 
-/// Restarts `victim` and reports how many branches were in doubt and how long they took to resolve.
-async fn recover(cluster: &Arc<Mutex<Cluster>>, victim: NodeId, name: &str, log: &SharedLog) {
-    let started = Instant::now();
-    let url = {
-        let mut c = cluster.lock().await;
-        if let Err(err) = c.restart(victim) {
-            println!("\rchaos: restarting {name} failed: {err}");
-            return;
-        }
-        c.coordinator_url()
+/// Prints above the progress bar, or plainly when there is no terminal to draw on.
+fn say(bar: &ProgressBar, message: impl Into<String>) {
+    let message = message.into();
+    if bar.is_hidden() {
+        println!("{message}");
+    } else {
+        bar.println(message);
+    }
+}
+
+/// Restarts `victim` and measures its recovery: the branches in doubt when it
+/// comes back (at the participants while the coordinator was away, or at the
+/// restarted participant), and how long until every one of them is decided.
+async fn recover(
+    cluster: &Arc<Mutex<Cluster>>,
+    victim: NodeId,
+    name: &str,
+    log: &SharedLog,
+    bar: &ProgressBar,
+) {
+    let urls: Vec<String> = {
+        let c = cluster.lock().await;
+        (0..c.participant_count()).map(|i| c.url_of(NodeId::Participant(i))).collect()
     };
-    let mut most = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(client) = Client::connect(&url).await {
-            if let Ok((branches, unreachable)) = client.in_doubt().await {
-                most = most.max(branches.len());
-                if branches.is_empty() && unreachable.is_empty() {
-                    break;
-                }
+    let in_doubt = |urls: Vec<String>| async move {
+        let (branches, unreachable) = decree_client::in_doubt_at_urls(&urls).await.ok()?;
+        let set: std::collections::BTreeSet<(String, String)> =
+            branches.into_iter().map(|b| (b.participant, b.txid)).collect();
+        Some((set, unreachable.is_empty()))
+    };
+    // While the coordinator is away, its participants' doubt is visible now.
+    let mut doubted = match victim {
+        NodeId::Coordinator => in_doubt(urls.clone()).await.map(|(set, _)| set).unwrap_or_default(),
+        NodeId::Participant(_) => Default::default(),
+    };
+    let restarted = cluster.lock().await.restart(victim);
+    let started = Instant::now();
+    if let Err(err) = restarted {
+        say(bar, format!("chaos: restarting {name} failed: {err}"));
+        return;
+    }
+    if let NodeId::Participant(i) = victim {
+        // A restarted participant shows what it recovered once it serves.
+        let url = vec![urls[i].clone()];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((set, true)) = in_doubt(url.clone()).await {
+                doubted = set;
+                break;
+            }
+            if Instant::now() > deadline {
+                say(bar, format!("chaos: {name} did not come back within 30 s"));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((now, true)) = in_doubt(urls.clone()).await {
+            if doubted.iter().all(|branch| !now.contains(branch)) {
+                break;
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if Instant::now() > deadline {
+            say(bar, format!("chaos: {name} back, but branches are still in doubt after 30 s"));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let ms = started.elapsed().as_millis();
     let mut log = lock(log);
-    log.in_doubt_resolved += most;
+    log.in_doubt_resolved += doubted.len();
     log.longest_recovery_ms = log.longest_recovery_ms.max(ms);
-    println!("\rchaos: {name} back; {most} branch(es) were in doubt, all resolved {ms} ms after the restart");
+    say(
+        bar,
+        format!(
+            "chaos: {name} restarted; {} branch(es) were in doubt, all decided {ms} ms after the restart",
+            doubted.len()
+        ),
+    );
 }
 
 /// Brings every process back after the chaos stops.
@@ -359,7 +431,7 @@ async fn restore(cluster: &Arc<Mutex<Cluster>>, log: &SharedLog) -> Result<Strin
     c.wait_enrolled(Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
     let log = lock(log);
     Ok(format!(
-        "{} SIGKILLs, {} crash point(s), {} in-doubt branch(es) resolved, longest recovery {} ms",
+        "{} SIGKILLs, {} crash point(s), {} branch(es) in doubt at a restart, all decided; longest recovery {} ms",
         log.kills, log.crash_points, log.in_doubt_resolved, log.longest_recovery_ms
     ))
 }

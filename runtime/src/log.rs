@@ -28,6 +28,9 @@ use std::sync::{mpsc, Arc};
 use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use tokio::sync::oneshot;
 
+/// Keys and values read back, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Most requests one write batch takes.
 const MAX_GROUP: usize = 4096;
 /// Most requests queued before `write` waits for room.
@@ -136,7 +139,7 @@ impl Log {
     }
 
     /// Every key and value whose key starts with `prefix`, in key order.
-    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LogError> {
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, LogError> {
         let mut out = Vec::new();
         for item in self.db.iterator(IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
             let (key, value) = item?;
