@@ -84,12 +84,14 @@ pub async fn serve(
     let kv = KvStore::new(store.log().clone());
     let resource: Arc<dyn resource::Resource> = Arc::new(kv.clone());
     let handle = runtime::start(engine, resource.clone(), store);
+    let (incarnation, learned_incarnation) = tokio::sync::watch::channel(0);
     tokio::spawn(runtime::resolve_in_doubt(
         handle.clone(),
         CoordinatorClient::new(coordinator_channel.clone()),
         recovered,
         config.in_doubt_after(),
         config.resolve_interval(),
+        learned_incarnation,
     ));
     tokio::spawn(runtime::stay_enrolled(
         handle.clone(),
@@ -97,6 +99,7 @@ pub async fn serve(
         config.name.clone(),
         address,
         config.heartbeat(),
+        incarnation,
     ));
     let limit = config.max_message_bytes * 2;
     tonic::transport::Server::builder()

@@ -12,7 +12,7 @@ use decree_proto::v1::registry_client::RegistryClient;
 use decree_proto::{v1, TxId};
 use decree_runtime::backoff::Backoff;
 use decree_runtime::crash;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
@@ -245,7 +245,8 @@ fn fatal(err: &dyn std::fmt::Display) -> ! {
 }
 
 /// Asks the coordinator about branches in doubt: at once for those recovered at
-/// start, then for any prepared longer than `in_doubt_after`, every `interval`.
+/// start and for those of an older coordinator incarnation than the latest one
+/// seen, then for any prepared longer than `in_doubt_after`, every `interval`.
 /// A branch that voted YES is only ever decided by the coordinator's answer.
 pub(crate) async fn resolve_in_doubt(
     handle: Handle,
@@ -253,6 +254,7 @@ pub(crate) async fn resolve_in_doubt(
     recovered: usize,
     in_doubt_after: Duration,
     interval: Duration,
+    mut incarnation: watch::Receiver<u64>,
 ) {
     if recovered > 0 {
         crash::point(crash::PARTICIPANT_RECOVERY_BEFORE_RESOLVE);
@@ -261,11 +263,18 @@ pub(crate) async fn resolve_in_doubt(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            // A new coordinator incarnation: its predecessor's branches can be asked about now.
+            Ok(()) = incarnation.changed() => {}
+        }
+        let current = *incarnation.borrow_and_update();
         let Ok(branches) = handle.in_doubt().await else { return };
         let now = Instant::now();
         for branch in branches {
-            if !first && now.duration_since(branch.since) < in_doubt_after {
+            // A branch of an older incarnation can no longer be PENDING: ask at once.
+            let orphaned = branch.txid.incarnation < current;
+            if !first && !orphaned && now.duration_since(branch.since) < in_doubt_after {
                 continue;
             }
             let request = v1::GetOutcomeRequest { txid: branch.txid.to_string() };
@@ -301,8 +310,18 @@ pub(crate) async fn stay_enrolled(
     name: String,
     address: String,
     heartbeat: Duration,
+    incarnation: watch::Sender<u64>,
 ) {
-    let backoff = Backoff { base: Duration::from_millis(50), cap: heartbeat.max(Duration::from_millis(100)) };
+    let learn = |handle: &Handle, seen: u64| {
+        handle.event(Event::CoordinatorIncarnation { incarnation: seen });
+        incarnation.send_if_modified(|latest| {
+            let newer = seen > *latest;
+            *latest = (*latest).max(seen);
+            newer
+        });
+    };
+    // Gentle (at most ~4 attempts a second) but quick to notice the coordinator is back.
+    let backoff = Backoff { base: Duration::from_millis(20), cap: heartbeat.min(Duration::from_millis(250)) };
     let mut attempt = 0;
     let mut enrolled = false;
     loop {
@@ -338,7 +357,7 @@ pub(crate) async fn stay_enrolled(
         match tokio::time::timeout(Duration::from_secs(2), registry.heartbeat(request)).await {
             Ok(Ok(response)) => {
                 let response = response.into_inner();
-                handle.event(Event::CoordinatorIncarnation { incarnation: response.coordinator_incarnation });
+                learn(&handle, response.coordinator_incarnation);
                 enrolled = response.known;
             }
             // The coordinator is away: enroll again when it is back, so owed Commits come at once.
