@@ -38,7 +38,25 @@ pub enum VoteResult {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decided {
     Committed,
-    Aborted { reason: String },
+    Aborted {
+        reason: String,
+    },
+    /// One-phase only: the participant could not be reached to learn whether
+    /// it committed. The coordinator keeps asking; `GetOutcome` says PENDING.
+    Unknown {
+        reason: String,
+    },
+}
+
+/// What asking a one-phase participant (with an Abort) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnePhaseFound {
+    /// The Abort was acked: the branch did not commit and now never will.
+    Aborted,
+    /// The Abort was refused: the branch committed.
+    Committed,
+    /// No answer.
+    Unreachable,
 }
 
 /// What a timer was armed for.
@@ -76,6 +94,8 @@ pub enum Event {
     Enrolled { participant: ParticipantName },
     /// Found at start: a COMMIT decision with no end record.
     Recovered { txid: TxId, participants: Vec<ParticipantName> },
+    /// The answer to [`Command::ResolveOnePhase`].
+    OnePhaseResolved { txid: TxId, found: OnePhaseFound },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,11 +139,18 @@ pub enum Command {
         kind: TimerKind,
         after: Duration,
     },
-    /// Redeliver Commit after a backoff; `attempt` counts failures so far.
+    /// Redeliver Commit (or ask a one-phase participant again) after a
+    /// backoff; `attempt` counts failures so far.
     ScheduleRedelivery {
         txid: TxId,
         participant: ParticipantName,
         attempt: u32,
+    },
+    /// A one-phase Prepare failed: send Abort to learn the outcome, then feed
+    /// back [`Event::OnePhaseResolved`].
+    ResolveOnePhase {
+        txid: TxId,
+        participant: ParticipantName,
     },
 }
 
@@ -138,6 +165,9 @@ enum Txn {
     Logging { participants: Vec<ParticipantName> },
     /// Decided COMMIT and durable; `unacked` maps to failed deliveries so far.
     Committing { unacked: BTreeMap<ParticipantName, u32>, recovered: bool },
+    /// One-phase, outcome unknown (the Prepare failed or timed out); asking.
+    /// `answered`: the client was told the outcome is unknown.
+    Resolving { participant: ParticipantName, reason: String, attempts: u32, answered: bool },
 }
 
 /// What the coordinator knows of a transaction right now.
@@ -182,7 +212,9 @@ impl Engine {
     /// (the durable log tells which of committed or aborted).
     pub fn known(&self, txid: TxId) -> Option<Known> {
         self.txns.get(&txid).map(|txn| match txn {
-            Txn::Active { .. } | Txn::Preparing { .. } | Txn::Logging { .. } => Known::Pending,
+            Txn::Active { .. } | Txn::Preparing { .. } | Txn::Logging { .. } | Txn::Resolving { .. } => {
+                Known::Pending
+            }
             Txn::Committing { .. } => Known::Committing,
         })
     }
@@ -257,14 +289,16 @@ impl Engine {
                     }
                 }
             }
-            Event::RedeliveryDue { txid, participant } => {
-                if let Some(Txn::Committing { unacked, recovered }) = self.txns.get(&txid) {
-                    if unacked.contains_key(&participant) {
-                        let recovery = *recovered;
-                        self.commands.push(Command::SendCommit { txid, participant, recovery });
-                    }
+            Event::RedeliveryDue { txid, participant } => match self.txns.get(&txid) {
+                Some(Txn::Committing { unacked, recovered }) if unacked.contains_key(&participant) => {
+                    let recovery = *recovered;
+                    self.commands.push(Command::SendCommit { txid, participant, recovery });
                 }
-            }
+                Some(Txn::Resolving { .. }) => {
+                    self.commands.push(Command::ResolveOnePhase { txid, participant })
+                }
+                _ => {}
+            },
             Event::Enrolled { participant } => {
                 for (txid, txn) in &self.txns {
                     if let Txn::Committing { unacked, recovered } = txn {
@@ -280,6 +314,7 @@ impl Engine {
                 }
             }
             Event::TimerFired { txid, kind } => self.on_timer(txid, kind),
+            Event::OnePhaseResolved { txid, found } => self.on_one_phase_resolved(txid, found),
             Event::Recovered { txid, participants } => {
                 assert!(!participants.is_empty(), "a decision record names its participants");
                 if self.txns.contains_key(&txid) {
@@ -344,6 +379,13 @@ impl Engine {
                 return;
             }
             VoteResult::No { reason } => Some(format!("participant {participant} voted NO: {reason}")),
+            VoteResult::Failed { error } if order.len() == 1 => {
+                // One-phase: it may have committed before the reply was lost.
+                let reason = format!("participant {participant} failed to answer: {error}");
+                self.txns.remove(&txid);
+                self.resolve_one_phase(txid, participant, reason);
+                return;
+            }
             VoteResult::Failed { error } => {
                 let reason = format!("participant {participant} failed to prepare: {error}");
                 yes.push(participant);
@@ -410,6 +452,12 @@ impl Engine {
                 let Some(Txn::Active { enlisted }) = self.txns.remove(&txid) else { unreachable!() };
                 self.abort(txid, enlisted, "idle timeout before commit".into());
             }
+            (Some(Txn::Preparing { order, .. }), TimerKind::Prepare) if order.len() == 1 => {
+                let participant = order[0].clone();
+                self.txns.remove(&txid);
+                let reason = format!("prepare timed out waiting for {participant}");
+                self.resolve_one_phase(txid, participant, reason);
+            }
             (Some(Txn::Preparing { .. }), TimerKind::Prepare) => {
                 let Some(Txn::Preparing { order, waiting, yes }) = self.txns.remove(&txid) else {
                     unreachable!()
@@ -426,7 +474,49 @@ impl Engine {
             | (Some(Txn::Preparing { .. }), TimerKind::Idle)
             | (Some(Txn::Logging { .. }), _)
             | (Some(Txn::Committing { .. }), _)
+            | (Some(Txn::Resolving { .. }), _)
             | (None, _) => {}
+        }
+    }
+
+    /// A one-phase Prepare got no answer: ask the participant with an Abort.
+    fn resolve_one_phase(&mut self, txid: TxId, participant: ParticipantName, reason: String) {
+        self.commands.push(Command::ResolveOnePhase { txid, participant: participant.clone() });
+        self.txns.insert(txid, Txn::Resolving { participant, reason, attempts: 0, answered: false });
+    }
+
+    fn on_one_phase_resolved(&mut self, txid: TxId, found: OnePhaseFound) {
+        let Some(Txn::Resolving { participant, reason, attempts, answered }) = self.txns.remove(&txid) else {
+            return; // a duplicate answer
+        };
+        match found {
+            OnePhaseFound::Aborted => {
+                if !answered {
+                    let reason = format!("{reason}; it did not commit");
+                    self.commands.push(Command::Reply { txid, decided: Decided::Aborted { reason } });
+                }
+            }
+            OnePhaseFound::Committed => {
+                self.commands.push(Command::LogOnePhaseCommit { txid, participant });
+                if !answered {
+                    self.commands.push(Command::Reply { txid, decided: Decided::Committed });
+                }
+            }
+            OnePhaseFound::Unreachable => {
+                if !answered {
+                    let unknown = format!("{reason}; whether it committed is not known yet");
+                    self.commands
+                        .push(Command::Reply { txid, decided: Decided::Unknown { reason: unknown } });
+                }
+                let attempt = attempts + 1;
+                self.commands.push(Command::ScheduleRedelivery {
+                    txid,
+                    participant: participant.clone(),
+                    attempt,
+                });
+                self.txns
+                    .insert(txid, Txn::Resolving { participant, reason, attempts: attempt, answered: true });
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::engine::{Command, Decided, Engine, Event, Known, VoteResult};
+use crate::engine::{Command, Decided, Engine, Event, Known, OnePhaseFound, VoteResult};
 use crate::registry::Registry;
 use crate::store::DecisionLog;
 use crate::CoordinatorError;
@@ -315,6 +315,9 @@ impl Actor {
                 Command::SendAbort { txid, participant } => {
                     tokio::spawn(self.send_abort(txid, participant));
                 }
+                Command::ResolveOnePhase { txid, participant } => {
+                    tokio::spawn(self.resolve_one_phase(txid, participant));
+                }
                 Command::LogEnd { txid } => {
                     crash::point(crash::COORDINATOR_COMMIT_BEFORE_END);
                     debug!(%txid, "every participant acked; ending");
@@ -330,6 +333,7 @@ impl Actor {
                     match &decided {
                         Decided::Committed => debug!(%txid, "committed"),
                         Decided::Aborted { reason } => debug!(%txid, %reason, "aborted"),
+                        Decided::Unknown { reason } => warn!(%txid, %reason, "outcome unknown to the client"),
                     }
                     if let Some(reply) = self.replies.remove(&txid) {
                         let _ = reply.send((txid, decided));
@@ -441,6 +445,42 @@ impl Actor {
                     debug!(%txid, %participant, error = status.message(), "abort not delivered");
                 }
             }
+        }
+    }
+}
+
+impl Actor {
+    /// Learns a one-phase outcome by sending Abort: acked means it did not
+    /// commit (and now cannot: the participant keeps an abort tombstone);
+    /// FAILED_PRECONDITION means it committed (answered once durable).
+    fn resolve_one_phase(
+        &self,
+        txid: TxId,
+        participant: ParticipantName,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let client = self.handle.registry.client(&participant);
+        let events = self.handle.events.clone();
+        let timeout = self.handle.config.commit_timeout();
+        async move {
+            let found = match client {
+                None => OnePhaseFound::Unreachable,
+                Some(mut client) => {
+                    match tokio::time::timeout(
+                        timeout,
+                        client.abort(v1::AbortRequest { txid: txid.to_string() }),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => OnePhaseFound::Aborted,
+                        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                            OnePhaseFound::Committed
+                        }
+                        Ok(Err(_)) | Err(_) => OnePhaseFound::Unreachable,
+                    }
+                }
+            };
+            info!(%txid, %participant, ?found, "one-phase outcome asked");
+            let _ = events.send(Event::OnePhaseResolved { txid, found });
         }
     }
 }

@@ -74,12 +74,26 @@ fn txid(text: &str) -> Result<TxId, CoordinatorError> {
     Ok(text.parse::<TxId>()?)
 }
 
-fn decided_response(txid: TxId, decided: Decided, participants: Vec<String>) -> v1::TransactResponse {
+/// The response for a decided transaction; an unknown outcome is the gRPC
+/// status UNKNOWN, never a guess.
+fn decided_response(
+    txid: TxId,
+    decided: Decided,
+    participants: Vec<String>,
+) -> Result<Response<v1::TransactResponse>, Status> {
     let (outcome, reason) = match decided {
         Decided::Committed => (Outcome::Committed, String::new()),
         Decided::Aborted { reason } => (Outcome::Aborted, reason),
+        Decided::Unknown { reason } => {
+            return Err(Status::unknown(format!("outcome of {txid} unknown: {reason}; ask GetOutcome later")))
+        }
     };
-    v1::TransactResponse { txid: txid.to_string(), outcome: outcome as i32, reason, participants }
+    Ok(Response::new(v1::TransactResponse {
+        txid: txid.to_string(),
+        outcome: outcome as i32,
+        reason,
+        participants,
+    }))
 }
 
 #[tonic::async_trait]
@@ -93,7 +107,7 @@ impl Coordinator for Service {
         let branches = self.branches(request.branches)?;
         let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
         let (txid, decided) = self.handle.transact(branches, timeout).await?;
-        Ok(Response::new(decided_response(txid, decided, participants)))
+        decided_response(txid, decided, participants)
     }
 
     async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {
@@ -122,7 +136,7 @@ impl Coordinator for Service {
     ) -> Result<Response<v1::TransactResponse>, Status> {
         let txid = txid(&request.into_inner().txid)?;
         let decided = self.handle.commit(txid, self.handle.config.prepare_timeout()).await?;
-        Ok(Response::new(decided_response(txid, decided, Vec::new())))
+        decided_response(txid, decided, Vec::new())
     }
 
     async fn abort(

@@ -253,6 +253,7 @@ impl Engine {
                     panic!("commit logged for {txid}, which has no branch");
                 };
                 let one_phase = matches!(branch, Branch::Logging { one_phase: true, .. });
+                let asked = matches!(branch, Branch::Logging { abort_requested: true, .. });
                 assert!(
                     one_phase || matches!(branch, Branch::Committing { .. }),
                     "commit logged in state {branch:?}"
@@ -261,6 +262,10 @@ impl Engine {
                 self.remember(txid, Outcome::Committed);
                 if one_phase {
                     self.commands.push(Command::Vote { txid, vote: Vote::Committed });
+                    if asked {
+                        let reason = format!("transaction {txid} was committed here");
+                        self.commands.push(Command::AckAbort { txid, ack: Ack::Refused { reason } });
+                    }
                 } else {
                     self.commands.push(Command::AckCommit { txid, ack: Ack::Done });
                 }
@@ -436,8 +441,14 @@ impl Engine {
                     .insert(txid, Branch::Logging { keys, redo, one_phase: false, abort_requested: true });
                 reply(self, Ack::Done);
             }
-            Some(branch @ Branch::Logging { one_phase: true, .. })
-            | Some(branch @ Branch::Committing { .. }) => {
+            Some(Branch::Logging { keys, redo, one_phase: true, .. }) => {
+                // A one-phase commit is being written: the Abort is answered
+                // "committed" once it is durable (it is how a coordinator that
+                // lost the vote learns the outcome), never before.
+                self.branches
+                    .insert(txid, Branch::Logging { keys, redo, one_phase: true, abort_requested: true });
+            }
+            Some(branch @ Branch::Committing { .. }) => {
                 self.branches.insert(txid, branch);
                 reply(self, Ack::Refused { reason: format!("transaction {txid} is committing here") });
             }

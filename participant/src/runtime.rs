@@ -195,9 +195,7 @@ impl Actor {
                         if let Err(err) = store.log_commit(txid, writes).await {
                             fatal(&err);
                         }
-                        if !one_phase {
-                            crash::point(crash::PARTICIPANT_COMMIT_AFTER_APPLY);
-                        }
+                        crash::point(crash::PARTICIPANT_COMMIT_AFTER_APPLY);
                         debug!(%txid, one_phase, "branch committed");
                         let _ = events.send(Event::CommitLogged { txid });
                     });

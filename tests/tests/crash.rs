@@ -325,3 +325,74 @@ async fn every_process_dies_at_once_under_load() {
     assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0);
     check::unlocked(&client, &names, &[check::balance_key(0)]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_whose_vote_is_lost_is_never_reported_aborted() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let p1 = NodeId::Participant(0);
+    let only = vec!["p1".to_string()];
+    info!("--- p1 alone: it commits in one phase and dies before its vote leaves");
+    cluster.restart_armed(p1, "participant.commit.after_apply").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let answer = client.transact_branches(check::marked_transfer("t1", &only, 0, 10)).await;
+    cluster.wait_exit(p1, DIE).await.unwrap();
+    let txid = match &answer {
+        Ok(result) => {
+            assert_eq!(result.outcome, Outcome::Committed, "told {:?}: {}", result.outcome, result.reason);
+            result.txid.clone()
+        }
+        Err(err) => {
+            let message = err.to_string();
+            assert!(message.contains("unknown"), "the client must hear 'unknown', not a guess: {message}");
+            let start =
+                message.find("outcome of ").expect("the message names the txid") + "outcome of ".len();
+            message[start..].split_whitespace().next().unwrap().to_owned()
+        }
+    };
+    info!(%txid, "--- the coordinator keeps asking until p1 is back");
+    assert_ne!(
+        client.status(&txid).await.unwrap(),
+        Outcome::Aborted,
+        "no presumed abort while it is unknown"
+    );
+    cluster.restart(p1).unwrap();
+    decree_tests::poll(SETTLE, "the coordinator to learn the one-phase commit", || async {
+        (client.status(&txid).await.ok()? == Outcome::Committed).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(check::markers(&client, "t1", &only).await.unwrap(), 1, "the commit is durable at p1");
+    check::unlocked(&client, &only, &["marker-t1".to_string()]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_participant_that_is_down_is_unknown_then_aborted() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let p1 = NodeId::Participant(0);
+    let only = vec!["p1".to_string()];
+    let client = cluster.client().await.unwrap();
+    info!("--- p1 alone, and down: the client hears 'unknown', not a guess");
+    cluster.kill(p1);
+    let err =
+        client.transact_branches(check::marked_transfer("t1", &only, 0, 10)).await.unwrap_err().to_string();
+    assert!(err.contains("unknown"), "{err}");
+    let start = err.find("outcome of ").expect("the message names the txid") + "outcome of ".len();
+    let txid = err[start..].split_whitespace().next().unwrap().to_owned();
+    assert_eq!(client.status(&txid).await.unwrap(), Outcome::Pending, "still being asked");
+    info!("--- p1 returns: the coordinator's Abort is acked, so it never committed");
+    cluster.restart(p1).unwrap();
+    decree_tests::poll(SETTLE, "the coordinator to learn the outcome", || async {
+        (client.status(&txid).await.ok()? == Outcome::Aborted).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(check::markers(&client, "t1", &only).await.unwrap(), 0);
+    info!("--- and p1 takes new work");
+    let result = client
+        .transact(vec![decree_client::KvOp::Put { key: "after".into(), value: b"1".to_vec() }])
+        .await
+        .unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+}

@@ -217,6 +217,76 @@ fn a_single_participant_commits_in_one_phase_without_a_decision_record() {
 }
 
 #[test]
+fn a_failed_one_phase_prepare_is_not_reported_aborted_before_asking() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a"]);
+    assert_eq!(
+        vote(&mut engine, t, "a", VoteResult::Failed { error: "connection reset".into() }),
+        vec![Command::ResolveOnePhase { txid: t, participant: p("a") }],
+        "the participant may have committed before the reply was lost"
+    );
+    assert_eq!(engine.known(t), Some(Known::Pending));
+
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Committed }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::LogOnePhaseCommit { txid: t, participant: p("a") },
+            Command::Reply { txid: t, decided: Decided::Committed },
+        ]
+    );
+    assert_eq!(engine.in_flight(), 0);
+}
+
+#[test]
+fn a_one_phase_timeout_asks_and_an_acked_abort_means_aborted() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a"]);
+    engine.on_event(Event::TimerFired { txid: t, kind: TimerKind::Prepare }).unwrap();
+    assert_eq!(engine.take_commands(), vec![Command::ResolveOnePhase { txid: t, participant: p("a") }]);
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Aborted }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![aborted(t, "prepare timed out waiting for a; it did not commit")]
+    );
+    assert_eq!(engine.known(t), None);
+}
+
+#[test]
+fn an_unreachable_one_phase_participant_is_unknown_to_the_client_and_asked_until_it_answers() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a"]);
+    vote(&mut engine, t, "a", VoteResult::Failed { error: "unreachable".into() });
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Unreachable }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::Reply {
+                txid: t,
+                decided: Decided::Unknown {
+                    reason:
+                        "participant a failed to answer: unreachable; whether it committed is not known yet"
+                            .into()
+                }
+            },
+            Command::ScheduleRedelivery { txid: t, participant: p("a"), attempt: 1 },
+        ]
+    );
+    assert_eq!(engine.known(t), Some(Known::Pending), "GetOutcome must not presume abort yet");
+    engine.on_event(Event::RedeliveryDue { txid: t, participant: p("a") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![Command::ResolveOnePhase { txid: t, participant: p("a") }]);
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Unreachable }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::ScheduleRedelivery { txid: t, participant: p("a"), attempt: 2 }],
+        "the client is answered once"
+    );
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Committed }).unwrap();
+    assert_eq!(engine.take_commands(), vec![Command::LogOnePhaseCommit { txid: t, participant: p("a") }]);
+    assert_eq!(engine.in_flight(), 0);
+}
+
+#[test]
 fn a_one_phase_no_aborts_without_phase_two() {
     let t = tx(1);
     let mut engine = engine_preparing(t, &["a"]);

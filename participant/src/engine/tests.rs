@@ -215,6 +215,27 @@ fn one_phase_commits_in_one_durable_step() {
 }
 
 #[test]
+fn an_abort_during_a_one_phase_commit_is_answered_committed_once_durable() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    prepare(&mut engine, t, &["a"], true);
+    event(&mut engine, Event::Validated { txid: t, result: Validated::Ready { redo: vec![1] } });
+    assert_eq!(
+        event(&mut engine, Event::AbortRequested { txid: t }),
+        vec![],
+        "not before the commit is durable"
+    );
+    let reason = format!("transaction {t} was committed here");
+    assert_eq!(
+        event(&mut engine, Event::CommitLogged { txid: t }),
+        vec![
+            Command::Vote { txid: t, vote: Vote::Committed },
+            Command::AckAbort { txid: t, ack: Ack::Refused { reason } }
+        ]
+    );
+}
+
+#[test]
 fn an_abort_while_preparing_never_becomes_yes() {
     let mut engine = Engine::new();
     let (t1, t2) = (tx(1), tx(2));
