@@ -89,6 +89,24 @@ impl<E: std::fmt::Display> From<E> for Failure {
     }
 }
 
+/// A `txn` failure: the message, and the txid when the outcome is unknown.
+pub(crate) struct TxnFailure {
+    pub(crate) message: String,
+    pub(crate) txid: Option<String>,
+}
+
+impl From<Failure> for TxnFailure {
+    fn from(Failure(message): Failure) -> Self {
+        TxnFailure { message, txid: None }
+    }
+}
+
+impl From<decree_client::ClientError> for TxnFailure {
+    fn from(err: decree_client::ClientError) -> Self {
+        TxnFailure { txid: err.unknown_txid().map(str::to_owned), message: err.to_string() }
+    }
+}
+
 fn main() {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {

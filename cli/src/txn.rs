@@ -4,7 +4,7 @@ use clap::ArgMatches;
 use decree_client::{Client, KvOp, Outcome};
 use serde_json::json;
 
-use crate::Failure;
+use crate::{Failure, TxnFailure};
 
 #[derive(clap::Args)]
 pub struct TxnArgs {
@@ -91,7 +91,7 @@ pub async fn run(args: TxnArgs, order: Vec<(usize, &'static str, usize)>) -> i32
     let result = async {
         let ops = parse_ops(&args, &order)?;
         let client = Client::connect(&args.coordinator).await?;
-        Ok::<_, Failure>(client.transact(ops).await?)
+        Ok::<_, TxnFailure>(client.transact(ops).await?)
     }
     .await;
     match result {
@@ -115,11 +115,11 @@ pub async fn run(args: TxnArgs, order: Vec<(usize, &'static str, usize)>) -> i32
                 Outcome::Pending => 2,
             }
         }
-        Err(Failure(message)) => {
+        Err(TxnFailure { message, txid }) => {
             if args.json {
                 println!(
                     "{}",
-                    json!({ "txid": null, "outcome": "unknown", "reason": message, "participants": [] })
+                    json!({ "txid": txid, "outcome": "unknown", "reason": message, "participants": [] })
                 );
             }
             eprintln!("decree txn: {message}");

@@ -45,6 +45,33 @@ pub enum ClientError {
     Invalid(#[from] decree_proto::InvalidInput),
     #[error("participant {0:?} is not enrolled")]
     UnknownParticipant(String),
+    /// The coordinator could not learn the outcome yet (a one-phase
+    /// participant is unreachable); ask [`Client::status`] later.
+    #[error("outcome of {txid} unknown: {reason}")]
+    OutcomeUnknown { txid: String, reason: String },
+}
+
+impl ClientError {
+    /// The txid of a transaction whose outcome is unknown.
+    pub fn unknown_txid(&self) -> Option<&str> {
+        match self {
+            ClientError::OutcomeUnknown { txid, .. } => Some(txid),
+            _ => None,
+        }
+    }
+}
+
+/// Maps a Transact or Commit failure, keeping the txid of an unknown outcome.
+fn decided_error(status: tonic::Status) -> ClientError {
+    if status.code() == tonic::Code::Unknown {
+        if let Some(txid) = status.metadata().get(decree_proto::TXID_METADATA).and_then(|v| v.to_str().ok()) {
+            return ClientError::OutcomeUnknown {
+                txid: txid.to_owned(),
+                reason: status.message().to_owned(),
+            };
+        }
+    }
+    ClientError::Status(status)
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -205,7 +232,8 @@ impl Client {
             .coordinator
             .clone()
             .transact(v1::TransactRequest { branches, timeout_ms: 0 })
-            .await?
+            .await
+            .map_err(decided_error)?
             .into_inner();
         Ok(TxnResult {
             txid: response.txid,

@@ -85,7 +85,12 @@ fn decided_response(
         Decided::Committed => (Outcome::Committed, String::new()),
         Decided::Aborted { reason } => (Outcome::Aborted, reason),
         Decided::Unknown { reason } => {
-            return Err(Status::unknown(format!("outcome of {txid} unknown: {reason}; ask GetOutcome later")))
+            let mut status =
+                Status::unknown(format!("outcome of {txid} unknown: {reason}; ask GetOutcome later"));
+            if let Ok(value) = txid.to_string().parse() {
+                status.metadata_mut().insert(decree_proto::TXID_METADATA, value);
+            }
+            return Err(status);
         }
     };
     Ok(Response::new(v1::TransactResponse {

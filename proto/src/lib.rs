@@ -39,5 +39,9 @@ impl From<InvalidInput> for tonic::Status {
     }
 }
 
+/// gRPC metadata key that carries the txid on an `UNKNOWN` answer to
+/// `Transact` or `Commit` (the outcome could not be learned yet).
+pub const TXID_METADATA: &str = "decree-txid";
+
 /// Default limit on one gRPC message, and so on one transaction's payload.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

@@ -343,11 +343,10 @@ async fn a_one_phase_commit_whose_vote_is_lost_is_never_reported_aborted() {
             result.txid.clone()
         }
         Err(err) => {
-            let message = err.to_string();
-            assert!(message.contains("unknown"), "the client must hear 'unknown', not a guess: {message}");
-            let start =
-                message.find("outcome of ").expect("the message names the txid") + "outcome of ".len();
-            message[start..].split_whitespace().next().unwrap().to_owned()
+            let txid = err
+                .unknown_txid()
+                .unwrap_or_else(|| panic!("the client must hear 'unknown', not a guess: {err}"));
+            txid.to_owned()
         }
     };
     info!(%txid, "--- the coordinator keeps asking until p1 is back");
@@ -375,11 +374,21 @@ async fn a_one_phase_participant_that_is_down_is_unknown_then_aborted() {
     let client = cluster.client().await.unwrap();
     info!("--- p1 alone, and down: the client hears 'unknown', not a guess");
     cluster.kill(p1);
-    let err =
-        client.transact_branches(check::marked_transfer("t1", &only, 0, 10)).await.unwrap_err().to_string();
-    assert!(err.contains("unknown"), "{err}");
-    let start = err.find("outcome of ").expect("the message names the txid") + "outcome of ".len();
-    let txid = err[start..].split_whitespace().next().unwrap().to_owned();
+    let err = client.transact_branches(check::marked_transfer("t1", &only, 0, 10)).await.unwrap_err();
+    let txid =
+        err.unknown_txid().unwrap_or_else(|| panic!("expected an unknown outcome, got {err}")).to_owned();
+    info!("--- decree txn --json says so too, with the txid");
+    let run = common::decree_async(
+        ["txn", "--coordinator", &cluster.coordinator_url(), "--put", "a=1", "--json"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(client.route("a").unwrap(), "p1", "the ring sends 'a' to p1");
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let out = run.json();
+    assert_eq!(out["outcome"], "unknown");
+    assert!(out["txid"].as_str().is_some_and(|t| t.parse::<decree_client::TxId>().is_ok()), "{out}");
     assert_eq!(client.status(&txid).await.unwrap(), Outcome::Pending, "still being asked");
     info!("--- p1 returns: the coordinator's Abort is acked, so it never committed");
     cluster.restart(p1).unwrap();
