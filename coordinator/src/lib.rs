@@ -21,7 +21,6 @@ use decree_proto::v1::coordinator_server::CoordinatorServer;
 use decree_proto::v1::registry_server::RegistryServer;
 use decree_proto::{InvalidInput, TxId};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Config;
 use engine::EngineError;
@@ -110,7 +109,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .add_service(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))
         .add_service(RegistryServer::new(service).max_decoding_message_size(limit))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

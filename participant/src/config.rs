@@ -31,6 +31,12 @@ pub struct Config {
     /// How often in-doubt branches are checked.
     #[arg(long, env = "DECREE_RESOLVE_INTERVAL_MS", default_value_t = 250)]
     pub resolve_interval_ms: u64,
+    /// How long a Prepare whose keys are locked may wait for them. Only a
+    /// transaction younger than every holder waits (so no deadlock can form);
+    /// an older one, or one that waited this long, votes NO ("lock conflict").
+    /// 0: never wait.
+    #[arg(long, env = "DECREE_LOCK_WAIT_MS", default_value_t = 100)]
+    pub lock_wait_ms: u64,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -51,6 +57,7 @@ impl Config {
             heartbeat_ms: 500,
             in_doubt_after_ms: 1_000,
             resolve_interval_ms: 250,
+            lock_wait_ms: 100,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             crash_at: None,
         }
@@ -79,6 +86,9 @@ impl Config {
                 return Err(format!("{name} must be greater than 0"));
             }
         }
+        if self.lock_wait_ms > 60_000 {
+            return Err("--lock-wait-ms must be at most 60000".into());
+        }
         if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err("--max-message-bytes must be between 1024 and 268435456".into());
         }
@@ -94,6 +104,10 @@ impl Config {
 
     pub fn in_doubt_after(&self) -> Duration {
         Duration::from_millis(self.in_doubt_after_ms)
+    }
+
+    pub fn lock_wait(&self) -> Duration {
+        Duration::from_millis(self.lock_wait_ms)
     }
 
     pub fn resolve_interval(&self) -> Duration {

@@ -8,12 +8,16 @@
 //! - keys stay locked from Prepare until the decision is applied, and a
 //!   prepared branch found at start locks them again before anything is served;
 //! - after YES the branch waits for the coordinator: it never decides alone (I7);
+//! - a Prepare whose keys are locked waits (up to the lock wait bound) only if
+//!   it is younger than every holder and every earlier waiter of those keys,
+//!   else it votes NO at once: every wait is for an older transaction, so no
+//!   cycle of waits, no deadlock, can form;
 //! - Commit and Abort are idempotent; a Prepare for a decided txid votes NO
 //!   (or repeats the committed answer), and a Prepare from an older coordinator
 //!   incarnation votes NO (I8).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use decree_proto::TxId;
 
@@ -110,6 +114,10 @@ pub enum Event {
         txid: TxId,
         outcome: Outcome,
     },
+    /// A Prepare waiting for locks waited as long as it may.
+    LockWaitExpired {
+        txid: TxId,
+    },
     /// The coordinator answered an in-doubt query.
     OutcomeLearned {
         txid: TxId,
@@ -145,6 +153,11 @@ pub enum Command {
     Vote {
         txid: TxId,
         vote: Vote,
+    },
+    /// Feed back [`Event::LockWaitExpired`] after `after`.
+    ArmLockWait {
+        txid: TxId,
+        after: Duration,
     },
     AckCommit {
         txid: TxId,
@@ -182,6 +195,14 @@ impl Branch {
     }
 }
 
+/// A Prepare waiting for its keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Waiter {
+    keys: Vec<String>,
+    payload: Vec<u8>,
+    one_phase: bool,
+}
+
 /// A prepared branch awaiting its decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InDoubt {
@@ -194,6 +215,9 @@ pub struct InDoubt {
 pub struct Engine {
     branches: HashMap<TxId, Branch>,
     locks: HashMap<String, TxId>,
+    /// Prepares waiting for locks, oldest first.
+    waiting: BTreeMap<TxId, Waiter>,
+    lock_wait: Duration,
     tombstones: HashMap<TxId, Outcome>,
     tombstone_order: VecDeque<TxId>,
     coordinator_incarnation: u64,
@@ -201,8 +225,19 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// An engine whose conflicting Prepares vote NO at once.
     pub fn new() -> Self {
         Engine::default()
+    }
+
+    /// An engine whose conflicting Prepares may wait up to `lock_wait`.
+    pub fn with_lock_wait(lock_wait: Duration) -> Self {
+        Engine { lock_wait, ..Engine::default() }
+    }
+
+    /// Prepares waiting for locks, oldest first.
+    pub fn waiting(&self) -> Vec<TxId> {
+        self.waiting.keys().copied().collect()
     }
 
     pub fn take_commands(&mut self) -> Vec<Command> {
@@ -287,6 +322,74 @@ impl Engine {
                 self.branches.insert(txid, Branch::Prepared { keys, redo, since: at });
             }
             Event::RecoveredTombstone { txid, outcome } => self.remember(txid, outcome),
+            Event::LockWaitExpired { txid } => {
+                if let Some(waiter) = self.waiting.remove(&txid) {
+                    let reason = match self.conflict(txid, &waiter.keys) {
+                        Some((key, holder)) => format!(
+                            "lock conflict on key {key:?} (held by {holder}; waited {} ms)",
+                            self.lock_wait.as_millis()
+                        ),
+                        None => "lock wait expired".into(),
+                    };
+                    self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+                }
+            }
+        }
+    }
+
+    /// The first of `keys` locked by another transaction, and its holder.
+    fn conflict(&self, txid: TxId, keys: &[String]) -> Option<(String, TxId)> {
+        keys.iter().find_map(|k| self.locks.get(k).filter(|h| **h != txid).map(|h| (k.clone(), *h)))
+    }
+
+    /// True if `txid` may wait for `keys`: it is younger than every holder and
+    /// every earlier waiter of any of them.
+    fn may_wait(&self, txid: TxId, keys: &[String]) -> bool {
+        let holders_older = keys.iter().filter_map(|k| self.locks.get(k)).all(|holder| *holder < txid);
+        let waiters_older = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| w.keys.iter().any(|k| keys.contains(k)))
+            .all(|(waiter, _)| *waiter < txid);
+        holders_older && waiters_older
+    }
+
+    /// Queues a Prepare for its keys, or votes NO if it may not wait.
+    fn wait_or_refuse(&mut self, txid: TxId, waiter: Waiter, reason: String) {
+        if !self.lock_wait.is_zero() && self.may_wait(txid, &waiter.keys) {
+            self.waiting.insert(txid, waiter);
+            self.commands.push(Command::ArmLockWait { txid, after: self.lock_wait });
+        } else {
+            self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+        }
+    }
+
+    /// Takes the locks of `keys` and starts validating.
+    fn start_validating(&mut self, txid: TxId, keys: Vec<String>, payload: Vec<u8>, one_phase: bool) {
+        for key in &keys {
+            self.locks.insert(key.clone(), txid);
+        }
+        self.branches.insert(txid, Branch::Validating { keys, one_phase, abort_requested: false });
+        self.commands.push(Command::Validate { txid, payload });
+    }
+
+    /// Grants waiting Prepares whose keys are all free, oldest first. A waiter
+    /// never overtakes an older waiter that wants one of its keys.
+    fn grant_waiters(&mut self) {
+        let mut blocked: Vec<String> = Vec::new();
+        let mut granted = Vec::new();
+        for (txid, waiter) in &self.waiting {
+            let free = self.conflict(*txid, &waiter.keys).is_none()
+                && !waiter.keys.iter().any(|k| blocked.contains(k));
+            if free {
+                granted.push(*txid);
+            }
+            // Granted or not, its keys are spoken for ahead of younger waiters.
+            blocked.extend(waiter.keys.iter().cloned());
+        }
+        for txid in granted {
+            let Waiter { keys, payload, one_phase } = self.waiting.remove(&txid).expect("listed above");
+            self.start_validating(txid, keys, payload, one_phase);
         }
     }
 
@@ -325,17 +428,23 @@ impl Engine {
             )));
             return;
         }
-        if let Some((key, holder)) =
-            keys.iter().find_map(|k| self.locks.get(k).filter(|h| **h != txid).map(|h| (k, *h)))
-        {
-            self.commands.push(no(format!("lock conflict on key {key:?} (held by {holder})")));
+        if self.waiting.contains_key(&txid) {
+            self.commands.push(no("a Prepare for this transaction is already waiting".into()));
             return;
         }
-        for key in &keys {
-            self.locks.insert(key.clone(), txid);
+        if let Some((key, holder)) = self.conflict(txid, &keys) {
+            let reason = format!("lock conflict on key {key:?} (held by {holder})");
+            self.wait_or_refuse(txid, Waiter { keys, payload, one_phase }, reason);
+            return;
         }
-        self.branches.insert(txid, Branch::Validating { keys, one_phase, abort_requested: false });
-        self.commands.push(Command::Validate { txid, payload });
+        if self.waiting.values().any(|w| w.keys.iter().any(|k| keys.contains(k))) {
+            // The keys are free, but an older Prepare queues for one of them:
+            // do not overtake it.
+            let reason = "lock conflict: an older transaction is waiting for the same keys".to_owned();
+            self.wait_or_refuse(txid, Waiter { keys, payload, one_phase }, reason);
+            return;
+        }
+        self.start_validating(txid, keys, payload, one_phase);
     }
 
     fn on_validated(&mut self, txid: TxId, result: Validated) {
@@ -343,21 +452,24 @@ impl Engine {
         else {
             panic!("validated {txid}, which was not validating");
         };
+        if abort_requested {
+            // Aborted while validating: whatever validation found, the branch
+            // ends here, remembered as aborted so a late Prepare votes NO.
+            self.release(txid, &keys);
+            self.commands.push(Command::LogAbort { txid, prepared: false });
+            self.remember(txid, Outcome::Aborted);
+            self.commands
+                .push(Command::Vote { txid, vote: Vote::No { reason: "aborted while preparing".into() } });
+            return;
+        }
         match result {
-            Validated::Ready { redo } if !abort_requested => {
+            Validated::Ready { redo } => {
                 if one_phase {
                     self.commands.push(Command::LogCommit { txid, redo: redo.clone(), one_phase: true });
                 } else {
                     self.commands.push(Command::LogPrepared { txid, keys: keys.clone(), redo: redo.clone() });
                 }
-                self.branches.insert(txid, Branch::Logging { keys, redo, one_phase, abort_requested });
-            }
-            Validated::Ready { .. } => {
-                self.release(txid, &keys);
-                self.commands.push(Command::Vote {
-                    txid,
-                    vote: Vote::No { reason: "aborted while preparing".into() },
-                });
+                self.branches.insert(txid, Branch::Logging { keys, redo, one_phase, abort_requested: false });
             }
             Validated::ReadOnly => {
                 self.release(txid, &keys);
@@ -422,6 +534,11 @@ impl Engine {
 
     /// Abort from the coordinator (`ack` set) or learned by asking it.
     fn on_abort(&mut self, txid: TxId, ack: bool) {
+        if self.waiting.remove(&txid).is_some() {
+            // Its Prepare never took a lock: answer it, and remember the abort below.
+            let reason = "aborted while waiting for locks".to_owned();
+            self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+        }
         let reply = |engine: &mut Engine, result: Ack| {
             if ack {
                 engine.commands.push(Command::AckAbort { txid, ack: result });
@@ -475,6 +592,9 @@ impl Engine {
             if self.locks.get(key) == Some(&txid) {
                 self.locks.remove(key);
             }
+        }
+        if !self.waiting.is_empty() {
+            self.grant_waiters();
         }
     }
 

@@ -25,7 +25,6 @@ use decree_proto::v1::kv_server::KvServer;
 use decree_proto::v1::participant_server::ParticipantServer;
 use decree_proto::v1::registry_client::RegistryClient;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Endpoint;
 
 pub use config::Config;
@@ -64,7 +63,7 @@ pub async fn serve(
 
     let store = BranchLog::open(&config.data_dir, &config.coordinator)?;
     let loaded = store.load().await?;
-    let mut engine = Engine::new();
+    let mut engine = Engine::with_lock_wait(config.lock_wait());
     let now = Instant::now();
     for (txid, outcome) in loaded.tombstones {
         engine.on_event(Event::RecoveredTombstone { txid, outcome });
@@ -110,7 +109,7 @@ pub async fn serve(
                 .max_decoding_message_size(limit),
         )
         .add_service(KvServer::new(service::KvService::new(kv)).max_decoding_message_size(limit))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

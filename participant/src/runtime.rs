@@ -220,6 +220,13 @@ impl Actor {
                         let _ = reply.send(vote);
                     }
                 }
+                Command::ArmLockWait { txid, after } => {
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = events.send(Event::LockWaitExpired { txid });
+                    });
+                }
                 Command::AckCommit { txid, ack } => {
                     for reply in self.commit_waiters.remove(&txid).unwrap_or_default() {
                         let _ = reply.send(ack.clone());

@@ -10,6 +10,9 @@ use decree_client::{kv_payload as encode_batch, v1, Client, KvOp};
 
 use crate::{HarnessError, Result};
 
+/// How long [`unlocked`] keeps probing a key.
+pub const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The key account `account`'s balance lives under at each participant.
 pub fn balance_key(account: usize) -> String {
     format!("balance-{account}")
@@ -72,21 +75,39 @@ pub async fn balance_sum(client: &Client, participants: &[String], accounts: usi
     Ok(sum)
 }
 
-/// I6 (locks): every key in `keys` can be written now, i.e. no branch holds it.
-/// Writes an `expect`-only transaction per key (read-only: changes nothing).
+/// I6 (locks): every key in `keys` can be locked now at every participant.
+/// Probes each with an `expect`-only transaction (read-only: it changes
+/// nothing), retried until [`LOCK_CHECK`] passes: a probe can lose a race with
+/// a phase two still finishing, but a key locked for good fails the check.
 pub async fn unlocked(client: &Client, participants: &[String], keys: &[String]) -> Result<()> {
     for participant in participants {
         for key in keys {
-            let current = client.get_at(participant, vec![key.to_string()]).await?.pop().flatten();
-            let ops = vec![KvOp::Expect { key: key.to_string(), value: current }];
-            let branch = v1::Branch { participant: participant.clone(), payload: encode_batch(ops) };
-            let result = client.transact_branches(vec![branch]).await?;
-            if result.outcome != decree_client::Outcome::Committed {
-                return Err(HarnessError::Other(format!(
-                    "{key} at {participant} is still locked: {}",
-                    result.reason
-                )));
-            }
+            let last = std::sync::Mutex::new(String::new());
+            let probe = crate::poll(LOCK_CHECK, &format!("{key} at {participant} to be unlocked"), || {
+                let last = &last;
+                async move {
+                    let current =
+                        client.get_at(participant, vec![key.to_string()]).await.ok()?.pop().flatten();
+                    let ops = vec![KvOp::Expect { key: key.to_string(), value: current }];
+                    let branch = v1::Branch { participant: participant.clone(), payload: encode_batch(ops) };
+                    match client.transact_branches(vec![branch]).await {
+                        Ok(result) if result.outcome == decree_client::Outcome::Committed => Some(()),
+                        Ok(result) => {
+                            *last.lock().unwrap_or_else(|p| p.into_inner()) = result.reason;
+                            None
+                        }
+                        Err(err) => {
+                            *last.lock().unwrap_or_else(|p| p.into_inner()) = err.to_string();
+                            None
+                        }
+                    }
+                }
+            })
+            .await;
+            probe.map_err(|_| {
+                let last = last.lock().unwrap_or_else(|p| p.into_inner());
+                HarnessError::Other(format!("{key} at {participant} is still locked: {last}"))
+            })?;
         }
     }
     Ok(())

@@ -69,7 +69,8 @@ impl Options {
         Options {
             participants,
             binary: None,
-            keep_dir: false,
+            // DECREE_KEEP_DIRS=1 keeps every cluster's data and logs, to look into a failure.
+            keep_dir: std::env::var_os("DECREE_KEEP_DIRS").is_some(),
             coordinator_args: Vec::new(),
             participant_args: Vec::new(),
         }

@@ -312,3 +312,20 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     }
     check::unlocked(&client, &cluster.participant_names(), &["k".to_string()]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_transactions_on_the_same_keys_wait_for_phase_two_instead_of_conflicting() {
+    init();
+    let cluster = Cluster::start(Options::new(3)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert_ne!(client.route("a").unwrap(), client.route("b").unwrap(), "a two-participant transaction");
+    info!("--- the client hears COMMITTED before phase two releases the locks; the next one waits for them");
+    for i in 0..300 {
+        let ops = vec![KvOp::Add { key: "a".into(), delta: -1 }, KvOp::Add { key: "b".into(), delta: 1 }];
+        let result = client.transact(ops).await.unwrap();
+        assert_eq!(result.outcome, Outcome::Committed, "transfer {i}: {}", result.reason);
+    }
+    let values = client.get(&["a".into(), "b".into()]).await.unwrap();
+    assert_eq!(values["a"].as_deref(), Some(&b"-300"[..]));
+    assert_eq!(values["b"].as_deref(), Some(&b"300"[..]));
+}

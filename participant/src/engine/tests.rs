@@ -1,4 +1,5 @@
 use super::*;
+use std::time::Duration;
 
 fn tx(seq: u64) -> TxId {
     TxId::new(0xabcd, 2, seq)
@@ -247,8 +248,10 @@ fn an_abort_while_preparing_never_becomes_yes() {
     );
     assert_eq!(
         event(&mut engine, Event::Validated { txid: t1, result: Validated::Ready { redo: vec![] } }),
-        vec![no(t1, "aborted while preparing")]
+        vec![Command::LogAbort { txid: t1, prepared: false }, no(t1, "aborted while preparing")]
     );
+    assert_eq!(engine.outcome(t1), Some(Outcome::Aborted), "a late Prepare will vote NO");
+    event(&mut engine, Event::AbortLogged { txid: t1 });
     // Abort while the prepared record is being written.
     prepare(&mut engine, t2, &["a"], false);
     event(&mut engine, Event::Validated { txid: t2, result: Validated::Ready { redo: vec![] } });
@@ -309,4 +312,125 @@ fn tombstones_are_bounded() {
     }
     assert_eq!(engine.outcome(tx(1)), None);
     assert_eq!(engine.outcome(tx(TOMBSTONES as u64 + 10)), Some(Outcome::Aborted));
+}
+
+mod lock_wait {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_millis(100);
+
+    fn engine() -> Engine {
+        Engine::with_lock_wait(WAIT)
+    }
+
+    #[test]
+    fn a_younger_prepare_waits_for_an_older_holder_and_runs_when_it_releases() {
+        let mut engine = engine();
+        let (old, young) = (tx(1), tx(2));
+        prepared(&mut engine, old, &["a"]);
+        assert_eq!(
+            prepare(&mut engine, young, &["a", "b"], false),
+            vec![Command::ArmLockWait { txid: young, after: WAIT }]
+        );
+        assert_eq!(engine.waiting(), vec![young]);
+        assert!(!engine.locks().contains_key("b"), "a waiter holds no lock");
+        event(&mut engine, Event::CommitRequested { txid: old });
+        assert_eq!(
+            event(&mut engine, Event::CommitLogged { txid: old }),
+            vec![
+                Command::Validate { txid: young, payload: vec![9] },
+                Command::AckCommit { txid: old, ack: Ack::Done }
+            ]
+        );
+        assert_eq!(engine.locks().get("a"), Some(&young));
+        assert!(engine.waiting().is_empty());
+        event(&mut engine, Event::LockWaitExpired { txid: young });
+        assert_eq!(engine.take_commands(), vec![], "a granted waiter's timer is stale");
+    }
+
+    #[test]
+    fn an_older_prepare_never_waits_for_a_younger_holder() {
+        let mut engine = engine();
+        let (old, young) = (tx(1), tx(2));
+        prepared(&mut engine, young, &["a"]);
+        assert_eq!(
+            prepare(&mut engine, old, &["a"], false),
+            vec![no(old, &format!("lock conflict on key \"a\" (held by {young})"))]
+        );
+        assert!(engine.waiting().is_empty());
+    }
+
+    #[test]
+    fn a_wait_that_runs_out_votes_no_with_lock_conflict() {
+        let mut engine = engine();
+        let (old, young) = (tx(1), tx(2));
+        prepared(&mut engine, old, &["a"]);
+        prepare(&mut engine, young, &["a"], false);
+        assert_eq!(
+            event(&mut engine, Event::LockWaitExpired { txid: young }),
+            vec![no(young, &format!("lock conflict on key \"a\" (held by {old}; waited 100 ms)"))]
+        );
+        event(&mut engine, Event::AbortRequested { txid: old });
+        assert_eq!(
+            event(&mut engine, Event::AbortLogged { txid: old }),
+            vec![Command::AckAbort { txid: old, ack: Ack::Done }]
+        );
+        assert!(engine.locks().is_empty(), "the expired waiter is not granted later");
+    }
+
+    #[test]
+    fn no_one_overtakes_an_older_waiter_and_waiters_are_granted_oldest_first() {
+        let mut engine = engine();
+        let (holder, w1, w2, w0) = (tx(1), tx(3), tx(4), tx(2));
+        prepared(&mut engine, holder, &["a"]);
+        prepare(&mut engine, w1, &["a", "b"], false);
+        prepare(&mut engine, w2, &["b"], false);
+        assert_eq!(engine.waiting(), vec![w1, w2], "b is free, but w1 (older) waits for it");
+        assert_eq!(
+            prepare(&mut engine, w0, &["b"], false),
+            vec![no(w0, "lock conflict: an older transaction is waiting for the same keys")],
+            "w0 is older than the waiter w1: it may not wait behind it"
+        );
+        event(&mut engine, Event::AbortRequested { txid: holder });
+        assert_eq!(
+            event(&mut engine, Event::AbortLogged { txid: holder }),
+            vec![
+                Command::Validate { txid: w1, payload: vec![9] },
+                Command::AckAbort { txid: holder, ack: Ack::Done }
+            ]
+        );
+        assert_eq!(engine.waiting(), vec![w2], "w2 now waits for w1");
+    }
+
+    #[test]
+    fn an_abort_of_a_waiting_prepare_answers_it_and_leaves_a_tombstone() {
+        let mut engine = engine();
+        let (old, young) = (tx(1), tx(2));
+        prepared(&mut engine, old, &["a"]);
+        prepare(&mut engine, young, &["a"], false);
+        assert_eq!(
+            event(&mut engine, Event::AbortRequested { txid: young }),
+            vec![
+                no(young, "aborted while waiting for locks"),
+                Command::LogAbort { txid: young, prepared: false }
+            ]
+        );
+        assert!(engine.waiting().is_empty());
+        assert_eq!(engine.outcome(young), Some(Outcome::Aborted));
+    }
+
+    #[test]
+    fn waits_only_point_from_younger_to_older_so_no_cycle_can_form() {
+        // Two participants, two transactions, each prepared at one and asking
+        // at the other: the classic deadlock. Only the younger one waits.
+        let (mut p1, mut p2) = (engine(), engine());
+        let (t1, t2) = (tx(1), tx(2));
+        prepared(&mut p1, t1, &["x"]);
+        prepared(&mut p2, t2, &["y"]);
+        assert!(matches!(
+            prepare(&mut p2, t1, &["y"], false).as_slice(),
+            [Command::Vote { vote: Vote::No { .. }, .. }]
+        ));
+        assert_eq!(prepare(&mut p1, t2, &["x"], false), vec![Command::ArmLockWait { txid: t2, after: WAIT }]);
+    }
 }
