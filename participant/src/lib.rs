@@ -119,26 +119,9 @@ pub use kv::KvStore;
 /// Runs the participant as a process: arms crash points, binds, serves until
 /// SIGINT or SIGTERM. Returns the process exit code.
 pub async fn run(config: Config) -> i32 {
-    if let Err(err) = config.validate() {
-        eprintln!("decree participant: {err}");
-        return 2;
-    }
-    if let Err(err) = decree_runtime::crash::arm(config.crash_at.as_deref()) {
-        eprintln!("decree participant: {err}");
-        return 2;
-    }
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            eprintln!("decree participant: cannot listen on {}: {err}", config.listen);
-            return 1;
-        }
-    };
-    match serve(config, listener, decree_runtime::serve::shutdown_signal()).await {
-        Ok(()) => 0,
-        Err(err) => {
-            eprintln!("decree participant: {err}");
-            1
-        }
-    }
+    let (valid, crash_at, listen) = (config.validate(), config.crash_at.clone(), config.listen);
+    decree_runtime::serve::run_process("decree participant", valid, crash_at.as_deref(), listen, |listener| {
+        serve(config, listener, decree_runtime::serve::shutdown_signal())
+    })
+    .await
 }

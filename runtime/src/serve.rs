@@ -50,3 +50,43 @@ pub fn incoming(
         })
     })
 }
+
+/// Runs a server as a process: checks its configuration, arms the crash
+/// points, binds `listen`, and serves until SIGINT or SIGTERM (`serve` gets the
+/// listener). Returns the exit code: 0 after a clean stop, 2 for a bad
+/// configuration, 1 for anything else. `what` starts every message.
+pub async fn run_process<F, Fut, E>(
+    what: &str,
+    valid: Result<(), String>,
+    crash_at: Option<&str>,
+    listen: std::net::SocketAddr,
+    serve: F,
+) -> i32
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    if let Err(err) = valid {
+        eprintln!("{what}: {err}");
+        return 2;
+    }
+    if let Err(err) = crate::crash::arm(crash_at) {
+        eprintln!("{what}: {err}");
+        return 2;
+    }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("{what}: cannot listen on {listen}: {err}");
+            return 1;
+        }
+    };
+    match serve(listener).await {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("{what}: {err}");
+            1
+        }
+    }
+}

@@ -228,6 +228,22 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(run.code, 2);
     assert_eq!(run.json()["outcome"], "unknown");
 
+    info!("--- a server with a bad flag or an unknown crash point refuses to start, naming it");
+    let data = cluster.dir().join("refused");
+    let data = data.to_str().unwrap();
+    let servers: &[(&[&str], &str)] = &[
+        (&["coordinator", "--data-dir", data, "--prepare-timeout-ms", "0"], "--prepare-timeout-ms"),
+        (&["coordinator", "--data-dir", data, "--crash-at", "coordinator.nope"], "unknown crash point"),
+        (&["participant", "--data-dir", data, "--coordinator", "nope", "--name", "x"], "--coordinator"),
+        (&["participant", "--data-dir", data, "--coordinator", &url, "--name", "no spaces"], "--name"),
+    ];
+    for (args, message) in servers {
+        let run = decree_async(s(args)).await;
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{args:?}: expected {message:?} in {:?}", run.stderr);
+    }
+    assert!(!cluster.dir().join("refused").exists(), "a refused start creates nothing");
+
     info!("--- the coordinator answers INVALID_ARGUMENT");
     let mut coordinator = v1::coordinator_client::CoordinatorClient::connect(url.clone()).await.unwrap();
     let branch = |p: &str, payload: Vec<u8>| v1::Branch { participant: p.into(), payload };
