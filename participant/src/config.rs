@@ -37,6 +37,10 @@ pub struct Config {
     /// 0: never wait.
     #[arg(long, env = "DECREE_LOCK_WAIT_MS", default_value_t = 100)]
     pub lock_wait_ms: u64,
+    /// How long a read of a locked key waits for the lock to go (so a client
+    /// reads its own committed writes); after that it reads what is committed here.
+    #[arg(long, env = "DECREE_READ_WAIT_MS", default_value_t = 1_000)]
+    pub read_wait_ms: u64,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -58,6 +62,7 @@ impl Config {
             in_doubt_after_ms: 1_000,
             resolve_interval_ms: 250,
             lock_wait_ms: 100,
+            read_wait_ms: 1_000,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             crash_at: None,
         }
@@ -89,6 +94,9 @@ impl Config {
         if self.lock_wait_ms > 60_000 {
             return Err("--lock-wait-ms must be at most 60000".into());
         }
+        if self.read_wait_ms > 60_000 {
+            return Err("--read-wait-ms must be at most 60000".into());
+        }
         if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err("--max-message-bytes must be between 1024 and 268435456".into());
         }
@@ -108,6 +116,10 @@ impl Config {
 
     pub fn lock_wait(&self) -> Duration {
         Duration::from_millis(self.lock_wait_ms)
+    }
+
+    pub fn read_wait(&self) -> Duration {
+        Duration::from_millis(self.read_wait_ms)
     }
 
     pub fn resolve_interval(&self) -> Duration {

@@ -12,6 +12,10 @@
 //!   it is younger than every holder and every earlier waiter of those keys,
 //!   else it votes NO at once: every wait is for an older transaction, so no
 //!   cycle of waits, no deadlock, can form;
+//! - a read of a locked key waits (up to the read wait bound) until the lock is
+//!   released: a transaction is decided before its client hears of it and
+//!   applied before its locks go, so a read never misses a transaction whose
+//!   commit its client already saw;
 //! - Commit and Abort are idempotent; a Prepare for a decided txid votes NO
 //!   (or repeats the committed answer), and a Prepare from an older coordinator
 //!   incarnation votes NO (I8).
@@ -118,6 +122,15 @@ pub enum Event {
     LockWaitExpired {
         txid: TxId,
     },
+    /// A read of `keys` (numbered by the runtime) wants them unlocked.
+    ReadRequested {
+        read: u64,
+        keys: Vec<String>,
+    },
+    /// A read waited as long as it may.
+    ReadWaitExpired {
+        read: u64,
+    },
     /// The coordinator answered an in-doubt query.
     OutcomeLearned {
         txid: TxId,
@@ -157,6 +170,15 @@ pub enum Command {
     /// Feed back [`Event::LockWaitExpired`] after `after`.
     ArmLockWait {
         txid: TxId,
+        after: Duration,
+    },
+    /// The read may go ahead: none of its keys is locked (or it waited as long as it may).
+    Read {
+        read: u64,
+    },
+    /// Feed back [`Event::ReadWaitExpired`] after `after`.
+    ArmReadWait {
+        read: u64,
         after: Duration,
     },
     AckCommit {
@@ -218,6 +240,9 @@ pub struct Engine {
     /// Prepares waiting for locks, oldest first.
     waiting: BTreeMap<TxId, Waiter>,
     lock_wait: Duration,
+    /// Reads waiting for their keys to be unlocked.
+    readers: BTreeMap<u64, Vec<String>>,
+    read_wait: Duration,
     tombstones: HashMap<TxId, Outcome>,
     tombstone_order: VecDeque<TxId>,
     coordinator_incarnation: u64,
@@ -230,9 +255,10 @@ impl Engine {
         Engine::default()
     }
 
-    /// An engine whose conflicting Prepares may wait up to `lock_wait`.
-    pub fn with_lock_wait(lock_wait: Duration) -> Self {
-        Engine { lock_wait, ..Engine::default() }
+    /// An engine whose conflicting Prepares may wait up to `lock_wait`, and
+    /// whose reads of locked keys up to `read_wait`.
+    pub fn with_waits(lock_wait: Duration, read_wait: Duration) -> Self {
+        Engine { lock_wait, read_wait, ..Engine::default() }
     }
 
     /// Prepares waiting for locks, oldest first.
@@ -322,6 +348,20 @@ impl Engine {
                 self.branches.insert(txid, Branch::Prepared { keys, redo, since: at });
             }
             Event::RecoveredTombstone { txid, outcome } => self.remember(txid, outcome),
+            Event::ReadRequested { read, keys } => {
+                if self.read_wait.is_zero() || keys.iter().all(|k| !self.locks.contains_key(k)) {
+                    self.commands.push(Command::Read { read });
+                } else {
+                    self.readers.insert(read, keys);
+                    self.commands.push(Command::ArmReadWait { read, after: self.read_wait });
+                }
+            }
+            Event::ReadWaitExpired { read } => {
+                // Still locked (a branch in doubt): read what is committed here.
+                if self.readers.remove(&read).is_some() {
+                    self.commands.push(Command::Read { read });
+                }
+            }
             Event::LockWaitExpired { txid } => {
                 if let Some(waiter) = self.waiting.remove(&txid) {
                     let reason = match self.conflict(txid, &waiter.keys) {
@@ -595,6 +635,18 @@ impl Engine {
         }
         if !self.waiting.is_empty() {
             self.grant_waiters();
+        }
+        if !self.readers.is_empty() {
+            let ready: Vec<u64> = self
+                .readers
+                .iter()
+                .filter(|(_, keys)| keys.iter().all(|k| !self.locks.contains_key(k)))
+                .map(|(read, _)| *read)
+                .collect();
+            for read in ready {
+                self.readers.remove(&read);
+                self.commands.push(Command::Read { read });
+            }
         }
     }
 

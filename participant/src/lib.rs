@@ -63,7 +63,7 @@ pub async fn serve(
 
     let store = BranchLog::open(&config.data_dir, &config.coordinator)?;
     let loaded = store.load().await?;
-    let mut engine = Engine::with_lock_wait(config.lock_wait());
+    let mut engine = Engine::with_waits(config.lock_wait(), config.read_wait());
     let now = Instant::now();
     for (txid, outcome) in loaded.tombstones {
         engine.on_event(Event::RecoveredTombstone { txid, outcome });
@@ -105,10 +105,16 @@ pub async fn serve(
         .max_concurrent_streams(1024)
         .tcp_nodelay(true)
         .add_service(
-            ParticipantServer::new(service::ParticipantService::new(handle, resource, config.name.clone()))
-                .max_decoding_message_size(limit),
+            ParticipantServer::new(service::ParticipantService::new(
+                handle.clone(),
+                resource,
+                config.name.clone(),
+            ))
+            .max_decoding_message_size(limit),
         )
-        .add_service(KvServer::new(service::KvService::new(kv)).max_decoding_message_size(limit))
+        .add_service(
+            KvServer::new(service::KvService::new(kv, handle.clone())).max_decoding_message_size(limit),
+        )
         .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), shutdown)
         .await?;
     Ok(())

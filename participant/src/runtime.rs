@@ -42,6 +42,11 @@ pub(crate) enum Request {
     InDoubt {
         reply: oneshot::Sender<Vec<InDoubt>>,
     },
+    /// Answered when none of `keys` is locked (or the read wait ran out).
+    Read {
+        keys: Vec<String>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Clone)]
@@ -84,6 +89,11 @@ impl Handle {
         self.ask(|reply| Request::InDoubt { reply }).await
     }
 
+    /// Waits until none of `keys` is locked, within the read wait.
+    pub(crate) async fn until_unlocked(&self, keys: Vec<String>) -> Result<(), ShuttingDown> {
+        self.ask(|reply| Request::Read { keys, reply }).await
+    }
+
     fn event(&self, event: Event) {
         let _ = self.events.send(event);
     }
@@ -97,6 +107,8 @@ struct Actor {
     votes: HashMap<TxId, oneshot::Sender<Vote>>,
     commit_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
     abort_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
+    readers: HashMap<u64, oneshot::Sender<()>>,
+    next_read: u64,
 }
 
 /// Starts the actor over an engine that already holds the recovered state.
@@ -111,6 +123,8 @@ pub(crate) fn start(engine: Engine, resource: Arc<dyn Resource>, store: BranchLo
         votes: HashMap::new(),
         commit_waiters: HashMap::new(),
         abort_waiters: HashMap::new(),
+        readers: HashMap::new(),
+        next_read: 0,
     };
     tokio::spawn(actor.run(request_rx, event_rx));
     Handle { requests, events }
@@ -157,6 +171,12 @@ impl Actor {
             }
             Request::InDoubt { reply } => {
                 let _ = reply.send(self.engine.in_doubt());
+            }
+            Request::Read { keys, reply } => {
+                let read = self.next_read;
+                self.next_read += 1;
+                self.readers.insert(read, reply);
+                self.engine.on_event(Event::ReadRequested { read, keys });
             }
         }
     }
@@ -225,6 +245,18 @@ impl Actor {
                     tokio::spawn(async move {
                         tokio::time::sleep(after).await;
                         let _ = events.send(Event::LockWaitExpired { txid });
+                    });
+                }
+                Command::Read { read } => {
+                    if let Some(reply) = self.readers.remove(&read) {
+                        let _ = reply.send(());
+                    }
+                }
+                Command::ArmReadWait { read, after } => {
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = events.send(Event::ReadWaitExpired { read });
                     });
                 }
                 Command::AckCommit { txid, ack } => {

@@ -109,11 +109,12 @@ impl Participant for ParticipantService {
 #[derive(Clone)]
 pub struct KvService {
     store: KvStore,
+    handle: Handle,
 }
 
 impl KvService {
-    pub(crate) fn new(store: KvStore) -> Self {
-        KvService { store }
+    pub(crate) fn new(store: KvStore, handle: Handle) -> Self {
+        KvService { store, handle }
     }
 }
 
@@ -128,6 +129,8 @@ impl Kv for KvService {
         for key in &keys {
             KvOp::check_key(key)?;
         }
+        // A locked key is being changed by a branch: wait for its decision to be applied.
+        self.handle.until_unlocked(keys.clone()).await?;
         let store = self.store.clone();
         let values = tokio::task::spawn_blocking(move || {
             keys.into_iter()

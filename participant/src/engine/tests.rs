@@ -320,7 +320,7 @@ mod lock_wait {
     const WAIT: Duration = Duration::from_millis(100);
 
     fn engine() -> Engine {
-        Engine::with_lock_wait(WAIT)
+        Engine::with_waits(WAIT, Duration::ZERO)
     }
 
     #[test]
@@ -432,5 +432,46 @@ mod lock_wait {
             [Command::Vote { vote: Vote::No { .. }, .. }]
         ));
         assert_eq!(prepare(&mut p1, t2, &["x"], false), vec![Command::ArmLockWait { txid: t2, after: WAIT }]);
+    }
+}
+
+mod read_wait {
+    use super::*;
+
+    const READ_WAIT: Duration = Duration::from_millis(1000);
+
+    #[test]
+    fn a_read_of_a_locked_key_waits_until_the_decision_is_applied() {
+        let mut engine = Engine::with_waits(Duration::ZERO, READ_WAIT);
+        let t = tx(1);
+        prepared(&mut engine, t, &["a"]);
+        assert_eq!(
+            event(&mut engine, Event::ReadRequested { read: 7, keys: keys(&["b", "a"]) }),
+            vec![Command::ArmReadWait { read: 7, after: READ_WAIT }]
+        );
+        assert_eq!(
+            event(&mut engine, Event::ReadRequested { read: 8, keys: keys(&["b"]) }),
+            vec![Command::Read { read: 8 }]
+        );
+        event(&mut engine, Event::CommitRequested { txid: t });
+        assert_eq!(
+            event(&mut engine, Event::CommitLogged { txid: t }),
+            vec![Command::Read { read: 7 }, Command::AckCommit { txid: t, ack: Ack::Done }],
+            "the read goes only once the commit is applied"
+        );
+        assert_eq!(event(&mut engine, Event::ReadWaitExpired { read: 7 }), vec![], "a stale timer");
+    }
+
+    #[test]
+    fn a_read_blocked_by_a_branch_in_doubt_reads_what_is_committed_after_the_wait() {
+        let mut engine = Engine::with_waits(Duration::ZERO, READ_WAIT);
+        let t = tx(1);
+        event(
+            &mut engine,
+            Event::Recovered { txid: t, keys: keys(&["a"]), redo: vec![], at: Instant::now() },
+        );
+        event(&mut engine, Event::ReadRequested { read: 1, keys: keys(&["a"]) });
+        assert_eq!(event(&mut engine, Event::ReadWaitExpired { read: 1 }), vec![Command::Read { read: 1 }]);
+        assert_eq!(engine.in_doubt().len(), 1, "the read changed nothing");
     }
 }
