@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use decree_proto::v1;
+use decree_proto::v1::participant_client::ParticipantClient;
 use decree_proto::{ParticipantName, TxId};
 use decree_runtime::crash;
 use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -377,13 +379,9 @@ impl Actor {
             coordinator_incarnation: self.handle.incarnation,
         };
         async move {
-            let vote = match client {
-                None => VoteResult::Failed { error: "not enrolled".into() },
-                Some(mut client) => match tokio::time::timeout(timeout, client.prepare(request)).await {
-                    Err(_) => VoteResult::Failed { error: "no answer before the deadline".into() },
-                    Ok(Err(status)) => VoteResult::Failed { error: status.message().to_owned() },
-                    Ok(Ok(response)) => vote_of(response.into_inner()),
-                },
+            let vote = match call(client, timeout, |mut c| async move { c.prepare(request).await }).await {
+                Ok(response) => vote_of(response),
+                Err(unanswered) => VoteResult::Failed { error: unanswered.to_string() },
             };
             let _ = events.send(Event::Voted { txid, participant, vote });
         }
@@ -398,24 +396,10 @@ impl Actor {
         let client = self.handle.registry.client(&participant);
         let events = self.handle.events.clone();
         let timeout = self.handle.config.commit_timeout();
+        let request = v1::CommitRequest { txid: txid.to_string() };
         async move {
-            let result = match client {
-                None => Err("not enrolled".to_owned()),
-                Some(mut client) => {
-                    match tokio::time::timeout(
-                        timeout,
-                        client.commit(v1::CommitRequest { txid: txid.to_string() }),
-                    )
-                    .await
-                    {
-                        Err(_) => Err("no answer before the deadline".to_owned()),
-                        Ok(Err(status)) => Err(status.message().to_owned()),
-                        Ok(Ok(_)) => Ok(()),
-                    }
-                }
-            };
-            match result {
-                Ok(()) => {
+            match call(client, timeout, |mut c| async move { c.commit(request).await }).await {
+                Ok(_) => {
                     if recovery {
                         info!(%txid, %participant, "recovery: commit delivered");
                         crash::point(crash::COORDINATOR_RECOVERY_MID_REDRIVE);
@@ -437,19 +421,15 @@ impl Actor {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let client = self.handle.registry.client(&participant);
         let timeout = self.handle.config.commit_timeout();
+        let request = v1::AbortRequest { txid: txid.to_string() };
         async move {
             // Best effort: a participant that misses it asks, and presumed abort answers.
-            if let Some(mut client) = client {
-                let abort = client.abort(v1::AbortRequest { txid: txid.to_string() });
-                if let Ok(Err(status)) = tokio::time::timeout(timeout, abort).await {
-                    debug!(%txid, %participant, error = status.message(), "abort not delivered");
-                }
+            if let Err(error) = call(client, timeout, |mut c| async move { c.abort(request).await }).await {
+                debug!(%txid, %participant, %error, "abort not delivered");
             }
         }
     }
-}
 
-impl Actor {
     /// Learns a one-phase outcome by sending Abort: acked means it did not
     /// commit (and now cannot: the participant keeps an abort tombstone);
     /// FAILED_PRECONDITION means it committed (answered once durable).
@@ -461,27 +441,54 @@ impl Actor {
         let client = self.handle.registry.client(&participant);
         let events = self.handle.events.clone();
         let timeout = self.handle.config.commit_timeout();
+        let request = v1::AbortRequest { txid: txid.to_string() };
         async move {
-            let found = match client {
-                None => OnePhaseFound::Unreachable,
-                Some(mut client) => {
-                    match tokio::time::timeout(
-                        timeout,
-                        client.abort(v1::AbortRequest { txid: txid.to_string() }),
-                    )
-                    .await
-                    {
-                        Ok(Ok(_)) => OnePhaseFound::Aborted,
-                        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                            OnePhaseFound::Committed
-                        }
-                        Ok(Err(_)) | Err(_) => OnePhaseFound::Unreachable,
-                    }
+            let found = match call(client, timeout, |mut c| async move { c.abort(request).await }).await {
+                Ok(_) => OnePhaseFound::Aborted,
+                Err(Unanswered::Refused(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                    OnePhaseFound::Committed
                 }
+                Err(_) => OnePhaseFound::Unreachable,
             };
             info!(%txid, %participant, ?found, "one-phase outcome asked");
             let _ = events.send(Event::OnePhaseResolved { txid, found });
         }
+    }
+}
+
+/// Why a participant RPC brought no answer.
+#[derive(Debug)]
+enum Unanswered {
+    NotEnrolled,
+    Deadline,
+    Refused(tonic::Status),
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unanswered::NotEnrolled => f.write_str("not enrolled"),
+            Unanswered::Deadline => f.write_str("no answer before the deadline"),
+            Unanswered::Refused(status) => f.write_str(status.message()),
+        }
+    }
+}
+
+/// One RPC to a participant (looked up before, `None` if not enrolled), under `timeout`.
+async fn call<T, F, Fut>(
+    client: Option<ParticipantClient<Channel>>,
+    timeout: Duration,
+    rpc: F,
+) -> Result<T, Unanswered>
+where
+    F: FnOnce(ParticipantClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let client = client.ok_or(Unanswered::NotEnrolled)?;
+    match tokio::time::timeout(timeout, rpc(client)).await {
+        Err(_) => Err(Unanswered::Deadline),
+        Ok(Err(status)) => Err(Unanswered::Refused(status)),
+        Ok(Ok(response)) => Ok(response.into_inner()),
     }
 }
 

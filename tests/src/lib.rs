@@ -297,23 +297,19 @@ impl Cluster {
 
     /// Waits until the node exits by itself (e.g. at a crash point).
     pub async fn wait_exit(&mut self, id: NodeId, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let node = self.node(id);
-            let name = node.name.clone();
-            if let Some(child) = &mut node.child {
-                if let Some(status) = child.try_wait()? {
-                    node.child = None;
-                    return Ok(status);
-                }
-            } else {
-                return Err(HarnessError::Other(format!("{name} is not running")));
-            }
-            if Instant::now() > deadline {
-                return Err(HarnessError::Timeout(timeout, format!("{name} to exit")));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let node = self.node(id);
+        let name = node.name.clone();
+        let Some(child) = node.child.as_mut() else {
+            return Err(HarnessError::Other(format!("{name} is not running")));
+        };
+        let status = poll(timeout, &format!("{name} to exit"), || {
+            // try_wait is synchronous: the probe's future holds no borrow.
+            let exited = child.try_wait().ok().flatten();
+            async move { exited }
+        })
+        .await?;
+        node.child = None;
+        Ok(status)
     }
 
     /// A client of the cluster (participants listed now).
