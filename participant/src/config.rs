@@ -4,6 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// What a participant stores its data in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The reference KV store, in the participant's own RocksDB log.
+    Kv,
+    /// A table in PostgreSQL; branches are PostgreSQL prepared transactions.
+    Postgres,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Address to serve gRPC on (Participant and Kv services).
@@ -44,6 +53,16 @@ pub struct Config {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// Where the participant keeps its data: kv (its own RocksDB) or postgres (--pg-url).
+    #[arg(long, env = "DECREE_BACKEND", value_enum, default_value_t = Backend::Kv)]
+    pub backend: Backend,
+    /// PostgreSQL connection URL for --backend postgres, e.g.
+    /// postgres://user@127.0.0.1:5432/db (the server needs max_prepared_transactions > 0).
+    #[arg(long, env = "DECREE_PG_URL")]
+    pub pg_url: Option<String>,
+    /// The table of --backend postgres (created if missing).
+    #[arg(long, env = "DECREE_PG_TABLE", default_value = crate::postgres::DEFAULT_TABLE)]
+    pub pg_table: String,
     /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
     #[arg(long)]
     pub crash_at: Option<String>,
@@ -64,6 +83,9 @@ impl Config {
             lock_wait_ms: 100,
             read_wait_ms: 1_000,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
+            backend: Backend::Kv,
+            pg_url: None,
+            pg_table: crate::postgres::DEFAULT_TABLE.to_owned(),
             crash_at: None,
         }
     }
@@ -100,6 +122,15 @@ impl Config {
         if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err("--max-message-bytes must be between 1024 and 268435456".into());
         }
+        match (self.backend, &self.pg_url) {
+            (Backend::Postgres, None) => return Err("--pg-url is required with --backend postgres".into()),
+            (Backend::Postgres, Some(url)) => {
+                url.parse::<tokio_postgres::Config>().map_err(|e| format!("--pg-url {url:?}: {e}"))?;
+            }
+            (Backend::Kv, Some(_)) => return Err("--pg-url is only for --backend postgres".into()),
+            (Backend::Kv, None) => {}
+        }
+        crate::postgres::check_table(&self.pg_table).map_err(|e| format!("--pg-table: {e}"))?;
         if let Some(list) = &self.crash_at {
             decree_runtime::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
         }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use decree_proto::v1;
-use decree_proto::KvOp;
+use decree_proto::{KvOp, TxId};
 use decree_runtime::{record, Log, LogError, Write};
 use prost::Message;
 
@@ -49,11 +49,6 @@ impl KvStore {
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LogError> {
         self.log.get(&data_key(key))
     }
-
-    fn ops(payload: &[u8]) -> Result<Vec<KvOp>, String> {
-        let batch = v1::KvBatch::decode(payload).map_err(|e| format!("invalid KV payload: {e}"))?;
-        batch.ops.into_iter().map(|op| KvOp::try_from(op).map_err(|e| e.to_string())).collect()
-    }
 }
 
 fn show(value: &Option<Vec<u8>>) -> String {
@@ -63,75 +58,102 @@ fn show(value: &Option<Vec<u8>>) -> String {
     }
 }
 
-impl Resource for KvStore {
-    fn keys(&self, payload: &[u8]) -> Result<Vec<String>, String> {
-        let mut keys: Vec<String> = Self::ops(payload)?.into_iter().map(|op| op.key().to_owned()).collect();
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
-    }
+/// Each key's value as a branch sees it after its ops, and whether the branch wrote it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    values: BTreeMap<String, (Option<Vec<u8>>, bool)>,
+}
 
-    fn validate(&self, payload: &[u8]) -> Validated {
-        let refuse = |reason: String| Validated::Refused { reason };
-        let ops = match Self::ops(payload) {
-            Ok(ops) => ops,
-            Err(reason) => return refuse(reason),
-        };
-        // Each key's value as the branch sees it, and whether the branch wrote it.
-        let mut overlay: BTreeMap<String, (Option<Vec<u8>>, bool)> = BTreeMap::new();
+impl Overlay {
+    /// Applies `ops` in order over the committed values that `read` returns
+    /// (asked once per key). An op that cannot apply refuses the whole batch.
+    pub fn apply(
+        &mut self,
+        ops: &[KvOp],
+        mut read: impl FnMut(&str) -> Result<Option<Vec<u8>>, String>,
+    ) -> Result<(), String> {
         for op in ops {
-            let key = op.key().to_owned();
-            if !overlay.contains_key(&key) {
-                match self.get(&key) {
-                    Ok(value) => overlay.insert(key.clone(), (value, false)),
-                    Err(err) => return refuse(format!("storage error reading {key:?}: {err}")),
-                };
+            let key = op.key();
+            if !self.values.contains_key(key) {
+                let value = read(key).map_err(|e| format!("reading {key:?}: {e}"))?;
+                self.values.insert(key.to_owned(), (value, false));
             }
-            let (value, written) = overlay.get_mut(&key).expect("inserted above");
+            let (value, written) = self.values.get_mut(key).expect("inserted above");
             match op {
-                KvOp::Put { value: new, .. } => (*value, *written) = (Some(new), true),
+                KvOp::Put { value: new, .. } => (*value, *written) = (Some(new.clone()), true),
                 KvOp::Delete { .. } => (*value, *written) = (None, true),
                 KvOp::Add { delta, .. } => {
                     let current = match value {
                         None => 0,
-                        Some(bytes) => {
-                            match std::str::from_utf8(bytes).ok().and_then(|s| s.parse::<i64>().ok()) {
-                                Some(n) => n,
-                                None => {
-                                    return refuse(format!(
-                                        "add on key {key:?}: value {} is not a decimal integer",
-                                        show(value)
-                                    ))
-                                }
-                            }
-                        }
+                        Some(bytes) => std::str::from_utf8(bytes)
+                            .ok()
+                            .and_then(|s| s.parse::<i64>().ok())
+                            .ok_or_else(|| {
+                                format!("add on key {key:?}: value {} is not a decimal integer", show(value))
+                            })?,
                     };
-                    let Some(sum) = current.checked_add(delta) else {
-                        return refuse(format!("add on key {key:?}: {current} + {delta} overflows"));
-                    };
+                    let sum = current
+                        .checked_add(*delta)
+                        .ok_or_else(|| format!("add on key {key:?}: {current} + {delta} overflows"))?;
                     (*value, *written) = (Some(sum.to_string().into_bytes()), true);
                 }
                 KvOp::Expect { value: expected, .. } => {
-                    if *value != expected {
-                        return refuse(format!(
+                    if value != expected {
+                        return Err(format!(
                             "expect on key {key:?} failed: expected {}, found {}",
-                            show(&expected),
+                            show(expected),
                             show(value)
                         ));
                     }
                 }
             }
         }
-        let writes: Vec<KvWrite> = overlay
-            .into_iter()
-            .filter(|(_, (_, written))| *written)
-            .map(|(key, (value, _))| KvWrite { key, value })
-            .collect();
+        Ok(())
+    }
+
+    /// The value of `key` as the branch sees it, if the branch touched it.
+    pub fn value(&self, key: &str) -> Option<&Option<Vec<u8>>> {
+        self.values.get(key).map(|(value, _)| value)
+    }
+
+    /// The keys the branch wrote and their final values (`None`: deleted), in key order.
+    pub fn writes(self) -> Vec<(String, Option<Vec<u8>>)> {
+        self.values.into_iter().filter(|(_, (_, written))| *written).map(|(k, (v, _))| (k, v)).collect()
+    }
+}
+
+/// Decodes a [`v1::KvBatch`] payload into checked ops.
+pub fn ops(payload: &[u8]) -> Result<Vec<KvOp>, String> {
+    let batch = v1::KvBatch::decode(payload).map_err(|e| format!("invalid KV payload: {e}"))?;
+    batch.ops.into_iter().map(|op| KvOp::try_from(op).map_err(|e| e.to_string())).collect()
+}
+
+/// The distinct keys of `ops`, sorted.
+pub fn keys(ops: &[KvOp]) -> Vec<String> {
+    let mut keys: Vec<String> = ops.iter().map(|op| op.key().to_owned()).collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+impl KvStore {
+    /// The branch's view after `ops` over the committed values here.
+    pub fn evaluate(&self, ops: &[KvOp]) -> Result<Overlay, String> {
+        let mut overlay = Overlay::default();
+        overlay.apply(ops, |key| self.get(key).map_err(|e| e.to_string()))?;
+        Ok(overlay)
+    }
+
+    fn validate(&self, payload: &[u8]) -> Validated {
+        let writes = match ops(payload).and_then(|ops| self.evaluate(&ops)) {
+            Ok(overlay) => overlay.writes(),
+            Err(reason) => return Validated::Refused { reason },
+        };
         if writes.is_empty() {
-            Validated::ReadOnly
-        } else {
-            Validated::Ready { redo: record::encode(&KvRedo { writes }) }
+            return Validated::ReadOnly;
         }
+        let writes = writes.into_iter().map(|(key, value)| KvWrite { key, value }).collect();
+        Validated::Ready { redo: record::encode(&KvRedo { writes }) }
     }
 
     fn apply(&self, redo: &[u8]) -> Result<Vec<Write>, String> {
@@ -144,6 +166,21 @@ impl Resource for KvStore {
                 None => Write::delete(data_key(&w.key)),
             })
             .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl Resource for KvStore {
+    fn keys(&self, payload: &[u8]) -> Result<Vec<String>, String> {
+        Ok(keys(&ops(payload)?))
+    }
+
+    async fn prepare(&self, _txid: TxId, payload: &[u8]) -> Validated {
+        self.validate(payload)
+    }
+
+    async fn commit(&self, _txid: TxId, redo: &[u8]) -> Result<Vec<Write>, String> {
+        self.apply(redo)
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod postgres;
 pub mod resource;
 mod runtime;
 mod service;
@@ -25,10 +26,14 @@ use decree_proto::v1::kv_server::KvServer;
 use decree_proto::v1::participant_server::ParticipantServer;
 use decree_proto::v1::registry_client::RegistryClient;
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 use tonic::transport::Endpoint;
 
-pub use config::Config;
+pub use config::{Backend, Config};
+pub use decree_runtime::{Log, Write};
+pub use engine::Validated;
 use engine::{Engine, Event};
+pub use resource::Resource;
 use store::{BranchLog, StoreError};
 
 /// Every error of the participant crate.
@@ -39,14 +44,46 @@ pub enum ParticipantError {
     Storage(#[from] StoreError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("resource: {0}")]
+    Resource(String),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Recovers prepared branches (locking their keys again), then serves the KV
-/// participant on `listener` until `shutdown`, enrolled with the coordinator.
-pub async fn serve(
+/// Serves a [`Resource`] as a decree participant: the builder the KV and
+/// PostgreSQL participants and any embedding service go through.
+pub struct Builder {
     config: Config,
+}
+
+impl Builder {
+    pub fn new(config: Config) -> Builder {
+        Builder { config }
+    }
+
+    /// Opens the participant's log, builds the resource over it with `make`
+    /// (a resource that keeps its data there is applied in the same synced
+    /// batch as each commit record), recovers prepared branches (locking their
+    /// keys again), then serves the Participant service on `listener` until
+    /// `shutdown`, enrolled with the coordinator.
+    pub async fn serve<R: Resource>(
+        self,
+        make: impl FnOnce(&Log) -> R,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ParticipantError> {
+        serve_with(self.config, |log| (Arc::new(make(log)) as Arc<dyn Resource>, None), listener, shutdown)
+            .await
+    }
+}
+
+/// What a participant serves: its resource, and the Kv service's reads if it
+/// has them.
+type Parts = (Arc<dyn Resource>, Option<service::Reads>);
+
+async fn serve_with(
+    config: Config,
+    make: impl FnOnce(&Log) -> Parts,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ParticipantError> {
@@ -62,7 +99,10 @@ pub async fn serve(
         .connect_lazy();
 
     let store = BranchLog::open(&config.data_dir, &config.coordinator)?;
+    let (resource, kv) = make(store.log());
     let loaded = store.load().await?;
+    let prepared: Vec<_> = loaded.prepared.iter().map(|b| b.txid).collect();
+    resource.recover(&prepared).await.map_err(ParticipantError::Resource)?;
     let mut engine = Engine::with_waits(config.lock_wait(), config.read_wait());
     let now = Instant::now();
     for (txid, outcome) in loaded.tombstones {
@@ -80,8 +120,6 @@ pub async fn serve(
     }
     tracing::info!(name = %config.name, %address, in_doubt = recovered, "participant starting");
 
-    let kv = KvStore::new(store.log().clone());
-    let resource: Arc<dyn resource::Resource> = Arc::new(kv.clone());
     let handle = runtime::start(engine, resource.clone(), store);
     let (incarnation, learned_incarnation) = tokio::sync::watch::channel(0);
     tokio::spawn(runtime::resolve_in_doubt(
@@ -101,28 +139,52 @@ pub async fn serve(
         incarnation,
     ));
     let limit = config.max_message_bytes * 2;
+    let participant = service::ParticipantService::new(handle.clone(), resource, config.name.clone());
+    let mut routes = Routes::new(ParticipantServer::new(participant).max_decoding_message_size(limit));
+    if let Some(kv) = kv {
+        routes = routes
+            .add_service(KvServer::new(service::KvService::new(kv, handle)).max_decoding_message_size(limit));
+    }
     tonic::transport::Server::builder()
         .max_concurrent_streams(1024)
         .tcp_nodelay(true)
-        .add_service(
-            ParticipantServer::new(service::ParticipantService::new(
-                handle.clone(),
-                resource,
-                config.name.clone(),
-            ))
-            .max_decoding_message_size(limit),
-        )
-        .add_service(
-            KvServer::new(service::KvService::new(kv, handle.clone())).max_decoding_message_size(limit),
-        )
+        .add_routes(routes)
         .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), shutdown)
         .await?;
     Ok(())
 }
 
+/// Serves the participant `config.backend` names (the KV store, or
+/// PostgreSQL), with its Kv service for reads.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ParticipantError> {
+    match config.backend {
+        Backend::Kv => {
+            let make = |log: &Log| {
+                let kv = KvStore::new(log.clone());
+                (Arc::new(kv.clone()) as Arc<dyn Resource>, Some(service::Reads::Rocks(kv)))
+            };
+            serve_with(config, make, listener, shutdown).await
+        }
+        Backend::Postgres => {
+            config.validate().map_err(ParticipantError::Config)?;
+            let url = config.pg_url.clone().unwrap_or_default();
+            let pg = postgres::Postgres::connect(&url, &config.pg_table, &config.name)
+                .await
+                .map_err(ParticipantError::Resource)?;
+            let make =
+                |_: &Log| (Arc::new(pg.clone()) as Arc<dyn Resource>, Some(service::Reads::Postgres(pg)));
+            serve_with(config, make, listener, shutdown).await
+        }
+    }
+}
+
 pub use kv::KvStore;
 
-/// Runs the participant as a process: arms crash points, binds, serves until
+/// Runs the participant `config.backend` names as a process: arms crash points, binds, serves until
 /// SIGINT or SIGTERM. Returns the process exit code.
 pub async fn run(config: Config) -> i32 {
     let (valid, crash_at, listen) = (config.validate(), config.crash_at.clone(), config.listen);

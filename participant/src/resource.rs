@@ -1,23 +1,58 @@
 //! What a service plugs into the participant: the [`Resource`] trait.
+//!
+//! The library owns the protocol: the lock table, the durable prepared record,
+//! idempotent phase two, tombstones, recovery, enrollment and crash points.
+//! A resource only says what a branch means. The library calls it like this:
+//!
+//! 1. [`Resource::keys`] when a Prepare arrives; the keys are then locked.
+//! 2. [`Resource::prepare`] with the keys locked. `Ready` means the branch can
+//!    commit; the library then writes its prepared record (synced) and votes YES.
+//! 3. Exactly one of [`Resource::commit`] (after a COMMIT decision; its writes
+//!    go into the library's synced commit batch) or [`Resource::abort`].
+//!    Either may be called again for the same branch after a crash: both must
+//!    be idempotent.
+//! 4. At start, [`Resource::recover`] with the txids the library holds prepared
+//!    records for, before anything is served.
 
+use decree_proto::TxId;
 use decree_runtime::Write;
 
 use crate::engine::Validated;
 
-/// A service's part in decree transactions. The participant library owns the
-/// protocol (locks, the durable prepared record, idempotent phase two,
-/// tombstones, recovery); the resource only says what a branch means.
+/// A service's part in decree transactions.
+#[async_trait::async_trait]
 pub trait Resource: Send + Sync + 'static {
     /// The keys a branch locks, from its payload, without I/O. An error votes
     /// NO with that reason and locks nothing.
     fn keys(&self, payload: &[u8]) -> Result<Vec<String>, String>;
 
-    /// With the branch's keys locked: checks the payload against the committed
-    /// state and computes the redo that commit will apply. Runs on a blocking
-    /// thread; may read storage.
-    fn validate(&self, payload: &[u8]) -> Validated;
+    /// Phase one, with the branch's keys locked: checks `payload` against the
+    /// committed state and readies the branch. `Ready { redo }` promises that
+    /// [`Resource::commit`] with that redo will succeed, even after a crash: a
+    /// resource with its own prepare (PostgreSQL's `PREPARE TRANSACTION`) does
+    /// it here and answers `Ready` only once it succeeded. `Refused` and
+    /// `ReadOnly` must leave nothing behind.
+    async fn prepare(&self, txid: TxId, payload: &[u8]) -> Validated;
 
-    /// The writes that apply `redo`. They are written in the same synced batch
-    /// as the commit record, so a branch is applied exactly once.
-    fn apply(&self, redo: &[u8]) -> Result<Vec<Write>, String>;
+    /// Phase two after a COMMIT decision. The returned writes go into the
+    /// library's log in the same synced batch as the commit record, so a
+    /// resource that keeps its data in that log (see [`crate::kv`]) is applied
+    /// exactly once. Called again after a crash if the commit record was not
+    /// durable yet: a resource with its own storage must treat "already
+    /// committed" as success. An error is retried with backoff.
+    async fn commit(&self, txid: TxId, redo: &[u8]) -> Result<Vec<Write>, String>;
+
+    /// Phase two after an ABORT decision, also for a branch aborted while it
+    /// was being prepared and for txids never seen here. Idempotent; an error is
+    /// retried with backoff.
+    async fn abort(&self, _txid: TxId) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// At start, before serving: `prepared` are the branches with a durable
+    /// prepared record (in doubt; the coordinator decides them). Work of the
+    /// resource's own that is not among them never voted YES: undo it.
+    async fn recover(&self, _prepared: &[TxId]) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -186,8 +186,8 @@ impl Actor {
             match command {
                 Command::Validate { txid, payload } => {
                     let (resource, events) = (self.resource.clone(), self.events.clone());
-                    tokio::task::spawn_blocking(move || {
-                        let result = resource.validate(&payload);
+                    tokio::spawn(async move {
+                        let result = resource.prepare(txid, &payload).await;
                         let _ = events.send(Event::Validated { txid, result });
                     });
                 }
@@ -208,10 +208,7 @@ impl Actor {
                     let (store, events, resource) =
                         (self.store.clone(), self.events.clone(), self.resource.clone());
                     tokio::spawn(async move {
-                        let writes = match resource.apply(&redo) {
-                            Ok(writes) => writes,
-                            Err(err) => fatal(&err),
-                        };
+                        let writes = until_done("commit", txid, || resource.commit(txid, &redo)).await;
                         if let Err(err) = store.log_commit(txid, writes).await {
                             fatal(&err);
                         }
@@ -222,8 +219,10 @@ impl Actor {
                 }
                 Command::LogAbort { txid, prepared } => {
                     crash::point(crash::PARTICIPANT_ABORT_BEFORE_APPLY);
-                    let (store, events) = (self.store.clone(), self.events.clone());
+                    let (store, events, resource) =
+                        (self.store.clone(), self.events.clone(), self.resource.clone());
                     tokio::spawn(async move {
+                        until_done("abort", txid, || resource.abort(txid)).await;
                         if let Err(err) = store.log_abort(txid).await {
                             fatal(&err);
                         }
@@ -269,6 +268,28 @@ impl Actor {
                         let _ = reply.send(ack.clone());
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Runs a resource's phase-two step until it succeeds: the decision is made,
+/// so the branch stays locked and the step is retried with capped backoff.
+async fn until_done<T, F, Fut>(what: &str, txid: TxId, mut step: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let backoff = Backoff { base: Duration::from_millis(10), cap: Duration::from_secs(2) };
+    let mut attempt = 0;
+    loop {
+        match step().await {
+            Ok(done) => return done,
+            Err(err) => {
+                warn!(%txid, error = %err, attempt, "resource {what} failed; retrying");
+                let delay = backoff.delay(attempt, &mut rand::rng());
+                tokio::time::sleep(delay).await;
+                attempt += 1;
             }
         }
     }

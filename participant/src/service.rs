@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{Ack, Vote};
 use crate::kv::KvStore;
+use crate::postgres::Postgres;
 use crate::resource::Resource;
 use crate::runtime::{Handle, ShuttingDown};
 
@@ -106,15 +107,41 @@ impl Participant for ParticipantService {
     }
 }
 
+/// Where the Kv service reads committed values.
+#[derive(Clone)]
+pub(crate) enum Reads {
+    Rocks(KvStore),
+    Postgres(Postgres),
+}
+
+impl Reads {
+    async fn get(&self, keys: Vec<String>) -> Result<Vec<v1::KeyValue>, Status> {
+        match self {
+            Reads::Rocks(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || {
+                    keys.into_iter()
+                        .map(|key| store.get(&key).map(|value| v1::KeyValue { key, value }))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))
+            }
+            Reads::Postgres(pg) => pg.get(&keys).await.map_err(Status::unavailable),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct KvService {
-    store: KvStore,
+    reads: Reads,
     handle: Handle,
 }
 
 impl KvService {
-    pub(crate) fn new(store: KvStore, handle: Handle) -> Self {
-        KvService { store, handle }
+    pub(crate) fn new(reads: Reads, handle: Handle) -> Self {
+        KvService { reads, handle }
     }
 }
 
@@ -131,15 +158,7 @@ impl Kv for KvService {
         }
         // A locked key is being changed by a branch: wait for its decision to be applied.
         self.handle.until_unlocked(keys.clone()).await?;
-        let store = self.store.clone();
-        let values = tokio::task::spawn_blocking(move || {
-            keys.into_iter()
-                .map(|key| store.get(&key).map(|value| v1::KeyValue { key, value }))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(e.to_string()))?;
+        let values = self.reads.get(keys).await?;
         Ok(Response::new(v1::GetResponse { values }))
     }
 

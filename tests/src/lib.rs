@@ -11,6 +11,7 @@
 //! ([`Cluster::wait_settled`]). [`check`] holds the invariant checks.
 
 pub mod check;
+pub mod postgres;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ pub struct Options {
     pub coordinator_args: Vec<String>,
     /// Extra flags for every participant.
     pub participant_args: Vec<String>,
+    /// Extra flags for one participant, by name ("p2": the second).
+    pub participant_args_for: Vec<(String, Vec<String>)>,
 }
 
 impl Options {
@@ -73,6 +76,7 @@ impl Options {
             keep_dir: std::env::var_os("DECREE_KEEP_DIRS").is_some(),
             coordinator_args: Vec::new(),
             participant_args: Vec::new(),
+            participant_args_for: Vec::new(),
         }
     }
 }
@@ -191,7 +195,13 @@ impl Cluster {
         let binary = self.options.binary.clone().unwrap_or_else(decree_binary);
         let extra = match id {
             NodeId::Coordinator => self.options.coordinator_args.clone(),
-            NodeId::Participant(_) => self.options.participant_args.clone(),
+            NodeId::Participant(i) => {
+                let name = &self.participants[i].name;
+                let own = self.options.participant_args_for.iter().filter(|(n, _)| n == name);
+                let mut args = self.options.participant_args.clone();
+                args.extend(own.flat_map(|(_, a)| a.iter().cloned()));
+                args
+            }
         };
         let node = self.node(id);
         assert!(node.child.is_none(), "{} is already running", node.name);
