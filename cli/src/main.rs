@@ -34,6 +34,8 @@ enum Cmd {
     Participants(ListArgs),
     /// Branches prepared and undecided at any participant.
     InDoubt(InDoubtArgs),
+    /// The lock table of every participant: locked keys, holders, waiters, counters.
+    Locks(InDoubtArgs),
     /// A local cluster, a bank workload, and a verdict.
     Demo(demo::DemoArgs),
 }
@@ -138,6 +140,7 @@ fn main() {
             Cmd::Get(args) => report("get", get(args).await),
             Cmd::Status(args) => report("status", status(args).await),
             Cmd::Participants(args) => report("participants", participants(args).await),
+            Cmd::Locks(args) => report("locks", locks(args).await),
             Cmd::InDoubt(args) => report("in-doubt", in_doubt(args).await),
         }
     });
@@ -227,6 +230,56 @@ async fn in_doubt(args: InDoubtArgs) -> Result<(), Failure> {
     } else {
         for b in branches {
             println!("{}\t{}\t{} ms\t{}", b.txid, b.participant, b.age_ms, b.locked_keys.join(","));
+        }
+    }
+    if unreachable.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure(format!("{} participant(s) did not answer", unreachable.len())))
+    }
+}
+
+async fn locks(args: InDoubtArgs) -> Result<(), Failure> {
+    let (tables, unreachable) = if args.participant.is_empty() {
+        Client::connect(&args.target.coordinator).await?.locks().await
+    } else {
+        decree_client::locks_at_urls(&args.participant).await?
+    };
+    for name in &unreachable {
+        eprintln!("decree locks: participant {name} did not answer");
+    }
+    if args.target.json {
+        let list: Vec<_> = tables
+            .iter()
+            .map(|t| {
+                let locks: Vec<_> = t
+                    .locks
+                    .iter()
+                    .map(|l| json!({ "key": l.key, "holder": l.holder, "state": l.state, "waiters": l.waiters }))
+                    .collect();
+                json!({ "participant": t.participant, "locks": locks, "waits": t.waits,
+                        "wait_timeouts": t.wait_timeouts, "conflicts": t.conflicts })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        for t in &tables {
+            println!(
+                "{}: {} locked, {} waits, {} wait timeouts, {} conflicts",
+                t.participant,
+                t.locks.len(),
+                t.waits,
+                t.wait_timeouts,
+                t.conflicts
+            );
+            for l in &t.locks {
+                let waiters = if l.waiters.is_empty() {
+                    String::new()
+                } else {
+                    format!("\twaiters {}", l.waiters.join(","))
+                };
+                println!("  {}\t{}\t{}{waiters}", l.key, l.holder, l.state);
+            }
         }
     }
     if unreachable.is_empty() {

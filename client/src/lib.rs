@@ -16,6 +16,7 @@
 //! ```
 
 pub mod ring;
+mod txn;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -29,6 +30,7 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 pub use ring::Ring;
+pub use txn::Transaction;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -49,6 +51,11 @@ pub enum ClientError {
     /// participant is unreachable); ask [`Client::status`] later.
     #[error("outcome of {txid} unknown: {reason}")]
     OutcomeUnknown { txid: String, reason: String },
+    /// An interactive transaction was aborted (e.g. it lost a lock conflict); it is over.
+    #[error("transaction {txid} aborted: {reason}")]
+    Aborted { txid: String, reason: String },
+    #[error("key {key:?} holds {value:?}, not a decimal integer")]
+    NotANumber { key: String, value: String },
 }
 
 impl ClientError {
@@ -82,6 +89,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::DeadlineExceeded => "deadline exceeded",
         tonic::Code::Unimplemented => "unimplemented",
+        tonic::Code::Aborted => "aborted",
         _ => "error",
     }
 }
@@ -299,6 +307,14 @@ impl Client {
             self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect();
         Ok(in_doubt_at(channels).await)
     }
+
+    /// The lock table of every participant that answers (holders, their
+    /// states, waiters, counters); those that do not answer in the second list.
+    pub async fn locks(&self) -> (Vec<v1::ListLocksResponse>, Vec<String>) {
+        let channels =
+            self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect();
+        locks_at(channels).await
+    }
 }
 
 /// Asks participants directly for their branches in doubt (works while the
@@ -309,31 +325,59 @@ pub async fn in_doubt_at_urls(urls: &[String]) -> Result<(Vec<InDoubt>, Vec<Stri
     Ok(in_doubt_at(channels).await)
 }
 
-/// `(label, channel)` pairs; the label names a participant that does not answer.
-async fn in_doubt_at(channels: Vec<(String, Channel)>) -> (Vec<InDoubt>, Vec<String>) {
-    let asks = channels.into_iter().map(|(label, channel)| async move {
-        let mut client = ParticipantClient::new(channel);
-        let answer =
-            tokio::time::timeout(Duration::from_secs(2), client.list_in_doubt(v1::ListInDoubtRequest {}))
-                .await;
-        (label, answer)
+/// Asks every participant of `channels` (`(label, channel)` pairs) with `ask`,
+/// each within 2 s. Returns the answers and the labels of those that did not answer.
+async fn ask_all<T, F, Fut>(channels: Vec<(String, Channel)>, ask: F) -> (Vec<T>, Vec<String>)
+where
+    F: Fn(ParticipantClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let asks = channels.into_iter().map(|(label, channel)| {
+        let answer = tokio::time::timeout(Duration::from_secs(2), ask(ParticipantClient::new(channel)));
+        async move { (label, answer.await) }
     });
-    let mut branches = Vec::new();
+    let mut answers = Vec::new();
     let mut unreachable = Vec::new();
     for (label, answer) in futures::future::join_all(asks).await {
         match answer {
-            Ok(Ok(response)) => {
-                let response = response.into_inner();
-                branches.extend(response.branches.into_iter().map(|b| InDoubt {
-                    txid: b.txid,
-                    participant: response.participant.clone(),
-                    age_ms: b.age_ms,
-                    locked_keys: b.locked_keys,
-                }));
-            }
+            Ok(Ok(response)) => answers.push(response.into_inner()),
             _ => unreachable.push(label),
         }
     }
+    (answers, unreachable)
+}
+
+async fn in_doubt_at(channels: Vec<(String, Channel)>) -> (Vec<InDoubt>, Vec<String>) {
+    let (answers, unreachable) =
+        ask_all(channels, |mut c| async move { c.list_in_doubt(v1::ListInDoubtRequest {}).await }).await;
+    let mut branches: Vec<InDoubt> = answers
+        .into_iter()
+        .flat_map(|response| {
+            let participant = response.participant;
+            response.branches.into_iter().map(move |b| InDoubt {
+                txid: b.txid,
+                participant: participant.clone(),
+                age_ms: b.age_ms,
+                locked_keys: b.locked_keys,
+            })
+        })
+        .collect();
     branches.sort_by(|a, b| (&a.participant, &a.txid).cmp(&(&b.participant, &b.txid)));
     (branches, unreachable)
+}
+
+/// The lock tables of participants asked directly (works while the coordinator is away).
+pub async fn locks_at_urls(
+    urls: &[String],
+) -> Result<(Vec<v1::ListLocksResponse>, Vec<String>), ClientError> {
+    let channels =
+        urls.iter().map(|url| Ok((url.clone(), channel(url)?))).collect::<Result<Vec<_>, ClientError>>()?;
+    Ok(locks_at(channels).await)
+}
+
+async fn locks_at(channels: Vec<(String, Channel)>) -> (Vec<v1::ListLocksResponse>, Vec<String>) {
+    let (mut tables, unreachable) =
+        ask_all(channels, |mut c| async move { c.list_locks(v1::ListLocksRequest {}).await }).await;
+    tables.sort_by(|a, b| a.participant.cmp(&b.participant));
+    (tables, unreachable)
 }

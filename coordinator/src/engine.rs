@@ -105,6 +105,8 @@ pub enum Command {
         participant: ParticipantName,
         payload: Vec<u8>,
         one_phase: bool,
+        /// A branch of an interactive transaction: its work is at the participant.
+        interactive: bool,
     },
     /// Write the COMMIT decision with a synced write, then feed back [`Event::DecisionLogged`].
     LogDecision {
@@ -247,7 +249,7 @@ impl Engine {
                 if self.txns.contains_key(&txid) {
                     return Err(EngineError::Duplicate(txid));
                 }
-                self.start_prepare(txid, branches, timeout);
+                self.start_prepare(txid, branches, timeout, false);
             }
             Event::Begin { txid, idle_timeout } => {
                 if self.txns.contains_key(&txid) {
@@ -259,7 +261,7 @@ impl Engine {
             Event::CommitRequested { txid, timeout } => match self.txns.remove(&txid) {
                 Some(Txn::Active { enlisted }) => {
                     let branches = enlisted.into_iter().map(|p| (p, Vec::new())).collect();
-                    self.start_prepare(txid, branches, timeout);
+                    self.start_prepare(txid, branches, timeout, true);
                 }
                 Some(other) => {
                     self.txns.insert(txid, other);
@@ -334,7 +336,13 @@ impl Engine {
         Ok(())
     }
 
-    fn start_prepare(&mut self, txid: TxId, branches: Vec<(ParticipantName, Vec<u8>)>, timeout: Duration) {
+    fn start_prepare(
+        &mut self,
+        txid: TxId,
+        branches: Vec<(ParticipantName, Vec<u8>)>,
+        timeout: Duration,
+        interactive: bool,
+    ) {
         if branches.is_empty() {
             // Nothing enlisted: nothing to prepare, nothing to log.
             self.commands.push(Command::Reply { txid, decided: Decided::Committed });
@@ -345,7 +353,7 @@ impl Engine {
         let waiting: BTreeSet<_> = order.iter().cloned().collect();
         assert_eq!(waiting.len(), order.len(), "branches name distinct participants");
         for (participant, payload) in branches {
-            self.commands.push(Command::SendPrepare { txid, participant, payload, one_phase });
+            self.commands.push(Command::SendPrepare { txid, participant, payload, one_phase, interactive });
         }
         self.commands.push(Command::ArmTimer { txid, kind: TimerKind::Prepare, after: timeout });
         self.txns.insert(txid, Txn::Preparing { order, waiting, yes: Vec::new() });

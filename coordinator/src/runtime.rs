@@ -267,8 +267,15 @@ impl Actor {
         let mut first_commit = true;
         for command in commands {
             match command {
-                Command::SendPrepare { txid, participant, payload, one_phase } => {
-                    let send = self.send_prepare(txid, participant, payload, one_phase);
+                Command::SendPrepare { txid, participant, payload, one_phase, interactive } => {
+                    let request = v1::PrepareRequest {
+                        txid: txid.to_string(),
+                        payload,
+                        one_phase,
+                        coordinator_incarnation: self.handle.incarnation,
+                        interactive,
+                    };
+                    let send = self.send_prepare(txid, participant, request);
                     if prepares > 1
                         && first_prepare
                         && crash::is_armed(crash::COORDINATOR_PREPARE_PARTIAL_FANOUT)
@@ -366,18 +373,11 @@ impl Actor {
         &self,
         txid: TxId,
         participant: ParticipantName,
-        payload: Vec<u8>,
-        one_phase: bool,
+        request: v1::PrepareRequest,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let client = self.handle.registry.client(&participant);
         let events = self.handle.events.clone();
         let timeout = self.handle.config.prepare_timeout();
-        let request = v1::PrepareRequest {
-            txid: txid.to_string(),
-            payload,
-            one_phase,
-            coordinator_incarnation: self.handle.incarnation,
-        };
         async move {
             let vote = match call(client, timeout, |mut c| async move { c.prepare(request).await }).await {
                 Ok(response) => vote_of(response),

@@ -40,16 +40,20 @@ pub struct Config {
     /// How often in-doubt branches are checked.
     #[arg(long, env = "DECREE_RESOLVE_INTERVAL_MS", default_value_t = 250)]
     pub resolve_interval_ms: u64,
-    /// How long a Prepare whose keys are locked may wait for them. Only a
-    /// transaction younger than every holder waits (so no deadlock can form);
-    /// an older one, or one that waited this long, votes NO ("lock conflict").
-    /// 0: never wait.
+    /// How long a lock request (a Prepare, or interactive work) may wait for
+    /// keys another transaction holds. Who may wait follows a rule under which
+    /// no deadlock can form (wait-die among interactive work); a request that
+    /// may not wait, or waited this long, is refused ("lock conflict"). 0: never wait.
     #[arg(long, env = "DECREE_LOCK_WAIT_MS", default_value_t = 100)]
     pub lock_wait_ms: u64,
     /// How long a read of a locked key waits for the lock to go (so a client
     /// reads its own committed writes); after that it reads what is committed here.
     #[arg(long, env = "DECREE_READ_WAIT_MS", default_value_t = 1_000)]
     pub read_wait_ms: u64,
+    /// An interactive transaction's branch with no work for this long (before
+    /// its Prepare) is aborted here, its locks released: its client is gone.
+    #[arg(long, env = "DECREE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -82,6 +86,7 @@ impl Config {
             resolve_interval_ms: 250,
             lock_wait_ms: 100,
             read_wait_ms: 1_000,
+            idle_timeout_ms: 60_000,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             backend: Backend::Kv,
             pg_url: None,
@@ -108,6 +113,7 @@ impl Config {
             ("--heartbeat-ms", self.heartbeat_ms),
             ("--in-doubt-after-ms", self.in_doubt_after_ms),
             ("--resolve-interval-ms", self.resolve_interval_ms),
+            ("--idle-timeout-ms", self.idle_timeout_ms),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be greater than 0"));
@@ -151,6 +157,10 @@ impl Config {
 
     pub fn read_wait(&self) -> Duration {
         Duration::from_millis(self.read_wait_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
     }
 
     pub fn resolve_interval(&self) -> Duration {

@@ -8,10 +8,14 @@
 //! - keys stay locked from Prepare until the decision is applied, and a
 //!   prepared branch found at start locks them again before anything is served;
 //! - after YES the branch waits for the coordinator: it never decides alone (I7);
-//! - a Prepare whose keys are locked waits (up to the lock wait bound) only if
-//!   it is younger than every holder and every earlier waiter of those keys,
-//!   else it votes NO at once: every wait is for an older transaction, so no
-//!   cycle of waits, no deadlock, can form;
+//! - interactive work (Kv.Execute) locks the keys it reads and writes from
+//!   the first touch until the decision, and buffers its writes in the branch;
+//! - a lock request that conflicts waits (up to the lock wait bound) or is
+//!   refused at once, by a rule under which no cycle of waits can form (see
+//!   [`Engine::may_wait_for`]): among interactive work it is wait-die (an older
+//!   transaction waits, a younger one dies, its branch aborted); a one-shot
+//!   Prepare waits only for older branches that are already preparing, and
+//!   never for interactive work;
 //! - a read of a locked key waits (up to the read wait bound) until the lock is
 //!   released: a transaction is decided before its client hears of it and
 //!   applied before its locks go, so a read never misses a transaction whose
@@ -74,13 +78,33 @@ pub enum Event {
     CoordinatorIncarnation {
         incarnation: u64,
     },
-    /// Prepare: lock `keys`, then validate. `keys` come from the payload.
+    /// Prepare: lock `keys`, then validate. `keys` come from the payload; an
+    /// `interactive` Prepare prepares the branch's work instead.
     PrepareRequested {
         txid: TxId,
         keys: Vec<String>,
         payload: Vec<u8>,
         one_phase: bool,
         incarnation: u64,
+        interactive: bool,
+    },
+    /// Interactive work under `txid` (numbered `work` by the runtime) wants
+    /// `keys` locked; the branch starts with its first work.
+    WorkRequested {
+        txid: TxId,
+        work: u64,
+        keys: Vec<String>,
+        at: Instant,
+    },
+    /// Granted work finished: `done` (if it succeeded) joins the branch's work.
+    WorkDone {
+        txid: TxId,
+        done: Option<Vec<u8>>,
+        at: Instant,
+    },
+    /// Interactive branches untouched since before `since` abort (their client is gone).
+    IdleCheck {
+        since: Instant,
     },
     /// The resource validated the branch.
     Validated {
@@ -181,6 +205,21 @@ pub enum Command {
         read: u64,
         after: Duration,
     },
+    /// The work's keys are locked: run it over `so_far`, the branch's work
+    /// until now, then feed back [`Event::WorkDone`].
+    WorkGranted {
+        work: u64,
+        so_far: Vec<u8>,
+        /// The branch began with this work: the participant enlists.
+        first: bool,
+    },
+    /// The work may not run. `aborted`: the branch is aborted here (it lost a
+    /// lock conflict, or was decided or timed out before).
+    WorkRefused {
+        work: u64,
+        reason: String,
+        aborted: bool,
+    },
     AckCommit {
         txid: TxId,
         ack: Ack,
@@ -193,6 +232,9 @@ pub enum Command {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Branch {
+    /// Interactive, before Prepare: locks held, writes buffered in `work`
+    /// (the concatenated payloads of its work); `busy` while work runs.
+    Active { keys: Vec<String>, work: Vec<u8>, busy: bool, touched: Instant },
     /// Locks held; the resource is validating.
     Validating { keys: Vec<String>, one_phase: bool, abort_requested: bool },
     /// Validated; the prepared record (or, one-phase, the commit) is being written.
@@ -208,21 +250,66 @@ enum Branch {
 impl Branch {
     fn keys(&self) -> &[String] {
         match self {
-            Branch::Validating { keys, .. }
+            Branch::Active { keys, .. }
+            | Branch::Validating { keys, .. }
             | Branch::Logging { keys, .. }
             | Branch::Prepared { keys, .. }
             | Branch::Committing { keys }
             | Branch::Aborting { keys } => keys,
         }
     }
+
+    fn state(&self) -> &'static str {
+        match self {
+            Branch::Active { .. } => "active",
+            Branch::Validating { .. } => "preparing",
+            Branch::Logging { .. } => "preparing",
+            Branch::Prepared { .. } => "prepared",
+            Branch::Committing { .. } => "committing",
+            Branch::Aborting { .. } => "aborting",
+        }
+    }
 }
 
-/// A Prepare waiting for its keys.
+/// What a lock waiter wants to do once it has its keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wanted {
+    Prepare { payload: Vec<u8>, one_phase: bool },
+    Work { work: u64, first: bool },
+}
+
+/// A lock request waiting for its keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Waiter {
     keys: Vec<String>,
-    payload: Vec<u8>,
-    one_phase: bool,
+    wanted: Wanted,
+}
+
+impl Waiter {
+    fn is_work(&self) -> bool {
+        matches!(self.wanted, Wanted::Work { .. })
+    }
+}
+
+/// One locked key: its holder, the holder's state, and who waits for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockEntry {
+    pub key: String,
+    pub holder: TxId,
+    pub state: &'static str,
+    /// Oldest first.
+    pub waiters: Vec<TxId>,
+}
+
+/// Counters of the lock table since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockStats {
+    /// Requests that waited for a lock.
+    pub waits: u64,
+    /// Waits that ran out (the request was refused).
+    pub wait_timeouts: u64,
+    /// Requests refused at once, or waiters that had to die, by the wait rule.
+    pub conflicts: u64,
 }
 
 /// A prepared branch awaiting its decision.
@@ -246,6 +333,7 @@ pub struct Engine {
     tombstones: HashMap<TxId, Outcome>,
     tombstone_order: VecDeque<TxId>,
     coordinator_incarnation: u64,
+    stats: LockStats,
     commands: Vec<Command>,
 }
 
@@ -291,6 +379,31 @@ impl Engine {
         self.locks.iter().map(|(k, t)| (k.clone(), *t)).collect()
     }
 
+    /// The lock table: every locked key, its holder and its waiters, in key order.
+    pub fn lock_table(&self) -> Vec<LockEntry> {
+        let mut table: Vec<LockEntry> = self
+            .locks
+            .iter()
+            .map(|(key, holder)| LockEntry {
+                key: key.clone(),
+                holder: *holder,
+                state: self.branches.get(holder).map_or("unknown", Branch::state),
+                waiters: self
+                    .waiting
+                    .iter()
+                    .filter(|(_, w)| w.keys.contains(key))
+                    .map(|(txid, _)| *txid)
+                    .collect(),
+            })
+            .collect();
+        table.sort_by(|a, b| a.key.cmp(&b.key));
+        table
+    }
+
+    pub fn lock_stats(&self) -> LockStats {
+        self.stats
+    }
+
     pub fn outcome(&self, txid: TxId) -> Option<Outcome> {
         self.tombstones.get(&txid).copied()
     }
@@ -300,8 +413,32 @@ impl Engine {
             Event::CoordinatorIncarnation { incarnation } => {
                 self.coordinator_incarnation = self.coordinator_incarnation.max(incarnation);
             }
-            Event::PrepareRequested { txid, keys, payload, one_phase, incarnation } => {
-                self.on_prepare(txid, keys, payload, one_phase, incarnation)
+            Event::PrepareRequested { txid, keys, payload, one_phase, incarnation, interactive } => {
+                if interactive {
+                    self.on_interactive_prepare(txid, one_phase, incarnation)
+                } else {
+                    self.on_prepare(txid, keys, payload, one_phase, incarnation)
+                }
+            }
+            Event::WorkRequested { txid, work, keys, at } => self.on_work(txid, work, keys, at),
+            Event::WorkDone { txid, done, at } => {
+                if let Some(Branch::Active { work, busy, touched, .. }) = self.branches.get_mut(&txid) {
+                    work.extend(done.unwrap_or_default());
+                    (*busy, *touched) = (false, at);
+                }
+            }
+            Event::IdleCheck { since } => {
+                let idle: Vec<TxId> = self
+                    .branches
+                    .iter()
+                    .filter(
+                        |(_, b)| matches!(b, Branch::Active { busy: false, touched, .. } if *touched < since),
+                    )
+                    .map(|(txid, _)| *txid)
+                    .collect();
+                for txid in idle {
+                    self.abort_active(txid);
+                }
             }
             Event::Validated { txid, result } => self.on_validated(txid, result),
             Event::PreparedLogged { txid, at } => self.on_prepared_logged(txid, at),
@@ -364,6 +501,7 @@ impl Engine {
             }
             Event::LockWaitExpired { txid } => {
                 if let Some(waiter) = self.waiting.remove(&txid) {
+                    self.stats.wait_timeouts += 1;
                     let reason = match self.conflict(txid, &waiter.keys) {
                         Some((key, holder)) => format!(
                             "lock conflict on key {key:?} (held by {holder}; waited {} ms)",
@@ -371,7 +509,9 @@ impl Engine {
                         ),
                         None => "lock wait expired".into(),
                     };
-                    self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+                    self.refuse_waiter(txid, waiter, reason);
+                    // Its place in the queue is free: younger waiters may go now.
+                    self.settle_waiters();
                 }
             }
         }
@@ -382,25 +522,89 @@ impl Engine {
         keys.iter().find_map(|k| self.locks.get(k).filter(|h| **h != txid).map(|h| (k.clone(), *h)))
     }
 
-    /// True if `txid` may wait for `keys`: it is younger than every holder and
-    /// every earlier waiter of any of them.
-    fn may_wait(&self, txid: TxId, keys: &[String]) -> bool {
-        let holders_older = keys.iter().filter_map(|k| self.locks.get(k)).all(|holder| *holder < txid);
-        let waiters_older = self
-            .waiting
-            .iter()
-            .filter(|(_, w)| w.keys.iter().any(|k| keys.contains(k)))
-            .all(|(waiter, _)| *waiter < txid);
-        holders_older && waiters_older
+    /// The wait rule, one edge at a time: may `txid` (asking for interactive
+    /// `work`, or a one-shot Prepare) wait for `other` (which is interactive
+    /// work: an active branch or a work waiter, or else a branch that is
+    /// preparing or decided, or a waiting Prepare)?
+    ///
+    /// No cycle of waits can form. Waits among interactive work go from older
+    /// to younger (wait-die). Waits among one-shot Prepares and branches in
+    /// phase one or two go from younger to older. Interactive work may wait
+    /// for a preparing branch, but a one-shot Prepare never waits for
+    /// interactive work: so a chain of waits that leaves interactive work never
+    /// comes back to it, and each of the two kinds of chain is ordered by age.
+    /// (A branch past Prepare takes no further locks anywhere, as its keys are
+    /// taken whole at Prepare, or were taken by its work before it.)
+    pub fn may_wait_for(txid: TxId, work: bool, other: TxId, other_is_work: bool) -> bool {
+        match (work, other_is_work) {
+            (true, true) => txid < other,
+            (true, false) => true,
+            (false, true) => false,
+            (false, false) => txid > other,
+        }
     }
 
-    /// Queues a Prepare for its keys, or votes NO if it may not wait.
+    /// Conflicting holders of `keys` and waiters for them (older waiters only
+    /// if `older_waiters_only`), each with whether it is interactive work.
+    fn blockers(&self, txid: TxId, keys: &[String], older_waiters_only: bool) -> Vec<(TxId, bool)> {
+        let holders = keys
+            .iter()
+            .filter_map(|k| self.locks.get(k))
+            .filter(|h| **h != txid)
+            .map(|h| (*h, matches!(self.branches.get(h), Some(Branch::Active { .. }))));
+        let waiters = self
+            .waiting
+            .iter()
+            .filter(|(w, waiter)| {
+                **w != txid
+                    && (!older_waiters_only || **w < txid)
+                    && waiter.keys.iter().any(|k| keys.contains(k))
+            })
+            .map(|(w, waiter)| (*w, waiter.is_work()));
+        holders.chain(waiters).collect()
+    }
+
+    /// True if `txid` may wait for every holder and waiter in its way.
+    fn may_wait(&self, txid: TxId, keys: &[String], work: bool) -> bool {
+        self.blockers(txid, keys, false)
+            .into_iter()
+            .all(|(other, is_work)| Engine::may_wait_for(txid, work, other, is_work))
+    }
+
+    /// Queues a lock request, or refuses it if it may not wait.
     fn wait_or_refuse(&mut self, txid: TxId, waiter: Waiter, reason: String) {
-        if !self.lock_wait.is_zero() && self.may_wait(txid, &waiter.keys) {
+        if !self.lock_wait.is_zero() && self.may_wait(txid, &waiter.keys, waiter.is_work()) {
+            self.stats.waits += 1;
             self.waiting.insert(txid, waiter);
             self.commands.push(Command::ArmLockWait { txid, after: self.lock_wait });
+            // An older work waiter goes first: younger work waiting for the same keys dies.
+            self.settle_waiters();
         } else {
-            self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+            self.stats.conflicts += 1;
+            self.refuse_waiter(txid, waiter, reason);
+        }
+    }
+
+    /// Answers a lock request that will not be granted. Work loses its branch:
+    /// a transaction that dies releases its locks, so the older one it was in
+    /// the way of can go on.
+    fn refuse_waiter(&mut self, txid: TxId, waiter: Waiter, reason: String) {
+        match waiter.wanted {
+            Wanted::Prepare { .. } => self.commands.push(Command::Vote { txid, vote: Vote::No { reason } }),
+            Wanted::Work { work, .. } => {
+                self.abort_active(txid);
+                self.commands.push(Command::WorkRefused { work, reason, aborted: true });
+            }
+        }
+    }
+
+    /// Aborts an interactive branch before Prepare: releases its locks and
+    /// remembers the abort, so its Prepare votes NO.
+    fn abort_active(&mut self, txid: TxId) {
+        if let Some(branch @ Branch::Active { .. }) = self.branches.remove(&txid) {
+            self.commands.push(Command::LogAbort { txid, prepared: false });
+            self.remember(txid, Outcome::Aborted);
+            self.release(txid, branch.keys());
         }
     }
 
@@ -428,8 +632,143 @@ impl Engine {
             blocked.extend(waiter.keys.iter().cloned());
         }
         for txid in granted {
-            let Waiter { keys, payload, one_phase } = self.waiting.remove(&txid).expect("listed above");
-            self.start_validating(txid, keys, payload, one_phase);
+            let Waiter { keys, wanted } = self.waiting.remove(&txid).expect("listed above");
+            match wanted {
+                Wanted::Prepare { payload, one_phase } => {
+                    self.start_validating(txid, keys, payload, one_phase)
+                }
+                Wanted::Work { work, first } => self.grant_work(txid, work, first, keys),
+            }
+        }
+    }
+
+    /// Grants what can be granted, then refuses waiters that the new holders
+    /// and the waiters ahead of them no longer allow to wait (wait-die: a
+    /// younger work waiter behind older interactive work dies), until stable.
+    fn settle_waiters(&mut self) {
+        loop {
+            self.grant_waiters();
+            let dying: Vec<TxId> = self
+                .waiting
+                .iter()
+                .filter(|(txid, waiter)| {
+                    !self.blockers(**txid, &waiter.keys, true).into_iter().all(|(other, is_work)| {
+                        Engine::may_wait_for(**txid, waiter.is_work(), other, is_work)
+                    })
+                })
+                .map(|(txid, _)| *txid)
+                .collect();
+            if dying.is_empty() {
+                return;
+            }
+            for txid in dying {
+                if let Some(waiter) = self.waiting.remove(&txid) {
+                    self.stats.conflicts += 1;
+                    let reason =
+                        "lock conflict: an older transaction wants the same keys (wait-die)".to_owned();
+                    self.refuse_waiter(txid, waiter, reason);
+                }
+            }
+        }
+    }
+
+    /// Locks `keys` for the active branch `txid` and lets its work run.
+    fn grant_work(&mut self, txid: TxId, work: u64, first: bool, keys: Vec<String>) {
+        for key in &keys {
+            self.locks.insert(key.clone(), txid);
+        }
+        match self.branches.get_mut(&txid) {
+            Some(Branch::Active { keys: held, work: so_far, .. }) => {
+                held.extend(keys);
+                let so_far = so_far.clone();
+                self.commands.push(Command::WorkGranted { work, so_far, first });
+            }
+            _ => unreachable!("work is granted only to an active branch"),
+        }
+    }
+
+    fn on_work(&mut self, txid: TxId, work: u64, keys: Vec<String>, at: Instant) {
+        let refuse = |reason: String, aborted: bool| Command::WorkRefused { work, reason, aborted };
+        if let Some(outcome) = self.tombstones.get(&txid) {
+            let done = if *outcome == Outcome::Aborted { "aborted" } else { "committed" };
+            self.commands
+                .push(refuse(format!("transaction {txid} was {done} here"), *outcome == Outcome::Aborted));
+            return;
+        }
+        if txid.incarnation < self.coordinator_incarnation {
+            let reason = format!("transaction {txid} is from an earlier coordinator incarnation");
+            self.commands.push(refuse(reason, true));
+            return;
+        }
+        let first = !self.branches.contains_key(&txid);
+        match self.branches.get_mut(&txid) {
+            None => {
+                let branch = Branch::Active { keys: Vec::new(), work: Vec::new(), busy: true, touched: at };
+                self.branches.insert(txid, branch);
+            }
+            Some(Branch::Active { busy: busy @ false, touched, .. }) => (*busy, *touched) = (true, at),
+            Some(Branch::Active { busy: true, .. }) => {
+                let reason = "other work of this transaction is running here: one request at a time".into();
+                self.commands.push(refuse(reason, false));
+                return;
+            }
+            Some(_) => {
+                self.commands.push(refuse(format!("transaction {txid} is committing here"), false));
+                return;
+            }
+        }
+        let held = self.branches.get(&txid).map(|b| b.keys().to_vec()).unwrap_or_default();
+        let mut wanted: Vec<String> = keys.into_iter().filter(|k| !held.contains(k)).collect();
+        wanted.sort();
+        wanted.dedup();
+        let queued = self.waiting.values().any(|w| w.keys.iter().any(|k| wanted.contains(k)));
+        match self.conflict(txid, &wanted) {
+            None if !queued => self.grant_work(txid, work, first, wanted),
+            conflict => {
+                let reason = match conflict {
+                    Some((key, holder)) => format!("lock conflict on key {key:?} (held by {holder})"),
+                    None => "lock conflict: another transaction is waiting for the same keys".to_owned(),
+                };
+                self.wait_or_refuse(
+                    txid,
+                    Waiter { keys: wanted, wanted: Wanted::Work { work, first } },
+                    reason,
+                );
+            }
+        }
+    }
+
+    fn on_interactive_prepare(&mut self, txid: TxId, one_phase: bool, incarnation: u64) {
+        let no = |reason: String| Command::Vote { txid, vote: Vote::No { reason } };
+        match self.branches.remove(&txid) {
+            Some(Branch::Active { keys, work, busy: false, .. })
+                if incarnation >= self.coordinator_incarnation =>
+            {
+                self.start_validating(txid, keys, work, one_phase);
+            }
+            Some(branch @ Branch::Active { busy: true, .. }) => {
+                self.branches.insert(txid, branch);
+                self.commands.push(no("work of this transaction is still running here".into()));
+            }
+            Some(Branch::Active { .. }) => {
+                self.abort_active(txid);
+                self.commands.push(no(format!("stale Prepare from coordinator incarnation {incarnation}")));
+            }
+            Some(other) => {
+                self.branches.insert(txid, other);
+                // Already preparing or decided: answer like a repeated one-shot Prepare.
+                self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation);
+            }
+            None => match self.tombstones.get(&txid) {
+                Some(_) => self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation),
+                None => {
+                    // The work is gone (lost in a restart): it must not commit without it.
+                    self.remember(txid, Outcome::Aborted);
+                    self.commands.push(no(
+                        "no work of this transaction here (lost in a restart, or timed out)".into(),
+                    ));
+                }
+            },
         }
     }
 
@@ -474,14 +813,22 @@ impl Engine {
         }
         if let Some((key, holder)) = self.conflict(txid, &keys) {
             let reason = format!("lock conflict on key {key:?} (held by {holder})");
-            self.wait_or_refuse(txid, Waiter { keys, payload, one_phase }, reason);
+            self.wait_or_refuse(
+                txid,
+                Waiter { keys, wanted: Wanted::Prepare { payload, one_phase } },
+                reason,
+            );
             return;
         }
         if self.waiting.values().any(|w| w.keys.iter().any(|k| keys.contains(k))) {
             // The keys are free, but an older Prepare queues for one of them:
             // do not overtake it.
             let reason = "lock conflict: an older transaction is waiting for the same keys".to_owned();
-            self.wait_or_refuse(txid, Waiter { keys, payload, one_phase }, reason);
+            self.wait_or_refuse(
+                txid,
+                Waiter { keys, wanted: Wanted::Prepare { payload, one_phase } },
+                reason,
+            );
             return;
         }
         self.start_validating(txid, keys, payload, one_phase);
@@ -574,10 +921,18 @@ impl Engine {
 
     /// Abort from the coordinator (`ack` set) or learned by asking it.
     fn on_abort(&mut self, txid: TxId, ack: bool) {
-        if self.waiting.remove(&txid).is_some() {
-            // Its Prepare never took a lock: answer it, and remember the abort below.
-            let reason = "aborted while waiting for locks".to_owned();
-            self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+        if let Some(waiter) = self.waiting.remove(&txid) {
+            // Its request never took a lock: answer it, and remember the abort below.
+            match waiter.wanted {
+                Wanted::Prepare { .. } => {
+                    let reason = "aborted while waiting for locks".to_owned();
+                    self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+                }
+                Wanted::Work { work, .. } => {
+                    let reason = format!("transaction {txid} was aborted while waiting for locks");
+                    self.commands.push(Command::WorkRefused { work, reason, aborted: true });
+                }
+            }
         }
         let reply = |engine: &mut Engine, result: Ack| {
             if ack {
@@ -588,6 +943,11 @@ impl Engine {
             Some(Branch::Prepared { keys, .. }) => {
                 self.commands.push(Command::LogAbort { txid, prepared: true });
                 self.branches.insert(txid, Branch::Aborting { keys });
+            }
+            Some(branch @ Branch::Active { .. }) => {
+                // Acked once the abort is recorded.
+                self.branches.insert(txid, branch);
+                self.abort_active(txid);
             }
             Some(Branch::Validating { keys, one_phase, .. }) => {
                 self.branches.insert(txid, Branch::Validating { keys, one_phase, abort_requested: true });
@@ -634,7 +994,7 @@ impl Engine {
             }
         }
         if !self.waiting.is_empty() {
-            self.grant_waiters();
+            self.settle_waiters();
         }
         if !self.readers.is_empty() {
             let ready: Vec<u64> = self

@@ -120,7 +120,7 @@ async fn serve_with(
     }
     tracing::info!(name = %config.name, %address, in_doubt = recovered, "participant starting");
 
-    let handle = runtime::start(engine, resource.clone(), store);
+    let handle = runtime::start(engine, resource.clone(), store, config.idle_timeout());
     let (incarnation, learned_incarnation) = tokio::sync::watch::channel(0);
     tokio::spawn(runtime::resolve_in_doubt(
         handle.clone(),
@@ -132,7 +132,7 @@ async fn serve_with(
     ));
     tokio::spawn(runtime::stay_enrolled(
         handle.clone(),
-        RegistryClient::new(coordinator_channel),
+        RegistryClient::new(coordinator_channel.clone()),
         config.name.clone(),
         address,
         config.heartbeat(),
@@ -142,8 +142,15 @@ async fn serve_with(
     let participant = service::ParticipantService::new(handle.clone(), resource, config.name.clone());
     let mut routes = Routes::new(ParticipantServer::new(participant).max_decoding_message_size(limit));
     if let Some(kv) = kv {
-        routes = routes
-            .add_service(KvServer::new(service::KvService::new(kv, handle)).max_decoding_message_size(limit));
+        routes = routes.add_service(
+            KvServer::new(service::KvService::new(
+                kv,
+                handle,
+                CoordinatorClient::new(coordinator_channel.clone()),
+                config.name.clone(),
+            ))
+            .max_decoding_message_size(limit),
+        );
     }
     tonic::transport::Server::builder()
         .max_concurrent_streams(1024)

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::engine::{Ack, Command, Engine, Event, InDoubt, Outcome, Vote};
+use crate::engine::{Ack, Command, Engine, Event, InDoubt, LockEntry, LockStats, Outcome, Vote};
 use crate::resource::Resource;
 use crate::store::BranchLog;
 
@@ -29,7 +29,17 @@ pub(crate) enum Request {
         payload: Vec<u8>,
         one_phase: bool,
         incarnation: u64,
+        interactive: bool,
         reply: oneshot::Sender<Vote>,
+    },
+    /// Interactive work wants `keys` locked.
+    Work {
+        txid: TxId,
+        keys: Vec<String>,
+        reply: oneshot::Sender<Result<Granted, Refused>>,
+    },
+    Locks {
+        reply: oneshot::Sender<(Vec<LockEntry>, LockStats)>,
     },
     Commit {
         txid: TxId,
@@ -47,6 +57,20 @@ pub(crate) enum Request {
         keys: Vec<String>,
         reply: oneshot::Sender<()>,
     },
+}
+
+/// Interactive work may run: its keys are locked.
+pub(crate) struct Granted {
+    /// The branch's work until now.
+    pub so_far: Vec<u8>,
+    /// The branch began with this work: enlist it with the coordinator.
+    pub first: bool,
+}
+
+/// Interactive work may not run; `aborted`: the branch is aborted here.
+pub(crate) struct Refused {
+    pub reason: String,
+    pub aborted: bool,
 }
 
 #[derive(Clone)]
@@ -73,8 +97,28 @@ impl Handle {
         payload: Vec<u8>,
         one_phase: bool,
         incarnation: u64,
+        interactive: bool,
     ) -> Result<Vote, ShuttingDown> {
-        self.ask(|reply| Request::Prepare { txid, keys, payload, one_phase, incarnation, reply }).await
+        self.ask(|reply| Request::Prepare { txid, keys, payload, one_phase, incarnation, interactive, reply })
+            .await
+    }
+
+    /// Locks `keys` for interactive work under `txid` (waiting by the wait rule).
+    pub(crate) async fn work(
+        &self,
+        txid: TxId,
+        keys: Vec<String>,
+    ) -> Result<Result<Granted, Refused>, ShuttingDown> {
+        self.ask(|reply| Request::Work { txid, keys, reply }).await
+    }
+
+    /// Granted work finished; `done` (if it succeeded) joins the branch's work.
+    pub(crate) fn work_done(&self, txid: TxId, done: Option<Vec<u8>>) {
+        self.event(Event::WorkDone { txid, done, at: Instant::now() });
+    }
+
+    pub(crate) async fn locks(&self) -> Result<(Vec<LockEntry>, LockStats), ShuttingDown> {
+        self.ask(|reply| Request::Locks { reply }).await
     }
 
     pub(crate) async fn commit(&self, txid: TxId) -> Result<Ack, ShuttingDown> {
@@ -109,10 +153,18 @@ struct Actor {
     abort_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
     readers: HashMap<u64, oneshot::Sender<()>>,
     next_read: u64,
+    works: HashMap<u64, oneshot::Sender<Result<Granted, Refused>>>,
+    next_work: u64,
 }
 
 /// Starts the actor over an engine that already holds the recovered state.
-pub(crate) fn start(engine: Engine, resource: Arc<dyn Resource>, store: BranchLog) -> Handle {
+/// Interactive branches idle for `idle_timeout` are aborted.
+pub(crate) fn start(
+    engine: Engine,
+    resource: Arc<dyn Resource>,
+    store: BranchLog,
+    idle_timeout: Duration,
+) -> Handle {
     let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
     let (events, event_rx) = mpsc::unbounded_channel();
     let actor = Actor {
@@ -125,8 +177,21 @@ pub(crate) fn start(engine: Engine, resource: Arc<dyn Resource>, store: BranchLo
         abort_waiters: HashMap::new(),
         readers: HashMap::new(),
         next_read: 0,
+        works: HashMap::new(),
+        next_work: 0,
     };
     tokio::spawn(actor.run(request_rx, event_rx));
+    let ticks = events.clone();
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
+        loop {
+            ticker.tick().await;
+            let Some(since) = Instant::now().checked_sub(idle_timeout) else { continue };
+            if ticks.send(Event::IdleCheck { since }).is_err() {
+                return;
+            }
+        }
+    });
     Handle { requests, events }
 }
 
@@ -152,14 +217,30 @@ impl Actor {
 
     fn on_request(&mut self, request: Request) {
         match request {
-            Request::Prepare { txid, keys, payload, one_phase, incarnation, reply } => {
+            Request::Prepare { txid, keys, payload, one_phase, incarnation, interactive, reply } => {
                 if self.votes.contains_key(&txid) {
                     let reason = "a Prepare for this transaction is already in progress".into();
                     let _ = reply.send(Vote::No { reason });
                     return;
                 }
                 self.votes.insert(txid, reply);
-                self.engine.on_event(Event::PrepareRequested { txid, keys, payload, one_phase, incarnation });
+                self.engine.on_event(Event::PrepareRequested {
+                    txid,
+                    keys,
+                    payload,
+                    one_phase,
+                    incarnation,
+                    interactive,
+                });
+            }
+            Request::Work { txid, keys, reply } => {
+                let work = self.next_work;
+                self.next_work += 1;
+                self.works.insert(work, reply);
+                self.engine.on_event(Event::WorkRequested { txid, work, keys, at: Instant::now() });
+            }
+            Request::Locks { reply } => {
+                let _ = reply.send((self.engine.lock_table(), self.engine.lock_stats()));
             }
             Request::Commit { txid, reply } => {
                 self.commit_waiters.entry(txid).or_default().push(reply);
@@ -257,6 +338,16 @@ impl Actor {
                         tokio::time::sleep(after).await;
                         let _ = events.send(Event::ReadWaitExpired { read });
                     });
+                }
+                Command::WorkGranted { work, so_far, first } => {
+                    if let Some(reply) = self.works.remove(&work) {
+                        let _ = reply.send(Ok(Granted { so_far, first }));
+                    }
+                }
+                Command::WorkRefused { work, reason, aborted } => {
+                    if let Some(reply) = self.works.remove(&work) {
+                        let _ = reply.send(Err(Refused { reason, aborted }));
+                    }
                 }
                 Command::AckCommit { txid, ack } => {
                     for reply in self.commit_waiters.remove(&txid).unwrap_or_default() {

@@ -3,9 +3,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use decree_proto::v1::coordinator_client::CoordinatorClient;
 use decree_proto::v1::kv_server::Kv;
 use decree_proto::v1::participant_server::Participant;
 use decree_proto::{v1, InvalidInput, KvOp, TxId};
+use prost::Message;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Ack, Vote};
@@ -59,7 +62,14 @@ impl Participant for ParticipantService {
             Err(reason) => Vote::No { reason },
             Ok(keys) => {
                 self.handle
-                    .prepare(txid, keys, request.payload, request.one_phase, request.coordinator_incarnation)
+                    .prepare(
+                        txid,
+                        keys,
+                        request.payload,
+                        request.one_phase,
+                        request.coordinator_incarnation,
+                        request.interactive,
+                    )
                     .await?
             }
         };
@@ -105,6 +115,29 @@ impl Participant for ParticipantService {
             .collect();
         Ok(Response::new(v1::ListInDoubtResponse { branches, participant: self.name.clone() }))
     }
+
+    async fn list_locks(
+        &self,
+        _request: Request<v1::ListLocksRequest>,
+    ) -> Result<Response<v1::ListLocksResponse>, Status> {
+        let (table, stats) = self.handle.locks().await?;
+        let locks = table
+            .into_iter()
+            .map(|entry| v1::LockEntry {
+                key: entry.key,
+                holder: entry.holder.to_string(),
+                state: entry.state.to_owned(),
+                waiters: entry.waiters.iter().map(TxId::to_string).collect(),
+            })
+            .collect();
+        Ok(Response::new(v1::ListLocksResponse {
+            participant: self.name.clone(),
+            locks,
+            waits: stats.waits,
+            wait_timeouts: stats.wait_timeouts,
+            conflicts: stats.conflicts,
+        }))
+    }
 }
 
 /// Where the Kv service reads committed values.
@@ -137,13 +170,38 @@ impl Reads {
 pub struct KvService {
     reads: Reads,
     handle: Handle,
+    coordinator: CoordinatorClient<Channel>,
+    name: String,
 }
 
 impl KvService {
-    pub(crate) fn new(reads: Reads, handle: Handle) -> Self {
-        KvService { reads, handle }
+    pub(crate) fn new(
+        reads: Reads,
+        handle: Handle,
+        coordinator: CoordinatorClient<Channel>,
+        name: String,
+    ) -> Self {
+        KvService { reads, handle, coordinator, name }
+    }
+
+    /// Enlists this participant in `txid` with the coordinator.
+    async fn enlist(&self, txid: TxId) -> Result<(), Status> {
+        let request = v1::EnlistRequest { txid: txid.to_string(), participant: self.name.clone() };
+        let mut coordinator = self.coordinator.clone();
+        match tokio::time::timeout(ENLIST_TIMEOUT, coordinator.enlist(request)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => {
+                Err(Status::aborted(format!("the coordinator refused to enlist: {}", status.message())))
+            }
+            Err(_) => Err(Status::aborted("the coordinator did not answer the enlistment")),
+        }
     }
 }
+
+/// How long enlisting with the coordinator may take.
+const ENLIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most ops and reads in one Execute.
+const MAX_EXECUTE_OPS: usize = 10_000;
 
 #[tonic::async_trait]
 impl Kv for KvService {
@@ -164,10 +222,67 @@ impl Kv for KvService {
 
     async fn execute(
         &self,
-        _request: Request<v1::ExecuteRequest>,
+        request: Request<v1::ExecuteRequest>,
     ) -> Result<Response<v1::ExecuteResponse>, Status> {
-        Err(Status::unimplemented(
-            "interactive work at the KV participant is not supported yet; use Coordinator.Transact",
-        ))
+        let Reads::Rocks(store) = &self.reads else {
+            return Err(Status::unimplemented(
+                "this participant takes no interactive work; use Coordinator.Transact",
+            ));
+        };
+        let request = request.into_inner();
+        let txid = txid(&request.txid)?;
+        if request.ops.len() + request.get.len() > MAX_EXECUTE_OPS {
+            let why = format!("at most {MAX_EXECUTE_OPS} ops and reads per Execute");
+            return Err(InvalidInput::Field { field: "ops", why }.into());
+        }
+        let ops = request.ops.into_iter().map(KvOp::try_from).collect::<Result<Vec<_>, _>>()?;
+        for key in &request.get {
+            KvOp::check_key(key)?;
+        }
+        let mut keys = crate::kv::keys(&ops);
+        keys.extend(request.get.iter().cloned());
+        let granted = match self.handle.work(txid, keys).await? {
+            Ok(granted) => granted,
+            Err(refused) if refused.aborted => return Err(Status::aborted(refused.reason)),
+            Err(refused) => return Err(Status::failed_precondition(refused.reason)),
+        };
+        if granted.first {
+            if let Err(status) = self.enlist(txid).await {
+                self.handle.work_done(txid, None);
+                let _ = self.handle.abort(txid).await;
+                return Err(status);
+            }
+        }
+        // The keys are locked by this transaction: the committed values cannot change under it.
+        let (store, get) = (store.clone(), request.get);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut all = crate::kv::ops(&granted.so_far)?;
+            all.extend(ops.iter().cloned());
+            let overlay = store.evaluate(&all)?;
+            let values = get
+                .into_iter()
+                .map(|key| {
+                    let value = match overlay.value(&key) {
+                        Some(value) => value.clone(),
+                        None => store.get(&key).map_err(|e| e.to_string())?,
+                    };
+                    Ok(v1::KeyValue { key, value })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok::<_, String>((values, ops))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        match outcome {
+            Ok((values, ops)) => {
+                let done = v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec();
+                self.handle.work_done(txid, Some(done));
+                Ok(Response::new(v1::ExecuteResponse { values }))
+            }
+            Err(reason) => {
+                self.handle.work_done(txid, None);
+                Err(Status::failed_precondition(reason))
+            }
+        }
     }
 }

@@ -65,6 +65,10 @@ pub struct Options {
     pub participant_args: Vec<String>,
     /// Extra flags for one participant, by name ("p2": the second).
     pub participant_args_for: Vec<(String, Vec<String>)>,
+    /// Another program for one participant, by name, in place of `decree
+    /// participant`: a service built on the participant library that takes
+    /// its flags (e.g. the inventory example).
+    pub participant_program_for: Vec<(String, PathBuf)>,
 }
 
 impl Options {
@@ -77,6 +81,7 @@ impl Options {
             coordinator_args: Vec::new(),
             participant_args: Vec::new(),
             participant_args_for: Vec::new(),
+            participant_program_for: Vec::new(),
         }
     }
 }
@@ -203,14 +208,24 @@ impl Cluster {
                 args
             }
         };
+        let program = match id {
+            NodeId::Coordinator => None,
+            NodeId::Participant(i) => {
+                let name = &self.participants[i].name;
+                self.options.participant_program_for.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone())
+            }
+        };
         let node = self.node(id);
         assert!(node.child.is_none(), "{} is already running", node.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let mut command = Command::new(&binary);
+        let mut command = Command::new(program.as_ref().unwrap_or(&binary));
         match id {
             NodeId::Coordinator => command.arg("coordinator"),
             NodeId::Participant(_) => {
-                command.args(["participant", "--coordinator", &coordinator_url, "--name", &node.name])
+                if program.is_none() {
+                    command.arg("participant");
+                }
+                command.args(["--coordinator", &coordinator_url, "--name", &node.name])
             }
         };
         command
@@ -365,6 +380,17 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// A program built next to the running test (`target/<profile>/<relative>`),
+/// e.g. `examples/inventory`.
+pub fn built_program(relative: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let profile_dir =
+        exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
+    let program = profile_dir.join(relative);
+    assert!(program.exists(), "{} is missing: build it first (`make test` does)", program.display());
+    program
 }
 
 /// Polls `probe` until it returns `Some`, or fails after `timeout`.

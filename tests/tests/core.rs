@@ -116,6 +116,7 @@ async fn a_prepared_branch_locks_its_keys_and_a_conflicting_transaction_votes_no
         payload,
         one_phase: false,
         coordinator_incarnation: real.incarnation,
+        interactive: false,
     };
     let vote = participant.prepare(prepare).await.unwrap().into_inner();
     assert_eq!(vote.vote, v1::Vote::Yes as i32, "{}", vote.reason);
@@ -149,6 +150,7 @@ async fn a_prepared_branch_locks_its_keys_and_a_conflicting_transaction_votes_no
         payload,
         one_phase: false,
         coordinator_incarnation: real.incarnation,
+        interactive: false,
     };
     assert_eq!(participant.prepare(prepare).await.unwrap().into_inner().vote, v1::Vote::No as i32);
     assert_eq!(client.get(&["hot".into()]).await.unwrap()["hot"].as_deref(), Some(&b"3"[..]));
@@ -298,6 +300,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         payload: vec![0xff, 0xff, 0xff],
         one_phase: false,
         coordinator_incarnation: 99,
+        interactive: false,
     };
     let vote = participant.prepare(garbage).await.unwrap().into_inner();
     assert_eq!(vote.vote, v1::Vote::No as i32);
@@ -309,6 +312,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         payload: prost::Message::encode_to_vec(&unknown_kind),
         one_phase: false,
         coordinator_incarnation: 99,
+        interactive: false,
     };
     let vote = participant.prepare(request).await.unwrap().into_inner();
     assert_eq!(vote.vote, v1::Vote::No as i32);

@@ -46,8 +46,20 @@ fn transact_sends_prepare_to_every_branch_and_arms_the_deadline() {
     assert_eq!(
         engine.take_commands(),
         vec![
-            Command::SendPrepare { txid: t, participant: p("a"), payload: b"pa".to_vec(), one_phase: false },
-            Command::SendPrepare { txid: t, participant: p("b"), payload: b"pb".to_vec(), one_phase: false },
+            Command::SendPrepare {
+                txid: t,
+                participant: p("a"),
+                payload: b"pa".to_vec(),
+                one_phase: false,
+                interactive: false
+            },
+            Command::SendPrepare {
+                txid: t,
+                participant: p("b"),
+                payload: b"pb".to_vec(),
+                one_phase: false,
+                interactive: false
+            },
             Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
         ]
     );
@@ -202,7 +214,13 @@ fn a_single_participant_commits_in_one_phase_without_a_decision_record() {
     assert_eq!(
         engine.take_commands(),
         vec![
-            Command::SendPrepare { txid: t, participant: p("a"), payload: vec![1], one_phase: true },
+            Command::SendPrepare {
+                txid: t,
+                participant: p("a"),
+                payload: vec![1],
+                one_phase: true,
+                interactive: false
+            },
             Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
         ]
     );
@@ -357,8 +375,20 @@ fn interactive_commit_prepares_the_enlisted_with_empty_payloads() {
     assert_eq!(
         engine.take_commands(),
         vec![
-            Command::SendPrepare { txid: t, participant: p("a"), payload: vec![], one_phase: false },
-            Command::SendPrepare { txid: t, participant: p("b"), payload: vec![], one_phase: false },
+            Command::SendPrepare {
+                txid: t,
+                participant: p("a"),
+                payload: vec![],
+                one_phase: false,
+                interactive: true
+            },
+            Command::SendPrepare {
+                txid: t,
+                participant: p("b"),
+                payload: vec![],
+                one_phase: false,
+                interactive: true
+            },
             Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
         ]
     );

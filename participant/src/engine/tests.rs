@@ -16,6 +16,7 @@ fn prepare(engine: &mut Engine, txid: TxId, names: &[&str], one_phase: bool) -> 
         payload: vec![9],
         one_phase,
         incarnation: 2,
+        interactive: false,
     });
     engine.take_commands()
 }
@@ -473,5 +474,209 @@ mod read_wait {
         event(&mut engine, Event::ReadRequested { read: 1, keys: keys(&["a"]) });
         assert_eq!(event(&mut engine, Event::ReadWaitExpired { read: 1 }), vec![Command::Read { read: 1 }]);
         assert_eq!(engine.in_doubt().len(), 1, "the read changed nothing");
+    }
+}
+
+mod interactive {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_millis(100);
+
+    fn engine() -> Engine {
+        Engine::with_waits(WAIT, Duration::ZERO)
+    }
+
+    fn work(engine: &mut Engine, txid: TxId, work: u64, names: &[&str]) -> Vec<Command> {
+        event(engine, Event::WorkRequested { txid, work, keys: keys(names), at: Instant::now() })
+    }
+
+    fn done(engine: &mut Engine, txid: TxId, payload: &[u8]) {
+        event(engine, Event::WorkDone { txid, done: Some(payload.to_vec()), at: Instant::now() });
+    }
+
+    fn commit(engine: &mut Engine, txid: TxId, one_phase: bool) -> Vec<Command> {
+        event(
+            engine,
+            Event::PrepareRequested {
+                txid,
+                keys: vec![],
+                payload: vec![],
+                one_phase,
+                incarnation: 2,
+                interactive: true,
+            },
+        )
+    }
+
+    fn granted(work: u64, so_far: &[u8], first: bool) -> Command {
+        Command::WorkGranted { work, so_far: so_far.to_vec(), first }
+    }
+
+    #[test]
+    fn work_locks_its_keys_buffers_its_writes_and_prepare_takes_them() {
+        let mut engine = engine();
+        let t = tx(1);
+        assert_eq!(work(&mut engine, t, 0, &["a", "b"]), vec![granted(0, b"", true)]);
+        done(&mut engine, t, &[1, 2]);
+        assert_eq!(work(&mut engine, t, 1, &["b", "c"]), vec![granted(1, &[1, 2], false)]);
+        done(&mut engine, t, &[3]);
+        assert_eq!(engine.locks().into_values().collect::<Vec<_>>(), vec![t, t, t], "a, b and c");
+        assert_eq!(
+            commit(&mut engine, t, false),
+            vec![Command::Validate { txid: t, payload: vec![1, 2, 3] }]
+        );
+        assert_eq!(engine.locks().len(), 3, "the locks stay through Prepare");
+    }
+
+    #[test]
+    fn one_request_at_a_time_per_transaction_and_failed_work_adds_nothing() {
+        let mut engine = engine();
+        let t = tx(1);
+        work(&mut engine, t, 0, &["a"]);
+        assert!(matches!(
+            work(&mut engine, t, 1, &["a"]).as_slice(),
+            [Command::WorkRefused { work: 1, aborted: false, .. }]
+        ));
+        event(&mut engine, Event::WorkDone { txid: t, done: None, at: Instant::now() });
+        assert_eq!(work(&mut engine, t, 2, &["a"]), vec![granted(2, b"", false)]);
+    }
+
+    #[test]
+    fn two_transactions_that_would_deadlock_end_with_the_younger_dead_and_the_older_going_on() {
+        let mut engine = engine();
+        let (old, young) = (tx(1), tx(2));
+        work(&mut engine, old, 0, &["a"]);
+        done(&mut engine, old, &[1]);
+        work(&mut engine, young, 1, &["b"]);
+        done(&mut engine, young, &[2]);
+        // The older one wants b (held by the younger): it waits.
+        assert_eq!(work(&mut engine, old, 2, &["b"]), vec![Command::ArmLockWait { txid: old, after: WAIT }]);
+        // The younger one wants a (held by the older): it dies, and its death lets the older go on.
+        let commands = work(&mut engine, young, 3, &["a"]);
+        assert_eq!(
+            commands,
+            vec![
+                Command::LogAbort { txid: young, prepared: false },
+                granted(2, &[1], false),
+                Command::WorkRefused {
+                    work: 3,
+                    reason: format!("lock conflict on key \"a\" (held by {old})"),
+                    aborted: true
+                },
+            ]
+        );
+        assert_eq!(engine.locks(), [("a".to_string(), old), ("b".to_string(), old)].into_iter().collect());
+        assert_eq!(engine.outcome(young), Some(Outcome::Aborted));
+        assert!(matches!(
+            commit(&mut engine, young, false).as_slice(),
+            [Command::Vote { vote: Vote::No { .. }, .. }]
+        ));
+        assert_eq!(engine.lock_stats(), LockStats { waits: 1, wait_timeouts: 0, conflicts: 1 });
+    }
+
+    #[test]
+    fn a_younger_work_waiter_dies_when_older_work_queues_for_the_same_key() {
+        let mut engine = engine();
+        let (older, holder, young) = (tx(1), tx(3), tx(2));
+        work(&mut engine, holder, 0, &["k"]);
+        done(&mut engine, holder, &[]);
+        // young (2) is older than the holder (3): it waits.
+        work(&mut engine, young, 1, &["y"]);
+        done(&mut engine, young, &[]);
+        assert_eq!(
+            work(&mut engine, young, 2, &["k"]),
+            vec![Command::ArmLockWait { txid: young, after: WAIT }]
+        );
+        // older (1) queues for k too and goes first: young would wait for it, so young dies.
+        let commands = work(&mut engine, older, 3, &["k"]);
+        assert_eq!(commands[0], Command::ArmLockWait { txid: older, after: WAIT });
+        assert!(commands.contains(&Command::LogAbort { txid: young, prepared: false }), "{commands:?}");
+        assert!(commands.iter().any(|c| matches!(c, Command::WorkRefused { work: 2, aborted: true, .. })));
+        assert_eq!(engine.waiting(), vec![older]);
+        assert!(!engine.locks().contains_key("y"), "the dead branch's locks are released");
+    }
+
+    #[test]
+    fn a_one_shot_prepare_never_waits_for_interactive_work() {
+        let mut engine = engine();
+        let (old, young) = (tx(1), tx(2));
+        work(&mut engine, old, 0, &["a"]);
+        assert!(matches!(
+            prepare(&mut engine, young, &["a"], false).as_slice(),
+            [Command::Vote { vote: Vote::No { .. }, .. }]
+        ));
+    }
+
+    #[test]
+    fn interactive_work_may_wait_for_a_preparing_branch() {
+        let mut engine = engine();
+        let (old, young) = (tx(1), tx(2));
+        prepared(&mut engine, old, &["a"]);
+        assert_eq!(
+            work(&mut engine, young, 0, &["a"]),
+            vec![Command::ArmLockWait { txid: young, after: WAIT }]
+        );
+        let table = engine.lock_table();
+        assert_eq!(
+            table,
+            vec![LockEntry { key: "a".into(), holder: old, state: "prepared", waiters: vec![young] }]
+        );
+        event(&mut engine, Event::CommitRequested { txid: old });
+        let commands = event(&mut engine, Event::CommitLogged { txid: old });
+        assert_eq!(commands[0], granted(0, b"", true));
+    }
+
+    #[test]
+    fn a_prepare_without_work_here_votes_no_and_work_after_an_abort_is_refused() {
+        let mut engine = engine();
+        let (t1, t2) = (tx(1), tx(2));
+        assert!(matches!(
+            commit(&mut engine, t1, false).as_slice(),
+            [Command::Vote { vote: Vote::No { .. }, .. }]
+        ));
+        assert!(matches!(
+            work(&mut engine, t1, 0, &["a"]).as_slice(),
+            [Command::WorkRefused { aborted: true, .. }]
+        ));
+        work(&mut engine, t2, 1, &["b"]);
+        done(&mut engine, t2, &[5]);
+        assert_eq!(
+            event(&mut engine, Event::AbortRequested { txid: t2 }),
+            vec![Command::LogAbort { txid: t2, prepared: false }]
+        );
+        assert!(engine.locks().is_empty());
+        assert_eq!(
+            event(&mut engine, Event::AbortLogged { txid: t2 }),
+            vec![Command::AckAbort { txid: t2, ack: Ack::Done }]
+        );
+    }
+
+    #[test]
+    fn idle_interactive_branches_are_aborted_but_not_while_their_work_runs() {
+        let mut engine = engine();
+        let (idle, busy) = (tx(1), tx(2));
+        work(&mut engine, idle, 0, &["a"]);
+        done(&mut engine, idle, &[1]);
+        work(&mut engine, busy, 1, &["b"]);
+        let later = Instant::now() + Duration::from_secs(60);
+        assert_eq!(
+            event(&mut engine, Event::IdleCheck { since: later }),
+            vec![Command::LogAbort { txid: idle, prepared: false }]
+        );
+        assert_eq!(engine.locks().into_keys().collect::<Vec<_>>(), vec!["b".to_string()]);
+        assert_eq!(engine.outcome(idle), Some(Outcome::Aborted));
+    }
+
+    #[test]
+    fn a_one_phase_interactive_commit_validates_in_one_step() {
+        let mut engine = engine();
+        let t = tx(1);
+        work(&mut engine, t, 0, &["a"]);
+        done(&mut engine, t, &[4]);
+        commit(&mut engine, t, true);
+        assert_eq!(
+            event(&mut engine, Event::Validated { txid: t, result: Validated::Ready { redo: vec![8] } }),
+            vec![Command::LogCommit { txid: t, redo: vec![8], one_phase: true }]
+        );
     }
 }

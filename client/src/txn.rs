@@ -1,0 +1,176 @@
+//! Interactive transactions: `Begin`, reads and writes at the participants
+//! under the txid (each key routed by the ring; read and written keys stay
+//! locked until the decision; reads see the transaction's own writes), then
+//! `Commit` or `Abort`.
+//!
+//! ```no_run
+//! # async fn demo(client: decree_client::Client) -> Result<(), decree_client::ClientError> {
+//! let mut tx = client.begin().await?;
+//! let from = tx.get_i64("alice").await?;
+//! if from >= 10 {
+//!     tx.add("alice", -10).await?;
+//!     tx.add("bob", 10).await?;
+//! }
+//! let result = tx.commit().await?;
+//! println!("{} {}", result.txid, result.outcome.as_str());
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use decree_proto::v1::kv_client::KvClient;
+
+use crate::{decided_error, v1, Client, ClientError, KvOp, Outcome, TxnResult};
+
+/// An interactive transaction. Dropping it without `commit` or `abort` leaves
+/// it to the idle timeouts of the coordinator and the participants.
+pub struct Transaction {
+    client: Client,
+    txid: String,
+    /// Set once the transaction is known to be aborted.
+    aborted: Option<String>,
+    /// The participants it worked at.
+    touched: std::collections::BTreeSet<String>,
+}
+
+impl Client {
+    /// Begins an interactive transaction; the coordinator aborts it if it is
+    /// not committed within its default idle timeout.
+    pub async fn begin(&self) -> Result<Transaction, ClientError> {
+        self.begin_with_timeout(Duration::ZERO).await
+    }
+
+    /// Begins an interactive transaction that aborts if not committed within
+    /// `timeout` (zero: the coordinator's default).
+    pub async fn begin_with_timeout(&self, timeout: Duration) -> Result<Transaction, ClientError> {
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let response = self.coordinator.clone().begin(v1::BeginRequest { timeout_ms }).await?.into_inner();
+        Ok(Transaction {
+            client: self.clone(),
+            txid: response.txid,
+            aborted: None,
+            touched: Default::default(),
+        })
+    }
+}
+
+impl Transaction {
+    pub fn txid(&self) -> &str {
+        &self.txid
+    }
+
+    /// Runs `ops` and then reads `get`, at the participant that owns `key`'s
+    /// ring position (all of them must route to it). Returns the values read.
+    async fn execute_at(
+        &mut self,
+        key: &str,
+        ops: Vec<KvOp>,
+        get: Vec<String>,
+    ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        if let Some(reason) = &self.aborted {
+            return Err(ClientError::Aborted { txid: self.txid.clone(), reason: reason.clone() });
+        }
+        KvOp::check_key(key)?;
+        let owner = self.client.route(key)?.to_owned();
+        self.touched.insert(owner.clone());
+        let (_, channel) = self
+            .client
+            .participants
+            .get(&owner)
+            .ok_or_else(|| ClientError::UnknownParticipant(owner.clone()))?;
+        let request = v1::ExecuteRequest {
+            txid: self.txid.clone(),
+            ops: ops.into_iter().map(Into::into).collect(),
+            get,
+        };
+        match KvClient::new(channel.clone()).execute(request).await {
+            Ok(response) => Ok(response.into_inner().values.into_iter().map(|kv| kv.value).collect()),
+            Err(status) if status.code() == tonic::Code::Aborted => {
+                // The branch is gone (a lost lock conflict): end the whole transaction now.
+                let reason = status.message().to_owned();
+                self.aborted = Some(reason.clone());
+                let _ = self
+                    .client
+                    .coordinator
+                    .clone()
+                    .abort(v1::AbortTransactionRequest { txid: self.txid.clone() })
+                    .await;
+                Err(ClientError::Aborted { txid: self.txid.clone(), reason })
+            }
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    /// The value of `key` as this transaction sees it; the key stays locked
+    /// until the decision.
+    pub async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, ClientError> {
+        let mut values = self.execute_at(key, Vec::new(), vec![key.to_owned()]).await?;
+        Ok(values.pop().flatten())
+    }
+
+    /// The value of `key` as a decimal integer (absent: 0).
+    pub async fn get_i64(&mut self, key: &str) -> Result<i64, ClientError> {
+        match self.get(key).await? {
+            None => Ok(0),
+            Some(bytes) => String::from_utf8_lossy(&bytes).parse().map_err(|_| ClientError::NotANumber {
+                key: key.to_owned(),
+                value: String::from_utf8_lossy(&bytes).into_owned(),
+            }),
+        }
+    }
+
+    /// Writes `value` to `key` (buffered at its participant until commit).
+    pub async fn put(&mut self, key: &str, value: impl Into<Vec<u8>>) -> Result<(), ClientError> {
+        let op = KvOp::Put { key: key.to_owned(), value: value.into() };
+        self.execute_at(key, vec![op], Vec::new()).await.map(drop)
+    }
+
+    pub async fn delete(&mut self, key: &str) -> Result<(), ClientError> {
+        self.execute_at(key, vec![KvOp::Delete { key: key.to_owned() }], Vec::new()).await.map(drop)
+    }
+
+    /// Adds `delta` to the decimal integer at `key` (absent: 0).
+    pub async fn add(&mut self, key: &str, delta: i64) -> Result<(), ClientError> {
+        self.execute_at(key, vec![KvOp::Add { key: key.to_owned(), delta }], Vec::new()).await.map(drop)
+    }
+
+    /// Commits: two-phase commit over every participant the transaction
+    /// worked at. ABORTED comes back with the reason.
+    pub async fn commit(self) -> Result<TxnResult, ClientError> {
+        if let Some(reason) = self.aborted {
+            return Ok(TxnResult {
+                txid: self.txid,
+                outcome: Outcome::Aborted,
+                reason,
+                participants: Vec::new(),
+            });
+        }
+        let response = self
+            .client
+            .coordinator
+            .clone()
+            .commit(v1::CommitTransactionRequest { txid: self.txid.clone() })
+            .await
+            .map_err(decided_error)?
+            .into_inner();
+        Ok(TxnResult {
+            txid: response.txid,
+            outcome: Outcome::from_wire(response.outcome)?,
+            reason: response.reason,
+            participants: if response.participants.is_empty() {
+                self.touched.into_iter().collect()
+            } else {
+                response.participants
+            },
+        })
+    }
+
+    /// Aborts: every participant releases the transaction's locks and drops its writes.
+    pub async fn abort(self) -> Result<(), ClientError> {
+        if self.aborted.is_some() {
+            return Ok(());
+        }
+        self.client.coordinator.clone().abort(v1::AbortTransactionRequest { txid: self.txid }).await?;
+        Ok(())
+    }
+}

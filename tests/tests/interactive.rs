@@ -1,0 +1,207 @@
+//! Interactive transactions against a real cluster: Begin, reads and writes at
+//! the participants under the txid, Commit or Abort; wait-die between
+//! interactive transactions; the lock table as `decree locks` shows it; and
+//! read-modify-write bank transfers that keep the sum and never go negative.
+
+mod common;
+
+use std::time::Duration;
+
+use common::init;
+use decree_client::{Client, ClientError, Outcome};
+use decree_tests::{Cluster, Options};
+use tracing::info;
+
+/// Guards against a hang; never reached when things work.
+const HANG: Duration = Duration::from_secs(30);
+
+fn options(lock_wait_ms: u64) -> Options {
+    let mut options = Options::new(3);
+    options.participant_args = vec!["--lock-wait-ms".into(), lock_wait_ms.to_string()];
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_see_own_writes_and_commit_or_abort_applies_all_or_nothing() {
+    init();
+    let cluster = Cluster::start(options(100)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    // "a" lives at p1, "b" at p2, "hot" at p3 (the ring is pinned in client/src/ring.rs).
+    let mut tx = client.begin().await.unwrap();
+    assert_eq!(tx.get("a").await.unwrap(), None);
+    tx.put("a", "1").await.unwrap();
+    tx.add("b", 5).await.unwrap();
+    tx.add("b", 2).await.unwrap();
+    assert_eq!(tx.get("a").await.unwrap(), Some(b"1".to_vec()), "a transaction reads its own writes");
+    assert_eq!(tx.get_i64("b").await.unwrap(), 7);
+    let result = tx.commit().await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+    assert_eq!(result.participants, vec!["p1", "p2"]);
+    let values = client.get(&["a".into(), "b".into()]).await.unwrap();
+    assert_eq!(values["a"], Some(b"1".to_vec()));
+    assert_eq!(values["b"], Some(b"7".to_vec()));
+
+    info!("--- an aborted transaction leaves nothing behind and releases its locks");
+    let mut tx = client.begin().await.unwrap();
+    tx.put("a", "2").await.unwrap();
+    tx.put("hot", "x").await.unwrap();
+    tx.abort().await.unwrap();
+    let values = client.get(&["a".into(), "hot".into()]).await.unwrap();
+    assert_eq!((values["a"].clone(), values["hot"].clone()), (Some(b"1".to_vec()), None));
+    let mut tx = client.begin().await.unwrap();
+    tx.put("a", "3").await.unwrap();
+    assert_eq!(tx.commit().await.unwrap().outcome, Outcome::Committed);
+
+    info!("--- a failing op is refused and changes nothing; the transaction goes on");
+    let mut tx = client.begin().await.unwrap();
+    tx.put("a", "not a number").await.unwrap();
+    assert!(
+        matches!(tx.add("a", 1).await, Err(ClientError::Status(s)) if s.code() == tonic::Code::FailedPrecondition)
+    );
+    assert_eq!(tx.get("a").await.unwrap(), Some(b"not a number".to_vec()));
+    assert_eq!(tx.commit().await.unwrap().outcome, Outcome::Committed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_transactions_that_would_deadlock_end_one_committed_one_aborted() {
+    init();
+    // A long wait bound: the outcome must come from wait-die, not from a timeout.
+    let cluster = Cluster::start(options(10_000)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let mut older = client.begin().await.unwrap();
+    let mut younger = client.begin().await.unwrap();
+    older.put("a", "older").await.unwrap();
+    younger.put("b", "younger").await.unwrap();
+
+    info!("--- the older one asks for b (the younger's): it waits");
+    let waiting = tokio::spawn(async move {
+        let read = older.get("b").await;
+        (older, read)
+    });
+    // Make sure it is waiting: the lock table shows it among b's waiters.
+    let locks = decree_tests::poll(HANG, "the older transaction to wait for b", || async {
+        let (tables, _) = client.locks().await;
+        let waiting_for_b =
+            tables.iter().flat_map(|t| &t.locks).any(|l| l.key == "b" && !l.waiters.is_empty());
+        waiting_for_b.then_some(tables)
+    })
+    .await
+    .unwrap();
+    let b = locks.iter().flat_map(|t| &t.locks).find(|l| l.key == "b").unwrap();
+    assert_eq!((b.holder.as_str(), b.state.as_str()), (younger.txid(), "active"));
+
+    info!("--- the younger one asks for a (the older's): it dies at once, and the older goes on");
+    let died = tokio::time::timeout(HANG, younger.get("a")).await.unwrap();
+    match died {
+        Err(ClientError::Aborted { reason, .. }) => assert!(reason.contains("lock conflict"), "{reason}"),
+        other => panic!("the younger transaction should have died: {other:?}"),
+    }
+    let (older, read) = tokio::time::timeout(HANG, waiting).await.unwrap().unwrap();
+    assert_eq!(read.unwrap(), None, "the younger one's write to b was dropped");
+    let result = older.commit().await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+    let values = client.get(&["a".into(), "b".into()]).await.unwrap();
+    assert_eq!((values["a"].clone(), values["b"].clone()), (Some(b"older".to_vec()), None));
+    let (tables, _) = client.locks().await;
+    assert!(tables.iter().all(|t| t.locks.is_empty()), "no lock left: {tables:?}");
+    assert!(tables.iter().map(|t| t.waits).sum::<u64>() >= 1);
+    assert!(tables.iter().map(|t| t.conflicts).sum::<u64>() >= 1);
+}
+
+/// One interactive transfer: read both balances, refuse to go negative, write both.
+/// Returns whether it committed.
+async fn transfer(client: &Client, from: &str, to: &str, amount: i64) -> Result<bool, ClientError> {
+    let mut tx = client.begin().await?;
+    let balance = match tx.get_i64(from).await {
+        Ok(balance) => balance,
+        Err(ClientError::Aborted { .. }) => return Ok(false),
+        Err(err) => return Err(err),
+    };
+    if balance < amount {
+        tx.abort().await?;
+        return Ok(false);
+    }
+    let steps = async {
+        let to_balance = tx.get_i64(to).await?;
+        tx.put(from, (balance - amount).to_string()).await?;
+        tx.put(to, (to_balance + amount).to_string()).await
+    };
+    match steps.await {
+        Ok(()) => Ok(tx.commit().await?.outcome == Outcome::Committed),
+        Err(ClientError::Aborted { .. }) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_bank_transfers_keep_the_sum_and_never_go_negative() {
+    init();
+    const ACCOUNTS: usize = 6;
+    const START: i64 = 50;
+    let cluster = Cluster::start(options(200)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("acct-{i}")).collect();
+    let seed =
+        names.iter().map(|n| decree_client::KvOp::Put { key: n.clone(), value: START.to_string().into() });
+    assert_eq!(client.transact(seed.collect()).await.unwrap().outcome, Outcome::Committed);
+
+    let workers = (0..4u64).map(|w| {
+        let (client, names) = (client.clone(), names.clone());
+        tokio::spawn(async move {
+            let mut committed = 0;
+            for i in 0..40u64 {
+                let from = &names[((w * 7 + i * 3) % ACCOUNTS as u64) as usize];
+                let to = &names[((w * 5 + i * 11 + 1) % ACCOUNTS as u64) as usize];
+                if from == to {
+                    continue;
+                }
+                // Big amounts, so that some transfers would go negative and are refused.
+                let amount = 10 + ((w + i) % 5) as i64 * 10;
+                if transfer(&client, from, to, amount).await.unwrap() {
+                    committed += 1;
+                }
+            }
+            committed
+        })
+    });
+    let mut committed = 0;
+    for worker in workers {
+        committed += tokio::time::timeout(Duration::from_secs(120), worker).await.unwrap().unwrap();
+    }
+    info!(committed, "interactive transfers committed");
+    assert!(committed > 0);
+    let values = client.get(&names).await.unwrap();
+    let balances: Vec<i64> =
+        values.values().map(|v| String::from_utf8_lossy(v.as_deref().unwrap()).parse().unwrap()).collect();
+    assert_eq!(balances.iter().sum::<i64>(), START * ACCOUNTS as i64, "money created or lost: {balances:?}");
+    assert!(balances.iter().all(|b| *b >= 0), "a balance went negative: {balances:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decree_locks_lists_holders_and_a_participant_restart_loses_unprepared_work() {
+    init();
+    let mut cluster = Cluster::start(options(100)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let mut tx = client.begin().await.unwrap();
+    tx.put("b", "1").await.unwrap();
+    let run = common::decree_async(
+        ["locks", "--json", "--coordinator", &cluster.coordinator_url()].map(String::from).to_vec(),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let tables = run.json();
+    let p2 = tables.as_array().unwrap().iter().find(|t| t["participant"] == "p2").unwrap();
+    assert_eq!(p2["locks"][0]["key"], "b");
+    assert_eq!(p2["locks"][0]["holder"], tx.txid());
+    assert_eq!(p2["locks"][0]["state"], "active");
+
+    info!("--- p2 restarts: its unprepared work is gone, so the transaction cannot commit");
+    let p2 = cluster.participant("p2");
+    cluster.kill(p2);
+    cluster.restart(p2).unwrap();
+    cluster.wait_back(p2).await.unwrap();
+    let result = tx.commit().await.unwrap();
+    assert_eq!(result.outcome, Outcome::Aborted);
+    assert!(result.reason.contains("no work of this transaction here"), "{}", result.reason);
+    assert_eq!(client.get(&["b".into()]).await.unwrap()["b"], None);
+}
