@@ -12,7 +12,7 @@ demo: prereqs
 	$(CARGO) run --release --bin decree -- demo
 
 test: prereqs
-	$(CARGO) build --release --bin decree
+	$(CARGO) build --release --workspace --bins --examples
 	$(CARGO) test --release --workspace
 
 build: prereqs

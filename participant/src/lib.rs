@@ -1,8 +1,78 @@
-//! The decree participant library and the reference KV participant.
+//! The decree participant library: make a service a participant in decree
+//! transactions by implementing one trait, [`Resource`].
 //!
-//! - [`engine`]: branch states, locks and tombstones as a sans-IO state machine;
+//! The library owns the protocol: the lock table (keys stay locked from
+//! prepare until the decision, across crashes), the durable prepared record
+//! (synced before YES), idempotent Commit and Abort, tombstones (a late
+//! Prepare after an Abort votes NO; an Abort for an unknown txid is answered
+//! without effect), recovery of branches in doubt (asking the coordinator),
+//! enrollment and heartbeats, and the named crash points. [`Builder`] serves
+//! a resource with all of it.
+//!
+//! A complete service: counters that may not go below zero.
+//!
+//! ```no_run
+//! use decree_participant::{Builder, Config, Log, Resource, Validated, Write};
+//! use decree_proto::TxId;
+//!
+//! /// A branch's payload: "<counter> <delta>".
+//! struct Counters { log: Log }
+//!
+//! fn parse(payload: &[u8]) -> Result<(String, i64), String> {
+//!     let text = std::str::from_utf8(payload).map_err(|e| e.to_string())?;
+//!     let (name, delta) = text.split_once(' ').ok_or("expected \"<counter> <delta>\"")?;
+//!     Ok((name.to_owned(), delta.trim().parse().map_err(|_| "bad delta")?))
+//! }
+//!
+//! #[async_trait::async_trait]
+//! impl Resource for Counters {
+//!     fn keys(&self, payload: &[u8]) -> Result<Vec<String>, String> {
+//!         Ok(vec![parse(payload)?.0])
+//!     }
+//!
+//!     async fn prepare(&self, _txid: TxId, payload: &[u8]) -> Validated {
+//!         // The key is locked: its value cannot change until this branch is decided.
+//!         let (name, delta) = match parse(payload) {
+//!             Ok(parsed) => parsed,
+//!             Err(reason) => return Validated::Refused { reason },
+//!         };
+//!         let current = match self.log.get(name.as_bytes()) {
+//!             Ok(v) => v.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0)),
+//!             Err(err) => return Validated::Refused { reason: err.to_string() },
+//!         };
+//!         if current + delta < 0 {
+//!             return Validated::Refused { reason: format!("{name} would go below zero") };
+//!         }
+//!         // The redo is kept in the synced prepared record and handed to commit.
+//!         Validated::Ready { redo: format!("{name} {}", current + delta).into_bytes() }
+//!     }
+//!
+//!     async fn commit(&self, _txid: TxId, redo: &[u8]) -> Result<Vec<Write>, String> {
+//!         // Written in the same synced batch as the commit record: applied exactly once.
+//!         let (name, value) = parse(redo)?;
+//!         Ok(vec![Write::put(name, value.to_string())])
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let config = Config::new("/var/lib/counters".into(), "http://127.0.0.1:7000".into(), "counters".into());
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:7101").await?;
+//!     Builder::new(config)
+//!         .serve(|log| Counters { log: log.clone() }, listener, async { let _ = tokio::signal::ctrl_c().await; })
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! A fuller one, with its own integration test: `participant/examples/inventory.rs`.
+//! Services in other languages speak the gRPC protocol (`proto/decree/v1/participant.proto`).
+//!
+//! Inside:
+//! - [`engine`]: branch states, locks, waits and tombstones as a sans-IO state machine;
 //! - [`store`]: prepared records and tombstones, and their correctness contract;
-//! - [`resource`]: what a service plugs in; [`kv`] is the reference resource;
+//! - [`resource`]: what a service plugs in; [`kv`] (the reference KV store) and
+//!   [`postgres`] (PostgreSQL prepared transactions) are resources;
 //! - `runtime`: the actor, the in-doubt resolver, enrollment and heartbeats;
 //! - `service`: the thin gRPC handlers.
 //!
