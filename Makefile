@@ -12,6 +12,7 @@ demo: prereqs
 	$(CARGO) run --release --bin decree -- demo
 
 test: prereqs
+	@bash scripts/ensure-python-grpc.sh
 	$(CARGO) build --release --workspace --bins --examples
 	$(CARGO) test --release --workspace
 
