@@ -216,9 +216,6 @@ async fn in_doubt(args: InDoubtArgs) -> Result<(), Failure> {
     } else {
         decree_client::in_doubt_at_urls(&args.participant).await?
     };
-    for name in &unreachable {
-        eprintln!("decree in-doubt: participant {name} did not answer");
-    }
     if args.target.json {
         let list: Vec<_> = branches
             .iter()
@@ -232,11 +229,7 @@ async fn in_doubt(args: InDoubtArgs) -> Result<(), Failure> {
             println!("{}\t{}\t{} ms\t{}", b.txid, b.participant, b.age_ms, b.locked_keys.join(","));
         }
     }
-    if unreachable.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure(format!("{} participant(s) did not answer", unreachable.len())))
-    }
+    answered_all(&unreachable)
 }
 
 async fn locks(args: InDoubtArgs) -> Result<(), Failure> {
@@ -245,9 +238,6 @@ async fn locks(args: InDoubtArgs) -> Result<(), Failure> {
     } else {
         decree_client::locks_at_urls(&args.participant).await?
     };
-    for name in &unreachable {
-        eprintln!("decree locks: participant {name} did not answer");
-    }
     if args.target.json {
         let list: Vec<_> = tables
             .iter()
@@ -281,6 +271,14 @@ async fn locks(args: InDoubtArgs) -> Result<(), Failure> {
                 println!("  {}\t{}\t{}{waiters}", l.key, l.holder, l.state);
             }
         }
+    }
+    answered_all(&unreachable)
+}
+
+/// Names the participants that did not answer (stderr); an error if any.
+fn answered_all(unreachable: &[String]) -> Result<(), Failure> {
+    for name in unreachable {
+        eprintln!("decree: participant {name} did not answer");
     }
     if unreachable.is_empty() {
         Ok(())

@@ -132,6 +132,17 @@ pub struct TxnResult {
     pub participants: Vec<String>,
 }
 
+impl TxnResult {
+    fn from_wire(response: v1::TransactResponse) -> Result<TxnResult, ClientError> {
+        Ok(TxnResult {
+            txid: response.txid,
+            outcome: Outcome::from_wire(response.outcome)?,
+            reason: response.reason,
+            participants: response.participants,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParticipantInfo {
     pub name: String,
@@ -243,12 +254,7 @@ impl Client {
             .await
             .map_err(decided_error)?
             .into_inner();
-        Ok(TxnResult {
-            txid: response.txid,
-            outcome: Outcome::from_wire(response.outcome)?,
-            reason: response.reason,
-            participants: response.participants,
-        })
+        TxnResult::from_wire(response)
     }
 
     /// Committed values of `keys`, each read from its participant.

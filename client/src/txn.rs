@@ -153,16 +153,12 @@ impl Transaction {
             .await
             .map_err(decided_error)?
             .into_inner();
-        Ok(TxnResult {
-            txid: response.txid,
-            outcome: Outcome::from_wire(response.outcome)?,
-            reason: response.reason,
-            participants: if response.participants.is_empty() {
-                self.touched.into_iter().collect()
-            } else {
-                response.participants
-            },
-        })
+        let mut result = TxnResult::from_wire(response)?;
+        if result.participants.is_empty() {
+            // An interactive Commit's answer names no participants: the ones worked at.
+            result.participants = self.touched.into_iter().collect();
+        }
+        Ok(result)
     }
 
     /// Aborts: every participant releases the transaction's locks and drops its writes.

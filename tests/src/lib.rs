@@ -92,17 +92,7 @@ pub fn decree_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("DECREE_BIN") {
         return PathBuf::from(bin);
     }
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    // target/<profile>/deps/<test> -> target/<profile>/decree
-    let profile_dir =
-        exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
-    let bin = profile_dir.join("decree");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build --release --bin decree`; `make test` does) or set DECREE_BIN",
-        bin.display()
-    );
-    bin
+    built_program("decree")
 }
 
 fn free_port() -> Result<u16> {
@@ -383,13 +373,18 @@ impl Drop for Cluster {
 }
 
 /// A program built next to the running test (`target/<profile>/<relative>`),
-/// e.g. `examples/inventory`.
+/// e.g. `decree` or `examples/inventory`.
 pub fn built_program(relative: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/<profile>/deps/<test> -> target/<profile>/<relative>
     let profile_dir =
         exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
     let program = profile_dir.join(relative);
-    assert!(program.exists(), "{} is missing: build it first (`make test` does)", program.display());
+    assert!(
+        program.exists(),
+        "{} is missing: build it first (`cargo build --release --workspace --bins --examples`; `make test` does)",
+        program.display()
+    );
     program
 }
 
