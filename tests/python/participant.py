@@ -5,7 +5,7 @@ Payload: UTF-8 lines `set <key> <value>`; a line `fail` votes NO. State and
 prepared branches live in one JSON file, replaced atomically and fsynced
 before a YES vote and after each commit, so the participant survives kill -9.
 
-    python participant.py --proto DIR --coordinator URL --name NAME --port PORT --state FILE
+    python participant.py --proto DIR --coordinator URL --name NAME --port PORT --state FILE [--gen-dir DIR]
 """
 
 import argparse
@@ -18,12 +18,13 @@ import time
 from concurrent import futures
 
 
-def generate(proto_dir):
-    """Compiles the .proto files into a temporary package and imports it."""
+def generate(proto_dir, out):
+    """Compiles the .proto files into `out` (a new temporary directory if None) and imports them."""
     from grpc_tools import protoc
     import grpc_tools
 
-    out = tempfile.mkdtemp(prefix="decree-py-")
+    out = out or tempfile.mkdtemp(prefix="decree-py-")
+    os.makedirs(out, exist_ok=True)
     files = [os.path.join("decree", "v1", f) for f in os.listdir(os.path.join(proto_dir, "decree", "v1"))]
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     code = protoc.main(["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}"] + files)
@@ -174,8 +175,9 @@ def main():
     parser.add_argument("--name", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--state", required=True)
+    parser.add_argument("--gen-dir", help="where to put the generated code (default: a new temporary directory)")
     args = parser.parse_args()
-    generate(args.proto)
+    generate(args.proto, args.gen_dir)
     serve(args)
 
 

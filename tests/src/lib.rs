@@ -96,7 +96,14 @@ pub fn decree_binary() -> PathBuf {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(free_ports(1)?[0])
+}
+
+/// `n` distinct free ports: every listener is held until all are chosen, so
+/// the system cannot hand the same port out twice.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// A running cluster. Dropping it kills every process.
@@ -124,10 +131,11 @@ impl Cluster {
     }
 
     async fn start_in(dir: Option<tempfile::TempDir>, path: PathBuf, options: Options) -> Result<Cluster> {
-        let node = |name: &str| -> Result<Node> {
+        let mut ports = free_ports(options.participants + 1)?.into_iter();
+        let mut node = |name: &str| -> Result<Node> {
             Ok(Node {
                 name: name.to_owned(),
-                port: free_port()?,
+                port: ports.next().expect("one port per node"),
                 data_dir: path.join(name),
                 log: path.join(format!("{name}.log")),
                 child: None,
@@ -142,7 +150,9 @@ impl Cluster {
         for i in 0..cluster.participants.len() {
             cluster.spawn(NodeId::Participant(i))?;
         }
-        cluster.wait_enrolled(Duration::from_secs(30)).await?;
+        if let Err(err) = cluster.wait_enrolled(Duration::from_secs(30)).await {
+            return Err(HarnessError::Other(format!("{err}\n{}", cluster.report())));
+        }
         Ok(cluster)
     }
 
@@ -174,6 +184,28 @@ impl Cluster {
             NodeId::Coordinator => &mut self.coordinator,
             NodeId::Participant(i) => &mut self.participants[i],
         }
+    }
+
+    /// Each node: running or how it exited, and the end of its log.
+    pub fn report(&mut self) -> String {
+        let ids: Vec<NodeId> = std::iter::once(NodeId::Coordinator)
+            .chain((0..self.participants.len()).map(NodeId::Participant))
+            .collect();
+        let mut out = String::new();
+        for id in ids {
+            let node = self.node(id);
+            let state = match node.child.as_mut().map(|c| c.try_wait()) {
+                None => "not started".to_owned(),
+                Some(Ok(None)) => "running".to_owned(),
+                Some(Ok(Some(status))) => format!("exited: {status}"),
+                Some(Err(err)) => format!("unknown: {err}"),
+            };
+            let (name, port) = (node.name.clone(), node.port);
+            let log = self.log_of(id);
+            let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+            out.push_str(&format!("--- {name} (port {port}): {state}\n{}\n", tail.join("\n")));
+        }
+        out
     }
 
     /// The process log of a node (its stderr and stdout).

@@ -64,6 +64,7 @@ async fn a_python_participant_commits_and_aborts_with_the_kv_participant() {
             .args(["--proto".into(), root.join("proto").display().to_string()])
             .args(["--coordinator", &cluster.coordinator_url(), "--name", "py", "--port", &port.to_string()])
             .args(["--state".into(), state_file.display().to_string()])
+            .args(["--gen-dir".into(), cluster.dir().join("py-gen").display().to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
