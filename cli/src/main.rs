@@ -4,6 +4,8 @@
 //! 1 aborted (`txn` only), 2 error or unknown outcome. The command-line
 //! contract is in the README; scripts depend on it.
 
+mod bench;
+mod bench_pg;
 mod demo;
 mod txn;
 
@@ -38,6 +40,9 @@ enum Cmd {
     Locks(InDoubtArgs),
     /// A local cluster, a bank workload, and a verdict.
     Demo(demo::DemoArgs),
+    /// Throughput and latency of a local cluster (or --coordinator), beside the floor and, with
+    /// --baseline postgres, client-side 2PC over PostgreSQL.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -137,6 +142,7 @@ fn main() {
                 txn::run(args, order).await
             }
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Bench(args) => bench::run(args).await,
             Cmd::Get(args) => report("get", get(args).await),
             Cmd::Status(args) => report("status", status(args).await),
             Cmd::Participants(args) => report("participants", participants(args).await),

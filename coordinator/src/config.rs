@@ -38,6 +38,9 @@ pub struct Config {
     /// A participant not heard from within this window is listed as "down".
     #[arg(long, env = "DECREE_LIVENESS_MS", default_value_t = 3_000)]
     pub liveness_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, env = "DECREE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
     #[arg(long)]
     pub crash_at: Option<String>,
@@ -57,6 +60,7 @@ impl Config {
             max_in_flight: 10_000,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             liveness_ms: 3_000,
+            metrics_listen: None,
             crash_at: None,
         }
     }

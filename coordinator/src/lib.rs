@@ -74,6 +74,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
     config.validate().map_err(CoordinatorError::Config)?;
+    if let Some(listen) = config.metrics_listen {
+        decree_runtime::metrics::install(listen).map_err(CoordinatorError::Config)?;
+    }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CoordinatorError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
     let (store, recovered) = DecisionLog::open(&config.data_dir).await?;
@@ -105,6 +108,7 @@ pub async fn serve(
     let service = service::Service::new(handle);
     let limit = config.max_message_bytes * 2;
     tonic::transport::Server::builder()
+        .layer(decree_runtime::metrics::CountRequests)
         .max_concurrent_streams(1024)
         .tcp_nodelay(true)
         .add_service(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))

@@ -25,6 +25,9 @@ use crate::store::DecisionLog;
 use crate::CoordinatorError;
 
 /// Most client requests queued for the actor.
+/// Transactions answered, by outcome.
+pub const TRANSACTIONS: &str = "decree_transactions_total";
+
 const REQUEST_QUEUE: usize = 4096;
 
 type Decision = oneshot::Sender<(TxId, Decided)>;
@@ -339,11 +342,21 @@ impl Actor {
                 }
                 Command::Reply { txid, decided } => {
                     crash::point(crash::COORDINATOR_REPLY_BEFORE_CLIENT);
-                    match &decided {
-                        Decided::Committed => debug!(%txid, "committed"),
-                        Decided::Aborted { reason } => debug!(%txid, %reason, "aborted"),
-                        Decided::Unknown { reason } => warn!(%txid, %reason, "outcome unknown to the client"),
-                    }
+                    let outcome = match &decided {
+                        Decided::Committed => {
+                            debug!(%txid, "committed");
+                            "committed"
+                        }
+                        Decided::Aborted { reason } => {
+                            debug!(%txid, %reason, "aborted");
+                            "aborted"
+                        }
+                        Decided::Unknown { reason } => {
+                            warn!(%txid, %reason, "outcome unknown to the client");
+                            "unknown"
+                        }
+                    };
+                    metrics::counter!(TRANSACTIONS, "outcome" => outcome).increment(1);
                     if let Some(reply) = self.replies.remove(&txid) {
                         let _ = reply.send((txid, decided));
                     }

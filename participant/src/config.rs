@@ -67,6 +67,9 @@ pub struct Config {
     /// The table of --backend postgres (created if missing).
     #[arg(long, env = "DECREE_PG_TABLE", default_value = crate::postgres::DEFAULT_TABLE)]
     pub pg_table: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, env = "DECREE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
     #[arg(long)]
     pub crash_at: Option<String>,
@@ -91,6 +94,7 @@ impl Config {
             backend: Backend::Kv,
             pg_url: None,
             pg_table: crate::postgres::DEFAULT_TABLE.to_owned(),
+            metrics_listen: None,
             crash_at: None,
         }
     }

@@ -158,6 +158,9 @@ async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ParticipantError> {
     config.validate().map_err(ParticipantError::Config)?;
+    if let Some(listen) = config.metrics_listen {
+        decree_runtime::metrics::install(listen).map_err(ParticipantError::Config)?;
+    }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| ParticipantError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
     let local = listener.local_addr().map_err(|e| ParticipantError::Config(e.to_string()))?;
@@ -223,6 +226,7 @@ async fn serve_with(
         );
     }
     tonic::transport::Server::builder()
+        .layer(decree_runtime::metrics::CountRequests)
         .max_concurrent_streams(1024)
         .tcp_nodelay(true)
         .add_routes(routes)

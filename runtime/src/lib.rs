@@ -4,13 +4,15 @@
 //! - [`record`]: the checksummed envelope every durable record is stored in;
 //! - [`crash`]: named crash points for crash tests;
 //! - [`backoff`]: capped exponential backoff with jitter;
-//! - [`serve`]: logging and shutdown signals for the binaries.
+//! - [`serve`]: logging and shutdown signals for the binaries;
+//! - [`metrics`]: the Prometheus exporter and the metric names both servers share.
 //!
 //! The protocol engines never import this crate's I/O: their runtimes do.
 
 pub mod backoff;
 pub mod crash;
 pub mod log;
+pub mod metrics;
 pub mod record;
 pub mod serve;
 

@@ -201,8 +201,12 @@ fn write_group(db: &DB, group: &[Request], stats: &LogStats) -> Result<(), LogEr
     db.write_opt(batch, &options)?;
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::LOG_BATCHES).increment(1);
+    metrics::counter!(crate::metrics::LOG_WRITES).increment(group.len() as u64);
+    metrics::histogram!(crate::metrics::LOG_BATCH_SIZE).record(group.len() as f64);
     if sync {
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::LOG_FSYNCS).increment(1);
     }
     Ok(())
 }

@@ -268,6 +268,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// The process id of a running node.
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        let node = match id {
+            NodeId::Coordinator => &self.coordinator,
+            NodeId::Participant(i) => &self.participants[i],
+        };
+        node.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no cleanup, no flush.
     pub fn kill(&mut self, id: NodeId) {
         if let Some(mut child) = self.node(id).child.take() {

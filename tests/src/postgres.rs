@@ -56,6 +56,12 @@ fn is_root() -> bool {
 impl PgServer {
     /// Initializes and starts a server; returns once it accepts connections.
     pub fn start() -> Result<PgServer> {
+        PgServer::start_with(200)
+    }
+
+    /// Like [`PgServer::start`], accepting `max_connections` connections
+    /// (and as many prepared transactions).
+    pub fn start_with(max_connections: usize) -> Result<PgServer> {
         let bin = find_bin()?;
         let dir = tempfile::Builder::new().prefix("decree-pg-").tempdir()?;
         let as_postgres = is_root();
@@ -67,7 +73,7 @@ impl PgServer {
         server
             .run_pg("initdb", &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_prepared_transactions=128 -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_prepared_transactions={max_connections} -c max_connections={max_connections}",
             server.port,
             server.dir.path().display()
         );
@@ -91,6 +97,12 @@ impl PgServer {
         };
         command.args(args).current_dir(self.dir.path());
         run(&mut command)
+    }
+
+    /// The postmaster's process id.
+    pub fn pid(&self) -> Option<u32> {
+        let pidfile = std::fs::read_to_string(format!("{}/postmaster.pid", self.data_dir())).ok()?;
+        pidfile.lines().next()?.trim().parse().ok()
     }
 
     pub fn port(&self) -> u16 {

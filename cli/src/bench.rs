@@ -1,0 +1,657 @@
+//! `decree bench`: throughput and latency of a local cluster (or a running
+//! one), with the floor measured in the same run, and optionally the same
+//! bank workload as client-side 2PC over PostgreSQL, alternating with decree.
+//!
+//! Reported: committed tx/s, abort rate, p50/p99/p99.9 latency (HDR
+//! histogram), fsyncs and gRPC requests per committed transaction (scraped
+//! from each process's /metrics), the peak RSS of each process, and the floor
+//! `2 x fsync p50 + 2 x round trip`.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use decree_client::{kv_payload, v1, Client, KvOp, Outcome};
+use decree_tests::{Cluster, NodeId, Options};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use rand_distr::Distribution;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// One key written on each participant: the protocol's own cost.
+    Empty,
+    /// Transfers `add a=-1, add b=+1` between accounts; the sum is checked at the end.
+    Bank,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    /// Client-side 2PC over N PostgreSQL 15 servers started for the run.
+    Postgres,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = Workload::Bank)]
+    pub(crate) workload: Workload,
+    /// Participants of the local cluster (and PostgreSQL servers of the baseline).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) participants: usize,
+    /// Closed loop: this many clients, each starting a transaction when its last one ended.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) concurrency: usize,
+    /// Open loop instead: start this many transactions per second, whatever the latency.
+    #[arg(long)]
+    pub(crate) rate: Option<f64>,
+    /// Seconds of measurement (after one second of warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) duration: f64,
+    /// Bank accounts.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) accounts: usize,
+    /// Zipf exponent of account choice (e.g. 0.99); uniform if unset.
+    #[arg(long)]
+    pub(crate) zipf: Option<f64>,
+    /// Run against this coordinator instead of starting a cluster (no fsync or RSS figures).
+    #[arg(long)]
+    pub(crate) coordinator: Option<String>,
+    /// Also run the peer system, alternating with decree, and report the ratio.
+    #[arg(long, value_enum)]
+    pub(crate) baseline: Option<Baseline>,
+    /// Rounds of decree (and the baseline, alternating); figures are over all rounds.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) rounds: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Keep the cluster's directory afterwards.
+    #[arg(long)]
+    pub(crate) keep: bool,
+}
+
+pub async fn run(args: BenchArgs) -> i32 {
+    match bench(args).await {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("decree bench: {err}");
+            2
+        }
+    }
+}
+
+pub(crate) fn account(i: usize) -> String {
+    format!("acct-{i:05}")
+}
+
+/// What one system did in the measured window(s).
+#[derive(Default)]
+pub(crate) struct Run {
+    pub(crate) committed: u64,
+    pub(crate) aborted: u64,
+    pub(crate) errors: u64,
+    pub(crate) elapsed: Duration,
+    pub(crate) latency: Option<Histogram<u64>>,
+    pub(crate) fsyncs: Option<f64>,
+    pub(crate) rpcs: Option<f64>,
+    pub(crate) rss_mib: BTreeMap<String, f64>,
+}
+
+impl Run {
+    fn absorb(&mut self, other: Run) {
+        self.committed += other.committed;
+        self.aborted += other.aborted;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        match (&mut self.latency, other.latency) {
+            (Some(mine), Some(theirs)) => mine.add(theirs).expect("same bounds"),
+            (mine @ None, theirs) => *mine = theirs,
+            _ => {}
+        }
+        self.fsyncs = sum(self.fsyncs, other.fsyncs);
+        self.rpcs = sum(self.rpcs, other.rpcs);
+        for (name, mib) in other.rss_mib {
+            let peak = self.rss_mib.entry(name).or_insert(0.0);
+            *peak = peak.max(mib);
+        }
+    }
+
+    fn tx_per_s(&self) -> f64 {
+        self.committed as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn percentile_ms(&self, q: f64) -> f64 {
+        self.latency.as_ref().map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+    }
+
+    fn to_json(&self, floor_ms: f64) -> Value {
+        let per_tx = |count: Option<f64>| count.map(|c| c / self.committed.max(1) as f64);
+        let total = (self.committed + self.aborted).max(1) as f64;
+        json!({
+            "tx_per_s": round(self.tx_per_s()),
+            "committed": self.committed,
+            "aborted": self.aborted,
+            "errors": self.errors,
+            "abort_rate": round(self.aborted as f64 / total),
+            "p50_ms": round(self.percentile_ms(0.5)),
+            "p99_ms": round(self.percentile_ms(0.99)),
+            "p999_ms": round(self.percentile_ms(0.999)),
+            "fsyncs_per_tx": per_tx(self.fsyncs).map(round),
+            "rpcs_per_tx": per_tx(self.rpcs).map(round),
+            "floor_ms": round(floor_ms),
+            "rss_mib": self.rss_mib.iter().map(|(k, v)| (k.clone(), json!(round(*v)))).collect::<serde_json::Map<_, _>>(),
+        })
+    }
+}
+
+fn sum(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
+}
+
+/// The peak resident set of a process, in MiB (VmHWM).
+pub(crate) fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Sums a counter over a Prometheus text page (all label sets).
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// GET http://addr/metrics.
+async fn scrape(addr: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream =
+        tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("metrics at {addr}: {e}"))?;
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).await.map_err(|e| e.to_string())?;
+    Ok(page)
+}
+
+/// The local cluster and where its metrics are.
+struct Local {
+    cluster: Cluster,
+    metrics: Vec<(String, NodeId, String)>,
+}
+
+impl Local {
+    async fn start(args: &BenchArgs) -> Result<Local, String> {
+        let binary = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut options = Options::new(args.participants);
+        options.binary = Some(binary);
+        options.keep_dir = args.keep;
+        let mut ports = Vec::new();
+        for _ in 0..=args.participants {
+            ports.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
+        }
+        let addr = |i: usize| format!("127.0.0.1:{}", ports[i].local_addr().map(|a| a.port()).unwrap_or(0));
+        let mut metrics = vec![("coordinator".to_owned(), NodeId::Coordinator, addr(0))];
+        options.coordinator_args = vec!["--metrics-listen".into(), addr(0)];
+        for i in 1..=args.participants {
+            let name = format!("p{i}");
+            options.participant_args_for.push((name.clone(), vec!["--metrics-listen".into(), addr(i)]));
+            metrics.push((name, NodeId::Participant(i - 1), addr(i)));
+        }
+        drop(ports);
+        let cluster = Cluster::start(options).await.map_err(|e| e.to_string())?;
+        Ok(Local { cluster, metrics })
+    }
+
+    /// (fsyncs, gRPC requests) summed over every process.
+    async fn counters(&self) -> Result<(f64, f64), String> {
+        let (mut fsyncs, mut rpcs) = (0.0, 0.0);
+        for (_, _, addr) in &self.metrics {
+            let page = scrape(addr).await?;
+            fsyncs += counter(&page, decree_runtime::metrics::LOG_FSYNCS);
+            rpcs += counter(&page, decree_runtime::metrics::GRPC_REQUESTS);
+        }
+        Ok((fsyncs, rpcs))
+    }
+
+    fn rss(&self) -> BTreeMap<String, f64> {
+        self.metrics
+            .iter()
+            .filter_map(|(name, id, _)| Some((name.clone(), peak_rss_mib(self.cluster.pid(*id)?)?)))
+            .collect()
+    }
+}
+
+/// Picks accounts: uniform or Zipf.
+#[derive(Clone)]
+pub(crate) struct Picker {
+    pub(crate) accounts: usize,
+    pub(crate) zipf: Option<rand_distr::Zipf<f64>>,
+}
+
+impl Picker {
+    pub(crate) fn new(accounts: usize, exponent: Option<f64>) -> Result<Picker, String> {
+        let zipf = match exponent {
+            Some(s) => Some(rand_distr::Zipf::new(accounts as f64, s).map_err(|e| format!("--zipf: {e}"))?),
+            None => None,
+        };
+        Ok(Picker { accounts, zipf })
+    }
+
+    fn pick(&self, rng: &mut impl Rng) -> usize {
+        match &self.zipf {
+            Some(zipf) => (zipf.sample(rng) as usize - 1).min(self.accounts - 1),
+            None => rng.random_range(0..self.accounts),
+        }
+    }
+
+    pub(crate) fn pair(&self, rng: &mut impl Rng) -> (usize, usize) {
+        loop {
+            let (a, b) = (self.pick(rng), self.pick(rng));
+            if a != b {
+                return (a, b);
+            }
+        }
+    }
+}
+
+/// One transaction's result.
+pub(crate) enum Done {
+    Committed,
+    Aborted,
+    Error,
+}
+
+/// Runs `one(worker, seq)` in a closed or open loop for `duration` and records latencies.
+pub(crate) async fn drive<F, Fut>(args: &BenchArgs, duration: Duration, bar: &ProgressBar, one: F) -> Run
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Done> + Send + 'static,
+{
+    let one = Arc::new(one);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let started = Instant::now();
+    let record = {
+        let counts = counts.clone();
+        move |done: Done| {
+            let slot = match done {
+                Done::Committed => 0,
+                Done::Aborted => 1,
+                Done::Error => 2,
+            };
+            counts[slot].fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let mut latency = histogram();
+    match args.rate {
+        None => {
+            let workers: Vec<_> = (0..args.concurrency)
+                .map(|worker| {
+                    let (one, stop, record, bar) = (one.clone(), stop.clone(), record.clone(), bar.clone());
+                    tokio::spawn(async move {
+                        let mut latency = histogram();
+                        let mut seq = 0;
+                        while !stop.load(Ordering::Relaxed) {
+                            let begun = Instant::now();
+                            let done = one(worker, seq).await;
+                            let _ = latency.record(begun.elapsed().as_micros().max(1) as u64);
+                            record(done);
+                            bar.inc(1);
+                            seq += 1;
+                        }
+                        latency
+                    })
+                })
+                .collect();
+            tokio::time::sleep(duration).await;
+            stop.store(true, Ordering::Relaxed);
+            for worker in workers {
+                if let Ok(h) = worker.await {
+                    latency.add(h).expect("same bounds");
+                }
+            }
+        }
+        Some(rate) => {
+            // Latency counts from when a transaction was due, so a slow system
+            // cannot hide its queueing (no coordinated omission).
+            let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<u64>();
+            let period = Duration::from_secs_f64(1.0 / rate);
+            let mut next = Instant::now();
+            let mut seq = 0u64;
+            while started.elapsed() < duration {
+                tokio::time::sleep_until(next.into()).await;
+                let (one, record, bar, sender, due) =
+                    (one.clone(), record.clone(), bar.clone(), sender.clone(), next);
+                tokio::spawn(async move {
+                    let done = one((seq % 1024) as usize, seq).await;
+                    let _ = sender.send(due.elapsed().as_micros().max(1) as u64);
+                    record(done);
+                    bar.inc(1);
+                });
+                seq += 1;
+                next += period;
+            }
+            drop(sender);
+            while let Some(us) = receiver.recv().await {
+                let _ = latency.record(us);
+            }
+        }
+    }
+    Run {
+        committed: counts[0].load(Ordering::Relaxed),
+        aborted: counts[1].load(Ordering::Relaxed),
+        errors: counts[2].load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+        latency: Some(latency),
+        ..Run::default()
+    }
+}
+
+/// One decree transaction of the workload.
+fn decree_txn(
+    client: Client,
+    workload: Workload,
+    participants: Vec<String>,
+    picker: Picker,
+) -> impl Fn(usize, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send>> + Send + Sync {
+    move |worker, seq| {
+        let (client, participants, picker) = (client.clone(), participants.clone(), picker.clone());
+        Box::pin(async move {
+            let result = match workload {
+                Workload::Empty => {
+                    let branches = participants
+                        .iter()
+                        .map(|p| v1::Branch {
+                            participant: p.clone(),
+                            payload: kv_payload(vec![KvOp::Put {
+                                key: format!("e-{worker}"),
+                                value: Vec::new(),
+                            }]),
+                        })
+                        .collect();
+                    client.transact_branches(branches).await
+                }
+                Workload::Bank => {
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(seq ^ ((worker as u64) << 32));
+                    let (a, b) = picker.pair(&mut rng);
+                    let ops = vec![
+                        KvOp::Add { key: account(a), delta: -1 },
+                        KvOp::Add { key: account(b), delta: 1 },
+                    ];
+                    client.transact(ops).await
+                }
+            };
+            match result {
+                Ok(r) if r.outcome == Outcome::Committed => Done::Committed,
+                Ok(_) => Done::Aborted,
+                Err(_) => Done::Error,
+            }
+        })
+    }
+}
+
+/// p50 of `n` timed runs of `f`, in milliseconds.
+async fn p50_ms<F, Fut>(n: usize, mut f: F) -> Result<f64, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut h = histogram();
+    for _ in 0..n {
+        let begun = Instant::now();
+        f().await?;
+        let _ = h.record(begun.elapsed().as_micros().max(1) as u64);
+    }
+    Ok(h.value_at_quantile(0.5) as f64 / 1000.0)
+}
+
+/// The floor `2 x fsync p50 + 2 x round trip p50`, measured now: fsyncs of a
+/// 4 KiB write in `dir`, round trips of a small gRPC call to the coordinator.
+async fn floor(dir: &std::path::Path, client: &Client) -> Result<(f64, f64, f64), String> {
+    let path = dir.join("fsync-probe");
+    let fsync = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+        let mut h = histogram();
+        for _ in 0..200 {
+            let begun = Instant::now();
+            file.write_all(&[0u8; 4096]).map_err(|e| e.to_string())?;
+            file.sync_data().map_err(|e| e.to_string())?;
+            let _ = h.record(begun.elapsed().as_micros().max(1) as u64);
+        }
+        let _ = std::fs::remove_file(&path);
+        Ok::<f64, String>(h.value_at_quantile(0.5) as f64 / 1000.0)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let rtt =
+        p50_ms(500, || async { client.participants().await.map(drop).map_err(|e| e.to_string()) }).await?;
+    Ok((fsync, rtt, 2.0 * fsync + 2.0 * rtt))
+}
+
+fn progress(args: &BenchArgs, what: &str) -> ProgressBar {
+    if args.json {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("  {spinner} {msg} {pos} tx ({per_sec})") {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn seed_accounts(client: &Client, accounts: usize) -> Result<(), String> {
+    for chunk in (0..accounts).collect::<Vec<_>>().chunks(200) {
+        let ops = chunk.iter().map(|i| KvOp::Put { key: account(*i), value: b"0".to_vec() }).collect();
+        let result = client.transact(ops).await.map_err(|e| e.to_string())?;
+        if result.outcome != Outcome::Committed {
+            return Err(format!("seeding aborted: {}", result.reason));
+        }
+    }
+    Ok(())
+}
+
+/// One measured round of decree.
+async fn decree_round(args: &BenchArgs, client: &Client, local: Option<&Local>) -> Result<Run, String> {
+    let participants: Vec<String> =
+        client.participants().await.map_err(|e| e.to_string())?.into_iter().map(|p| p.name).collect();
+    let picker = Picker::new(args.accounts, args.zipf)?;
+    let txn = decree_txn(client.clone(), args.workload, participants, picker);
+    let txn = Arc::new(txn);
+    let warm = txn.clone();
+    drive(args, Duration::from_secs(1), &ProgressBar::hidden(), move |w, s| warm(w, s)).await;
+    let before = match local {
+        Some(local) => Some(local.counters().await?),
+        None => None,
+    };
+    let bar = progress(args, "decree");
+    let measured = txn.clone();
+    let mut run = drive(args, Duration::from_secs_f64(args.duration), &bar, move |w, s| measured(w, s)).await;
+    bar.finish_and_clear();
+    if let (Some(local), Some((fsyncs, rpcs))) = (local, before) {
+        let (fsyncs_after, rpcs_after) = local.counters().await?;
+        run.fsyncs = Some(fsyncs_after - fsyncs);
+        run.rpcs = Some(rpcs_after - rpcs);
+        run.rss_mib = local.rss();
+    }
+    Ok(run)
+}
+
+async fn bench(args: BenchArgs) -> Result<(), String> {
+    if args.participants == 0
+        || args.concurrency == 0
+        || args.accounts < 2
+        || args.duration <= 0.0
+        || args.rounds == 0
+    {
+        return Err(
+            "need --participants, --concurrency, --rounds >= 1, --accounts >= 2 and --duration > 0".into()
+        );
+    }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err("--rate must be a positive number of transactions per second".into());
+    }
+    let say = |text: String| {
+        if !args.json {
+            println!("{text}");
+        }
+    };
+    let local = match &args.coordinator {
+        Some(_) => None,
+        None => {
+            say(format!("decree bench: starting a coordinator and {} participants ...", args.participants));
+            Some(Local::start(&args).await?)
+        }
+    };
+    let url = match (&args.coordinator, &local) {
+        (Some(url), _) => url.clone(),
+        (None, Some(local)) => local.cluster.coordinator_url(),
+        (None, None) => unreachable!("a local cluster is started when no coordinator is given"),
+    };
+    let client = Client::connect(&url).await.map_err(|e| e.to_string())?;
+    if args.workload == Workload::Bank {
+        say(format!("seeding {} accounts ...", args.accounts));
+        seed_accounts(&client, args.accounts).await?;
+    }
+    let probe_dir = match &local {
+        Some(local) => local.cluster.dir().to_path_buf(),
+        None => std::env::temp_dir(),
+    };
+    let (fsync_ms, rtt_ms, floor_ms) = floor(&probe_dir, &client).await?;
+    say(format!(
+        "floor: fsync p50 {fsync_ms:.3} ms, round trip p50 {rtt_ms:.3} ms -> 2F + 2R = {floor_ms:.3} ms"
+    ));
+
+    let mut baseline = match args.baseline {
+        Some(Baseline::Postgres) => {
+            say(format!("starting {} PostgreSQL servers for the baseline ...", args.participants));
+            Some(crate::bench_pg::Peer::start(&args).await?)
+        }
+        None => None,
+    };
+    let (mut ours, mut theirs) = (Run::default(), Run::default());
+    for round in 1..=args.rounds {
+        say(format!("round {round}/{}: decree ...", args.rounds));
+        ours.absorb(decree_round(&args, &client, local.as_ref()).await?);
+        if let Some(peer) = baseline.as_mut() {
+            say(format!("round {round}/{}: PostgreSQL 2PC ...", args.rounds));
+            let bar = progress(&args, "postgres");
+            theirs.absorb(peer.round(&args, &bar).await?);
+            bar.finish_and_clear();
+        }
+    }
+    if args.workload == Workload::Bank {
+        let keys: Vec<String> = (0..args.accounts).map(account).collect();
+        let mut total = 0i64;
+        for chunk in keys.chunks(1000) {
+            for value in client.get(chunk).await.map_err(|e| e.to_string())?.into_values().flatten() {
+                total += String::from_utf8_lossy(&value).parse::<i64>().map_err(|e| e.to_string())?;
+            }
+        }
+        if total != 0 {
+            return Err(format!("the sum of balances is {total}, not 0: money was created or lost"));
+        }
+        say("balances: sum 0, as seeded".into());
+    }
+    let mut out = ours.to_json(floor_ms);
+    out["workload"] = json!(format!("{:?}", args.workload).to_lowercase());
+    out["participants"] = json!(args.participants);
+    out["concurrency"] = json!(if args.rate.is_some() { Value::Null } else { json!(args.concurrency) });
+    out["rate"] = json!(args.rate);
+    out["fsync_p50_ms"] = json!(round(fsync_ms));
+    out["rtt_p50_ms"] = json!(round(rtt_ms));
+    if baseline.is_some() {
+        out["baseline"] = theirs.to_json(floor_ms);
+        out["ratio"] = json!(round(ours.tx_per_s() / theirs.tx_per_s().max(1e-9)));
+    }
+    if args.json {
+        println!("{out}");
+    } else {
+        print_table(&out);
+    }
+    Ok(())
+}
+
+fn print_table(out: &Value) {
+    let row = |name: &str, v: &Value| {
+        let rss: Vec<String> = v["rss_mib"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k} {v} MiB")).collect())
+            .unwrap_or_default();
+        println!("{name}");
+        println!(
+            "  committed      {} tx/s ({} committed, {} aborted, {} errors)",
+            v["tx_per_s"], v["committed"], v["aborted"], v["errors"]
+        );
+        println!("  abort rate     {}", v["abort_rate"]);
+        println!(
+            "  latency        p50 {} ms  p99 {} ms  p99.9 {} ms",
+            v["p50_ms"], v["p99_ms"], v["p999_ms"]
+        );
+        println!("  per committed  {} fsyncs, {} RPCs", v["fsyncs_per_tx"], v["rpcs_per_tx"]);
+        if !rss.is_empty() {
+            println!("  peak RSS       {}", rss.join(", "));
+        }
+    };
+    println!();
+    row("decree", out);
+    if let Some(baseline) = out.get("baseline") {
+        row("PostgreSQL 2PC (client-side)", baseline);
+        println!("ratio            decree / PostgreSQL = {}", out["ratio"]);
+    }
+    println!(
+        "floor            {} ms (2 x fsync p50 {} ms + 2 x round trip p50 {} ms)",
+        out["floor_ms"], out["fsync_p50_ms"], out["rtt_p50_ms"]
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_sum_every_label_set_and_skip_comments() {
+        let page = "# TYPE decree_log_fsyncs_total counter\ndecree_log_fsyncs_total 12\n\
+                    decree_grpc_requests_total{a=\"b\"} 3\ndecree_grpc_requests_total{a=\"c\"} 4\n\
+                    decree_log_fsyncs_total_other 99\n";
+        assert_eq!(counter(page, "decree_log_fsyncs_total"), 12.0);
+        assert_eq!(counter(page, "decree_grpc_requests_total"), 7.0);
+        assert_eq!(counter(page, "missing"), 0.0);
+    }
+
+    #[test]
+    fn zipf_and_uniform_pick_distinct_accounts_in_range() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        for exponent in [None, Some(0.99)] {
+            let picker = Picker::new(100, exponent).unwrap();
+            for _ in 0..1000 {
+                let (a, b) = picker.pair(&mut rng);
+                assert!(a != b && a < 100 && b < 100);
+            }
+        }
+        let zipf = Picker::new(10_000, Some(0.99)).unwrap();
+        let hot = (0..10_000).filter(|_| zipf.pick(&mut rng) < 10).count();
+        assert!(hot > 1000, "Zipf(0.99) favors the first accounts: {hot} of 10000 in the top 10");
+    }
+}
