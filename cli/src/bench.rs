@@ -99,6 +99,8 @@ pub(crate) struct Run {
     pub(crate) fsyncs: Option<f64>,
     pub(crate) rpcs: Option<f64>,
     pub(crate) rss_mib: BTreeMap<String, f64>,
+    /// Per process: fsyncs, log writes, gRPC requests received.
+    pub(crate) per_process: BTreeMap<String, [f64; 3]>,
 }
 
 impl Run {
@@ -114,6 +116,12 @@ impl Run {
         }
         self.fsyncs = sum(self.fsyncs, other.fsyncs);
         self.rpcs = sum(self.rpcs, other.rpcs);
+        for (name, counts) in other.per_process {
+            let mine = self.per_process.entry(name).or_insert([0.0; 3]);
+            for i in 0..3 {
+                mine[i] += counts[i];
+            }
+        }
         for (name, mib) in other.rss_mib {
             let peak = self.rss_mib.entry(name).or_insert(0.0);
             *peak = peak.max(mib);
@@ -144,6 +152,14 @@ impl Run {
             "rpcs_per_tx": per_tx(self.rpcs).map(round),
             "floor_ms": round(floor_ms),
             "rss_mib": self.rss_mib.iter().map(|(k, v)| (k.clone(), json!(round(*v)))).collect::<serde_json::Map<_, _>>(),
+            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs])| {
+                let n = self.committed.max(1) as f64;
+                (k.clone(), json!({
+                    "fsyncs_per_tx": round(fsyncs / n),
+                    "log_writes_per_fsync": round(writes / fsyncs.max(1.0)),
+                    "rpcs_received_per_tx": round(rpcs / n),
+                }))
+            }).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -222,15 +238,19 @@ impl Local {
         Ok(Local { cluster, metrics })
     }
 
-    /// (fsyncs, gRPC requests) summed over every process.
-    async fn counters(&self) -> Result<(f64, f64), String> {
-        let (mut fsyncs, mut rpcs) = (0.0, 0.0);
-        for (_, _, addr) in &self.metrics {
+    /// Per process: (fsyncs, log write requests, gRPC requests received).
+    async fn counters(&self) -> Result<BTreeMap<String, [f64; 3]>, String> {
+        let mut out = BTreeMap::new();
+        for (name, _, addr) in &self.metrics {
             let page = scrape(addr).await?;
-            fsyncs += counter(&page, decree_runtime::metrics::LOG_FSYNCS);
-            rpcs += counter(&page, decree_runtime::metrics::GRPC_REQUESTS);
+            let counts = [
+                counter(&page, decree_runtime::metrics::LOG_FSYNCS),
+                counter(&page, decree_runtime::metrics::LOG_WRITES),
+                counter(&page, decree_runtime::metrics::GRPC_REQUESTS),
+            ];
+            out.insert(name.clone(), counts);
         }
-        Ok((fsyncs, rpcs))
+        Ok(out)
     }
 
     fn rss(&self) -> BTreeMap<String, f64> {
@@ -489,10 +509,19 @@ async fn decree_round(args: &BenchArgs, client: &Client, local: Option<&Local>) 
     let measured = txn.clone();
     let mut run = drive(args, Duration::from_secs_f64(args.duration), &bar, move |w, s| measured(w, s)).await;
     bar.finish_and_clear();
-    if let (Some(local), Some((fsyncs, rpcs))) = (local, before) {
-        let (fsyncs_after, rpcs_after) = local.counters().await?;
-        run.fsyncs = Some(fsyncs_after - fsyncs);
-        run.rpcs = Some(rpcs_after - rpcs);
+    if let (Some(local), Some(before)) = (local, before) {
+        let after = local.counters().await?;
+        let mut totals = [0.0; 3];
+        for (name, counts) in &after {
+            let delta: Vec<f64> =
+                (0..3).map(|i| counts[i] - before.get(name).map_or(0.0, |b| b[i])).collect();
+            for i in 0..3 {
+                totals[i] += delta[i];
+            }
+            run.per_process.insert(name.clone(), [delta[0], delta[1], delta[2]]);
+        }
+        run.fsyncs = Some(totals[0]);
+        run.rpcs = Some(totals[2]);
         run.rss_mib = local.rss();
     }
     Ok(run)

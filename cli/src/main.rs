@@ -9,6 +9,11 @@ mod bench_pg;
 mod demo;
 mod txn;
 
+/// mimalloc: glibc's allocator showed as ~12% of the CPU in a profile of the
+/// bank benchmark (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use decree_client::Client;
 use serde_json::json;

@@ -290,7 +290,7 @@ impl Actor {
                         (self.store.clone(), self.events.clone(), self.resource.clone());
                     tokio::spawn(async move {
                         let writes = until_done("commit", txid, || resource.commit(txid, &redo)).await;
-                        if let Err(err) = store.log_commit(txid, writes).await {
+                        if let Err(err) = store.log_commit(txid, writes, one_phase).await {
                             fatal(&err);
                         }
                         crash::point(crash::PARTICIPANT_COMMIT_AFTER_APPLY);

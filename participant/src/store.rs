@@ -19,7 +19,7 @@
 use std::path::Path;
 
 use decree_proto::TxId;
-use decree_runtime::{record, Log, RecordError, Write};
+use decree_runtime::{record, Durability, Log, RecordError, Write};
 
 use crate::engine::{Outcome, TOMBSTONES};
 
@@ -134,11 +134,20 @@ impl BranchLog {
         Ok(())
     }
 
-    /// Applies `writes` and records the commit in one synced batch.
-    pub async fn log_commit(&self, txid: TxId, mut writes: Vec<Write>) -> Result<(), StoreError> {
+    /// Applies `writes` and records the commit in one synced batch. `urgent`
+    /// (a one-phase commit, whose vote waits for it) syncs at once; a commit
+    /// after a durable decision may wait up to [`decree_runtime::log::SOON`] to
+    /// share its fsync.
+    pub async fn log_commit(
+        &self,
+        txid: TxId,
+        mut writes: Vec<Write>,
+        urgent: bool,
+    ) -> Result<(), StoreError> {
         writes.push(Write::delete(key(PREPARED, txid)));
         writes.push(Write::put(key(TOMBSTONE, txid), record::encode(&TombstoneRecord { committed: true })));
-        self.log.write(writes, true).await?;
+        let durability = if urgent { Durability::Synced } else { Durability::SyncedSoon };
+        self.log.write_with(writes, durability).await?;
         Ok(())
     }
 
@@ -177,7 +186,7 @@ mod tests {
             for t in [t1, t2, t3] {
                 log.log_prepared(t, &["k".to_string()], b"redo").await.unwrap();
             }
-            log.log_commit(t1, vec![Write::put("k/k", "v")]).await.unwrap();
+            log.log_commit(t1, vec![Write::put("k/k", "v")], false).await.unwrap();
             log.log_abort(t2).await.unwrap();
         }
         let log = reopen(dir.path()).await;

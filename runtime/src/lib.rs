@@ -16,5 +16,5 @@ pub mod metrics;
 pub mod record;
 pub mod serve;
 
-pub use log::{Log, LogError, Write};
+pub use log::{Durability, Log, LogError, Write};
 pub use record::RecordError;

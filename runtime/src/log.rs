@@ -14,16 +14,24 @@
 //!   [`LogError::Poisoned`]. A failed fsync is never retried (the kernel may
 //!   have dropped the dirty pages); the process must stop.
 //!
+//! - [`Durability::SyncedSoon`] is as durable as a synced write when the call
+//!   returns; it only lets the writer wait up to [`SOON`] for other writes to
+//!   share the fsync with.
+//!
 //! # Group commit
 //!
 //! One dedicated writer thread drains the queue: every request waiting when it
 //! wakes goes into one write batch with one fsync (if any of them asked for a
-//! sync). No request waits for an fsync it did not need beyond the one in
-//! flight when it arrived.
+//! sync). No synced request waits for an fsync it did not need beyond the one
+//! in flight when it arrived. A group of only `SyncedSoon` (and unsynced)
+//! requests waits up to [`SOON`] for more — writes off the critical path, like
+//! a participant's commit after the decision is durable, then ride along with
+//! the next urgent fsync instead of taking one of their own.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use tokio::sync::oneshot;
@@ -35,6 +43,29 @@ pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 const MAX_GROUP: usize = 4096;
 /// Most requests queued before `write` waits for room.
 const QUEUE_LIMIT: usize = 65_536;
+
+/// How long a group of only [`Durability::SyncedSoon`] requests waits for
+/// company before it is synced anyway.
+pub const SOON: Duration = Duration::from_millis(1);
+
+/// Under load, a synced group waits up to [`BUSY_WAIT`] to gather
+/// [`BUSY_GROUP`] writes for its fsync: only when writes arrive fast enough
+/// to fill it in that time (at least `BUSY_GROUP / BUSY_WAIT` per second,
+/// measured over the previous cycle). Then the process is saturated and the
+/// wait costs no throughput; at lower rates nothing waits.
+const BUSY_GROUP: usize = 16;
+const BUSY_WAIT: Duration = Duration::from_millis(4);
+
+/// What a write must be when [`Log::write_with`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// In the WAL in the page cache: survives a process kill, not a machine crash.
+    Buffered,
+    /// Synced now (with whatever else is waiting).
+    Synced,
+    /// Synced, within [`SOON`] of the call, sharing the fsync with other writes.
+    SyncedSoon,
+}
 
 /// One change in a write batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +102,7 @@ impl From<rocksdb::Error> for LogError {
 
 struct Request {
     writes: Vec<Write>,
-    sync: bool,
+    durability: Durability,
     done: oneshot::Sender<Result<(), LogError>>,
 }
 
@@ -116,9 +147,14 @@ impl Log {
 
     /// Writes `writes` atomically; see the module's Correctness section.
     pub async fn write(&self, writes: Vec<Write>, sync: bool) -> Result<(), LogError> {
+        self.write_with(writes, if sync { Durability::Synced } else { Durability::Buffered }).await
+    }
+
+    /// Writes `writes` atomically with the given durability.
+    pub async fn write_with(&self, writes: Vec<Write>, durability: Durability) -> Result<(), LogError> {
         let (done, finished) = oneshot::channel();
         let queue = self.queue.clone();
-        let request = Request { writes, sync, done };
+        let request = Request { writes, durability, done };
         // `send` blocks only when the queue is full: do that off the async threads.
         match queue.try_send(request) {
             Ok(()) => {}
@@ -159,6 +195,9 @@ impl Log {
 fn run_writer(db: &DB, requests: &mpsc::Receiver<Request>, stats: &LogStats) {
     let poisoned = AtomicBool::new(false);
     let mut group = Vec::with_capacity(64);
+    let mut busy = false;
+    let mut cycle_start = Instant::now();
+    let mut arrivals = 0.0;
     while let Ok(first) = requests.recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -167,6 +206,34 @@ fn run_writer(db: &DB, requests: &mpsc::Receiver<Request>, stats: &LogStats) {
                 Err(_) => break,
             }
         }
+        let urgent = |group: &[Request]| group.iter().any(|r| r.durability == Durability::Synced);
+        if !urgent(&group) && group.iter().any(|r| r.durability == Durability::SyncedSoon) {
+            // Only writes that may wait: give others up to SOON to share the fsync.
+            let deadline = Instant::now() + SOON;
+            while group.len() < MAX_GROUP && !urgent(&group) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match requests.recv_timeout(left) {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+        } else if urgent(&group) && busy {
+            // Writes arrive fast enough: wait for company to share the fsync.
+            let deadline = Instant::now() + BUSY_WAIT;
+            while group.len() < BUSY_GROUP {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match requests.recv_timeout(left) {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+        }
+        // The arrival rate, smoothed over cycles, decides whether the next group waits.
+        let now = Instant::now();
+        let rate = group.len() as f64 / now.duration_since(cycle_start).as_secs_f64().max(1e-6);
+        arrivals = 0.8 * arrivals + 0.2 * rate;
+        busy = arrivals * BUSY_WAIT.as_secs_f64() >= BUSY_GROUP as f64;
+        cycle_start = now;
         let result = if poisoned.load(Ordering::Relaxed) {
             Err(LogError::Poisoned)
         } else {
@@ -188,7 +255,7 @@ fn write_group(db: &DB, group: &[Request], stats: &LogStats) -> Result<(), LogEr
     let mut batch = WriteBatch::default();
     let mut sync = false;
     for request in group {
-        sync |= request.sync;
+        sync |= request.durability != Durability::Buffered;
         for write in &request.writes {
             match write {
                 Write::Put { key, value } => batch.put(key, value),
@@ -231,6 +298,15 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_synced_soon_write_alone_is_still_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        log.write_with(vec![Write::put("k", "v")], Durability::SyncedSoon).await.unwrap();
+        assert_eq!(log.stats().fsyncs.load(Ordering::Relaxed), 1);
+        assert_eq!(log.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[tokio::test]
     async fn concurrent_writers_share_fsyncs() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path()).unwrap();
