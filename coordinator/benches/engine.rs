@@ -18,7 +18,7 @@ fn one_transaction(engine: &mut Engine, seq: u64, names: &[ParticipantName]) {
     for p in names {
         engine.on_event(Event::CommitAcked { txid, participant: p.clone() }).unwrap();
     }
-    criterion::black_box(engine.take_commands());
+    std::hint::black_box(engine.take_commands());
 }
 
 fn engine(c: &mut Criterion) {

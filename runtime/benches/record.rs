@@ -23,9 +23,9 @@ fn records(c: &mut Criterion) {
     let encoded = record::encode(&sample);
     let mut group = c.benchmark_group("log record");
     group.throughput(Throughput::Bytes(encoded.len() as u64));
-    group.bench_function("encode", |b| b.iter(|| criterion::black_box(record::encode(&sample))));
+    group.bench_function("encode", |b| b.iter(|| std::hint::black_box(record::encode(&sample))));
     group.bench_function("decode", |b| {
-        b.iter(|| criterion::black_box(record::decode::<Sample>(&encoded).unwrap()))
+        b.iter(|| std::hint::black_box(record::decode::<Sample>(&encoded).unwrap()))
     });
     group.finish();
 }
