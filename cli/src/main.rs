@@ -120,7 +120,14 @@ impl From<decree_client::ClientError> for TxnFailure {
 }
 
 fn main() {
-    let matches = Cli::command().get_matches();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "coordinator" || a == "participant") {
+        args = decree_runtime::config_file::apply(args, 2).unwrap_or_else(|err| {
+            eprintln!("decree: {err}");
+            std::process::exit(2)
+        });
+    }
+    let matches = Cli::command().get_matches_from(args);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(err) => err.exit(),
@@ -134,14 +141,8 @@ fn main() {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Cmd::Coordinator(config) => {
-                decree_runtime::serve::init_tracing();
-                decree_coordinator::run(config).await
-            }
-            Cmd::Participant(config) => {
-                decree_runtime::serve::init_tracing();
-                decree_participant::run(config).await
-            }
+            Cmd::Coordinator(config) => decree_coordinator::run(config).await,
+            Cmd::Participant(config) => decree_participant::run(config).await,
             Cmd::Txn(args) => {
                 let order = matches.subcommand_matches("txn").map(txn::op_order).unwrap_or_default();
                 txn::run(args, order).await

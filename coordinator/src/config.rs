@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use decree_runtime::backoff::Backoff;
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct Config {
     /// Address to serve gRPC on (Coordinator and Registry services).
     #[arg(long, env = "DECREE_LISTEN", default_value = "127.0.0.1:7000")]
@@ -35,6 +35,10 @@ pub struct Config {
     /// Largest gRPC message accepted, in bytes (and so the largest transaction).
     #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// On SIGTERM/SIGINT: how long to keep finishing transactions in flight
+    /// (deciding them, delivering phase two) before exiting anyway.
+    #[arg(long, env = "DECREE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
     /// A participant not heard from within this window is listed as "down".
     #[arg(long, env = "DECREE_LIVENESS_MS", default_value_t = 3_000)]
     pub liveness_ms: u64,
@@ -44,9 +48,25 @@ pub struct Config {
     /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
     #[arg(long)]
     pub crash_at: Option<String>,
+    /// Log lines as text or json (one object per line).
+    #[arg(long, env = "DECREE_LOG_FORMAT", value_enum, default_value_t = decree_runtime::serve::LogFormat::Text)]
+    pub log_format: decree_runtime::serve::LogFormat,
+    /// A TOML file of options, named like the flags (`prepare-timeout-ms = 1500`); flags and
+    /// environment variables take precedence over it (also DECREE_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Print the options in effect (flags, environment, --config file, defaults) as TOML and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
 }
 
 impl Config {
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.shutdown_grace_ms)
+    }
+
     /// A configuration with defaults, for tests and embedding.
     pub fn new(data_dir: PathBuf) -> Self {
         Config {
@@ -60,8 +80,12 @@ impl Config {
             max_in_flight: 10_000,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             liveness_ms: 3_000,
+            shutdown_grace_ms: 10_000,
             metrics_listen: None,
             crash_at: None,
+            log_format: decree_runtime::serve::LogFormat::Text,
+            config: None,
+            print_config: false,
         }
     }
 
@@ -74,6 +98,7 @@ impl Config {
             ("--redelivery-base-ms", self.redelivery_base_ms),
             ("--redelivery-cap-ms", self.redelivery_cap_ms),
             ("--liveness-ms", self.liveness_ms),
+            ("--shutdown-grace-ms", self.shutdown_grace_ms),
             ("--max-in-flight", self.max_in_flight as u64),
         ];
         for (name, value) in positive {

@@ -210,6 +210,12 @@ impl Engine {
         self.txns.len()
     }
 
+    /// True when no transaction is deciding or in phase two (interactive ones
+    /// not yet committed may remain).
+    pub fn settled(&self) -> bool {
+        self.txns.values().all(|txn| matches!(txn, Txn::Active { .. }))
+    }
+
     /// What is known of `txid` in memory; `None` means aborted, ended or never seen
     /// (the durable log tells which of committed or aborted).
     pub fn known(&self, txid: TxId) -> Option<Known> {

@@ -21,6 +21,7 @@ use decree_proto::v1::coordinator_server::CoordinatorServer;
 use decree_proto::v1::registry_server::RegistryServer;
 use decree_proto::{InvalidInput, TxId};
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 pub use config::Config;
 use engine::EngineError;
@@ -105,22 +106,53 @@ pub async fn serve(
         recovered.incarnation,
         recovered.unfinished,
     );
-    let service = service::Service::new(handle);
+    let service = service::Service::new(handle.clone());
     let limit = config.max_message_bytes * 2;
+    let routes = Routes::new(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))
+        .add_service(RegistryServer::new(service).max_decoding_message_size(limit));
+    let (routes, health) =
+        decree_runtime::serve::with_discovery(routes, SERVICES).await.map_err(CoordinatorError::Config)?;
+    let grace = config.shutdown_grace();
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: no new transactions; finishing those in flight"
+        );
+        decree_runtime::serve::not_serving(&health, SERVICES).await;
+        match tokio::time::timeout(grace, handle.drain()).await {
+            Ok(()) => tracing::info!("every transaction in flight is decided and acknowledged"),
+            Err(_) => {
+                tracing::warn!("grace period over; unacknowledged commits are redelivered after the restart")
+            }
+        }
+    };
     tonic::transport::Server::builder()
         .layer(decree_runtime::metrics::CountRequests)
         .max_concurrent_streams(1024)
         .tcp_nodelay(true)
-        .add_service(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))
-        .add_service(RegistryServer::new(service).max_decoding_message_size(limit))
-        .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), shutdown)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), graceful)
         .await?;
     Ok(())
 }
 
+/// The gRPC services the coordinator serves, as health checks name them.
+pub const SERVICES: &[&str] = &["decree.v1.Coordinator", "decree.v1.Registry"];
+
 /// Runs the coordinator as a process: arms crash points, binds, serves until
 /// SIGINT or SIGTERM. Returns the process exit code.
 pub async fn run(config: Config) -> i32 {
+    if config.print_config {
+        return match config.validate() {
+            Ok(()) => decree_runtime::serve::print_config(&config),
+            Err(err) => {
+                eprintln!("decree coordinator: {err}");
+                2
+            }
+        };
+    }
+    decree_runtime::serve::init_tracing_as(config.log_format);
     let (valid, crash_at, listen) = (config.validate(), config.crash_at.clone(), config.listen);
     decree_runtime::serve::run_process("decree coordinator", valid, crash_at.as_deref(), listen, |listener| {
         serve(config, listener, decree_runtime::serve::shutdown_signal())

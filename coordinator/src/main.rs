@@ -9,7 +9,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() {
-    let cli = <Cli as clap::Parser>::parse();
-    decree_runtime::serve::init_tracing();
+    let args = decree_runtime::config_file::apply(std::env::args_os().collect(), 1).unwrap_or_else(|err| {
+        eprintln!("{err}");
+        std::process::exit(2)
+    });
+    let cli = <Cli as clap::Parser>::parse_from(args);
     std::process::exit(decree_coordinator::run(cli.config).await);
 }

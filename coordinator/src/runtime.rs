@@ -27,6 +27,8 @@ use crate::CoordinatorError;
 /// Most client requests queued for the actor.
 /// Transactions answered, by outcome.
 pub const TRANSACTIONS: &str = "decree_transactions_total";
+/// Transactions in memory: deciding, or committed with phase two under way.
+pub const IN_FLIGHT: &str = "decree_transactions_in_flight";
 
 const REQUEST_QUEUE: usize = 4096;
 
@@ -61,6 +63,10 @@ pub(crate) enum Request {
     Known {
         txid: TxId,
         reply: oneshot::Sender<Option<Known>>,
+    },
+    /// Refuse new transactions; answered when none is deciding or in phase two.
+    Drain {
+        reply: oneshot::Sender<()>,
     },
 }
 
@@ -129,6 +135,13 @@ impl Handle {
     }
 
     /// The outcome of `txid`: from memory if it is in flight, else from the log.
+    /// Stops admitting transactions and waits until none is deciding or in
+    /// phase two (participants that are down keep theirs pending: bound the
+    /// wait).
+    pub(crate) async fn drain(&self) {
+        let _ = self.ask(|reply| Request::Drain { reply }).await;
+    }
+
     pub(crate) async fn outcome(&self, txid: TxId) -> Result<v1::Outcome, CoordinatorError> {
         if txid.coordinator != self.coordinator_id {
             return Err(CoordinatorError::ForeignTxid { txid, coordinator_id: self.coordinator_id });
@@ -152,6 +165,10 @@ struct Actor {
     handle: Handle,
     next_sequence: u64,
     replies: HashMap<TxId, Decision>,
+    /// Refusing new transactions (graceful shutdown).
+    shutting_down: bool,
+    /// Answered once nothing is deciding or in phase two.
+    draining: Option<oneshot::Sender<()>>,
 }
 
 /// Starts the actor with the decisions found unfinished at start.
@@ -166,8 +183,14 @@ pub(crate) fn start(
     let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
     let (events, event_rx) = mpsc::unbounded_channel();
     let handle = Handle { requests, events, registry, store, config, coordinator_id, incarnation };
-    let mut actor =
-        Actor { engine: Engine::new(), handle: handle.clone(), next_sequence: 1, replies: HashMap::new() };
+    let mut actor = Actor {
+        engine: Engine::new(),
+        handle: handle.clone(),
+        next_sequence: 1,
+        replies: HashMap::new(),
+        shutting_down: false,
+        draining: None,
+    };
     for (txid, participants) in unfinished {
         info!(%txid, participants = ?participants.iter().map(|p| p.as_str()).collect::<Vec<_>>(), "recovery: redriving committed transaction");
         if let Err(err) = actor.engine.on_event(Event::Recovered { txid, participants }) {
@@ -203,6 +226,12 @@ impl Actor {
             if !commands.is_empty() {
                 self.execute(commands).await;
             }
+            metrics::gauge!(IN_FLIGHT).set(self.engine.in_flight() as f64);
+            if self.draining.is_some() && self.engine.settled() {
+                if let Some(reply) = self.draining.take() {
+                    let _ = reply.send(());
+                }
+            }
         }
     }
 
@@ -213,6 +242,9 @@ impl Actor {
     }
 
     fn admit(&self) -> Result<(), CoordinatorError> {
+        if self.shutting_down {
+            return Err(CoordinatorError::ShuttingDown);
+        }
         let limit = self.handle.config.max_in_flight;
         if self.engine.in_flight() >= limit {
             return Err(CoordinatorError::Overloaded { limit });
@@ -258,6 +290,10 @@ impl Actor {
             }
             Request::Known { txid, reply } => {
                 let _ = reply.send(self.engine.known(txid));
+            }
+            Request::Drain { reply } => {
+                self.shutting_down = true;
+                self.draining = Some(reply);
             }
         }
     }

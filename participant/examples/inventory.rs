@@ -138,8 +138,12 @@ impl Resource for Inventory {
 
 #[tokio::main]
 async fn main() {
-    decree_runtime::serve::init_tracing();
-    let Args { config, stock } = Args::parse();
+    let args = decree_runtime::config_file::apply(std::env::args_os().collect(), 1).unwrap_or_else(|err| {
+        eprintln!("inventory: {err}");
+        std::process::exit(2)
+    });
+    let Args { config, stock } = Args::parse_from(args);
+    decree_runtime::serve::init_tracing_as(config.log_format);
     let (valid, crash_at, listen) = (config.validate(), config.crash_at.clone(), config.listen);
     let code =
         decree_runtime::serve::run_process("inventory", valid, crash_at.as_deref(), listen, |listener| {

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// What a participant stores its data in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The reference KV store, in the participant's own RocksDB log.
     Kv,
@@ -13,7 +14,7 @@ pub enum Backend {
     Postgres,
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct Config {
     /// Address to serve gRPC on (Participant and Kv services).
     #[arg(long, env = "DECREE_LISTEN", default_value = "127.0.0.1:7001")]
@@ -73,6 +74,18 @@ pub struct Config {
     /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
     #[arg(long)]
     pub crash_at: Option<String>,
+    /// Log lines as text or json (one object per line).
+    #[arg(long, env = "DECREE_LOG_FORMAT", value_enum, default_value_t = decree_runtime::serve::LogFormat::Text)]
+    pub log_format: decree_runtime::serve::LogFormat,
+    /// A TOML file of options, named like the flags (`prepare-timeout-ms = 1500`); flags and
+    /// environment variables take precedence over it (also DECREE_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Print the options in effect (flags, environment, --config file, defaults) as TOML and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
 }
 
 impl Config {
@@ -96,6 +109,9 @@ impl Config {
             pg_table: crate::postgres::DEFAULT_TABLE.to_owned(),
             metrics_listen: None,
             crash_at: None,
+            log_format: decree_runtime::serve::LogFormat::Text,
+            config: None,
+            print_config: false,
         }
     }
 

@@ -214,6 +214,7 @@ async fn serve_with(
     let limit = config.max_message_bytes * 2;
     let participant = service::ParticipantService::new(handle.clone(), resource, config.name.clone());
     let mut routes = Routes::new(ParticipantServer::new(participant).max_decoding_message_size(limit));
+    let has_kv = kv.is_some();
     if let Some(kv) = kv {
         routes = routes.add_service(
             KvServer::new(service::KvService::new(
@@ -225,15 +226,27 @@ async fn serve_with(
             .max_decoding_message_size(limit),
         );
     }
+    let services: &'static [&'static str] = if has_kv { &SERVICES[..2] } else { &SERVICES[..1] };
+    let (routes, health) =
+        decree_runtime::serve::with_discovery(routes, services).await.map_err(ParticipantError::Config)?;
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing requests in flight");
+        decree_runtime::serve::not_serving(&health, services).await;
+    };
     tonic::transport::Server::builder()
         .layer(decree_runtime::metrics::CountRequests)
         .max_concurrent_streams(1024)
         .tcp_nodelay(true)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), graceful)
         .await?;
     Ok(())
 }
+
+/// The gRPC services a participant serves, as health checks name them (Kv
+/// only for the KV and PostgreSQL participants).
+pub const SERVICES: [&str; 2] = ["decree.v1.Participant", "decree.v1.Kv"];
 
 /// Serves the participant `config.backend` names (the KV store, or
 /// PostgreSQL), with its Kv service for reads.
@@ -268,6 +281,16 @@ pub use kv::KvStore;
 /// Runs the participant `config.backend` names as a process: arms crash points, binds, serves until
 /// SIGINT or SIGTERM. Returns the process exit code.
 pub async fn run(config: Config) -> i32 {
+    if config.print_config {
+        return match config.validate() {
+            Ok(()) => decree_runtime::serve::print_config(&config),
+            Err(err) => {
+                eprintln!("decree participant: {err}");
+                2
+            }
+        };
+    }
+    decree_runtime::serve::init_tracing_as(config.log_format);
     let (valid, crash_at, listen) = (config.validate(), config.crash_at.clone(), config.listen);
     decree_runtime::serve::run_process("decree participant", valid, crash_at.as_deref(), listen, |listener| {
         serve(config, listener, decree_runtime::serve::shutdown_signal())

@@ -22,6 +22,15 @@ use crate::store::BranchLog;
 
 const REQUEST_QUEUE: usize = 4096;
 
+/// Prepared branches waiting for the coordinator's decision.
+pub const IN_DOUBT: &str = "decree_in_doubt_branches";
+/// Age of the oldest of them, in seconds.
+pub const IN_DOUBT_OLDEST: &str = "decree_in_doubt_oldest_seconds";
+/// Lock requests that waited, waits that ran out, requests refused by the wait rule.
+pub const LOCK_WAITS: &str = "decree_lock_waits_total";
+pub const LOCK_WAIT_TIMEOUTS: &str = "decree_lock_wait_timeouts_total";
+pub const LOCK_CONFLICTS: &str = "decree_lock_conflicts_total";
+
 pub(crate) enum Request {
     Prepare {
         txid: TxId,
@@ -40,6 +49,9 @@ pub(crate) enum Request {
     },
     Locks {
         reply: oneshot::Sender<(Vec<LockEntry>, LockStats)>,
+    },
+    LockStats {
+        reply: oneshot::Sender<LockStats>,
     },
     Commit {
         txid: TxId,
@@ -119,6 +131,10 @@ impl Handle {
 
     pub(crate) async fn locks(&self) -> Result<(Vec<LockEntry>, LockStats), ShuttingDown> {
         self.ask(|reply| Request::Locks { reply }).await
+    }
+
+    pub(crate) async fn lock_stats(&self) -> Result<LockStats, ShuttingDown> {
+        self.ask(|reply| Request::LockStats { reply }).await
     }
 
     pub(crate) async fn commit(&self, txid: TxId) -> Result<Ack, ShuttingDown> {
@@ -238,6 +254,9 @@ impl Actor {
                 self.next_work += 1;
                 self.works.insert(work, reply);
                 self.engine.on_event(Event::WorkRequested { txid, work, keys, at: Instant::now() });
+            }
+            Request::LockStats { reply } => {
+                let _ = reply.send(self.engine.lock_stats());
             }
             Request::Locks { reply } => {
                 let _ = reply.send((self.engine.lock_table(), self.engine.lock_stats()));
@@ -420,6 +439,14 @@ pub(crate) async fn resolve_in_doubt(
         let current = *incarnation.borrow_and_update();
         let Ok(branches) = handle.in_doubt().await else { return };
         let now = Instant::now();
+        let oldest = branches.iter().map(|b| now.duration_since(b.since)).max().unwrap_or_default();
+        metrics::gauge!(IN_DOUBT).set(branches.len() as f64);
+        metrics::gauge!(IN_DOUBT_OLDEST).set(oldest.as_secs_f64());
+        if let Ok(stats) = handle.lock_stats().await {
+            metrics::counter!(LOCK_WAITS).absolute(stats.waits);
+            metrics::counter!(LOCK_WAIT_TIMEOUTS).absolute(stats.wait_timeouts);
+            metrics::counter!(LOCK_CONFLICTS).absolute(stats.conflicts);
+        }
         for branch in branches {
             // A branch of an older incarnation can no longer be PENDING: ask at once.
             let orphaned = branch.txid.incarnation < current;

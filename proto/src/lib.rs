@@ -43,5 +43,8 @@ impl From<InvalidInput> for tonic::Status {
 /// `Transact` or `Commit` (the outcome could not be learned yet).
 pub const TXID_METADATA: &str = "decree-txid";
 
+/// The encoded `FileDescriptorSet` of decree.v1, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decree_descriptor.bin"));
+
 /// Default limit on one gRPC message, and so on one transaction's payload.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

@@ -4,12 +4,14 @@
 //! - [`record`]: the checksummed envelope every durable record is stored in;
 //! - [`crash`]: named crash points for crash tests;
 //! - [`backoff`]: capped exponential backoff with jitter;
+//! - [`config_file`]: `--config FILE` (TOML) for the servers;
 //! - [`serve`]: logging and shutdown signals for the binaries;
 //! - [`metrics`]: the Prometheus exporter and the metric names both servers share.
 //!
 //! The protocol engines never import this crate's I/O: their runtimes do.
 
 pub mod backoff;
+pub mod config_file;
 pub mod crash;
 pub mod log;
 pub mod metrics;

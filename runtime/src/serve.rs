@@ -1,7 +1,17 @@
 //! Plumbing the binaries share: logging set-up and shutdown signals.
 
-/// Waits for SIGINT or SIGTERM.
+/// Resolves at the first SIGINT or SIGTERM: the server then shuts down
+/// gracefully. A second signal exits the process at once (status 130).
 pub async fn shutdown_signal() {
+    signal().await;
+    tokio::spawn(async {
+        signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -23,17 +33,47 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+/// How a server writes its log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, fields such as `txid`, message), for log pipelines.
+    Json,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), in `format`.
+pub fn init_tracing_as(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .try_init();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
+}
+
+/// Logs to stderr as text, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    init_tracing_as(LogFormat::Text)
+}
+
+/// Prints `config` as TOML (what `--print-config` shows: the options in
+/// effect after flags, environment and `--config` file).
+pub fn print_config(config: &impl serde::Serialize) -> i32 {
+    match toml::to_string(config) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(err) => {
+            eprintln!("cannot print the configuration: {err}");
+            2
+        }
+    }
 }
 
 /// The connections a server accepts on `listener`, with `TCP_NODELAY` set on
@@ -88,5 +128,33 @@ where
             eprintln!("{what}: {err}");
             1
         }
+    }
+}
+
+/// Adds the standard gRPC health service and server reflection (so `grpcurl`
+/// lists and describes the services) to `routes`. Every name in `services`
+/// (and the server as a whole, "") is reported SERVING: call this once
+/// recovery is done, just before serving. The reporter turns them
+/// NOT_SERVING at shutdown.
+pub async fn with_discovery(
+    routes: tonic::service::Routes,
+    services: &[&str],
+) -> Result<(tonic::service::Routes, tonic_health::server::HealthReporter), String> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for service in services.iter().copied().chain([""]) {
+        reporter.set_service_status(service, tonic_health::ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(decree_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    Ok((routes.add_service(health).add_service(reflection), reporter))
+}
+
+/// Marks every service NOT_SERVING (health checks fail from now on).
+pub async fn not_serving(reporter: &tonic_health::server::HealthReporter, services: &[&str]) {
+    for service in services.iter().copied().chain([""]) {
+        reporter.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
     }
 }

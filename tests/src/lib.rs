@@ -277,6 +277,14 @@ impl Cluster {
         node.child.as_ref().map(Child::id)
     }
 
+    /// SIGTERM: asks the node to shut down gracefully (see [`Cluster::wait_exit`]).
+    pub fn terminate(&mut self, id: NodeId) {
+        if let Some(pid) = self.pid(id) {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+
     /// SIGKILL: no cleanup, no flush.
     pub fn kill(&mut self, id: NodeId) {
         if let Some(mut child) = self.node(id).child.take() {

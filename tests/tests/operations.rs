@@ -1,0 +1,316 @@
+//! Running it in production: the standard gRPC health service and server
+//! reflection on both servers, Prometheus metrics that move under load, and a
+//! graceful SIGTERM that lets transactions in flight finish.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::init;
+use decree_client::{Client, ClientError, KvOp, Outcome};
+use decree_tests::{check, poll, Cluster, NodeId, Options};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tracing::info;
+
+async fn channel(url: String) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap()
+}
+
+/// The services a server lists through reflection.
+async fn reflected(url: String) -> Vec<String> {
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers =
+        client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            names
+        }
+        other => panic!("unexpected reflection answer: {other:?}"),
+    }
+}
+
+async fn health(url: String, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(channel(url).await);
+    let response = client.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_and_health_says_serving() {
+    init();
+    let cluster = Cluster::start(Options::new(1)).await.unwrap();
+    let coordinator = reflected(cluster.coordinator_url()).await;
+    for service in ["decree.v1.Coordinator", "decree.v1.Registry", "grpc.health.v1.Health"] {
+        assert!(coordinator.contains(&service.to_string()), "{coordinator:?}");
+    }
+    let participant = reflected(cluster.url_of(NodeId::Participant(0))).await;
+    for service in ["decree.v1.Participant", "decree.v1.Kv", "grpc.health.v1.Health"] {
+        assert!(participant.contains(&service.to_string()), "{participant:?}");
+    }
+    assert_eq!(health(cluster.coordinator_url(), "").await, ServingStatus::Serving);
+    assert_eq!(health(cluster.coordinator_url(), "decree.v1.Coordinator").await, ServingStatus::Serving);
+    assert_eq!(
+        health(cluster.url_of(NodeId::Participant(0)), "decree.v1.Participant").await,
+        ServingStatus::Serving
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
+    init();
+    let mut options = Options::new(3);
+    options.coordinator_args = vec!["--shutdown-grace-ms".into(), "10000".into()];
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let names = cluster.participant_names();
+    let url = cluster.coordinator_url();
+    let client = cluster.client().await.unwrap();
+
+    info!("--- four clients run marked transfers without pause");
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (client, names, stop, progress) =
+                (client.clone(), names.clone(), stop.clone(), progress.clone());
+            tokio::spawn(async move {
+                // (tag, the answer) of every transaction that got one.
+                let mut answered = Vec::new();
+                let mut refused_after_shutdown = 0;
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let tag = format!("w{w}-{i}");
+                    match client.transact_branches(check::marked_transfer(&tag, &names, w, 1)).await {
+                        Ok(result) => {
+                            answered.push((tag, result.outcome));
+                            progress.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(err @ ClientError::OutcomeUnknown { .. }) => panic!("{tag}: a client saw {err}"),
+                        // Refused (UNAVAILABLE) or not connected: the coordinator is going away.
+                        Err(_) => refused_after_shutdown += 1,
+                    }
+                }
+                (answered, refused_after_shutdown)
+            })
+        })
+        .collect();
+    poll(Duration::from_secs(30), "the load to run", || async {
+        (progress.load(Ordering::Relaxed) >= 40).then_some(())
+    })
+    .await
+    .unwrap();
+
+    info!("--- SIGTERM the coordinator");
+    cluster.terminate(NodeId::Coordinator);
+    let status = cluster.wait_exit(NodeId::Coordinator, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status}");
+    assert!(cluster
+        .log_of(NodeId::Coordinator)
+        .contains("every transaction in flight is decided and acknowledged"));
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = Vec::new();
+    for worker in workers {
+        let (mine, _) = worker.await.unwrap();
+        answered.extend(mine);
+    }
+    assert!(answered.len() > 10, "the load ran: {} answered", answered.len());
+
+    info!("--- restart: nothing in doubt, every answer true");
+    cluster.restart(NodeId::Coordinator).unwrap();
+    cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
+    let client = Client::connect(&url).await.unwrap();
+    let in_doubt = client.in_doubt().await.unwrap();
+    assert!(in_doubt.0.is_empty(), "{in_doubt:?}");
+    for (tag, outcome) in answered.iter().rev().take(40) {
+        let everywhere = check::all_or_nothing(&client, tag, &names).await.unwrap();
+        assert_eq!(everywhere, *outcome == Outcome::Committed, "{tag} was answered {outcome:?}");
+    }
+    assert_eq!(check::balance_sum(&client, &names, 4).await.unwrap(), 0);
+    let after = client.transact(vec![KvOp::Put { key: "after".into(), value: b"1".to_vec() }]).await.unwrap();
+    assert_eq!(after.outcome, Outcome::Committed);
+}
+
+/// The first value of `name` on a Prometheus page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).await.unwrap();
+    page
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_load() {
+    init();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut options = Options::new(2);
+    options.coordinator_args = vec!["--metrics-listen".into(), addr.clone()];
+    let cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let before = poll(Duration::from_secs(10), "the metrics endpoint", || async {
+        let stream = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        drop(stream);
+        Some(scrape(&addr).await)
+    })
+    .await
+    .unwrap();
+    for i in 0..20 {
+        let ops = vec![
+            KvOp::Put { key: format!("a{i}"), value: b"1".to_vec() },
+            KvOp::Put { key: format!("b{i}"), value: b"1".to_vec() },
+        ];
+        client.transact(ops).await.unwrap();
+    }
+    let after = scrape(&addr).await;
+    let committed = |page: &str| metric(page, "decree_transactions_total{outcome=\"committed\"}");
+    assert_eq!(committed(&after) - committed(&before), 20.0, "{after}");
+    assert!(
+        metric(&after, "decree_grpc_requests_total") >= metric(&before, "decree_grpc_requests_total") + 20.0
+    );
+    assert!(metric(&after, "decree_log_fsyncs_total") > metric(&before, "decree_log_fsyncs_total"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_and_the_commit_is_redelivered_after_restart() {
+    init();
+    let mut options = Options::new(2);
+    options.coordinator_args = vec!["--shutdown-grace-ms".into(), "60000".into()];
+    options.participant_args = vec!["--in-doubt-after-ms".into(), "300".into()];
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let names = cluster.participant_names();
+    let p2 = NodeId::Participant(1);
+    cluster.restart_armed(p2, "participant.commit.before_apply").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let result = client.transact_branches(check::marked_transfer("t1", &names, 0, 5)).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed);
+    cluster.wait_exit(p2, Duration::from_secs(20)).await.unwrap();
+
+    info!(
+        "--- SIGTERM: the coordinator waits (up to a minute) for p2's ack; a second SIGTERM ends it at once"
+    );
+    cluster.terminate(NodeId::Coordinator);
+    poll(Duration::from_secs(10), "the coordinator to start draining", || async {
+        cluster.log_of(NodeId::Coordinator).contains("shutting down").then_some(())
+    })
+    .await
+    .unwrap();
+    cluster.terminate(NodeId::Coordinator);
+    let status = cluster.wait_exit(NodeId::Coordinator, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+
+    cluster.restart(p2).unwrap();
+    cluster.restart(NodeId::Coordinator).unwrap();
+    cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert!(
+        check::all_or_nothing(&client, "t1", &names).await.unwrap(),
+        "the commit reached p2 after the restart"
+    );
+}
+
+#[test]
+fn config_file_then_environment_then_flags_and_bad_values_exit_2_naming_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coordinator.toml");
+    std::fs::write(&file, "data-dir = \"/tmp/d\"\nprepare_timeout_ms = 1500\ncommit-timeout-ms = 700\n")
+        .unwrap();
+    let file = file.display().to_string();
+    let run = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut command = std::process::Command::new(decree_tests::decree_binary());
+        command.args(["coordinator", "--config", &file, "--print-config"]).args(extra);
+        command.env_remove("DECREE_PREPARE_TIMEOUT_MS").env_remove("DECREE_COMMIT_TIMEOUT_MS");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, printed, _) = run(&[], &[]);
+    assert_eq!(code, Some(0));
+    let printed: toml::Table = printed.parse().unwrap();
+    assert_eq!(printed["prepare_timeout_ms"].as_integer(), Some(1500), "from the file");
+    assert_eq!(printed["commit_timeout_ms"].as_integer(), Some(700), "from the file");
+    assert_eq!(printed["idle_timeout_ms"].as_integer(), Some(30000), "the default");
+    let (_, printed, _) = run(&[("DECREE_PREPARE_TIMEOUT_MS", "900")], &[]);
+    assert!(printed.contains("prepare_timeout_ms = 900"), "the environment beats the file: {printed}");
+    let (_, printed, _) = run(&[("DECREE_PREPARE_TIMEOUT_MS", "900")], &["--prepare-timeout-ms", "800"]);
+    assert!(printed.contains("prepare_timeout_ms = 800"), "a flag beats both: {printed}");
+    let (code, _, stderr) = run(&[], &["--prepare-timeout-ms", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--prepare-timeout-ms"), "{stderr}");
+    std::fs::write(dir.path().join("coordinator.toml"), "data-dir = \"/tmp/d\"\nno-such-option = 1\n")
+        .unwrap();
+    let (code, _, stderr) = run(&[], &[]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("no-such-option"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_doubt_gauges_rise_while_the_coordinator_is_away_and_fall_after() {
+    init();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut options = Options::new(2);
+    options.participant_args = vec!["--resolve-interval-ms".into(), "50".into()];
+    options.participant_args_for = vec![("p1".into(), vec!["--metrics-listen".into(), addr.clone()])];
+    options.coordinator_args = vec!["--log-format".into(), "json".into()];
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let names = cluster.participant_names();
+    cluster.restart_armed(NodeId::Coordinator, "coordinator.decision.after_log").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert!(client.transact_branches(check::marked_transfer("t1", &names, 0, 5)).await.is_err());
+    cluster.wait_exit(NodeId::Coordinator, Duration::from_secs(20)).await.unwrap();
+    let gauge = |page: &str, name: &str| metric(page, name);
+    poll(Duration::from_secs(20), "p1's in-doubt gauges to rise", || async {
+        let page = scrape(&addr).await;
+        (gauge(&page, "decree_in_doubt_branches ") == 1.0
+            && gauge(&page, "decree_in_doubt_oldest_seconds ") > 0.0)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    cluster.restart(NodeId::Coordinator).unwrap();
+    poll(Duration::from_secs(30), "p1's in-doubt gauges to fall to zero", || async {
+        let page = scrape(&addr).await;
+        (gauge(&page, "decree_in_doubt_branches ") == 0.0
+            && gauge(&page, "decree_in_doubt_oldest_seconds ") == 0.0)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
+    info!("--- the coordinator logs one JSON object per line with --log-format json");
+    let log = cluster.log_of(NodeId::Coordinator);
+    let line = log.lines().find(|l| l.contains("recovery: redriving")).expect("a recovery line");
+    let object: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(object["level"], "INFO");
+    assert!(object["fields"]["txid"].is_string(), "{object}");
+}
