@@ -42,24 +42,9 @@ pub struct Config {
     /// A participant not heard from within this window is listed as "down".
     #[arg(long, env = "DECREE_LIVENESS_MS", default_value_t = 3_000)]
     pub liveness_ms: u64,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
-    #[arg(long, env = "DECREE_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
-    #[arg(long)]
-    pub crash_at: Option<String>,
-    /// Log lines as text or json (one object per line).
-    #[arg(long, env = "DECREE_LOG_FORMAT", value_enum, default_value_t = decree_runtime::serve::LogFormat::Text)]
-    pub log_format: decree_runtime::serve::LogFormat,
-    /// A TOML file of options, named like the flags (`prepare-timeout-ms = 1500`); flags and
-    /// environment variables take precedence over it (also DECREE_CONFIG).
-    #[arg(long, value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Print the options in effect (flags, environment, --config file, defaults) as TOML and exit.
-    #[arg(long)]
-    #[serde(skip)]
-    pub print_config: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub process: decree_runtime::serve::ProcessOptions,
 }
 
 impl Config {
@@ -81,11 +66,7 @@ impl Config {
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             liveness_ms: 3_000,
             shutdown_grace_ms: 10_000,
-            metrics_listen: None,
-            crash_at: None,
-            log_format: decree_runtime::serve::LogFormat::Text,
-            config: None,
-            print_config: false,
+            process: decree_runtime::serve::ProcessOptions::default(),
         }
     }
 
@@ -112,9 +93,7 @@ impl Config {
         if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err("--max-message-bytes must be between 1024 and 268435456".into());
         }
-        if let Some(list) = &self.crash_at {
-            decree_runtime::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
-        }
+        self.process.validate()?;
         Ok(())
     }
 

@@ -75,7 +75,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
     config.validate().map_err(CoordinatorError::Config)?;
-    if let Some(listen) = config.metrics_listen {
+    if let Some(listen) = config.process.metrics_listen {
         decree_runtime::metrics::install(listen).map_err(CoordinatorError::Config)?;
     }
     std::fs::create_dir_all(&config.data_dir)
@@ -143,19 +143,15 @@ pub const SERVICES: &[&str] = &["decree.v1.Coordinator", "decree.v1.Registry"];
 /// Runs the coordinator as a process: arms crash points, binds, serves until
 /// SIGINT or SIGTERM. Returns the process exit code.
 pub async fn run(config: Config) -> i32 {
-    if config.print_config {
-        return match config.validate() {
-            Ok(()) => decree_runtime::serve::print_config(&config),
-            Err(err) => {
-                eprintln!("decree coordinator: {err}");
-                2
-            }
-        };
-    }
-    decree_runtime::serve::init_tracing_as(config.log_format);
-    let (valid, crash_at, listen) = (config.validate(), config.crash_at.clone(), config.listen);
-    decree_runtime::serve::run_process("decree coordinator", valid, crash_at.as_deref(), listen, |listener| {
-        serve(config, listener, decree_runtime::serve::shutdown_signal())
-    })
+    let (valid, listen) = (config.validate(), config.listen);
+    let process = config.process.clone();
+    decree_runtime::serve::run_process(
+        "decree coordinator",
+        &config.clone(),
+        valid,
+        &process,
+        listen,
+        |listener| serve(config, listener, decree_runtime::serve::shutdown_signal()),
+    )
     .await
 }

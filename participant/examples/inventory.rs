@@ -143,17 +143,22 @@ async fn main() {
         std::process::exit(2)
     });
     let Args { config, stock } = Args::parse_from(args);
-    decree_runtime::serve::init_tracing_as(config.log_format);
-    let (valid, crash_at, listen) = (config.validate(), config.crash_at.clone(), config.listen);
-    let code =
-        decree_runtime::serve::run_process("inventory", valid, crash_at.as_deref(), listen, |listener| {
+    let (valid, listen, process) = (config.validate(), config.listen, config.process.clone());
+    let code = decree_runtime::serve::run_process(
+        "inventory",
+        &config.clone(),
+        valid,
+        &process,
+        listen,
+        |listener| {
             let builder = Builder::new(config);
             builder.serve(
                 |log| Inventory { log: log.clone(), seed: stock },
                 listener,
                 decree_runtime::serve::shutdown_signal(),
             )
-        })
-        .await;
+        },
+    )
+    .await;
     std::process::exit(code);
 }

@@ -68,24 +68,9 @@ pub struct Config {
     /// The table of --backend postgres (created if missing).
     #[arg(long, env = "DECREE_PG_TABLE", default_value = crate::postgres::DEFAULT_TABLE)]
     pub pg_table: String,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
-    #[arg(long, env = "DECREE_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
-    #[arg(long)]
-    pub crash_at: Option<String>,
-    /// Log lines as text or json (one object per line).
-    #[arg(long, env = "DECREE_LOG_FORMAT", value_enum, default_value_t = decree_runtime::serve::LogFormat::Text)]
-    pub log_format: decree_runtime::serve::LogFormat,
-    /// A TOML file of options, named like the flags (`prepare-timeout-ms = 1500`); flags and
-    /// environment variables take precedence over it (also DECREE_CONFIG).
-    #[arg(long, value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Print the options in effect (flags, environment, --config file, defaults) as TOML and exit.
-    #[arg(long)]
-    #[serde(skip)]
-    pub print_config: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub process: decree_runtime::serve::ProcessOptions,
 }
 
 impl Config {
@@ -107,11 +92,7 @@ impl Config {
             backend: Backend::Kv,
             pg_url: None,
             pg_table: crate::postgres::DEFAULT_TABLE.to_owned(),
-            metrics_listen: None,
-            crash_at: None,
-            log_format: decree_runtime::serve::LogFormat::Text,
-            config: None,
-            print_config: false,
+            process: decree_runtime::serve::ProcessOptions::default(),
         }
     }
 
@@ -157,9 +138,7 @@ impl Config {
             (Backend::Kv, None) => {}
         }
         crate::postgres::check_table(&self.pg_table).map_err(|e| format!("--pg-table: {e}"))?;
-        if let Some(list) = &self.crash_at {
-            decree_runtime::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
-        }
+        self.process.validate()?;
         Ok(())
     }
 

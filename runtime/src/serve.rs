@@ -91,14 +91,51 @@ pub fn incoming(
     })
 }
 
-/// Runs a server as a process: checks its configuration, arms the crash
-/// points, binds `listen`, and serves until SIGINT or SIGTERM (`serve` gets the
+/// The options every decree server process takes (flattened into each
+/// server's configuration).
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize)]
+pub struct ProcessOptions {
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, env = "DECREE_METRICS_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Crash points to arm, comma-separated (also DECREE_CRASH_AT).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crash_at: Option<String>,
+    /// Log lines as text or json (one object per line).
+    #[arg(long, env = "DECREE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// A TOML file of options, named like the flags (`prepare-timeout-ms = 1500`); flags and
+    /// environment variables take precedence over it (also DECREE_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<std::path::PathBuf>,
+    /// Print the options in effect (flags, environment, --config file, defaults) as TOML and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+}
+
+impl ProcessOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(list) = &self.crash_at {
+            crate::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a server as a process: checks its configuration (`valid`), prints it
+/// and exits for `--print-config`, sets up logging, arms the crash points,
+/// binds `listen`, and serves until SIGINT or SIGTERM (`serve` gets the
 /// listener). Returns the exit code: 0 after a clean stop, 2 for a bad
 /// configuration, 1 for anything else. `what` starts every message.
 pub async fn run_process<F, Fut, E>(
     what: &str,
+    config: &impl serde::Serialize,
     valid: Result<(), String>,
-    crash_at: Option<&str>,
+    process: &ProcessOptions,
     listen: std::net::SocketAddr,
     serve: F,
 ) -> i32
@@ -111,7 +148,11 @@ where
         eprintln!("{what}: {err}");
         return 2;
     }
-    if let Err(err) = crate::crash::arm(crash_at) {
+    if process.print_config {
+        return print_config(config);
+    }
+    init_tracing_as(process.log_format);
+    if let Err(err) = crate::crash::arm(process.crash_at.as_deref()) {
         eprintln!("{what}: {err}");
         return 2;
     }
