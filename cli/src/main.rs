@@ -41,6 +41,8 @@ enum Cmd {
     Participants(ListArgs),
     /// Branches prepared and undecided at any participant.
     InDoubt(InDoubtArgs),
+    /// Redeliver phase two of a committed transaction now (operator).
+    Retry(StatusArgs),
     /// The lock table of every participant: locked keys, holders, waiters, counters.
     Locks(InDoubtArgs),
     /// A local cluster, a bank workload, and a verdict.
@@ -153,6 +155,7 @@ fn main() {
             Cmd::Status(args) => report("status", status(args).await),
             Cmd::Participants(args) => report("participants", participants(args).await),
             Cmd::Locks(args) => report("locks", locks(args).await),
+            Cmd::Retry(args) => report("retry", retry(args).await),
             Cmd::InDoubt(args) => report("in-doubt", in_doubt(args).await),
         }
     });
@@ -297,4 +300,20 @@ fn answered_all(unreachable: &[String]) -> Result<(), Failure> {
     } else {
         Err(Failure(format!("{} participant(s) did not answer", unreachable.len())))
     }
+}
+
+async fn retry(args: StatusArgs) -> Result<(), Failure> {
+    let client = Client::connect(&args.target.coordinator).await?;
+    let (participants, outcome) = client.retry(&args.txid).await?;
+    if args.target.json {
+        println!(
+            "{}",
+            json!({ "txid": args.txid, "outcome": outcome.as_str(), "redelivered": participants })
+        );
+    } else if participants.is_empty() {
+        println!("{} {}: nothing to redeliver", args.txid, outcome.as_str());
+    } else {
+        println!("{} {}: redelivered to {}", args.txid, outcome.as_str(), participants.join(", "));
+    }
+    Ok(())
 }

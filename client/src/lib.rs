@@ -288,6 +288,15 @@ impl Client {
         Ok(response.values.into_iter().map(|kv| kv.value).collect())
     }
 
+    /// Redelivers phase two of `txid` now: the participants asked again, and
+    /// the coordinator's outcome.
+    pub async fn retry(&self, txid: &str) -> Result<(Vec<String>, Outcome), ClientError> {
+        txid.parse::<TxId>()?;
+        let response =
+            self.coordinator.clone().retry(v1::RetryRequest { txid: txid.into() }).await?.into_inner();
+        Ok((response.participants, Outcome::from_wire(response.outcome)?))
+    }
+
     /// The coordinator's answer for `txid`.
     pub async fn status(&self, txid: &str) -> Result<Outcome, ClientError> {
         txid.parse::<TxId>()?;

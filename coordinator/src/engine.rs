@@ -249,6 +249,33 @@ impl Engine {
         }
     }
 
+    /// Redelivers phase two of `txid` at once (an operator's `decree retry`),
+    /// whatever the backoff: Commit to every participant that has not acked,
+    /// or the one-phase question again. Returns the participants asked; none
+    /// if the transaction is not in phase two here (ended, aborted, unknown).
+    pub fn retry(&mut self, txid: TxId) -> Vec<ParticipantName> {
+        match self.txns.get(&txid) {
+            Some(Txn::Committing { unacked, recovered }) => {
+                let recovery = *recovered;
+                let participants: Vec<ParticipantName> = unacked.keys().cloned().collect();
+                for participant in &participants {
+                    self.commands.push(Command::SendCommit {
+                        txid,
+                        participant: participant.clone(),
+                        recovery,
+                    });
+                }
+                participants
+            }
+            Some(Txn::Resolving { participant, .. }) => {
+                let participant = participant.clone();
+                self.commands.push(Command::ResolveOnePhase { txid, participant: participant.clone() });
+                vec![participant]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     pub fn on_event(&mut self, event: Event) -> Result<(), EngineError> {
         match event {
             Event::Transact { txid, branches, timeout } => {

@@ -64,6 +64,11 @@ pub(crate) enum Request {
         txid: TxId,
         reply: oneshot::Sender<Option<Known>>,
     },
+    /// An operator asks to redeliver phase two now.
+    Retry {
+        txid: TxId,
+        reply: oneshot::Sender<Vec<ParticipantName>>,
+    },
     /// Refuse new transactions; answered when none is deciding or in phase two.
     Drain {
         reply: oneshot::Sender<()>,
@@ -134,13 +139,19 @@ impl Handle {
         self.ask(|reply| Request::Enlist { txid, participant, reply }).await?
     }
 
-    /// The outcome of `txid`: from memory if it is in flight, else from the log.
     /// Stops admitting transactions and waits until none is deciding or in
     /// phase two (participants that are down keep theirs pending: bound the
     /// wait).
     pub(crate) async fn drain(&self) {
         let _ = self.ask(|reply| Request::Drain { reply }).await;
     }
+
+    /// Redelivers phase two of `txid` now; returns the participants asked again.
+    pub(crate) async fn retry(&self, txid: TxId) -> Result<Vec<ParticipantName>, CoordinatorError> {
+        self.ask(|reply| Request::Retry { txid, reply }).await
+    }
+
+    /// The outcome of `txid`: from memory if it is in flight, else from the log.
 
     pub(crate) async fn outcome(&self, txid: TxId) -> Result<v1::Outcome, CoordinatorError> {
         if txid.coordinator != self.coordinator_id {
@@ -290,6 +301,9 @@ impl Actor {
             }
             Request::Known { txid, reply } => {
                 let _ = reply.send(self.engine.known(txid));
+            }
+            Request::Retry { txid, reply } => {
+                let _ = reply.send(self.engine.retry(txid));
             }
             Request::Drain { reply } => {
                 self.shutting_down = true;

@@ -153,6 +153,13 @@ impl Coordinator for Service {
         Ok(Response::new(v1::AbortTransactionResponse {}))
     }
 
+    async fn retry(&self, request: Request<v1::RetryRequest>) -> Result<Response<v1::RetryResponse>, Status> {
+        let txid = txid(&request.into_inner().txid)?;
+        let participants = self.handle.retry(txid).await?.into_iter().map(|p| p.to_string()).collect();
+        let outcome = self.handle.outcome(txid).await?;
+        Ok(Response::new(v1::RetryResponse { participants, outcome: outcome as i32 }))
+    }
+
     async fn get_outcome(
         &self,
         request: Request<v1::GetOutcomeRequest>,

@@ -314,3 +314,42 @@ async fn the_in_doubt_gauges_rise_while_the_coordinator_is_away_and_fall_after()
     assert_eq!(object["level"], "INFO");
     assert!(object["fields"]["txid"].is_string(), "{object}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decree_retry_redelivers_phase_two_to_the_participants_that_owe_an_ack() {
+    init();
+    let mut options = Options::new(2);
+    options.coordinator_args =
+        vec!["--redelivery-base-ms".into(), "60000".into(), "--redelivery-cap-ms".into(), "60000".into()];
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let names = cluster.participant_names();
+    let p2 = NodeId::Participant(1);
+    cluster.restart_armed(p2, "participant.commit.before_apply").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let result = client.transact_branches(check::marked_transfer("t1", &names, 0, 5)).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed);
+    cluster.wait_exit(p2, Duration::from_secs(20)).await.unwrap();
+
+    info!("--- while p2 is down, decree retry names it: it owes the ack");
+    let url = cluster.coordinator_url();
+    let run = common::decree_async(vec![
+        "retry".into(),
+        result.txid.clone(),
+        "--json".into(),
+        "--coordinator".into(),
+        url.clone(),
+    ])
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let answer = run.json();
+    assert_eq!(answer["outcome"], "committed");
+    assert_eq!(answer["redelivered"], serde_json::json!(["p2"]), "{answer}");
+    cluster.restart(p2).unwrap();
+    cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
+    assert!(check::all_or_nothing(&client, "t1", &names).await.unwrap());
+
+    let run =
+        common::decree_async(vec!["retry".into(), result.txid.clone(), "--coordinator".into(), url]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("nothing to redeliver"), "{}", run.stdout);
+}

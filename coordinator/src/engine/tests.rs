@@ -441,3 +441,18 @@ fn duplicate_txids_are_refused() {
     assert_eq!(engine.on_event(again), Err(EngineError::Duplicate(t)));
     assert_eq!(engine.take_commands(), vec![]);
 }
+
+#[test]
+fn retry_redelivers_phase_two_to_the_unacked_only() {
+    let t = tx(9);
+    let mut engine = committing(t, &["a", "b"]);
+    engine.on_event(Event::CommitAcked { txid: t, participant: p("a") }).unwrap();
+    engine.take_commands();
+    assert_eq!(engine.retry(t), vec![p("b")]);
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::SendCommit { txid: t, participant: p("b"), recovery: false }]
+    );
+    assert_eq!(engine.retry(tx(10)), Vec::<ParticipantName>::new(), "unknown: nothing to redeliver");
+    assert_eq!(engine.take_commands(), vec![]);
+}
