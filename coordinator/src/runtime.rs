@@ -152,7 +152,6 @@ impl Handle {
     }
 
     /// The outcome of `txid`: from memory if it is in flight, else from the log.
-
     pub(crate) async fn outcome(&self, txid: TxId) -> Result<v1::Outcome, CoordinatorError> {
         if txid.coordinator != self.coordinator_id {
             return Err(CoordinatorError::ForeignTxid { txid, coordinator_id: self.coordinator_id });
