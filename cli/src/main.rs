@@ -43,6 +43,10 @@ enum Cmd {
     InDoubt(InDoubtArgs),
     /// Redeliver phase two of a committed transaction now (operator).
     Retry(StatusArgs),
+    /// Decide a branch in doubt by hand when its coordinator is gone (operator; audited).
+    Resolve(ResolveArgs),
+    /// The heuristic decisions recorded at the participants, and any that the coordinator contradicted.
+    Heuristics(InDoubtArgs),
     /// The lock table of every participant: locked keys, holders, waiters, counters.
     Locks(InDoubtArgs),
     /// A local cluster, a bank workload, and a verdict.
@@ -83,6 +87,30 @@ struct StatusArgs {
 struct InDoubtArgs {
     /// Ask this participant directly (repeatable); for when the coordinator is down.
     #[arg(long, value_name = "URL")]
+    participant: Vec<String>,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("decision").required(true).args(["commit", "abort"])))]
+struct ResolveArgs {
+    /// The transaction id, as `decree in-doubt` lists it.
+    txid: String,
+    /// Commit the branch.
+    #[arg(long)]
+    commit: bool,
+    /// Abort the branch.
+    #[arg(long)]
+    abort: bool,
+    /// Why (kept in the audit record).
+    #[arg(long, required = true)]
+    reason: String,
+    /// Who decides (default: $USER).
+    #[arg(long)]
+    operator: Option<String>,
+    /// The participants to decide at (repeatable).
+    #[arg(long, value_name = "URL", required = true)]
     participant: Vec<String>,
     #[command(flatten)]
     target: Target,
@@ -156,6 +184,8 @@ fn main() {
             Cmd::Participants(args) => report("participants", participants(args).await),
             Cmd::Locks(args) => report("locks", locks(args).await),
             Cmd::Retry(args) => report("retry", retry(args).await),
+            Cmd::Resolve(args) => report("resolve", resolve(args).await),
+            Cmd::Heuristics(args) => report("heuristics", heuristics(args).await),
             Cmd::InDoubt(args) => report("in-doubt", in_doubt(args).await),
         }
     });
@@ -316,4 +346,87 @@ async fn retry(args: StatusArgs) -> Result<(), Failure> {
         println!("{} {}: redelivered to {}", args.txid, outcome.as_str(), participants.join(", "));
     }
     Ok(())
+}
+
+async fn resolve(args: ResolveArgs) -> Result<(), Failure> {
+    // Refused while the coordinator can answer: it knows (or is still deciding) the outcome.
+    let reachable =
+        tokio::time::timeout(std::time::Duration::from_secs(3), Client::connect(&args.target.coordinator))
+            .await;
+    if let Ok(Ok(client)) = reachable {
+        let outcome = client.status(&args.txid).await?;
+        let why = match outcome {
+            decree_client::Outcome::Pending => "is still deciding it".to_owned(),
+            known => format!("knows its outcome: {}; the participants learn it themselves", known.as_str()),
+        };
+        return Err(Failure(format!(
+            "refused: the coordinator at {} {why}; a heuristic decision is only for when it is gone",
+            args.target.coordinator
+        )));
+    }
+    let operator =
+        args.operator.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
+    let mut failed = 0;
+    for url in &args.participant {
+        match decree_client::resolve_at(url, &args.txid, args.commit, &args.reason, &operator).await {
+            Ok(()) => println!(
+                "{url}: {} {} (recorded)",
+                args.txid,
+                if args.commit { "committed" } else { "aborted" }
+            ),
+            Err(err) => {
+                failed += 1;
+                eprintln!("{url}: {err}");
+            }
+        }
+    }
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(Failure(format!("{failed} participant(s) did not take the decision")))
+    }
+}
+
+async fn heuristics(args: InDoubtArgs) -> Result<(), Failure> {
+    let (lists, unreachable) = if args.participant.is_empty() {
+        Client::connect(&args.target.coordinator).await?.heuristics().await
+    } else {
+        decree_client::heuristics_at_urls(&args.participant).await?
+    };
+    let outcome = |o: i32| match decree_client::v1::Outcome::try_from(o) {
+        Ok(decree_client::v1::Outcome::Committed) => "committed",
+        Ok(decree_client::v1::Outcome::Aborted) => "aborted",
+        _ => "unknown",
+    };
+    let rows: Vec<_> = lists
+        .iter()
+        .flat_map(|list| list.heuristics.iter().map(move |h| (list.participant.as_str(), h)))
+        .collect();
+    if args.target.json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|(p, h)| {
+                json!({ "participant": p, "txid": h.txid, "decision": if h.commit { "commit" } else { "abort" },
+                        "reason": h.reason, "operator": h.operator, "decided_at_unix_ms": h.decided_at_unix_ms,
+                        "coordinator_outcome": outcome(h.coordinator_outcome), "contradicted": h.contradicted })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else if rows.is_empty() {
+        println!("no heuristic decisions");
+    } else {
+        for (p, h) in rows {
+            let verdict = if h.contradicted { "CONTRADICTED by the coordinator" } else { "" };
+            println!(
+                "{}\t{p}\t{}\tby {}\tat {} ms\tcoordinator: {}\t{}\t{verdict}",
+                h.txid,
+                if h.commit { "commit" } else { "abort" },
+                h.operator,
+                h.decided_at_unix_ms,
+                outcome(h.coordinator_outcome),
+                h.reason
+            );
+        }
+    }
+    answered_all(&unreachable)
 }

@@ -323,6 +323,13 @@ impl Client {
         Ok(in_doubt_at(channels).await)
     }
 
+    /// The heuristic decisions recorded at every participant that answers.
+    pub async fn heuristics(&self) -> (Vec<v1::ListHeuristicsResponse>, Vec<String>) {
+        let channels =
+            self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect();
+        heuristics_at(channels).await
+    }
+
     /// The lock table of every participant that answers (holders, their
     /// states, waiters, counters); those that do not answer in the second list.
     pub async fn locks(&self) -> (Vec<v1::ListLocksResponse>, Vec<String>) {
@@ -379,6 +386,38 @@ async fn in_doubt_at(channels: Vec<(String, Channel)>) -> (Vec<InDoubt>, Vec<Str
         .collect();
     branches.sort_by(|a, b| (&a.participant, &a.txid).cmp(&(&b.participant, &b.txid)));
     (branches, unreachable)
+}
+
+/// Asks the participant at `url` to decide its branch of `txid` by hand (an
+/// operator's heuristic decision, recorded with `reason` and `operator`).
+pub async fn resolve_at(
+    url: &str,
+    txid: &str,
+    commit: bool,
+    reason: &str,
+    operator: &str,
+) -> Result<(), ClientError> {
+    txid.parse::<TxId>()?;
+    let request =
+        v1::ResolveRequest { txid: txid.into(), commit, reason: reason.into(), operator: operator.into() };
+    ParticipantClient::new(channel(url)?).resolve(request).await?;
+    Ok(())
+}
+
+/// The heuristic decisions recorded at participants asked directly.
+pub async fn heuristics_at_urls(
+    urls: &[String],
+) -> Result<(Vec<v1::ListHeuristicsResponse>, Vec<String>), ClientError> {
+    let channels =
+        urls.iter().map(|url| Ok((url.clone(), channel(url)?))).collect::<Result<Vec<_>, ClientError>>()?;
+    Ok(heuristics_at(channels).await)
+}
+
+async fn heuristics_at(channels: Vec<(String, Channel)>) -> (Vec<v1::ListHeuristicsResponse>, Vec<String>) {
+    let (mut lists, unreachable) =
+        ask_all(channels, |mut c| async move { c.list_heuristics(v1::ListHeuristicsRequest {}).await }).await;
+    lists.sort_by(|a, b| a.participant.cmp(&b.participant));
+    (lists, unreachable)
 }
 
 /// The lock tables of participants asked directly (works while the coordinator is away).

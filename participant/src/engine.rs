@@ -106,6 +106,25 @@ pub enum Event {
     IdleCheck {
         since: Instant,
     },
+    /// An operator decides a branch in doubt by hand (numbered `op` by the runtime).
+    HeuristicRequested {
+        txid: TxId,
+        commit: bool,
+        op: u64,
+    },
+    /// The heuristic decision's record is durable: apply it.
+    HeuristicLogged {
+        txid: TxId,
+        commit: bool,
+        op: u64,
+    },
+    /// Found at start: a heuristic decision, and whether the coordinator's
+    /// outcome was compared with it already.
+    RecoveredHeuristic {
+        txid: TxId,
+        commit: bool,
+        settled: bool,
+    },
     /// The resource validated the branch.
     Validated {
         txid: TxId,
@@ -220,6 +239,26 @@ pub enum Command {
         reason: String,
         aborted: bool,
     },
+    /// Write the heuristic decision's record (synced), then feed back
+    /// [`Event::HeuristicLogged`].
+    LogHeuristic {
+        txid: TxId,
+        commit: bool,
+        op: u64,
+    },
+    /// Answer the operator: the heuristic decision is recorded and being applied,
+    /// or refused with the reason.
+    HeuristicAnswer {
+        op: u64,
+        refused: Option<String>,
+    },
+    /// The coordinator's outcome is known for a heuristically decided branch:
+    /// record it, and whether it contradicts the heuristic decision.
+    HeuristicOutcome {
+        txid: TxId,
+        coordinator: Outcome,
+        contradicted: bool,
+    },
     AckCommit {
         txid: TxId,
         ack: Ack,
@@ -333,6 +372,9 @@ pub struct Engine {
     tombstones: HashMap<TxId, Outcome>,
     tombstone_order: VecDeque<TxId>,
     coordinator_incarnation: u64,
+    /// Heuristic decisions: commit or abort, and whether the coordinator's
+    /// outcome has been compared with them.
+    heuristics: HashMap<TxId, (bool, bool)>,
     stats: LockStats,
     commands: Vec<Command>,
 }
@@ -404,6 +446,50 @@ impl Engine {
         self.stats
     }
 
+    /// Heuristically decided txids whose coordinator outcome is not known yet.
+    pub fn unsettled_heuristics(&self) -> Vec<TxId> {
+        let mut out: Vec<TxId> =
+            self.heuristics.iter().filter(|(_, (_, settled))| !settled).map(|(t, _)| *t).collect();
+        out.sort();
+        out
+    }
+
+    /// Compares the coordinator's outcome with a heuristic decision of `txid`,
+    /// once. Returns true if there was one (the caller then acks without
+    /// refusing: the coordinator cannot undo it, the operator must).
+    fn settle_heuristic(&mut self, txid: TxId, coordinator: Outcome) -> bool {
+        let Some((commit, settled)) = self.heuristics.get_mut(&txid) else { return false };
+        if !*settled {
+            *settled = true;
+            let contradicted = *commit != (coordinator == Outcome::Committed);
+            self.commands.push(Command::HeuristicOutcome { txid, coordinator, contradicted });
+        }
+        true
+    }
+
+    fn on_heuristic(&mut self, txid: TxId, commit: bool, op: u64) {
+        let refused = match self.branches.get(&txid) {
+            Some(Branch::Prepared { .. }) if !self.heuristics.contains_key(&txid) => None,
+            Some(Branch::Prepared { .. }) => {
+                Some(format!("transaction {txid} is being decided by hand already"))
+            }
+            Some(_) => Some(format!("transaction {txid} is not in doubt here: it is being decided")),
+            None => Some(match self.tombstones.get(&txid) {
+                Some(Outcome::Committed) => format!("transaction {txid} is committed here already"),
+                Some(Outcome::Aborted) => format!("transaction {txid} is aborted here already"),
+                None => format!("transaction {txid} is not in doubt here"),
+            }),
+        };
+        match refused {
+            None => {
+                // Recorded before it is applied: the record is the audit trail.
+                self.heuristics.insert(txid, (commit, false));
+                self.commands.push(Command::LogHeuristic { txid, commit, op });
+            }
+            Some(reason) => self.commands.push(Command::HeuristicAnswer { op, refused: Some(reason) }),
+        }
+    }
+
     pub fn outcome(&self, txid: TxId) -> Option<Outcome> {
         self.tombstones.get(&txid).copied()
     }
@@ -425,6 +511,29 @@ impl Engine {
                 if let Some(Branch::Active { work, busy, touched, .. }) = self.branches.get_mut(&txid) {
                     work.extend(done.unwrap_or_default());
                     (*busy, *touched) = (false, at);
+                }
+            }
+            Event::HeuristicRequested { txid, commit, op } => self.on_heuristic(txid, commit, op),
+            Event::HeuristicLogged { txid, commit, op } => {
+                self.commands.push(Command::HeuristicAnswer { op, refused: None });
+                // Still in doubt (nothing arrived meanwhile): decide it as the operator said.
+                if matches!(self.branches.get(&txid), Some(Branch::Prepared { .. })) {
+                    if commit {
+                        self.on_commit(txid, false);
+                    } else {
+                        self.on_abort(txid, false);
+                    }
+                }
+            }
+            Event::RecoveredHeuristic { txid, commit, settled } => {
+                self.heuristics.insert(txid, (commit, settled));
+                // Recorded but not applied before a crash: apply it now.
+                if matches!(self.branches.get(&txid), Some(Branch::Prepared { .. })) {
+                    if commit {
+                        self.on_commit(txid, false);
+                    } else {
+                        self.on_abort(txid, false);
+                    }
                 }
             }
             Event::IdleCheck { since } => {
@@ -909,6 +1018,7 @@ impl Engine {
                 self.branches.insert(txid, branch);
                 reply(self, Ack::Refused { reason: format!("transaction {txid} is not prepared here") });
             }
+            None if self.settle_heuristic(txid, Outcome::Committed) => reply(self, Ack::Done),
             None => match self.tombstones.get(&txid) {
                 Some(Outcome::Aborted) => {
                     reply(self, Ack::Refused { reason: format!("transaction {txid} was aborted here") })
@@ -973,6 +1083,7 @@ impl Engine {
                 // Already being applied: every waiting Abort is acked when it is done.
                 self.branches.insert(txid, branch);
             }
+            None if self.settle_heuristic(txid, Outcome::Aborted) => reply(self, Ack::Done),
             None => match self.tombstones.get(&txid) {
                 Some(Outcome::Committed) => {
                     reply(self, Ack::Refused { reason: format!("transaction {txid} was committed here") })

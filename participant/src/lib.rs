@@ -181,6 +181,7 @@ async fn serve_with(
     for (txid, outcome) in loaded.tombstones {
         engine.on_event(Event::RecoveredTombstone { txid, outcome });
     }
+
     let recovered = loaded.prepared.len();
     for branch in loaded.prepared {
         tracing::info!(txid = %branch.txid, keys = ?branch.keys, "recovery: prepared branch in doubt, keys locked");
@@ -190,6 +191,10 @@ async fn serve_with(
             redo: branch.redo,
             at: now,
         });
+    }
+    // After the prepared branches: a decision recorded by hand but not applied is applied now.
+    for (txid, commit, settled) in loaded.heuristics {
+        engine.on_event(Event::RecoveredHeuristic { txid, commit, settled });
     }
     tracing::info!(name = %config.name, %address, in_doubt = recovered, "participant starting");
 

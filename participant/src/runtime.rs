@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::engine::{Ack, Command, Engine, Event, InDoubt, LockEntry, LockStats, Outcome, Vote};
 use crate::resource::Resource;
-use crate::store::BranchLog;
+use crate::store::{BranchLog, HeuristicRecord};
 
 const REQUEST_QUEUE: usize = 4096;
 
@@ -53,6 +53,22 @@ pub(crate) enum Request {
     LockStats {
         reply: oneshot::Sender<LockStats>,
     },
+    /// An operator decides a branch in doubt.
+    Heuristic {
+        txid: TxId,
+        commit: bool,
+        reason: String,
+        operator: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The heuristic decisions recorded here.
+    Heuristics {
+        reply: oneshot::Sender<Result<Vec<(TxId, HeuristicRecord)>, String>>,
+    },
+    /// Heuristic decisions whose coordinator outcome is not known yet.
+    UnsettledHeuristics {
+        reply: oneshot::Sender<Vec<TxId>>,
+    },
     Commit {
         txid: TxId,
         reply: oneshot::Sender<Ack>,
@@ -70,6 +86,9 @@ pub(crate) enum Request {
         reply: oneshot::Sender<()>,
     },
 }
+
+/// An operator's decision on its way to its record: reason, operator, answer.
+type PendingHeuristic = (String, String, oneshot::Sender<Result<(), String>>);
 
 /// Interactive work may run: its keys are locked.
 pub(crate) struct Granted {
@@ -133,6 +152,22 @@ impl Handle {
         self.ask(|reply| Request::Locks { reply }).await
     }
 
+    pub(crate) async fn heuristic(
+        &self,
+        txid: TxId,
+        commit: bool,
+        reason: String,
+        operator: String,
+    ) -> Result<Result<(), String>, ShuttingDown> {
+        self.ask(|reply| Request::Heuristic { txid, commit, reason, operator, reply }).await
+    }
+
+    pub(crate) async fn heuristics(
+        &self,
+    ) -> Result<Result<Vec<(TxId, HeuristicRecord)>, String>, ShuttingDown> {
+        self.ask(|reply| Request::Heuristics { reply }).await
+    }
+
     pub(crate) async fn lock_stats(&self) -> Result<LockStats, ShuttingDown> {
         self.ask(|reply| Request::LockStats { reply }).await
     }
@@ -171,6 +206,9 @@ struct Actor {
     next_read: u64,
     works: HashMap<u64, oneshot::Sender<Result<Granted, Refused>>>,
     next_work: u64,
+    /// Operator decisions waiting to be recorded.
+    heuristics: HashMap<u64, PendingHeuristic>,
+    next_op: u64,
 }
 
 /// Starts the actor over an engine that already holds the recovered state.
@@ -195,6 +233,8 @@ pub(crate) fn start(
         next_read: 0,
         works: HashMap::new(),
         next_work: 0,
+        heuristics: HashMap::new(),
+        next_op: 0,
     };
     tokio::spawn(actor.run(request_rx, event_rx));
     let ticks = events.clone();
@@ -217,6 +257,9 @@ impl Actor {
         mut requests: mpsc::Receiver<Request>,
         mut events: mpsc::UnboundedReceiver<Event>,
     ) {
+        // What recovery queued (a heuristic decision recorded but not applied before a crash).
+        let commands = self.engine.take_commands();
+        self.execute(commands);
         loop {
             tokio::select! {
                 biased;
@@ -254,6 +297,18 @@ impl Actor {
                 self.next_work += 1;
                 self.works.insert(work, reply);
                 self.engine.on_event(Event::WorkRequested { txid, work, keys, at: Instant::now() });
+            }
+            Request::Heuristic { txid, commit, reason, operator, reply } => {
+                let op = self.next_op;
+                self.next_op += 1;
+                self.heuristics.insert(op, (reason, operator, reply));
+                self.engine.on_event(Event::HeuristicRequested { txid, commit, op });
+            }
+            Request::Heuristics { reply } => {
+                let _ = reply.send(self.store.heuristics().map_err(|e| e.to_string()));
+            }
+            Request::UnsettledHeuristics { reply } => {
+                let _ = reply.send(self.engine.unsettled_heuristics());
             }
             Request::LockStats { reply } => {
                 let _ = reply.send(self.engine.lock_stats());
@@ -368,6 +423,50 @@ impl Actor {
                         let _ = reply.send(Err(Refused { reason, aborted }));
                     }
                 }
+                Command::LogHeuristic { txid, commit, op } => {
+                    let (reason, operator) = match self.heuristics.get(&op) {
+                        Some((reason, operator, _)) => (reason.clone(), operator.clone()),
+                        None => (String::new(), String::new()),
+                    };
+                    let decided_at_unix_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let record = HeuristicRecord {
+                        commit,
+                        reason,
+                        operator,
+                        decided_at_unix_ms,
+                        coordinator: 0,
+                        contradicted: false,
+                    };
+                    let (store, events) = (self.store.clone(), self.events.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_heuristic(txid, &record).await {
+                            fatal(&err);
+                        }
+                        warn!(%txid, commit, reason = %record.reason, operator = %record.operator, "heuristic decision recorded");
+                        let _ = events.send(Event::HeuristicLogged { txid, commit, op });
+                    });
+                }
+                Command::HeuristicAnswer { op, refused } => {
+                    if let Some((_, _, reply)) = self.heuristics.remove(&op) {
+                        let _ = reply.send(refused.map_or(Ok(()), Err));
+                    }
+                }
+                Command::HeuristicOutcome { txid, coordinator, contradicted } => {
+                    if contradicted {
+                        tracing::error!(%txid, ?coordinator, "heuristic decision contradicts the coordinator's outcome");
+                    } else {
+                        info!(%txid, ?coordinator, "heuristic decision agrees with the coordinator's outcome");
+                    }
+                    let store = self.store.clone();
+                    tokio::spawn(async move {
+                        let committed = coordinator == Outcome::Committed;
+                        if let Err(err) = store.settle_heuristic(txid, committed, contradicted).await {
+                            fatal(&err);
+                        }
+                    });
+                }
                 Command::AckCommit { txid, ack } => {
                     for reply in self.commit_waiters.remove(&txid).unwrap_or_default() {
                         let _ = reply.send(ack.clone());
@@ -447,20 +546,27 @@ pub(crate) async fn resolve_in_doubt(
             metrics::counter!(LOCK_WAIT_TIMEOUTS).absolute(stats.wait_timeouts);
             metrics::counter!(LOCK_CONFLICTS).absolute(stats.conflicts);
         }
-        for branch in branches {
-            // A branch of an older incarnation can no longer be PENDING: ask at once.
-            let orphaned = branch.txid.incarnation < current;
-            if !first && !orphaned && now.duration_since(branch.since) < in_doubt_after {
-                continue;
-            }
-            let request = v1::GetOutcomeRequest { txid: branch.txid.to_string() };
+        // A branch of an older incarnation can no longer be PENDING: ask at once.
+        let mut ask: Vec<TxId> = branches
+            .into_iter()
+            .filter(|b| {
+                first || b.txid.incarnation < current || now.duration_since(b.since) >= in_doubt_after
+            })
+            .map(|b| b.txid)
+            .collect();
+        // Decided by hand: ask too, to compare the coordinator's outcome (never to undo).
+        if let Ok(unsettled) = handle.ask(|reply| Request::UnsettledHeuristics { reply }).await {
+            ask.extend(unsettled);
+        }
+        for txid in ask {
+            let request = v1::GetOutcomeRequest { txid: txid.to_string() };
             let answer = tokio::time::timeout(Duration::from_secs(2), coordinator.get_outcome(request)).await;
             let outcome = match answer {
                 Ok(Ok(response)) => {
                     v1::Outcome::try_from(response.into_inner().outcome).unwrap_or(v1::Outcome::Unspecified)
                 }
                 Ok(Err(status)) => {
-                    debug!(txid = %branch.txid, error = status.message(), "in doubt: coordinator did not answer");
+                    debug!(%txid, error = status.message(), "in doubt: coordinator did not answer");
                     break;
                 }
                 Err(_) => break,
@@ -470,8 +576,8 @@ pub(crate) async fn resolve_in_doubt(
                 v1::Outcome::Aborted => Outcome::Aborted,
                 v1::Outcome::Pending | v1::Outcome::Unspecified => continue,
             };
-            info!(txid = %branch.txid, ?outcome, "in doubt: resolved by the coordinator");
-            handle.event(Event::OutcomeLearned { txid: branch.txid, outcome });
+            info!(%txid, ?outcome, "in doubt: resolved by the coordinator");
+            handle.event(Event::OutcomeLearned { txid, outcome });
         }
         first = false;
     }

@@ -116,6 +116,49 @@ impl Participant for ParticipantService {
         Ok(Response::new(v1::ListInDoubtResponse { branches, participant: self.name.clone() }))
     }
 
+    async fn resolve(
+        &self,
+        request: Request<v1::ResolveRequest>,
+    ) -> Result<Response<v1::ResolveResponse>, Status> {
+        let request = request.into_inner();
+        let txid = txid(&request.txid)?;
+        if request.reason.trim().is_empty() {
+            return Err(InvalidInput::Field {
+                field: "reason",
+                why: "a heuristic decision needs a reason".into(),
+            }
+            .into());
+        }
+        match self.handle.heuristic(txid, request.commit, request.reason, request.operator).await? {
+            Ok(()) => Ok(Response::new(v1::ResolveResponse {})),
+            Err(reason) => Err(Status::failed_precondition(reason)),
+        }
+    }
+
+    async fn list_heuristics(
+        &self,
+        _request: Request<v1::ListHeuristicsRequest>,
+    ) -> Result<Response<v1::ListHeuristicsResponse>, Status> {
+        let records = self.handle.heuristics().await?.map_err(Status::internal)?;
+        let heuristics = records
+            .into_iter()
+            .map(|(txid, r)| v1::Heuristic {
+                txid: txid.to_string(),
+                commit: r.commit,
+                reason: r.reason,
+                operator: r.operator,
+                decided_at_unix_ms: r.decided_at_unix_ms,
+                coordinator_outcome: match r.coordinator {
+                    1 => v1::Outcome::Committed,
+                    2 => v1::Outcome::Aborted,
+                    _ => v1::Outcome::Unspecified,
+                } as i32,
+                contradicted: r.contradicted,
+            })
+            .collect();
+        Ok(Response::new(v1::ListHeuristicsResponse { participant: self.name.clone(), heuristics }))
+    }
+
     async fn list_locks(
         &self,
         _request: Request<v1::ListLocksRequest>,

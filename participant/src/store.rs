@@ -25,6 +25,26 @@ use crate::engine::{Outcome, TOMBSTONES};
 
 const PREPARED: &[u8] = b"p/";
 const TOMBSTONE: &[u8] = b"t/";
+const HEURISTIC: &[u8] = b"h/";
+
+/// An operator's decision of a branch in doubt, kept for audit (never pruned).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeuristicRecord {
+    #[prost(bool, tag = "1")]
+    pub commit: bool,
+    #[prost(string, tag = "2")]
+    pub reason: String,
+    #[prost(string, tag = "3")]
+    pub operator: String,
+    #[prost(uint64, tag = "4")]
+    pub decided_at_unix_ms: u64,
+    /// The coordinator's outcome once known: 0 not yet, 1 committed, 2 aborted.
+    #[prost(uint32, tag = "5")]
+    pub coordinator: u32,
+    /// The coordinator decided otherwise than the operator.
+    #[prost(bool, tag = "6")]
+    pub contradicted: bool,
+}
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct PreparedRecord {
@@ -62,6 +82,8 @@ pub struct PreparedBranch {
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub prepared: Vec<PreparedBranch>,
+    /// Heuristic decisions: txid, commit, whether the coordinator's outcome is known.
+    pub heuristics: Vec<(TxId, bool, bool)>,
     /// The most recent tombstones, oldest first.
     pub tombstones: Vec<(TxId, Outcome)>,
 }
@@ -103,6 +125,9 @@ impl BranchLog {
             let txid = txid_of(PREPARED, &k)?;
             let record: PreparedRecord = record::decode(&value).map_err(|e| corrupt(&k, e))?;
             loaded.prepared.push(PreparedBranch { txid, keys: record.keys, redo: record.redo });
+        }
+        for (txid, record) in self.heuristics()? {
+            loaded.heuristics.push((txid, record.commit, record.coordinator != 0));
         }
         let tombstones = self.log.scan_prefix(TOMBSTONE)?;
         let excess = tombstones.len().saturating_sub(TOMBSTONES);
@@ -148,6 +173,38 @@ impl BranchLog {
         writes.push(Write::put(key(TOMBSTONE, txid), record::encode(&TombstoneRecord { committed: true })));
         let durability = if urgent { Durability::Synced } else { Durability::SyncedSoon };
         self.log.write_with(writes, durability).await?;
+        Ok(())
+    }
+
+    /// Every heuristic decision recorded here, in txid order.
+    pub fn heuristics(&self) -> Result<Vec<(TxId, HeuristicRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for (k, value) in self.log.scan_prefix(HEURISTIC)? {
+            let txid = txid_of(HEURISTIC, &k)?;
+            out.push((txid, record::decode(&value).map_err(|e| corrupt(&k, e))?));
+        }
+        Ok(out)
+    }
+
+    /// Records an operator's decision (synced) before it is applied.
+    pub async fn log_heuristic(&self, txid: TxId, record: &HeuristicRecord) -> Result<(), StoreError> {
+        self.log.write(vec![Write::put(key(HEURISTIC, txid), record::encode(record))], true).await?;
+        Ok(())
+    }
+
+    /// Adds the coordinator's outcome to a heuristic decision's record (synced).
+    pub async fn settle_heuristic(
+        &self,
+        txid: TxId,
+        committed: bool,
+        contradicted: bool,
+    ) -> Result<(), StoreError> {
+        let k = key(HEURISTIC, txid);
+        let Some(value) = self.log.get(&k)? else { return Ok(()) };
+        let mut record: HeuristicRecord = record::decode(&value).map_err(|e| corrupt(&k, e))?;
+        record.coordinator = if committed { 1 } else { 2 };
+        record.contradicted = contradicted;
+        self.log.write(vec![Write::put(k, record::encode(&record))], true).await?;
         Ok(())
     }
 

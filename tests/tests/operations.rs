@@ -353,3 +353,96 @@ async fn decree_retry_redelivers_phase_two_to_the_participants_that_owe_an_ack()
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stdout.contains("nothing to redeliver"), "{}", run.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heuristic_decision_is_refused_while_the_coordinator_knows_recorded_listed_and_flagged_when_contradicted(
+) {
+    init();
+    let mut options = Options::new(2);
+    options.participant_args =
+        ["--in-doubt-after-ms", "300", "--resolve-interval-ms", "50", "--heartbeat-ms", "200"]
+            .map(String::from)
+            .to_vec();
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let names = cluster.participant_names();
+    let url = cluster.coordinator_url();
+    let urls: Vec<String> = (0..2).map(|i| cluster.url_of(NodeId::Participant(i))).collect();
+    cluster.restart_armed(NodeId::Coordinator, "coordinator.decision.after_log").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert!(client.transact_branches(check::marked_transfer("t1", &names, 0, 5)).await.is_err());
+    cluster.wait_exit(NodeId::Coordinator, Duration::from_secs(20)).await.unwrap();
+    let (in_doubt, _) = decree_client::in_doubt_at_urls(&urls).await.unwrap();
+    assert_eq!(in_doubt.len(), 2);
+    let txid = in_doubt[0].txid.clone();
+
+    info!("--- the coordinator is gone: an operator aborts by hand (wrongly: it had decided commit)");
+    let mut args: Vec<String> = [
+        "resolve",
+        &txid,
+        "--abort",
+        "--reason",
+        "coordinator host lost",
+        "--operator",
+        "alice",
+        "--coordinator",
+        &url,
+    ]
+    .map(String::from)
+    .to_vec();
+    for u in &urls {
+        args.extend(["--participant".to_string(), u.clone()]);
+    }
+    let run = common::decree_async(args.clone()).await;
+    assert_eq!(run.code, 0, "{} {}", run.stdout, run.stderr);
+    let (in_doubt, _) = decree_client::in_doubt_at_urls(&urls).await.unwrap();
+    assert!(in_doubt.is_empty(), "decided by hand: {in_doubt:?}");
+
+    let mut list: Vec<String> = ["heuristics", "--json"].map(String::from).to_vec();
+    for u in &urls {
+        list.extend(["--participant".to_string(), u.clone()]);
+    }
+    let listed = common::decree_async(list.clone()).await.json();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for h in listed {
+        assert_eq!((h["txid"].as_str(), h["decision"].as_str()), (Some(txid.as_str()), Some("abort")));
+        assert_eq!(
+            (h["operator"].as_str(), h["reason"].as_str()),
+            (Some("alice"), Some("coordinator host lost"))
+        );
+        assert_eq!(
+            (h["coordinator_outcome"].as_str(), h["contradicted"].as_bool()),
+            (Some("unknown"), Some(false))
+        );
+    }
+
+    info!("--- the coordinator returns with its COMMIT decision: the contradiction is flagged at both");
+    cluster.restart(NodeId::Coordinator).unwrap();
+    cluster.wait_back(NodeId::Coordinator).await.unwrap();
+    poll(Duration::from_secs(30), "both heuristic records to be flagged", || {
+        let list = list.clone();
+        async move {
+            let listed = common::decree_async(list).await.json();
+            listed
+                .as_array()?
+                .iter()
+                .all(|h| h["contradicted"] == true && h["coordinator_outcome"] == "committed")
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let client = cluster.client().await.unwrap();
+    assert_eq!(client.status(&txid).await.unwrap(), Outcome::Committed);
+    assert_eq!(
+        check::markers(&client, "t1", &names).await.unwrap(),
+        0,
+        "the operator's abort stands; flagged"
+    );
+    cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
+
+    info!("--- with the coordinator up, a heuristic decision is refused");
+    let run = common::decree_async(args).await;
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("knows its outcome: committed"), "{}", run.stderr);
+}

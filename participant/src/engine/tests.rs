@@ -680,3 +680,82 @@ mod interactive {
         );
     }
 }
+
+mod heuristics {
+    use super::*;
+
+    #[test]
+    fn an_operator_abort_is_recorded_then_applied_and_a_later_commit_is_acked_and_flagged() {
+        let mut engine = Engine::new();
+        let t = tx(1);
+        prepared(&mut engine, t, &["a"]);
+        assert_eq!(
+            event(&mut engine, Event::HeuristicRequested { txid: t, commit: false, op: 7 }),
+            vec![Command::LogHeuristic { txid: t, commit: false, op: 7 }],
+            "recorded before anything is applied"
+        );
+        assert_eq!(engine.locks().len(), 1, "still locked until the record is durable");
+        assert_eq!(
+            event(&mut engine, Event::HeuristicLogged { txid: t, commit: false, op: 7 }),
+            vec![
+                Command::HeuristicAnswer { op: 7, refused: None },
+                Command::LogAbort { txid: t, prepared: true }
+            ]
+        );
+        event(&mut engine, Event::AbortLogged { txid: t });
+        assert!(engine.locks().is_empty());
+        assert_eq!(engine.unsettled_heuristics(), vec![t]);
+        assert_eq!(
+            event(&mut engine, Event::CommitRequested { txid: t }),
+            vec![
+                Command::HeuristicOutcome { txid: t, coordinator: Outcome::Committed, contradicted: true },
+                Command::AckCommit { txid: t, ack: Ack::Done },
+            ],
+            "the coordinator cannot undo it: acked, and the contradiction recorded"
+        );
+        assert!(engine.unsettled_heuristics().is_empty());
+    }
+
+    #[test]
+    fn an_operator_commit_that_agrees_is_settled_quietly() {
+        let mut engine = Engine::new();
+        let t = tx(2);
+        prepared(&mut engine, t, &["a"]);
+        event(&mut engine, Event::HeuristicRequested { txid: t, commit: true, op: 1 });
+        let commands = event(&mut engine, Event::HeuristicLogged { txid: t, commit: true, op: 1 });
+        assert_eq!(commands[1], Command::LogCommit { txid: t, redo: vec![7], one_phase: false });
+        event(&mut engine, Event::CommitLogged { txid: t });
+        assert_eq!(
+            event(&mut engine, Event::OutcomeLearned { txid: t, outcome: Outcome::Committed }),
+            vec![Command::HeuristicOutcome { txid: t, coordinator: Outcome::Committed, contradicted: false }]
+        );
+    }
+
+    #[test]
+    fn a_decision_recorded_by_hand_but_not_applied_before_a_crash_is_applied_at_start() {
+        let mut engine = Engine::new();
+        let t = tx(5);
+        engine.on_event(Event::Recovered { txid: t, keys: keys(&["a"]), redo: vec![1], at: Instant::now() });
+        assert_eq!(
+            event(&mut engine, Event::RecoveredHeuristic { txid: t, commit: true, settled: false }),
+            vec![Command::LogCommit { txid: t, redo: vec![1], one_phase: false }]
+        );
+        assert_eq!(engine.unsettled_heuristics(), vec![t]);
+    }
+
+    #[test]
+    fn only_a_branch_in_doubt_can_be_decided_by_hand() {
+        let mut engine = Engine::new();
+        let (unknown, committed) = (tx(3), tx(4));
+        prepared(&mut engine, committed, &["b"]);
+        event(&mut engine, Event::CommitRequested { txid: committed });
+        for txid in [unknown, committed] {
+            let commands = event(&mut engine, Event::HeuristicRequested { txid, commit: false, op: 9 });
+            assert!(
+                matches!(commands.as_slice(), [Command::HeuristicAnswer { op: 9, refused: Some(_) }]),
+                "{commands:?}"
+            );
+        }
+        assert!(engine.unsettled_heuristics().is_empty());
+    }
+}
