@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use decree_proto::v1;
 use decree_proto::v1::participant_client::ParticipantClient;
@@ -29,6 +29,30 @@ use crate::CoordinatorError;
 pub const TRANSACTIONS: &str = "decree_transactions_total";
 /// Transactions in memory: deciding, or committed with phase two under way.
 pub const IN_FLIGHT: &str = "decree_transactions_in_flight";
+/// Aborted transactions by reason: lock_conflict, voted_no, timeout, unreachable, client, other.
+pub const ABORTS: &str = "decree_aborts_total";
+/// Seconds from a transaction's start (Transact, or an interactive Commit) to
+/// its answer (`phase="decide"`) and, committed, to its last ack (`phase="complete"`).
+pub const LATENCY: &str = "decree_transaction_seconds";
+/// Commit redeliveries scheduled (a participant did not ack in time).
+pub const REDELIVERIES: &str = "decree_redeliveries_total";
+
+/// The class of an abort reason, for [`ABORTS`].
+fn abort_class(reason: &str) -> &'static str {
+    if reason.contains("lock conflict") {
+        "lock_conflict"
+    } else if reason.contains("voted NO") {
+        "voted_no"
+    } else if reason.contains("timed out") || reason.contains("idle") {
+        "timeout"
+    } else if reason.contains("failed to") {
+        "unreachable"
+    } else if reason.contains("by the client") {
+        "client"
+    } else {
+        "other"
+    }
+}
 
 const REQUEST_QUEUE: usize = 4096;
 
@@ -175,6 +199,8 @@ struct Actor {
     handle: Handle,
     next_sequence: u64,
     replies: HashMap<TxId, Decision>,
+    /// When each transaction in memory started, for [`LATENCY`].
+    started: HashMap<TxId, Instant>,
     /// Refusing new transactions (graceful shutdown).
     shutting_down: bool,
     /// Answered once nothing is deciding or in phase two.
@@ -198,6 +224,7 @@ pub(crate) fn start(
         handle: handle.clone(),
         next_sequence: 1,
         replies: HashMap::new(),
+        started: HashMap::new(),
         shutting_down: false,
         draining: None,
     };
@@ -272,6 +299,7 @@ impl Actor {
                 let txid = self.next_txid();
                 debug!(%txid, participants = branches.len(), "transaction starts");
                 self.engine.on_event(Event::Transact { txid, branches, timeout }).expect("fresh txid");
+                self.started.insert(txid, Instant::now());
                 self.replies.insert(txid, reply);
             }
             Request::Begin { timeout, reply } => {
@@ -286,6 +314,7 @@ impl Actor {
                 match self.engine.on_event(Event::CommitRequested { txid, timeout }) {
                     Ok(()) => {
                         self.replies.insert(txid, reply);
+                        self.started.insert(txid, Instant::now());
                     }
                     Err(err) => {
                         let _ = refused.send(err.into());
@@ -381,6 +410,10 @@ impl Actor {
                 }
                 Command::LogEnd { txid } => {
                     crash::point(crash::COORDINATOR_COMMIT_BEFORE_END);
+                    if let Some(started) = self.started.remove(&txid) {
+                        metrics::histogram!(LATENCY, "phase" => "complete")
+                            .record(started.elapsed().as_secs_f64());
+                    }
                     debug!(%txid, "every participant acked; ending");
                     let store = self.handle.store.clone();
                     tokio::spawn(async move {
@@ -398,6 +431,7 @@ impl Actor {
                         }
                         Decided::Aborted { reason } => {
                             debug!(%txid, %reason, "aborted");
+                            metrics::counter!(ABORTS, "reason" => abort_class(reason)).increment(1);
                             "aborted"
                         }
                         Decided::Unknown { reason } => {
@@ -406,6 +440,16 @@ impl Actor {
                         }
                     };
                     metrics::counter!(TRANSACTIONS, "outcome" => outcome).increment(1);
+                    // Committed and still in memory: phase two is under way (one-phase ones are done).
+                    let started = if outcome == "committed" && self.engine.known(txid).is_some() {
+                        self.started.get(&txid).copied()
+                    } else {
+                        self.started.remove(&txid)
+                    };
+                    if let Some(started) = started {
+                        metrics::histogram!(LATENCY, "phase" => "decide")
+                            .record(started.elapsed().as_secs_f64());
+                    }
                     if let Some(reply) = self.replies.remove(&txid) {
                         let _ = reply.send((txid, decided));
                     }
@@ -418,6 +462,7 @@ impl Actor {
                     });
                 }
                 Command::ScheduleRedelivery { txid, participant, attempt } => {
+                    metrics::counter!(REDELIVERIES).increment(1);
                     let delay =
                         self.handle.config.redelivery().delay(attempt.saturating_sub(1), &mut rand::rng());
                     debug!(%txid, %participant, attempt, delay_ms = delay.as_millis() as u64, "commit redelivery scheduled");

@@ -185,9 +185,17 @@ async fn metrics_move_with_the_load() {
         ];
         client.transact(ops).await.unwrap();
     }
+    let refused = vec![
+        KvOp::Expect { key: "a0".into(), value: Some(b"2".to_vec()) },
+        KvOp::Put { key: "b0".into(), value: b"3".to_vec() },
+    ];
+    assert_eq!(client.transact(refused).await.unwrap().outcome, Outcome::Aborted);
     let after = scrape(&addr).await;
     let committed = |page: &str| metric(page, "decree_transactions_total{outcome=\"committed\"}");
     assert_eq!(committed(&after) - committed(&before), 20.0, "{after}");
+    let voted_no = |page: &str| metric(page, "decree_aborts_total{reason=\"voted_no\"}");
+    assert_eq!(voted_no(&after) - voted_no(&before), 1.0, "{after}");
+    assert!(metric(&after, "decree_transaction_seconds_count{phase=\"decide\"}") >= 21.0, "{after}");
     assert!(
         metric(&after, "decree_grpc_requests_total") >= metric(&before, "decree_grpc_requests_total") + 20.0
     );
