@@ -202,12 +202,9 @@ async fn metrics_move_with_the_load() {
     assert!(metric(&after, "decree_log_fsyncs_total") > metric(&before, "decree_log_fsyncs_total"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_signal_exits_at_once_and_the_commit_is_redelivered_after_restart() {
-    init();
-    let mut options = Options::new(2);
-    options.coordinator_args = vec!["--shutdown-grace-ms".into(), "60000".into()];
-    options.participant_args = vec!["--in-doubt-after-ms".into(), "300".into()];
+/// A cluster where transfer "t1" committed and p2 died at
+/// `participant.commit.before_apply`, so the coordinator still owes it the Commit.
+async fn committed_with_p2_down(options: Options) -> (Cluster, Vec<String>, decree_client::TxnResult) {
     let mut cluster = Cluster::start(options).await.unwrap();
     let names = cluster.participant_names();
     let p2 = NodeId::Participant(1);
@@ -216,6 +213,17 @@ async fn a_second_signal_exits_at_once_and_the_commit_is_redelivered_after_resta
     let result = client.transact_branches(check::marked_transfer("t1", &names, 0, 5)).await.unwrap();
     assert_eq!(result.outcome, Outcome::Committed);
     cluster.wait_exit(p2, Duration::from_secs(20)).await.unwrap();
+    (cluster, names, result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_and_the_commit_is_redelivered_after_restart() {
+    init();
+    let mut options = Options::new(2);
+    options.coordinator_args = vec!["--shutdown-grace-ms".into(), "60000".into()];
+    options.participant_args = vec!["--in-doubt-after-ms".into(), "300".into()];
+    let (mut cluster, names, _) = committed_with_p2_down(options).await;
+    let p2 = NodeId::Participant(1);
 
     info!(
         "--- SIGTERM: the coordinator waits (up to a minute) for p2's ack; a second SIGTERM ends it at once"
@@ -329,14 +337,8 @@ async fn decree_retry_redelivers_phase_two_to_the_participants_that_owe_an_ack()
     let mut options = Options::new(2);
     options.coordinator_args =
         vec!["--redelivery-base-ms".into(), "60000".into(), "--redelivery-cap-ms".into(), "60000".into()];
-    let mut cluster = Cluster::start(options).await.unwrap();
-    let names = cluster.participant_names();
+    let (mut cluster, names, result) = committed_with_p2_down(options).await;
     let p2 = NodeId::Participant(1);
-    cluster.restart_armed(p2, "participant.commit.before_apply").await.unwrap();
-    let client = cluster.client().await.unwrap();
-    let result = client.transact_branches(check::marked_transfer("t1", &names, 0, 5)).await.unwrap();
-    assert_eq!(result.outcome, Outcome::Committed);
-    cluster.wait_exit(p2, Duration::from_secs(20)).await.unwrap();
 
     info!("--- while p2 is down, decree retry names it: it owes the ack");
     let url = cluster.coordinator_url();
@@ -354,6 +356,7 @@ async fn decree_retry_redelivers_phase_two_to_the_participants_that_owe_an_ack()
     assert_eq!(answer["redelivered"], serde_json::json!(["p2"]), "{answer}");
     cluster.restart(p2).unwrap();
     cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
+    let client = cluster.client().await.unwrap();
     assert!(check::all_or_nothing(&client, "t1", &names).await.unwrap());
 
     let run =
