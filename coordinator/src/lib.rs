@@ -129,7 +129,7 @@ pub async fn serve(
     };
     tonic::transport::Server::builder()
         .layer(decree_runtime::metrics::CountRequests)
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(config.process.max_concurrent_streams)
         .tcp_nodelay(true)
         .add_routes(routes)
         .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), graceful)

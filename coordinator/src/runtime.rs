@@ -54,8 +54,6 @@ fn abort_class(reason: &str) -> &'static str {
     }
 }
 
-const REQUEST_QUEUE: usize = 4096;
-
 type Decision = oneshot::Sender<(TxId, Decided)>;
 
 pub(crate) enum Request {
@@ -216,7 +214,7 @@ pub(crate) fn start(
     incarnation: u64,
     unfinished: Vec<(TxId, Vec<ParticipantName>)>,
 ) -> Handle {
-    let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
+    let (requests, request_rx) = mpsc::channel(config.process.request_queue);
     let (events, event_rx) = mpsc::unbounded_channel();
     let handle = Handle { requests, events, registry, store, config, coordinator_id, incarnation };
     let mut actor = Actor {

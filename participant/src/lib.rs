@@ -198,7 +198,8 @@ async fn serve_with(
     }
     tracing::info!(name = %config.name, %address, in_doubt = recovered, "participant starting");
 
-    let handle = runtime::start(engine, resource.clone(), store, config.idle_timeout());
+    let handle =
+        runtime::start(engine, resource.clone(), store, config.idle_timeout(), config.process.request_queue);
     let (incarnation, learned_incarnation) = tokio::sync::watch::channel(0);
     tokio::spawn(runtime::resolve_in_doubt(
         handle.clone(),
@@ -241,7 +242,7 @@ async fn serve_with(
     };
     tonic::transport::Server::builder()
         .layer(decree_runtime::metrics::CountRequests)
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(config.process.max_concurrent_streams)
         .tcp_nodelay(true)
         .add_routes(routes)
         .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), graceful)

@@ -20,8 +20,6 @@ use crate::engine::{Ack, Command, Engine, Event, InDoubt, LockEntry, LockStats, 
 use crate::resource::Resource;
 use crate::store::{BranchLog, HeuristicRecord};
 
-const REQUEST_QUEUE: usize = 4096;
-
 /// Prepared branches waiting for the coordinator's decision.
 pub const IN_DOUBT: &str = "decree_in_doubt_branches";
 /// Age of the oldest of them, in seconds.
@@ -218,8 +216,9 @@ pub(crate) fn start(
     resource: Arc<dyn Resource>,
     store: BranchLog,
     idle_timeout: Duration,
+    request_queue: usize,
 ) -> Handle {
-    let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
+    let (requests, request_rx) = mpsc::channel(request_queue);
     let (events, event_rx) = mpsc::unbounded_channel();
     let actor = Actor {
         engine,

@@ -93,7 +93,7 @@ pub fn incoming(
 
 /// The options every decree server process takes (flattened into each
 /// server's configuration).
-#[derive(Debug, Clone, Default, clap::Args, serde::Serialize)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct ProcessOptions {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
     #[arg(long, env = "DECREE_METRICS_LISTEN")]
@@ -106,6 +106,13 @@ pub struct ProcessOptions {
     /// Log lines as text or json (one object per line).
     #[arg(long, env = "DECREE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Most concurrent gRPC requests (HTTP/2 streams) per connection.
+    #[arg(long, env = "DECREE_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Most requests queued for the protocol engine; beyond it callers wait
+    /// (the coordinator's --max-in-flight refuses new transactions earlier).
+    #[arg(long, env = "DECREE_REQUEST_QUEUE", default_value_t = 4096)]
+    pub request_queue: usize,
     /// A TOML file of options, named like the flags (`prepare-timeout-ms = 1500`); flags and
     /// environment variables take precedence over it (also DECREE_CONFIG).
     #[arg(long, value_name = "FILE")]
@@ -117,8 +124,28 @@ pub struct ProcessOptions {
     pub print_config: bool,
 }
 
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        ProcessOptions {
+            metrics_listen: None,
+            crash_at: None,
+            log_format: LogFormat::Text,
+            max_concurrent_streams: 1024,
+            request_queue: 4096,
+            config: None,
+            print_config: false,
+        }
+    }
+}
+
 impl ProcessOptions {
     pub fn validate(&self) -> Result<(), String> {
+        if !(1..=1_000_000).contains(&self.max_concurrent_streams) {
+            return Err("--max-concurrent-streams must be between 1 and 1000000".into());
+        }
+        if !(1..=10_000_000).contains(&self.request_queue) {
+            return Err("--request-queue must be between 1 and 10000000".into());
+        }
         if let Some(list) = &self.crash_at {
             crate::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
         }

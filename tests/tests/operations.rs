@@ -282,6 +282,12 @@ fn config_file_then_environment_then_flags_and_bad_values_exit_2_naming_the_opti
     let (code, _, stderr) = run(&[], &["--prepare-timeout-ms", "0"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--prepare-timeout-ms"), "{stderr}");
+    for (flag, bad) in [("--request-queue", "0"), ("--max-concurrent-streams", "0"), ("--log-format", "xml")]
+    {
+        let (code, _, stderr) = run(&[], &[flag, bad]);
+        assert_eq!(code, Some(2), "{flag} {bad}");
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
     std::fs::write(dir.path().join("coordinator.toml"), "data-dir = \"/tmp/d\"\nno-such-option = 1\n")
         .unwrap();
     let (code, _, stderr) = run(&[], &[]);
