@@ -315,26 +315,28 @@ impl Client {
             .collect())
     }
 
+    /// `(name, channel)` of every enrolled participant.
+    fn participant_channels(&self) -> Vec<(String, Channel)> {
+        self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect()
+    }
+
     /// Every prepared, undecided branch at every participant that answers.
     /// Participants that do not answer are returned in the second list.
     pub async fn in_doubt(&self) -> Result<(Vec<InDoubt>, Vec<String>), ClientError> {
-        let channels =
-            self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect();
+        let channels = self.participant_channels();
         Ok(in_doubt_at(channels).await)
     }
 
     /// The heuristic decisions recorded at every participant that answers.
     pub async fn heuristics(&self) -> (Vec<v1::ListHeuristicsResponse>, Vec<String>) {
-        let channels =
-            self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect();
+        let channels = self.participant_channels();
         heuristics_at(channels).await
     }
 
     /// The lock table of every participant that answers (holders, their
     /// states, waiters, counters); those that do not answer in the second list.
     pub async fn locks(&self) -> (Vec<v1::ListLocksResponse>, Vec<String>) {
-        let channels =
-            self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect();
+        let channels = self.participant_channels();
         locks_at(channels).await
     }
 }
@@ -342,8 +344,7 @@ impl Client {
 /// Asks participants directly for their branches in doubt (works while the
 /// coordinator is away). Returns the branches and the URLs that did not answer.
 pub async fn in_doubt_at_urls(urls: &[String]) -> Result<(Vec<InDoubt>, Vec<String>), ClientError> {
-    let channels =
-        urls.iter().map(|url| Ok((url.clone(), channel(url)?))).collect::<Result<Vec<_>, ClientError>>()?;
+    let channels = url_channels(urls)?;
     Ok(in_doubt_at(channels).await)
 }
 
@@ -388,6 +389,12 @@ async fn in_doubt_at(channels: Vec<(String, Channel)>) -> (Vec<InDoubt>, Vec<Str
     (branches, unreachable)
 }
 
+/// `(url, channel)` for each URL: participants asked directly, the URL naming
+/// any that does not answer.
+fn url_channels(urls: &[String]) -> Result<Vec<(String, Channel)>, ClientError> {
+    urls.iter().map(|url| Ok((url.clone(), channel(url)?))).collect()
+}
+
 /// Asks the participant at `url` to decide its branch of `txid` by hand (an
 /// operator's heuristic decision, recorded with `reason` and `operator`).
 pub async fn resolve_at(
@@ -408,8 +415,7 @@ pub async fn resolve_at(
 pub async fn heuristics_at_urls(
     urls: &[String],
 ) -> Result<(Vec<v1::ListHeuristicsResponse>, Vec<String>), ClientError> {
-    let channels =
-        urls.iter().map(|url| Ok((url.clone(), channel(url)?))).collect::<Result<Vec<_>, ClientError>>()?;
+    let channels = url_channels(urls)?;
     Ok(heuristics_at(channels).await)
 }
 
@@ -424,8 +430,7 @@ async fn heuristics_at(channels: Vec<(String, Channel)>) -> (Vec<v1::ListHeurist
 pub async fn locks_at_urls(
     urls: &[String],
 ) -> Result<(Vec<v1::ListLocksResponse>, Vec<String>), ClientError> {
-    let channels =
-        urls.iter().map(|url| Ok((url.clone(), channel(url)?))).collect::<Result<Vec<_>, ClientError>>()?;
+    let channels = url_channels(urls)?;
     Ok(locks_at(channels).await)
 }
 
