@@ -43,6 +43,8 @@ enum Cmd {
     InDoubt(InDoubtArgs),
     /// Redeliver phase two of a committed transaction now (operator).
     Retry(StatusArgs),
+    /// Committed branches whose phase two stopped on a refusal retrying cannot mend (operator).
+    Stuck(ListArgs),
     /// Decide a branch in doubt by hand when its coordinator is gone (operator; audited).
     Resolve(ResolveArgs),
     /// The heuristic decisions recorded at the participants, and any that the coordinator contradicted.
@@ -184,6 +186,7 @@ fn main() {
             Cmd::Participants(args) => report("participants", participants(args).await),
             Cmd::Locks(args) => report("locks", locks(args).await),
             Cmd::Retry(args) => report("retry", retry(args).await),
+            Cmd::Stuck(args) => report("stuck", stuck(args).await),
             Cmd::Resolve(args) => report("resolve", resolve(args).await),
             Cmd::Heuristics(args) => report("heuristics", heuristics(args).await),
             Cmd::InDoubt(args) => report("in-doubt", in_doubt(args).await),
@@ -344,6 +347,23 @@ async fn retry(args: StatusArgs) -> Result<(), Failure> {
         println!("{} {}: nothing to redeliver", args.txid, outcome.as_str());
     } else {
         println!("{} {}: redelivered to {}", args.txid, outcome.as_str(), participants.join(", "));
+    }
+    Ok(())
+}
+
+async fn stuck(args: ListArgs) -> Result<(), Failure> {
+    let client = Client::connect(&args.target.coordinator).await?;
+    let listed = client.stuck().await?;
+    if args.target.json {
+        let list: Vec<_> = listed
+            .iter()
+            .map(|b| json!({ "txid": b.txid, "participant": b.participant, "reason": b.reason }))
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        for b in listed {
+            println!("{}\t{}\t{}", b.txid, b.participant, b.reason);
+        }
     }
     Ok(())
 }

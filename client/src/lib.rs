@@ -150,6 +150,15 @@ pub struct ParticipantInfo {
     pub state: String,
 }
 
+/// A committed branch whose phase two stopped on a refusal retrying cannot
+/// mend; `decree retry` resumes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StuckBranch {
+    pub txid: String,
+    pub participant: String,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InDoubt {
     pub txid: String,
@@ -295,6 +304,16 @@ impl Client {
         let response =
             self.coordinator.clone().retry(v1::RetryRequest { txid: txid.into() }).await?.into_inner();
         Ok((response.participants, Outcome::from_wire(response.outcome)?))
+    }
+
+    /// Committed branches whose redelivery stopped, waiting for an operator.
+    pub async fn stuck(&self) -> Result<Vec<StuckBranch>, ClientError> {
+        let response = self.coordinator.clone().list_stuck(v1::ListStuckRequest {}).await?.into_inner();
+        Ok(response
+            .branches
+            .into_iter()
+            .map(|b| StuckBranch { txid: b.txid, participant: b.participant, reason: b.reason })
+            .collect())
     }
 
     /// The coordinator's answer for `txid`.

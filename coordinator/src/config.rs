@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use decree_runtime::backoff::Backoff;
+use decree_runtime::backoff::{Backoff, Jitter};
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct Config {
@@ -29,6 +29,14 @@ pub struct Config {
     /// Longest redelivery delay.
     #[arg(long, env = "DECREE_REDELIVERY_CAP_MS", default_value_t = 2_000)]
     pub redelivery_cap_ms: u64,
+    /// Randomness of each redelivery delay d: none (exactly d), half (in
+    /// [d/2, d]) or full (in [0, d]).
+    #[arg(long, env = "DECREE_REDELIVERY_JITTER", value_enum, default_value_t = Jitter::Half)]
+    pub redelivery_jitter: Jitter,
+    /// Retry budget: most redeliveries per second to one participant (after a
+    /// burst of as many), however many transactions owe it; the rest wait.
+    #[arg(long, env = "DECREE_RETRY_BUDGET_PER_S", default_value_t = 500)]
+    pub retry_budget_per_s: u32,
     /// Transactions in memory at once; beyond it new ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "DECREE_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
@@ -62,6 +70,8 @@ impl Config {
             idle_timeout_ms: 30_000,
             redelivery_base_ms: 50,
             redelivery_cap_ms: 2_000,
+            redelivery_jitter: Jitter::Half,
+            retry_budget_per_s: 500,
             max_in_flight: 10_000,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             liveness_ms: 3_000,
@@ -78,6 +88,7 @@ impl Config {
             ("--idle-timeout-ms", self.idle_timeout_ms),
             ("--redelivery-base-ms", self.redelivery_base_ms),
             ("--redelivery-cap-ms", self.redelivery_cap_ms),
+            ("--retry-budget-per-s", self.retry_budget_per_s as u64),
             ("--liveness-ms", self.liveness_ms),
             ("--shutdown-grace-ms", self.shutdown_grace_ms),
             ("--max-in-flight", self.max_in_flight as u64),
@@ -113,6 +124,7 @@ impl Config {
         Backoff {
             base: Duration::from_millis(self.redelivery_base_ms),
             cap: Duration::from_millis(self.redelivery_cap_ms),
+            jitter: self.redelivery_jitter,
         }
     }
 }

@@ -86,6 +86,10 @@ pub enum Event {
     CommitAcked { txid: TxId, participant: ParticipantName },
     /// A Commit RPC failed; it will be redelivered.
     CommitFailed { txid: TxId, participant: ParticipantName },
+    /// A Commit was refused for a reason retrying cannot mend (an invalid
+    /// request, a branch the participant says it aborted): redelivery stops
+    /// and the branch waits for an operator ([`Engine::stuck`], `decree retry`).
+    CommitRefused { txid: TxId, participant: ParticipantName, reason: String },
     /// A timer armed by [`Command::ArmTimer`] fired.
     TimerFired { txid: TxId, kind: TimerKind },
     /// A redelivery scheduled by [`Command::ScheduleRedelivery`] is due.
@@ -142,7 +146,9 @@ pub enum Command {
         after: Duration,
     },
     /// Redeliver Commit (or ask a one-phase participant again) after a
-    /// backoff; `attempt` counts failures so far.
+    /// backoff, within the participant's retry budget, then feed back
+    /// [`Event::RedeliveryDue`]; `attempt` counts failures so far (0: no
+    /// failure, the participant just came back: no backoff, budget only).
     ScheduleRedelivery {
         txid: TxId,
         participant: ParticipantName,
@@ -165,8 +171,14 @@ enum Txn {
     Preparing { order: Vec<ParticipantName>, waiting: BTreeSet<ParticipantName>, yes: Vec<ParticipantName> },
     /// All voted YES; the decision is being made durable.
     Logging { participants: Vec<ParticipantName> },
-    /// Decided COMMIT and durable; `unacked` maps to failed deliveries so far.
-    Committing { unacked: BTreeMap<ParticipantName, u32>, recovered: bool },
+    /// Decided COMMIT and durable; `unacked` maps to failed deliveries so far;
+    /// `stuck` holds the unacked branches whose Commit was refused for good,
+    /// with the reason: not redelivered until an operator asks.
+    Committing {
+        unacked: BTreeMap<ParticipantName, u32>,
+        stuck: BTreeMap<ParticipantName, String>,
+        recovered: bool,
+    },
     /// One-phase, outcome unknown (the Prepare failed or timed out); asking.
     /// `answered`: the client was told the outcome is unknown.
     Resolving { participant: ParticipantName, reason: String, attempts: u32, answered: bool },
@@ -179,6 +191,14 @@ pub enum Known {
     Pending,
     /// Decided COMMIT (durable), phase two under way.
     Committing,
+}
+
+/// A committed branch whose redelivery stopped: see [`Event::CommitRefused`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stuck {
+    pub txid: TxId,
+    pub participant: ParticipantName,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -238,6 +258,22 @@ impl Engine {
         out
     }
 
+    /// Committed branches whose redelivery stopped, waiting for an operator.
+    pub fn stuck(&self) -> Vec<Stuck> {
+        let mut out = Vec::new();
+        for (txid, txn) in &self.txns {
+            if let Txn::Committing { stuck, .. } = txn {
+                out.extend(stuck.iter().map(|(participant, reason)| Stuck {
+                    txid: *txid,
+                    participant: participant.clone(),
+                    reason: reason.clone(),
+                }));
+            }
+        }
+        out.sort_by_key(|s| s.txid);
+        out
+    }
+
     /// Adds `participant` to an active interactive transaction.
     pub fn enlist(&mut self, txid: TxId, participant: ParticipantName) -> Result<(), EngineError> {
         match self.txns.get_mut(&txid) {
@@ -250,12 +286,14 @@ impl Engine {
     }
 
     /// Redelivers phase two of `txid` at once (an operator's `decree retry`),
-    /// whatever the backoff: Commit to every participant that has not acked,
-    /// or the one-phase question again. Returns the participants asked; none
-    /// if the transaction is not in phase two here (ended, aborted, unknown).
+    /// whatever the backoff: Commit to every participant that has not acked
+    /// (stuck ones too: the operator says the cause is mended), or the
+    /// one-phase question again. Returns the participants asked; none if the
+    /// transaction is not in phase two here (ended, aborted, unknown).
     pub fn retry(&mut self, txid: TxId) -> Vec<ParticipantName> {
-        match self.txns.get(&txid) {
-            Some(Txn::Committing { unacked, recovered }) => {
+        match self.txns.get_mut(&txid) {
+            Some(Txn::Committing { unacked, stuck, recovered }) => {
+                stuck.clear();
                 let recovery = *recovered;
                 let participants: Vec<ParticipantName> = unacked.keys().cloned().collect();
                 for participant in &participants {
@@ -316,16 +354,28 @@ impl Engine {
             Event::DecisionLogged { txid } => self.on_decision_logged(txid),
             Event::CommitAcked { txid, participant } => self.on_commit_acked(txid, &participant),
             Event::CommitFailed { txid, participant } => {
-                if let Some(Txn::Committing { unacked, .. }) = self.txns.get_mut(&txid) {
-                    if let Some(attempt) = unacked.get_mut(&participant) {
+                if let Some(Txn::Committing { unacked, stuck, .. }) = self.txns.get_mut(&txid) {
+                    if let (Some(attempt), false) =
+                        (unacked.get_mut(&participant), stuck.contains_key(&participant))
+                    {
                         *attempt += 1;
                         let attempt = *attempt;
                         self.commands.push(Command::ScheduleRedelivery { txid, participant, attempt });
                     }
                 }
             }
+            Event::CommitRefused { txid, participant, reason } => {
+                if let Some(Txn::Committing { unacked, stuck, .. }) = self.txns.get_mut(&txid) {
+                    if let Some(attempt) = unacked.get_mut(&participant) {
+                        *attempt += 1;
+                        stuck.insert(participant, reason);
+                    }
+                }
+            }
             Event::RedeliveryDue { txid, participant } => match self.txns.get(&txid) {
-                Some(Txn::Committing { unacked, recovered }) if unacked.contains_key(&participant) => {
+                Some(Txn::Committing { unacked, stuck, recovered })
+                    if unacked.contains_key(&participant) && !stuck.contains_key(&participant) =>
+                {
                     let recovery = *recovered;
                     self.commands.push(Command::SendCommit { txid, participant, recovery });
                 }
@@ -335,14 +385,15 @@ impl Engine {
                 _ => {}
             },
             Event::Enrolled { participant } => {
+                // Owed Commits go out without waiting for their backoff, paced
+                // by the participant's retry budget; stuck ones wait for an operator.
                 for (txid, txn) in &self.txns {
-                    if let Txn::Committing { unacked, recovered } = txn {
-                        if unacked.contains_key(&participant) {
-                            let (txid, recovery) = (*txid, *recovered);
-                            self.commands.push(Command::SendCommit {
-                                txid,
+                    if let Txn::Committing { unacked, stuck, .. } = txn {
+                        if unacked.contains_key(&participant) && !stuck.contains_key(&participant) {
+                            self.commands.push(Command::ScheduleRedelivery {
+                                txid: *txid,
                                 participant: participant.clone(),
-                                recovery,
+                                attempt: 0,
                             });
                         }
                     }
@@ -363,7 +414,7 @@ impl Engine {
                     });
                 }
                 let unacked = participants.into_iter().map(|p| (p, 0)).collect();
-                self.txns.insert(txid, Txn::Committing { unacked, recovered: true });
+                self.txns.insert(txid, Txn::Committing { unacked, stuck: BTreeMap::new(), recovered: true });
             }
         }
         Ok(())
@@ -473,14 +524,15 @@ impl Engine {
         }
         self.commands.push(Command::Reply { txid, decided: Decided::Committed });
         let unacked = participants.into_iter().map(|p| (p, 0)).collect();
-        self.txns.insert(txid, Txn::Committing { unacked, recovered: false });
+        self.txns.insert(txid, Txn::Committing { unacked, stuck: BTreeMap::new(), recovered: false });
     }
 
     fn on_commit_acked(&mut self, txid: TxId, participant: &ParticipantName) {
-        let Some(Txn::Committing { unacked, .. }) = self.txns.get_mut(&txid) else {
+        let Some(Txn::Committing { unacked, stuck, .. }) = self.txns.get_mut(&txid) else {
             return; // a duplicate ack after the end
         };
         unacked.remove(participant);
+        stuck.remove(participant);
         if unacked.is_empty() {
             self.txns.remove(&txid);
             self.commands.push(Command::LogEnd { txid });

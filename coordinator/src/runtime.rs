@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use decree_proto::v1;
 use decree_proto::v1::participant_client::ParticipantClient;
 use decree_proto::{ParticipantName, TxId};
+use decree_runtime::backoff::RetryBudget;
 use decree_runtime::crash;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::engine::{Command, Decided, Engine, Event, Known, OnePhaseFound, VoteResult};
+use crate::engine::{Command, Decided, Engine, Event, Known, OnePhaseFound, Stuck, VoteResult};
 use crate::registry::Registry;
 use crate::store::DecisionLog;
 use crate::CoordinatorError;
@@ -36,6 +37,11 @@ pub const ABORTS: &str = "decree_aborts_total";
 pub const LATENCY: &str = "decree_transaction_seconds";
 /// Commit redeliveries scheduled (a participant did not ack in time).
 pub const REDELIVERIES: &str = "decree_redeliveries_total";
+/// Redeliveries that waited for their participant's retry budget.
+pub const REDELIVERIES_PACED: &str = "decree_redeliveries_paced_total";
+/// Committed branches whose redelivery stopped on a refusal retrying cannot
+/// mend, waiting for an operator (`decree stuck`, `decree retry`).
+pub const STUCK: &str = "decree_branches_stuck";
 
 /// The class of an abort reason, for [`ABORTS`].
 fn abort_class(reason: &str) -> &'static str {
@@ -91,6 +97,10 @@ pub(crate) enum Request {
         txid: TxId,
         reply: oneshot::Sender<Vec<ParticipantName>>,
     },
+    /// Committed branches whose redelivery stopped.
+    ListStuck {
+        reply: oneshot::Sender<Vec<Stuck>>,
+    },
     /// Refuse new transactions; answered when none is deciding or in phase two.
     Drain {
         reply: oneshot::Sender<()>,
@@ -105,6 +115,8 @@ pub struct Handle {
     pub(crate) registry: Arc<Registry>,
     pub(crate) store: DecisionLog,
     pub(crate) config: Arc<Config>,
+    /// Paces redeliveries per participant.
+    budget: Arc<RetryBudget<ParticipantName>>,
     pub coordinator_id: u32,
     pub incarnation: u64,
 }
@@ -173,6 +185,11 @@ impl Handle {
         self.ask(|reply| Request::Retry { txid, reply }).await
     }
 
+    /// Committed branches whose redelivery stopped, waiting for an operator.
+    pub(crate) async fn stuck(&self) -> Result<Vec<Stuck>, CoordinatorError> {
+        self.ask(|reply| Request::ListStuck { reply }).await
+    }
+
     /// The outcome of `txid`: from memory if it is in flight, else from the log.
     pub(crate) async fn outcome(&self, txid: TxId) -> Result<v1::Outcome, CoordinatorError> {
         if txid.coordinator != self.coordinator_id {
@@ -216,7 +233,10 @@ pub(crate) fn start(
 ) -> Handle {
     let (requests, request_rx) = mpsc::channel(config.process.request_queue);
     let (events, event_rx) = mpsc::unbounded_channel();
-    let handle = Handle { requests, events, registry, store, config, coordinator_id, incarnation };
+    let budget = Arc::new(RetryBudget::per_second(
+        std::num::NonZeroU32::new(config.retry_budget_per_s).expect("validated: greater than 0"),
+    ));
+    let handle = Handle { requests, events, registry, store, config, budget, coordinator_id, incarnation };
     let mut actor = Actor {
         engine: Engine::new(),
         handle: handle.clone(),
@@ -248,8 +268,12 @@ impl Actor {
             tokio::select! {
                 biased;
                 Some(event) = events.recv() => {
+                    let refused = matches!(event, Event::CommitRefused { .. });
                     if let Err(err) = self.engine.on_event(event) {
                         debug!(error = %err, "event refused by the engine");
+                    }
+                    if refused {
+                        metrics::gauge!(STUCK).set(self.engine.stuck().len() as f64);
                     }
                 }
                 request = requests.recv() => match request {
@@ -330,6 +354,10 @@ impl Actor {
             }
             Request::Retry { txid, reply } => {
                 let _ = reply.send(self.engine.retry(txid));
+                metrics::gauge!(STUCK).set(self.engine.stuck().len() as f64);
+            }
+            Request::ListStuck { reply } => {
+                let _ = reply.send(self.engine.stuck());
             }
             Request::Drain { reply } => {
                 self.shutting_down = true;
@@ -461,12 +489,19 @@ impl Actor {
                 }
                 Command::ScheduleRedelivery { txid, participant, attempt } => {
                     metrics::counter!(REDELIVERIES).increment(1);
-                    let delay =
-                        self.handle.config.redelivery().delay(attempt.saturating_sub(1), &mut rand::rng());
+                    // Attempt 0: the participant came back; only its budget paces it.
+                    let delay = match attempt {
+                        0 => Duration::ZERO,
+                        n => self.handle.config.redelivery().delay(n - 1, &mut rand::rng()),
+                    };
                     debug!(%txid, %participant, attempt, delay_ms = delay.as_millis() as u64, "commit redelivery scheduled");
-                    let events = self.handle.events.clone();
+                    let (events, budget) = (self.handle.events.clone(), self.handle.budget.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
+                        if !budget.try_take(&participant) {
+                            metrics::counter!(REDELIVERIES_PACED).increment(1);
+                            budget.take(&participant).await;
+                        }
                         let _ = events.send(Event::RedeliveryDue { txid, participant });
                     });
                 }
@@ -510,6 +545,11 @@ impl Actor {
                         crash::point(crash::COORDINATOR_RECOVERY_MID_REDRIVE);
                     }
                     let _ = events.send(Event::CommitAcked { txid, participant });
+                }
+                Err(Unanswered::Refused(status)) if !retryable(status.code()) => {
+                    let reason = format!("{:?}: {}", status.code(), status.message());
+                    warn!(%txid, %participant, %reason, "commit refused for good: redelivery stops until an operator retries");
+                    let _ = events.send(Event::CommitRefused { txid, participant, reason });
                 }
                 Err(error) => {
                     debug!(%txid, %participant, %error, "commit not delivered");
@@ -594,6 +634,19 @@ where
         Err(_) => Err(Unanswered::Deadline),
         Ok(Err(status)) => Err(Unanswered::Refused(status)),
         Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}
+
+/// Whether a refusal with `code` may go away by itself (the participant is
+/// busy, restarting, or was cut off) rather than say the request itself is
+/// wrong, so that asking again is worth it.
+fn retryable(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    match code {
+        Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Cancelled | Internal | Unknown
+        | Ok => true,
+        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | PermissionDenied
+        | Unauthenticated | OutOfRange | Unimplemented | DataLoss => false,
     }
 }
 

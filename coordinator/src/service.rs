@@ -160,6 +160,24 @@ impl Coordinator for Service {
         Ok(Response::new(v1::RetryResponse { participants, outcome: outcome as i32 }))
     }
 
+    async fn list_stuck(
+        &self,
+        _request: Request<v1::ListStuckRequest>,
+    ) -> Result<Response<v1::ListStuckResponse>, Status> {
+        let branches = self
+            .handle
+            .stuck()
+            .await?
+            .into_iter()
+            .map(|s| v1::StuckBranch {
+                txid: s.txid.to_string(),
+                participant: s.participant.to_string(),
+                reason: s.reason,
+            })
+            .collect();
+        Ok(Response::new(v1::ListStuckResponse { branches }))
+    }
+
     async fn get_outcome(
         &self,
         request: Request<v1::GetOutcomeRequest>,

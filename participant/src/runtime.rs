@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use decree_proto::v1::coordinator_client::CoordinatorClient;
 use decree_proto::v1::registry_client::RegistryClient;
 use decree_proto::{v1, TxId};
-use decree_runtime::backoff::Backoff;
+use decree_runtime::backoff::{Backoff, Jitter};
 use decree_runtime::crash;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
@@ -488,7 +488,8 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
-    let backoff = Backoff { base: Duration::from_millis(10), cap: Duration::from_secs(2) };
+    let backoff =
+        Backoff { base: Duration::from_millis(10), cap: Duration::from_secs(2), jitter: Jitter::Half };
     let mut attempt = 0;
     loop {
         match step().await {
@@ -602,7 +603,11 @@ pub(crate) async fn stay_enrolled(
         });
     };
     // Gentle (at most ~4 attempts a second) but quick to notice the coordinator is back.
-    let backoff = Backoff { base: Duration::from_millis(20), cap: heartbeat.min(Duration::from_millis(250)) };
+    let backoff = Backoff {
+        base: Duration::from_millis(20),
+        cap: heartbeat.min(Duration::from_millis(250)),
+        jitter: Jitter::Half,
+    };
     let mut attempt = 0;
     let mut enrolled = false;
     loop {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::init;
+use common::{init, metric, scrape};
 use decree_client::{Client, ClientError, KvOp, Outcome};
 use decree_tests::{check, poll, Cluster, NodeId, Options};
 use tonic_health::pb::health_client::HealthClient;
@@ -143,23 +143,6 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
     assert_eq!(check::balance_sum(&client, &names, 4).await.unwrap(), 0);
     let after = client.transact(vec![KvOp::Put { key: "after".into(), value: b"1".to_vec() }]).await.unwrap();
     assert_eq!(after.outcome, Outcome::Committed);
-}
-
-/// The first value of `name` on a Prometheus page.
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut page = String::new();
-    stream.read_to_string(&mut page).await.unwrap();
-    page
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -354,9 +354,43 @@ fn recovery_redrives_and_enrollment_redelivers_at_once_what_is_owed() {
     engine.on_event(Event::Enrolled { participant: p("b") }).unwrap();
     assert_eq!(
         engine.take_commands(),
+        vec![Command::ScheduleRedelivery { txid: t, participant: p("b"), attempt: 0 }],
+        "no backoff, only the participant's retry budget"
+    );
+    engine.on_event(Event::RedeliveryDue { txid: t, participant: p("b") }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
         vec![Command::SendCommit { txid: t, participant: p("b"), recovery: true }]
     );
     assert_eq!(engine.unacked(), vec![(t, p("b"))]);
+}
+
+#[test]
+fn a_refused_commit_stops_redelivery_until_an_operator_retries() {
+    let t = tx(1);
+    let mut engine = committing(t, &["a", "b"]);
+    let reason = "transaction was aborted here".to_owned();
+    engine.on_event(Event::CommitAcked { txid: t, participant: p("a") }).unwrap();
+    engine.on_event(Event::CommitRefused { txid: t, participant: p("b"), reason: reason.clone() }).unwrap();
+    assert_eq!(engine.take_commands(), vec![], "no redelivery is scheduled");
+    assert_eq!(engine.stuck(), vec![Stuck { txid: t, participant: p("b"), reason }]);
+    assert_eq!(engine.known(t), Some(Known::Committing), "still committed, still owed");
+
+    // Neither a stale redelivery, a transient failure nor a re-enrollment resumes it.
+    engine.on_event(Event::RedeliveryDue { txid: t, participant: p("b") }).unwrap();
+    engine.on_event(Event::CommitFailed { txid: t, participant: p("b") }).unwrap();
+    engine.on_event(Event::Enrolled { participant: p("b") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![]);
+
+    assert_eq!(engine.retry(t), vec![p("b")]);
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::SendCommit { txid: t, participant: p("b"), recovery: false }]
+    );
+    assert_eq!(engine.stuck(), vec![]);
+    engine.on_event(Event::CommitAcked { txid: t, participant: p("b") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![Command::LogEnd { txid: t }]);
+    assert_eq!(engine.in_flight(), 0);
 }
 
 #[test]
