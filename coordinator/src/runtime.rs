@@ -15,9 +15,10 @@ use decree_proto::v1::participant_client::ParticipantClient;
 use decree_proto::{ParticipantName, TxId};
 use decree_runtime::backoff::RetryBudget;
 use decree_runtime::crash;
+use decree_runtime::trace;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::config::Config;
 use crate::engine::{Command, Decided, Engine, Event, Known, OnePhaseFound, Stuck, VoteResult};
@@ -66,6 +67,7 @@ pub(crate) enum Request {
     Transact {
         branches: Vec<(ParticipantName, Vec<u8>)>,
         timeout: Duration,
+        span: Span,
         reply: Decision,
         refused: oneshot::Sender<CoordinatorError>,
     },
@@ -76,6 +78,7 @@ pub(crate) enum Request {
     Commit {
         txid: TxId,
         timeout: Duration,
+        span: Span,
         reply: Decision,
         refused: oneshot::Sender<CoordinatorError>,
     },
@@ -132,8 +135,9 @@ impl Handle {
         &self,
         branches: Vec<(ParticipantName, Vec<u8>)>,
         timeout: Duration,
+        span: Span,
     ) -> Result<(TxId, Decided), CoordinatorError> {
-        self.decide(|reply, refused| Request::Transact { branches, timeout, reply, refused }).await
+        self.decide(|reply, refused| Request::Transact { branches, timeout, span, reply, refused }).await
     }
 
     /// Sends a request that ends in a decision, or is refused before it starts.
@@ -155,9 +159,14 @@ impl Handle {
         self.ask(|reply| Request::Begin { timeout, reply }).await?
     }
 
-    pub(crate) async fn commit(&self, txid: TxId, timeout: Duration) -> Result<Decided, CoordinatorError> {
+    pub(crate) async fn commit(
+        &self,
+        txid: TxId,
+        timeout: Duration,
+        span: Span,
+    ) -> Result<Decided, CoordinatorError> {
         let (_, decided) =
-            self.decide(|reply, refused| Request::Commit { txid, timeout, reply, refused }).await?;
+            self.decide(|reply, refused| Request::Commit { txid, timeout, span, reply, refused }).await?;
         Ok(decided)
     }
 
@@ -209,13 +218,19 @@ impl Handle {
     }
 }
 
+struct Started {
+    at: Instant,
+    span: Span,
+}
+
 struct Actor {
     engine: Engine,
     handle: Handle,
     next_sequence: u64,
     replies: HashMap<TxId, Decision>,
-    /// When each transaction in memory started, for [`LATENCY`].
-    started: HashMap<TxId, Instant>,
+    /// Each transaction in memory since it started: for [`LATENCY`], and
+    /// the span its RPCs run in.
+    started: HashMap<TxId, Started>,
     /// Refusing new transactions (graceful shutdown).
     shutting_down: bool,
     /// Answered once nothing is deciding or in phase two.
@@ -313,15 +328,16 @@ impl Actor {
 
     fn on_request(&mut self, request: Request) {
         match request {
-            Request::Transact { branches, timeout, reply, refused } => {
+            Request::Transact { branches, timeout, span, reply, refused } => {
                 if let Err(err) = self.admit() {
                     let _ = refused.send(err);
                     return;
                 }
                 let txid = self.next_txid();
-                debug!(%txid, participants = branches.len(), "transaction starts");
+                span.record("txid", tracing::field::display(txid));
+                debug!(parent: &span, %txid, participants = branches.len(), "transaction starts");
                 self.engine.on_event(Event::Transact { txid, branches, timeout }).expect("fresh txid");
-                self.started.insert(txid, Instant::now());
+                self.started.insert(txid, Started { at: Instant::now(), span });
                 self.replies.insert(txid, reply);
             }
             Request::Begin { timeout, reply } => {
@@ -332,11 +348,12 @@ impl Actor {
                 });
                 let _ = reply.send(result);
             }
-            Request::Commit { txid, timeout, reply, refused } => {
+            Request::Commit { txid, timeout, span, reply, refused } => {
                 match self.engine.on_event(Event::CommitRequested { txid, timeout }) {
                     Ok(()) => {
+                        span.record("txid", tracing::field::display(txid));
                         self.replies.insert(txid, reply);
-                        self.started.insert(txid, Instant::now());
+                        self.started.insert(txid, Started { at: Instant::now(), span });
                     }
                     Err(err) => {
                         let _ = refused.send(err.into());
@@ -438,7 +455,7 @@ impl Actor {
                     crash::point(crash::COORDINATOR_COMMIT_BEFORE_END);
                     if let Some(started) = self.started.remove(&txid) {
                         metrics::histogram!(LATENCY, "phase" => "complete")
-                            .record(started.elapsed().as_secs_f64());
+                            .record(started.at.elapsed().as_secs_f64());
                     }
                     debug!(%txid, "every participant acked; ending");
                     let store = self.handle.store.clone();
@@ -468,9 +485,9 @@ impl Actor {
                     metrics::counter!(TRANSACTIONS, "outcome" => outcome).increment(1);
                     // Committed and still in memory: phase two is under way (one-phase ones are done).
                     let started = if outcome == "committed" && self.engine.known(txid).is_some() {
-                        self.started.get(&txid).copied()
+                        self.started.get(&txid).map(|s| s.at)
                     } else {
-                        self.started.remove(&txid)
+                        self.started.remove(&txid).map(|s| s.at)
                     };
                     if let Some(started) = started {
                         metrics::histogram!(LATENCY, "phase" => "decide")
@@ -509,6 +526,15 @@ impl Actor {
         }
     }
 
+    /// The span `txid`'s RPCs run in: its transaction's, or for one found
+    /// at recovery (or already answered and forgotten), a new one keyed by txid.
+    fn span_of(&self, txid: TxId) -> Span {
+        match self.started.get(&txid) {
+            Some(started) => started.span.clone(),
+            None => tracing::info_span!("transaction", %txid),
+        }
+    }
+
     fn send_prepare(
         &self,
         txid: TxId,
@@ -518,6 +544,8 @@ impl Actor {
         let client = self.handle.registry.client(&participant);
         let events = self.handle.events.clone();
         let timeout = self.handle.config.prepare_timeout();
+        let span = self.span_of(txid);
+        let request = traced(request, &span);
         async move {
             let vote = match call(client, timeout, |mut c| async move { c.prepare(request).await }).await {
                 Ok(response) => vote_of(response),
@@ -525,6 +553,7 @@ impl Actor {
             };
             let _ = events.send(Event::Voted { txid, participant, vote });
         }
+        .instrument(span)
     }
 
     fn send_commit(
@@ -536,7 +565,8 @@ impl Actor {
         let client = self.handle.registry.client(&participant);
         let events = self.handle.events.clone();
         let timeout = self.handle.config.commit_timeout();
-        let request = v1::CommitRequest { txid: txid.to_string() };
+        let span = self.span_of(txid);
+        let request = traced(v1::CommitRequest { txid: txid.to_string() }, &span);
         async move {
             match call(client, timeout, |mut c| async move { c.commit(request).await }).await {
                 Ok(_) => {
@@ -557,6 +587,7 @@ impl Actor {
                 }
             }
         }
+        .instrument(span)
     }
 
     fn send_abort(
@@ -566,13 +597,15 @@ impl Actor {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let client = self.handle.registry.client(&participant);
         let timeout = self.handle.config.commit_timeout();
-        let request = v1::AbortRequest { txid: txid.to_string() };
+        let span = self.span_of(txid);
+        let request = traced(v1::AbortRequest { txid: txid.to_string() }, &span);
         async move {
             // Best effort: a participant that misses it asks, and presumed abort answers.
             if let Err(error) = call(client, timeout, |mut c| async move { c.abort(request).await }).await {
                 debug!(%txid, %participant, %error, "abort not delivered");
             }
         }
+        .instrument(span)
     }
 
     /// Learns a one-phase outcome by sending Abort: acked means it did not
@@ -586,7 +619,8 @@ impl Actor {
         let client = self.handle.registry.client(&participant);
         let events = self.handle.events.clone();
         let timeout = self.handle.config.commit_timeout();
-        let request = v1::AbortRequest { txid: txid.to_string() };
+        let span = self.span_of(txid);
+        let request = traced(v1::AbortRequest { txid: txid.to_string() }, &span);
         async move {
             let found = match call(client, timeout, |mut c| async move { c.abort(request).await }).await {
                 Ok(_) => OnePhaseFound::Aborted,
@@ -598,7 +632,15 @@ impl Actor {
             info!(%txid, %participant, ?found, "one-phase outcome asked");
             let _ = events.send(Event::OnePhaseResolved { txid, found });
         }
+        .instrument(span)
     }
+}
+
+/// `message` as a request carrying `span`'s trace context.
+fn traced<T>(message: T, span: &Span) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    trace::inject(span, request.metadata_mut());
+    request
 }
 
 /// Why a participant RPC brought no answer.

@@ -101,17 +101,26 @@ fn decided_response(
     }))
 }
 
+/// The span of a transaction's decision and phase two (its `txid` is recorded
+/// once assigned): a child of the client's trace when spans are exported.
+fn transaction_span(metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    let span = tracing::info_span!("transaction", txid = tracing::field::Empty);
+    decree_runtime::trace::adopt(&span, metadata);
+    span
+}
+
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn transact(
         &self,
         request: Request<v1::TransactRequest>,
     ) -> Result<Response<v1::TransactResponse>, Status> {
+        let span = transaction_span(request.metadata());
         let request = request.into_inner();
         let timeout = self.timeout(request.timeout_ms, self.handle.config.prepare_timeout());
         let branches = self.branches(request.branches)?;
         let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
-        let (txid, decided) = self.handle.transact(branches, timeout).await?;
+        let (txid, decided) = self.handle.transact(branches, timeout, span).await?;
         decided_response(txid, decided, participants)
     }
 
@@ -139,8 +148,9 @@ impl Coordinator for Service {
         &self,
         request: Request<v1::CommitTransactionRequest>,
     ) -> Result<Response<v1::TransactResponse>, Status> {
+        let span = transaction_span(request.metadata());
         let txid = txid(&request.into_inner().txid)?;
-        let decided = self.handle.commit(txid, self.handle.config.prepare_timeout()).await?;
+        let decided = self.handle.commit(txid, self.handle.config.prepare_timeout(), span).await?;
         decided_response(txid, decided, Vec::new())
     }
 

@@ -10,6 +10,7 @@ use decree_proto::{v1, InvalidInput, KvOp, TxId};
 use prost::Message;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine::{Ack, Vote};
 use crate::kv::KvStore;
@@ -46,6 +47,16 @@ fn ack(ack: Ack) -> Result<(), Status> {
     }
 }
 
+/// The span a request about one transaction runs in: named for the RPC, keyed
+/// by txid, and a child of the caller's trace when spans are exported.
+macro_rules! txn_span {
+    ($name:literal, $service:expr, $request:expr) => {{
+        let span = tracing::info_span!($name, txid = %$request.get_ref().txid, participant = %$service.name);
+        decree_runtime::trace::adopt(&span, $request.metadata());
+        span
+    }};
+}
+
 fn txid(text: &str) -> Result<TxId, Status> {
     Ok(text.parse::<TxId>()?)
 }
@@ -56,45 +67,60 @@ impl Participant for ParticipantService {
         &self,
         request: Request<v1::PrepareRequest>,
     ) -> Result<Response<v1::PrepareResponse>, Status> {
-        let request = request.into_inner();
-        let txid = txid(&request.txid)?;
-        let vote = match self.resource.keys(&request.payload) {
-            Err(reason) => Vote::No { reason },
-            Ok(keys) => {
-                self.handle
-                    .prepare(
-                        txid,
-                        keys,
-                        request.payload,
-                        request.one_phase,
-                        request.coordinator_incarnation,
-                        request.interactive,
-                    )
-                    .await?
-            }
-        };
-        let (vote, reason) = match vote {
-            Vote::Yes => (v1::Vote::Yes, String::new()),
-            Vote::No { reason } => (v1::Vote::No, reason),
-            Vote::ReadOnly => (v1::Vote::ReadOnly, String::new()),
-            Vote::Committed => (v1::Vote::Committed, String::new()),
-        };
-        Ok(Response::new(v1::PrepareResponse { vote: vote as i32, reason }))
+        let span = txn_span!("prepare", self, request);
+        async move {
+            let request = request.into_inner();
+            let txid = txid(&request.txid)?;
+            let vote = match self.resource.keys(&request.payload) {
+                Err(reason) => Vote::No { reason },
+                Ok(keys) => {
+                    self.handle
+                        .prepare(
+                            txid,
+                            keys,
+                            request.payload,
+                            request.one_phase,
+                            request.coordinator_incarnation,
+                            request.interactive,
+                        )
+                        .await?
+                }
+            };
+            let (vote, reason) = match vote {
+                Vote::Yes => (v1::Vote::Yes, String::new()),
+                Vote::No { reason } => (v1::Vote::No, reason),
+                Vote::ReadOnly => (v1::Vote::ReadOnly, String::new()),
+                Vote::Committed => (v1::Vote::Committed, String::new()),
+            };
+            Ok(Response::new(v1::PrepareResponse { vote: vote as i32, reason }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn commit(
         &self,
         request: Request<v1::CommitRequest>,
     ) -> Result<Response<v1::CommitResponse>, Status> {
-        let txid = txid(&request.into_inner().txid)?;
-        ack(self.handle.commit(txid).await?)?;
-        Ok(Response::new(v1::CommitResponse {}))
+        let span = txn_span!("commit", self, request);
+        async move {
+            let txid = txid(&request.into_inner().txid)?;
+            ack(self.handle.commit(txid).await?)?;
+            Ok(Response::new(v1::CommitResponse {}))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn abort(&self, request: Request<v1::AbortRequest>) -> Result<Response<v1::AbortResponse>, Status> {
-        let txid = txid(&request.into_inner().txid)?;
-        ack(self.handle.abort(txid).await?)?;
-        Ok(Response::new(v1::AbortResponse {}))
+        let span = txn_span!("abort", self, request);
+        async move {
+            let txid = txid(&request.into_inner().txid)?;
+            ack(self.handle.abort(txid).await?)?;
+            Ok(Response::new(v1::AbortResponse {}))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn list_in_doubt(
@@ -267,65 +293,70 @@ impl Kv for KvService {
         &self,
         request: Request<v1::ExecuteRequest>,
     ) -> Result<Response<v1::ExecuteResponse>, Status> {
-        let Reads::Rocks(store) = &self.reads else {
-            return Err(Status::unimplemented(
-                "this participant takes no interactive work; use Coordinator.Transact",
-            ));
-        };
-        let request = request.into_inner();
-        let txid = txid(&request.txid)?;
-        if request.ops.len() + request.get.len() > MAX_EXECUTE_OPS {
-            let why = format!("at most {MAX_EXECUTE_OPS} ops and reads per Execute");
-            return Err(InvalidInput::Field { field: "ops", why }.into());
-        }
-        let ops = request.ops.into_iter().map(KvOp::try_from).collect::<Result<Vec<_>, _>>()?;
-        for key in &request.get {
-            KvOp::check_key(key)?;
-        }
-        let mut keys = crate::kv::keys(&ops);
-        keys.extend(request.get.iter().cloned());
-        let granted = match self.handle.work(txid, keys).await? {
-            Ok(granted) => granted,
-            Err(refused) if refused.aborted => return Err(Status::aborted(refused.reason)),
-            Err(refused) => return Err(Status::failed_precondition(refused.reason)),
-        };
-        if granted.first {
-            if let Err(status) = self.enlist(txid).await {
-                self.handle.work_done(txid, None);
-                let _ = self.handle.abort(txid).await;
-                return Err(status);
+        let span = txn_span!("execute", self, request);
+        async move {
+            let Reads::Rocks(store) = &self.reads else {
+                return Err(Status::unimplemented(
+                    "this participant takes no interactive work; use Coordinator.Transact",
+                ));
+            };
+            let request = request.into_inner();
+            let txid = txid(&request.txid)?;
+            if request.ops.len() + request.get.len() > MAX_EXECUTE_OPS {
+                let why = format!("at most {MAX_EXECUTE_OPS} ops and reads per Execute");
+                return Err(InvalidInput::Field { field: "ops", why }.into());
+            }
+            let ops = request.ops.into_iter().map(KvOp::try_from).collect::<Result<Vec<_>, _>>()?;
+            for key in &request.get {
+                KvOp::check_key(key)?;
+            }
+            let mut keys = crate::kv::keys(&ops);
+            keys.extend(request.get.iter().cloned());
+            let granted = match self.handle.work(txid, keys).await? {
+                Ok(granted) => granted,
+                Err(refused) if refused.aborted => return Err(Status::aborted(refused.reason)),
+                Err(refused) => return Err(Status::failed_precondition(refused.reason)),
+            };
+            if granted.first {
+                if let Err(status) = self.enlist(txid).await {
+                    self.handle.work_done(txid, None);
+                    let _ = self.handle.abort(txid).await;
+                    return Err(status);
+                }
+            }
+            // The keys are locked by this transaction: the committed values cannot change under it.
+            let (store, get) = (store.clone(), request.get);
+            let outcome = tokio::task::spawn_blocking(move || {
+                let mut all = crate::kv::ops(&granted.so_far)?;
+                all.extend(ops.iter().cloned());
+                let overlay = store.evaluate(&all)?;
+                let values = get
+                    .into_iter()
+                    .map(|key| {
+                        let value = match overlay.value(&key) {
+                            Some(value) => value.clone(),
+                            None => store.get(&key).map_err(|e| e.to_string())?,
+                        };
+                        Ok(v1::KeyValue { key, value })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                Ok::<_, String>((values, ops))
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            match outcome {
+                Ok((values, ops)) => {
+                    let done = v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec();
+                    self.handle.work_done(txid, Some(done));
+                    Ok(Response::new(v1::ExecuteResponse { values }))
+                }
+                Err(reason) => {
+                    self.handle.work_done(txid, None);
+                    Err(Status::failed_precondition(reason))
+                }
             }
         }
-        // The keys are locked by this transaction: the committed values cannot change under it.
-        let (store, get) = (store.clone(), request.get);
-        let outcome = tokio::task::spawn_blocking(move || {
-            let mut all = crate::kv::ops(&granted.so_far)?;
-            all.extend(ops.iter().cloned());
-            let overlay = store.evaluate(&all)?;
-            let values = get
-                .into_iter()
-                .map(|key| {
-                    let value = match overlay.value(&key) {
-                        Some(value) => value.clone(),
-                        None => store.get(&key).map_err(|e| e.to_string())?,
-                    };
-                    Ok(v1::KeyValue { key, value })
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            Ok::<_, String>((values, ops))
-        })
+        .instrument(span)
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        match outcome {
-            Ok((values, ops)) => {
-                let done = v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec();
-                self.handle.work_done(txid, Some(done));
-                Ok(Response::new(v1::ExecuteResponse { values }))
-            }
-            Err(reason) => {
-                self.handle.work_done(txid, None);
-                Err(Status::failed_precondition(reason))
-            }
-        }
     }
 }

@@ -5,7 +5,8 @@
 //! - [`crash`]: named crash points for crash tests;
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`config_file`]: `--config FILE` (TOML) for the servers;
-//! - [`serve`]: logging and shutdown signals for the binaries;
+//! - [`serve`]: configuration, health and shutdown signals for the binaries;
+//! - [`trace`]: logging, spans keyed by txid, and OTLP export (feature `otel`);
 //! - [`metrics`]: the Prometheus exporter and the metric names both servers share.
 //!
 //! The protocol engines never import this crate's I/O: their runtimes do.
@@ -17,6 +18,7 @@ pub mod log;
 pub mod metrics;
 pub mod record;
 pub mod serve;
+pub mod trace;
 
 pub use log::{Durability, Log, LogError, Write};
 pub use record::RecordError;

@@ -46,14 +46,7 @@ pub enum LogFormat {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), in `format`.
 pub fn init_tracing_as(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    let _ = match format {
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
-        LogFormat::Json => builder.json().with_ansi(false).try_init(),
-    };
+    let _ = crate::trace::init(format, None, "decree");
 }
 
 /// Logs to stderr as text, filtered by `RUST_LOG` (default `info`).
@@ -113,6 +106,11 @@ pub struct ProcessOptions {
     /// (the coordinator's --max-in-flight refuses new transactions earlier).
     #[arg(long, env = "DECREE_REQUEST_QUEUE", default_value_t = 4096)]
     pub request_queue: usize,
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317);
+    /// needs a build with the `otel` feature (the `decree` binary has it).
+    #[arg(long, env = "DECREE_OTLP_ENDPOINT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
     /// A TOML file of options, named like the flags (`prepare-timeout-ms = 1500`); flags and
     /// environment variables take precedence over it (also DECREE_CONFIG).
     #[arg(long, value_name = "FILE")]
@@ -132,6 +130,7 @@ impl Default for ProcessOptions {
             log_format: LogFormat::Text,
             max_concurrent_streams: 1024,
             request_queue: 4096,
+            otlp_endpoint: None,
             config: None,
             print_config: false,
         }
@@ -145,6 +144,16 @@ impl ProcessOptions {
         }
         if !(1..=10_000_000).contains(&self.request_queue) {
             return Err("--request-queue must be between 1 and 10000000".into());
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            if !crate::trace::EXPORT_BUILT {
+                return Err("--otlp-endpoint needs decree built with the `otel` feature".into());
+            }
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(format!(
+                    "--otlp-endpoint {endpoint:?}: expected a URL like http://127.0.0.1:4317"
+                ));
+            }
         }
         if let Some(list) = &self.crash_at {
             crate::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
@@ -178,7 +187,11 @@ where
     if process.print_config {
         return print_config(config);
     }
-    init_tracing_as(process.log_format);
+    let service = what.replace(' ', "-");
+    if let Err(err) = crate::trace::init(process.log_format, process.otlp_endpoint.as_deref(), &service) {
+        eprintln!("{what}: {err}");
+        return 2;
+    }
     if let Err(err) = crate::crash::arm(process.crash_at.as_deref()) {
         eprintln!("{what}: {err}");
         return 2;
@@ -190,13 +203,15 @@ where
             return 1;
         }
     };
-    match serve(listener).await {
+    let code = match serve(listener).await {
         Ok(()) => 0,
         Err(err) => {
             eprintln!("{what}: {err}");
             1
         }
-    }
+    };
+    crate::trace::shutdown();
+    code
 }
 
 /// Adds the standard gRPC health service and server reflection (so `grpcurl`
