@@ -22,6 +22,7 @@ use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::config::Config;
 use crate::engine::{Command, Decided, Engine, Event, Known, OnePhaseFound, Stuck, VoteResult};
+use crate::phase_two::{self, Deliveries, Due};
 use crate::registry::Registry;
 use crate::store::DecisionLog;
 use crate::CoordinatorError;
@@ -231,6 +232,8 @@ struct Actor {
     /// Each transaction in memory since it started: for [`LATENCY`], and
     /// the span its RPCs run in.
     started: HashMap<TxId, Started>,
+    /// Phase two's Commits, coalesced per participant.
+    deliveries: Deliveries,
     /// Refusing new transactions (graceful shutdown).
     shutting_down: bool,
     /// Answered once nothing is deciding or in phase two.
@@ -258,6 +261,11 @@ pub(crate) fn start(
         next_sequence: 1,
         replies: HashMap::new(),
         started: HashMap::new(),
+        deliveries: Deliveries::new(
+            handle.registry.clone(),
+            handle.events.clone(),
+            handle.config.commit_timeout(),
+        ),
         shutting_down: false,
         draining: None,
     };
@@ -432,16 +440,24 @@ impl Actor {
                     });
                 }
                 Command::SendCommit { txid, participant, recovery } => {
-                    let send = self.send_commit(txid, participant, recovery);
+                    let due = Due { txid, recovery, span: self.span_of(txid) };
                     if !recovery
                         && commits > 1
                         && first_commit
                         && crash::is_armed(crash::COORDINATOR_COMMIT_PARTIAL_FANOUT)
                     {
-                        send.await;
+                        let client = self.handle.registry.client(&participant);
+                        let answer =
+                            phase_two::commit_one(client, self.handle.config.commit_timeout(), &due).await;
+                        let _ = self.handle.events.send(phase_two::delivered(
+                            txid,
+                            participant,
+                            recovery,
+                            answer,
+                        ));
                         crash::point(crash::COORDINATOR_COMMIT_PARTIAL_FANOUT);
                     } else {
-                        tokio::spawn(send);
+                        self.deliveries.commit(&participant, due);
                     }
                     first_commit &= recovery;
                 }
@@ -556,40 +572,6 @@ impl Actor {
         .instrument(span)
     }
 
-    fn send_commit(
-        &self,
-        txid: TxId,
-        participant: ParticipantName,
-        recovery: bool,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let client = self.handle.registry.client(&participant);
-        let events = self.handle.events.clone();
-        let timeout = self.handle.config.commit_timeout();
-        let span = self.span_of(txid);
-        let request = traced(v1::CommitRequest { txid: txid.to_string() }, &span);
-        async move {
-            match call(client, timeout, |mut c| async move { c.commit(request).await }).await {
-                Ok(_) => {
-                    if recovery {
-                        info!(%txid, %participant, "recovery: commit delivered");
-                        crash::point(crash::COORDINATOR_RECOVERY_MID_REDRIVE);
-                    }
-                    let _ = events.send(Event::CommitAcked { txid, participant });
-                }
-                Err(Unanswered::Refused(status)) if !retryable(status.code()) => {
-                    let reason = format!("{:?}: {}", status.code(), status.message());
-                    warn!(%txid, %participant, %reason, "commit refused for good: redelivery stops until an operator retries");
-                    let _ = events.send(Event::CommitRefused { txid, participant, reason });
-                }
-                Err(error) => {
-                    debug!(%txid, %participant, %error, "commit not delivered");
-                    let _ = events.send(Event::CommitFailed { txid, participant });
-                }
-            }
-        }
-        .instrument(span)
-    }
-
     fn send_abort(
         &self,
         txid: TxId,
@@ -637,15 +619,15 @@ impl Actor {
 }
 
 /// `message` as a request carrying `span`'s trace context.
-fn traced<T>(message: T, span: &Span) -> tonic::Request<T> {
+pub(crate) fn traced<T>(message: T, span: &Span) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     trace::inject(span, request.metadata_mut());
     request
 }
 
 /// Why a participant RPC brought no answer.
-#[derive(Debug)]
-enum Unanswered {
+#[derive(Debug, Clone)]
+pub(crate) enum Unanswered {
     NotEnrolled,
     Deadline,
     Refused(tonic::Status),
@@ -662,7 +644,7 @@ impl std::fmt::Display for Unanswered {
 }
 
 /// One RPC to a participant (looked up before, `None` if not enrolled), under `timeout`.
-async fn call<T, F, Fut>(
+pub(crate) async fn call<T, F, Fut>(
     client: Option<ParticipantClient<Channel>>,
     timeout: Duration,
     rpc: F,
@@ -682,7 +664,7 @@ where
 /// Whether a refusal with `code` may go away by itself (the participant is
 /// busy, restarting, or was cut off) rather than say the request itself is
 /// wrong, so that asking again is worth it.
-fn retryable(code: tonic::Code) -> bool {
+pub(crate) fn retryable(code: tonic::Code) -> bool {
     use tonic::Code::*;
     match code {
         Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Cancelled | Internal | Unknown

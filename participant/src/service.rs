@@ -18,6 +18,9 @@ use crate::postgres::Postgres;
 use crate::resource::Resource;
 use crate::runtime::{Handle, ShuttingDown};
 
+/// Most commits one CommitBatch may carry.
+const MAX_COMMIT_BATCH: usize = 4096;
+
 /// Most keys one Get may read.
 const MAX_GET_KEYS: usize = 10_000;
 
@@ -110,6 +113,39 @@ impl Participant for ParticipantService {
         }
         .instrument(span)
         .await
+    }
+
+    async fn commit_batch(
+        &self,
+        request: Request<v1::CommitBatchRequest>,
+    ) -> Result<Response<v1::CommitBatchResponse>, Status> {
+        let commits = request.into_inner().commits;
+        if commits.len() > MAX_COMMIT_BATCH {
+            let why = format!("at most {MAX_COMMIT_BATCH} commits per batch");
+            return Err(InvalidInput::Field { field: "commits", why }.into());
+        }
+        // Each as its own Commit would be, all at once: the engine group-commits them.
+        let results = futures::future::join_all(commits.into_iter().map(|commit| {
+            let span = tracing::info_span!("commit", txid = %commit.txid, participant = %self.name);
+            decree_runtime::trace::adopt_context(&span, &commit.trace_context);
+            async move {
+                let done = match txid(&commit.txid) {
+                    Ok(txid) => match self.handle.commit(txid).await {
+                        Ok(answer) => ack(answer),
+                        Err(shutting_down) => Err(shutting_down.into()),
+                    },
+                    Err(status) => Err(status),
+                };
+                let (code, message) = match done {
+                    Ok(()) => (tonic::Code::Ok, String::new()),
+                    Err(status) => (status.code(), status.message().to_owned()),
+                };
+                v1::CommitResult { txid: commit.txid, code: code as i32, message }
+            }
+            .instrument(span)
+        }))
+        .await;
+        Ok(Response::new(v1::CommitBatchResponse { results }))
     }
 
     async fn abort(&self, request: Request<v1::AbortRequest>) -> Result<Response<v1::AbortResponse>, Status> {

@@ -44,7 +44,7 @@ pub fn shutdown() {
 /// Adds `span`'s trace context to an outgoing request's metadata.
 pub fn inject(span: &tracing::Span, metadata: &mut MetadataMap) {
     #[cfg(feature = "otel")]
-    export::inject(span, metadata);
+    export::inject(span, &mut export::Metadata(metadata));
     #[cfg(not(feature = "otel"))]
     let _ = (span, metadata);
 }
@@ -52,9 +52,28 @@ pub fn inject(span: &tracing::Span, metadata: &mut MetadataMap) {
 /// Makes `span` a child of the trace context an incoming request carries, if any.
 pub fn adopt(span: &tracing::Span, metadata: &MetadataMap) {
     #[cfg(feature = "otel")]
-    export::adopt(span, metadata);
+    export::adopt(span, &export::Incoming(metadata));
     #[cfg(not(feature = "otel"))]
     let _ = (span, metadata);
+}
+
+/// `span`'s trace context as text entries (for a message that carries
+/// several transactions, each with its own context); empty without export.
+pub fn context_of(span: &tracing::Span) -> std::collections::HashMap<String, String> {
+    let mut context = std::collections::HashMap::new();
+    #[cfg(feature = "otel")]
+    export::inject(span, &mut context);
+    #[cfg(not(feature = "otel"))]
+    let _ = span;
+    context
+}
+
+/// Makes `span` a child of a trace context given as text entries, if any.
+pub fn adopt_context(span: &tracing::Span, context: &std::collections::HashMap<String, String>) {
+    #[cfg(feature = "otel")]
+    export::adopt(span, context);
+    #[cfg(not(feature = "otel"))]
+    let _ = (span, context);
 }
 
 #[cfg(not(feature = "otel"))]
@@ -111,7 +130,7 @@ mod export {
         }
     }
 
-    struct Metadata<'a>(&'a mut MetadataMap);
+    pub struct Metadata<'a>(pub &'a mut MetadataMap);
 
     impl Injector for Metadata<'_> {
         fn set(&mut self, key: &str, value: String) {
@@ -123,7 +142,7 @@ mod export {
         }
     }
 
-    struct Incoming<'a>(&'a MetadataMap);
+    pub struct Incoming<'a>(pub &'a MetadataMap);
 
     impl Extractor for Incoming<'_> {
         fn get(&self, key: &str) -> Option<&str> {
@@ -141,15 +160,15 @@ mod export {
         }
     }
 
-    pub fn inject(span: &tracing::Span, metadata: &mut MetadataMap) {
+    pub fn inject(span: &tracing::Span, carrier: &mut dyn Injector) {
         if PROVIDER.get().is_some() {
-            TraceContextPropagator::new().inject_context(&span.context(), &mut Metadata(metadata));
+            TraceContextPropagator::new().inject_context(&span.context(), carrier);
         }
     }
 
-    pub fn adopt(span: &tracing::Span, metadata: &MetadataMap) {
+    pub fn adopt(span: &tracing::Span, carrier: &dyn Extractor) {
         if PROVIDER.get().is_some() {
-            let parent = TraceContextPropagator::new().extract(&Incoming(metadata));
+            let parent = TraceContextPropagator::new().extract(carrier);
             let _ = span.set_parent(parent);
         }
     }
