@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod engine;
+mod phase_one;
 mod phase_two;
 mod registry;
 mod runtime;

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::config::Config;
 use crate::engine::{Command, Decided, Engine, Event, Known, OnePhaseFound, Stuck, VoteResult};
+use crate::phase_one::{self, Outgoing, Prepares};
 use crate::phase_two::{self, Deliveries, Due};
 use crate::registry::Registry;
 use crate::store::DecisionLog;
@@ -232,6 +233,8 @@ struct Actor {
     /// Each transaction in memory since it started: for [`LATENCY`], and
     /// the span its RPCs run in.
     started: HashMap<TxId, Started>,
+    /// Phase one's Prepares, streamed per participant.
+    prepares: Prepares,
     /// Phase two's Commits, coalesced per participant.
     deliveries: Deliveries,
     /// Refusing new transactions (graceful shutdown).
@@ -261,6 +264,7 @@ pub(crate) fn start(
         next_sequence: 1,
         replies: HashMap::new(),
         started: HashMap::new(),
+        prepares: Prepares::new(handle.registry.clone(), handle.events.clone(), handle.config.prepare_timeout()),
         deliveries: Deliveries::new(
             handle.registry.clone(),
             handle.events.clone(),
@@ -406,16 +410,19 @@ impl Actor {
                         one_phase,
                         coordinator_incarnation: self.handle.incarnation,
                         interactive,
+                        trace_context: HashMap::new(),
                     };
-                    let send = self.send_prepare(txid, participant, request);
+                    let outgoing = Outgoing { txid, request, span: self.span_of(txid) };
                     if prepares > 1
                         && first_prepare
                         && crash::is_armed(crash::COORDINATOR_PREPARE_PARTIAL_FANOUT)
                     {
-                        send.await;
+                        let client = self.handle.registry.client(&participant);
+                        let (timeout, events) = (self.handle.config.prepare_timeout(), self.handle.events.clone());
+                        phase_one::prepare_one(client, timeout, participant, outgoing, events).await;
                         crash::point(crash::COORDINATOR_PREPARE_PARTIAL_FANOUT);
                     } else {
-                        tokio::spawn(send);
+                        self.prepares.prepare(&participant, outgoing);
                     }
                     first_prepare = false;
                 }
@@ -551,27 +558,6 @@ impl Actor {
         }
     }
 
-    fn send_prepare(
-        &self,
-        txid: TxId,
-        participant: ParticipantName,
-        request: v1::PrepareRequest,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let client = self.handle.registry.client(&participant);
-        let events = self.handle.events.clone();
-        let timeout = self.handle.config.prepare_timeout();
-        let span = self.span_of(txid);
-        let request = traced(request, &span);
-        async move {
-            let vote = match call(client, timeout, |mut c| async move { c.prepare(request).await }).await {
-                Ok(response) => vote_of(response),
-                Err(unanswered) => VoteResult::Failed { error: unanswered.to_string() },
-            };
-            let _ = events.send(Event::Voted { txid, participant, vote });
-        }
-        .instrument(span)
-    }
-
     fn send_abort(
         &self,
         txid: TxId,
@@ -674,7 +660,7 @@ pub(crate) fn retryable(code: tonic::Code) -> bool {
     }
 }
 
-fn vote_of(response: v1::PrepareResponse) -> VoteResult {
+pub(crate) fn vote_of(response: v1::PrepareResponse) -> VoteResult {
     match v1::Vote::try_from(response.vote) {
         Ok(v1::Vote::Yes) => VoteResult::Yes,
         Ok(v1::Vote::No) => VoteResult::No { reason: response.reason },

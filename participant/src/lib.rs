@@ -218,7 +218,9 @@ async fn serve_with(
         incarnation,
     ));
     let limit = config.max_message_bytes * 2;
-    let participant = service::ParticipantService::new(handle.clone(), resource, config.name.clone());
+    let (stopping, stop_streams) = tokio::sync::watch::channel(false);
+    let participant =
+        service::ParticipantService::new(handle.clone(), resource, config.name.clone(), stop_streams);
     let mut routes = Routes::new(ParticipantServer::new(participant).max_decoding_message_size(limit));
     let has_kv = kv.is_some();
     if let Some(kv) = kv {
@@ -238,6 +240,7 @@ async fn serve_with(
     let graceful = async move {
         shutdown.await;
         tracing::info!("shutting down: finishing requests in flight");
+        let _ = stopping.send(true);
         decree_runtime::serve::not_serving(&health, services).await;
     };
     tonic::transport::Server::builder()

@@ -29,11 +29,46 @@ pub struct ParticipantService {
     handle: Handle,
     resource: Arc<dyn Resource>,
     name: String,
+    /// Turns true at shutdown: open PrepareStreams end (the coordinator opens
+    /// new ones, which are refused), so the server can finish.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ParticipantService {
-    pub(crate) fn new(handle: Handle, resource: Arc<dyn Resource>, name: String) -> Self {
-        ParticipantService { handle, resource, name }
+    /// Phase one for one branch: validate, lock, make the prepared record durable, vote.
+    async fn vote(&self, request: v1::PrepareRequest) -> Result<v1::PrepareResponse, Status> {
+        let txid = txid(&request.txid)?;
+        let vote = match self.resource.keys(&request.payload) {
+            Err(reason) => Vote::No { reason },
+            Ok(keys) => {
+                self.handle
+                    .prepare(
+                        txid,
+                        keys,
+                        request.payload,
+                        request.one_phase,
+                        request.coordinator_incarnation,
+                        request.interactive,
+                    )
+                    .await?
+            }
+        };
+        let (vote, reason) = match vote {
+            Vote::Yes => (v1::Vote::Yes, String::new()),
+            Vote::No { reason } => (v1::Vote::No, reason),
+            Vote::ReadOnly => (v1::Vote::ReadOnly, String::new()),
+            Vote::Committed => (v1::Vote::Committed, String::new()),
+        };
+        Ok(v1::PrepareResponse { vote: vote as i32, reason })
+    }
+
+    pub(crate) fn new(
+        handle: Handle,
+        resource: Arc<dyn Resource>,
+        name: String,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        ParticipantService { handle, resource, name, stopping }
     }
 }
 
@@ -71,34 +106,53 @@ impl Participant for ParticipantService {
         request: Request<v1::PrepareRequest>,
     ) -> Result<Response<v1::PrepareResponse>, Status> {
         let span = txn_span!("prepare", self, request);
-        async move {
-            let request = request.into_inner();
-            let txid = txid(&request.txid)?;
-            let vote = match self.resource.keys(&request.payload) {
-                Err(reason) => Vote::No { reason },
-                Ok(keys) => {
-                    self.handle
-                        .prepare(
-                            txid,
-                            keys,
-                            request.payload,
-                            request.one_phase,
-                            request.coordinator_incarnation,
-                            request.interactive,
-                        )
-                        .await?
-                }
-            };
-            let (vote, reason) = match vote {
-                Vote::Yes => (v1::Vote::Yes, String::new()),
-                Vote::No { reason } => (v1::Vote::No, reason),
-                Vote::ReadOnly => (v1::Vote::ReadOnly, String::new()),
-                Vote::Committed => (v1::Vote::Committed, String::new()),
-            };
-            Ok(Response::new(v1::PrepareResponse { vote: vote as i32, reason }))
-        }
-        .instrument(span)
-        .await
+        self.vote(request.into_inner()).instrument(span).await.map(Response::new)
+    }
+
+    type PrepareStreamStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::PrepareAnswer, Status>> + Send>>;
+
+    async fn prepare_stream(
+        &self,
+        request: Request<tonic::Streaming<v1::PrepareRequest>>,
+    ) -> Result<Response<Self::PrepareStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (answers, stream) = tokio::sync::mpsc::unbounded_channel();
+        let service = self.clone();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = incoming.message() => next,
+                    _ = stopping.wait_for(|stopping| *stopping) => break,
+                };
+                let Ok(Some(request)) = next else { break };
+                let span = tracing::info_span!("prepare", txid = %request.txid, participant = %service.name);
+                decree_runtime::trace::adopt_context(&span, &request.trace_context);
+                let (service, answers) = (service.clone(), answers.clone());
+                // Each as its own Prepare would be, concurrently: answers go out as they are ready.
+                tokio::spawn(
+                    async move {
+                        let txid = request.txid.clone();
+                        let answer = match service.vote(request).await {
+                            Ok(response) => {
+                                v1::PrepareAnswer { txid, response: Some(response), code: 0, message: String::new() }
+                            }
+                            Err(status) => v1::PrepareAnswer {
+                                txid,
+                                response: None,
+                                code: status.code() as i32,
+                                message: status.message().to_owned(),
+                            },
+                        };
+                        let _ = answers.send(Ok(answer));
+                    }
+                    .instrument(span),
+                );
+            }
+            // The stream ends once every answer in progress is sent.
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(stream))))
     }
 
     async fn commit(

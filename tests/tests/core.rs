@@ -117,6 +117,7 @@ async fn a_prepared_branch_locks_its_keys_and_a_conflicting_transaction_votes_no
         one_phase: false,
         coordinator_incarnation: real.incarnation,
         interactive: false,
+        ..Default::default()
     };
     let vote = participant.prepare(prepare).await.unwrap().into_inner();
     assert_eq!(vote.vote, v1::Vote::Yes as i32, "{}", vote.reason);
@@ -151,6 +152,7 @@ async fn a_prepared_branch_locks_its_keys_and_a_conflicting_transaction_votes_no
         one_phase: false,
         coordinator_incarnation: real.incarnation,
         interactive: false,
+        ..Default::default()
     };
     assert_eq!(participant.prepare(prepare).await.unwrap().into_inner().vote, v1::Vote::No as i32);
     assert_eq!(client.get(&["hot".into()]).await.unwrap()["hot"].as_deref(), Some(&b"3"[..]));
@@ -301,6 +303,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         one_phase: false,
         coordinator_incarnation: 99,
         interactive: false,
+        ..Default::default()
     };
     let vote = participant.prepare(garbage).await.unwrap().into_inner();
     assert_eq!(vote.vote, v1::Vote::No as i32);
@@ -313,6 +316,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         one_phase: false,
         coordinator_incarnation: 99,
         interactive: false,
+        ..Default::default()
     };
     let vote = participant.prepare(request).await.unwrap().into_inner();
     assert_eq!(vote.vote, v1::Vote::No as i32);

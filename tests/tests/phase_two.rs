@@ -5,7 +5,8 @@
 //!
 //! The misbehaving participant is a stand-in served from the test itself:
 //! it votes YES to every Prepare and answers Commit as the test says (and has
-//! no CommitBatch, so the coordinator's fallback to single Commits is used).
+//! neither PrepareStream nor CommitBatch, so the coordinator's fallbacks to
+//! unary Prepares and Commits are used).
 
 mod common;
 
@@ -66,6 +67,16 @@ impl Participant for StandIn {
             Answer::Refuse => Err(Status::failed_precondition("this branch was rolled back by hand")),
             Answer::Unavailable => Err(Status::unavailable("busy")),
         }
+    }
+
+    type PrepareStreamStream = tokio_stream::Empty<Result<v1::PrepareAnswer, Status>>;
+
+    /// Streams are optional: the coordinator falls back to one Prepare each.
+    async fn prepare_stream(
+        &self,
+        _request: Request<tonic::Streaming<v1::PrepareRequest>>,
+    ) -> Result<Response<Self::PrepareStreamStream>, Status> {
+        Err(Status::unimplemented("one Prepare at a time here"))
     }
 
     /// Batches are optional: the coordinator falls back to one Commit each.
