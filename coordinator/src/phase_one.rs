@@ -60,7 +60,13 @@ impl Prepares {
         let unary = self.links.get(participant).map(|link| link.unary.clone()).unwrap_or_default();
         if unary.load(Ordering::Relaxed) {
             let client = self.registry.client(participant);
-            tokio::spawn(prepare_one(client, self.timeout, participant.clone(), outgoing, self.events.clone()));
+            tokio::spawn(prepare_one(
+                client,
+                self.timeout,
+                participant.clone(),
+                outgoing,
+                self.events.clone(),
+            ));
             return;
         }
         let outgoing = match self.links.get(participant) {
@@ -108,7 +114,13 @@ impl Stream {
                 queue.close();
                 while let Ok(outgoing) = queue.try_recv() {
                     let participant = self.participant.clone();
-                    tokio::spawn(prepare_one(self.client.clone(), self.timeout, participant, outgoing, self.events.clone()));
+                    tokio::spawn(prepare_one(
+                        self.client.clone(),
+                        self.timeout,
+                        participant,
+                        outgoing,
+                        self.events.clone(),
+                    ));
                 }
                 return;
             }
@@ -174,9 +186,10 @@ pub(crate) async fn prepare_one(
 ) {
     let Outgoing { txid, request, span } = outgoing;
     let request = traced(request, &span);
-    let vote = match call(client, timeout, |mut c| async move { c.prepare(request).await }).instrument(span).await {
-        Ok(response) => vote_of(response),
-        Err(unanswered) => VoteResult::Failed { error: unanswered.to_string() },
-    };
+    let vote =
+        match call(client, timeout, |mut c| async move { c.prepare(request).await }).instrument(span).await {
+            Ok(response) => vote_of(response),
+            Err(unanswered) => VoteResult::Failed { error: unanswered.to_string() },
+        };
     let _ = events.send(Event::Voted { txid, participant, vote });
 }

@@ -264,7 +264,11 @@ pub(crate) fn start(
         next_sequence: 1,
         replies: HashMap::new(),
         started: HashMap::new(),
-        prepares: Prepares::new(handle.registry.clone(), handle.events.clone(), handle.config.prepare_timeout()),
+        prepares: Prepares::new(
+            handle.registry.clone(),
+            handle.events.clone(),
+            handle.config.prepare_timeout(),
+        ),
         deliveries: Deliveries::new(
             handle.registry.clone(),
             handle.events.clone(),
@@ -418,7 +422,8 @@ impl Actor {
                         && crash::is_armed(crash::COORDINATOR_PREPARE_PARTIAL_FANOUT)
                     {
                         let client = self.handle.registry.client(&participant);
-                        let (timeout, events) = (self.handle.config.prepare_timeout(), self.handle.events.clone());
+                        let (timeout, events) =
+                            (self.handle.config.prepare_timeout(), self.handle.events.clone());
                         phase_one::prepare_one(client, timeout, participant, outgoing, events).await;
                         crash::point(crash::COORDINATOR_PREPARE_PARTIAL_FANOUT);
                     } else {

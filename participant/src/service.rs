@@ -135,9 +135,12 @@ impl Participant for ParticipantService {
                     async move {
                         let txid = request.txid.clone();
                         let answer = match service.vote(request).await {
-                            Ok(response) => {
-                                v1::PrepareAnswer { txid, response: Some(response), code: 0, message: String::new() }
-                            }
+                            Ok(response) => v1::PrepareAnswer {
+                                txid,
+                                response: Some(response),
+                                code: 0,
+                                message: String::new(),
+                            },
                             Err(status) => v1::PrepareAnswer {
                                 txid,
                                 response: None,

@@ -405,3 +405,40 @@ async fn a_one_phase_participant_that_is_down_is_unknown_then_aborted() {
         .unwrap();
     assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
 }
+
+/// Prepares travel on one stream per participant. A participant that dies
+/// (SIGKILL) or shuts down (SIGTERM: it ends its streams) between
+/// transactions must not cost the next transaction anything: the coordinator
+/// notices the stream ended and opens a new one for the next Prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_restarted_between_transactions_gets_the_next_prepares_on_a_new_stream() {
+    init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let names = cluster.participant_names();
+    let client = cluster.client().await.unwrap();
+    let committed = |answer: Result<TxnResult, String>, tag: &str| match answer {
+        Ok(result) => assert_eq!(result.outcome, Outcome::Committed, "{tag}: {}", result.reason),
+        Err(err) => panic!("{tag}: no answer: {err}"),
+    };
+    committed(transfer(&client, "before", &names).await, "before");
+
+    info!("--- p1 is killed and restarted: its prepare stream broke");
+    cluster.kill(NodeId::Participant(0));
+    cluster.restart(NodeId::Participant(0)).unwrap();
+    cluster.wait_back(NodeId::Participant(0)).await.unwrap();
+    for i in 0..5 {
+        let tag = format!("after-kill-{i}");
+        committed(transfer(&client, &tag, &names).await, &tag);
+    }
+
+    info!("--- p2 shuts down gracefully (ending its streams) and comes back");
+    cluster.terminate(NodeId::Participant(1));
+    assert!(cluster.wait_exit(NodeId::Participant(1), DIE).await.unwrap().success());
+    cluster.restart(NodeId::Participant(1)).unwrap();
+    cluster.wait_back(NodeId::Participant(1)).await.unwrap();
+    for i in 0..5 {
+        let tag = format!("after-stop-{i}");
+        committed(transfer(&client, &tag, &names).await, &tag);
+    }
+    must_end(&cluster, "after-stop-4", None, Expect::Committed).await;
+}
