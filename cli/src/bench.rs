@@ -98,9 +98,11 @@ pub(crate) struct Run {
     pub(crate) latency: Option<Histogram<u64>>,
     pub(crate) fsyncs: Option<f64>,
     pub(crate) rpcs: Option<f64>,
+    /// RPCs plus messages on streams.
+    pub(crate) messages: Option<f64>,
     pub(crate) rss_mib: BTreeMap<String, f64>,
-    /// Per process: fsyncs, log writes, gRPC requests received.
-    pub(crate) per_process: BTreeMap<String, [f64; 3]>,
+    /// Per process: fsyncs, log writes, gRPC requests received, stream messages received.
+    pub(crate) per_process: BTreeMap<String, [f64; 4]>,
 }
 
 impl Run {
@@ -116,9 +118,10 @@ impl Run {
         }
         self.fsyncs = sum(self.fsyncs, other.fsyncs);
         self.rpcs = sum(self.rpcs, other.rpcs);
+        self.messages = sum(self.messages, other.messages);
         for (name, counts) in other.per_process {
-            let mine = self.per_process.entry(name).or_insert([0.0; 3]);
-            for i in 0..3 {
+            let mine = self.per_process.entry(name).or_insert([0.0; 4]);
+            for i in 0..4 {
                 mine[i] += counts[i];
             }
         }
@@ -150,14 +153,16 @@ impl Run {
             "p999_ms": round(self.percentile_ms(0.999)),
             "fsyncs_per_tx": per_tx(self.fsyncs).map(round),
             "rpcs_per_tx": per_tx(self.rpcs).map(round),
+            "messages_per_tx": per_tx(self.messages).map(round),
             "floor_ms": round(floor_ms),
             "rss_mib": self.rss_mib.iter().map(|(k, v)| (k.clone(), json!(round(*v)))).collect::<serde_json::Map<_, _>>(),
-            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs])| {
+            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs, streamed])| {
                 let n = self.committed.max(1) as f64;
                 (k.clone(), json!({
                     "fsyncs_per_tx": round(fsyncs / n),
                     "log_writes_per_fsync": round(writes / fsyncs.max(1.0)),
                     "rpcs_received_per_tx": round(rpcs / n),
+                    "stream_messages_received_per_tx": round(streamed / n),
                 }))
             }).collect::<serde_json::Map<_, _>>(),
         })
@@ -238,8 +243,8 @@ impl Local {
         Ok(Local { cluster, metrics })
     }
 
-    /// Per process: (fsyncs, log write requests, gRPC requests received).
-    async fn counters(&self) -> Result<BTreeMap<String, [f64; 3]>, String> {
+    /// Per process: (fsyncs, log write requests, gRPC requests received, stream messages received).
+    async fn counters(&self) -> Result<BTreeMap<String, [f64; 4]>, String> {
         let mut out = BTreeMap::new();
         for (name, _, addr) in &self.metrics {
             let page = scrape(addr).await?;
@@ -247,6 +252,7 @@ impl Local {
                 counter(&page, decree_runtime::metrics::LOG_FSYNCS),
                 counter(&page, decree_runtime::metrics::LOG_WRITES),
                 counter(&page, decree_runtime::metrics::GRPC_REQUESTS),
+                counter(&page, decree_runtime::metrics::STREAM_MESSAGES),
             ];
             out.insert(name.clone(), counts);
         }
@@ -511,17 +517,17 @@ async fn decree_round(args: &BenchArgs, client: &Client, local: Option<&Local>) 
     bar.finish_and_clear();
     if let (Some(local), Some(before)) = (local, before) {
         let after = local.counters().await?;
-        let mut totals = [0.0; 3];
+        let mut totals = [0.0; 4];
         for (name, counts) in &after {
-            let delta: Vec<f64> =
-                (0..3).map(|i| counts[i] - before.get(name).map_or(0.0, |b| b[i])).collect();
-            for i in 0..3 {
+            let delta: [f64; 4] = std::array::from_fn(|i| counts[i] - before.get(name).map_or(0.0, |b| b[i]));
+            for i in 0..4 {
                 totals[i] += delta[i];
             }
-            run.per_process.insert(name.clone(), [delta[0], delta[1], delta[2]]);
+            run.per_process.insert(name.clone(), delta);
         }
         run.fsyncs = Some(totals[0]);
         run.rpcs = Some(totals[2]);
+        run.messages = Some(totals[2] + totals[3]);
         run.rss_mib = local.rss();
     }
     Ok(run)
@@ -638,7 +644,10 @@ fn print_table(out: &Value) {
             "  latency        p50 {} ms  p99 {} ms  p99.9 {} ms",
             v["p50_ms"], v["p99_ms"], v["p999_ms"]
         );
-        println!("  per committed  {} fsyncs, {} RPCs", v["fsyncs_per_tx"], v["rpcs_per_tx"]);
+        println!(
+            "  per committed  {} fsyncs, {} RPCs ({} messages with those on streams)",
+            v["fsyncs_per_tx"], v["rpcs_per_tx"], v["messages_per_tx"]
+        );
         if !rss.is_empty() {
             println!("  peak RSS       {}", rss.join(", "));
         }

@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+mod multiplex;
 pub mod ring;
 mod txn;
 
@@ -184,6 +185,8 @@ pub fn kv_payload(ops: Vec<KvOp>) -> Vec<u8> {
 #[derive(Clone)]
 pub struct Client {
     coordinator: CoordinatorClient<Channel>,
+    /// One-shot transactions, multiplexed over one stream.
+    transactions: std::sync::Arc<multiplex::Multiplexer>,
     registry: RegistryClient<Channel>,
     participants: BTreeMap<String, (String, Channel)>,
     ring: Ring,
@@ -196,10 +199,12 @@ impl Client {
             return Err(ClientError::Url { url: url.into(), why: "expected http://HOST:PORT".into() });
         }
         let channel = channel(url)?;
+        let coordinator = CoordinatorClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
         let mut client = Client {
-            coordinator: CoordinatorClient::new(channel.clone())
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
+            transactions: std::sync::Arc::new(multiplex::Multiplexer::new(coordinator.clone(), RPC_TIMEOUT)),
+            coordinator,
             registry: RegistryClient::new(channel),
             participants: BTreeMap::new(),
             ring: Ring::default(),
@@ -256,13 +261,8 @@ impl Client {
 
     /// Runs a transaction over explicit branches (any participant's payloads).
     pub async fn transact_branches(&self, branches: Vec<v1::Branch>) -> Result<TxnResult, ClientError> {
-        let response = self
-            .coordinator
-            .clone()
-            .transact(v1::TransactRequest { branches, timeout_ms: 0 })
-            .await
-            .map_err(decided_error)?
-            .into_inner();
+        let request = v1::TransactRequest { branches, timeout_ms: 0 };
+        let response = self.transactions.transact(request).await.map_err(decided_error)?;
         TxnResult::from_wire(response)
     }
 

@@ -108,7 +108,8 @@ pub async fn serve(
         recovered.incarnation,
         recovered.unfinished,
     );
-    let service = service::Service::new(handle.clone());
+    let (stopping, stop_streams) = tokio::sync::watch::channel(false);
+    let service = service::Service::new(handle.clone(), stop_streams);
     let limit = config.max_message_bytes * 2;
     let routes = Routes::new(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))
         .add_service(RegistryServer::new(service).max_decoding_message_size(limit));
@@ -122,6 +123,7 @@ pub async fn serve(
             "shutting down: no new transactions; finishing those in flight"
         );
         decree_runtime::serve::not_serving(&health, SERVICES).await;
+        let _ = stopping.send(true);
         match tokio::time::timeout(grace, handle.drain()).await {
             Ok(()) => tracing::info!("every transaction in flight is decided and acknowledged"),
             Err(_) => {

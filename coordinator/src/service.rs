@@ -20,11 +20,26 @@ const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Clone)]
 pub struct Service {
     handle: Handle,
+    /// Turns true at shutdown: open TransactStreams end, so the server can finish.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Service {
-    pub(crate) fn new(handle: Handle) -> Self {
-        Service { handle }
+    pub(crate) fn new(handle: Handle, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        Service { handle, stopping }
+    }
+
+    /// One one-shot transaction: decided, or refused before it started.
+    async fn run_transact(
+        &self,
+        request: v1::TransactRequest,
+        span: tracing::Span,
+    ) -> Result<Response<v1::TransactResponse>, Status> {
+        let timeout = self.timeout(request.timeout_ms, self.handle.config.prepare_timeout());
+        let branches = self.branches(request.branches)?;
+        let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
+        let (txid, decided) = self.handle.transact(branches, timeout, span).await?;
+        decided_response(txid, decided, participants)
     }
 
     fn timeout(&self, ms: u32, default: Duration) -> Duration {
@@ -116,12 +131,62 @@ impl Coordinator for Service {
         request: Request<v1::TransactRequest>,
     ) -> Result<Response<v1::TransactResponse>, Status> {
         let span = transaction_span(request.metadata());
-        let request = request.into_inner();
-        let timeout = self.timeout(request.timeout_ms, self.handle.config.prepare_timeout());
-        let branches = self.branches(request.branches)?;
-        let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
-        let (txid, decided) = self.handle.transact(branches, timeout, span).await?;
-        decided_response(txid, decided, participants)
+        self.run_transact(request.into_inner(), span).await
+    }
+
+    type TransactStreamStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::TransactStreamAnswer, Status>> + Send>>;
+
+    async fn transact_stream(
+        &self,
+        request: Request<tonic::Streaming<v1::TransactStreamRequest>>,
+    ) -> Result<Response<Self::TransactStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (answers, stream) = tokio::sync::mpsc::unbounded_channel();
+        let service = self.clone();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                // What is not read when the coordinator stops was not started.
+                let next = tokio::select! {
+                    biased;
+                    _ = stopping.wait_for(|stopping| *stopping) => break,
+                    next = incoming.message() => next,
+                };
+                let Ok(Some(message)) = next else { break };
+                metrics::counter!(decree_runtime::metrics::STREAM_MESSAGES, "stream" => "transact")
+                    .increment(1);
+                let span = tracing::info_span!("transaction", txid = tracing::field::Empty);
+                decree_runtime::trace::adopt_context(&span, &message.trace_context);
+                let (service, answers) = (service.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let id = message.id;
+                    let request = message.request.unwrap_or_default();
+                    let answer = match service.run_transact(request, span).await {
+                        Ok(response) => v1::TransactStreamAnswer {
+                            id,
+                            response: Some(response.into_inner()),
+                            ..Default::default()
+                        },
+                        Err(status) => v1::TransactStreamAnswer {
+                            id,
+                            response: None,
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                            txid: status
+                                .metadata()
+                                .get(decree_proto::TXID_METADATA)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_owned(),
+                        },
+                    };
+                    let _ = answers.send(Ok(answer));
+                });
+            }
+            // The stream ends once every transaction it started is answered.
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(stream))))
     }
 
     async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {

@@ -127,6 +127,8 @@ impl Participant for ParticipantService {
                     _ = stopping.wait_for(|stopping| *stopping) => break,
                 };
                 let Ok(Some(request)) = next else { break };
+                metrics::counter!(decree_runtime::metrics::STREAM_MESSAGES, "stream" => "prepare")
+                    .increment(1);
                 let span = tracing::info_span!("prepare", txid = %request.txid, participant = %service.name);
                 decree_runtime::trace::adopt_context(&span, &request.trace_context);
                 let (service, answers) = (service.clone(), answers.clone());

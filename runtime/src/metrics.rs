@@ -16,8 +16,10 @@ pub const LOG_BATCHES: &str = "decree_log_batches_total";
 pub const LOG_WRITES: &str = "decree_log_writes_total";
 /// Requests per write batch (the group-commit batch size).
 pub const LOG_BATCH_SIZE: &str = "decree_log_batch_requests";
-/// gRPC requests this process received.
+/// gRPC requests this process received (a stream counts once).
 pub const GRPC_REQUESTS: &str = "decree_grpc_requests_total";
+/// Messages this process received on its streams (TransactStream, PrepareStream).
+pub const STREAM_MESSAGES: &str = "decree_grpc_stream_messages_total";
 
 /// Serves Prometheus text on `http://<listen>/metrics` from now on. Called
 /// once per process; a second call (an embedding that serves two) is refused.
@@ -31,7 +33,8 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
     metrics::describe_counter!(LOG_BATCHES, "write batches of the log");
     metrics::describe_counter!(LOG_WRITES, "write requests of the log");
     metrics::describe_histogram!(LOG_BATCH_SIZE, "write requests per batch (group commit)");
-    metrics::describe_counter!(GRPC_REQUESTS, "gRPC requests received");
+    metrics::describe_counter!(GRPC_REQUESTS, "gRPC requests received (a stream counts once)");
+    metrics::describe_counter!(STREAM_MESSAGES, "messages received on gRPC streams");
     Ok(())
 }
 

@@ -60,12 +60,17 @@ pub fn adopt(span: &tracing::Span, metadata: &MetadataMap) {
 /// `span`'s trace context as text entries (for a message that carries
 /// several transactions, each with its own context); empty without export.
 pub fn context_of(span: &tracing::Span) -> std::collections::HashMap<String, String> {
-    let mut context = std::collections::HashMap::new();
     #[cfg(feature = "otel")]
-    export::inject(span, &mut context);
+    {
+        let mut context = std::collections::HashMap::new();
+        export::inject(span, &mut context);
+        context
+    }
     #[cfg(not(feature = "otel"))]
-    let _ = span;
-    context
+    {
+        let _ = span;
+        std::collections::HashMap::new()
+    }
 }
 
 /// Makes `span` a child of a trace context given as text entries, if any.

@@ -1,0 +1,175 @@
+//! One-shot transactions over one long-lived `TransactStream` to the
+//! coordinator, shared by every clone of a [`crate::Client`]: a message per
+//! transaction instead of an RPC, answers matched by request id.
+//!
+//! The answers mean what a unary `Transact` would have answered. If the
+//! coordinator ends the stream (it is shutting down), what it had not answered
+//! was not started and is reported UNAVAILABLE, as a refused `Transact` would
+//! be; if the connection breaks, what was not answered has an unknown outcome,
+//! as for a unary call cut off. A coordinator without `TransactStream` gets
+//! unary `Transact`s.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use decree_proto::v1;
+use decree_proto::v1::coordinator_client::CoordinatorClient;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+use tonic::Status;
+
+type Answer = Result<v1::TransactResponse, Status>;
+
+struct Pending {
+    id: u64,
+    request: v1::TransactRequest,
+    reply: oneshot::Sender<Answer>,
+}
+
+pub(crate) struct Multiplexer {
+    coordinator: CoordinatorClient<Channel>,
+    /// The open stream's queue; a closed one means: open another.
+    link: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
+    /// Set once the coordinator said it has no TransactStream.
+    unary: Arc<AtomicBool>,
+    next_id: AtomicU64,
+    /// How long a transaction may wait for its answer.
+    deadline: Duration,
+}
+
+impl Multiplexer {
+    pub fn new(coordinator: CoordinatorClient<Channel>, deadline: Duration) -> Self {
+        Multiplexer {
+            coordinator,
+            link: Mutex::new(None),
+            unary: Arc::new(AtomicBool::new(false)),
+            next_id: AtomicU64::new(1),
+            deadline,
+        }
+    }
+
+    /// Runs one one-shot transaction.
+    pub async fn transact(&self, request: v1::TransactRequest) -> Answer {
+        if self.unary.load(Ordering::Relaxed) {
+            return self.unary(request).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending { id: self.next_id.fetch_add(1, Ordering::Relaxed), request, reply };
+        self.send(pending);
+        match tokio::time::timeout(self.deadline, answer).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => {
+                Err(Status::unknown("the transaction stream ended without an answer: outcome not known"))
+            }
+            Err(_) => {
+                Err(Status::deadline_exceeded("no answer from the coordinator in time: outcome not known"))
+            }
+        }
+    }
+
+    async fn unary(&self, request: v1::TransactRequest) -> Answer {
+        Ok(self.coordinator.clone().transact(request).await?.into_inner())
+    }
+
+    fn send(&self, pending: Pending) {
+        let mut link = self.link.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let pending = match link.as_ref() {
+            Some(queue) => match queue.send(pending) {
+                Ok(()) => return,
+                // That stream ended: open another.
+                Err(mpsc::error::SendError(pending)) => pending,
+            },
+            None => pending,
+        };
+        let (queue, drained) = mpsc::unbounded_channel();
+        let stream = Stream { coordinator: self.coordinator.clone(), unary: self.unary.clone() };
+        tokio::spawn(stream.run(drained));
+        let _ = queue.send(pending);
+        *link = Some(queue);
+    }
+}
+
+struct Stream {
+    coordinator: CoordinatorClient<Channel>,
+    unary: Arc<AtomicBool>,
+}
+
+impl Stream {
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Pending>) {
+        let (wire, outbound) = mpsc::unbounded_channel::<v1::TransactStreamRequest>();
+        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
+        let mut answers = match self.coordinator.transact_stream(outbound).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                // Nothing was sent: each transaction goes as a unary Transact,
+                // which fails (or not) on its own.
+                if status.code() == tonic::Code::Unimplemented {
+                    self.unary.store(true, Ordering::Relaxed);
+                }
+                queue.close();
+                while let Ok(pending) = queue.try_recv() {
+                    let coordinator = self.coordinator.clone();
+                    tokio::spawn(async move {
+                        let answer =
+                            coordinator.clone().transact(pending.request).await.map(|r| r.into_inner());
+                        let _ = pending.reply.send(answer);
+                    });
+                }
+                return;
+            }
+        };
+        let mut pending: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
+        let ended = loop {
+            tokio::select! {
+                next = queue.recv() => {
+                    // The multiplexer keeps the queue's sender while the stream is in use.
+                    let Some(Pending { id, request, reply }) = next else { return };
+                    pending.insert(id, reply);
+                    let message = v1::TransactStreamRequest {
+                        id,
+                        request: Some(request),
+                        trace_context: HashMap::new(),
+                    };
+                    if wire.send(message).is_err() {
+                        break Status::unknown("the transaction stream closed: outcome not known");
+                    }
+                }
+                answer = answers.message() => match answer {
+                    Ok(Some(answer)) => {
+                        if let Some(reply) = pending.remove(&answer.id) {
+                            let _ = reply.send(answer_of(answer));
+                        }
+                    }
+                    Ok(None) => break Status::unavailable("the coordinator is shutting down; the transaction was not started"),
+                    Err(status) => break Status::unknown(format!("the connection to the coordinator broke ({}): outcome not known", status.message())),
+                },
+            }
+        };
+        queue.close();
+        let queued = std::iter::from_fn(|| queue.try_recv().ok()).map(|p| p.reply);
+        for reply in pending.into_values() {
+            let _ = reply.send(Err(ended.clone()));
+        }
+        for reply in queued {
+            let _ = reply.send(Err(Status::unavailable(
+                "the transaction stream ended before sending it; not started",
+            )));
+        }
+    }
+}
+
+/// A stream answer as the unary Transact's result.
+fn answer_of(answer: v1::TransactStreamAnswer) -> Answer {
+    if answer.code == 0 {
+        return answer.response.ok_or_else(|| Status::internal("an answer without a response"));
+    }
+    let mut status = Status::new(tonic::Code::from_i32(answer.code), answer.message);
+    if let Ok(txid) = answer.txid.parse() {
+        if !answer.txid.is_empty() {
+            status.metadata_mut().insert(decree_proto::TXID_METADATA, txid);
+        }
+    }
+    Err(status)
+}
