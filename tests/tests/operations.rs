@@ -89,7 +89,8 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
             tokio::spawn(async move {
                 // (tag, the answer) of every transaction that got one.
                 let mut answered = Vec::new();
-                let mut refused_after_shutdown = 0;
+                // Tags of the transactions refused as not started (UNAVAILABLE).
+                let mut refused = Vec::new();
                 for i in 0.. {
                     if stop.load(Ordering::Relaxed) {
                         break;
@@ -101,11 +102,14 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
                             progress.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(err @ ClientError::OutcomeUnknown { .. }) => panic!("{tag}: a client saw {err}"),
-                        // Refused (UNAVAILABLE) or not connected: the coordinator is going away.
-                        Err(_) => refused_after_shutdown += 1,
+                        Err(ClientError::Status(status)) if status.code() == tonic::Code::Unavailable => {
+                            refused.push(tag)
+                        }
+                        // Not connected: the coordinator is gone.
+                        Err(_) => {}
                     }
                 }
-                (answered, refused_after_shutdown)
+                (answered, refused)
             })
         })
         .collect();
@@ -123,10 +127,11 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
         .log_of(NodeId::Coordinator)
         .contains("every transaction in flight is decided and acknowledged"));
     stop.store(true, Ordering::Relaxed);
-    let mut answered = Vec::new();
+    let (mut answered, mut refused) = (Vec::new(), Vec::new());
     for worker in workers {
-        let (mine, _) = worker.await.unwrap();
+        let (mine, not_started) = worker.await.unwrap();
         answered.extend(mine);
+        refused.extend(not_started);
     }
     assert!(answered.len() > 10, "the load ran: {} answered", answered.len());
 
@@ -139,6 +144,10 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
     for (tag, outcome) in answered.iter().rev().take(40) {
         let everywhere = check::all_or_nothing(&client, tag, &names).await.unwrap();
         assert_eq!(everywhere, *outcome == Outcome::Committed, "{tag} was answered {outcome:?}");
+    }
+    info!(answered = answered.len(), refused = refused.len(), "--- refused transactions wrote nothing");
+    for tag in &refused {
+        assert_eq!(check::markers(&client, tag, &names).await.unwrap(), 0, "{tag} was refused, yet it wrote");
     }
     assert_eq!(check::balance_sum(&client, &names, 4).await.unwrap(), 0);
     let after = client.transact(vec![KvOp::Put { key: "after".into(), value: b"1".to_vec() }]).await.unwrap();

@@ -1,0 +1,138 @@
+//! The SDK sends one-shot transactions as messages on one TransactStream; a
+//! coordinator without it (a stand-in served from the test, answering
+//! UNIMPLEMENTED) gets unary Transacts, with the same answers.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::init;
+use decree_client::{v1, Client, Outcome};
+use decree_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use decree_proto::v1::registry_server::{Registry, RegistryServer};
+use tonic::{Request, Response, Status};
+
+#[derive(Clone, Default)]
+struct UnaryOnly {
+    transacts: Arc<AtomicUsize>,
+}
+
+fn unimplemented<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented("not in this stand-in"))
+}
+
+#[tonic::async_trait]
+impl Coordinator for UnaryOnly {
+    async fn transact(
+        &self,
+        request: Request<v1::TransactRequest>,
+    ) -> Result<Response<v1::TransactResponse>, Status> {
+        let n = self.transacts.fetch_add(1, Ordering::SeqCst) + 1;
+        let participants = request.into_inner().branches.into_iter().map(|b| b.participant).collect();
+        Ok(Response::new(v1::TransactResponse {
+            txid: format!("0000abcd-1-{n}"),
+            outcome: v1::Outcome::Committed as i32,
+            reason: String::new(),
+            participants,
+        }))
+    }
+
+    type TransactStreamStream = tokio_stream::Empty<Result<v1::TransactStreamAnswer, Status>>;
+
+    async fn transact_stream(
+        &self,
+        _request: Request<tonic::Streaming<v1::TransactStreamRequest>>,
+    ) -> Result<Response<Self::TransactStreamStream>, Status> {
+        unimplemented()
+    }
+
+    async fn begin(&self, _: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn enlist(&self, _: Request<v1::EnlistRequest>) -> Result<Response<v1::EnlistResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn commit(
+        &self,
+        _: Request<v1::CommitTransactionRequest>,
+    ) -> Result<Response<v1::TransactResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn abort(
+        &self,
+        _: Request<v1::AbortTransactionRequest>,
+    ) -> Result<Response<v1::AbortTransactionResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn get_outcome(
+        &self,
+        _: Request<v1::GetOutcomeRequest>,
+    ) -> Result<Response<v1::GetOutcomeResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn retry(&self, _: Request<v1::RetryRequest>) -> Result<Response<v1::RetryResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn list_stuck(
+        &self,
+        _: Request<v1::ListStuckRequest>,
+    ) -> Result<Response<v1::ListStuckResponse>, Status> {
+        unimplemented()
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for UnaryOnly {
+    async fn enroll(&self, _: Request<v1::EnrollRequest>) -> Result<Response<v1::EnrollResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn heartbeat(
+        &self,
+        _: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn list_participants(
+        &self,
+        _: Request<v1::ListParticipantsRequest>,
+    ) -> Result<Response<v1::ListParticipantsResponse>, Status> {
+        let p1 = v1::ParticipantInfo {
+            name: "p1".into(),
+            address: "http://127.0.0.1:9".into(),
+            state: "up".into(),
+        };
+        Ok(Response::new(v1::ListParticipantsResponse { participants: vec![p1] }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_without_transact_stream_gets_unary_transacts() {
+    init();
+    let coordinator = UnaryOnly::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(CoordinatorServer::new(coordinator.clone()))
+            .add_service(RegistryServer::new(coordinator.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let client = Client::connect(&url).await.unwrap();
+    for n in 1..=3 {
+        let branch = v1::Branch { participant: "p1".into(), payload: Vec::new() };
+        let result = client.transact_branches(vec![branch]).await.unwrap();
+        assert_eq!(result.outcome, Outcome::Committed);
+        assert_eq!(result.txid, format!("0000abcd-1-{n}"));
+        assert_eq!(result.participants, vec!["p1".to_string()]);
+    }
+    assert_eq!(coordinator.transacts.load(Ordering::SeqCst), 3, "each went as a unary Transact");
+}
