@@ -14,11 +14,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{decree_async, init, metric, scrape};
+use common::{decree_async, init, metric, scrape, serve_in_test};
 use decree_client::{kv_payload, v1, KvOp, Outcome};
 use decree_proto::v1::participant_server::{Participant, ParticipantServer};
 use decree_proto::v1::registry_client::RegistryClient;
 use decree_tests::{poll, Cluster, Options};
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 /// How the stand-in answers Commit.
@@ -127,14 +128,7 @@ impl Participant for StandIn {
 async fn stand_in(cluster: &Cluster, answer: Answer) -> StandIn {
     let participant =
         StandIn { answer: Arc::new(Mutex::new(answer)), commits: Arc::new(AtomicUsize::new(0)) };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    let service = ParticipantServer::new(participant.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let address = serve_in_test(Routes::new(ParticipantServer::new(participant.clone()))).await;
     let mut registry = RegistryClient::connect(cluster.coordinator_url()).await.unwrap();
     registry.enroll(v1::EnrollRequest { name: "standin".into(), address }).await.unwrap();
     participant

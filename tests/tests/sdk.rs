@@ -7,10 +7,11 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::init;
+use common::{init, serve_in_test};
 use decree_client::{v1, Client, Outcome};
 use decree_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use decree_proto::v1::registry_server::{Registry, RegistryServer};
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 #[derive(Clone, Default)]
@@ -118,14 +119,9 @@ impl Registry for UnaryOnly {
 async fn a_coordinator_without_transact_stream_gets_unary_transacts() {
     init();
     let coordinator = UnaryOnly::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(CoordinatorServer::new(coordinator.clone()))
-            .add_service(RegistryServer::new(coordinator.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let routes = Routes::new(CoordinatorServer::new(coordinator.clone()))
+        .add_service(RegistryServer::new(coordinator.clone()));
+    let url = serve_in_test(routes).await;
     let client = Client::connect(&url).await.unwrap();
     for n in 1..=3 {
         let branch = v1::Branch { participant: "p1".into(), payload: Vec::new() };

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::init;
+use common::{init, serve_in_test};
 use decree_client::{kv_payload, v1, KvOp, Outcome};
 use decree_tests::{Cluster, NodeId, Options};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -84,13 +84,8 @@ impl Collector {
 async fn a_transaction_is_one_trace_across_coordinator_and_participants() {
     init();
     let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let endpoint =
+        serve_in_test(tonic::service::Routes::new(TraceServiceServer::new(collector.clone()))).await;
     let mut options = Options::new(2);
     options.coordinator_args = vec!["--otlp-endpoint".into(), endpoint.clone()];
     options.participant_args = vec!["--otlp-endpoint".into(), endpoint];

@@ -64,3 +64,16 @@ pub async fn scrape(addr: &str) -> String {
     stream.read_to_string(&mut page).await.unwrap();
     page
 }
+
+/// Serves `routes` (stand-ins for a participant, a coordinator, a collector)
+/// on an ephemeral port in this process; returns its URL.
+pub async fn serve_in_test(routes: tonic::service::Routes) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    url
+}
