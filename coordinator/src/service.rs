@@ -134,35 +134,26 @@ impl Coordinator for Service {
         self.run_transact(request.into_inner(), span).await
     }
 
-    type TransactStreamStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::TransactStreamAnswer, Status>> + Send>>;
+    type TransactStreamStream = decree_runtime::serve::Answers<v1::TransactStreamAnswer>;
 
     async fn transact_stream(
         &self,
         request: Request<tonic::Streaming<v1::TransactStreamRequest>>,
     ) -> Result<Response<Self::TransactStreamStream>, Status> {
-        let mut incoming = request.into_inner();
-        let (answers, stream) = tokio::sync::mpsc::unbounded_channel();
         let service = self.clone();
-        let mut stopping = self.stopping.clone();
-        tokio::spawn(async move {
-            loop {
-                // What is not read when the coordinator stops was not started.
-                let next = tokio::select! {
-                    biased;
-                    _ = stopping.wait_for(|stopping| *stopping) => break,
-                    next = incoming.message() => next,
-                };
-                let Ok(Some(message)) = next else { break };
-                metrics::counter!(decree_runtime::metrics::STREAM_MESSAGES, "stream" => "transact")
-                    .increment(1);
+        // Each as its own Transact would be; what is not read when the coordinator stops was not started.
+        let answers = decree_runtime::serve::serve_stream(
+            "transact",
+            request.into_inner(),
+            self.stopping.clone(),
+            self.handle.config.process.max_concurrent_streams as usize,
+            move |message: v1::TransactStreamRequest| {
                 let span = tracing::info_span!("transaction", txid = tracing::field::Empty);
                 decree_runtime::trace::adopt_context(&span, &message.trace_context);
-                let (service, answers) = (service.clone(), answers.clone());
-                tokio::spawn(async move {
+                let service = service.clone();
+                async move {
                     let id = message.id;
-                    let request = message.request.unwrap_or_default();
-                    let answer = match service.run_transact(request, span).await {
+                    match service.run_transact(message.request.unwrap_or_default(), span).await {
                         Ok(response) => v1::TransactStreamAnswer {
                             id,
                             response: Some(response.into_inner()),
@@ -180,13 +171,11 @@ impl Coordinator for Service {
                                 .unwrap_or_default()
                                 .to_owned(),
                         },
-                    };
-                    let _ = answers.send(Ok(answer));
-                });
-            }
-            // The stream ends once every transaction it started is answered.
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(stream))))
+                    }
+                }
+            },
+        );
+        Ok(Response::new(answers))
     }
 
     async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {

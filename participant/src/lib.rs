@@ -219,8 +219,13 @@ async fn serve_with(
     ));
     let limit = config.max_message_bytes * 2;
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
-    let participant =
-        service::ParticipantService::new(handle.clone(), resource, config.name.clone(), stop_streams);
+    let participant = service::ParticipantService::new(
+        handle.clone(),
+        resource,
+        config.name.clone(),
+        stop_streams,
+        config.process.max_concurrent_streams as usize,
+    );
     let mut routes = Routes::new(ParticipantServer::new(participant).max_decoding_message_size(limit));
     let has_kv = kv.is_some();
     if let Some(kv) = kv {

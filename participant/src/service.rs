@@ -32,6 +32,8 @@ pub struct ParticipantService {
     /// Turns true at shutdown: open PrepareStreams end (the coordinator opens
     /// new ones, which are refused), so the server can finish.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// Most Prepares of one PrepareStream handled at once.
+    max_in_progress: usize,
 }
 
 impl ParticipantService {
@@ -67,8 +69,9 @@ impl ParticipantService {
         resource: Arc<dyn Resource>,
         name: String,
         stopping: tokio::sync::watch::Receiver<bool>,
+        max_in_progress: usize,
     ) -> Self {
-        ParticipantService { handle, resource, name, stopping }
+        ParticipantService { handle, resource, name, stopping, max_in_progress }
     }
 }
 
@@ -109,55 +112,44 @@ impl Participant for ParticipantService {
         self.vote(request.into_inner()).instrument(span).await.map(Response::new)
     }
 
-    type PrepareStreamStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::PrepareAnswer, Status>> + Send>>;
+    type PrepareStreamStream = decree_runtime::serve::Answers<v1::PrepareAnswer>;
 
     async fn prepare_stream(
         &self,
         request: Request<tonic::Streaming<v1::PrepareRequest>>,
     ) -> Result<Response<Self::PrepareStreamStream>, Status> {
-        let mut incoming = request.into_inner();
-        let (answers, stream) = tokio::sync::mpsc::unbounded_channel();
         let service = self.clone();
-        let mut stopping = self.stopping.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    next = incoming.message() => next,
-                    _ = stopping.wait_for(|stopping| *stopping) => break,
-                };
-                let Ok(Some(request)) = next else { break };
-                metrics::counter!(decree_runtime::metrics::STREAM_MESSAGES, "stream" => "prepare")
-                    .increment(1);
+        // Each as its own Prepare would be, concurrently: answers go out as they are ready.
+        let answers = decree_runtime::serve::serve_stream(
+            "prepare",
+            request.into_inner(),
+            self.stopping.clone(),
+            self.max_in_progress,
+            move |request: v1::PrepareRequest| {
                 let span = tracing::info_span!("prepare", txid = %request.txid, participant = %service.name);
                 decree_runtime::trace::adopt_context(&span, &request.trace_context);
-                let (service, answers) = (service.clone(), answers.clone());
-                // Each as its own Prepare would be, concurrently: answers go out as they are ready.
-                tokio::spawn(
-                    async move {
-                        let txid = request.txid.clone();
-                        let answer = match service.vote(request).await {
-                            Ok(response) => v1::PrepareAnswer {
-                                txid,
-                                response: Some(response),
-                                code: 0,
-                                message: String::new(),
-                            },
-                            Err(status) => v1::PrepareAnswer {
-                                txid,
-                                response: None,
-                                code: status.code() as i32,
-                                message: status.message().to_owned(),
-                            },
-                        };
-                        let _ = answers.send(Ok(answer));
+                let service = service.clone();
+                async move {
+                    let txid = request.txid.clone();
+                    match service.vote(request).await {
+                        Ok(response) => v1::PrepareAnswer {
+                            txid,
+                            response: Some(response),
+                            code: 0,
+                            message: String::new(),
+                        },
+                        Err(status) => v1::PrepareAnswer {
+                            txid,
+                            response: None,
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        },
                     }
-                    .instrument(span),
-                );
-            }
-            // The stream ends once every answer in progress is sent.
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(stream))))
+                }
+                .instrument(span)
+            },
+        );
+        Ok(Response::new(answers))
     }
 
     async fn commit(

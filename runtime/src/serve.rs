@@ -241,3 +241,62 @@ pub async fn not_serving(reporter: &tonic_health::server::HealthReporter, servic
         reporter.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
     }
 }
+
+/// The answers of a stream served by [`serve_stream`].
+pub type Answers<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+/// Serves a bidirectional stream of independent requests (`TransactStream`,
+/// `PrepareStream`): each message read is handled by `handle` in a task of
+/// its own and answered as soon as that is done, in whatever order. At most
+/// `limit` are handled at once; beyond that the stream is not read, so HTTP/2
+/// flow control holds the sender back, as `--max-concurrent-streams` does for
+/// unary calls. Reading stops when `stopping` turns true (shutdown): what was
+/// read is answered, then the stream ends, and what was not read was not
+/// started. `name` labels [`crate::metrics::STREAM_MESSAGES`].
+pub fn serve_stream<Req, Ans, F, Fut>(
+    name: &'static str,
+    mut incoming: tonic::Streaming<Req>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    limit: usize,
+    handle: F,
+) -> Answers<Ans>
+where
+    Req: Send + 'static,
+    Ans: Send + 'static,
+    F: Fn(Req) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Ans> + Send + 'static,
+{
+    let (answers, stream) = tokio::sync::mpsc::unbounded_channel();
+    let in_progress = std::sync::Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = stopped(&mut stopping) => break,
+                permit = in_progress.clone().acquire_owned() => {
+                    let permit = permit.expect("the semaphore is never closed");
+                    tokio::select! {
+                        biased;
+                        () = stopped(&mut stopping) => break,
+                        next = incoming.message() => next.map(|message| message.map(|m| (m, permit))),
+                    }
+                }
+            };
+            let Ok(Some((message, permit))) = next else { break };
+            metrics::counter!(crate::metrics::STREAM_MESSAGES, "stream" => name).increment(1);
+            let answer = handle(message);
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let _ = answers.send(Ok(answer.await));
+                drop(permit);
+            });
+        }
+        // The stream ends once every answer in progress is sent.
+    });
+    Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(stream))
+}
+
+/// Resolves once `stopping` is true (or its sender is gone).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stopping| *stopping).await;
+}

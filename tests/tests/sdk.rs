@@ -132,3 +132,26 @@ async fn a_coordinator_without_transact_stream_gets_unary_transacts() {
     }
     assert_eq!(coordinator.transacts.load(Ordering::SeqCst), 3, "each went as a unary Transact");
 }
+
+/// A TransactStream handles at most `--max-concurrent-streams` transactions at
+/// once, like the HTTP/2 stream limit for unary calls; with 40 in flight and a
+/// limit of 2 the rest wait their turn (the stream is not read): none is
+/// refused or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_small_stream_limit_every_streamed_transaction_completes() {
+    init();
+    let mut options = decree_tests::Options::new(2);
+    options.coordinator_args = vec!["--max-concurrent-streams".into(), "2".into()];
+    let cluster = decree_tests::Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let transfers = (0..40).map(|i| {
+        let ops = vec![
+            decree_client::KvOp::Add { key: format!("a{i}"), delta: -1 },
+            decree_client::KvOp::Add { key: format!("b{i}"), delta: 1 },
+        ];
+        client.transact(ops)
+    });
+    for answer in futures::future::join_all(transfers).await {
+        assert_eq!(answer.unwrap().outcome, Outcome::Committed);
+    }
+}
