@@ -173,7 +173,16 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 fn channel(url: &str) -> Result<Channel, ClientError> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| ClientError::Url { url: url.into(), why: e.to_string() })?;
-    Ok(endpoint.connect_timeout(Duration::from_secs(2)).timeout(RPC_TIMEOUT).tcp_nodelay(true).connect_lazy())
+    // Keep-alive pings find a dead connection under a long-lived stream
+    // (TransactStream) before a transaction waits on it.
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(RPC_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
 }
 
 /// Encodes KV operations as a KV participant's branch payload.
