@@ -53,7 +53,7 @@ impl Multiplexer {
     /// Runs one one-shot transaction.
     pub async fn transact(&self, request: v1::TransactRequest) -> Answer {
         if self.unary.load(Ordering::Relaxed) {
-            return self.unary(request).await;
+            return unary(self.coordinator.clone(), request).await;
         }
         let (reply, answer) = oneshot::channel();
         let pending = Pending { id: self.next_id.fetch_add(1, Ordering::Relaxed), request, reply };
@@ -67,10 +67,6 @@ impl Multiplexer {
                 Err(Status::deadline_exceeded("no answer from the coordinator in time: outcome not known"))
             }
         }
-    }
-
-    async fn unary(&self, request: v1::TransactRequest) -> Answer {
-        Ok(self.coordinator.clone().transact(request).await?.into_inner())
     }
 
     fn send(&self, pending: Pending) {
@@ -112,9 +108,7 @@ impl Stream {
                 while let Ok(pending) = queue.try_recv() {
                     let coordinator = self.coordinator.clone();
                     tokio::spawn(async move {
-                        let answer =
-                            coordinator.clone().transact(pending.request).await.map(|r| r.into_inner());
-                        let _ = pending.reply.send(answer);
+                        let _ = pending.reply.send(unary(coordinator, pending.request).await);
                     });
                 }
                 return;
@@ -158,6 +152,11 @@ impl Stream {
             )));
         }
     }
+}
+
+/// One transaction as a unary Transact.
+async fn unary(mut coordinator: CoordinatorClient<Channel>, request: v1::TransactRequest) -> Answer {
+    Ok(coordinator.transact(request).await?.into_inner())
 }
 
 /// A stream answer as the unary Transact's result.
