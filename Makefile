@@ -31,3 +31,4 @@ clippy: prereqs
 prereqs:
 	@command -v $(CARGO) >/dev/null 2>&1 || { echo "decree: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
 	@bash scripts/ensure-libclang.sh
+	@bash scripts/first-build-notice.sh

@@ -1,23 +1,73 @@
 #!/usr/bin/env bash
-# Makes sure libclang is there: the rocksdb crate generates its bindings with
-# bindgen, which loads libclang at build time. Installs Debian's libclang-dev
-# when it is missing and we may (root, or passwordless sudo); otherwise stops
-# with a one-line instruction.
+# Makes sure bindgen can load libclang: the rocksdb crate generates its bindings
+# with bindgen at build time, and bindgen loads libclang through clang-sys.
+#
+#   scripts/ensure-libclang.sh            check /, install libclang-dev if missing
+#   scripts/ensure-libclang.sh --check [ROOT]
+#                                         only look (under ROOT, default /): prints
+#                                         "found PATH" and exits 0, or "missing"
+#                                         and exits 1; installs nothing
+#
+# The check looks for exactly what clang-sys looks for (its build/common.rs and
+# build/dynamic.rs): the file names libclang.so, libclang-*.so, libclang.so.* and
+# libclang-*.so.*, minus any name containing "-cpp." (Debian's libclang-cpp14,
+# the C++ interface library, is not libclang), in $LIBCLANG_PATH when it is set,
+# else in the directories clang-sys searches on Linux. Installing uses Debian's
+# libclang-dev (root, or passwordless sudo); otherwise it stops with a one-line
+# instruction. After an install it looks again and fails if still missing.
 set -euo pipefail
 
-have_libclang() {
-  [ -n "${LIBCLANG_PATH:-}" ] && return 0
-  local candidate
-  for candidate in /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* /usr/local/lib/libclang*.so*; do
-    [ -e "$candidate" ] && return 0
+# Prints the first libclang that bindgen would accept under root $1, or nothing.
+find_libclang() {
+  local root=${1%/} dir name
+  local -a dirs=()
+  shopt -s nullglob
+  if [ -n "${LIBCLANG_PATH:-}" ]; then
+    # A path to the file itself, or to the directory that holds it.
+    if [ -f "$root$LIBCLANG_PATH" ]; then
+      dirs=("$(dirname "$root$LIBCLANG_PATH")")
+    else
+      dirs=("$root$LIBCLANG_PATH")
+    fi
+  else
+    if command -v llvm-config >/dev/null 2>&1 && [ -z "$root" ]; then
+      local prefix
+      prefix=$(llvm-config --prefix 2>/dev/null || true)
+      [ -n "$prefix" ] && dirs+=("$prefix/bin" "$prefix/lib" "$prefix/lib64")
+    fi
+    local IFS=:
+    for dir in ${LD_LIBRARY_PATH:-}; do
+      [ -n "$dir" ] && dirs+=("$root$dir")
+    done
+    unset IFS
+    dirs+=("$root"/usr/lib* "$root"/usr/lib*/* "$root"/usr/lib*/*/*
+      "$root"/usr/local/lib* "$root"/usr/local/lib*/* "$root"/usr/local/lib*/*/*
+      "$root"/usr/local/llvm*/lib*)
+  fi
+  for dir in "${dirs[@]}"; do
+    [ -d "$dir" ] || continue
+    for name in "$dir"/libclang.so "$dir"/libclang-*.so "$dir"/libclang.so.* "$dir"/libclang-*.so.*; do
+      case "${name##*/}" in *-cpp.*) continue ;; esac
+      [ -e "$name" ] && { printf '%s\n' "$name"; return 0; }
+    done
   done
-  return 1
+  return 0
 }
 
-have_libclang && exit 0
+if [ "${1:-}" = "--check" ]; then
+  found=$(find_libclang "${2:-}")
+  if [ -n "$found" ]; then
+    echo "found $found"
+    exit 0
+  fi
+  echo "missing"
+  exit 1
+fi
+
+[ -n "$(find_libclang "")" ] && exit 0
 
 install() {
-  echo "decree: installing libclang-dev (needed to build the RocksDB bindings)"
+  echo "decree: libclang (needed to build the RocksDB bindings) is missing; installing Debian's libclang-dev"
   "$@" apt-get update -qq
   "$@" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
 }
@@ -27,7 +77,9 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
   install sudo
 else
-  echo "decree: libclang is missing; install it (Debian/Ubuntu: sudo apt-get install libclang-dev) and run make again" >&2
+  echo "decree: libclang is missing; install it (Debian/Ubuntu: sudo apt-get install libclang-dev, or set LIBCLANG_PATH) and run make again" >&2
   exit 1
 fi
-have_libclang || { echo "decree: libclang-dev installed, but no libclang*.so found; set LIBCLANG_PATH" >&2; exit 1; }
+found=$(find_libclang "")
+[ -n "$found" ] || { echo "decree: libclang-dev installed, but bindgen would still find no libclang.so; set LIBCLANG_PATH" >&2; exit 1; }
+echo "decree: libclang is $found"
