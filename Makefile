@@ -1,18 +1,20 @@
 # decree: `make demo` runs the demo, `make test` runs the tests. Both first make
-# sure the build prerequisites are there.
+# sure the build prerequisites are there (scripts/ensure-*.sh: each looks for what
+# is really needed, installs it with apt-get when it may, or says what to install).
 #
 # Builds use one profile (--release) so RocksDB's C++ compiles once for both.
 # Set CARGO_TARGET_DIR to keep builds between checkouts.
 
 CARGO ?= cargo
 
-.PHONY: demo test build prereqs lint fmt clippy
+.PHONY: demo test build prereqs test-prereqs lint fmt clippy
 
 demo: prereqs
 	$(CARGO) run --release --bin decree -- demo
 
-test: prereqs
+test: prereqs test-prereqs
 	@bash scripts/ensure-python-grpc.sh
+	@bash scripts/ensure-postgres.sh
 	$(CARGO) build --release --workspace --bins --examples
 	$(CARGO) test --release --workspace
 
@@ -32,3 +34,7 @@ prereqs:
 	@command -v $(CARGO) >/dev/null 2>&1 || { echo "decree: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
 	@bash scripts/ensure-libclang.sh
 	@bash scripts/first-build-notice.sh
+
+# The set-up checks themselves, against temporary trees.
+test-prereqs:
+	@bash scripts/test-prereqs.sh

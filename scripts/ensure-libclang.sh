@@ -54,32 +54,18 @@ find_libclang() {
   return 0
 }
 
+. "$(dirname "$0")/lib.sh"
 if [ "${1:-}" = "--check" ]; then
-  found=$(find_libclang "${2:-}")
-  if [ -n "$found" ]; then
-    echo "found $found"
-    exit 0
-  fi
-  echo "missing"
-  exit 1
+  report_found find_libclang "${2:-}"
+  exit
 fi
 
 [ -n "$(find_libclang "")" ] && exit 0
 
-install() {
-  echo "decree: libclang (needed to build the RocksDB bindings) is missing; installing Debian's libclang-dev"
-  "$@" apt-get update -qq
-  "$@" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
-}
-
-if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  install
-elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-  install sudo
-else
-  echo "decree: libclang is missing; install it (Debian/Ubuntu: sudo apt-get install libclang-dev, or set LIBCLANG_PATH) and run make again" >&2
+if ! apt_install "libclang is missing; bindgen needs it to build the RocksDB bindings" libclang-dev; then
+  say "libclang is missing; install it (Debian/Ubuntu: sudo apt-get install libclang-dev, or set LIBCLANG_PATH) and run make again"
   exit 1
 fi
 found=$(find_libclang "")
-[ -n "$found" ] || { echo "decree: libclang-dev installed, but bindgen would still find no libclang.so; set LIBCLANG_PATH" >&2; exit 1; }
-echo "decree: libclang is $found"
+[ -n "$found" ] || { say "libclang-dev installed, but bindgen would still find no libclang.so; set LIBCLANG_PATH"; exit 1; }
+say "libclang is $found"

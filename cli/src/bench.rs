@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decree_client::{kv_payload, v1, Client, KvOp, Outcome};
-use decree_tests::{Cluster, NodeId, Options};
+use decree_cluster::{Cluster, NodeId, Options};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -48,9 +48,9 @@ pub struct BenchArgs {
     /// Open loop instead: start this many transactions per second, whatever the latency.
     #[arg(long)]
     pub(crate) rate: Option<f64>,
-    /// Seconds of measurement (after one second of warm-up).
-    #[arg(long, default_value_t = 10.0)]
-    pub(crate) duration: f64,
+    /// How long to measure (after one second of warm-up): `10s`, `500ms`, `2m`; a bare number is seconds.
+    #[arg(long, default_value = "10s", value_parser = decree_runtime::args::parse_duration)]
+    pub(crate) duration: Duration,
     /// Bank accounts.
     #[arg(long, default_value_t = 10_000)]
     pub(crate) accounts: usize,
@@ -513,7 +513,7 @@ async fn decree_round(args: &BenchArgs, client: &Client, local: Option<&Local>) 
     };
     let bar = progress(args, "decree");
     let measured = txn.clone();
-    let mut run = drive(args, Duration::from_secs_f64(args.duration), &bar, move |w, s| measured(w, s)).await;
+    let mut run = drive(args, args.duration, &bar, move |w, s| measured(w, s)).await;
     bar.finish_and_clear();
     if let (Some(local), Some(before)) = (local, before) {
         let after = local.counters().await?;
@@ -537,7 +537,7 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
     if args.participants == 0
         || args.concurrency == 0
         || args.accounts < 2
-        || args.duration <= 0.0
+        || args.duration.is_zero()
         || args.rounds == 0
     {
         return Err(

@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use decree_tests::postgres::PgServer;
+use decree_cluster::postgres::PgServer;
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use tokio_postgres::{Client, NoTls};
@@ -93,9 +93,7 @@ impl Peer {
         drive(args, std::time::Duration::from_secs(1), &ProgressBar::hidden(), move |w, s| warm(w, s)).await;
         let (syncs, statements) = (wal_syncs(&self.servers).await?, self.statements.load(Ordering::Relaxed));
         let measured = one.clone();
-        let mut run =
-            drive(args, std::time::Duration::from_secs_f64(args.duration), bar, move |w, s| measured(w, s))
-                .await;
+        let mut run = drive(args, args.duration, bar, move |w, s| measured(w, s)).await;
         run.fsyncs = Some(wal_syncs(&self.servers).await? - syncs);
         run.rpcs = Some((self.statements.load(Ordering::Relaxed) - statements) as f64);
         for (i, server) in self.servers.iter().enumerate() {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decree_client::{KvOp, Outcome};
-use decree_tests::{Cluster, NodeId, Options};
+use decree_cluster::{Cluster, NodeId, Options};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;

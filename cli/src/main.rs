@@ -14,7 +14,7 @@ mod txn;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use decree_client::Client;
 use serde_json::json;
 
@@ -159,11 +159,7 @@ fn main() {
             std::process::exit(2)
         });
     }
-    let matches = Cli::command().get_matches_from(args);
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(err) => err.exit(),
-    };
+    let (cli, matches): (Cli, _) = decree_runtime::args::parse(args);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -13,6 +13,6 @@ async fn main() {
         eprintln!("{err}");
         std::process::exit(2)
     });
-    let cli = <Cli as clap::Parser>::parse_from(args);
+    let (cli, _): (Cli, _) = decree_runtime::args::parse(args);
     std::process::exit(decree_coordinator::run(cli.config).await);
 }

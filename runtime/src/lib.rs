@@ -5,12 +5,14 @@
 //! - [`crash`]: named crash points for crash tests;
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`config_file`]: `--config FILE` (TOML) for the servers;
+//! - [`args`]: durations as typed (`15s`, `500ms`) and bad values named with their option;
 //! - [`serve`]: configuration, health and shutdown signals for the binaries;
 //! - [`trace`]: logging, spans keyed by txid, and OTLP export (feature `otel`);
 //! - [`metrics`]: the Prometheus exporter and the metric names both servers share.
 //!
 //! The protocol engines never import this crate's I/O: their runtimes do.
 
+pub mod args;
 pub mod backoff;
 pub mod config_file;
 pub mod crash;

@@ -219,6 +219,11 @@ where
 /// (and the server as a whole, "") is reported SERVING: call this once
 /// recovery is done, just before serving. The reporter turns them
 /// NOT_SERVING at shutdown.
+///
+/// Reflection lists exactly `services` beside health and reflection itself
+/// (not every service of decree.v1: a coordinator serves no `Participant`), and
+/// answers both `grpc.reflection.v1` and the older `v1alpha` that many tools
+/// still ask.
 pub async fn with_discovery(
     routes: tonic::service::Routes,
     services: &[&str],
@@ -227,13 +232,28 @@ pub async fn with_discovery(
     for service in services.iter().copied().chain([""]) {
         reporter.set_service_status(service, tonic_health::ServingStatus::Serving).await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(decree_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| format!("reflection: {e}"))?;
-    Ok((routes.add_service(health).add_service(reflection), reporter))
+    let reflection = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(decree_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+        for name in services.iter().copied().chain(REFLECTED_ALWAYS.iter().copied()) {
+            builder = builder.with_service_name(name);
+        }
+        builder
+    };
+    let v1 = reflection().build_v1().map_err(|e| format!("reflection: {e}"))?;
+    let v1alpha = reflection().build_v1alpha().map_err(|e| format!("reflection: {e}"))?;
+    Ok((routes.add_service(health).add_service(v1).add_service(v1alpha), reporter))
 }
+
+/// The services every server lists through reflection, beside its own.
+const REFLECTED_ALWAYS: &[&str] = &[
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// Marks every service NOT_SERVING (health checks fail from now on).
 pub async fn not_serving(reporter: &tonic_health::server::HealthReporter, services: &[&str]) {

@@ -8,7 +8,7 @@
 
 use decree_client::{kv_payload as encode_batch, v1, Client, KvOp};
 
-use crate::{HarnessError, Result};
+use decree_cluster::{HarnessError, Result};
 
 /// How long [`unlocked`] keeps probing a key.
 pub const LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
@@ -83,27 +83,29 @@ pub async fn unlocked(client: &Client, participants: &[String], keys: &[String])
     for participant in participants {
         for key in keys {
             let last = std::sync::Mutex::new(String::new());
-            let probe = crate::poll(LOCK_CHECK, &format!("{key} at {participant} to be unlocked"), || {
-                let last = &last;
-                async move {
-                    let current =
-                        client.get_at(participant, vec![key.to_string()]).await.ok()?.pop().flatten();
-                    let ops = vec![KvOp::Expect { key: key.to_string(), value: current }];
-                    let branch = v1::Branch { participant: participant.clone(), payload: encode_batch(ops) };
-                    match client.transact_branches(vec![branch]).await {
-                        Ok(result) if result.outcome == decree_client::Outcome::Committed => Some(()),
-                        Ok(result) => {
-                            *last.lock().unwrap_or_else(|p| p.into_inner()) = result.reason;
-                            None
-                        }
-                        Err(err) => {
-                            *last.lock().unwrap_or_else(|p| p.into_inner()) = err.to_string();
-                            None
+            let probe =
+                decree_cluster::poll(LOCK_CHECK, &format!("{key} at {participant} to be unlocked"), || {
+                    let last = &last;
+                    async move {
+                        let current =
+                            client.get_at(participant, vec![key.to_string()]).await.ok()?.pop().flatten();
+                        let ops = vec![KvOp::Expect { key: key.to_string(), value: current }];
+                        let branch =
+                            v1::Branch { participant: participant.clone(), payload: encode_batch(ops) };
+                        match client.transact_branches(vec![branch]).await {
+                            Ok(result) if result.outcome == decree_client::Outcome::Committed => Some(()),
+                            Ok(result) => {
+                                *last.lock().unwrap_or_else(|p| p.into_inner()) = result.reason;
+                                None
+                            }
+                            Err(err) => {
+                                *last.lock().unwrap_or_else(|p| p.into_inner()) = err.to_string();
+                                None
+                            }
                         }
                     }
-                }
-            })
-            .await;
+                })
+                .await;
             probe.map_err(|_| {
                 let last = last.lock().unwrap_or_else(|p| p.into_inner());
                 HarnessError::Other(format!("{key} at {participant} is still locked: {last}"))

@@ -23,9 +23,10 @@ async fn channel(url: String) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap()
 }
 
-/// The services a server lists through reflection.
+/// The services a server lists through reflection, asked in grpc.reflection.v1
+/// and in the older v1alpha (which many tools still use): both must agree.
 async fn reflected(url: String) -> Vec<String> {
-    let mut client = ServerReflectionClient::new(channel(url).await);
+    let mut client = ServerReflectionClient::new(channel(url.clone()).await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -33,14 +34,32 @@ async fn reflected(url: String) -> Vec<String> {
     let mut answers =
         client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
     let answer = answers.message().await.unwrap().unwrap();
-    match answer.message_response {
+    let mut names: Vec<String> = match answer.message_response {
         Some(MessageResponse::ListServicesResponse(list)) => {
-            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-            names.sort();
-            names
+            list.service.into_iter().map(|s| s.name).collect()
         }
         other => panic!("unexpected reflection answer: {other:?}"),
-    }
+    };
+    names.sort();
+
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut client = alpha::server_reflection_client::ServerReflectionClient::new(channel(url).await);
+    let request = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut answers =
+        client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let mut alpha_names: Vec<String> = match answer.message_response {
+        Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected v1alpha reflection answer: {other:?}"),
+    };
+    alpha_names.sort();
+    assert_eq!(names, alpha_names, "v1 and v1alpha reflection list the same services");
+    names
 }
 
 async fn health(url: String, service: &str) -> ServingStatus {
@@ -53,14 +72,18 @@ async fn health(url: String, service: &str) -> ServingStatus {
 async fn reflection_lists_the_services_and_health_says_serving() {
     init();
     let cluster = Cluster::start(Options::new(1)).await.unwrap();
+    let reflection = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+    let expected = |own: &[&str]| {
+        let mut names: Vec<String> =
+            own.iter().chain(&["grpc.health.v1.Health"]).chain(&reflection).map(|s| s.to_string()).collect();
+        names.sort();
+        names
+    };
+    // Each server lists exactly what it serves: the coordinator serves no Participant or Kv.
     let coordinator = reflected(cluster.coordinator_url()).await;
-    for service in ["decree.v1.Coordinator", "decree.v1.Registry", "grpc.health.v1.Health"] {
-        assert!(coordinator.contains(&service.to_string()), "{coordinator:?}");
-    }
+    assert_eq!(coordinator, expected(&["decree.v1.Coordinator", "decree.v1.Registry"]));
     let participant = reflected(cluster.url_of(NodeId::Participant(0))).await;
-    for service in ["decree.v1.Participant", "decree.v1.Kv", "grpc.health.v1.Health"] {
-        assert!(participant.contains(&service.to_string()), "{participant:?}");
-    }
+    assert_eq!(participant, expected(&["decree.v1.Participant", "decree.v1.Kv"]));
     assert_eq!(health(cluster.coordinator_url(), "").await, ServingStatus::Serving);
     assert_eq!(health(cluster.coordinator_url(), "decree.v1.Coordinator").await, ServingStatus::Serving);
     assert_eq!(
@@ -276,8 +299,13 @@ fn config_file_then_environment_then_flags_and_bad_values_exit_2_naming_the_opti
     let (code, _, stderr) = run(&[], &["--prepare-timeout-ms", "0"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--prepare-timeout-ms"), "{stderr}");
-    for (flag, bad) in [("--request-queue", "0"), ("--max-concurrent-streams", "0"), ("--log-format", "xml")]
-    {
+    // A negative number is a value, refused by its option's parser, not an unknown flag.
+    for (flag, bad) in [
+        ("--request-queue", "0"),
+        ("--max-concurrent-streams", "0"),
+        ("--log-format", "xml"),
+        ("--prepare-timeout-ms", "-5"),
+    ] {
         let (code, _, stderr) = run(&[], &[flag, bad]);
         assert_eq!(code, Some(2), "{flag} {bad}");
         assert!(stderr.contains(flag), "{flag}: {stderr}");
@@ -287,6 +315,28 @@ fn config_file_then_environment_then_flags_and_bad_values_exit_2_naming_the_opti
     let (code, _, stderr) = run(&[], &[]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("no-such-option"), "{stderr}");
+}
+
+#[test]
+fn durations_on_the_command_line_take_the_forms_people_type() {
+    let bench = |duration: &str| {
+        let out = std::process::Command::new(decree_tests::decree_binary())
+            .args(["bench", "--coordinator", "http://127.0.0.1:1", "--duration", duration])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Accepted by the parser, then refused by the bench's own check: zero is no run.
+    for zero in ["0s", "0ms", "0m", "0"] {
+        let (code, stderr) = bench(zero);
+        assert_eq!(code, Some(2), "{zero}: {stderr}");
+        assert!(stderr.contains("--duration > 0"), "{zero} parsed, then refused as zero: {stderr}");
+    }
+    for bad in ["15x", "-5", "fast"] {
+        let (code, stderr) = bench(bad);
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--duration") && stderr.contains("e.g. 15s"), "{bad}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

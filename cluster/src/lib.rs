@@ -1,0 +1,459 @@
+//! Local clusters of real decree processes: what `decree demo` and `decree
+//! bench` run, and what crash tests (ours in `tests/`, and yours) are built on.
+//!
+//! [`Cluster::start`] runs a coordinator and N KV participants as child
+//! processes of the `decree` binary, on 127.0.0.1 ports of their own, each in
+//! its own data directory under one temporary directory. A test can kill any
+//! process with SIGKILL ([`Cluster::kill`]), arm crash points for its next
+//! start ([`Cluster::restart_with`]), wait for a process to die at a crash
+//! point ([`Cluster::wait_exit`]), restart it on the same directory, and wait,
+//! by polling with a deadline, until nothing is in doubt
+//! ([`Cluster::wait_settled`]). [`postgres::PgServer`] is a throwaway
+//! PostgreSQL server, for the bench's baseline and for tests.
+//!
+//! This crate ships inside the `decree` binary: it holds no test assertions
+//! (the invariant checks live in the `decree-tests` crate).
+
+pub mod postgres;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use decree_client::{Client, ClientError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("client: {0}")]
+    Client(#[from] ClientError),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, HarnessError>;
+
+/// Which process of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeId {
+    Coordinator,
+    /// Participant by index: `Participant(0)` is named "p1".
+    Participant(usize),
+}
+
+struct Node {
+    name: String,
+    port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    crash_at: Option<String>,
+}
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub participants: usize,
+    /// The `decree` binary; `None` means [`decree_binary`].
+    pub binary: Option<PathBuf>,
+    /// Keep the directory after the cluster is dropped.
+    pub keep_dir: bool,
+    /// Extra flags for the coordinator (e.g. a short prepare timeout).
+    pub coordinator_args: Vec<String>,
+    /// Extra flags for every participant.
+    pub participant_args: Vec<String>,
+    /// Extra flags for one participant, by name ("p2": the second).
+    pub participant_args_for: Vec<(String, Vec<String>)>,
+    /// Another program for one participant, by name, in place of `decree
+    /// participant`: a service built on the participant library that takes
+    /// its flags (e.g. the inventory example).
+    pub participant_program_for: Vec<(String, PathBuf)>,
+}
+
+impl Options {
+    pub fn new(participants: usize) -> Self {
+        Options {
+            participants,
+            binary: None,
+            // DECREE_KEEP_DIRS=1 keeps every cluster's data and logs, to look into a failure.
+            keep_dir: std::env::var_os("DECREE_KEEP_DIRS").is_some(),
+            coordinator_args: Vec::new(),
+            participant_args: Vec::new(),
+            participant_args_for: Vec::new(),
+            participant_program_for: Vec::new(),
+        }
+    }
+}
+
+/// The `decree` binary: `$DECREE_BIN`, else `decree` next to the running
+/// test's target directory (`target/<profile>/decree`).
+pub fn decree_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("DECREE_BIN") {
+        return PathBuf::from(bin);
+    }
+    built_program("decree")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(free_ports(1)?[0])
+}
+
+/// `n` distinct free ports: every listener is held until all are chosen, so
+/// the system cannot hand the same port out twice.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// A running cluster. Dropping it kills every process.
+pub struct Cluster {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    options: Options,
+    coordinator: Node,
+    participants: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts a coordinator and `options.participants` participants, and waits
+    /// until every participant is enrolled.
+    pub async fn start(options: Options) -> Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("decree-").tempdir()?;
+        let path = dir.path().to_path_buf();
+        Self::start_in(Some(dir), path, options).await
+    }
+
+    /// Like [`Cluster::start`], in a directory the caller owns.
+    pub async fn start_in_dir(path: PathBuf, options: Options) -> Result<Cluster> {
+        std::fs::create_dir_all(&path)?;
+        Self::start_in(None, path, options).await
+    }
+
+    async fn start_in(dir: Option<tempfile::TempDir>, path: PathBuf, options: Options) -> Result<Cluster> {
+        let mut ports = free_ports(options.participants + 1)?.into_iter();
+        let mut node = |name: &str| -> Result<Node> {
+            Ok(Node {
+                name: name.to_owned(),
+                port: ports.next().expect("one port per node"),
+                data_dir: path.join(name),
+                log: path.join(format!("{name}.log")),
+                child: None,
+                crash_at: None,
+            })
+        };
+        let coordinator = node("coordinator")?;
+        let participants =
+            (1..=options.participants).map(|i| node(&format!("p{i}"))).collect::<Result<Vec<_>>>()?;
+        let mut cluster = Cluster { dir, path, options, coordinator, participants };
+        cluster.spawn(NodeId::Coordinator)?;
+        for i in 0..cluster.participants.len() {
+            cluster.spawn(NodeId::Participant(i))?;
+        }
+        if let Err(err) = cluster.wait_enrolled(Duration::from_secs(30)).await {
+            return Err(HarnessError::Other(format!("{err}\n{}", cluster.report())));
+        }
+        Ok(cluster)
+    }
+
+    /// The directory holding every data directory and log.
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn coordinator_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.coordinator.port)
+    }
+
+    pub fn participant_names(&self) -> Vec<String> {
+        self.participants.iter().map(|p| p.name.clone()).collect()
+    }
+
+    pub fn participant_count(&self) -> usize {
+        self.participants.len()
+    }
+
+    /// A participant's id by name.
+    pub fn participant(&self, name: &str) -> NodeId {
+        let index = self.participants.iter().position(|p| p.name == name);
+        NodeId::Participant(index.unwrap_or_else(|| panic!("no participant named {name}")))
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut Node {
+        match id {
+            NodeId::Coordinator => &mut self.coordinator,
+            NodeId::Participant(i) => &mut self.participants[i],
+        }
+    }
+
+    /// Each node: running or how it exited, and the end of its log.
+    pub fn report(&mut self) -> String {
+        let ids: Vec<NodeId> = std::iter::once(NodeId::Coordinator)
+            .chain((0..self.participants.len()).map(NodeId::Participant))
+            .collect();
+        let mut out = String::new();
+        for id in ids {
+            let node = self.node(id);
+            let state = match node.child.as_mut().map(|c| c.try_wait()) {
+                None => "not started".to_owned(),
+                Some(Ok(None)) => "running".to_owned(),
+                Some(Ok(Some(status))) => format!("exited: {status}"),
+                Some(Err(err)) => format!("unknown: {err}"),
+            };
+            let (name, port) = (node.name.clone(), node.port);
+            let log = self.log_of(id);
+            let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+            out.push_str(&format!("--- {name} (port {port}): {state}\n{}\n", tail.join("\n")));
+        }
+        out
+    }
+
+    /// The process log of a node (its stderr and stdout).
+    pub fn log_of(&self, id: NodeId) -> String {
+        let node = match id {
+            NodeId::Coordinator => &self.coordinator,
+            NodeId::Participant(i) => &self.participants[i],
+        };
+        std::fs::read_to_string(&node.log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, id: NodeId) -> Result<()> {
+        let coordinator_url = self.coordinator_url();
+        let binary = self.options.binary.clone().unwrap_or_else(decree_binary);
+        let extra = match id {
+            NodeId::Coordinator => self.options.coordinator_args.clone(),
+            NodeId::Participant(i) => {
+                let name = &self.participants[i].name;
+                let own = self.options.participant_args_for.iter().filter(|(n, _)| n == name);
+                let mut args = self.options.participant_args.clone();
+                args.extend(own.flat_map(|(_, a)| a.iter().cloned()));
+                args
+            }
+        };
+        let program = match id {
+            NodeId::Coordinator => None,
+            NodeId::Participant(i) => {
+                let name = &self.participants[i].name;
+                self.options.participant_program_for.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone())
+            }
+        };
+        let node = self.node(id);
+        assert!(node.child.is_none(), "{} is already running", node.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let mut command = Command::new(program.as_ref().unwrap_or(&binary));
+        match id {
+            NodeId::Coordinator => command.arg("coordinator"),
+            NodeId::Participant(_) => {
+                if program.is_none() {
+                    command.arg("participant");
+                }
+                command.args(["--coordinator", &coordinator_url, "--name", &node.name])
+            }
+        };
+        command
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", node.port))
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(extra)
+            .env_remove("DECREE_CRASH_AT")
+            .env("RUST_LOG", std::env::var("DECREE_NODE_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(points) = &node.crash_at {
+            command.env("DECREE_CRASH_AT", points);
+        }
+        node.child = Some(command.spawn()?);
+        Ok(())
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        let node = match id {
+            NodeId::Coordinator => &self.coordinator,
+            NodeId::Participant(i) => &self.participants[i],
+        };
+        node.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM: asks the node to shut down gracefully (see [`Cluster::wait_exit`]).
+    pub fn terminate(&mut self, id: NodeId) {
+        if let Some(pid) = self.pid(id) {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+
+    /// SIGKILL: no cleanup, no flush.
+    pub fn kill(&mut self, id: NodeId) {
+        if let Some(mut child) = self.node(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// True if the node's process is running (not exited).
+    pub fn is_running(&mut self, id: NodeId) -> bool {
+        match &mut self.node(id).child {
+            None => false,
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+        }
+    }
+
+    /// Restarts a node (killed or exited) on the same data directory and port,
+    /// with no crash points armed.
+    pub fn restart(&mut self, id: NodeId) -> Result<()> {
+        self.restart_with(id, None)
+    }
+
+    /// Restarts a node with `crash_at` armed (`DECREE_CRASH_AT`). A running node
+    /// is killed first. Returns once the process started; see [`Cluster::wait_serving`].
+    pub fn restart_with(&mut self, id: NodeId, crash_at: Option<&str>) -> Result<()> {
+        self.kill(id);
+        self.node(id).crash_at = crash_at.map(str::to_owned);
+        self.spawn(id)
+    }
+
+    /// The URL a node serves gRPC at.
+    pub fn url_of(&self, id: NodeId) -> String {
+        let port = match id {
+            NodeId::Coordinator => self.coordinator.port,
+            NodeId::Participant(i) => self.participants[i].port,
+        };
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Waits until the node's process answers gRPC on its port (it has
+    /// finished recovery: both servers serve only after it).
+    pub async fn wait_serving(&self, id: NodeId, timeout: Duration) -> Result<()> {
+        use decree_client::v1;
+        let url = self.url_of(id);
+        poll(timeout, &format!("{url} to serve"), || async {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone()).ok()?.connect().await.ok()?;
+            match id {
+                NodeId::Coordinator => {
+                    let mut registry = v1::registry_client::RegistryClient::new(channel);
+                    registry.list_participants(v1::ListParticipantsRequest {}).await.ok().map(|_| ())
+                }
+                NodeId::Participant(_) => {
+                    let mut participant = v1::participant_client::ParticipantClient::new(channel);
+                    participant.list_in_doubt(v1::ListInDoubtRequest {}).await.ok().map(|_| ())
+                }
+            }
+        })
+        .await
+    }
+
+    /// Restarts a node with `crash_at` armed and waits until it serves and, for
+    /// a participant, has enrolled again.
+    pub async fn restart_armed(&mut self, id: NodeId, crash_at: &str) -> Result<()> {
+        self.restart_with(id, Some(crash_at))?;
+        self.wait_back(id).await
+    }
+
+    /// Waits until a restarted node serves (the coordinator reaches a
+    /// participant at its unchanged address) and every participant is listed.
+    pub async fn wait_back(&self, id: NodeId) -> Result<()> {
+        self.wait_serving(id, Duration::from_secs(30)).await?;
+        self.wait_enrolled(Duration::from_secs(30)).await
+    }
+
+    /// Waits until the node exits by itself (e.g. at a crash point).
+    pub async fn wait_exit(&mut self, id: NodeId, timeout: Duration) -> Result<ExitStatus> {
+        let node = self.node(id);
+        let name = node.name.clone();
+        let Some(child) = node.child.as_mut() else {
+            return Err(HarnessError::Other(format!("{name} is not running")));
+        };
+        let status = poll(timeout, &format!("{name} to exit"), || {
+            // try_wait is synchronous: the probe's future holds no borrow.
+            let exited = child.try_wait().ok().flatten();
+            async move { exited }
+        })
+        .await?;
+        node.child = None;
+        Ok(status)
+    }
+
+    /// A client of the cluster (participants listed now).
+    pub async fn client(&self) -> Result<Client> {
+        Ok(Client::connect(&self.coordinator_url()).await?)
+    }
+
+    /// Waits until the coordinator answers and lists every participant as up.
+    pub async fn wait_enrolled(&self, timeout: Duration) -> Result<()> {
+        let want = self.participants.len();
+        poll(timeout, "every participant to enroll", || async {
+            let client = Client::connect(&self.coordinator_url()).await.ok()?;
+            let listed = client.participants().await.ok()?;
+            (listed.iter().filter(|p| p.state == "up").count() == want).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until every participant answers and none has a branch in doubt.
+    pub async fn wait_settled(&self, timeout: Duration) -> Result<()> {
+        poll(timeout, "no branch in doubt at any participant", || async {
+            let client = Client::connect(&self.coordinator_url()).await.ok()?;
+            let (in_doubt, unreachable) = client.in_doubt().await.ok()?;
+            (in_doubt.is_empty()
+                && unreachable.is_empty()
+                && client.participants().await.ok()?.len() == self.participants.len())
+            .then_some(())
+        })
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in
+            std::iter::once(NodeId::Coordinator).chain((0..self.participants.len()).map(NodeId::Participant))
+        {
+            self.kill(id);
+        }
+        if self.options.keep_dir {
+            if let Some(dir) = self.dir.take() {
+                let _ = dir.keep();
+            }
+        }
+    }
+}
+
+/// A program built next to the running test (`target/<profile>/<relative>`),
+/// e.g. `decree` or `examples/inventory`.
+pub fn built_program(relative: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/<profile>/deps/<test> -> target/<profile>/<relative>
+    let profile_dir =
+        exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
+    let program = profile_dir.join(relative);
+    assert!(
+        program.exists(),
+        "{} is missing: build it first (`cargo build --release --workspace --bins --examples`; `make test` does)",
+        program.display()
+    );
+    program
+}
+
+/// Polls `probe` until it returns `Some`, or fails after `timeout`.
+pub async fn poll<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout(timeout, what.to_owned()));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

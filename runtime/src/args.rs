@@ -1,0 +1,89 @@
+//! Command-line parsing that every decree binary shares: durations as people
+//! type them, and a bad value always named with its option.
+
+use std::time::Duration;
+
+/// Parses a duration as people type it: `15s`, `500ms`, `2m`, `1h`, `250us`,
+/// `1.5s`; a bare number is seconds (`10` is ten seconds). Negative, empty and
+/// unknown units are refused with a message that says what is accepted.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.starts_with('-') {
+        return Err(format!("{text:?}: a duration cannot be negative (use e.g. 15s, 500ms, 2m, 1h)"));
+    }
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let seconds_per_unit = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
+        "m" | "min" | "mins" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use e.g. 15s, 500ms, 2m, 1h")),
+    };
+    let value: f64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a duration: use e.g. 15s, 500ms, 2m, 1h (a bare number is seconds)")
+    })?;
+    Duration::try_from_secs_f64(value * seconds_per_unit).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// Parses the command line with [`name_bad_values`] applied; exits as clap
+/// does (help, version, or a usage error with exit code 2). The matches come
+/// back too, for what the parsed type does not keep (e.g. the order of flags).
+pub fn parse<P: clap::Parser>(args: impl IntoIterator<Item = std::ffi::OsString>) -> (P, clap::ArgMatches) {
+    let matches = name_bad_values(P::command()).get_matches_from(args);
+    let parsed = P::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    (parsed, matches)
+}
+
+/// Makes every option that takes a value accept one that looks like a negative
+/// number (`--prepare-timeout-ms -5`), in this command and its subcommands, so
+/// that a bad value is refused by its option's parser, which names the option
+/// ("invalid value '-5' for '--prepare-timeout-ms <MS>'"), instead of being
+/// taken for an unknown flag.
+pub fn name_bad_values(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| if arg.get_action().takes_values() { arg.allow_negative_numbers(true) } else { arg })
+        .mut_subcommands(name_bad_values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_the_forms_people_type() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration(" 3s "), Ok(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn bad_durations_are_refused_with_what_is_accepted() {
+        for bad in ["", "s", "-5s", "5x", "1.2.3s", "ms5", "5 parsecs"] {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(err.contains("e.g. 15s"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_negative_value_is_named_with_its_option() {
+        #[derive(clap::Parser, Debug)]
+        struct Flags {
+            #[arg(long)]
+            timeout_ms: u64,
+            #[arg(long)]
+            delta: Option<i64>,
+        }
+        let command = name_bad_values(<Flags as clap::CommandFactory>::command());
+        let err = command.clone().try_get_matches_from(["x", "--timeout-ms", "-5"]).unwrap_err().to_string();
+        assert!(err.contains("--timeout-ms") && err.contains("-5"), "{err}");
+        let matches = command.try_get_matches_from(["x", "--timeout-ms", "5", "--delta", "-7"]).unwrap();
+        assert_eq!(matches.get_one::<i64>("delta"), Some(&-7));
+    }
+}
