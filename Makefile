@@ -7,6 +7,11 @@
 
 CARGO ?= cargo
 
+# Ended outcomes and tombstones pruned all the time: the crash matrix and the
+# chaos test must hold with it (the servers read these environment variables).
+AGGRESSIVE_RETENTION = DECREE_RETAIN_ENDED=50 DECREE_RETAIN_ENDED_MS=10000 DECREE_PRUNE_INTERVAL_MS=50 \
+	DECREE_TOMBSTONES=50 DECREE_TOMBSTONE_AGE_MS=5000
+
 .PHONY: demo test build prereqs test-prereqs lint fmt clippy
 
 demo: prereqs
@@ -17,6 +22,8 @@ test: prereqs test-prereqs
 	@bash scripts/ensure-postgres.sh
 	$(CARGO) build --release --workspace --bins --examples
 	$(CARGO) test --release --workspace
+	@echo "decree: the crash matrix and chaos again, pruning aggressively (every process reads these)"
+	$(AGGRESSIVE_RETENTION) $(CARGO) test --release -p decree-tests --test crash --test chaos
 
 build: prereqs
 	$(CARGO) build --release --workspace

@@ -72,6 +72,20 @@ pub struct BenchArgs {
     /// Keep the cluster's directory afterwards.
     #[arg(long)]
     pub(crate) keep: bool,
+    /// Soak instead: run the load this long (`20m`, `1h`) on a local cluster,
+    /// report every --soak-report throughput, p99, RSS and data size of every
+    /// process, then kill -9 the coordinator and p1 and time their restarts.
+    #[arg(long, value_parser = decree_runtime::args::parse_duration, value_name = "DURATION")]
+    pub(crate) soak: Option<Duration>,
+    /// How often the soak reports.
+    #[arg(long, default_value = "1m", value_parser = decree_runtime::args::parse_duration)]
+    pub(crate) soak_report: Duration,
+    /// Extra flags for the local coordinator (repeatable), e.g. --coordinator-flag=--retain-ended=100000.
+    #[arg(long = "coordinator-flag", value_name = "FLAG", allow_hyphen_values = true)]
+    pub(crate) coordinator_flags: Vec<String>,
+    /// Extra flags for every local participant (repeatable).
+    #[arg(long = "participant-flag", value_name = "FLAG", allow_hyphen_values = true)]
+    pub(crate) participant_flags: Vec<String>,
 }
 
 pub async fn run(args: BenchArgs) -> i32 {
@@ -177,7 +191,7 @@ fn sum(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-fn round(x: f64) -> f64 {
+pub(crate) fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -215,13 +229,13 @@ async fn scrape(addr: &str) -> Result<String, String> {
 }
 
 /// The local cluster and where its metrics are.
-struct Local {
-    cluster: Cluster,
-    metrics: Vec<(String, NodeId, String)>,
+pub(crate) struct Local {
+    pub(crate) cluster: Cluster,
+    pub(crate) metrics: Vec<(String, NodeId, String)>,
 }
 
 impl Local {
-    async fn start(args: &BenchArgs) -> Result<Local, String> {
+    pub(crate) async fn start(args: &BenchArgs) -> Result<Local, String> {
         let binary = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut options = Options::new(args.participants);
         options.binary = Some(binary);
@@ -233,6 +247,8 @@ impl Local {
         let addr = |i: usize| format!("127.0.0.1:{}", ports[i].local_addr().map(|a| a.port()).unwrap_or(0));
         let mut metrics = vec![("coordinator".to_owned(), NodeId::Coordinator, addr(0))];
         options.coordinator_args = vec!["--metrics-listen".into(), addr(0)];
+        options.coordinator_args.extend(args.coordinator_flags.iter().cloned());
+        options.participant_args = args.participant_flags.clone();
         for i in 1..=args.participants {
             let name = format!("p{i}");
             options.participant_args_for.push((name.clone(), vec!["--metrics-listen".into(), addr(i)]));
@@ -394,7 +410,7 @@ where
 }
 
 /// One decree transaction of the workload.
-fn decree_txn(
+pub(crate) fn decree_txn(
     client: Client,
     workload: Workload,
     participants: Vec<String>,
@@ -474,7 +490,7 @@ async fn floor(dir: &std::path::Path, client: &Client) -> Result<(f64, f64, f64)
     Ok((fsync, rtt, 2.0 * fsync + 2.0 * rtt))
 }
 
-fn progress(args: &BenchArgs, what: &str) -> ProgressBar {
+pub(crate) fn progress(args: &BenchArgs, what: &str) -> ProgressBar {
     if args.json {
         return ProgressBar::hidden();
     }
@@ -487,7 +503,7 @@ fn progress(args: &BenchArgs, what: &str) -> ProgressBar {
     bar
 }
 
-async fn seed_accounts(client: &Client, accounts: usize) -> Result<(), String> {
+pub(crate) async fn seed_accounts(client: &Client, accounts: usize) -> Result<(), String> {
     for chunk in (0..accounts).collect::<Vec<_>>().chunks(200) {
         let ops = chunk.iter().map(|i| KvOp::Put { key: account(*i), value: b"0".to_vec() }).collect();
         let result = client.transact(ops).await.map_err(|e| e.to_string())?;
@@ -546,6 +562,9 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
     }
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err("--rate must be a positive number of transactions per second".into());
+    }
+    if let Some(soak) = args.soak {
+        return crate::soak::soak(&args, soak).await;
     }
     let say = |text: String| {
         if !args.json {

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_pg;
 mod demo;
+mod soak;
 mod txn;
 
 /// mimalloc: glibc's allocator showed as ~12% of the CPU in a profile of the
@@ -191,13 +192,28 @@ fn main() {
     std::process::exit(code);
 }
 
-fn report(command: &str, result: Result<(), Failure>) -> i32 {
+fn report(command: &str, result: Result<impl Into<ExitCode>, Failure>) -> i32 {
     match result {
-        Ok(()) => 0,
+        Ok(code) => code.into().0,
         Err(Failure(message)) => {
             eprintln!("decree {command}: {message}");
             2
         }
+    }
+}
+
+/// What a client command that succeeded exits with: 0, unless it says otherwise.
+struct ExitCode(i32);
+
+impl From<()> for ExitCode {
+    fn from((): ()) -> Self {
+        ExitCode(0)
+    }
+}
+
+impl From<i32> for ExitCode {
+    fn from(code: i32) -> Self {
+        ExitCode(code)
     }
 }
 
@@ -222,17 +238,29 @@ async fn get(args: GetArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn status(args: StatusArgs) -> Result<(), Failure> {
+/// `decree status`: exit 0 with the outcome, [`FORGOTTEN_EXIT`] when the
+/// coordinator no longer remembers it, 2 on error.
+async fn status(args: StatusArgs) -> Result<i32, Failure> {
     args.txid.parse::<decree_client::TxId>()?;
     let client = Client::connect(&args.target.coordinator).await?;
     let outcome = client.status(&args.txid).await?;
     if args.target.json {
         println!("{}", json!({ "txid": args.txid, "outcome": outcome.as_str() }));
+    } else if outcome == decree_client::Outcome::Forgotten {
+        println!(
+            "{} forgotten: older than the coordinator remembers (ended outcomes are kept for \
+             --retain-ended / --retain-ended-ms), so it may have committed or aborted",
+            args.txid
+        );
     } else {
         println!("{} {}", args.txid, outcome.as_str());
     }
-    Ok(())
+    Ok(if outcome == decree_client::Outcome::Forgotten { FORGOTTEN_EXIT } else { 0 })
 }
+
+/// `decree status`'s exit code for a forgotten outcome: an answer, but not one
+/// a script can act on as committed or aborted.
+const FORGOTTEN_EXIT: i32 = 3;
 
 async fn participants(args: ListArgs) -> Result<(), Failure> {
     let client = Client::connect(&args.target.coordinator).await?;

@@ -112,7 +112,7 @@ pub async fn run(args: TxnArgs, order: Vec<(usize, &'static str, usize)>) -> i32
             match result.outcome {
                 Outcome::Committed => 0,
                 Outcome::Aborted => 1,
-                Outcome::Pending => 2,
+                Outcome::Pending | Outcome::Forgotten => 2,
             }
         }
         Err(TxnFailure { message, txid }) => {

@@ -101,6 +101,9 @@ pub enum Outcome {
     Committed,
     Aborted,
     Pending,
+    /// Older than the coordinator remembers: it may have committed or aborted
+    /// (its outcome was pruned after the retention window).
+    Forgotten,
 }
 
 impl Outcome {
@@ -109,6 +112,7 @@ impl Outcome {
             Outcome::Committed => "committed",
             Outcome::Aborted => "aborted",
             Outcome::Pending => "pending",
+            Outcome::Forgotten => "forgotten",
         }
     }
 
@@ -117,6 +121,7 @@ impl Outcome {
             Ok(v1::Outcome::Committed) => Ok(Outcome::Committed),
             Ok(v1::Outcome::Aborted) => Ok(Outcome::Aborted),
             Ok(v1::Outcome::Pending) => Ok(Outcome::Pending),
+            Ok(v1::Outcome::Forgotten) => Ok(Outcome::Forgotten),
             _ => {
                 Err(tonic::Status::internal(format!("the coordinator sent an unknown outcome {value}"))
                     .into())

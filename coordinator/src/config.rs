@@ -50,6 +50,16 @@ pub struct Config {
     /// A participant not heard from within this window is listed as "down".
     #[arg(long, env = "DECREE_LIVENESS_MS", default_value_t = 3_000)]
     pub liveness_ms: u64,
+    /// Ended outcomes kept for GetOutcome: at most about this many of the
+    /// newest (older ones answer FORGOTTEN). Unfinished decisions are always kept.
+    #[arg(long, env = "DECREE_RETAIN_ENDED", default_value_t = 1_000_000)]
+    pub retain_ended: u64,
+    /// And none older than this.
+    #[arg(long, env = "DECREE_RETAIN_ENDED_MS", default_value_t = 3_600_000)]
+    pub retain_ended_ms: u64,
+    /// How often the window of ended outcomes is pruned.
+    #[arg(long, env = "DECREE_PRUNE_INTERVAL_MS", default_value_t = 1_000)]
+    pub prune_interval_ms: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub process: decree_runtime::serve::ProcessOptions,
@@ -76,6 +86,9 @@ impl Config {
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             liveness_ms: 3_000,
             shutdown_grace_ms: 10_000,
+            retain_ended: 1_000_000,
+            retain_ended_ms: 3_600_000,
+            prune_interval_ms: 1_000,
             process: decree_runtime::serve::ProcessOptions::default(),
         }
     }
@@ -92,6 +105,8 @@ impl Config {
             ("--liveness-ms", self.liveness_ms),
             ("--shutdown-grace-ms", self.shutdown_grace_ms),
             ("--max-in-flight", self.max_in_flight as u64),
+            ("--retain-ended-ms", self.retain_ended_ms),
+            ("--prune-interval-ms", self.prune_interval_ms),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -118,6 +133,18 @@ impl Config {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// How much of the history of ended outcomes is kept.
+    pub fn retention(&self) -> crate::retention::Retention {
+        crate::retention::Retention {
+            max_ended: self.retain_ended,
+            max_age: Duration::from_millis(self.retain_ended_ms),
+        }
+    }
+
+    pub fn prune_interval(&self) -> Duration {
+        Duration::from_millis(self.prune_interval_ms)
     }
 
     pub fn redelivery(&self) -> Backoff {

@@ -2,6 +2,7 @@
 //!
 //! - [`engine`]: the protocol as a sans-IO state machine (no tokio, tonic or RocksDB);
 //! - [`store`]: the durable decision log and its correctness contract;
+//! - [`retention`]: which ended outcomes to forget, and when (pure policy);
 //! - `runtime`: the actor that executes the engine's commands;
 //! - `service`: the thin gRPC handlers;
 //! - [`Config`]: every knob, with units in the names.
@@ -13,6 +14,7 @@ pub mod engine;
 mod phase_one;
 mod phase_two;
 mod registry;
+pub mod retention;
 mod runtime;
 mod service;
 pub mod store;
@@ -87,6 +89,8 @@ pub async fn serve(
         coordinator = format_args!("{:08x}", recovered.coordinator_id),
         incarnation = recovered.incarnation,
         unfinished = recovered.unfinished.len(),
+        records_read = recovered.records_read,
+        horizon = %recovered.horizon.map(|h| h.to_string()).unwrap_or_else(|| "none".into()),
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "coordinator starting"
     );
@@ -109,6 +113,7 @@ pub async fn serve(
         recovered.unfinished,
     );
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
+    tokio::spawn(runtime::prune_ended(handle.clone(), stop_streams.clone()));
     let service = service::Service::new(handle.clone(), stop_streams);
     let limit = config.max_message_bytes * 2;
     let routes = Routes::new(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))

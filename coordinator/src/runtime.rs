@@ -7,6 +7,7 @@
 //! Crash points sit here, at the boundaries the engine's commands cross.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,8 @@ use crate::engine::{Command, Decided, Engine, Event, Known, OnePhaseFound, Stuck
 use crate::phase_one::{self, Outgoing, Prepares};
 use crate::phase_two::{self, Deliveries, Due};
 use crate::registry::Registry;
-use crate::store::DecisionLog;
+use crate::retention::Window;
+use crate::store::{DecisionLog, Recorded};
 use crate::CoordinatorError;
 
 /// Most client requests queued for the actor.
@@ -124,6 +126,8 @@ pub struct Handle {
     budget: Arc<RetryBudget<ParticipantName>>,
     pub coordinator_id: u32,
     pub incarnation: u64,
+    /// The sequence of the next txid to be issued (the actor advances it).
+    next_sequence: Arc<AtomicU64>,
 }
 
 impl Handle {
@@ -209,8 +213,11 @@ impl Handle {
         match self.ask(|reply| Request::Known { txid, reply }).await? {
             Some(Known::Pending) => Ok(v1::Outcome::Pending),
             Some(Known::Committing) => Ok(v1::Outcome::Committed),
-            None if self.store.is_committed(txid)? => Ok(v1::Outcome::Committed),
-            None => Ok(v1::Outcome::Aborted),
+            None => Ok(match self.store.recorded(txid)? {
+                Recorded::Committed => v1::Outcome::Committed,
+                Recorded::Forgotten => v1::Outcome::Forgotten,
+                Recorded::Absent => v1::Outcome::Aborted,
+            }),
         }
     }
 
@@ -228,7 +235,6 @@ struct Started {
 struct Actor {
     engine: Engine,
     handle: Handle,
-    next_sequence: u64,
     replies: HashMap<TxId, Decision>,
     /// Each transaction in memory since it started: for [`LATENCY`], and
     /// the span its RPCs run in.
@@ -257,11 +263,21 @@ pub(crate) fn start(
     let budget = Arc::new(RetryBudget::per_second(
         std::num::NonZeroU32::new(config.retry_budget_per_s).expect("validated: greater than 0"),
     ));
-    let handle = Handle { requests, events, registry, store, config, budget, coordinator_id, incarnation };
+    let next_sequence = Arc::new(AtomicU64::new(1));
+    let handle = Handle {
+        requests,
+        events,
+        registry,
+        store,
+        config,
+        budget,
+        coordinator_id,
+        incarnation,
+        next_sequence,
+    };
     let mut actor = Actor {
         engine: Engine::new(),
         handle: handle.clone(),
-        next_sequence: 1,
         replies: HashMap::new(),
         started: HashMap::new(),
         prepares: Prepares::new(
@@ -326,9 +342,9 @@ impl Actor {
     }
 
     fn next_txid(&mut self) -> TxId {
-        let txid = TxId::new(self.handle.coordinator_id, self.handle.incarnation, self.next_sequence);
-        self.next_sequence += 1;
-        txid
+        // Only the actor issues txids; the pruner reads where the sequence stands.
+        let sequence = self.handle.next_sequence.fetch_add(1, Ordering::Relaxed);
+        TxId::new(self.handle.coordinator_id, self.handle.incarnation, sequence)
     }
 
     fn admit(&self) -> Result<(), CoordinatorError> {
@@ -606,6 +622,49 @@ impl Actor {
             let _ = events.send(Event::OnePhaseResolved { txid, found });
         }
         .instrument(span)
+    }
+}
+
+/// Ended outcomes forgotten (one range delete per prune).
+pub const PRUNES: &str = "decree_outcome_prunes_total";
+
+/// Forgets ended outcomes beyond the retention window, every prune interval,
+/// until `stop`: the policy ([`Window`]) picks the horizon; the store deletes
+/// below it in one batch with the durable horizon. Every time as many outcomes
+/// as the window holds (at least 100,000) were forgotten, the forgotten range
+/// is compacted, so the disk gives the space back rather than when RocksDB's
+/// compaction next reaches it.
+pub(crate) async fn prune_ended(handle: Handle, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let config = &handle.config;
+    let next =
+        || TxId::new(handle.coordinator_id, handle.incarnation, handle.next_sequence.load(Ordering::Relaxed));
+    let mut window = Window::new(config.retention(), Instant::now(), next(), handle.store.ended());
+    let compact_every = config.retain_ended.max(100_000);
+    let mut compacted_at = handle.store.ended();
+    let mut ticker = tokio::time::interval(config.prune_interval());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let ended = handle.store.ended();
+        let Some(horizon) = window.tick(Instant::now(), next(), ended) else { continue };
+        match handle.store.forget_before(horizon).await {
+            Ok(true) => {
+                metrics::counter!(PRUNES).increment(1);
+                debug!(%horizon, "ended outcomes below the horizon forgotten");
+            }
+            Ok(false) => {}
+            Err(err) => fatal(&err.into()),
+        }
+        if ended - compacted_at >= compact_every {
+            compacted_at = ended;
+            let store = handle.store.clone();
+            let started = Instant::now();
+            let _ = tokio::task::spawn_blocking(move || store.compact_forgotten()).await;
+            info!(%horizon, elapsed_ms = started.elapsed().as_millis() as u64, "forgotten outcomes compacted away");
+        }
     }
 }
 

@@ -1,5 +1,20 @@
 //! The coordinator's durable state: its identity and incarnation, COMMIT
-//! decisions, end records and the participant registry, in one RocksDB log.
+//! decisions whose phase two is unfinished, a bounded window of ended ones,
+//! the horizon below which outcomes are forgotten, and the participant
+//! registry, in one RocksDB log.
+//!
+//! # Layout
+//!
+//! | key | record | written |
+//! |---|---|---|
+//! | `meta` | coordinator id, incarnation | synced, at every start |
+//! | `d/<txid>` | COMMIT decision with its participants, phase two unfinished | synced, before any Commit |
+//! | `c/<txid>` | committed and ended (every participant acked), or one-phase committed | not synced |
+//! | `horizon` | the txid below which ended outcomes are forgotten | not synced, with the range delete it guards |
+//! | `r/<name>` | a participant's last address | not synced |
+//!
+//! Start reads `meta`, `horizon`, `d/` and `r/`: what is undecided, never the
+//! history. `c/` is only read by [`DecisionLog::recorded`], one key at a time.
 //!
 //! # Correctness
 //!
@@ -7,31 +22,42 @@
 //!   it returns, so no two starts hand out the same txids.
 //! - [`DecisionLog::log_decision`] returns only after the decision record is
 //!   **synced**: once it returns, the transaction is committed, whatever crashes.
-//! - [`DecisionLog::log_end`], [`DecisionLog::log_one_phase_commit`] and
-//!   [`DecisionLog::save_participant`] are **not synced**: they survive a
-//!   process crash but may be lost with the machine. Losing an end record only
-//!   causes a redundant redrive (Commit is idempotent); losing a registry entry
-//!   only delays redelivery until the participant enrolls again.
-//! - Absence of a decision record means ABORTED (presumed abort). A record
-//!   that fails its checksum is an error, never "absent": the coordinator
-//!   refuses to start rather than abort a committed transaction.
-//! - Decision records are kept after their end record so that `GetOutcome`
-//!   keeps answering COMMITTED; the oldest ended ones beyond
-//!   [`RETAINED_ENDED`] are pruned at start.
+//! - [`DecisionLog::log_end`] moves the decision from `d/` to `c/` in one
+//!   atomic, **unsynced** batch: it survives a process crash but may be lost
+//!   with the machine, and losing it only causes a redundant redrive (Commit
+//!   is idempotent). [`DecisionLog::log_one_phase_commit`] and
+//!   [`DecisionLog::save_participant`] are unsynced too: losing the first only
+//!   makes `GetOutcome` of that one-phase transaction answer ABORTED after a
+//!   machine crash (its client was told COMMITTED by then and never asks);
+//!   losing the second only delays redelivery until the participant enrolls
+//!   again.
+//! - A `d/` record is removed only by [`DecisionLog::log_end`], after every
+//!   participant acked: pruning never touches it, however old.
+//! - Absence of any record means ABORTED (presumed abort) for a txid at or
+//!   above the horizon, and FORGOTTEN below it: [`DecisionLog::forget_before`]
+//!   deletes `c/` records below a new horizon in the same atomic batch that
+//!   makes the horizon durable, and raises the in-memory horizon *before*
+//!   writing, so no reader ever sees a record gone while the horizon says it
+//!   should be there. A committed transaction is therefore never answered
+//!   ABORTED: it is COMMITTED (a record exists) or FORGOTTEN.
+//! - A record that fails its checksum is an error, never "absent": the
+//!   coordinator refuses to start rather than abort a committed transaction.
 
-use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use decree_proto::{ParticipantName, TxId};
+use decree_runtime::record::TxIdRecord;
 use decree_runtime::{record, Log, LogError, RecordError, Write};
 
-/// Ended decisions kept for `GetOutcome`; older ones are pruned at start.
-pub const RETAINED_ENDED: usize = 100_000;
-
 const META_KEY: &[u8] = b"meta";
+const HORIZON_KEY: &[u8] = b"horizon";
 const DECISION: &[u8] = b"d/";
-const END: &[u8] = b"e/";
+const COMMITTED: &[u8] = b"c/";
 const REGISTRY: &[u8] = b"r/";
+/// End records of the layout before the `c/` window (migrated at open).
+const OLD_END: &[u8] = b"e/";
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct MetaRecord {
@@ -45,12 +71,16 @@ struct MetaRecord {
 struct DecisionRecord {
     #[prost(string, repeated, tag = "1")]
     participants: Vec<String>,
+    /// Only in records of the layout before the `c/` window.
     #[prost(bool, tag = "2")]
     one_phase: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct EndRecord {}
+struct CommittedRecord {
+    #[prost(bool, tag = "1")]
+    one_phase: bool,
+}
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct ParticipantRecord {
@@ -76,48 +106,78 @@ pub struct Recovered {
     pub unfinished: Vec<(TxId, Vec<ParticipantName>)>,
     /// Participants enrolled before, with their last address.
     pub participants: Vec<(ParticipantName, String)>,
+    /// Ended outcomes below this txid are forgotten (`None`: nothing pruned yet).
+    pub horizon: Option<TxId>,
+    /// Records read to start: a measure of start's work that does not depend
+    /// on the machine (it grows with what is undecided, not with history).
+    pub records_read: u64,
+}
+
+/// What the log says of a txid that is not in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// A COMMIT decision exists (unfinished, or ended within the window).
+    Committed,
+    /// No record, and the txid is below the horizon: it may have committed
+    /// long ago; the record that would tell was pruned.
+    Forgotten,
+    /// No record at or above the horizon: aborted (presumed abort).
+    Absent,
 }
 
 #[derive(Clone)]
 pub struct DecisionLog {
     log: Log,
+    coordinator_id: u32,
+    /// Outcomes below it are forgotten; raised before the records go.
+    horizon: Arc<Mutex<Option<TxId>>>,
+    /// `c/` records written by this process: what the count bound counts.
+    ended: Arc<AtomicU64>,
 }
 
 fn txid_key(prefix: &[u8], txid: TxId) -> Vec<u8> {
     [prefix, &txid.to_key_bytes()].concat()
 }
 
+/// The first key of `prefix` for coordinator `id` (below every txid it issues).
+fn coordinator_start(prefix: &[u8], id: u32) -> Vec<u8> {
+    [prefix, &id.to_be_bytes()[..], &[0u8; 16][..]].concat()
+}
+
 fn corrupt(key: &[u8], source: RecordError) -> StoreError {
     StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), source }
 }
 
+fn txid_of(prefix: &[u8], key: &[u8]) -> Result<TxId, StoreError> {
+    TxId::from_key_bytes(&key[prefix.len()..])
+        .ok_or_else(|| corrupt(key, RecordError::Truncated { len: key.len() }))
+}
+
 impl DecisionLog {
-    /// Opens the log, bumps the incarnation durably and reads what must be recovered.
+    /// Opens the log, bumps the incarnation durably and reads what must be
+    /// recovered: the unfinished decisions and the registry, never the window
+    /// of ended ones.
     pub async fn open(dir: &Path) -> Result<(DecisionLog, Recovered), StoreError> {
         let log = Log::open(dir)?;
+        let read_before = log.stats().records_read.load(Ordering::Relaxed);
         let meta = match log.get(META_KEY)? {
             Some(bytes) => record::decode::<MetaRecord>(&bytes).map_err(|e| corrupt(META_KEY, e))?,
             None => MetaRecord { coordinator_id: rand::random(), incarnation: 0 },
         };
         let meta = MetaRecord { incarnation: meta.incarnation + 1, ..meta };
         log.write(vec![Write::put(META_KEY, record::encode(&meta))], true).await?;
+        let horizon = match log.get(HORIZON_KEY)? {
+            None => None,
+            Some(bytes) => {
+                Some(record::decode::<TxIdRecord>(&bytes).map_err(|e| corrupt(HORIZON_KEY, e))?.into())
+            }
+        };
+        migrate_old_ends(&log).await?;
 
-        let ended: BTreeSet<TxId> = log
-            .scan_prefix(END)?
-            .into_iter()
-            .map(|(key, _)| {
-                TxId::from_key_bytes(&key[END.len()..])
-                    .ok_or_else(|| corrupt(&key, RecordError::Truncated { len: key.len() }))
-            })
-            .collect::<Result<_, _>>()?;
         let mut unfinished = Vec::new();
         for (key, value) in log.scan_prefix(DECISION)? {
-            let txid = TxId::from_key_bytes(&key[DECISION.len()..])
-                .ok_or_else(|| corrupt(&key, RecordError::Truncated { len: key.len() }))?;
+            let txid = txid_of(DECISION, &key)?;
             let decision = record::decode::<DecisionRecord>(&value).map_err(|e| corrupt(&key, e))?;
-            if ended.contains(&txid) {
-                continue;
-            }
             let participants = decision
                 .participants
                 .iter()
@@ -134,29 +194,22 @@ impl DecisionLog {
             let entry = record::decode::<ParticipantRecord>(&value).map_err(|e| corrupt(&key, e))?;
             participants.push((name, entry.address));
         }
-        let store = DecisionLog { log };
-        store.prune_ended(&ended).await?;
+        let records_read = log.stats().records_read.load(Ordering::Relaxed) - read_before;
+        let store = DecisionLog {
+            log,
+            coordinator_id: meta.coordinator_id,
+            horizon: Arc::new(Mutex::new(horizon)),
+            ended: Arc::new(AtomicU64::new(0)),
+        };
         let recovered = Recovered {
             coordinator_id: meta.coordinator_id,
             incarnation: meta.incarnation,
             unfinished,
             participants,
+            horizon,
+            records_read,
         };
         Ok((store, recovered))
-    }
-
-    async fn prune_ended(&self, ended: &BTreeSet<TxId>) -> Result<(), StoreError> {
-        let excess = ended.len().saturating_sub(RETAINED_ENDED);
-        if excess == 0 {
-            return Ok(());
-        }
-        let writes = ended
-            .iter()
-            .take(excess)
-            .flat_map(|txid| [Write::delete(txid_key(DECISION, *txid)), Write::delete(txid_key(END, *txid))])
-            .collect();
-        self.log.write(writes, false).await?;
-        Ok(())
     }
 
     /// Makes the COMMIT decision durable (synced).
@@ -173,31 +226,94 @@ impl DecisionLog {
     pub async fn log_one_phase_commit(
         &self,
         txid: TxId,
-        participant: &ParticipantName,
+        _participant: &ParticipantName,
     ) -> Result<(), StoreError> {
-        let decision = DecisionRecord { participants: vec![participant.to_string()], one_phase: true };
-        let writes = vec![
-            Write::put(txid_key(DECISION, txid), record::encode(&decision)),
-            Write::put(txid_key(END, txid), record::encode(&EndRecord {})),
-        ];
-        self.log.write(writes, false).await?;
+        let value = record::encode(&CommittedRecord { one_phase: true });
+        self.log.write(vec![Write::put(txid_key(COMMITTED, txid), value)], false).await?;
+        self.ended.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Every participant acked: phase two is over (not synced).
+    /// Every participant acked: phase two is over. The decision leaves `d/`
+    /// (a single delete: it was put once) and joins the window (not synced).
     pub async fn log_end(&self, txid: TxId) -> Result<(), StoreError> {
-        self.log.write(vec![Write::put(txid_key(END, txid), record::encode(&EndRecord {}))], false).await?;
+        let writes = vec![
+            Write::single_delete(txid_key(DECISION, txid)),
+            Write::put(txid_key(COMMITTED, txid), record::encode(&CommittedRecord { one_phase: false })),
+        ];
+        self.log.write(writes, false).await?;
+        self.ended.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// What the log says of `txid`. `d/` is read before `c/`: [`Self::log_end`]
+    /// moves a record from the first to the second atomically, so reading in
+    /// this order cannot miss it. The horizon is read last: it is raised
+    /// before records below it are deleted.
+    pub fn recorded(&self, txid: TxId) -> Result<Recorded, StoreError> {
+        for prefix in [DECISION, COMMITTED] {
+            let key = txid_key(prefix, txid);
+            if let Some(bytes) = self.log.get(&key)? {
+                let valid = if prefix == DECISION {
+                    record::decode::<DecisionRecord>(&bytes).map(drop)
+                } else {
+                    record::decode::<CommittedRecord>(&bytes).map(drop)
+                };
+                valid.map_err(|e| corrupt(&key, e))?;
+                return Ok(Recorded::Committed);
+            }
+        }
+        let below = self.horizon().is_some_and(|horizon| txid < horizon);
+        Ok(if below { Recorded::Forgotten } else { Recorded::Absent })
     }
 
     /// True if a COMMIT decision for `txid` is on disk.
     pub fn is_committed(&self, txid: TxId) -> Result<bool, StoreError> {
-        let key = txid_key(DECISION, txid);
-        match self.log.get(&key)? {
-            None => Ok(false),
-            Some(bytes) => {
-                record::decode::<DecisionRecord>(&bytes).map(|_| true).map_err(|e| corrupt(&key, e))
+        Ok(self.recorded(txid)? == Recorded::Committed)
+    }
+
+    /// Ended outcomes below this txid are forgotten.
+    pub fn horizon(&self) -> Option<TxId> {
+        *self.horizon.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ended or one-phase commits recorded by this process.
+    pub fn ended(&self) -> u64 {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// Forgets the ended outcomes of every txid below `horizon`: their `c/`
+    /// records go in one range delete, in the batch that makes the horizon
+    /// durable (not synced: if the batch is lost, so is the deletion). The
+    /// in-memory horizon is raised first. A horizon at or below the current
+    /// one changes nothing. Unfinished decisions (`d/`) are never touched.
+    pub async fn forget_before(&self, horizon: TxId) -> Result<bool, StoreError> {
+        assert_eq!(horizon.coordinator, self.coordinator_id, "a horizon is in this coordinator's txids");
+        {
+            let mut current = self.horizon.lock().unwrap_or_else(|e| e.into_inner());
+            if current.is_some_and(|c| c >= horizon) {
+                return Ok(false);
             }
+            *current = Some(horizon);
+        }
+        let record = TxIdRecord::from(horizon);
+        let writes = vec![
+            Write::delete_range(
+                coordinator_start(COMMITTED, self.coordinator_id),
+                txid_key(COMMITTED, horizon),
+            ),
+            Write::put(HORIZON_KEY, record::encode(&record)),
+        ];
+        self.log.write(writes, false).await?;
+        Ok(true)
+    }
+
+    /// Compacts the forgotten part of the window, so that its space is
+    /// reclaimed now rather than when compaction next reaches it. Blocks.
+    pub fn compact_forgotten(&self) {
+        if let Some(horizon) = self.horizon() {
+            self.log
+                .compact(&coordinator_start(COMMITTED, self.coordinator_id), &txid_key(COMMITTED, horizon));
         }
     }
 
@@ -210,8 +326,35 @@ impl DecisionLog {
     }
 
     pub fn fsyncs(&self) -> u64 {
-        self.log.stats().fsyncs.load(std::sync::atomic::Ordering::Relaxed)
+        self.log.stats().fsyncs.load(Ordering::Relaxed)
     }
+}
+
+/// Moves the ended decisions of the layout before the `c/` window (a `d/`
+/// record kept beside an `e/` record) into the window, once. Bounded by what
+/// that layout kept (it pruned at every start).
+async fn migrate_old_ends(log: &Log) -> Result<(), StoreError> {
+    let ends = log.scan_prefix(OLD_END)?;
+    if ends.is_empty() {
+        return Ok(());
+    }
+    let mut writes = Vec::with_capacity(ends.len() * 3);
+    for (key, _) in &ends {
+        let txid = txid_of(OLD_END, key)?;
+        let decision_key = txid_key(DECISION, txid);
+        let one_phase = match log.get(&decision_key)? {
+            Some(bytes) => {
+                record::decode::<DecisionRecord>(&bytes).map_err(|e| corrupt(&decision_key, e))?.one_phase
+            }
+            None => false,
+        };
+        writes.push(Write::delete(decision_key));
+        writes.push(Write::delete(key.clone()));
+        writes.push(Write::put(txid_key(COMMITTED, txid), record::encode(&CommittedRecord { one_phase })));
+    }
+    tracing::info!(records = ends.len(), "moved ended decisions of the earlier layout into the window");
+    log.write(writes, true).await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -236,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn incarnation_grows_and_unfinished_decisions_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (first_id, t1, t2);
+        let (first_id, t1, t2, t3);
         {
             let (store, recovered) = DecisionLog::open(dir.path()).await.unwrap();
             assert_eq!(recovered.incarnation, 1);
@@ -244,19 +387,152 @@ mod tests {
             first_id = recovered.coordinator_id;
             t1 = TxId::new(first_id, 1, 1);
             t2 = TxId::new(first_id, 1, 2);
+            t3 = TxId::new(first_id, 1, 3);
             store.log_decision(t1, &[p("a"), p("b")]).await.unwrap();
             store.log_decision(t2, &[p("b")]).await.unwrap();
             store.log_end(t2).await.unwrap();
+            store.log_one_phase_commit(t3, &p("a")).await.unwrap();
             store.save_participant(&p("a"), "http://127.0.0.1:1").await.unwrap();
+            assert_eq!(store.ended(), 2);
         }
         let (store, recovered) = reopen(dir.path()).await;
         assert_eq!(recovered.coordinator_id, first_id);
         assert_eq!(recovered.incarnation, 2);
         assert_eq!(recovered.unfinished, vec![(t1, vec![p("a"), p("b")])]);
         assert_eq!(recovered.participants, vec![(p("a"), "http://127.0.0.1:1".to_string())]);
+        assert_eq!(recovered.horizon, None);
+        // meta, the one unfinished decision, the one registry entry: nothing of the ended ones.
+        assert_eq!(recovered.records_read, 3);
         assert!(store.is_committed(t1).unwrap());
         assert!(store.is_committed(t2).unwrap(), "ended decisions still answer COMMITTED");
-        assert!(!store.is_committed(TxId::new(first_id, 1, 3)).unwrap(), "no record means aborted");
+        assert!(store.is_committed(t3).unwrap(), "one-phase commits answer COMMITTED");
+        assert_eq!(
+            store.recorded(TxId::new(first_id, 1, 4)).unwrap(),
+            Recorded::Absent,
+            "no record means aborted"
+        );
+    }
+
+    #[tokio::test]
+    async fn below_the_horizon_no_record_is_forgotten_never_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, unfinished);
+        {
+            let (store, recovered) = DecisionLog::open(dir.path()).await.unwrap();
+            id = recovered.coordinator_id;
+            let t = |s| TxId::new(id, 1, s);
+            // 1..=10 commit and end; 11 stays unfinished; 12 aborts (no record); 13..=15 end.
+            for s in (1..=10).chain(13..=15) {
+                store.log_decision(t(s), &[p("a")]).await.unwrap();
+                store.log_end(t(s)).await.unwrap();
+            }
+            unfinished = t(11);
+            store.log_decision(unfinished, &[p("a"), p("b")]).await.unwrap();
+            assert!(store.forget_before(t(13)).await.unwrap());
+            assert!(!store.forget_before(t(5)).await.unwrap(), "a horizon never moves back");
+            assert_eq!(store.horizon(), Some(t(13)));
+            for s in 1..=10 {
+                assert_eq!(store.recorded(t(s)).unwrap(), Recorded::Forgotten, "{s}");
+            }
+            assert_eq!(store.recorded(t(12)).unwrap(), Recorded::Forgotten, "an abort below the horizon");
+            assert_eq!(store.recorded(unfinished).unwrap(), Recorded::Committed, "unfinished is kept");
+            for s in 13..=15 {
+                assert_eq!(store.recorded(t(s)).unwrap(), Recorded::Committed, "{s}");
+            }
+            assert_eq!(store.recorded(t(16)).unwrap(), Recorded::Absent);
+        }
+        let (store, recovered) = reopen(dir.path()).await;
+        assert_eq!(recovered.horizon, Some(TxId::new(id, 1, 13)), "the horizon is durable");
+        assert_eq!(recovered.unfinished, vec![(unfinished, vec![p("a"), p("b")])]);
+        assert_eq!(store.recorded(TxId::new(id, 1, 3)).unwrap(), Recorded::Forgotten);
+        assert_eq!(store.recorded(TxId::new(id, 1, 14)).unwrap(), Recorded::Committed);
+        // A new incarnation's txids are above the horizon: no record there is an abort.
+        assert_eq!(store.recorded(TxId::new(id, 2, 1)).unwrap(), Recorded::Absent);
+    }
+
+    #[tokio::test]
+    async fn the_earlier_layout_is_moved_into_the_window_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = |s| TxId::new(9, 1, s);
+        {
+            let log = Log::open(dir.path()).unwrap();
+            let meta = MetaRecord { coordinator_id: 9, incarnation: 1 };
+            let decision =
+                |one_phase| record::encode(&DecisionRecord { participants: vec!["a".into()], one_phase });
+            let writes = vec![
+                Write::put(META_KEY, record::encode(&meta)),
+                // Ended, ended one-phase, unfinished.
+                Write::put(txid_key(DECISION, t(1)), decision(false)),
+                Write::put(txid_key(OLD_END, t(1)), Vec::new()),
+                Write::put(txid_key(DECISION, t(2)), decision(true)),
+                Write::put(txid_key(OLD_END, t(2)), Vec::new()),
+                Write::put(txid_key(DECISION, t(3)), decision(false)),
+            ];
+            log.write(writes, true).await.unwrap();
+        }
+        let (store, recovered) = reopen(dir.path()).await;
+        assert_eq!(recovered.unfinished, vec![(t(3), vec![p("a")])]);
+        for s in 1..=3 {
+            assert!(store.is_committed(t(s)).unwrap(), "{s}");
+        }
+        assert!(store.log.scan_prefix(OLD_END).unwrap().is_empty());
+        drop(store);
+        let (_, recovered) = reopen(dir.path()).await;
+        assert_eq!(recovered.unfinished, vec![(t(3), vec![p("a")])], "migrated once, for good");
+    }
+
+    /// A long history through the store itself, pruned as the server prunes:
+    /// the next start reads what is undecided and never the history, and the
+    /// window on disk stays within its bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_million_transactions_start_reads_only_what_is_undecided() {
+        const TRANSACTIONS: u64 = 1_000_000;
+        const RETAIN: u64 = 20_000;
+        const WRITERS: u64 = 250;
+        let dir = tempfile::tempdir().unwrap();
+        let (id, undecided);
+        {
+            let (store, recovered) = DecisionLog::open(dir.path()).await.unwrap();
+            id = recovered.coordinator_id;
+            let per_writer = TRANSACTIONS / WRITERS;
+            // Rounds: every writer commits and ends a batch, then the store is pruned
+            // to the newest RETAIN, as the pruner would.
+            let rounds = 20;
+            for round in 0..rounds {
+                let tasks: Vec<_> = (0..WRITERS)
+                    .map(|w| {
+                        let store = store.clone();
+                        tokio::spawn(async move {
+                            let n = per_writer / rounds;
+                            for i in 0..n {
+                                let s = 1 + round * WRITERS * n + w * n + i;
+                                let t = TxId::new(id, 1, s);
+                                store.log_decision(t, &[p("a"), p("b")]).await.unwrap();
+                                store.log_end(t).await.unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+                let issued = (round + 1) * (TRANSACTIONS / rounds);
+                store.forget_before(TxId::new(id, 1, issued + 1 - RETAIN)).await.unwrap();
+            }
+            assert_eq!(store.ended(), TRANSACTIONS);
+            // Some left undecided at the crash.
+            undecided = (1..=7).map(|i| TxId::new(id, 1, TRANSACTIONS + i)).collect::<Vec<_>>();
+            for t in &undecided {
+                store.log_decision(*t, &[p("a")]).await.unwrap();
+            }
+            store.compact_forgotten();
+            let window = store.log.scan_prefix(COMMITTED).unwrap().len() as u64;
+            assert!(window <= RETAIN, "the window on disk holds {window} outcomes, bound {RETAIN}");
+        }
+        let (_, recovered) = reopen(dir.path()).await;
+        assert_eq!(recovered.unfinished.len(), undecided.len());
+        // meta, horizon, the undecided decisions: nothing of the million ended ones.
+        assert_eq!(recovered.records_read, 2 + undecided.len() as u64);
     }
 
     #[tokio::test]

@@ -55,6 +55,14 @@ pub struct Config {
     /// its Prepare) is aborted here, its locks released: its client is gone.
     #[arg(long, env = "DECREE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
+    /// Decided txids remembered (tombstones: a late Prepare after an abort votes
+    /// NO, a repeated one-phase question hears "committed"): at most this many...
+    #[arg(long, env = "DECREE_TOMBSTONES", default_value_t = crate::engine::TOMBSTONES)]
+    pub tombstones: usize,
+    /// ...and none older than this. Below what was forgotten, a message for a
+    /// txid this participant does not know is refused as stale.
+    #[arg(long, env = "DECREE_TOMBSTONE_AGE_MS", default_value_t = 3_600_000)]
+    pub tombstone_age_ms: u64,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -88,6 +96,8 @@ impl Config {
             lock_wait_ms: 100,
             read_wait_ms: 1_000,
             idle_timeout_ms: 60_000,
+            tombstones: crate::engine::TOMBSTONES,
+            tombstone_age_ms: 3_600_000,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
             backend: Backend::Kv,
             pg_url: None,
@@ -115,6 +125,8 @@ impl Config {
             ("--in-doubt-after-ms", self.in_doubt_after_ms),
             ("--resolve-interval-ms", self.resolve_interval_ms),
             ("--idle-timeout-ms", self.idle_timeout_ms),
+            ("--tombstones", self.tombstones as u64),
+            ("--tombstone-age-ms", self.tombstone_age_ms),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be greater than 0"));
@@ -164,5 +176,12 @@ impl Config {
 
     pub fn resolve_interval(&self) -> Duration {
         Duration::from_millis(self.resolve_interval_ms)
+    }
+
+    pub fn tombstone_retention(&self) -> crate::engine::TombstoneRetention {
+        crate::engine::TombstoneRetention {
+            max: self.tombstones,
+            max_age: Duration::from_millis(self.tombstone_age_ms),
+        }
     }
 }

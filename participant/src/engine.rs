@@ -22,14 +22,21 @@
 //!   commit its client already saw;
 //! - Commit and Abort are idempotent; a Prepare for a decided txid votes NO
 //!   (or repeats the committed answer), and a Prepare from an older coordinator
-//!   incarnation votes NO (I8).
+//!   incarnation votes NO (I8);
+//! - decided txids are remembered within a bound (count and age, see
+//!   [`tombstones`]); a txid below what was forgotten is refused as stale, never
+//!   taken for new, and an Abort for it is answered "forgotten", never "done".
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use decree_proto::TxId;
 
-/// Most decided txids remembered in memory.
+mod tombstones;
+
+pub use tombstones::Retention as TombstoneRetention;
+
+/// Most decided txids remembered, by default (`--tombstones`).
 pub const TOMBSTONES: usize = 100_000;
 
 /// What the runtime answers to a Prepare.
@@ -70,6 +77,11 @@ pub enum Ack {
     Refused {
         reason: String,
     },
+    /// The txid is older than this participant remembers: what it knew of it
+    /// was pruned, so it can tell neither "committed" nor "aborted".
+    Forgotten {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +117,11 @@ pub enum Event {
     /// Interactive branches untouched since before `since` abort (their client is gone).
     IdleCheck {
         since: Instant,
+    },
+    /// Tombstones older than the age bound are forgotten, by `now`; a
+    /// horizon that moved is made durable (ForgetTombstones).
+    ForgetOld {
+        now: Instant,
     },
     /// An operator decides a branch in doubt by hand (numbered `op` by the runtime).
     HeuristicRequested {
@@ -156,10 +173,14 @@ pub enum Event {
         redo: Vec<u8>,
         at: Instant,
     },
-    /// Tombstones found at start.
+    /// Tombstones found at start, in txid order.
     RecoveredTombstone {
         txid: TxId,
         outcome: Outcome,
+    },
+    /// Found at start: a coordinator's horizon of forgotten txids.
+    RecoveredHorizon {
+        horizon: TxId,
     },
     /// A Prepare waiting for locks waited as long as it may.
     LockWaitExpired {
@@ -183,6 +204,14 @@ pub enum Event {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// Make these horizons durable (one per coordinator) and delete the
+    /// tombstone records at or below them, in one batch (not synced: a lost
+    /// batch leaves the records and the old horizon, which agree).
+    ForgetTombstones {
+        horizons: Vec<TxId>,
+        /// Tombstones forgotten so far (for compacting their records away).
+        forgotten: u64,
+    },
     /// Ask the resource to validate `payload` (its keys are locked).
     Validate {
         txid: TxId,
@@ -369,8 +398,7 @@ pub struct Engine {
     /// Reads waiting for their keys to be unlocked.
     readers: BTreeMap<u64, Vec<String>>,
     read_wait: Duration,
-    tombstones: HashMap<TxId, Outcome>,
-    tombstone_order: VecDeque<TxId>,
+    tombstones: tombstones::Tombstones,
     coordinator_incarnation: u64,
     /// Heuristic decisions: commit or abort, and whether the coordinator's
     /// outcome has been compared with them.
@@ -389,6 +417,16 @@ impl Engine {
     /// whose reads of locked keys up to `read_wait`.
     pub fn with_waits(lock_wait: Duration, read_wait: Duration) -> Self {
         Engine { lock_wait, read_wait, ..Engine::default() }
+    }
+
+    /// The engine, remembering decided txids within `retention`.
+    pub fn with_tombstones(self, retention: TombstoneRetention) -> Self {
+        Engine { tombstones: tombstones::Tombstones::new(retention), ..self }
+    }
+
+    /// Decided txids remembered now.
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
     }
 
     /// Prepares waiting for locks, oldest first.
@@ -536,6 +574,14 @@ impl Engine {
                     }
                 }
             }
+            Event::ForgetOld { now } => {
+                self.tombstones.age_out(now);
+                if let Some(horizons) = self.tombstones.take_moved_horizons() {
+                    let forgotten = self.tombstones.forgotten_count();
+                    self.commands.push(Command::ForgetTombstones { horizons, forgotten });
+                }
+            }
+            Event::RecoveredHorizon { horizon } => self.tombstones.recover_horizon(horizon),
             Event::IdleCheck { since } => {
                 let idle: Vec<TxId> = self
                     .branches
@@ -804,6 +850,10 @@ impl Engine {
                 .push(refuse(format!("transaction {txid} was {done} here"), *outcome == Outcome::Aborted));
             return;
         }
+        if let (Some(horizon), false) = (self.tombstones.forgotten(txid), self.branches.contains_key(&txid)) {
+            self.commands.push(refuse(forgotten(txid, horizon), true));
+            return;
+        }
         if txid.incarnation < self.coordinator_incarnation {
             let reason = format!("transaction {txid} is from an earlier coordinator incarnation");
             self.commands.push(refuse(reason, true));
@@ -870,6 +920,10 @@ impl Engine {
             }
             None => match self.tombstones.get(&txid) {
                 Some(_) => self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation),
+                // Decided long ago and forgotten: stale. Remember nothing (it may have committed).
+                None if self.tombstones.forgotten(txid).is_some() => {
+                    self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation)
+                }
                 None => {
                     // The work is gone (lost in a restart): it must not commit without it.
                     self.remember(txid, Outcome::Aborted);
@@ -907,6 +961,10 @@ impl Engine {
                 _ => no("a Prepare for this transaction is already in progress".into()),
             };
             self.commands.push(command);
+            return;
+        }
+        if let Some(horizon) = self.tombstones.forgotten(txid) {
+            self.commands.push(no(forgotten(txid, horizon)));
             return;
         }
         if incarnation < self.coordinator_incarnation {
@@ -1089,6 +1147,11 @@ impl Engine {
                     reply(self, Ack::Refused { reason: format!("transaction {txid} was committed here") })
                 }
                 Some(Outcome::Aborted) => reply(self, Ack::Done),
+                None if self.tombstones.forgotten(txid).is_some() => {
+                    // It may have been a one-phase commit here: "aborted" could be a lie.
+                    let horizon = self.tombstones.forgotten(txid).expect("just checked");
+                    reply(self, Ack::Forgotten { reason: forgotten(txid, horizon) })
+                }
                 None => {
                     // Never seen: remember it, so that a late Prepare votes NO.
                     self.commands.push(Command::LogAbort { txid, prepared: false });
@@ -1122,15 +1185,16 @@ impl Engine {
     }
 
     fn remember(&mut self, txid: TxId, outcome: Outcome) {
-        if self.tombstones.insert(txid, outcome).is_none() {
-            self.tombstone_order.push_back(txid);
-            while self.tombstone_order.len() > TOMBSTONES {
-                if let Some(old) = self.tombstone_order.pop_front() {
-                    self.tombstones.remove(&old);
-                }
-            }
-        }
+        self.tombstones.remember(txid, outcome);
     }
+}
+
+/// Why a message for a forgotten txid is refused.
+fn forgotten(txid: TxId, horizon: TxId) -> String {
+    format!(
+        "transaction {txid} is older than this participant remembers (decided transactions up to {horizon} \
+         are forgotten): a stale message"
+    )
 }
 
 #[cfg(test)]

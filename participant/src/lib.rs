@@ -176,8 +176,12 @@ async fn serve_with(
     let loaded = store.load().await?;
     let prepared: Vec<_> = loaded.prepared.iter().map(|b| b.txid).collect();
     resource.recover(&prepared).await.map_err(ParticipantError::Resource)?;
-    let mut engine = Engine::with_waits(config.lock_wait(), config.read_wait());
+    let mut engine = Engine::with_waits(config.lock_wait(), config.read_wait())
+        .with_tombstones(config.tombstone_retention());
     let now = Instant::now();
+    for horizon in loaded.horizons {
+        engine.on_event(Event::RecoveredHorizon { horizon });
+    }
     for (txid, outcome) in loaded.tombstones {
         engine.on_event(Event::RecoveredTombstone { txid, outcome });
     }
@@ -196,10 +200,23 @@ async fn serve_with(
     for (txid, commit, settled) in loaded.heuristics {
         engine.on_event(Event::RecoveredHeuristic { txid, commit, settled });
     }
-    tracing::info!(name = %config.name, %address, in_doubt = recovered, "participant starting");
+    tracing::info!(
+        name = %config.name,
+        %address,
+        in_doubt = recovered,
+        tombstones = engine.tombstone_count(),
+        records_read = loaded.records_read,
+        "participant starting"
+    );
 
-    let handle =
-        runtime::start(engine, resource.clone(), store, config.idle_timeout(), config.process.request_queue);
+    let handle = runtime::start(
+        engine,
+        resource.clone(),
+        store,
+        config.idle_timeout(),
+        config.process.request_queue,
+        config.tombstone_retention(),
+    );
     let (incarnation, learned_incarnation) = tokio::sync::watch::channel(0);
     tokio::spawn(runtime::resolve_in_doubt(
         handle.clone(),

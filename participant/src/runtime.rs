@@ -28,6 +28,11 @@ pub const IN_DOUBT_OLDEST: &str = "decree_in_doubt_oldest_seconds";
 pub const LOCK_WAITS: &str = "decree_lock_waits_total";
 pub const LOCK_WAIT_TIMEOUTS: &str = "decree_lock_wait_timeouts_total";
 pub const LOCK_CONFLICTS: &str = "decree_lock_conflicts_total";
+/// Batches that deleted forgotten tombstones up to a new horizon (counted once written).
+pub const TOMBSTONE_PRUNES: &str = "decree_tombstone_prunes_total";
+/// Decided txids remembered, as of the last prune written (on disk there are
+/// no more than these, plus what was decided since).
+pub const TOMBSTONES: &str = "decree_tombstones";
 
 pub(crate) enum Request {
     Prepare {
@@ -207,6 +212,10 @@ struct Actor {
     /// Operator decisions waiting to be recorded.
     heuristics: HashMap<u64, PendingHeuristic>,
     next_op: u64,
+    /// Tombstones forgotten when their records were last compacted away.
+    compacted_at: u64,
+    /// Compact again once this many more were forgotten.
+    compact_every: u64,
 }
 
 /// Starts the actor over an engine that already holds the recovered state.
@@ -217,6 +226,7 @@ pub(crate) fn start(
     store: BranchLog,
     idle_timeout: Duration,
     request_queue: usize,
+    tombstones: crate::engine::TombstoneRetention,
 ) -> Handle {
     let (requests, request_rx) = mpsc::channel(request_queue);
     let (events, event_rx) = mpsc::unbounded_channel();
@@ -234,8 +244,22 @@ pub(crate) fn start(
         next_work: 0,
         heuristics: HashMap::new(),
         next_op: 0,
+        compacted_at: 0,
+        compact_every: (tombstones.max as u64).max(100_000),
     };
     tokio::spawn(actor.run(request_rx, event_rx));
+    // Tombstones past their age are forgotten within a quarter of it (at most a second late).
+    let forget = events.clone();
+    let every = (tombstones.max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        loop {
+            ticker.tick().await;
+            if forget.send(Event::ForgetOld { now: Instant::now() }).is_err() {
+                return;
+            }
+        }
+    });
     let ticks = events.clone();
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
@@ -382,6 +406,25 @@ impl Actor {
                         }
                         debug!(%txid, prepared, "branch aborted");
                         let _ = events.send(Event::AbortLogged { txid });
+                    });
+                }
+                Command::ForgetTombstones { horizons, forgotten } => {
+                    let remembered = self.engine.tombstone_count();
+                    let store = self.store.clone();
+                    let compact = forgotten - self.compacted_at >= self.compact_every;
+                    if compact {
+                        self.compacted_at = forgotten;
+                    }
+                    tokio::spawn(async move {
+                        if let Err(err) = store.forget_tombstones(&horizons).await {
+                            fatal(&err);
+                        }
+                        metrics::counter!(TOMBSTONE_PRUNES).increment(1);
+                        metrics::gauge!(TOMBSTONES).set(remembered as f64);
+                        debug!(?horizons, "tombstones at or below the horizons forgotten");
+                        if compact {
+                            let _ = tokio::task::spawn_blocking(move || store.compact_tombstones()).await;
+                        }
                     });
                 }
                 Command::Vote { txid, vote } => {
@@ -574,6 +617,10 @@ pub(crate) async fn resolve_in_doubt(
             let outcome = match outcome {
                 v1::Outcome::Committed => Outcome::Committed,
                 v1::Outcome::Aborted => Outcome::Aborted,
+                // A branch prepared here and not acked: had it committed, the
+                // coordinator would keep its decision until this participant acked.
+                // Forgotten means it was never committed (docs/protocol.md#forgetting).
+                v1::Outcome::Forgotten => Outcome::Aborted,
                 v1::Outcome::Pending | v1::Outcome::Unspecified => continue,
             };
             info!(%txid, ?outcome, "in doubt: resolved by the coordinator");

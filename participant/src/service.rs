@@ -85,6 +85,9 @@ fn ack(ack: Ack) -> Result<(), Status> {
     match ack {
         Ack::Done => Ok(()),
         Ack::Refused { reason } => Err(Status::failed_precondition(reason)),
+        // Not FAILED_PRECONDITION: a coordinator asking a one-phase outcome with
+        // Abort reads that as "committed". OUT_OF_RANGE: below what is remembered.
+        Ack::Forgotten { reason } => Err(Status::out_of_range(reason)),
     }
 }
 

@@ -13,19 +13,32 @@
 //! - [`BranchLog::log_abort`] is **not synced**: if it is lost, the prepared
 //!   record comes back at start and the coordinator answers ABORTED again
 //!   (presumed abort).
+//! - [`BranchLog::forget_tombstones`] deletes the tombstones at or below each
+//!   coordinator's new horizon with one range delete, in the batch that makes
+//!   that horizon durable (`w/<coordinator>`), **not synced**: a lost batch
+//!   leaves the old horizon and the records it would have deleted, which
+//!   agree. Prepared records (`p/`) and heuristic records (`h/`) are never
+//!   touched.
+//! - [`BranchLog::load`] reads the prepared records (what is undecided), the
+//!   heuristic records, the horizons and the tombstones; the tombstones on
+//!   disk are bounded by the same retention as in memory (plus what was
+//!   decided since the last prune), so a start never reads the history.
 //! - A record that fails its checksum is an error: the participant refuses to
 //!   start rather than forget a YES vote.
 
 use std::path::Path;
 
 use decree_proto::TxId;
+use decree_runtime::record::TxIdRecord;
 use decree_runtime::{record, Durability, Log, RecordError, Write};
 
-use crate::engine::{Outcome, TOMBSTONES};
+use crate::engine::Outcome;
 
 const PREPARED: &[u8] = b"p/";
 const TOMBSTONE: &[u8] = b"t/";
 const HEURISTIC: &[u8] = b"h/";
+/// The horizon of forgotten txids, per coordinator: `w/<coordinator id>`.
+const HORIZON: &[u8] = b"w/";
 
 /// An operator's decision of a branch in doubt, kept for audit (never pruned).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -84,8 +97,12 @@ pub struct Loaded {
     pub prepared: Vec<PreparedBranch>,
     /// Heuristic decisions: txid, commit, whether the coordinator's outcome is known.
     pub heuristics: Vec<(TxId, bool, bool)>,
-    /// The most recent tombstones, oldest first.
+    /// The tombstones on disk, in txid order.
     pub tombstones: Vec<(TxId, Outcome)>,
+    /// Each coordinator's horizon of forgotten txids.
+    pub horizons: Vec<TxId>,
+    /// Records read: what the start cost, machine-independently.
+    pub records_read: u64,
 }
 
 #[derive(Clone)]
@@ -118,8 +135,11 @@ impl BranchLog {
         &self.log
     }
 
-    /// Reads every prepared branch and the recent tombstones; prunes older tombstones.
+    /// Reads every prepared branch, the heuristic decisions, the horizons and
+    /// the tombstones (bounded: see the module's Correctness section).
     pub async fn load(&self) -> Result<Loaded, StoreError> {
+        let stats = &self.log.stats().records_read;
+        let read_before = stats.load(std::sync::atomic::Ordering::Relaxed);
         let mut loaded = Loaded::default();
         for (k, value) in self.log.scan_prefix(PREPARED)? {
             let txid = txid_of(PREPARED, &k)?;
@@ -129,23 +149,43 @@ impl BranchLog {
         for (txid, record) in self.heuristics()? {
             loaded.heuristics.push((txid, record.commit, record.coordinator != 0));
         }
-        let tombstones = self.log.scan_prefix(TOMBSTONE)?;
-        let excess = tombstones.len().saturating_sub(TOMBSTONES);
-        let mut prune = Vec::new();
-        for (i, (k, value)) in tombstones.into_iter().enumerate() {
+        for (k, value) in self.log.scan_prefix(HORIZON)? {
+            let record: TxIdRecord = record::decode(&value).map_err(|e| corrupt(&k, e))?;
+            loaded.horizons.push(record.into());
+        }
+        for (k, value) in self.log.scan_prefix(TOMBSTONE)? {
             let txid = txid_of(TOMBSTONE, &k)?;
-            if i < excess {
-                prune.push(Write::delete(k));
-                continue;
-            }
             let record: TombstoneRecord = record::decode(&value).map_err(|e| corrupt(&k, e))?;
             let outcome = if record.committed { Outcome::Committed } else { Outcome::Aborted };
             loaded.tombstones.push((txid, outcome));
         }
-        if !prune.is_empty() {
-            self.log.write(prune, false).await?;
-        }
+        loaded.records_read = stats.load(std::sync::atomic::Ordering::Relaxed) - read_before;
         Ok(loaded)
+    }
+
+    /// Deletes every tombstone at or below each horizon (one per coordinator),
+    /// in the batch that makes the horizons durable; not synced.
+    pub async fn forget_tombstones(&self, horizons: &[TxId]) -> Result<(), StoreError> {
+        let mut writes = Vec::with_capacity(horizons.len() * 2);
+        for horizon in horizons {
+            let from = [TOMBSTONE, &horizon.coordinator.to_be_bytes()[..], &[0u8; 16][..]].concat();
+            // The first key after the horizon's own: the range ends past it.
+            let to = [key(TOMBSTONE, *horizon).as_slice(), &[0u8]].concat();
+            writes.push(Write::delete_range(from, to));
+            let record = TxIdRecord::from(*horizon);
+            writes.push(Write::put(
+                [HORIZON, &horizon.coordinator.to_be_bytes()[..]].concat(),
+                record::encode(&record),
+            ));
+        }
+        self.log.write(writes, false).await?;
+        Ok(())
+    }
+
+    /// Compacts the tombstones' range, so forgotten ones leave the disk now.
+    /// Blocks: call it off the async threads.
+    pub fn compact_tombstones(&self) {
+        self.log.compact(TOMBSTONE, &decree_runtime::log::prefix_end(TOMBSTONE));
     }
 
     /// Makes the prepared record durable (synced).
@@ -254,6 +294,29 @@ mod tests {
         );
         assert_eq!(loaded.tombstones, vec![(t1, Outcome::Committed), (t2, Outcome::Aborted)]);
         assert_eq!(log.log().get(b"k/k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn forgotten_tombstones_leave_the_disk_and_the_horizon_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (|s| TxId::new(1, 1, s), |s| TxId::new(2, 5, s));
+        {
+            let log = BranchLog::open(dir.path(), "http://c").unwrap();
+            for s in 1..=10 {
+                log.log_abort(a(s)).await.unwrap();
+                log.log_abort(b(s)).await.unwrap();
+            }
+            log.log_prepared(a(3), &["k".into()], b"redo").await.unwrap();
+            log.forget_tombstones(&[a(6), b(2)]).await.unwrap();
+        }
+        let log = reopen(dir.path()).await;
+        let loaded = log.load().await.unwrap();
+        let kept: Vec<TxId> = loaded.tombstones.iter().map(|(t, _)| *t).collect();
+        let want: Vec<TxId> = (7..=10).map(a).chain((3..=10).map(b)).collect();
+        assert_eq!(kept, want, "at or below each coordinator's horizon: gone");
+        assert_eq!(loaded.horizons, vec![a(6), b(2)]);
+        assert_eq!(loaded.prepared.len(), 1, "a prepared record below the horizon is never touched");
+        assert_eq!(loaded.records_read, (want.len() + 2 + 1) as u64);
     }
 
     #[tokio::test]

@@ -70,8 +70,27 @@ pub enum Durability {
 /// One change in a write batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    /// Deletes a key that was put exactly once since it was last deleted (a
+    /// record written once and removed once, like an unfinished decision):
+    /// RocksDB drops the pair as soon as they meet, usually at the memtable's
+    /// flush, so a stream of them leaves no tombstones for scans to skip.
+    /// Undefined for a key put more than once.
+    SingleDelete {
+        key: Vec<u8>,
+    },
+    /// Deletes every key in `[from, to)` with one range tombstone, reclaimed by
+    /// compaction (see [`Log::compact`]).
+    DeleteRange {
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
 }
 
 impl Write {
@@ -81,6 +100,14 @@ impl Write {
 
     pub fn delete(key: impl Into<Vec<u8>>) -> Self {
         Write::Delete { key: key.into() }
+    }
+
+    pub fn single_delete(key: impl Into<Vec<u8>>) -> Self {
+        Write::SingleDelete { key: key.into() }
+    }
+
+    pub fn delete_range(from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) -> Self {
+        Write::DeleteRange { from: from.into(), to: to.into() }
     }
 }
 
@@ -115,6 +142,9 @@ pub struct LogStats {
     pub batches: AtomicU64,
     /// Requests written (a batch holds one or more).
     pub requests: AtomicU64,
+    /// Records returned by reads ([`Log::get`] hits and every entry a scan
+    /// yields): what a start costs, machine-independently.
+    pub records_read: AtomicU64,
 }
 
 /// A RocksDB database with one group-committing writer thread.
@@ -133,6 +163,13 @@ impl Log {
         // Small logs: keep memory low and let RocksDB sync the WAL only when asked.
         options.set_max_background_jobs(2);
         options.set_write_buffer_size(16 * 1024 * 1024);
+        // Bounded on disk however long the process runs: leveled compaction with
+        // dynamic level sizes keeps space amplification near 1.1x; RocksDB's own
+        // info log is capped and rotated; at most 64 MiB of WAL waits for a flush.
+        options.set_level_compaction_dynamic_level_bytes(true);
+        options.set_max_total_wal_size(64 * 1024 * 1024);
+        options.set_max_log_file_size(4 * 1024 * 1024);
+        options.set_keep_log_file_num(3);
         let db = Arc::new(DB::open(&options, path)?);
         let stats = Arc::new(LogStats::default());
         let (queue, requests) = mpsc::sync_channel(QUEUE_LIMIT);
@@ -171,25 +208,55 @@ impl Log {
 
     /// Reads one key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
-        Ok(self.db.get(key)?)
+        let value = self.db.get(key)?;
+        if value.is_some() {
+            self.stats.records_read.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(value)
     }
 
     /// Every key and value whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, LogError> {
+        self.scan_range(prefix, &prefix_end(prefix))
+    }
+
+    /// Every key and value in `[from, to)`, in key order. The bound is given to
+    /// RocksDB, so the scan never looks past it.
+    pub fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<Entries, LogError> {
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(to.to_vec());
         let mut out = Vec::new();
-        for item in self.db.iterator(IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
+        for item in self.db.iterator_opt(IteratorMode::From(from, rocksdb::Direction::Forward), options) {
             let (key, value) = item?;
-            if !key.starts_with(prefix) {
-                break;
-            }
             out.push((key.into_vec(), value.into_vec()));
         }
+        self.stats.records_read.fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// Compacts the keys in `[from, to)` now, so that what range deletes and
+    /// deletes removed there leaves the disk. Blocks: call it off the async
+    /// threads.
+    pub fn compact(&self, from: &[u8], to: &[u8]) {
+        self.db.compact_range(Some(from), Some(to));
     }
 
     pub fn stats(&self) -> &LogStats {
         &self.stats
     }
+}
+
+/// The first key after every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes (or empty): no key is after all of them but "everything".
+    vec![u8::MAX; prefix.len() + 1]
 }
 
 fn run_writer(db: &DB, requests: &mpsc::Receiver<Request>, stats: &LogStats) {
@@ -260,6 +327,8 @@ fn write_group(db: &DB, group: &[Request], stats: &LogStats) -> Result<(), LogEr
             match write {
                 Write::Put { key, value } => batch.put(key, value),
                 Write::Delete { key } => batch.delete(key),
+                Write::SingleDelete { key } => batch.single_delete(key),
+                Write::DeleteRange { from, to } => batch.delete_range(from, to),
             }
         }
     }

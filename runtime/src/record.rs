@@ -20,6 +20,34 @@ pub enum RecordError {
     Decode(String),
 }
 
+/// A txid as a record body: the horizons both servers keep (below which what
+/// they knew of old transactions is forgotten) are stored as this.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct TxIdRecord {
+    #[prost(uint32, tag = "1")]
+    pub coordinator: u32,
+    #[prost(uint64, tag = "2")]
+    pub incarnation: u64,
+    #[prost(uint64, tag = "3")]
+    pub sequence: u64,
+}
+
+impl From<decree_proto::TxId> for TxIdRecord {
+    fn from(txid: decree_proto::TxId) -> Self {
+        TxIdRecord { coordinator: txid.coordinator, incarnation: txid.incarnation, sequence: txid.sequence }
+    }
+}
+
+impl From<TxIdRecord> for decree_proto::TxId {
+    fn from(record: TxIdRecord) -> Self {
+        decree_proto::TxId {
+            coordinator: record.coordinator,
+            incarnation: record.incarnation,
+            sequence: record.sequence,
+        }
+    }
+}
+
 /// Encodes `message` in the envelope.
 pub fn encode<M: prost::Message>(message: &M) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + message.encoded_len());

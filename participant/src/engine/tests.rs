@@ -759,3 +759,101 @@ mod heuristics {
         assert!(engine.unsettled_heuristics().is_empty());
     }
 }
+
+/// Decides `txid` by aborting it (a Prepare that voted NO leaves a tombstone the same way).
+fn aborted(engine: &mut Engine, txid: TxId) {
+    let commands = event(engine, Event::AbortRequested { txid });
+    assert_eq!(commands, vec![Command::LogAbort { txid, prepared: false }]);
+    event(engine, Event::AbortLogged { txid });
+}
+
+#[test]
+fn a_message_for_a_forgotten_txid_is_refused_as_stale_never_taken_for_new() {
+    let retention = TombstoneRetention { max: 2, max_age: Duration::from_secs(3600) };
+    let mut engine = Engine::new().with_tombstones(retention);
+    for s in 1..=4 {
+        aborted(&mut engine, tx(s));
+    }
+    assert_eq!(engine.tombstone_count(), 2);
+    let reason = |t: TxId| {
+        format!(
+            "transaction {t} is older than this participant remembers (decided transactions up to {} are \
+             forgotten): a stale message",
+            tx(2)
+        )
+    };
+    // A late Prepare of a forgotten abort: NO, and nothing is locked.
+    assert_eq!(prepare(&mut engine, tx(1), &["a"], false), vec![no(tx(1), &reason(tx(1)))]);
+    assert!(engine.locks().is_empty());
+    // A late interactive Prepare too, and it leaves no tombstone that could lie later.
+    let commands = event(
+        &mut engine,
+        Event::PrepareRequested {
+            txid: tx(2),
+            keys: vec![],
+            payload: vec![],
+            one_phase: true,
+            incarnation: 2,
+            interactive: true,
+        },
+    );
+    assert_eq!(commands, vec![no(tx(2), &reason(tx(2)))]);
+    // Work for it is refused, the branch aborted.
+    let commands = event(
+        &mut engine,
+        Event::WorkRequested { txid: tx(1), work: 7, keys: keys(&["a"]), at: Instant::now() },
+    );
+    assert_eq!(commands, vec![Command::WorkRefused { work: 7, reason: reason(tx(1)), aborted: true }]);
+    // An Abort is answered "forgotten": it may have been a one-phase commit, "done" could lie.
+    let commands = event(&mut engine, Event::AbortRequested { txid: tx(2) });
+    assert_eq!(
+        commands,
+        vec![Command::AckAbort { txid: tx(2), ack: Ack::Forgotten { reason: reason(tx(2)) } }]
+    );
+    // A Commit can only be a repeat of one applied here: done.
+    let commands = event(&mut engine, Event::CommitRequested { txid: tx(1) });
+    assert_eq!(commands, vec![Command::AckCommit { txid: tx(1), ack: Ack::Done }]);
+    // Still remembered, and new txids above the horizon, are what they always were.
+    assert_eq!(
+        prepare(&mut engine, tx(4), &["a"], false),
+        vec![no(tx(4), "transaction already aborted here")]
+    );
+    assert_eq!(
+        prepare(&mut engine, tx(9), &["a"], false),
+        vec![Command::Validate { txid: tx(9), payload: vec![9] }]
+    );
+}
+
+#[test]
+fn forgotten_tombstones_are_deleted_up_to_a_horizon_once_per_move_and_age_out() {
+    let retention = TombstoneRetention { max: 100, max_age: Duration::from_secs(60) };
+    let mut engine = Engine::new().with_tombstones(retention);
+    let start = Instant::now();
+    for s in 1..=3 {
+        aborted(&mut engine, tx(s));
+    }
+    assert_eq!(event(&mut engine, Event::ForgetOld { now: start }), vec![], "nothing is old yet");
+    aborted(&mut engine, tx(4));
+    assert_eq!(event(&mut engine, Event::ForgetOld { now: start + Duration::from_secs(30) }), vec![]);
+    assert_eq!(
+        event(&mut engine, Event::ForgetOld { now: start + Duration::from_secs(61) }),
+        vec![Command::ForgetTombstones { horizons: vec![tx(3)], forgotten: 3 }],
+        "the three decided before the first tick are a minute old"
+    );
+    assert_eq!(engine.tombstone_count(), 1);
+    assert_eq!(event(&mut engine, Event::ForgetOld { now: start + Duration::from_secs(62) }), vec![]);
+}
+
+#[test]
+fn a_recovered_horizon_refuses_what_is_below_it() {
+    let mut engine = Engine::new();
+    event(&mut engine, Event::RecoveredHorizon { horizon: tx(10) });
+    let commands = prepare(&mut engine, tx(10), &["a"], false);
+    assert!(
+        matches!(&commands[..], [Command::Vote { vote: Vote::No { reason }, .. }] if reason.contains("stale"))
+    );
+    assert_eq!(
+        prepare(&mut engine, tx(11), &["a"], false),
+        vec![Command::Validate { txid: tx(11), payload: vec![9] }]
+    );
+}
