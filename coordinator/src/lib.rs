@@ -40,6 +40,8 @@ pub enum CoordinatorError {
     #[error("too many transactions in flight (limit {limit})")]
     Overloaded { limit: usize },
     #[error(transparent)]
+    DiskShort(#[from] decree_runtime::disk::DiskShort),
+    #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("txid {txid} was not issued by this coordinator ({coordinator_id:08x})")]
     ForeignTxid { txid: TxId, coordinator_id: u32 },
@@ -60,7 +62,9 @@ impl From<CoordinatorError> for tonic::Status {
         let message = err.to_string();
         match err {
             CoordinatorError::Invalid(_) => Status::invalid_argument(message),
-            CoordinatorError::Overloaded { .. } => Status::resource_exhausted(message),
+            CoordinatorError::Overloaded { .. } | CoordinatorError::DiskShort(_) => {
+                Status::resource_exhausted(message)
+            }
             CoordinatorError::Engine(_) | CoordinatorError::ForeignTxid { .. } => {
                 Status::failed_precondition(message)
             }
@@ -84,6 +88,9 @@ pub async fn serve(
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CoordinatorError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
+    let disk = decree_runtime::disk::DiskGuard::new(&config.data_dir, config.process.disk_reserve_mb)
+        .map_err(|e| CoordinatorError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
+    disk.watch();
     let (store, recovered) = DecisionLog::open(&config.data_dir).await?;
     tracing::info!(
         coordinator = format_args!("{:08x}", recovered.coordinator_id),
@@ -108,6 +115,7 @@ pub async fn serve(
         config.clone(),
         store,
         registry,
+        disk,
         recovered.coordinator_id,
         recovered.incarnation,
         recovered.unfinished,

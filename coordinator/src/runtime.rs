@@ -122,6 +122,8 @@ pub struct Handle {
     pub(crate) registry: Arc<Registry>,
     pub(crate) store: DecisionLog,
     pub(crate) config: Arc<Config>,
+    /// New transactions are refused while the disk is short of its reserve.
+    disk: Arc<decree_runtime::disk::DiskGuard>,
     /// Paces redeliveries per participant.
     budget: Arc<RetryBudget<ParticipantName>>,
     pub coordinator_id: u32,
@@ -254,6 +256,7 @@ pub(crate) fn start(
     config: Arc<Config>,
     store: DecisionLog,
     registry: Arc<Registry>,
+    disk: Arc<decree_runtime::disk::DiskGuard>,
     coordinator_id: u32,
     incarnation: u64,
     unfinished: Vec<(TxId, Vec<ParticipantName>)>,
@@ -270,6 +273,7 @@ pub(crate) fn start(
         registry,
         store,
         config,
+        disk,
         budget,
         coordinator_id,
         incarnation,
@@ -355,6 +359,8 @@ impl Actor {
         if self.engine.in_flight() >= limit {
             return Err(CoordinatorError::Overloaded { limit });
         }
+        // What is admitted finishes inside the reserve; new work waits for space.
+        self.handle.disk.admit()?;
         Ok(())
     }
 

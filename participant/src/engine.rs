@@ -424,6 +424,11 @@ impl Engine {
         Engine { tombstones: tombstones::Tombstones::new(retention), ..self }
     }
 
+    /// True if `txid` has a branch here (active, preparing, prepared or being decided).
+    pub fn knows(&self, txid: TxId) -> bool {
+        self.branches.contains_key(&txid) || self.waiting.contains_key(&txid)
+    }
+
     /// Decided txids remembered now.
     pub fn tombstone_count(&self) -> usize {
         self.tombstones.len()

@@ -171,6 +171,9 @@ async fn serve_with(
         .tcp_nodelay(true)
         .connect_lazy();
 
+    let disk = decree_runtime::disk::DiskGuard::new(&config.data_dir, config.process.disk_reserve_mb)
+        .map_err(|e| ParticipantError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
+    disk.watch();
     let store = BranchLog::open(&config.data_dir, &config.coordinator)?;
     let (resource, kv) = make(store.log());
     let loaded = store.load().await?;
@@ -216,6 +219,7 @@ async fn serve_with(
         config.idle_timeout(),
         config.process.request_queue,
         config.tombstone_retention(),
+        disk,
     );
     let (incarnation, learned_incarnation) = tokio::sync::watch::channel(0);
     tokio::spawn(runtime::resolve_in_doubt(

@@ -216,6 +216,8 @@ struct Actor {
     compacted_at: u64,
     /// Compact again once this many more were forgotten.
     compact_every: u64,
+    /// New branches are refused while the disk is short of its reserve.
+    disk: Arc<decree_runtime::disk::DiskGuard>,
 }
 
 /// Starts the actor over an engine that already holds the recovered state.
@@ -227,6 +229,7 @@ pub(crate) fn start(
     idle_timeout: Duration,
     request_queue: usize,
     tombstones: crate::engine::TombstoneRetention,
+    disk: Arc<decree_runtime::disk::DiskGuard>,
 ) -> Handle {
     let (requests, request_rx) = mpsc::channel(request_queue);
     let (events, event_rx) = mpsc::unbounded_channel();
@@ -246,6 +249,7 @@ pub(crate) fn start(
         next_op: 0,
         compacted_at: 0,
         compact_every: (tombstones.max as u64).max(100_000),
+        disk,
     };
     tokio::spawn(actor.run(request_rx, event_rx));
     // Tombstones past their age are forgotten within a quarter of it (at most a second late).
@@ -305,6 +309,11 @@ impl Actor {
                     let _ = reply.send(Vote::No { reason });
                     return;
                 }
+                // A branch new here would need a prepared record: not while the disk is short.
+                if let (false, Err(short)) = (self.engine.knows(txid), self.disk.admit()) {
+                    let _ = reply.send(Vote::No { reason: short.to_string() });
+                    return;
+                }
                 self.votes.insert(txid, reply);
                 self.engine.on_event(Event::PrepareRequested {
                     txid,
@@ -316,6 +325,10 @@ impl Actor {
                 });
             }
             Request::Work { txid, keys, reply } => {
+                if let (false, Err(short)) = (self.engine.knows(txid), self.disk.admit()) {
+                    let _ = reply.send(Err(Refused { reason: short.to_string(), aborted: false }));
+                    return;
+                }
                 let work = self.next_work;
                 self.next_work += 1;
                 self.works.insert(work, reply);

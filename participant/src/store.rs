@@ -319,6 +319,50 @@ mod tests {
         assert_eq!(loaded.records_read, (want.len() + 2 + 1) as u64);
     }
 
+    /// A long history through the store, forgotten as the engine forgets it: a
+    /// start reads the prepared branches and the bounded window, never the history.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_million_decided_branches_start_reads_only_the_window() {
+        const DECIDED: u64 = 1_000_000;
+        const RETAIN: u64 = 10_000;
+        const WRITERS: u64 = 100;
+        let dir = tempfile::tempdir().unwrap();
+        let t = |s| TxId::new(7, 1, s);
+        {
+            let log = BranchLog::open(dir.path(), "http://c").unwrap();
+            let rounds = 20;
+            let per = DECIDED / rounds / WRITERS;
+            for round in 0..rounds {
+                let tasks: Vec<_> = (0..WRITERS)
+                    .map(|w| {
+                        let log = log.clone();
+                        tokio::spawn(async move {
+                            for i in 0..per {
+                                let s = 1 + round * WRITERS * per + w * per + i;
+                                log.log_abort(t(s)).await.unwrap();
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+                let decided = (round + 1) * WRITERS * per;
+                log.forget_tombstones(&[t(decided - RETAIN)]).await.unwrap();
+            }
+            for s in DECIDED + 1..=DECIDED + 3 {
+                log.log_prepared(t(s), &["k".into()], b"redo").await.unwrap();
+            }
+            log.compact_tombstones();
+        }
+        let log = reopen(dir.path()).await;
+        let loaded = log.load().await.unwrap();
+        assert_eq!(loaded.prepared.len(), 3);
+        assert_eq!(loaded.tombstones.len() as u64, RETAIN, "the window, not the million");
+        assert_eq!(loaded.horizons, vec![t(DECIDED - RETAIN)]);
+        assert_eq!(loaded.records_read, RETAIN + 3 + 1);
+    }
+
     #[tokio::test]
     async fn a_corrupt_prepared_record_is_an_error_not_absent() {
         let dir = tempfile::tempdir().unwrap();

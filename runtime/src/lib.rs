@@ -3,6 +3,7 @@
 //! - [`log`]: the RocksDB log with group commit, the only place that syncs;
 //! - [`record`]: the checksummed envelope every durable record is stored in;
 //! - [`crash`]: named crash points for crash tests;
+//! - [`disk`]: free disk space against a reserve: new work refused, not a crash;
 //! - [`backoff`]: capped exponential backoff with jitter;
 //! - [`config_file`]: `--config FILE` (TOML) for the servers;
 //! - [`args`]: durations as typed (`15s`, `500ms`) and bad values named with their option;
@@ -16,6 +17,7 @@ pub mod args;
 pub mod backoff;
 pub mod config_file;
 pub mod crash;
+pub mod disk;
 pub mod log;
 pub mod metrics;
 pub mod record;

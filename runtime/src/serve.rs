@@ -116,6 +116,10 @@ pub struct ProcessOptions {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<std::path::PathBuf>,
+    /// Free space (MiB) kept on the data directory's file system: below it new
+    /// work is refused (not a crash) while what was admitted finishes in it.
+    #[arg(long, env = "DECREE_DISK_RESERVE_MB", default_value_t = 64)]
+    pub disk_reserve_mb: u64,
     /// Print the options in effect (flags, environment, --config file, defaults) as TOML and exit.
     #[arg(long)]
     #[serde(skip)]
@@ -131,6 +135,7 @@ impl Default for ProcessOptions {
             max_concurrent_streams: 1024,
             request_queue: 4096,
             otlp_endpoint: None,
+            disk_reserve_mb: 64,
             config: None,
             print_config: false,
         }
