@@ -106,49 +106,40 @@ impl Stream {
                 if status.code() == tonic::Code::Unimplemented {
                     self.unary.store(true, Ordering::Relaxed);
                 }
-                self.all_unary(queue, Vec::new()).await;
+                self.all_unary(queue).await;
                 return;
             }
         };
-        let mut pending: HashMap<u64, Pending> = HashMap::new();
-        let mut answered = false;
+        let mut pending: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
         let ended = loop {
             tokio::select! {
                 next = queue.recv() => {
                     // The multiplexer keeps the queue's sender while the stream is in use.
-                    let Some(next) = next else { return };
+                    let Some(Pending { id, request, reply }) = next else { return };
+                    pending.insert(id, reply);
                     let message = v1::TransactStreamRequest {
-                        id: next.id,
-                        request: Some(next.request.clone()),
+                        id,
+                        request: Some(request),
                         trace_context: HashMap::new(),
                     };
-                    pending.insert(next.id, next);
                     if wire.send(message).is_err() {
                         break Status::unknown("the transaction stream closed: outcome not known");
                     }
                 }
                 answer = answers.message() => match answer {
                     Ok(Some(answer)) => {
-                        answered = true;
-                        if let Some(sent) = pending.remove(&answer.id) {
-                            let _ = sent.reply.send(answer_of(answer));
+                        if let Some(reply) = pending.remove(&answer.id) {
+                            let _ = reply.send(answer_of(answer));
                         }
                     }
                     Ok(None) => break Status::unavailable("the coordinator is shutting down; the transaction was not started"),
-                    // The stream opened, then the coordinator said it has none: it
-                    // processed nothing, so everything goes as unary Transacts.
-                    Err(status) if status.code() == tonic::Code::Unimplemented && !answered => {
-                        self.unary.store(true, Ordering::Relaxed);
-                        self.all_unary(queue, pending.into_values().collect()).await;
-                        return;
-                    }
                     Err(status) => break Status::unknown(format!("the connection to the coordinator broke ({}): outcome not known", status.message())),
                 },
             }
         };
         queue.close();
-        for sent in pending.into_values() {
-            let _ = sent.reply.send(Err(ended.clone()));
+        for reply in pending.into_values() {
+            let _ = reply.send(Err(ended.clone()));
         }
         // recv until None: after close, only that is sure to see every queued one.
         while let Some(queued) = queue.recv().await {
@@ -158,16 +149,12 @@ impl Stream {
         }
     }
 
-    /// Sends `sent` and everything still queued as unary Transacts; no more
-    /// can be queued here (a closed queue makes the multiplexer open another).
-    async fn all_unary(&self, mut queue: mpsc::UnboundedReceiver<Pending>, sent: Vec<Pending>) {
+    /// Sends everything queued as unary Transacts; no more can be queued here
+    /// (a closed queue makes the multiplexer open another stream).
+    async fn all_unary(&self, mut queue: mpsc::UnboundedReceiver<Pending>) {
         queue.close();
-        let mut all = sent;
         // recv until None: after close, only that is sure to see every queued one.
-        while let Some(queued) = queue.recv().await {
-            all.push(queued);
-        }
-        for pending in all {
+        while let Some(pending) = queue.recv().await {
             let coordinator = self.coordinator.clone();
             tokio::spawn(async move {
                 let _ = pending.reply.send(unary(coordinator, pending.request).await);
