@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex};
 
 use decree_proto::{ParticipantName, TxId};
 use decree_runtime::record::TxIdRecord;
-use decree_runtime::{record, Log, LogError, RecordError, Write};
+use decree_runtime::{record, Log, LogError, RecordError, Storage, Write};
 
 const META_KEY: &[u8] = b"meta";
 const HORIZON_KEY: &[u8] = b"horizon";
@@ -125,9 +125,11 @@ pub enum Recorded {
     Absent,
 }
 
+/// The decision log, over any [`Storage`]: RocksDB in the server, memory in
+/// the simulator and the conformance cases.
 #[derive(Clone)]
-pub struct DecisionLog {
-    log: Log,
+pub struct DecisionLog<S = Log> {
+    log: S,
     coordinator_id: u32,
     /// Outcomes below it are forgotten; raised before the records go.
     horizon: Arc<Mutex<Option<TxId>>>,
@@ -153,12 +155,18 @@ fn txid_of(prefix: &[u8], key: &[u8]) -> Result<TxId, StoreError> {
         .ok_or_else(|| corrupt(key, RecordError::Truncated { len: key.len() }))
 }
 
-impl DecisionLog {
+impl DecisionLog<Log> {
+    /// Opens the RocksDB log in `dir`: see [`DecisionLog::open_on`].
+    pub async fn open(dir: &Path) -> Result<(DecisionLog, Recovered), StoreError> {
+        DecisionLog::open_on(Log::open(dir)?).await
+    }
+}
+
+impl<S: Storage> DecisionLog<S> {
     /// Opens the log, bumps the incarnation durably and reads what must be
     /// recovered: the unfinished decisions and the registry, never the window
     /// of ended ones.
-    pub async fn open(dir: &Path) -> Result<(DecisionLog, Recovered), StoreError> {
-        let log = Log::open(dir)?;
+    pub async fn open_on(log: S) -> Result<(DecisionLog<S>, Recovered), StoreError> {
         let read_before = log.stats().records_read.load(Ordering::Relaxed);
         let meta = match log.get(META_KEY)? {
             Some(bytes) => record::decode::<MetaRecord>(&bytes).map_err(|e| corrupt(META_KEY, e))?,
@@ -333,7 +341,7 @@ impl DecisionLog {
 /// Moves the ended decisions of the layout before the `c/` window (a `d/`
 /// record kept beside an `e/` record) into the window, once. Bounded by what
 /// that layout kept (it pruned at every start).
-async fn migrate_old_ends(log: &Log) -> Result<(), StoreError> {
+async fn migrate_old_ends(log: &impl Storage) -> Result<(), StoreError> {
     let ends = log.scan_prefix(OLD_END)?;
     if ends.is_empty() {
         return Ok(());
@@ -365,23 +373,41 @@ mod tests {
         name.parse().unwrap()
     }
 
-    async fn reopen(dir: &Path) -> (DecisionLog, Recovered) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match DecisionLog::open(dir).await {
-                Ok(opened) => return opened,
-                Err(err) if std::time::Instant::now() > deadline => panic!("reopen: {err}"),
-                Err(_) => tokio::task::yield_now().await,
-            }
-        }
+    use decree_runtime::storage::testing;
+
+    async fn reopen<S: Storage>(open: &impl Fn() -> S) -> (DecisionLog<S>, Recovered) {
+        DecisionLog::open_on(open()).await.unwrap()
     }
 
-    #[tokio::test]
-    async fn incarnation_grows_and_unfinished_decisions_come_back() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Each case runs against RocksDB and against memory (reopened after a process crash).
+    macro_rules! both {
+        ($($case:ident),* $(,)?) => {
+            mod rocksdb { $(
+                #[tokio::test]
+                async fn $case() {
+                    let dir = tempfile::tempdir().unwrap();
+                    super::$case(&decree_runtime::storage::testing::rocks(dir.path())).await
+                }
+            )* }
+            mod memory { $(
+                #[tokio::test]
+                async fn $case() { super::$case(&decree_runtime::storage::testing::memory()).await }
+            )* }
+        };
+    }
+
+    both!(
+        incarnation_grows_and_unfinished_decisions_come_back,
+        below_the_horizon_no_record_is_forgotten_never_aborted,
+        the_earlier_layout_is_moved_into_the_window_at_open,
+        a_corrupt_decision_refuses_to_start,
+        decisions_survive_a_restart_and_ended_ones_still_answer,
+    );
+
+    async fn incarnation_grows_and_unfinished_decisions_come_back<S: Storage>(open: &impl Fn() -> S) {
         let (first_id, t1, t2, t3);
         {
-            let (store, recovered) = DecisionLog::open(dir.path()).await.unwrap();
+            let (store, recovered) = reopen(open).await;
             assert_eq!(recovered.incarnation, 1);
             assert!(recovered.unfinished.is_empty());
             first_id = recovered.coordinator_id;
@@ -395,7 +421,7 @@ mod tests {
             store.save_participant(&p("a"), "http://127.0.0.1:1").await.unwrap();
             assert_eq!(store.ended(), 2);
         }
-        let (store, recovered) = reopen(dir.path()).await;
+        let (store, recovered) = reopen(open).await;
         assert_eq!(recovered.coordinator_id, first_id);
         assert_eq!(recovered.incarnation, 2);
         assert_eq!(recovered.unfinished, vec![(t1, vec![p("a"), p("b")])]);
@@ -413,12 +439,10 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn below_the_horizon_no_record_is_forgotten_never_aborted() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn below_the_horizon_no_record_is_forgotten_never_aborted<S: Storage>(open: &impl Fn() -> S) {
         let (id, unfinished);
         {
-            let (store, recovered) = DecisionLog::open(dir.path()).await.unwrap();
+            let (store, recovered) = reopen(open).await;
             id = recovered.coordinator_id;
             let t = |s| TxId::new(id, 1, s);
             // 1..=10 commit and end; 11 stays unfinished; 12 aborts (no record); 13..=15 end.
@@ -441,7 +465,7 @@ mod tests {
             }
             assert_eq!(store.recorded(t(16)).unwrap(), Recorded::Absent);
         }
-        let (store, recovered) = reopen(dir.path()).await;
+        let (store, recovered) = reopen(open).await;
         assert_eq!(recovered.horizon, Some(TxId::new(id, 1, 13)), "the horizon is durable");
         assert_eq!(recovered.unfinished, vec![(unfinished, vec![p("a"), p("b")])]);
         assert_eq!(store.recorded(TxId::new(id, 1, 3)).unwrap(), Recorded::Forgotten);
@@ -450,12 +474,10 @@ mod tests {
         assert_eq!(store.recorded(TxId::new(id, 2, 1)).unwrap(), Recorded::Absent);
     }
 
-    #[tokio::test]
-    async fn the_earlier_layout_is_moved_into_the_window_at_open() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn the_earlier_layout_is_moved_into_the_window_at_open<S: Storage>(open: &impl Fn() -> S) {
         let t = |s| TxId::new(9, 1, s);
         {
-            let log = Log::open(dir.path()).unwrap();
+            let log = open();
             let meta = MetaRecord { coordinator_id: 9, incarnation: 1 };
             let decision =
                 |one_phase| record::encode(&DecisionRecord { participants: vec!["a".into()], one_phase });
@@ -470,14 +492,14 @@ mod tests {
             ];
             log.write(writes, true).await.unwrap();
         }
-        let (store, recovered) = reopen(dir.path()).await;
+        let (store, recovered) = reopen(open).await;
         assert_eq!(recovered.unfinished, vec![(t(3), vec![p("a")])]);
         for s in 1..=3 {
             assert!(store.is_committed(t(s)).unwrap(), "{s}");
         }
         assert!(store.log.scan_prefix(OLD_END).unwrap().is_empty());
         drop(store);
-        let (_, recovered) = reopen(dir.path()).await;
+        let (_, recovered) = reopen(open).await;
         assert_eq!(recovered.unfinished, vec![(t(3), vec![p("a")])], "migrated once, for good");
     }
 
@@ -529,17 +551,15 @@ mod tests {
             let window = store.log.scan_prefix(COMMITTED).unwrap().len() as u64;
             assert!(window <= RETAIN, "the window on disk holds {window} outcomes, bound {RETAIN}");
         }
-        let (_, recovered) = reopen(dir.path()).await;
+        let (_, recovered) = reopen(&testing::rocks(dir.path())).await;
         assert_eq!(recovered.unfinished.len(), undecided.len());
         // meta, horizon, the undecided decisions: nothing of the million ended ones.
         assert_eq!(recovered.records_read, 2 + undecided.len() as u64);
     }
 
-    #[tokio::test]
-    async fn a_corrupt_decision_refuses_to_start() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn a_corrupt_decision_refuses_to_start<S: Storage>(open: &impl Fn() -> S) {
         {
-            let log = Log::open(dir.path()).unwrap();
+            let log = open();
             let key = txid_key(DECISION, TxId::new(1, 1, 1));
             let mut value =
                 record::encode(&DecisionRecord { participants: vec!["a".into()], one_phase: false });
@@ -547,16 +567,41 @@ mod tests {
             value[last] ^= 0xff;
             log.write(vec![Write::put(key, value)], true).await.unwrap();
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match DecisionLog::open(dir.path()).await {
-                Err(StoreError::Corrupt { .. }) => break,
-                Err(StoreError::Log(_)) if std::time::Instant::now() < deadline => {
-                    tokio::task::yield_now().await
-                }
-                Err(other) => panic!("unexpected error {other}"),
-                Ok(_) => panic!("a corrupt decision was read as absent"),
-            }
+        match DecisionLog::open_on(open()).await {
+            Err(StoreError::Corrupt { .. }) => {}
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("a corrupt decision was read as absent"),
         }
+    }
+
+    async fn decisions_survive_a_restart_and_ended_ones_still_answer<S: Storage>(open: &impl Fn() -> S) {
+        let (store, recovered) = reopen(open).await;
+        let t = |s| TxId::new(recovered.coordinator_id, recovered.incarnation, s);
+        store.log_decision(t(1), &[p("a")]).await.unwrap();
+        store.log_decision(t(2), &[p("a")]).await.unwrap();
+        store.log_end(t(1)).await.unwrap();
+        drop(store);
+        let (store, recovered) = reopen(open).await;
+        assert!(recovered.unfinished.iter().any(|(txid, _)| *txid == t(2)), "a synced decision survives");
+        assert!(store.is_committed(t(1)).unwrap(), "ended or not, t1 answers COMMITTED");
+    }
+
+    #[test]
+    fn a_machine_crash_loses_an_unsynced_end_but_never_the_decision() {
+        let disk = decree_runtime::MemLog::new();
+        let (store, recovered) =
+            decree_runtime::storage::now_or_never(DecisionLog::open_on(disk.clone())).unwrap();
+        let t = |s| TxId::new(recovered.coordinator_id, recovered.incarnation, s);
+        decree_runtime::storage::now_or_never(store.log_decision(t(1), &[p("a"), p("b")])).unwrap();
+        decree_runtime::storage::now_or_never(store.log_end(t(1))).unwrap();
+        assert_eq!(disk.unsynced_batches(), 1, "the end is buffered");
+        let (store, recovered) =
+            decree_runtime::storage::now_or_never(DecisionLog::open_on(disk.crash_machine(0))).unwrap();
+        assert_eq!(
+            recovered.unfinished,
+            vec![(t(1), vec![p("a"), p("b")])],
+            "redriven: Commit is idempotent"
+        );
+        assert!(store.is_committed(t(1)).unwrap());
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use decree_proto::v1;
 use decree_proto::{KvOp, TxId};
-use decree_runtime::{record, Log, LogError, Write};
+use decree_runtime::{record, Log, LogError, Storage, Write};
 use prost::Message;
 
 use crate::engine::Validated;
@@ -34,14 +34,14 @@ fn data_key(key: &str) -> Vec<u8> {
     [DATA, key.as_bytes()].concat()
 }
 
-/// The KV store over a participant's log.
+/// The KV store over a participant's log (any [`Storage`]).
 #[derive(Clone)]
-pub struct KvStore {
-    log: Log,
+pub struct KvStore<S = Log> {
+    log: S,
 }
 
-impl KvStore {
-    pub fn new(log: Log) -> Self {
+impl<S: Storage> KvStore<S> {
+    pub fn new(log: S) -> Self {
         KvStore { log }
     }
 
@@ -136,7 +136,7 @@ pub fn keys(ops: &[KvOp]) -> Vec<String> {
     keys
 }
 
-impl KvStore {
+impl<S: Storage> KvStore<S> {
     /// The branch's view after `ops` over the committed values here.
     pub fn evaluate(&self, ops: &[KvOp]) -> Result<Overlay, String> {
         let mut overlay = Overlay::default();
@@ -144,7 +144,8 @@ impl KvStore {
         Ok(overlay)
     }
 
-    fn validate(&self, payload: &[u8]) -> Validated {
+    /// What the branch `payload` would do here: its redo, or why it cannot commit.
+    pub fn validate(&self, payload: &[u8]) -> Validated {
         let writes = match ops(payload).and_then(|ops| self.evaluate(&ops)) {
             Ok(overlay) => overlay.writes(),
             Err(reason) => return Validated::Refused { reason },
@@ -156,7 +157,8 @@ impl KvStore {
         Validated::Ready { redo: record::encode(&KvRedo { writes }) }
     }
 
-    fn apply(&self, redo: &[u8]) -> Result<Vec<Write>, String> {
+    /// The writes that apply `redo` (made by [`KvStore::validate`]).
+    pub fn apply(&self, redo: &[u8]) -> Result<Vec<Write>, String> {
         let redo: KvRedo = record::decode(redo).map_err(|e| format!("corrupt redo: {e}"))?;
         Ok(redo
             .writes
@@ -170,7 +172,7 @@ impl KvStore {
 }
 
 #[async_trait::async_trait]
-impl Resource for KvStore {
+impl<S: Storage> Resource for KvStore<S> {
     fn keys(&self, payload: &[u8]) -> Result<Vec<String>, String> {
         Ok(keys(&ops(payload)?))
     }

@@ -30,7 +30,7 @@ use std::path::Path;
 
 use decree_proto::TxId;
 use decree_runtime::record::TxIdRecord;
-use decree_runtime::{record, Durability, Log, RecordError, Write};
+use decree_runtime::{record, Durability, Log, RecordError, Storage, Write};
 
 use crate::engine::Outcome;
 
@@ -105,9 +105,11 @@ pub struct Loaded {
     pub records_read: u64,
 }
 
+/// The branch log, over any [`Storage`]: RocksDB in the server, memory in
+/// the simulator and the conformance cases.
 #[derive(Clone)]
-pub struct BranchLog {
-    log: Log,
+pub struct BranchLog<S = Log> {
+    log: S,
     coordinator: String,
 }
 
@@ -126,12 +128,20 @@ fn corrupt(key: &[u8], source: RecordError) -> StoreError {
     StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), source }
 }
 
-impl BranchLog {
+impl BranchLog<Log> {
     pub fn open(dir: &Path, coordinator: &str) -> Result<BranchLog, StoreError> {
-        Ok(BranchLog { log: Log::open(dir)?, coordinator: coordinator.to_owned() })
+        Ok(BranchLog::open_on(Log::open(dir)?, coordinator))
+    }
+}
+
+impl<S: Storage> BranchLog<S> {
+    /// The branch log in `log`, for branches whose decisions `coordinator` owns.
+    pub fn open_on(log: S, coordinator: &str) -> BranchLog<S> {
+        BranchLog { log, coordinator: coordinator.to_owned() }
     }
 
-    pub fn log(&self) -> &Log {
+    /// The storage the branch log and the resource's data share.
+    pub fn log(&self) -> &S {
         &self.log
     }
 
@@ -263,30 +273,46 @@ impl BranchLog {
 mod tests {
     use super::*;
 
-    async fn reopen(dir: &Path) -> BranchLog {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match BranchLog::open(dir, "http://c") {
-                Ok(log) => return log,
-                Err(err) if std::time::Instant::now() > deadline => panic!("reopen: {err}"),
-                Err(_) => tokio::task::yield_now().await,
-            }
-        }
+    use decree_runtime::storage::testing;
+
+    fn reopen<S: Storage>(open: &impl Fn() -> S) -> BranchLog<S> {
+        BranchLog::open_on(open(), "http://c")
     }
 
-    #[tokio::test]
-    async fn prepared_branches_survive_until_decided() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Each case runs against RocksDB and against memory (reopened after a process crash).
+    macro_rules! both {
+        ($($case:ident),* $(,)?) => {
+            mod rocksdb { $(
+                #[tokio::test]
+                async fn $case() {
+                    let dir = tempfile::tempdir().unwrap();
+                    super::$case(&decree_runtime::storage::testing::rocks(dir.path())).await
+                }
+            )* }
+            mod memory { $(
+                #[tokio::test]
+                async fn $case() { super::$case(&decree_runtime::storage::testing::memory()).await }
+            )* }
+        };
+    }
+
+    both!(
+        prepared_branches_survive_until_decided,
+        forgotten_tombstones_leave_the_disk_and_the_horizon_stays,
+        a_corrupt_prepared_record_is_an_error_not_absent,
+    );
+
+    async fn prepared_branches_survive_until_decided<S: Storage>(open: &impl Fn() -> S) {
         let (t1, t2, t3) = (TxId::new(1, 1, 1), TxId::new(1, 1, 2), TxId::new(1, 1, 3));
         {
-            let log = BranchLog::open(dir.path(), "http://c").unwrap();
+            let log = reopen(open);
             for t in [t1, t2, t3] {
                 log.log_prepared(t, &["k".to_string()], b"redo").await.unwrap();
             }
             log.log_commit(t1, vec![Write::put("k/k", "v")], false).await.unwrap();
             log.log_abort(t2).await.unwrap();
         }
-        let log = reopen(dir.path()).await;
+        let log = reopen(open);
         let loaded = log.load().await.unwrap();
         assert_eq!(
             loaded.prepared,
@@ -296,12 +322,10 @@ mod tests {
         assert_eq!(log.log().get(b"k/k").unwrap(), Some(b"v".to_vec()));
     }
 
-    #[tokio::test]
-    async fn forgotten_tombstones_leave_the_disk_and_the_horizon_stays() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn forgotten_tombstones_leave_the_disk_and_the_horizon_stays<S: Storage>(open: &impl Fn() -> S) {
         let (a, b) = (|s| TxId::new(1, 1, s), |s| TxId::new(2, 5, s));
         {
-            let log = BranchLog::open(dir.path(), "http://c").unwrap();
+            let log = reopen(open);
             for s in 1..=10 {
                 log.log_abort(a(s)).await.unwrap();
                 log.log_abort(b(s)).await.unwrap();
@@ -309,7 +333,7 @@ mod tests {
             log.log_prepared(a(3), &["k".into()], b"redo").await.unwrap();
             log.forget_tombstones(&[a(6), b(2)]).await.unwrap();
         }
-        let log = reopen(dir.path()).await;
+        let log = reopen(open);
         let loaded = log.load().await.unwrap();
         let kept: Vec<TxId> = loaded.tombstones.iter().map(|(t, _)| *t).collect();
         let want: Vec<TxId> = (7..=10).map(a).chain((3..=10).map(b)).collect();
@@ -355,7 +379,7 @@ mod tests {
             }
             log.compact_tombstones();
         }
-        let log = reopen(dir.path()).await;
+        let log = BranchLog::open_on(testing::rocks(dir.path())(), "http://c");
         let loaded = log.load().await.unwrap();
         assert_eq!(loaded.prepared.len(), 3);
         assert_eq!(loaded.tombstones.len() as u64, RETAIN, "the window, not the million");
@@ -363,10 +387,8 @@ mod tests {
         assert_eq!(loaded.records_read, RETAIN + 3 + 1);
     }
 
-    #[tokio::test]
-    async fn a_corrupt_prepared_record_is_an_error_not_absent() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = BranchLog::open(dir.path(), "http://c").unwrap();
+    async fn a_corrupt_prepared_record_is_an_error_not_absent<S: Storage>(open: &impl Fn() -> S) {
+        let log = reopen(open);
         let mut value = record::encode(&PreparedRecord {
             keys: vec!["a".into()],
             redo: vec![1],
@@ -375,5 +397,21 @@ mod tests {
         value[6] ^= 1;
         log.log().write(vec![Write::put(key(PREPARED, TxId::new(1, 1, 1)), value)], true).await.unwrap();
         assert!(matches!(log.load().await, Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_machine_crash_never_loses_a_prepared_record_and_loses_an_abort_whole() {
+        use decree_runtime::storage::now_or_never;
+        let disk = decree_runtime::MemLog::new();
+        let log = BranchLog::open_on(disk.clone(), "http://c");
+        let (t1, t2) = (TxId::new(1, 1, 1), TxId::new(1, 1, 2));
+        now_or_never(log.log_prepared(t1, &["a".into()], b"redo")).unwrap();
+        now_or_never(log.log_prepared(t2, &["b".into()], b"redo")).unwrap();
+        now_or_never(log.log_abort(t2)).unwrap();
+        let log = BranchLog::open_on(disk.crash_machine(0), "http://c");
+        let loaded = now_or_never(log.load()).unwrap();
+        let prepared: Vec<TxId> = loaded.prepared.iter().map(|b| b.txid).collect();
+        assert_eq!(prepared, [t1, t2], "the lost abort leaves t2 prepared: it asks, presumed abort answers");
+        assert!(loaded.tombstones.is_empty(), "and no half of it survived");
     }
 }

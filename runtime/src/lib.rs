@@ -1,6 +1,8 @@
 //! What decree's coordinator and participant processes share at run time:
 //!
 //! - [`log`]: the RocksDB log with group commit, the only place that syncs;
+//! - [`storage`]: the contract durable state is written against, with RocksDB and
+//!   in-memory (crashable) implementations and their conformance suite;
 //! - [`record`]: the checksummed envelope every durable record is stored in;
 //! - [`crash`]: named crash points for crash tests;
 //! - [`disk`]: free disk space against a reserve: new work refused, not a crash;
@@ -22,7 +24,9 @@ pub mod log;
 pub mod metrics;
 pub mod record;
 pub mod serve;
+pub mod storage;
 pub mod trace;
 
 pub use log::{Durability, Log, LogError, Write};
 pub use record::RecordError;
+pub use storage::{MemLog, Storage};
