@@ -100,6 +100,12 @@ pub enum Event {
     Recovered { txid: TxId, participants: Vec<ParticipantName> },
     /// The answer to [`Command::ResolveOnePhase`].
     OnePhaseResolved { txid: TxId, found: OnePhaseFound },
+    /// The record of a one-phase outcome not known yet is durable
+    /// ([`Command::LogOnePhaseInDoubt`]): the client may be told "unknown".
+    OnePhaseInDoubtLogged { txid: TxId },
+    /// Found at start: a one-phase transaction whose client was told
+    /// "unknown" and whose outcome was never learned.
+    RecoveredOnePhase { txid: TxId, participant: ParticipantName },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,10 +123,27 @@ pub enum Command {
         txid: TxId,
         participants: Vec<ParticipantName>,
     },
-    /// Note a one-phase commit (not synced: the participant holds the truth).
+    /// Note a one-phase commit (not synced: the participant holds the truth),
+    /// and, `in_doubt`, drop the record of [`Command::LogOnePhaseInDoubt`]
+    /// (synced then: until it goes, a restart asks the participant again).
     LogOnePhaseCommit {
         txid: TxId,
         participant: ParticipantName,
+        in_doubt: bool,
+    },
+    /// A one-phase outcome is unknown and its client is about to be told so
+    /// (and may ask `GetOutcome`): record that it is unknown, with a synced
+    /// write, then feed back [`Event::OnePhaseInDoubtLogged`]. Without it a
+    /// restart would forget the question and answer ABORTED (presumed abort)
+    /// for a branch that may have committed.
+    LogOnePhaseInDoubt {
+        txid: TxId,
+        participant: ParticipantName,
+    },
+    /// The one-phase branch of [`Command::LogOnePhaseInDoubt`] did not commit:
+    /// drop its record (synced); from then on no record means ABORTED.
+    LogOnePhaseAborted {
+        txid: TxId,
     },
     /// `recovery` is set for redrives of decisions found at start.
     SendCommit {
@@ -167,8 +190,18 @@ pub enum Command {
 enum Txn {
     /// Interactive, before Commit: participants enlist.
     Active { enlisted: BTreeSet<ParticipantName> },
-    /// Waiting for votes from `waiting`.
-    Preparing { order: Vec<ParticipantName>, waiting: BTreeSet<ParticipantName>, yes: Vec<ParticipantName> },
+    /// Interactive and one-phase: its client knows the txid and may ask
+    /// `GetOutcome` before any answer, so the question is recorded
+    /// ([`Command::LogOnePhaseInDoubt`]) before the Prepare goes.
+    Recording { participant: ParticipantName, timeout: Duration },
+    /// Waiting for votes from `waiting`. `recorded`: one-phase, and its
+    /// question is on disk (interactive).
+    Preparing {
+        order: Vec<ParticipantName>,
+        waiting: BTreeSet<ParticipantName>,
+        yes: Vec<ParticipantName>,
+        recorded: bool,
+    },
     /// All voted YES; the decision is being made durable.
     Logging { participants: Vec<ParticipantName> },
     /// Decided COMMIT and durable; `unacked` maps to failed deliveries so far;
@@ -180,8 +213,9 @@ enum Txn {
         recovered: bool,
     },
     /// One-phase, outcome unknown (the Prepare failed or timed out); asking.
-    /// `answered`: the client was told the outcome is unknown.
-    Resolving { participant: ParticipantName, reason: String, attempts: u32, answered: bool },
+    /// `answered`: the client was told the outcome is unknown; `recorded`:
+    /// the question is on disk (or being written: the client is told once it is).
+    Resolving { participant: ParticipantName, reason: String, attempts: u32, answered: bool, recorded: bool },
 }
 
 /// What the coordinator knows of a transaction right now.
@@ -240,9 +274,11 @@ impl Engine {
     /// (the durable log tells which of committed or aborted).
     pub fn known(&self, txid: TxId) -> Option<Known> {
         self.txns.get(&txid).map(|txn| match txn {
-            Txn::Active { .. } | Txn::Preparing { .. } | Txn::Logging { .. } | Txn::Resolving { .. } => {
-                Known::Pending
-            }
+            Txn::Active { .. }
+            | Txn::Recording { .. }
+            | Txn::Preparing { .. }
+            | Txn::Logging { .. }
+            | Txn::Resolving { .. } => Known::Pending,
             Txn::Committing { .. } => Known::Committing,
         })
     }
@@ -255,6 +291,7 @@ impl Engine {
                 out.extend(unacked.keys().map(|p| (*txid, p.clone())));
             }
         }
+        out.sort();
         out
     }
 
@@ -387,20 +424,51 @@ impl Engine {
             Event::Enrolled { participant } => {
                 // Owed Commits go out without waiting for their backoff, paced
                 // by the participant's retry budget; stuck ones wait for an operator.
-                for (txid, txn) in &self.txns {
-                    if let Txn::Committing { unacked, stuck, .. } = txn {
-                        if unacked.contains_key(&participant) && !stuck.contains_key(&participant) {
-                            self.commands.push(Command::ScheduleRedelivery {
-                                txid: *txid,
-                                participant: participant.clone(),
-                                attempt: 0,
-                            });
-                        }
-                    }
+                // In txid order: the same events always give the same commands.
+                let mut owed: Vec<TxId> = self
+                    .txns
+                    .iter()
+                    .filter(|(_, txn)| {
+                        matches!(txn, Txn::Committing { unacked, stuck, .. }
+                            if unacked.contains_key(&participant) && !stuck.contains_key(&participant))
+                    })
+                    .map(|(txid, _)| *txid)
+                    .collect();
+                owed.sort();
+                for txid in owed {
+                    self.commands.push(Command::ScheduleRedelivery {
+                        txid,
+                        participant: participant.clone(),
+                        attempt: 0,
+                    });
                 }
             }
             Event::TimerFired { txid, kind } => self.on_timer(txid, kind),
             Event::OnePhaseResolved { txid, found } => self.on_one_phase_resolved(txid, found),
+            Event::OnePhaseInDoubtLogged { txid } => match self.txns.get_mut(&txid) {
+                Some(Txn::Resolving { reason, answered: answered @ false, .. }) => {
+                    *answered = true;
+                    let unknown = format!("{reason}; whether it committed is not known yet");
+                    self.commands
+                        .push(Command::Reply { txid, decided: Decided::Unknown { reason: unknown } });
+                }
+                Some(Txn::Recording { .. }) => {
+                    let Some(Txn::Recording { participant, timeout }) = self.txns.remove(&txid) else {
+                        unreachable!()
+                    };
+                    self.send_prepares(txid, vec![(participant, Vec::new())], timeout, true, true);
+                }
+                _ => {}
+            },
+            Event::RecoveredOnePhase { txid, participant } => {
+                if self.txns.contains_key(&txid) {
+                    return Err(EngineError::Duplicate(txid));
+                }
+                self.commands.push(Command::ResolveOnePhase { txid, participant: participant.clone() });
+                let reason = "recovered at start".to_owned();
+                let txn = Txn::Resolving { participant, reason, attempts: 0, answered: true, recorded: true };
+                self.txns.insert(txid, txn);
+            }
             Event::Recovered { txid, participants } => {
                 assert!(!participants.is_empty(), "a decision record names its participants");
                 if self.txns.contains_key(&txid) {
@@ -432,6 +500,23 @@ impl Engine {
             self.commands.push(Command::Reply { txid, decided: Decided::Committed });
             return;
         }
+        if interactive && branches.len() == 1 {
+            let participant = branches[0].0.clone();
+            self.commands.push(Command::LogOnePhaseInDoubt { txid, participant: participant.clone() });
+            self.txns.insert(txid, Txn::Recording { participant, timeout });
+            return;
+        }
+        self.send_prepares(txid, branches, timeout, interactive, false);
+    }
+
+    fn send_prepares(
+        &mut self,
+        txid: TxId,
+        branches: Vec<(ParticipantName, Vec<u8>)>,
+        timeout: Duration,
+        interactive: bool,
+        recorded: bool,
+    ) {
         let one_phase = branches.len() == 1;
         let order: Vec<_> = branches.iter().map(|(p, _)| p.clone()).collect();
         let waiting: BTreeSet<_> = order.iter().cloned().collect();
@@ -440,11 +525,11 @@ impl Engine {
             self.commands.push(Command::SendPrepare { txid, participant, payload, one_phase, interactive });
         }
         self.commands.push(Command::ArmTimer { txid, kind: TimerKind::Prepare, after: timeout });
-        self.txns.insert(txid, Txn::Preparing { order, waiting, yes: Vec::new() });
+        self.txns.insert(txid, Txn::Preparing { order, waiting, yes: Vec::new(), recorded });
     }
 
     fn on_vote(&mut self, txid: TxId, participant: ParticipantName, vote: VoteResult) {
-        let Some(Txn::Preparing { order, waiting, yes }) = self.txns.get_mut(&txid) else {
+        let Some(Txn::Preparing { order, waiting, yes, recorded }) = self.txns.get_mut(&txid) else {
             if vote == VoteResult::Yes && !self.txns.contains_key(&txid) {
                 // A YES that arrived after the transaction aborted: that branch
                 // is prepared and would otherwise wait to ask. Tell it now.
@@ -457,6 +542,7 @@ impl Engine {
         }
         // A failed Prepare may still have prepared the branch (the reply was
         // lost): it is told to abort like a YES voter. A NO voter rolled back.
+        let recorded = *recorded;
         let reason = match vote {
             VoteResult::Yes => {
                 yes.push(participant);
@@ -466,7 +552,7 @@ impl Engine {
             VoteResult::Committed => {
                 assert_eq!(order.len(), 1, "only a one-phase Prepare commits");
                 self.txns.remove(&txid);
-                self.commands.push(Command::LogOnePhaseCommit { txid, participant });
+                self.commands.push(Command::LogOnePhaseCommit { txid, participant, in_doubt: recorded });
                 self.commands.push(Command::Reply { txid, decided: Decided::Committed });
                 return;
             }
@@ -475,7 +561,7 @@ impl Engine {
                 // One-phase: it may have committed before the reply was lost.
                 let reason = format!("participant {participant} failed to answer: {error}");
                 self.txns.remove(&txid);
-                self.resolve_one_phase(txid, participant, reason);
+                self.resolve_one_phase(txid, participant, reason, recorded);
                 return;
             }
             VoteResult::Failed { error } => {
@@ -485,9 +571,12 @@ impl Engine {
             }
         };
         if let Some(reason) = reason {
-            let Some(Txn::Preparing { order, waiting, yes }) = self.txns.remove(&txid) else {
+            let Some(Txn::Preparing { order, waiting, yes, .. }) = self.txns.remove(&txid) else {
                 unreachable!()
             };
+            if recorded {
+                self.commands.push(Command::LogOnePhaseAborted { txid });
+            }
             // Abort everyone that may hold a prepared branch: YES voters, failed
             // Prepares, and those not heard from.
             let targets: Vec<_> =
@@ -545,14 +634,14 @@ impl Engine {
                 let Some(Txn::Active { enlisted }) = self.txns.remove(&txid) else { unreachable!() };
                 self.abort(txid, enlisted, "idle timeout before commit".into());
             }
-            (Some(Txn::Preparing { order, .. }), TimerKind::Prepare) if order.len() == 1 => {
-                let participant = order[0].clone();
+            (Some(Txn::Preparing { order, recorded, .. }), TimerKind::Prepare) if order.len() == 1 => {
+                let (participant, recorded) = (order[0].clone(), *recorded);
                 self.txns.remove(&txid);
                 let reason = format!("prepare timed out waiting for {participant}");
-                self.resolve_one_phase(txid, participant, reason);
+                self.resolve_one_phase(txid, participant, reason, recorded);
             }
             (Some(Txn::Preparing { .. }), TimerKind::Prepare) => {
-                let Some(Txn::Preparing { order, waiting, yes }) = self.txns.remove(&txid) else {
+                let Some(Txn::Preparing { order, waiting, yes, .. }) = self.txns.remove(&txid) else {
                     unreachable!()
                 };
                 let late: Vec<_> =
@@ -565,6 +654,7 @@ impl Engine {
             // A timer for a state the transaction has left: stale, ignore.
             (Some(Txn::Active { .. }), TimerKind::Prepare)
             | (Some(Txn::Preparing { .. }), TimerKind::Idle)
+            | (Some(Txn::Recording { .. }), _)
             | (Some(Txn::Logging { .. }), _)
             | (Some(Txn::Committing { .. }), _)
             | (Some(Txn::Resolving { .. }), _)
@@ -573,33 +663,46 @@ impl Engine {
     }
 
     /// A one-phase Prepare got no answer: ask the participant with an Abort.
-    fn resolve_one_phase(&mut self, txid: TxId, participant: ParticipantName, reason: String) {
+    fn resolve_one_phase(
+        &mut self,
+        txid: TxId,
+        participant: ParticipantName,
+        reason: String,
+        recorded: bool,
+    ) {
         self.commands.push(Command::ResolveOnePhase { txid, participant: participant.clone() });
-        self.txns.insert(txid, Txn::Resolving { participant, reason, attempts: 0, answered: false });
+        let txn = Txn::Resolving { participant, reason, attempts: 0, answered: false, recorded };
+        self.txns.insert(txid, txn);
     }
 
     fn on_one_phase_resolved(&mut self, txid: TxId, found: OnePhaseFound) {
-        let Some(Txn::Resolving { participant, reason, attempts, answered }) = self.txns.remove(&txid) else {
+        let Some(Txn::Resolving { participant, reason, attempts, answered, recorded }) =
+            self.txns.remove(&txid)
+        else {
             return; // a duplicate answer
         };
         match found {
             OnePhaseFound::Aborted => {
+                if recorded {
+                    self.commands.push(Command::LogOnePhaseAborted { txid });
+                }
                 if !answered {
                     let reason = format!("{reason}; it did not commit");
                     self.commands.push(Command::Reply { txid, decided: Decided::Aborted { reason } });
                 }
             }
             OnePhaseFound::Committed => {
-                self.commands.push(Command::LogOnePhaseCommit { txid, participant });
+                self.commands.push(Command::LogOnePhaseCommit { txid, participant, in_doubt: recorded });
                 if !answered {
                     self.commands.push(Command::Reply { txid, decided: Decided::Committed });
                 }
             }
             OnePhaseFound::Unreachable => {
-                if !answered {
-                    let unknown = format!("{reason}; whether it committed is not known yet");
+                if !recorded {
+                    // The client hears "unknown" once the question is durable, so
+                    // that GetOutcome never answers ABORTED for it after a restart.
                     self.commands
-                        .push(Command::Reply { txid, decided: Decided::Unknown { reason: unknown } });
+                        .push(Command::LogOnePhaseInDoubt { txid, participant: participant.clone() });
                 }
                 let attempt = attempts + 1;
                 self.commands.push(Command::ScheduleRedelivery {
@@ -607,8 +710,8 @@ impl Engine {
                     participant: participant.clone(),
                     attempt,
                 });
-                self.txns
-                    .insert(txid, Txn::Resolving { participant, reason, attempts: attempt, answered: true });
+                let txn = Txn::Resolving { participant, reason, attempts: attempt, answered, recorded: true };
+                self.txns.insert(txid, txn);
             }
         }
     }

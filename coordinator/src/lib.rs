@@ -4,6 +4,7 @@
 //! - [`store`]: the durable decision log and its correctness contract;
 //! - [`retention`]: which ended outcomes to forget, and when (pure policy);
 //! - `runtime`: the actor that executes the engine's commands;
+//! - [`wire`]: participants' answers to engine events, and outcomes to the `decree.v1` enum;
 //! - `service`: the thin gRPC handlers;
 //! - [`Config`]: every knob, with units in the names.
 //!
@@ -18,6 +19,7 @@ pub mod retention;
 mod runtime;
 mod service;
 pub mod store;
+pub mod wire;
 
 use std::future::Future;
 
@@ -119,6 +121,7 @@ pub async fn serve(
         recovered.coordinator_id,
         recovered.incarnation,
         recovered.unfinished,
+        recovered.one_phase_in_doubt,
     );
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
     tokio::spawn(runtime::prune_ended(handle.clone(), stop_streams.clone()));

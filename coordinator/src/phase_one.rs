@@ -25,7 +25,8 @@ use tracing::{debug, info, Instrument, Span};
 
 use crate::engine::{Event, VoteResult};
 use crate::registry::Registry;
-use crate::runtime::{call, traced, vote_of};
+use crate::runtime::{call, traced};
+use crate::wire::{self, vote_of};
 
 /// A Prepare to send.
 pub(crate) struct Outgoing {
@@ -186,10 +187,8 @@ pub(crate) async fn prepare_one(
 ) {
     let Outgoing { txid, request, span } = outgoing;
     let request = traced(request, &span);
-    let vote =
-        match call(client, timeout, |mut c| async move { c.prepare(request).await }).instrument(span).await {
-            Ok(response) => vote_of(response),
-            Err(unanswered) => VoteResult::Failed { error: unanswered.to_string() },
-        };
+    let answer =
+        call(client, timeout, |mut c| async move { c.prepare(request).await }).instrument(span).await;
+    let vote = wire::voted(answer);
     let _ = events.send(Event::Voted { txid, participant, vote });
 }

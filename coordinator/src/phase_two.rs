@@ -23,7 +23,8 @@ use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::engine::Event;
 use crate::registry::Registry;
-use crate::runtime::{call, retryable, traced, Unanswered};
+use crate::runtime::{call, traced};
+use crate::wire::{self, Unanswered};
 
 /// Commits per participant on the wire at once, each a batch.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -193,22 +194,17 @@ pub(crate) fn delivered(
     recovery: bool,
     answer: Result<(), Unanswered>,
 ) -> Event {
-    match answer {
-        Ok(()) => {
-            if recovery {
-                info!(%txid, %participant, "recovery: commit delivered");
-                crash::point(crash::COORDINATOR_RECOVERY_MID_REDRIVE);
-            }
-            Event::CommitAcked { txid, participant }
+    match &answer {
+        Ok(()) if recovery => {
+            info!(%txid, %participant, "recovery: commit delivered");
+            crash::point(crash::COORDINATOR_RECOVERY_MID_REDRIVE);
         }
-        Err(Unanswered::Refused(status)) if !retryable(status.code()) => {
-            let reason = format!("{:?}: {}", status.code(), status.message());
-            warn!(%txid, %participant, %reason, "commit refused for good: redelivery stops until an operator retries");
-            Event::CommitRefused { txid, participant, reason }
-        }
-        Err(error) => {
-            debug!(%txid, %participant, %error, "commit not delivered");
-            Event::CommitFailed { txid, participant }
-        }
+        Ok(()) => {}
+        Err(error) => debug!(%txid, %participant, %error, "commit not delivered"),
     }
+    let event = wire::commit_event(txid, participant, answer);
+    if let Event::CommitRefused { txid, participant, reason } = &event {
+        warn!(%txid, %participant, %reason, "commit refused for good: redelivery stops until an operator retries");
+    }
+    event
 }

@@ -22,12 +22,13 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::config::Config;
-use crate::engine::{Command, Decided, Engine, Event, Known, OnePhaseFound, Stuck, VoteResult};
+use crate::engine::{Command, Decided, Engine, Event, Known, Stuck};
 use crate::phase_one::{self, Outgoing, Prepares};
 use crate::phase_two::{self, Deliveries, Due};
 use crate::registry::Registry;
 use crate::retention::Window;
 use crate::store::{DecisionLog, Recorded};
+use crate::wire::{self, Unanswered};
 use crate::CoordinatorError;
 
 /// Most client requests queued for the actor.
@@ -212,14 +213,17 @@ impl Handle {
         if txid.coordinator != self.coordinator_id {
             return Err(CoordinatorError::ForeignTxid { txid, coordinator_id: self.coordinator_id });
         }
-        match self.ask(|reply| Request::Known { txid, reply }).await? {
-            Some(Known::Pending) => Ok(v1::Outcome::Pending),
-            Some(Known::Committing) => Ok(v1::Outcome::Committed),
-            None => Ok(match self.store.recorded(txid)? {
-                Recorded::Committed => v1::Outcome::Committed,
-                Recorded::Forgotten => v1::Outcome::Forgotten,
-                Recorded::Absent => v1::Outcome::Aborted,
-            }),
+        let known = self.ask(|reply| Request::Known { txid, reply }).await?;
+        let mut failed = None;
+        let outcome = wire::outcome_of(known, || {
+            self.store.recorded(txid).unwrap_or_else(|err| {
+                failed = Some(err);
+                Recorded::Absent
+            })
+        });
+        match failed {
+            Some(err) => Err(err.into()),
+            None => Ok(outcome),
         }
     }
 
@@ -260,6 +264,7 @@ pub(crate) fn start(
     coordinator_id: u32,
     incarnation: u64,
     unfinished: Vec<(TxId, Vec<ParticipantName>)>,
+    one_phase_in_doubt: Vec<(TxId, ParticipantName)>,
 ) -> Handle {
     let (requests, request_rx) = mpsc::channel(config.process.request_queue);
     let (events, event_rx) = mpsc::unbounded_channel();
@@ -301,6 +306,12 @@ pub(crate) fn start(
         info!(%txid, participants = ?participants.iter().map(|p| p.as_str()).collect::<Vec<_>>(), "recovery: redriving committed transaction");
         if let Err(err) = actor.engine.on_event(Event::Recovered { txid, participants }) {
             warn!(%txid, error = %err, "recovery: skipping duplicate decision");
+        }
+    }
+    for (txid, participant) in one_phase_in_doubt {
+        info!(%txid, %participant, "recovery: asking a one-phase participant whether it committed");
+        if let Err(err) = actor.engine.on_event(Event::RecoveredOnePhase { txid, participant }) {
+            warn!(%txid, error = %err, "recovery: skipping duplicate one-phase record");
         }
     }
     tokio::spawn(actor.run(request_rx, event_rx));
@@ -465,10 +476,27 @@ impl Actor {
                         let _ = events.send(Event::DecisionLogged { txid });
                     });
                 }
-                Command::LogOnePhaseCommit { txid, participant } => {
+                Command::LogOnePhaseCommit { txid, participant, in_doubt } => {
                     let store = self.handle.store.clone();
                     tokio::spawn(async move {
-                        if let Err(err) = store.log_one_phase_commit(txid, &participant).await {
+                        if let Err(err) = store.log_one_phase_commit(txid, &participant, in_doubt).await {
+                            fatal(&err.into());
+                        }
+                    });
+                }
+                Command::LogOnePhaseInDoubt { txid, participant } => {
+                    let (store, events) = (self.handle.store.clone(), self.handle.events.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_one_phase_in_doubt(txid, &participant).await {
+                            fatal(&err.into());
+                        }
+                        let _ = events.send(Event::OnePhaseInDoubtLogged { txid });
+                    });
+                }
+                Command::LogOnePhaseAborted { txid } => {
+                    let store = self.handle.store.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_one_phase_aborted(txid).await {
                             fatal(&err.into());
                         }
                     });
@@ -617,13 +645,8 @@ impl Actor {
         let span = self.span_of(txid);
         let request = traced(v1::AbortRequest { txid: txid.to_string() }, &span);
         async move {
-            let found = match call(client, timeout, |mut c| async move { c.abort(request).await }).await {
-                Ok(_) => OnePhaseFound::Aborted,
-                Err(Unanswered::Refused(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                    OnePhaseFound::Committed
-                }
-                Err(_) => OnePhaseFound::Unreachable,
-            };
+            let answer = call(client, timeout, |mut c| async move { c.abort(request).await }).await;
+            let found = wire::one_phase_found(answer.map(drop));
             info!(%txid, %participant, ?found, "one-phase outcome asked");
             let _ = events.send(Event::OnePhaseResolved { txid, found });
         }
@@ -681,24 +704,6 @@ pub(crate) fn traced<T>(message: T, span: &Span) -> tonic::Request<T> {
     request
 }
 
-/// Why a participant RPC brought no answer.
-#[derive(Debug, Clone)]
-pub(crate) enum Unanswered {
-    NotEnrolled,
-    Deadline,
-    Refused(tonic::Status),
-}
-
-impl std::fmt::Display for Unanswered {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Unanswered::NotEnrolled => f.write_str("not enrolled"),
-            Unanswered::Deadline => f.write_str("no answer before the deadline"),
-            Unanswered::Refused(status) => f.write_str(status.message()),
-        }
-    }
-}
-
 /// One RPC to a participant (looked up before, `None` if not enrolled), under `timeout`.
 pub(crate) async fn call<T, F, Fut>(
     client: Option<ParticipantClient<Channel>>,
@@ -714,31 +719,6 @@ where
         Err(_) => Err(Unanswered::Deadline),
         Ok(Err(status)) => Err(Unanswered::Refused(status)),
         Ok(Ok(response)) => Ok(response.into_inner()),
-    }
-}
-
-/// Whether a refusal with `code` may go away by itself (the participant is
-/// busy, restarting, or was cut off) rather than say the request itself is
-/// wrong, so that asking again is worth it.
-pub(crate) fn retryable(code: tonic::Code) -> bool {
-    use tonic::Code::*;
-    match code {
-        Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Cancelled | Internal | Unknown
-        | Ok => true,
-        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | PermissionDenied
-        | Unauthenticated | OutOfRange | Unimplemented | DataLoss => false,
-    }
-}
-
-pub(crate) fn vote_of(response: v1::PrepareResponse) -> VoteResult {
-    match v1::Vote::try_from(response.vote) {
-        Ok(v1::Vote::Yes) => VoteResult::Yes,
-        Ok(v1::Vote::No) => VoteResult::No { reason: response.reason },
-        Ok(v1::Vote::ReadOnly) => VoteResult::ReadOnly,
-        Ok(v1::Vote::Committed) => VoteResult::Committed,
-        Ok(v1::Vote::Unspecified) | Err(_) => {
-            VoteResult::Failed { error: format!("invalid vote {}", response.vote) }
-        }
     }
 }
 

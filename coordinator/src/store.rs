@@ -10,10 +10,11 @@
 //! | `meta` | coordinator id, incarnation | synced, at every start |
 //! | `d/<txid>` | COMMIT decision with its participants, phase two unfinished | synced, before any Commit |
 //! | `c/<txid>` | committed and ended (every participant acked), or one-phase committed | not synced |
+//! | `u/<txid>` | a one-phase outcome not known yet, its client told "unknown", with its participant | synced, before that answer |
 //! | `horizon` | the txid below which ended outcomes are forgotten | not synced, with the range delete it guards |
 //! | `r/<name>` | a participant's last address | not synced |
 //!
-//! Start reads `meta`, `horizon`, `d/` and `r/`: what is undecided, never the
+//! Start reads `meta`, `horizon`, `d/`, `u/` and `r/`: what is undecided, never the
 //! history. `c/` is only read by [`DecisionLog::recorded`], one key at a time.
 //!
 //! # Correctness
@@ -33,6 +34,18 @@
 //!   again.
 //! - A `d/` record is removed only by [`DecisionLog::log_end`], after every
 //!   participant acked: pruning never touches it, however old.
+//! - [`DecisionLog::log_one_phase_in_doubt`] returns only after its `u/`
+//!   record is **synced**. It is written before a client that knows the txid
+//!   can ask about a one-phase transaction whose outcome this process may
+//!   lose: before the answer "unknown", and before the Prepare of an
+//!   interactive transaction (whose client has had the txid since Begin).
+//!   After a restart `GetOutcome` then answers PENDING and the participant is
+//!   asked again, never ABORTED for a branch that may have committed. The
+//!   record goes only once the outcome is known
+//!   ([`DecisionLog::log_one_phase_commit`] with `in_doubt`, or
+//!   [`DecisionLog::log_one_phase_aborted`]), unsynced: if that is lost, the
+//!   question comes back and the participant answers it again. Pruning never
+//!   touches it.
 //! - Absence of any record means ABORTED (presumed abort) for a txid at or
 //!   above the horizon, and FORGOTTEN below it: [`DecisionLog::forget_before`]
 //!   deletes `c/` records below a new horizon in the same atomic batch that
@@ -56,6 +69,7 @@ const HORIZON_KEY: &[u8] = b"horizon";
 const DECISION: &[u8] = b"d/";
 const COMMITTED: &[u8] = b"c/";
 const REGISTRY: &[u8] = b"r/";
+const ONE_PHASE_IN_DOUBT: &[u8] = b"u/";
 /// End records of the layout before the `c/` window (migrated at open).
 const OLD_END: &[u8] = b"e/";
 
@@ -83,6 +97,12 @@ struct CommittedRecord {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
+struct InDoubtRecord {
+    #[prost(string, tag = "1")]
+    participant: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
 struct ParticipantRecord {
     #[prost(string, tag = "1")]
     address: String,
@@ -104,6 +124,8 @@ pub struct Recovered {
     pub incarnation: u64,
     /// COMMIT decisions with no end record: phase two must be redriven.
     pub unfinished: Vec<(TxId, Vec<ParticipantName>)>,
+    /// One-phase transactions whose outcome is not known yet: ask their participant.
+    pub one_phase_in_doubt: Vec<(TxId, ParticipantName)>,
     /// Participants enrolled before, with their last address.
     pub participants: Vec<(ParticipantName, String)>,
     /// Ended outcomes below this txid are forgotten (`None`: nothing pruned yet).
@@ -118,6 +140,8 @@ pub struct Recovered {
 pub enum Recorded {
     /// A COMMIT decision exists (unfinished, or ended within the window).
     Committed,
+    /// A one-phase outcome not known yet: the participant is being asked.
+    InDoubt,
     /// No record, and the txid is below the horizon: it may have committed
     /// long ago; the record that would tell was pruned.
     Forgotten,
@@ -135,6 +159,16 @@ pub struct DecisionLog<S = Log> {
     horizon: Arc<Mutex<Option<TxId>>>,
     /// `c/` records written by this process: what the count bound counts.
     ended: Arc<AtomicU64>,
+}
+
+/// The key of `txid`'s unfinished COMMIT decision (for checkers that read the disk).
+pub fn decision_key(txid: TxId) -> Vec<u8> {
+    txid_key(DECISION, txid)
+}
+
+/// The key of `txid`'s ended outcome in the window (for checkers that read the disk).
+pub fn committed_key(txid: TxId) -> Vec<u8> {
+    txid_key(COMMITTED, txid)
 }
 
 fn txid_key(prefix: &[u8], txid: TxId) -> Vec<u8> {
@@ -167,10 +201,19 @@ impl<S: Storage> DecisionLog<S> {
     /// recovered: the unfinished decisions and the registry, never the window
     /// of ended ones.
     pub async fn open_on(log: S) -> Result<(DecisionLog<S>, Recovered), StoreError> {
+        Self::open_with_id(log, rand::random).await
+    }
+
+    /// [`DecisionLog::open_on`], with the id a new log takes from `new_id`
+    /// (a log that has one keeps it): the simulator's ids come from its seed.
+    pub async fn open_with_id(
+        log: S,
+        new_id: impl FnOnce() -> u32,
+    ) -> Result<(DecisionLog<S>, Recovered), StoreError> {
         let read_before = log.stats().records_read.load(Ordering::Relaxed);
         let meta = match log.get(META_KEY)? {
             Some(bytes) => record::decode::<MetaRecord>(&bytes).map_err(|e| corrupt(META_KEY, e))?,
-            None => MetaRecord { coordinator_id: rand::random(), incarnation: 0 },
+            None => MetaRecord { coordinator_id: new_id(), incarnation: 0 },
         };
         let meta = MetaRecord { incarnation: meta.incarnation + 1, ..meta };
         log.write(vec![Write::put(META_KEY, record::encode(&meta))], true).await?;
@@ -194,6 +237,16 @@ impl<S: Storage> DecisionLog<S> {
                 .map_err(|_| corrupt(&key, RecordError::Decode("bad participant name".into())))?;
             unfinished.push((txid, participants));
         }
+        let mut one_phase_in_doubt = Vec::new();
+        for (key, value) in log.scan_prefix(ONE_PHASE_IN_DOUBT)? {
+            let txid = txid_of(ONE_PHASE_IN_DOUBT, &key)?;
+            let record = record::decode::<InDoubtRecord>(&value).map_err(|e| corrupt(&key, e))?;
+            let participant = record
+                .participant
+                .parse()
+                .map_err(|_| corrupt(&key, RecordError::Decode("bad participant name".into())))?;
+            one_phase_in_doubt.push((txid, participant));
+        }
         let mut participants = Vec::new();
         for (key, value) in log.scan_prefix(REGISTRY)? {
             let name = std::str::from_utf8(&key[REGISTRY.len()..]).ok().and_then(|n| n.parse().ok());
@@ -213,6 +266,7 @@ impl<S: Storage> DecisionLog<S> {
             coordinator_id: meta.coordinator_id,
             incarnation: meta.incarnation,
             unfinished,
+            one_phase_in_doubt,
             participants,
             horizon,
             records_read,
@@ -230,15 +284,43 @@ impl<S: Storage> DecisionLog<S> {
         Ok(())
     }
 
-    /// Notes a one-phase commit for `GetOutcome` (not synced).
+    /// Notes a one-phase commit for `GetOutcome` (not synced), and, if it was
+    /// `in_doubt`, drops that record in the same batch (if the batch is lost,
+    /// the record brings the question back at start, and the participant's
+    /// tombstone answers it again).
     pub async fn log_one_phase_commit(
         &self,
         txid: TxId,
         _participant: &ParticipantName,
+        in_doubt: bool,
     ) -> Result<(), StoreError> {
         let value = record::encode(&CommittedRecord { one_phase: true });
-        self.log.write(vec![Write::put(txid_key(COMMITTED, txid), value)], false).await?;
+        let mut writes = vec![Write::put(txid_key(COMMITTED, txid), value)];
+        if in_doubt {
+            writes.push(Write::single_delete(txid_key(ONE_PHASE_IN_DOUBT, txid)));
+        }
+        self.log.write(writes, false).await?;
         self.ended.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records that a one-phase outcome is not known yet (synced): see the
+    /// module's Correctness section.
+    pub async fn log_one_phase_in_doubt(
+        &self,
+        txid: TxId,
+        participant: &ParticipantName,
+    ) -> Result<(), StoreError> {
+        let value = record::encode(&InDoubtRecord { participant: participant.to_string() });
+        self.log.write(vec![Write::put(txid_key(ONE_PHASE_IN_DOUBT, txid), value)], true).await?;
+        Ok(())
+    }
+
+    /// The one-phase branch in doubt did not commit: drop its record (not
+    /// synced: if it is lost, the question comes back at start and is answered
+    /// ABORTED again).
+    pub async fn log_one_phase_aborted(&self, txid: TxId) -> Result<(), StoreError> {
+        self.log.write(vec![Write::single_delete(txid_key(ONE_PHASE_IN_DOUBT, txid))], false).await?;
         Ok(())
     }
 
@@ -259,6 +341,11 @@ impl<S: Storage> DecisionLog<S> {
     /// this order cannot miss it. The horizon is read last: it is raised
     /// before records below it are deleted.
     pub fn recorded(&self, txid: TxId) -> Result<Recorded, StoreError> {
+        let in_doubt = txid_key(ONE_PHASE_IN_DOUBT, txid);
+        if let Some(bytes) = self.log.get(&in_doubt)? {
+            record::decode::<InDoubtRecord>(&bytes).map_err(|e| corrupt(&in_doubt, e))?;
+            return Ok(Recorded::InDoubt);
+        }
         for prefix in [DECISION, COMMITTED] {
             let key = txid_key(prefix, txid);
             if let Some(bytes) = self.log.get(&key)? {
@@ -417,7 +504,7 @@ mod tests {
             store.log_decision(t1, &[p("a"), p("b")]).await.unwrap();
             store.log_decision(t2, &[p("b")]).await.unwrap();
             store.log_end(t2).await.unwrap();
-            store.log_one_phase_commit(t3, &p("a")).await.unwrap();
+            store.log_one_phase_commit(t3, &p("a"), false).await.unwrap();
             store.save_participant(&p("a"), "http://127.0.0.1:1").await.unwrap();
             assert_eq!(store.ended(), 2);
         }

@@ -588,7 +588,7 @@ impl Engine {
             }
             Event::RecoveredHorizon { horizon } => self.tombstones.recover_horizon(horizon),
             Event::IdleCheck { since } => {
-                let idle: Vec<TxId> = self
+                let mut idle: Vec<TxId> = self
                     .branches
                     .iter()
                     .filter(
@@ -596,6 +596,8 @@ impl Engine {
                     )
                     .map(|(txid, _)| *txid)
                     .collect();
+                // In txid order: the same events always give the same commands.
+                idle.sort();
                 for txid in idle {
                     self.abort_active(txid);
                 }
@@ -750,7 +752,13 @@ impl Engine {
     /// the way of can go on.
     fn refuse_waiter(&mut self, txid: TxId, waiter: Waiter, reason: String) {
         match waiter.wanted {
-            Wanted::Prepare { .. } => self.commands.push(Command::Vote { txid, vote: Vote::No { reason } }),
+            Wanted::Prepare { .. } => {
+                // NO means aborted: remembered, so that a late or repeated
+                // Prepare of it votes NO too, never commits. (A restart drops
+                // the connections a stale copy could come on.)
+                self.remember(txid, Outcome::Aborted);
+                self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+            }
             Wanted::Work { work, .. } => {
                 self.abort_active(txid);
                 self.commands.push(Command::WorkRefused { work, reason, aborted: true });
@@ -963,7 +971,11 @@ impl Engine {
                 Branch::Prepared { .. } | Branch::Committing { .. } => {
                     Command::Vote { txid, vote: Vote::Yes }
                 }
-                _ => no("a Prepare for this transaction is already in progress".into()),
+                // A repeated Prepare while the first is under way: the one vote
+                // to come answers both (never a NO for a branch that may commit).
+                Branch::Validating { .. } | Branch::Logging { .. } => return,
+                Branch::Aborting { .. } => no("transaction is being aborted here".into()),
+                Branch::Active { .. } => no("this transaction has interactive work here".into()),
             };
             self.commands.push(command);
             return;
@@ -980,8 +992,7 @@ impl Engine {
             return;
         }
         if self.waiting.contains_key(&txid) {
-            self.commands.push(no("a Prepare for this transaction is already waiting".into()));
-            return;
+            return; // a repeated Prepare: the waiting one's vote answers both
         }
         if let Some((key, holder)) = self.conflict(txid, &keys) {
             let reason = format!("lock conflict on key {key:?} (held by {holder})");

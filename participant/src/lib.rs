@@ -74,6 +74,7 @@
 //! - [`resource`]: what a service plugs in; [`kv`] (the reference KV store) and
 //!   [`postgres`] (PostgreSQL prepared transactions) are resources;
 //! - `runtime`: the actor, the in-doubt resolver, enrollment and heartbeats;
+//! - [`wire`]: votes, acks and outcomes to and from the `decree.v1` messages;
 //! - `service`: the thin gRPC handlers.
 //!
 //! The protocol: docs/protocol.md. Recovery: docs/recovery.md.
@@ -86,6 +87,7 @@ pub mod resource;
 mod runtime;
 mod service;
 pub mod store;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -202,7 +202,9 @@ struct Actor {
     resource: Arc<dyn Resource>,
     store: BranchLog,
     events: mpsc::UnboundedSender<Event>,
-    votes: HashMap<TxId, oneshot::Sender<Vote>>,
+    /// Prepares waiting for their branch's vote: a repeated Prepare waits
+    /// for the vote of the one in progress (never a NO while it may commit).
+    votes: HashMap<TxId, Vec<oneshot::Sender<Vote>>>,
     commit_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
     abort_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
     readers: HashMap<u64, oneshot::Sender<()>>,
@@ -304,9 +306,8 @@ impl Actor {
     fn on_request(&mut self, request: Request) {
         match request {
             Request::Prepare { txid, keys, payload, one_phase, incarnation, interactive, reply } => {
-                if self.votes.contains_key(&txid) {
-                    let reason = "a Prepare for this transaction is already in progress".into();
-                    let _ = reply.send(Vote::No { reason });
+                if let Some(waiting) = self.votes.get_mut(&txid) {
+                    waiting.push(reply);
                     return;
                 }
                 // A branch new here would need a prepared record: not while the disk is short.
@@ -314,7 +315,7 @@ impl Actor {
                     let _ = reply.send(Vote::No { reason: short.to_string() });
                     return;
                 }
-                self.votes.insert(txid, reply);
+                self.votes.insert(txid, vec![reply]);
                 self.engine.on_event(Event::PrepareRequested {
                     txid,
                     keys,
@@ -445,8 +446,8 @@ impl Actor {
                         crash::point(crash::PARTICIPANT_PREPARE_AFTER_LOG);
                     }
                     debug!(%txid, ?vote, "vote");
-                    if let Some(reply) = self.votes.remove(&txid) {
-                        let _ = reply.send(vote);
+                    for reply in self.votes.remove(&txid).unwrap_or_default() {
+                        let _ = reply.send(vote.clone());
                     }
                 }
                 Command::ArmLockWait { txid, after } => {
@@ -627,15 +628,7 @@ pub(crate) async fn resolve_in_doubt(
                 }
                 Err(_) => break,
             };
-            let outcome = match outcome {
-                v1::Outcome::Committed => Outcome::Committed,
-                v1::Outcome::Aborted => Outcome::Aborted,
-                // A branch prepared here and not acked: had it committed, the
-                // coordinator would keep its decision until this participant acked.
-                // Forgotten means it was never committed (docs/protocol.md#forgetting).
-                v1::Outcome::Forgotten => Outcome::Aborted,
-                v1::Outcome::Pending | v1::Outcome::Unspecified => continue,
-            };
+            let Some(outcome) = crate::wire::learned(outcome) else { continue };
             info!(%txid, ?outcome, "in doubt: resolved by the coordinator");
             handle.event(Event::OutcomeLearned { txid, outcome });
         }

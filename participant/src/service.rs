@@ -12,11 +12,12 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::engine::{Ack, Vote};
+use crate::engine::Vote;
 use crate::kv::KvStore;
 use crate::postgres::Postgres;
 use crate::resource::Resource;
 use crate::runtime::{Handle, ShuttingDown};
+use crate::wire;
 
 /// Most commits one CommitBatch may carry.
 const MAX_COMMIT_BATCH: usize = 4096;
@@ -55,13 +56,7 @@ impl ParticipantService {
                     .await?
             }
         };
-        let (vote, reason) = match vote {
-            Vote::Yes => (v1::Vote::Yes, String::new()),
-            Vote::No { reason } => (v1::Vote::No, reason),
-            Vote::ReadOnly => (v1::Vote::ReadOnly, String::new()),
-            Vote::Committed => (v1::Vote::Committed, String::new()),
-        };
-        Ok(v1::PrepareResponse { vote: vote as i32, reason })
+        Ok(wire::prepare_response(vote))
     }
 
     pub(crate) fn new(
@@ -81,15 +76,7 @@ impl From<ShuttingDown> for Status {
     }
 }
 
-fn ack(ack: Ack) -> Result<(), Status> {
-    match ack {
-        Ack::Done => Ok(()),
-        Ack::Refused { reason } => Err(Status::failed_precondition(reason)),
-        // Not FAILED_PRECONDITION: a coordinator asking a one-phase outcome with
-        // Abort reads that as "committed". OUT_OF_RANGE: below what is remembered.
-        Ack::Forgotten { reason } => Err(Status::out_of_range(reason)),
-    }
-}
+use crate::wire::ack_status as ack;
 
 /// The span a request about one transaction runs in: named for the RPC, keyed
 /// by txid, and a child of the caller's trace when spans are exported.

@@ -113,6 +113,16 @@ pub struct BranchLog<S = Log> {
     coordinator: String,
 }
 
+/// The key of `txid`'s prepared record (for checkers that read the disk).
+pub fn prepared_key(txid: TxId) -> Vec<u8> {
+    key(PREPARED, txid)
+}
+
+/// The key of `txid`'s tombstone (for checkers that read the disk).
+pub fn tombstone_key(txid: TxId) -> Vec<u8> {
+    key(TOMBSTONE, txid)
+}
+
 fn key(prefix: &[u8], txid: TxId) -> Vec<u8> {
     [prefix, &txid.to_key_bytes()].concat()
 }

@@ -227,7 +227,7 @@ fn a_single_participant_commits_in_one_phase_without_a_decision_record() {
     assert_eq!(
         vote(&mut engine, t, "a", VoteResult::Committed),
         vec![
-            Command::LogOnePhaseCommit { txid: t, participant: p("a") },
+            Command::LogOnePhaseCommit { txid: t, participant: p("a"), in_doubt: false },
             Command::Reply { txid: t, decided: Decided::Committed },
         ]
     );
@@ -249,7 +249,7 @@ fn a_failed_one_phase_prepare_is_not_reported_aborted_before_asking() {
     assert_eq!(
         engine.take_commands(),
         vec![
-            Command::LogOnePhaseCommit { txid: t, participant: p("a") },
+            Command::LogOnePhaseCommit { txid: t, participant: p("a"), in_doubt: false },
             Command::Reply { txid: t, decided: Decided::Committed },
         ]
     );
@@ -271,7 +271,7 @@ fn a_one_phase_timeout_asks_and_an_acked_abort_means_aborted() {
 }
 
 #[test]
-fn an_unreachable_one_phase_participant_is_unknown_to_the_client_and_asked_until_it_answers() {
+fn an_unreachable_one_phase_participant_is_unknown_to_the_client_once_recorded_and_asked_until_it_answers() {
     let t = tx(1);
     let mut engine = engine_preparing(t, &["a"]);
     vote(&mut engine, t, "a", VoteResult::Failed { error: "unreachable".into() });
@@ -279,16 +279,21 @@ fn an_unreachable_one_phase_participant_is_unknown_to_the_client_and_asked_until
     assert_eq!(
         engine.take_commands(),
         vec![
-            Command::Reply {
-                txid: t,
-                decided: Decided::Unknown {
-                    reason:
-                        "participant a failed to answer: unreachable; whether it committed is not known yet"
-                            .into()
-                }
-            },
+            Command::LogOnePhaseInDoubt { txid: t, participant: p("a") },
             Command::ScheduleRedelivery { txid: t, participant: p("a"), attempt: 1 },
-        ]
+        ],
+        "the client hears nothing before the question is durable"
+    );
+    engine.on_event(Event::OnePhaseInDoubtLogged { txid: t }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::Reply {
+            txid: t,
+            decided: Decided::Unknown {
+                reason: "participant a failed to answer: unreachable; whether it committed is not known yet"
+                    .into()
+            }
+        }]
     );
     assert_eq!(engine.known(t), Some(Known::Pending), "GetOutcome must not presume abort yet");
     engine.on_event(Event::RedeliveryDue { txid: t, participant: p("a") }).unwrap();
@@ -297,11 +302,82 @@ fn an_unreachable_one_phase_participant_is_unknown_to_the_client_and_asked_until
     assert_eq!(
         engine.take_commands(),
         vec![Command::ScheduleRedelivery { txid: t, participant: p("a"), attempt: 2 }],
-        "the client is answered once"
+        "recorded once, the client answered once"
     );
     engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Committed }).unwrap();
-    assert_eq!(engine.take_commands(), vec![Command::LogOnePhaseCommit { txid: t, participant: p("a") }]);
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::LogOnePhaseCommit { txid: t, participant: p("a"), in_doubt: true }]
+    );
     assert_eq!(engine.in_flight(), 0);
+}
+
+#[test]
+fn a_one_phase_outcome_learned_before_its_record_is_durable_is_the_answer() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a"]);
+    vote(&mut engine, t, "a", VoteResult::Failed { error: "unreachable".into() });
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Unreachable }).unwrap();
+    engine.take_commands();
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Aborted }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::LogOnePhaseAborted { txid: t },
+            aborted(t, "participant a failed to answer: unreachable; it did not commit"),
+        ]
+    );
+    engine.on_event(Event::OnePhaseInDoubtLogged { txid: t }).unwrap();
+    assert_eq!(engine.take_commands(), vec![], "the client has its answer: no \"unknown\" after it");
+}
+
+#[test]
+fn an_interactive_one_phase_prepare_waits_for_its_record_and_a_restart_asks_again() {
+    let t = tx(1);
+    let mut engine = Engine::new();
+    engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
+    engine.enlist(t, p("a")).unwrap();
+    engine.take_commands();
+    engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::LogOnePhaseInDoubt { txid: t, participant: p("a") }],
+        "its client has the txid: a restart must not answer ABORTED for a branch that may commit"
+    );
+    assert_eq!(engine.known(t), Some(Known::Pending));
+    engine.on_event(Event::OnePhaseInDoubtLogged { txid: t }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::SendPrepare {
+                txid: t,
+                participant: p("a"),
+                payload: vec![],
+                one_phase: true,
+                interactive: true
+            },
+            Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
+        ]
+    );
+    assert_eq!(
+        vote(&mut engine, t, "a", VoteResult::Committed),
+        vec![
+            Command::LogOnePhaseCommit { txid: t, participant: p("a"), in_doubt: true },
+            Command::Reply { txid: t, decided: Decided::Committed },
+        ]
+    );
+
+    // A restart finds the record: it asks, and GetOutcome says PENDING meanwhile.
+    let mut engine = Engine::new();
+    engine.on_event(Event::RecoveredOnePhase { txid: t, participant: p("a") }).unwrap();
+    assert_eq!(engine.take_commands(), vec![Command::ResolveOnePhase { txid: t, participant: p("a") }]);
+    assert_eq!(engine.known(t), Some(Known::Pending));
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Aborted }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::LogOnePhaseAborted { txid: t }],
+        "no client waits for it"
+    );
 }
 
 #[test]

@@ -73,6 +73,36 @@ fn a_conflicting_prepare_votes_no_and_changes_nothing() {
 }
 
 #[test]
+fn a_prepare_refused_for_a_conflict_is_aborted_for_good_and_a_repeat_votes_no() {
+    let mut engine = Engine::new();
+    let (t1, t2) = (tx(1), tx(2));
+    prepared(&mut engine, t1, &["a"]);
+    prepare(&mut engine, t2, &["a"], true);
+    event(&mut engine, Event::CommitRequested { txid: t1 });
+    event(&mut engine, Event::CommitLogged { txid: t1 });
+    assert!(engine.locks().is_empty());
+    assert_eq!(
+        prepare(&mut engine, t2, &["a"], true),
+        vec![no(t2, "transaction already aborted here")],
+        "a one-phase Prepare that voted NO must never commit on a later copy, the key free or not"
+    );
+}
+
+#[test]
+fn a_repeated_prepare_under_way_gets_the_first_ones_vote_not_a_no() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    prepare(&mut engine, t, &["a"], true);
+    assert_eq!(prepare(&mut engine, t, &["a"], true), vec![], "validating: the vote to come answers both");
+    event(&mut engine, Event::Validated { txid: t, result: Validated::Ready { redo: vec![7] } });
+    assert_eq!(prepare(&mut engine, t, &["a"], true), vec![], "committing one-phase: the same");
+    assert_eq!(
+        event(&mut engine, Event::CommitLogged { txid: t }),
+        vec![Command::Vote { txid: t, vote: Vote::Committed }]
+    );
+}
+
+#[test]
 fn commit_applies_durably_then_releases_and_acks() {
     let mut engine = Engine::new();
     let t = tx(1);

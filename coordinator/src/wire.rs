@@ -1,0 +1,101 @@
+//! The border between the `decree.v1` answers of participants and the
+//! engine's events: every vote, ack and outcome crosses it through here, in
+//! the runtime and in the simulator alike.
+
+use decree_proto::{v1, ParticipantName, TxId};
+
+use crate::engine::{Event, Known, OnePhaseFound, VoteResult};
+use crate::store::Recorded;
+
+/// Why a participant RPC brought no answer.
+#[derive(Debug, Clone)]
+pub enum Unanswered {
+    NotEnrolled,
+    Deadline,
+    Refused(tonic::Status),
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unanswered::NotEnrolled => f.write_str("not enrolled"),
+            Unanswered::Deadline => f.write_str("no answer before the deadline"),
+            Unanswered::Refused(status) => f.write_str(status.message()),
+        }
+    }
+}
+
+/// Whether a refusal with `code` may go away by itself (the participant is
+/// busy, restarting, or was cut off) rather than say the request itself is
+/// wrong, so that asking again is worth it.
+pub fn retryable(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    match code {
+        Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Cancelled | Internal | Unknown
+        | Ok => true,
+        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | PermissionDenied
+        | Unauthenticated | OutOfRange | Unimplemented | DataLoss => false,
+    }
+}
+
+/// The vote a PrepareResponse carries.
+pub fn vote_of(response: v1::PrepareResponse) -> VoteResult {
+    match v1::Vote::try_from(response.vote) {
+        Ok(v1::Vote::Yes) => VoteResult::Yes,
+        Ok(v1::Vote::No) => VoteResult::No { reason: response.reason },
+        Ok(v1::Vote::ReadOnly) => VoteResult::ReadOnly,
+        Ok(v1::Vote::Committed) => VoteResult::Committed,
+        Ok(v1::Vote::Unspecified) | Err(_) => {
+            VoteResult::Failed { error: format!("invalid vote {}", response.vote) }
+        }
+    }
+}
+
+/// The vote of a Prepare RPC, answered or not.
+pub fn voted(answer: Result<v1::PrepareResponse, Unanswered>) -> VoteResult {
+    match answer {
+        Ok(response) => vote_of(response),
+        Err(unanswered) => VoteResult::Failed { error: unanswered.to_string() },
+    }
+}
+
+/// What the answer to a Commit means for its branch: acked, refused for good
+/// (redelivery stops until an operator retries), or to be redelivered.
+pub fn commit_event(txid: TxId, participant: ParticipantName, answer: Result<(), Unanswered>) -> Event {
+    match answer {
+        Ok(()) => Event::CommitAcked { txid, participant },
+        Err(Unanswered::Refused(status)) if !retryable(status.code()) => {
+            let reason = format!("{:?}: {}", status.code(), status.message());
+            Event::CommitRefused { txid, participant, reason }
+        }
+        Err(_) => Event::CommitFailed { txid, participant },
+    }
+}
+
+/// What asking a one-phase participant with Abort found: acked means it did
+/// not commit (and now cannot: it keeps an abort tombstone);
+/// FAILED_PRECONDITION means it committed (answered once durable).
+pub fn one_phase_found(answer: Result<(), Unanswered>) -> OnePhaseFound {
+    match answer {
+        Ok(()) => OnePhaseFound::Aborted,
+        Err(Unanswered::Refused(status)) if status.code() == tonic::Code::FailedPrecondition => {
+            OnePhaseFound::Committed
+        }
+        Err(_) => OnePhaseFound::Unreachable,
+    }
+}
+
+/// GetOutcome's answer: from memory if the transaction is in flight, else
+/// from what the log says.
+pub fn outcome_of(known: Option<Known>, recorded: impl FnOnce() -> Recorded) -> v1::Outcome {
+    match known {
+        Some(Known::Pending) => v1::Outcome::Pending,
+        Some(Known::Committing) => v1::Outcome::Committed,
+        None => match recorded() {
+            Recorded::Committed => v1::Outcome::Committed,
+            Recorded::InDoubt => v1::Outcome::Pending,
+            Recorded::Forgotten => v1::Outcome::Forgotten,
+            Recorded::Absent => v1::Outcome::Aborted,
+        },
+    }
+}

@@ -1,0 +1,511 @@
+//! The simulated coordinator: its engine and decision log (over memory),
+//! driven as `coordinator/src/runtime.rs` drives them: each command becomes
+//! a message, a disk write on the node's FIFO disk, or a timer, and each
+//! answer goes back to the engine through the same `wire` conversions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use decree_coordinator::engine::{Command, Engine, Event};
+use decree_coordinator::retention::Window;
+use decree_coordinator::store::DecisionLog;
+use decree_coordinator::wire::{self, Unanswered};
+use decree_proto::{v1, ParticipantName, TxId};
+use decree_runtime::backoff::{Backoff, Jitter};
+use decree_runtime::crash;
+use decree_runtime::storage::now_or_never;
+use decree_runtime::MemLog;
+use rand::Rng;
+
+use crate::check::Retention;
+use crate::{Ctx, Item, Msg, Mutation, Node, Time, MS, SECOND};
+
+const PREPARE_TIMEOUT: Time = SECOND;
+/// Deadline of a Commit or Abort RPC.
+const CALL_TIMEOUT: Time = 500 * MS;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+const PRUNE_INTERVAL: Time = 200 * MS;
+const REDELIVERY: Backoff =
+    Backoff { base: Duration::from_millis(20), cap: Duration::from_secs(1), jitter: Jitter::Half };
+
+/// What the coordinator does by itself (not a message).
+#[derive(Debug)]
+pub enum Work {
+    Engine(Event),
+    /// A disk write finished.
+    Disk(Disk),
+    /// A call's deadline passed.
+    Deadline(u64),
+    Prune,
+}
+
+#[derive(Debug)]
+pub enum Disk {
+    Decision { txid: TxId, participants: Vec<ParticipantName> },
+    OnePhase { txid: TxId, participant: ParticipantName, in_doubt: bool },
+    InDoubt { txid: TxId, participant: ParticipantName },
+    OnePhaseAborted { txid: TxId },
+    End { txid: TxId },
+}
+
+/// A call in flight to a participant.
+#[derive(Debug)]
+enum Call {
+    Prepare { txid: TxId, participant: ParticipantName },
+    Commit { txid: TxId, participant: ParticipantName, recovery: bool },
+    Abort,
+    Resolve { txid: TxId },
+}
+
+/// A process's memory: gone with it.
+struct Process {
+    engine: Engine,
+    store: DecisionLog<MemLog>,
+    id: u32,
+    incarnation: u64,
+    next_sequence: u64,
+    calls: BTreeMap<u64, Call>,
+    /// Clients waiting for a decision: their node and call id.
+    replies: BTreeMap<TxId, (Node, u64)>,
+    window: Window,
+    disk_free: Time,
+}
+
+pub struct Coordinator {
+    disk: MemLog,
+    process: Option<Process>,
+    epoch: u64,
+    participants: Vec<ParticipantName>,
+    retention: Retention,
+    /// Time zero of the simulated clock, as an Instant (the engines want Instants).
+    base: Instant,
+}
+
+pub fn name(p: usize) -> ParticipantName {
+    format!("p{p}").parse().expect("a valid name")
+}
+
+pub fn index(name: &ParticipantName) -> usize {
+    name.as_str()[1..].parse().expect("named by name()")
+}
+
+impl Coordinator {
+    pub fn start(ctx: &mut Ctx, participants: usize, retention: Retention) -> Coordinator {
+        let mut coordinator = Coordinator {
+            disk: MemLog::new(),
+            process: None,
+            epoch: 0,
+            participants: (0..participants).map(name).collect(),
+            retention,
+            base: Instant::now(),
+        };
+        coordinator.boot(ctx, coordinator.disk.clone());
+        coordinator
+    }
+
+    pub fn up(&self) -> bool {
+        self.process.is_some()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn disk(&self) -> &MemLog {
+        &self.disk
+    }
+
+    pub fn engine(&self) -> Option<&Engine> {
+        self.process.as_ref().map(|p| &p.engine)
+    }
+
+    fn instant(&self, at: Time) -> Instant {
+        self.base + Duration::from_micros(at)
+    }
+
+    fn boot(&mut self, ctx: &mut Ctx, disk: MemLog) {
+        let id: u32 = ctx.rng().random();
+        let (store, recovered) =
+            now_or_never(DecisionLog::open_with_id(disk, || id)).expect("the memory log opens");
+        ctx.trace(|| {
+            format!(
+                "coord starts: incarnation {} unfinished {}",
+                recovered.incarnation,
+                recovered.unfinished.len()
+            )
+        });
+        let next = TxId::new(recovered.coordinator_id, recovered.incarnation, 1);
+        let window = Window::new(self.retention.coordinator, self.instant(ctx.now), next, store.ended());
+        let mut process = Process {
+            engine: Engine::new(),
+            store,
+            id: recovered.coordinator_id,
+            incarnation: recovered.incarnation,
+            next_sequence: 1,
+            calls: BTreeMap::new(),
+            replies: BTreeMap::new(),
+            window,
+            disk_free: ctx.now,
+        };
+        for (txid, participants) in recovered.unfinished {
+            process.engine.on_event(Event::Recovered { txid, participants }).expect("distinct decisions");
+        }
+        for (txid, participant) in recovered.one_phase_in_doubt {
+            process
+                .engine
+                .on_event(Event::RecoveredOnePhase { txid, participant })
+                .expect("distinct records");
+        }
+        self.process = Some(process);
+        ctx.ghost.coordinator_id = recovered.coordinator_id;
+        ctx.schedule(PRUNE_INTERVAL, Item::Coordinator { epoch: self.epoch, work: Work::Prune });
+        self.execute(ctx);
+    }
+
+    pub fn crash(&mut self, ctx: &mut Ctx, machine: bool) {
+        self.process = None;
+        self.epoch += 1;
+        self.disk = if machine {
+            let keep = ctx.rng().random_range(0..=self.disk.unsynced_batches());
+            self.disk.crash_machine(keep)
+        } else {
+            self.disk.crash_process()
+        };
+    }
+
+    pub fn restart(&mut self, ctx: &mut Ctx) {
+        let disk = self.disk.clone();
+        self.boot(ctx, disk);
+    }
+
+    fn dying(ctx: &Ctx) -> bool {
+        ctx.dying == Some(Node::Coordinator)
+    }
+
+    /// The engine takes `event`; its commands run.
+    fn feed(&mut self, ctx: &mut Ctx, event: Event) {
+        let Some(process) = self.process.as_mut() else { return };
+        if let Err(err) = process.engine.on_event(event) {
+            ctx.trace(|| format!("coord engine refused an event: {err}"));
+        }
+        self.execute(ctx);
+    }
+
+    pub fn work(&mut self, ctx: &mut Ctx, work: Work) {
+        match work {
+            Work::Engine(event) => self.feed(ctx, event),
+            Work::Disk(disk) => self.disk_done(ctx, disk),
+            Work::Deadline(rpc) => self.answered(ctx, rpc, Err(Unanswered::Deadline), None),
+            Work::Prune => self.prune(ctx),
+        }
+    }
+
+    fn prune(&mut self, ctx: &mut Ctx) {
+        let now = self.instant(ctx.now);
+        let Some(process) = self.process.as_mut() else { return };
+        let next = TxId::new(process.id, process.incarnation, process.next_sequence);
+        let ended = process.store.ended();
+        if let Some(horizon) = process.window.tick(now, next, ended) {
+            // The in-memory horizon rises now; the batch lands like any unsynced write.
+            now_or_never(process.store.forget_before(horizon)).expect("memory");
+            ctx.trace(|| format!("coord forgets outcomes below {horizon}"));
+        }
+        ctx.schedule(PRUNE_INTERVAL, Item::Coordinator { epoch: self.epoch, work: Work::Prune });
+    }
+
+    fn disk_done(&mut self, ctx: &mut Ctx, disk: Disk) {
+        let Some(process) = self.process.as_mut() else { return };
+        match disk {
+            Disk::Decision { txid, participants } => {
+                now_or_never(process.store.log_decision(txid, &participants)).expect("memory");
+                ctx.ghost.decision_durable(ctx.now, txid);
+                if ctx.mutated(Mutation::CommitBeforeDurable) {
+                    return; // the engine heard already
+                }
+                if ctx.crash_point(Node::Coordinator, crash::COORDINATOR_DECISION_AFTER_LOG) {
+                    return;
+                }
+                self.feed(ctx, Event::DecisionLogged { txid });
+            }
+            Disk::OnePhase { txid, participant, in_doubt } => {
+                now_or_never(process.store.log_one_phase_commit(txid, &participant, in_doubt))
+                    .expect("memory");
+            }
+            Disk::InDoubt { txid, participant } => {
+                now_or_never(process.store.log_one_phase_in_doubt(txid, &participant)).expect("memory");
+                self.feed(ctx, Event::OnePhaseInDoubtLogged { txid });
+            }
+            Disk::OnePhaseAborted { txid } => {
+                now_or_never(process.store.log_one_phase_aborted(txid)).expect("memory");
+            }
+            Disk::End { txid } => now_or_never(process.store.log_end(txid)).expect("memory"),
+        }
+    }
+
+    /// Queues a write on the node's disk: FIFO, like the log's writer thread.
+    fn write(&mut self, ctx: &mut Ctx, disk: Disk, synced: bool) {
+        let Some(process) = self.process.as_mut() else { return };
+        let latency = if synced { ctx.rng().random_range(200..4_000) } else { ctx.rng().random_range(5..50) };
+        let done = process.disk_free.max(ctx.now) + latency;
+        process.disk_free = done;
+        let after = done - ctx.now;
+        ctx.schedule(after, Item::Coordinator { epoch: self.epoch, work: Work::Disk(disk) });
+    }
+
+    fn call(
+        &mut self,
+        ctx: &mut Ctx,
+        to: ParticipantName,
+        call: Call,
+        msg: impl FnOnce(u64) -> Msg,
+        deadline: Time,
+    ) {
+        let rpc = ctx.rpc();
+        let Some(process) = self.process.as_mut() else { return };
+        process.calls.insert(rpc, call);
+        ctx.send(Node::Coordinator, Node::Participant(index(&to)), msg(rpc));
+        ctx.schedule(deadline, Item::Coordinator { epoch: self.epoch, work: Work::Deadline(rpc) });
+    }
+
+    fn execute(&mut self, ctx: &mut Ctx) {
+        loop {
+            let Some(process) = self.process.as_mut() else { return };
+            let commands = process.engine.take_commands();
+            if commands.is_empty() {
+                return;
+            }
+            let prepares = commands.iter().filter(|c| matches!(c, Command::SendPrepare { .. })).count();
+            let commits =
+                commands.iter().filter(|c| matches!(c, Command::SendCommit { recovery: false, .. })).count();
+            let (mut sent_prepares, mut sent_commits) = (0, 0);
+            for command in commands {
+                if Self::dying(ctx) || self.process.is_none() {
+                    return;
+                }
+                if sent_prepares == 1 && prepares > 1 {
+                    sent_prepares += 1;
+                    if ctx.crash_point(Node::Coordinator, crash::COORDINATOR_PREPARE_PARTIAL_FANOUT) {
+                        return;
+                    }
+                }
+                if sent_commits == 1 && commits > 1 {
+                    sent_commits += 1;
+                    if ctx.crash_point(Node::Coordinator, crash::COORDINATOR_COMMIT_PARTIAL_FANOUT) {
+                        return;
+                    }
+                }
+                match &command {
+                    Command::SendPrepare { .. } => sent_prepares += 1,
+                    Command::SendCommit { recovery: false, .. } => sent_commits += 1,
+                    _ => {}
+                }
+                self.command(ctx, command);
+            }
+        }
+    }
+
+    fn command(&mut self, ctx: &mut Ctx, command: Command) {
+        let epoch = self.epoch;
+        let Some(process) = self.process.as_mut() else { return };
+        let incarnation = process.incarnation;
+        match command {
+            Command::SendPrepare { txid, participant, payload, one_phase, interactive } => {
+                let request = v1::PrepareRequest {
+                    txid: txid.to_string(),
+                    payload,
+                    one_phase,
+                    coordinator_incarnation: incarnation,
+                    interactive,
+                    trace_context: Default::default(),
+                };
+                let call = Call::Prepare { txid, participant: participant.clone() };
+                self.call(ctx, participant, call, |rpc| Msg::Prepare(rpc, request), PREPARE_TIMEOUT);
+            }
+            Command::LogDecision { txid, participants } => {
+                if ctx.crash_point(Node::Coordinator, crash::COORDINATOR_DECISION_BEFORE_LOG) {
+                    return;
+                }
+                if ctx.mutated(Mutation::CommitBeforeDurable) {
+                    // Planted: the engine hears "durable" before the write is.
+                    ctx.schedule(
+                        0,
+                        Item::Coordinator { epoch, work: Work::Engine(Event::DecisionLogged { txid }) },
+                    );
+                }
+                self.write(ctx, Disk::Decision { txid, participants }, true);
+            }
+            Command::LogOnePhaseCommit { txid, participant, in_doubt } => {
+                self.write(ctx, Disk::OnePhase { txid, participant, in_doubt }, false);
+            }
+            Command::LogOnePhaseInDoubt { txid, participant } => {
+                self.write(ctx, Disk::InDoubt { txid, participant }, true);
+            }
+            Command::LogOnePhaseAborted { txid } => self.write(ctx, Disk::OnePhaseAborted { txid }, false),
+            Command::SendCommit { txid, participant, recovery } => {
+                ctx.ghost.commit_sent(ctx.now, txid, &self.disk);
+                let call = Call::Commit { txid, participant: participant.clone(), recovery };
+                self.call(ctx, participant, call, |rpc| Msg::Commit(rpc, txid), CALL_TIMEOUT);
+            }
+            Command::SendAbort { txid, participant } => {
+                self.call(ctx, participant, Call::Abort, |rpc| Msg::Abort(rpc, txid), CALL_TIMEOUT);
+            }
+            Command::ResolveOnePhase { txid, participant } => {
+                self.call(
+                    ctx,
+                    participant,
+                    Call::Resolve { txid },
+                    |rpc| Msg::Abort(rpc, txid),
+                    CALL_TIMEOUT,
+                );
+            }
+            Command::LogEnd { txid } => {
+                if ctx.crash_point(Node::Coordinator, crash::COORDINATOR_COMMIT_BEFORE_END) {
+                    return;
+                }
+                self.write(ctx, Disk::End { txid }, false);
+            }
+            Command::Reply { txid, decided } => {
+                if ctx.crash_point(Node::Coordinator, crash::COORDINATOR_REPLY_BEFORE_CLIENT) {
+                    return;
+                }
+                if let Some((client, rpc)) = process.replies.remove(&txid) {
+                    ctx.send(Node::Coordinator, client, Msg::Decided(rpc, Ok((txid, decided))));
+                }
+            }
+            Command::ArmTimer { txid, kind, after } => {
+                let work = Work::Engine(Event::TimerFired { txid, kind });
+                ctx.schedule(after.as_micros() as Time, Item::Coordinator { epoch, work });
+            }
+            Command::ScheduleRedelivery { txid, participant, attempt } => {
+                if attempt > 0 && ctx.mutated(Mutation::SkipRedelivery) {
+                    return;
+                }
+                let delay = match attempt {
+                    0 => Duration::ZERO,
+                    n => REDELIVERY.delay(n - 1, ctx.rng()),
+                };
+                let work = Work::Engine(Event::RedeliveryDue { txid, participant });
+                ctx.schedule(delay.as_micros() as Time, Item::Coordinator { epoch, work });
+            }
+        }
+    }
+
+    /// A participant answered a call (or its deadline passed: `Err(Deadline)`).
+    fn answered(
+        &mut self,
+        ctx: &mut Ctx,
+        rpc: u64,
+        answer: Result<(), Unanswered>,
+        vote: Option<v1::PrepareResponse>,
+    ) {
+        let Some(process) = self.process.as_mut() else { return };
+        let Some(call) = process.calls.remove(&rpc) else { return };
+        let event = match call {
+            Call::Prepare { txid, participant } => {
+                let answer = match (answer, vote) {
+                    (Ok(()), Some(response)) => Ok(response),
+                    (Ok(()), None) => Err(Unanswered::Refused(tonic::Status::internal("no vote"))),
+                    (Err(unanswered), _) => Err(unanswered),
+                };
+                let mut vote = wire::voted(answer);
+                if ctx.mutated(Mutation::FailedVoteIsYes)
+                    && matches!(vote, decree_coordinator::engine::VoteResult::Failed { .. })
+                {
+                    vote = decree_coordinator::engine::VoteResult::Yes;
+                }
+                Event::Voted { txid, participant, vote }
+            }
+            Call::Commit { txid, participant, recovery } => {
+                if answer.is_ok()
+                    && recovery
+                    && ctx.crash_point(Node::Coordinator, crash::COORDINATOR_RECOVERY_MID_REDRIVE)
+                {
+                    return;
+                }
+                wire::commit_event(txid, participant, answer)
+            }
+            Call::Abort => return,
+            Call::Resolve { txid } => Event::OnePhaseResolved { txid, found: wire::one_phase_found(answer) },
+        };
+        self.feed(ctx, event);
+    }
+
+    pub fn receive(&mut self, ctx: &mut Ctx, from: Node, msg: Msg) {
+        let Some(process) = self.process.as_mut() else { return };
+        match msg {
+            Msg::Vote(rpc, vote) => match vote {
+                Ok(response) => self.answered(ctx, rpc, Ok(()), Some(response)),
+                Err(status) => self.answered(ctx, rpc, Err(Unanswered::Refused(status)), None),
+            },
+            Msg::Ack(rpc, ack) => self.answered(ctx, rpc, ack.map_err(Unanswered::Refused), None),
+            Msg::Refused(rpc) => {
+                let refused = Unanswered::Refused(tonic::Status::unavailable("connection refused"));
+                self.answered(ctx, rpc, Err(refused), None)
+            }
+            Msg::GetOutcome(rpc, txid) => {
+                let answer = if txid.coordinator != process.id {
+                    Err(format!("txid {txid} was not issued by this coordinator"))
+                } else {
+                    let known = process.engine.known(txid);
+                    let store = &process.store;
+                    let mut outcome = wire::outcome_of(known, || store.recorded(txid).expect("memory"));
+                    if ctx.mutated(Mutation::PresumeCommit) && outcome == v1::Outcome::Aborted {
+                        outcome = v1::Outcome::Committed;
+                    }
+                    Ok(outcome)
+                };
+                ctx.send(Node::Coordinator, from, Msg::Outcome(rpc, answer));
+            }
+            Msg::Enroll(rpc, participant) => {
+                ctx.send(Node::Coordinator, from, Msg::Enrolled(rpc, process.incarnation));
+                self.feed(ctx, Event::Enrolled { participant });
+            }
+            Msg::Heartbeat(rpc, _) => {
+                ctx.send(Node::Coordinator, from, Msg::Enrolled(rpc, process.incarnation))
+            }
+            Msg::Enlist(rpc, txid, participant) => {
+                let result = process.engine.enlist(txid, participant).map_err(|e| e.to_string());
+                ctx.send(Node::Coordinator, from, Msg::Enlisted(rpc, result));
+            }
+            Msg::Transact(rpc, branches) => {
+                let distinct: BTreeSet<&ParticipantName> = branches.iter().map(|(p, _)| p).collect();
+                if distinct.len() != branches.len()
+                    || branches.iter().any(|(p, _)| !self.participants.contains(p))
+                {
+                    ctx.send(Node::Coordinator, from, Msg::Decided(rpc, Err("invalid branches".into())));
+                    return;
+                }
+                let txid = TxId::new(process.id, process.incarnation, process.next_sequence);
+                process.next_sequence += 1;
+                process.replies.insert(txid, (from, rpc));
+                let timeout = Duration::from_micros(PREPARE_TIMEOUT);
+                self.feed(ctx, Event::Transact { txid, branches, timeout });
+            }
+            Msg::Begin(rpc) => {
+                let txid = TxId::new(process.id, process.incarnation, process.next_sequence);
+                process.next_sequence += 1;
+                process
+                    .engine
+                    .on_event(Event::Begin { txid, idle_timeout: IDLE_TIMEOUT })
+                    .expect("fresh txid");
+                ctx.send(Node::Coordinator, from, Msg::Began(rpc, Ok(txid)));
+                self.execute(ctx);
+            }
+            Msg::CommitTxn(rpc, txid) => {
+                let timeout = Duration::from_micros(PREPARE_TIMEOUT);
+                match process.engine.on_event(Event::CommitRequested { txid, timeout }) {
+                    Ok(()) => {
+                        process.replies.insert(txid, (from, rpc));
+                        self.execute(ctx);
+                    }
+                    Err(err) => ctx.send(Node::Coordinator, from, Msg::Decided(rpc, Err(err.to_string()))),
+                }
+            }
+            Msg::AbortTxn(_, txid) => {
+                let _ = process.engine.on_event(Event::AbortRequested { txid });
+                self.execute(ctx);
+            }
+            other => ctx.trace(|| format!("coord ignores {other}")),
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! The simulator under `cargo test`: a fixed range of seeds holds every
+//! invariant and covers every fault kind and crash point; a seed replays
+//! exactly; and every planted bug is caught.
+
+use std::collections::BTreeMap;
+
+use decree_runtime::crash;
+use decree_sim::{run, Mutation, Options, Stats};
+
+/// Seeds every `cargo test` runs, in slices that run in parallel.
+const SEEDS: u64 = 3_000;
+const SLICES: u64 = 3;
+
+fn run_slice(slice: u64) -> Vec<Stats> {
+    let per = SEEDS / SLICES;
+    (slice * per..(slice + 1) * per)
+        .map(|seed| {
+            let report = run(&Options::seed(seed));
+            assert!(
+                report.ok(),
+                "seed {seed} broke an invariant: {}\nreplay: decree-sim --seed {seed}",
+                report.violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
+            );
+            report.stats
+        })
+        .collect()
+}
+
+#[test]
+fn seeds_0_to_999_hold_every_invariant() {
+    covers_every_fault(&run_slice(0));
+}
+
+#[test]
+fn seeds_1000_to_1999_hold_every_invariant() {
+    covers_every_fault(&run_slice(1));
+}
+
+#[test]
+fn seeds_2000_to_2999_hold_every_invariant() {
+    covers_every_fault(&run_slice(2));
+}
+
+/// A slice of seeds is only evidence if its faults happened.
+fn covers_every_fault(stats: &[Stats]) {
+    let total = |f: fn(&Stats) -> u64| stats.iter().map(f).sum::<u64>();
+    for (kind, count) in [
+        ("lost messages", total(|s| s.lost)),
+        ("duplicated messages", total(|s| s.duplicated)),
+        ("messages cut by a partition", total(|s| s.partitioned)),
+        ("process crashes", total(|s| s.process_crashes)),
+        ("machine crashes", total(|s| s.machine_crashes)),
+        ("committed transfers", total(|s| s.committed)),
+        ("aborted transfers", total(|s| s.aborted)),
+    ] {
+        assert!(count > 0, "no {kind} in {} seeds", stats.len());
+    }
+    let mut points: BTreeMap<&str, u64> = BTreeMap::new();
+    for s in stats {
+        for (point, n) in &s.crash_points {
+            *points.entry(point).or_default() += n;
+        }
+    }
+    for point in crash::ALL {
+        assert!(
+            points.contains_key(point),
+            "crash point {point} never reached in {} seeds: {points:?}",
+            stats.len()
+        );
+    }
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [3, 77, 1234] {
+        let first = run(&Options { seed, mutation: None, trace: true });
+        let again = run(&Options { seed, mutation: None, trace: true });
+        assert!(first.trace.len() > 100, "seed {seed} did little: {} events", first.trace.len());
+        if let Some(i) =
+            (0..first.trace.len().min(again.trace.len())).find(|&i| first.trace[i] != again.trace[i])
+        {
+            panic!(
+                "seed {seed} ran differently twice from event {i}:\n{}\n{}",
+                first.trace[i], again.trace[i]
+            );
+        }
+        assert_eq!(first.trace.len(), again.trace.len(), "seed {seed} ran differently twice");
+        assert_eq!(first.trace_hash, again.trace_hash);
+        assert_eq!(first.stats, again.stats);
+        let quiet = run(&Options::seed(seed));
+        assert_eq!(quiet.trace_hash, first.trace_hash, "keeping the trace changes nothing");
+    }
+    assert_ne!(run(&Options::seed(1)).trace_hash, run(&Options::seed(2)).trace_hash);
+}
+
+/// Each planted bug breaks an invariant within a few seeds (docs/testing.md
+/// lists how many): the checks can fail.
+#[test]
+fn every_planted_bug_is_caught() {
+    for mutation in Mutation::ALL {
+        let caught =
+            (0..200).find(|&seed| !run(&Options { seed, mutation: Some(mutation), trace: false }).ok());
+        assert!(caught.is_some(), "{} went unnoticed for 200 seeds", mutation.name());
+    }
+}
