@@ -631,9 +631,15 @@ impl Engine {
                 }
             }
             Event::AbortLogged { txid } => {
-                if let Some(branch) = self.branches.remove(&txid) {
-                    assert!(matches!(branch, Branch::Aborting { .. }), "abort logged in state {branch:?}");
-                    self.release(txid, branch.keys());
+                match self.branches.remove(&txid) {
+                    Some(branch @ Branch::Aborting { .. }) => self.release(txid, branch.keys()),
+                    // The record of an abort decided without a branch here: a
+                    // branch of that txid now is another request's, untouched.
+                    Some(branch) => {
+                        self.branches.insert(txid, branch);
+                        return;
+                    }
+                    None => {}
                 }
                 self.remember(txid, Outcome::Aborted);
                 self.commands.push(Command::AckAbort { txid, ack: Ack::Done });
@@ -872,6 +878,12 @@ impl Engine {
             self.commands.push(refuse(reason, true));
             return;
         }
+        if self.waiting.contains_key(&txid) {
+            // Its Prepare (or other work) waits for locks: one request at a time.
+            let reason = "another request of this transaction is waiting for locks here".into();
+            self.commands.push(refuse(reason, false));
+            return;
+        }
         let first = !self.branches.contains_key(&txid);
         match self.branches.get_mut(&txid) {
             None => {
@@ -991,8 +1003,13 @@ impl Engine {
             )));
             return;
         }
-        if self.waiting.contains_key(&txid) {
-            return; // a repeated Prepare: the waiting one's vote answers both
+        match self.waiting.get(&txid) {
+            Some(waiter) if waiter.is_work() => {
+                self.commands.push(no("interactive work of this transaction is waiting here".into()));
+                return;
+            }
+            Some(_) => return, // a repeated Prepare: the waiting one's vote answers both
+            None => {}
         }
         if let Some((key, holder)) = self.conflict(txid, &keys) {
             let reason = format!("lock conflict on key {key:?} (held by {holder})");

@@ -61,7 +61,10 @@ impl FromStr for TxId {
         else {
             return Err(bad());
         };
-        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        // Canonical decimal: no sign, no leading zero, so one txid has one text.
+        let digits = |p: &str| {
+            !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()) && !p.starts_with('0')
+        };
         let hex = c.len() == 8 && c.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !hex || !digits(i) || !digits(s) {
             return Err(bad());
@@ -153,6 +156,40 @@ mod tests {
         assert!("p-1.a_b".parse::<ParticipantName>().is_ok());
         for text in ["", "a b", "ä", &"x".repeat(65)] {
             assert!(text.parse::<ParticipantName>().is_err(), "{text:?} was accepted");
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn every_txid_round_trips_through_text_and_key_bytes(
+                coordinator in any::<u32>(),
+                incarnation in 1..u64::MAX,
+                sequence in 1..u64::MAX,
+            ) {
+                let id = TxId::new(coordinator, incarnation, sequence);
+                prop_assert_eq!(id.to_string().parse::<TxId>().unwrap(), id);
+                prop_assert_eq!(TxId::from_key_bytes(&id.to_key_bytes()), Some(id));
+            }
+
+            /// Key bytes sort as txids do: range deletes and scans below a horizon rely on it.
+            #[test]
+            fn key_bytes_sort_as_txids(a in (any::<u32>(), 1..u64::MAX, 1..u64::MAX), b in (any::<u32>(), 1..u64::MAX, 1..u64::MAX)) {
+                let (a, b) = (TxId::new(a.0, a.1, a.2), TxId::new(b.0, b.1, b.2));
+                prop_assert_eq!(a.cmp(&b), a.to_key_bytes().cmp(&b.to_key_bytes()));
+            }
+
+            /// Any text either parses to a txid that prints back the same, or is refused.
+            #[test]
+            fn any_text_parses_back_to_itself_or_is_refused(text in "\\PC{0,40}|[0-9a-f]{8}-[0-9]{1,20}-[0-9]{1,20}") {
+                if let Ok(id) = text.parse::<TxId>() {
+                    prop_assert_eq!(id.to_string(), text);
+                }
+            }
         }
     }
 }

@@ -110,4 +110,36 @@ mod tests {
             assert!(decode::<Sample>(&bytes[..len]).is_err(), "truncated to {len} accepted");
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn any_record_round_trips(name in ".{0,64}", value in any::<u64>()) {
+                let sample = Sample { name, numbers: vec![value] };
+                prop_assert_eq!(decode::<Sample>(&encode(&sample)).unwrap(), sample);
+            }
+
+            /// Any change to a stored record is an error, never another record or "absent".
+            #[test]
+            fn any_flipped_bit_or_truncation_is_an_error(
+                name in ".{0,64}",
+                value in any::<u64>(),
+                flip in any::<prop::sample::Index>(),
+                bit in 0..8u8,
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let bytes = encode(&Sample { name, numbers: vec![value] });
+                let mut flipped = bytes.clone();
+                let at = flip.index(flipped.len());
+                flipped[at] ^= 1 << bit;
+                prop_assert!(decode::<Sample>(&flipped).is_err(), "flipped bit {bit} of byte {at} decoded");
+                let short = &bytes[..cut.index(bytes.len())];
+                prop_assert!(decode::<Sample>(short).is_err(), "a record cut to {} bytes decoded", short.len());
+            }
+        }
+    }
 }

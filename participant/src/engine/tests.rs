@@ -887,3 +887,157 @@ fn a_recovered_horizon_refuses_what_is_below_it() {
         vec![Command::Validate { txid: tx(11), payload: vec![9] }]
     );
 }
+
+/// The lock table under random request sequences: whatever arrives, in
+/// whatever order its I/O completes, no cycle of waits ever forms (so no
+/// deadlock), and a key has at most one holder.
+mod wait_rule {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A one-shot Prepare of transaction `t` over the keys in `mask`.
+        Prepare {
+            t: u64,
+            mask: u8,
+        },
+        /// Interactive work of transaction `t` over the keys in `mask`.
+        Work {
+            t: u64,
+            mask: u8,
+        },
+        Commit {
+            t: u64,
+        },
+        Abort {
+            t: u64,
+        },
+        /// A lock wait runs out.
+        Expire {
+            t: u64,
+        },
+        /// The runtime finishes the `n`-th pending step (validation, a write, work).
+        Finish {
+            n: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let t = 1..8u64;
+        prop_oneof![
+            (t.clone(), 1..16u8).prop_map(|(t, mask)| Op::Prepare { t, mask }),
+            (t.clone(), 1..16u8).prop_map(|(t, mask)| Op::Work { t, mask }),
+            t.clone().prop_map(|t| Op::Commit { t }),
+            t.clone().prop_map(|t| Op::Abort { t }),
+            t.prop_map(|t| Op::Expire { t }),
+            (0..6usize).prop_map(|n| Op::Finish { n }),
+            (0..6usize).prop_map(|n| Op::Finish { n }),
+        ]
+    }
+
+    fn keys_of(mask: u8) -> Vec<String> {
+        (0..4).filter(|i| mask & (1 << i) != 0).map(|i| format!("k{i}")).collect()
+    }
+
+    /// Edges "waits for": each waiter to each holder of a key it wants, and to
+    /// each older waiter queued for one of them (it may not overtake it).
+    fn has_cycle(table: &[LockEntry]) -> Option<Vec<TxId>> {
+        let mut edges: BTreeMap<TxId, BTreeSet<TxId>> = BTreeMap::new();
+        for entry in table {
+            for (i, waiter) in entry.waiters.iter().enumerate() {
+                let out = edges.entry(*waiter).or_default();
+                if *waiter != entry.holder {
+                    out.insert(entry.holder);
+                }
+                out.extend(entry.waiters[..i].iter().copied());
+            }
+        }
+        fn visit(
+            node: TxId,
+            edges: &BTreeMap<TxId, BTreeSet<TxId>>,
+            path: &mut Vec<TxId>,
+            done: &mut BTreeSet<TxId>,
+        ) -> Option<Vec<TxId>> {
+            if let Some(at) = path.iter().position(|n| *n == node) {
+                return Some(path[at..].to_vec());
+            }
+            if !done.insert(node) {
+                return None;
+            }
+            path.push(node);
+            for next in edges.get(&node).into_iter().flatten() {
+                if let Some(cycle) = visit(*next, edges, path, done) {
+                    return Some(cycle);
+                }
+            }
+            path.pop();
+            None
+        }
+        let mut done = BTreeSet::new();
+        edges.keys().find_map(|start| visit(*start, &edges, &mut Vec::new(), &mut done))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn no_cycle_of_waits_ever_forms(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut engine = Engine::with_waits(Duration::from_millis(100), Duration::ZERO);
+            let mut pending: Vec<Event> = Vec::new();
+            let mut next_work = 0u64;
+            let now = Instant::now();
+            for op in ops {
+                match op {
+                    Op::Prepare { t, mask } => engine.on_event(Event::PrepareRequested {
+                        txid: tx(t),
+                        keys: keys_of(mask),
+                        payload: vec![],
+                        one_phase: false,
+                        incarnation: 2,
+                        interactive: false,
+                    }),
+                    Op::Work { t, mask } => {
+                        next_work += 1;
+                        engine.on_event(Event::WorkRequested { txid: tx(t), work: next_work, keys: keys_of(mask), at: now });
+                    }
+                    Op::Commit { t } => engine.on_event(Event::CommitRequested { txid: tx(t) }),
+                    Op::Abort { t } => engine.on_event(Event::AbortRequested { txid: tx(t) }),
+                    Op::Expire { t } => {
+                        if engine.waiting().contains(&tx(t)) {
+                            engine.on_event(Event::LockWaitExpired { txid: tx(t) });
+                        }
+                    }
+                    Op::Finish { n } => {
+                        if !pending.is_empty() {
+                            let event = pending.remove(n % pending.len());
+                            engine.on_event(event);
+                        }
+                    }
+                }
+                // What the runtime would feed back, completed later in any order.
+                for command in engine.take_commands() {
+                    match command {
+                        Command::Validate { txid, .. } => {
+                            pending.push(Event::Validated { txid, result: Validated::Ready { redo: vec![1] } })
+                        }
+                        Command::LogPrepared { txid, .. } => pending.push(Event::PreparedLogged { txid, at: now }),
+                        Command::LogCommit { txid, .. } => pending.push(Event::CommitLogged { txid }),
+                        Command::LogAbort { txid, .. } => pending.push(Event::AbortLogged { txid }),
+                        Command::WorkGranted { .. } => {}
+                        _ => {}
+                    }
+                }
+                let table = engine.lock_table();
+                prop_assert!(has_cycle(&table).is_none(), "a cycle of waits: {:?} in {table:?}", has_cycle(&table));
+                let mut keys: Vec<&str> = table.iter().map(|e| e.key.as_str()).collect();
+                let all = keys.len();
+                keys.dedup();
+                prop_assert_eq!(keys.len(), all, "a key with two holders");
+            }
+        }
+    }
+}
