@@ -57,20 +57,6 @@ struct Tally {
     unknown: u64,
 }
 
-/// Groups abort reasons: "participant p2 voted NO: lock conflict on key ..." -> "lock conflict".
-fn reason_class(reason: &str) -> String {
-    let tail = reason.rsplit(": ").next().unwrap_or(reason);
-    if reason.contains("lock conflict") {
-        "lock conflict".into()
-    } else if reason.contains("timed out") || reason.contains("deadline") {
-        "prepare timeout".into()
-    } else if reason.contains("failed to prepare") {
-        "participant unreachable".into()
-    } else {
-        tail.chars().take(60).collect()
-    }
-}
-
 pub async fn run(args: DemoArgs) -> i32 {
     match demo(args).await {
         Ok(true) => 0,
@@ -173,7 +159,9 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
                         tally.committed += 1;
                         let _ = latency.record(begun.elapsed().as_micros() as u64);
                     }
-                    Ok(result) => *tally.aborted.entry(reason_class(&result.reason)).or_default() += 1,
+                    Ok(result) => {
+                        *tally.aborted.entry(result.code.label().replace('_', " ")).or_default() += 1
+                    }
                     Err(_) => {
                         tally.unknown += 1;
                         // The coordinator is away: do not spin.

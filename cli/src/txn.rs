@@ -101,6 +101,7 @@ pub async fn run(args: TxnArgs, order: Vec<(usize, &'static str, usize)>) -> i32
                     "txid": result.txid,
                     "outcome": result.outcome.as_str(),
                     "reason": result.reason,
+                    "reason_code": result.code.label(),
                     "participants": result.participants,
                 });
                 println!("{out}");

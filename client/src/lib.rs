@@ -26,6 +26,7 @@ use decree_proto::v1::coordinator_client::CoordinatorClient;
 use decree_proto::v1::kv_client::KvClient;
 use decree_proto::v1::participant_client::ParticipantClient;
 use decree_proto::v1::registry_client::RegistryClient;
+pub use decree_proto::Reason;
 pub use decree_proto::{v1, KvOp, TxId};
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
@@ -54,7 +55,7 @@ pub enum ClientError {
     OutcomeUnknown { txid: String, reason: String },
     /// An interactive transaction was aborted (e.g. it lost a lock conflict); it is over.
     #[error("transaction {txid} aborted: {reason}")]
-    Aborted { txid: String, reason: String },
+    Aborted { txid: String, code: Reason, reason: String },
     #[error("key {key:?} holds {value:?}, not a decimal integer")]
     NotANumber { key: String, value: String },
 }
@@ -134,6 +135,9 @@ impl Outcome {
 pub struct TxnResult {
     pub txid: String,
     pub outcome: Outcome,
+    /// Why it aborted, as a code ([`Reason::Unspecified`] when committed, or
+    /// from a coordinator that predates the code).
+    pub code: Reason,
     pub reason: String,
     pub participants: Vec<String>,
 }
@@ -143,6 +147,7 @@ impl TxnResult {
         Ok(TxnResult {
             txid: response.txid,
             outcome: Outcome::from_wire(response.outcome)?,
+            code: Reason::from_wire(response.reason_code),
             reason: response.reason,
             participants: response.participants,
         })

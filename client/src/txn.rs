@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use decree_proto::v1::kv_client::KvClient;
 
-use crate::{decided_error, v1, Client, ClientError, KvOp, Outcome, TxnResult};
+use crate::{decided_error, v1, Client, ClientError, KvOp, Outcome, Reason, TxnResult};
 
 /// An interactive transaction. Dropping it without `commit` or `abort` leaves
 /// it to the idle timeouts of the coordinator and the participants.
@@ -28,7 +28,8 @@ pub struct Transaction {
     client: Client,
     txid: String,
     /// Set once the transaction is known to be aborted.
-    aborted: Option<String>,
+    /// Set once the transaction is aborted here (its work was refused for good).
+    aborted: Option<(Reason, String)>,
     /// The participants it worked at.
     touched: std::collections::BTreeSet<String>,
 }
@@ -67,8 +68,12 @@ impl Transaction {
         ops: Vec<KvOp>,
         get: Vec<String>,
     ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-        if let Some(reason) = &self.aborted {
-            return Err(ClientError::Aborted { txid: self.txid.clone(), reason: reason.clone() });
+        if let Some((code, reason)) = &self.aborted {
+            return Err(ClientError::Aborted {
+                txid: self.txid.clone(),
+                code: *code,
+                reason: reason.clone(),
+            });
         }
         KvOp::check_key(key)?;
         let owner = self.client.route(key)?.to_owned();
@@ -88,14 +93,20 @@ impl Transaction {
             Err(status) if status.code() == tonic::Code::Aborted => {
                 // The branch is gone (a lost lock conflict): end the whole transaction now.
                 let reason = status.message().to_owned();
-                self.aborted = Some(reason.clone());
+                let code = status
+                    .metadata()
+                    .get(decree_proto::REASON_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .map_or(Reason::Unspecified, Reason::from_wire);
+                self.aborted = Some((code, reason.clone()));
                 let _ = self
                     .client
                     .coordinator
                     .clone()
                     .abort(v1::AbortTransactionRequest { txid: self.txid.clone() })
                     .await;
-                Err(ClientError::Aborted { txid: self.txid.clone(), reason })
+                Err(ClientError::Aborted { txid: self.txid.clone(), code, reason })
             }
             Err(status) => Err(status.into()),
         }
@@ -137,10 +148,11 @@ impl Transaction {
     /// Commits: two-phase commit over every participant the transaction
     /// worked at. ABORTED comes back with the reason.
     pub async fn commit(self) -> Result<TxnResult, ClientError> {
-        if let Some(reason) = self.aborted {
+        if let Some((code, reason)) = self.aborted {
             return Ok(TxnResult {
                 txid: self.txid,
                 outcome: Outcome::Aborted,
+                code,
                 reason,
                 participants: Vec::new(),
             });

@@ -16,13 +16,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use decree_proto::{ParticipantName, TxId};
+use decree_proto::{ParticipantName, Reason, TxId};
 
 /// A participant's answer to Prepare, or what happened instead of one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VoteResult {
     Yes,
     No {
+        code: Reason,
         reason: String,
     },
     ReadOnly,
@@ -39,6 +40,7 @@ pub enum VoteResult {
 pub enum Decided {
     Committed,
     Aborted {
+        code: Reason,
         reason: String,
     },
     /// One-phase only: the participant could not be reached to learn whether
@@ -215,7 +217,14 @@ enum Txn {
     /// One-phase, outcome unknown (the Prepare failed or timed out); asking.
     /// `answered`: the client was told the outcome is unknown; `recorded`:
     /// the question is on disk (or being written: the client is told once it is).
-    Resolving { participant: ParticipantName, reason: String, attempts: u32, answered: bool, recorded: bool },
+    Resolving {
+        participant: ParticipantName,
+        code: Reason,
+        reason: String,
+        attempts: u32,
+        answered: bool,
+        recorded: bool,
+    },
 }
 
 /// What the coordinator knows of a transaction right now.
@@ -379,7 +388,7 @@ impl Engine {
             },
             Event::AbortRequested { txid } => match self.txns.remove(&txid) {
                 Some(Txn::Active { enlisted }) => {
-                    self.abort(txid, enlisted, "aborted by the client".into());
+                    self.abort(txid, enlisted, Reason::ClientAborted, "aborted by the client".into());
                 }
                 Some(other) => {
                     self.txns.insert(txid, other);
@@ -466,7 +475,9 @@ impl Engine {
                 }
                 self.commands.push(Command::ResolveOnePhase { txid, participant: participant.clone() });
                 let reason = "recovered at start".to_owned();
-                let txn = Txn::Resolving { participant, reason, attempts: 0, answered: true, recorded: true };
+                let code = Reason::ParticipantUnreachable;
+                let txn =
+                    Txn::Resolving { participant, code, reason, attempts: 0, answered: true, recorded: true };
                 self.txns.insert(txid, txn);
             }
             Event::Recovered { txid, participants } => {
@@ -543,7 +554,7 @@ impl Engine {
         // A failed Prepare may still have prepared the branch (the reply was
         // lost): it is told to abort like a YES voter. A NO voter rolled back.
         let recorded = *recorded;
-        let reason = match vote {
+        let reason: Option<(Reason, String)> = match vote {
             VoteResult::Yes => {
                 yes.push(participant);
                 None
@@ -556,21 +567,23 @@ impl Engine {
                 self.commands.push(Command::Reply { txid, decided: Decided::Committed });
                 return;
             }
-            VoteResult::No { reason } => Some(format!("participant {participant} voted NO: {reason}")),
+            VoteResult::No { code, reason } => {
+                Some((code, format!("participant {participant} voted NO: {reason}")))
+            }
             VoteResult::Failed { error } if order.len() == 1 => {
                 // One-phase: it may have committed before the reply was lost.
                 let reason = format!("participant {participant} failed to answer: {error}");
                 self.txns.remove(&txid);
-                self.resolve_one_phase(txid, participant, reason, recorded);
+                self.resolve_one_phase(txid, participant, Reason::ParticipantUnreachable, reason, recorded);
                 return;
             }
             VoteResult::Failed { error } => {
                 let reason = format!("participant {participant} failed to prepare: {error}");
                 yes.push(participant);
-                Some(reason)
+                Some((Reason::ParticipantUnreachable, reason))
             }
         };
-        if let Some(reason) = reason {
+        if let Some((code, reason)) = reason {
             let Some(Txn::Preparing { order, waiting, yes, .. }) = self.txns.remove(&txid) else {
                 unreachable!()
             };
@@ -581,7 +594,7 @@ impl Engine {
             // Prepares, and those not heard from.
             let targets: Vec<_> =
                 order.into_iter().filter(|p| waiting.contains(p) || yes.contains(p)).collect();
-            self.abort(txid, targets, reason);
+            self.abort(txid, targets, code, reason);
             return;
         }
         if !waiting.is_empty() {
@@ -632,13 +645,13 @@ impl Engine {
         match (self.txns.get(&txid), kind) {
             (Some(Txn::Active { .. }), TimerKind::Idle) => {
                 let Some(Txn::Active { enlisted }) = self.txns.remove(&txid) else { unreachable!() };
-                self.abort(txid, enlisted, "idle timeout before commit".into());
+                self.abort(txid, enlisted, Reason::Timeout, "idle timeout before commit".into());
             }
             (Some(Txn::Preparing { order, recorded, .. }), TimerKind::Prepare) if order.len() == 1 => {
                 let (participant, recorded) = (order[0].clone(), *recorded);
                 self.txns.remove(&txid);
                 let reason = format!("prepare timed out waiting for {participant}");
-                self.resolve_one_phase(txid, participant, reason, recorded);
+                self.resolve_one_phase(txid, participant, Reason::Timeout, reason, recorded);
             }
             (Some(Txn::Preparing { .. }), TimerKind::Prepare) => {
                 let Some(Txn::Preparing { order, waiting, yes, .. }) = self.txns.remove(&txid) else {
@@ -649,7 +662,7 @@ impl Engine {
                 let reason = format!("prepare timed out waiting for {}", late.join(", "));
                 let targets: Vec<_> =
                     order.into_iter().filter(|p| waiting.contains(p) || yes.contains(p)).collect();
-                self.abort(txid, targets, reason);
+                self.abort(txid, targets, Reason::Timeout, reason);
             }
             // A timer for a state the transaction has left: stale, ignore.
             (Some(Txn::Active { .. }), TimerKind::Prepare)
@@ -667,16 +680,17 @@ impl Engine {
         &mut self,
         txid: TxId,
         participant: ParticipantName,
+        code: Reason,
         reason: String,
         recorded: bool,
     ) {
         self.commands.push(Command::ResolveOnePhase { txid, participant: participant.clone() });
-        let txn = Txn::Resolving { participant, reason, attempts: 0, answered: false, recorded };
+        let txn = Txn::Resolving { participant, code, reason, attempts: 0, answered: false, recorded };
         self.txns.insert(txid, txn);
     }
 
     fn on_one_phase_resolved(&mut self, txid: TxId, found: OnePhaseFound) {
-        let Some(Txn::Resolving { participant, reason, attempts, answered, recorded }) =
+        let Some(Txn::Resolving { participant, code, reason, attempts, answered, recorded }) =
             self.txns.remove(&txid)
         else {
             return; // a duplicate answer
@@ -688,7 +702,7 @@ impl Engine {
                 }
                 if !answered {
                     let reason = format!("{reason}; it did not commit");
-                    self.commands.push(Command::Reply { txid, decided: Decided::Aborted { reason } });
+                    self.commands.push(Command::Reply { txid, decided: Decided::Aborted { code, reason } });
                 }
             }
             OnePhaseFound::Committed => {
@@ -710,19 +724,26 @@ impl Engine {
                     participant: participant.clone(),
                     attempt,
                 });
-                let txn = Txn::Resolving { participant, reason, attempts: attempt, answered, recorded: true };
+                let txn =
+                    Txn::Resolving { participant, code, reason, attempts: attempt, answered, recorded: true };
                 self.txns.insert(txid, txn);
             }
         }
     }
 
     /// Aborts: tells `targets`, answers the client, persists nothing (presumed abort).
-    fn abort(&mut self, txid: TxId, targets: impl IntoIterator<Item = ParticipantName>, reason: String) {
+    fn abort(
+        &mut self,
+        txid: TxId,
+        targets: impl IntoIterator<Item = ParticipantName>,
+        code: Reason,
+        reason: String,
+    ) {
         debug_assert!(!self.txns.contains_key(&txid));
         for participant in targets {
             self.commands.push(Command::SendAbort { txid, participant });
         }
-        self.commands.push(Command::Reply { txid, decided: Decided::Aborted { reason } });
+        self.commands.push(Command::Reply { txid, decided: Decided::Aborted { code, reason } });
     }
 }
 

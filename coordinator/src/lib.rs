@@ -93,7 +93,7 @@ pub async fn serve(
     let disk = decree_runtime::disk::DiskGuard::new(&config.data_dir, config.process.disk_reserve_mb)
         .map_err(|e| CoordinatorError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
     disk.watch();
-    let (store, recovered) = DecisionLog::open(&config.data_dir).await?;
+    let (store, mut recovered) = DecisionLog::open(&config.data_dir).await?;
     tracing::info!(
         coordinator = format_args!("{:08x}", recovered.coordinator_id),
         incarnation = recovered.incarnation,
@@ -108,21 +108,12 @@ pub async fn serve(
         std::time::Duration::from_millis(config.liveness_ms),
         config.max_message_bytes,
     ));
-    for (name, address) in recovered.participants {
+    for (name, address) in std::mem::take(&mut recovered.participants) {
         if let Err(err) = registry.enroll(name.clone(), &address, false) {
             tracing::warn!(participant = %name, error = %err, "ignoring a stored participant");
         }
     }
-    let handle = runtime::start(
-        config.clone(),
-        store,
-        registry,
-        disk,
-        recovered.coordinator_id,
-        recovered.incarnation,
-        recovered.unfinished,
-        recovered.one_phase_in_doubt,
-    );
+    let handle = runtime::start(config.clone(), store, registry, disk, recovered);
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
     tokio::spawn(runtime::prune_ended(handle.clone(), stop_streams.clone()));
     let service = service::Service::new(handle.clone(), stop_streams);

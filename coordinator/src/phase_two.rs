@@ -117,6 +117,7 @@ impl Sender {
                         trace_context: trace::context_of(&due.span),
                     })
                     .collect(),
+                typed_ack: true,
             };
             let answer =
                 call(client.clone(), self.timeout, |mut c| async move { c.commit_batch(request).await });
@@ -125,7 +126,9 @@ impl Sender {
                     for (due, result) in batch.into_iter().zip(response.results) {
                         let code = tonic::Code::from_i32(result.code);
                         let answer = match code {
-                            tonic::Code::Ok => Ok(()),
+                            tonic::Code::Ok => {
+                                Ok(wire::acked(result.ack, result.reason_code, result.message))
+                            }
                             _ => Err(Unanswered::Refused(tonic::Status::new(code, result.message))),
                         };
                         self.answered(due, answer);
@@ -167,7 +170,7 @@ impl Sender {
     }
 
     /// Turns a commit's answer into the engine's event.
-    fn answered(&self, due: Due, answer: Result<(), Unanswered>) {
+    fn answered(&self, due: Due, answer: Result<wire::Acked, Unanswered>) {
         let (txid, participant) = (due.txid, self.participant.clone());
         let _entered = due.span.enter();
         let _ = self.events.send(delivered(txid, participant, due.recovery, answer));
@@ -179,12 +182,12 @@ pub(crate) async fn commit_one(
     client: Option<ParticipantClient<Channel>>,
     timeout: Duration,
     due: &Due,
-) -> Result<(), Unanswered> {
-    let request = traced(v1::CommitRequest { txid: due.txid.to_string() }, &due.span);
+) -> Result<wire::Acked, Unanswered> {
+    let request = traced(v1::CommitRequest { txid: due.txid.to_string(), typed_ack: true }, &due.span);
     call(client, timeout, |mut c| async move { c.commit(request).await })
         .instrument(due.span.clone())
         .await
-        .map(drop)
+        .map(|r| wire::acked(r.ack, r.reason_code, r.reason))
 }
 
 /// The engine event a Commit's answer makes.
@@ -192,14 +195,14 @@ pub(crate) fn delivered(
     txid: TxId,
     participant: ParticipantName,
     recovery: bool,
-    answer: Result<(), Unanswered>,
+    answer: Result<wire::Acked, Unanswered>,
 ) -> Event {
     match &answer {
-        Ok(()) if recovery => {
+        Ok(_) if recovery => {
             info!(%txid, %participant, "recovery: commit delivered");
             crash::point(crash::COORDINATOR_RECOVERY_MID_REDRIVE);
         }
-        Ok(()) => {}
+        Ok(_) => {}
         Err(error) => debug!(%txid, %participant, %error, "commit not delivered"),
     }
     let event = wire::commit_event(txid, participant, answer);

@@ -36,7 +36,8 @@ use crate::CoordinatorError;
 pub const TRANSACTIONS: &str = "decree_transactions_total";
 /// Transactions in memory: deciding, or committed with phase two under way.
 pub const IN_FLIGHT: &str = "decree_transactions_in_flight";
-/// Aborted transactions by reason: lock_conflict, voted_no, timeout, unreachable, client, other.
+/// Aborted transactions by reason code (`Reason::label`): lock_conflict,
+/// validation_failed, unreachable, timeout, client, stale, work_lost, ...
 pub const ABORTS: &str = "decree_aborts_total";
 /// Seconds from a transaction's start (Transact, or an interactive Commit) to
 /// its answer (`phase="decide"`) and, committed, to its last ack (`phase="complete"`).
@@ -48,23 +49,6 @@ pub const REDELIVERIES_PACED: &str = "decree_redeliveries_paced_total";
 /// Committed branches whose redelivery stopped on a refusal retrying cannot
 /// mend, waiting for an operator (`decree stuck`, `decree retry`).
 pub const STUCK: &str = "decree_branches_stuck";
-
-/// The class of an abort reason, for [`ABORTS`].
-fn abort_class(reason: &str) -> &'static str {
-    if reason.contains("lock conflict") {
-        "lock_conflict"
-    } else if reason.contains("voted NO") {
-        "voted_no"
-    } else if reason.contains("timed out") || reason.contains("idle") {
-        "timeout"
-    } else if reason.contains("failed to") {
-        "unreachable"
-    } else if reason.contains("by the client") {
-        "client"
-    } else {
-        "other"
-    }
-}
 
 type Decision = oneshot::Sender<(TxId, Decided)>;
 
@@ -255,17 +239,17 @@ struct Actor {
     draining: Option<oneshot::Sender<()>>,
 }
 
-/// Starts the actor with the decisions found unfinished at start.
+/// Starts the actor with what was found at start: the decisions to redrive
+/// and the one-phase questions to ask again.
 pub(crate) fn start(
     config: Arc<Config>,
     store: DecisionLog,
     registry: Arc<Registry>,
     disk: Arc<decree_runtime::disk::DiskGuard>,
-    coordinator_id: u32,
-    incarnation: u64,
-    unfinished: Vec<(TxId, Vec<ParticipantName>)>,
-    one_phase_in_doubt: Vec<(TxId, ParticipantName)>,
+    recovered: crate::store::Recovered,
 ) -> Handle {
+    let crate::store::Recovered { coordinator_id, incarnation, unfinished, one_phase_in_doubt, .. } =
+        recovered;
     let (requests, request_rx) = mpsc::channel(config.process.request_queue);
     let (events, event_rx) = mpsc::unbounded_channel();
     let budget = Arc::new(RetryBudget::per_second(
@@ -550,9 +534,9 @@ impl Actor {
                             debug!(%txid, "committed");
                             "committed"
                         }
-                        Decided::Aborted { reason } => {
+                        Decided::Aborted { code, reason } => {
                             debug!(%txid, %reason, "aborted");
-                            metrics::counter!(ABORTS, "reason" => abort_class(reason)).increment(1);
+                            metrics::counter!(ABORTS, "reason" => code.label()).increment(1);
                             "aborted"
                         }
                         Decided::Unknown { reason } => {
@@ -621,7 +605,7 @@ impl Actor {
         let client = self.handle.registry.client(&participant);
         let timeout = self.handle.config.commit_timeout();
         let span = self.span_of(txid);
-        let request = traced(v1::AbortRequest { txid: txid.to_string() }, &span);
+        let request = traced(v1::AbortRequest { txid: txid.to_string(), typed_ack: true }, &span);
         async move {
             // Best effort: a participant that misses it asks, and presumed abort answers.
             if let Err(error) = call(client, timeout, |mut c| async move { c.abort(request).await }).await {
@@ -643,10 +627,10 @@ impl Actor {
         let events = self.handle.events.clone();
         let timeout = self.handle.config.commit_timeout();
         let span = self.span_of(txid);
-        let request = traced(v1::AbortRequest { txid: txid.to_string() }, &span);
+        let request = traced(v1::AbortRequest { txid: txid.to_string(), typed_ack: true }, &span);
         async move {
             let answer = call(client, timeout, |mut c| async move { c.abort(request).await }).await;
-            let found = wire::one_phase_found(answer.map(drop));
+            let found = wire::one_phase_found(answer.map(|r| wire::acked(r.ack, r.reason_code, r.reason)));
             info!(%txid, %participant, ?found, "one-phase outcome asked");
             let _ = events.send(Event::OnePhaseResolved { txid, found });
         }

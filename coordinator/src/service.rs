@@ -96,9 +96,9 @@ fn decided_response(
     decided: Decided,
     participants: Vec<String>,
 ) -> Result<Response<v1::TransactResponse>, Status> {
-    let (outcome, reason) = match decided {
-        Decided::Committed => (Outcome::Committed, String::new()),
-        Decided::Aborted { reason } => (Outcome::Aborted, reason),
+    let (outcome, code, reason) = match decided {
+        Decided::Committed => (Outcome::Committed, decree_proto::Reason::Unspecified, String::new()),
+        Decided::Aborted { code, reason } => (Outcome::Aborted, code, reason),
         Decided::Unknown { reason } => {
             let mut status =
                 Status::unknown(format!("outcome of {txid} unknown: {reason}; ask GetOutcome later"));
@@ -113,6 +113,7 @@ fn decided_response(
         outcome: outcome as i32,
         reason,
         participants,
+        reason_code: code.to_wire(),
     }))
 }
 

@@ -43,9 +43,9 @@
 //!   asked again, never ABORTED for a branch that may have committed. The
 //!   record goes only once the outcome is known
 //!   ([`DecisionLog::log_one_phase_commit`] with `in_doubt`, or
-//!   [`DecisionLog::log_one_phase_aborted`]), unsynced: if that is lost, the
-//!   question comes back and the participant answers it again. Pruning never
-//!   touches it.
+//!   [`DecisionLog::log_one_phase_aborted`]), synced soon: if a crash comes
+//!   first, the question comes back and the participant, which remembers the
+//!   branch (its tombstone), answers it again. Pruning never touches it.
 //! - Absence of any record means ABORTED (presumed abort) for a txid at or
 //!   above the horizon, and FORGOTTEN below it: [`DecisionLog::forget_before`]
 //!   deletes `c/` records below a new horizon in the same atomic batch that
@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex};
 
 use decree_proto::{ParticipantName, TxId};
 use decree_runtime::record::TxIdRecord;
-use decree_runtime::{record, Log, LogError, RecordError, Storage, Write};
+use decree_runtime::{record, Durability, Log, LogError, RecordError, Storage, Write};
 
 const META_KEY: &[u8] = b"meta";
 const HORIZON_KEY: &[u8] = b"horizon";
@@ -285,9 +285,9 @@ impl<S: Storage> DecisionLog<S> {
     }
 
     /// Notes a one-phase commit for `GetOutcome` (not synced), and, if it was
-    /// `in_doubt`, drops that record in the same batch (if the batch is lost,
-    /// the record brings the question back at start, and the participant's
-    /// tombstone answers it again).
+    /// `in_doubt`, drops that record in the same batch, synced soon (sharing
+    /// an fsync; nothing waits for it): until then a restart asks the
+    /// participant again, which must still remember the branch.
     pub async fn log_one_phase_commit(
         &self,
         txid: TxId,
@@ -299,7 +299,8 @@ impl<S: Storage> DecisionLog<S> {
         if in_doubt {
             writes.push(Write::single_delete(txid_key(ONE_PHASE_IN_DOUBT, txid)));
         }
-        self.log.write(writes, false).await?;
+        let durability = if in_doubt { Durability::SyncedSoon } else { Durability::Buffered };
+        self.log.write_with(writes, durability).await?;
         self.ended.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -316,11 +317,11 @@ impl<S: Storage> DecisionLog<S> {
         Ok(())
     }
 
-    /// The one-phase branch in doubt did not commit: drop its record (not
-    /// synced: if it is lost, the question comes back at start and is answered
-    /// ABORTED again).
+    /// The one-phase branch in doubt did not commit: drop its record, synced
+    /// soon (as [`DecisionLog::log_one_phase_commit`]).
     pub async fn log_one_phase_aborted(&self, txid: TxId) -> Result<(), StoreError> {
-        self.log.write(vec![Write::single_delete(txid_key(ONE_PHASE_IN_DOUBT, txid))], false).await?;
+        let writes = vec![Write::single_delete(txid_key(ONE_PHASE_IN_DOUBT, txid))];
+        self.log.write_with(writes, Durability::SyncedSoon).await?;
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! engine's events: every vote, ack and outcome crosses it through here, in
 //! the runtime and in the simulator alike.
 
-use decree_proto::{v1, ParticipantName, TxId};
+use decree_proto::{v1, ParticipantName, Reason, TxId};
 
 use crate::engine::{Event, Known, OnePhaseFound, VoteResult};
 use crate::store::Recorded;
@@ -38,11 +38,39 @@ pub fn retryable(code: tonic::Code) -> bool {
     }
 }
 
+/// A participant's answer to Commit or Abort. Coordinators ask for typed
+/// answers (`typed_ack`); a participant that predates them answers OK for
+/// done and a gRPC status otherwise, read by [`commit_event`] and
+/// [`one_phase_found`] as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acked {
+    Done,
+    Refused { code: Reason, reason: String },
+    Forgotten { reason: String },
+}
+
+/// The ack an OK answer carries (`ack`, `reason_code` and `reason` of a
+/// CommitResponse, AbortResponse or CommitResult).
+pub fn acked(ack: i32, reason_code: i32, reason: String) -> Acked {
+    match v1::Ack::try_from(ack) {
+        // DONE, or the OK of a participant that predates `ack`.
+        Ok(v1::Ack::Done | v1::Ack::Unspecified) => Acked::Done,
+        Ok(v1::Ack::Refused) => Acked::Refused { code: Reason::from_wire(reason_code), reason },
+        Ok(v1::Ack::Forgotten) => Acked::Forgotten { reason },
+        // A newer participant's ack this version does not know: never taken for done.
+        Err(_) => {
+            Acked::Refused { code: Reason::Unspecified, reason: format!("unknown ack {ack}: {reason}") }
+        }
+    }
+}
+
 /// The vote a PrepareResponse carries.
 pub fn vote_of(response: v1::PrepareResponse) -> VoteResult {
     match v1::Vote::try_from(response.vote) {
         Ok(v1::Vote::Yes) => VoteResult::Yes,
-        Ok(v1::Vote::No) => VoteResult::No { reason: response.reason },
+        Ok(v1::Vote::No) => {
+            VoteResult::No { code: Reason::from_wire(response.reason_code), reason: response.reason }
+        }
         Ok(v1::Vote::ReadOnly) => VoteResult::ReadOnly,
         Ok(v1::Vote::Committed) => VoteResult::Committed,
         Ok(v1::Vote::Unspecified) | Err(_) => {
@@ -61,9 +89,17 @@ pub fn voted(answer: Result<v1::PrepareResponse, Unanswered>) -> VoteResult {
 
 /// What the answer to a Commit means for its branch: acked, refused for good
 /// (redelivery stops until an operator retries), or to be redelivered.
-pub fn commit_event(txid: TxId, participant: ParticipantName, answer: Result<(), Unanswered>) -> Event {
+pub fn commit_event(txid: TxId, participant: ParticipantName, answer: Result<Acked, Unanswered>) -> Event {
     match answer {
-        Ok(()) => Event::CommitAcked { txid, participant },
+        Ok(Acked::Done) => Event::CommitAcked { txid, participant },
+        Ok(Acked::Refused { code, reason }) => Event::CommitRefused {
+            txid,
+            participant,
+            reason: format!("refused ({}): {reason}", code.label()),
+        },
+        Ok(Acked::Forgotten { reason }) => {
+            Event::CommitRefused { txid, participant, reason: format!("forgotten: {reason}") }
+        }
         Err(Unanswered::Refused(status)) if !retryable(status.code()) => {
             let reason = format!("{:?}: {}", status.code(), status.message());
             Event::CommitRefused { txid, participant, reason }
@@ -72,12 +108,15 @@ pub fn commit_event(txid: TxId, participant: ParticipantName, answer: Result<(),
     }
 }
 
-/// What asking a one-phase participant with Abort found: acked means it did
-/// not commit (and now cannot: it keeps an abort tombstone);
-/// FAILED_PRECONDITION means it committed (answered once durable).
-pub fn one_phase_found(answer: Result<(), Unanswered>) -> OnePhaseFound {
+/// What asking a one-phase participant with Abort found: done means it did
+/// not commit (and now cannot: it keeps an abort tombstone); refused as
+/// already decided (FAILED_PRECONDITION from older participants) means it
+/// committed (answered once durable). Anything else: ask again.
+pub fn one_phase_found(answer: Result<Acked, Unanswered>) -> OnePhaseFound {
     match answer {
-        Ok(()) => OnePhaseFound::Aborted,
+        Ok(Acked::Done) => OnePhaseFound::Aborted,
+        Ok(Acked::Refused { code: Reason::AlreadyDecided, .. }) => OnePhaseFound::Committed,
+        Ok(Acked::Refused { .. } | Acked::Forgotten { .. }) => OnePhaseFound::Unreachable,
         Err(Unanswered::Refused(status)) if status.code() == tonic::Code::FailedPrecondition => {
             OnePhaseFound::Committed
         }

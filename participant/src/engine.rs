@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use decree_proto::TxId;
+use decree_proto::{Reason, TxId};
 
 mod tombstones;
 
@@ -44,6 +44,7 @@ pub const TOMBSTONES: usize = 100_000;
 pub enum Vote {
     Yes,
     No {
+        code: Reason,
         reason: String,
     },
     ReadOnly,
@@ -73,8 +74,10 @@ pub enum Validated {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ack {
     Done,
-    /// The request contradicts what this participant knows (a protocol violation).
+    /// The request contradicts what this participant knows (a protocol
+    /// violation, or, for an Abort, "it committed").
     Refused {
+        code: Reason,
         reason: String,
     },
     /// The txid is older than this participant remembers: what it knew of it
@@ -265,6 +268,7 @@ pub enum Command {
     /// lock conflict, or was decided or timed out before).
     WorkRefused {
         work: u64,
+        code: Reason,
         reason: String,
         aborted: bool,
     },
@@ -624,7 +628,8 @@ impl Engine {
                     self.commands.push(Command::Vote { txid, vote: Vote::Committed });
                     if asked {
                         let reason = format!("transaction {txid} was committed here");
-                        self.commands.push(Command::AckAbort { txid, ack: Ack::Refused { reason } });
+                        let ack = Ack::Refused { code: Reason::AlreadyDecided, reason };
+                        self.commands.push(Command::AckAbort { txid, ack });
                     }
                 } else {
                     self.commands.push(Command::AckCommit { txid, ack: Ack::Done });
@@ -763,11 +768,17 @@ impl Engine {
                 // Prepare of it votes NO too, never commits. (A restart drops
                 // the connections a stale copy could come on.)
                 self.remember(txid, Outcome::Aborted);
-                self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+                self.commands
+                    .push(Command::Vote { txid, vote: Vote::No { code: Reason::LockConflict, reason } });
             }
             Wanted::Work { work, .. } => {
                 self.abort_active(txid);
-                self.commands.push(Command::WorkRefused { work, reason, aborted: true });
+                self.commands.push(Command::WorkRefused {
+                    work,
+                    code: Reason::LockConflict,
+                    reason,
+                    aborted: true,
+                });
             }
         }
     }
@@ -862,26 +873,31 @@ impl Engine {
     }
 
     fn on_work(&mut self, txid: TxId, work: u64, keys: Vec<String>, at: Instant) {
-        let refuse = |reason: String, aborted: bool| Command::WorkRefused { work, reason, aborted };
+        let refuse = |code: Reason, reason: String, aborted: bool| Command::WorkRefused {
+            work,
+            code,
+            reason,
+            aborted,
+        };
         if let Some(outcome) = self.tombstones.get(&txid) {
             let done = if *outcome == Outcome::Aborted { "aborted" } else { "committed" };
-            self.commands
-                .push(refuse(format!("transaction {txid} was {done} here"), *outcome == Outcome::Aborted));
+            let reason = format!("transaction {txid} was {done} here");
+            self.commands.push(refuse(Reason::AlreadyDecided, reason, *outcome == Outcome::Aborted));
             return;
         }
         if let (Some(horizon), false) = (self.tombstones.forgotten(txid), self.branches.contains_key(&txid)) {
-            self.commands.push(refuse(forgotten(txid, horizon), true));
+            self.commands.push(refuse(Reason::Stale, forgotten(txid, horizon), true));
             return;
         }
         if txid.incarnation < self.coordinator_incarnation {
             let reason = format!("transaction {txid} is from an earlier coordinator incarnation");
-            self.commands.push(refuse(reason, true));
+            self.commands.push(refuse(Reason::Stale, reason, true));
             return;
         }
         if self.waiting.contains_key(&txid) {
             // Its Prepare (or other work) waits for locks: one request at a time.
             let reason = "another request of this transaction is waiting for locks here".into();
-            self.commands.push(refuse(reason, false));
+            self.commands.push(refuse(Reason::InProgress, reason, false));
             return;
         }
         let first = !self.branches.contains_key(&txid);
@@ -893,11 +909,15 @@ impl Engine {
             Some(Branch::Active { busy: busy @ false, touched, .. }) => (*busy, *touched) = (true, at),
             Some(Branch::Active { busy: true, .. }) => {
                 let reason = "other work of this transaction is running here: one request at a time".into();
-                self.commands.push(refuse(reason, false));
+                self.commands.push(refuse(Reason::InProgress, reason, false));
                 return;
             }
             Some(_) => {
-                self.commands.push(refuse(format!("transaction {txid} is committing here"), false));
+                self.commands.push(refuse(
+                    Reason::AlreadyDecided,
+                    format!("transaction {txid} is committing here"),
+                    false,
+                ));
                 return;
             }
         }
@@ -923,7 +943,7 @@ impl Engine {
     }
 
     fn on_interactive_prepare(&mut self, txid: TxId, one_phase: bool, incarnation: u64) {
-        let no = |reason: String| Command::Vote { txid, vote: Vote::No { reason } };
+        let no = |code: Reason, reason: String| Command::Vote { txid, vote: Vote::No { code, reason } };
         match self.branches.remove(&txid) {
             Some(Branch::Active { keys, work, busy: false, .. })
                 if incarnation >= self.coordinator_incarnation =>
@@ -932,11 +952,15 @@ impl Engine {
             }
             Some(branch @ Branch::Active { busy: true, .. }) => {
                 self.branches.insert(txid, branch);
-                self.commands.push(no("work of this transaction is still running here".into()));
+                self.commands
+                    .push(no(Reason::InProgress, "work of this transaction is still running here".into()));
             }
             Some(Branch::Active { .. }) => {
                 self.abort_active(txid);
-                self.commands.push(no(format!("stale Prepare from coordinator incarnation {incarnation}")));
+                self.commands.push(no(
+                    Reason::Stale,
+                    format!("stale Prepare from coordinator incarnation {incarnation}"),
+                ));
             }
             Some(other) => {
                 self.branches.insert(txid, other);
@@ -953,6 +977,7 @@ impl Engine {
                     // The work is gone (lost in a restart): it must not commit without it.
                     self.remember(txid, Outcome::Aborted);
                     self.commands.push(no(
+                        Reason::WorkLost,
                         "no work of this transaction here (lost in a restart, or timed out)".into(),
                     ));
                 }
@@ -968,10 +993,13 @@ impl Engine {
         one_phase: bool,
         incarnation: u64,
     ) {
-        let no = |reason: String| Command::Vote { txid, vote: Vote::No { reason } };
+        let no = |code: Reason, reason: String| Command::Vote { txid, vote: Vote::No { code, reason } };
         if let Some(outcome) = self.tombstones.get(&txid) {
             let vote = match outcome {
-                Outcome::Aborted => Vote::No { reason: "transaction already aborted here".into() },
+                Outcome::Aborted => Vote::No {
+                    code: Reason::AlreadyDecided,
+                    reason: "transaction already aborted here".into(),
+                },
                 Outcome::Committed if one_phase => Vote::Committed,
                 Outcome::Committed => Vote::Yes,
             };
@@ -986,26 +1014,36 @@ impl Engine {
                 // A repeated Prepare while the first is under way: the one vote
                 // to come answers both (never a NO for a branch that may commit).
                 Branch::Validating { .. } | Branch::Logging { .. } => return,
-                Branch::Aborting { .. } => no("transaction is being aborted here".into()),
-                Branch::Active { .. } => no("this transaction has interactive work here".into()),
+                Branch::Aborting { .. } => {
+                    no(Reason::AlreadyDecided, "transaction is being aborted here".into())
+                }
+                Branch::Active { .. } => {
+                    no(Reason::InProgress, "this transaction has interactive work here".into())
+                }
             };
             self.commands.push(command);
             return;
         }
         if let Some(horizon) = self.tombstones.forgotten(txid) {
-            self.commands.push(no(forgotten(txid, horizon)));
+            self.commands.push(no(Reason::Stale, forgotten(txid, horizon)));
             return;
         }
         if incarnation < self.coordinator_incarnation {
-            self.commands.push(no(format!(
-                "stale Prepare from coordinator incarnation {incarnation} (current is {})",
-                self.coordinator_incarnation
-            )));
+            self.commands.push(no(
+                Reason::Stale,
+                format!(
+                    "stale Prepare from coordinator incarnation {incarnation} (current is {})",
+                    self.coordinator_incarnation
+                ),
+            ));
             return;
         }
         match self.waiting.get(&txid) {
             Some(waiter) if waiter.is_work() => {
-                self.commands.push(no("interactive work of this transaction is waiting here".into()));
+                self.commands.push(no(
+                    Reason::InProgress,
+                    "interactive work of this transaction is waiting here".into(),
+                ));
                 return;
             }
             Some(_) => return, // a repeated Prepare: the waiting one's vote answers both
@@ -1045,8 +1083,8 @@ impl Engine {
             self.release(txid, &keys);
             self.commands.push(Command::LogAbort { txid, prepared: false });
             self.remember(txid, Outcome::Aborted);
-            self.commands
-                .push(Command::Vote { txid, vote: Vote::No { reason: "aborted while preparing".into() } });
+            let vote = Vote::No { code: Reason::AlreadyDecided, reason: "aborted while preparing".into() };
+            self.commands.push(Command::Vote { txid, vote });
             return;
         }
         match result {
@@ -1066,7 +1104,8 @@ impl Engine {
             Validated::Refused { reason } => {
                 self.release(txid, &keys);
                 self.remember(txid, Outcome::Aborted);
-                self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+                self.commands
+                    .push(Command::Vote { txid, vote: Vote::No { code: Reason::ValidationFailed, reason } });
             }
         }
     }
@@ -1080,8 +1119,8 @@ impl Engine {
         if abort_requested {
             // The coordinator already gave up on it: never vote YES now.
             self.commands.push(Command::LogAbort { txid, prepared: true });
-            self.commands
-                .push(Command::Vote { txid, vote: Vote::No { reason: "aborted while preparing".into() } });
+            let vote = Vote::No { code: Reason::AlreadyDecided, reason: "aborted while preparing".into() };
+            self.commands.push(Command::Vote { txid, vote });
             self.branches.insert(txid, Branch::Aborting { keys });
             return;
         }
@@ -1107,12 +1146,14 @@ impl Engine {
             }
             Some(branch) => {
                 self.branches.insert(txid, branch);
-                reply(self, Ack::Refused { reason: format!("transaction {txid} is not prepared here") });
+                let reason = format!("transaction {txid} is not prepared here");
+                reply(self, Ack::Refused { code: Reason::NotPrepared, reason });
             }
             None if self.settle_heuristic(txid, Outcome::Committed) => reply(self, Ack::Done),
             None => match self.tombstones.get(&txid) {
                 Some(Outcome::Aborted) => {
-                    reply(self, Ack::Refused { reason: format!("transaction {txid} was aborted here") })
+                    let reason = format!("transaction {txid} was aborted here");
+                    reply(self, Ack::Refused { code: Reason::AlreadyDecided, reason })
                 }
                 // Committed already, or never seen: nothing to do.
                 Some(Outcome::Committed) | None => reply(self, Ack::Done),
@@ -1127,11 +1168,15 @@ impl Engine {
             match waiter.wanted {
                 Wanted::Prepare { .. } => {
                     let reason = "aborted while waiting for locks".to_owned();
-                    self.commands.push(Command::Vote { txid, vote: Vote::No { reason } });
+                    self.commands.push(Command::Vote {
+                        txid,
+                        vote: Vote::No { code: Reason::AlreadyDecided, reason },
+                    });
                 }
                 Wanted::Work { work, .. } => {
                     let reason = format!("transaction {txid} was aborted while waiting for locks");
-                    self.commands.push(Command::WorkRefused { work, reason, aborted: true });
+                    let code = Reason::AlreadyDecided;
+                    self.commands.push(Command::WorkRefused { work, code, reason, aborted: true });
                 }
             }
         }
@@ -1168,7 +1213,8 @@ impl Engine {
             }
             Some(branch @ Branch::Committing { .. }) => {
                 self.branches.insert(txid, branch);
-                reply(self, Ack::Refused { reason: format!("transaction {txid} is committing here") });
+                let reason = format!("transaction {txid} is committing here");
+                reply(self, Ack::Refused { code: Reason::AlreadyDecided, reason });
             }
             Some(branch @ Branch::Aborting { .. }) => {
                 // Already being applied: every waiting Abort is acked when it is done.
@@ -1177,7 +1223,8 @@ impl Engine {
             None if self.settle_heuristic(txid, Outcome::Aborted) => reply(self, Ack::Done),
             None => match self.tombstones.get(&txid) {
                 Some(Outcome::Committed) => {
-                    reply(self, Ack::Refused { reason: format!("transaction {txid} was committed here") })
+                    let reason = format!("transaction {txid} was committed here");
+                    reply(self, Ack::Refused { code: Reason::AlreadyDecided, reason })
                 }
                 Some(Outcome::Aborted) => reply(self, Ack::Done),
                 None if self.tombstones.forgotten(txid).is_some() => {

@@ -263,9 +263,14 @@ mod tests {
     #[tokio::test]
     async fn add_refuses_non_numbers_and_overflow() {
         let (_dir, store) = store_with(&[("s", "abc"), ("max", &i64::MAX.to_string())]).await;
-        for ops in [vec![add("s", 1)], vec![add("max", 1)], vec![add("n", i64::MIN), add("n", -1)]] {
+        let refusals = [
+            (vec![add("s", 1)], "add on key \"s\": value \"abc\" is not a decimal integer"),
+            (vec![add("max", 1)], "add on key \"max\": 9223372036854775807 + 1 overflows"),
+            (vec![add("n", i64::MIN), add("n", -1)], "add on key \"n\": -9223372036854775808 + -1 overflows"),
+        ];
+        for (ops, expected) in refusals {
             match commit(&store, ops).await {
-                Validated::Refused { reason } => assert!(reason.contains("add on key"), "{reason}"),
+                Validated::Refused { reason } => assert_eq!(reason, expected),
                 other => panic!("expected a refusal, got {other:?}"),
             }
         }

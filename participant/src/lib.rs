@@ -248,6 +248,7 @@ async fn serve_with(
         config.name.clone(),
         stop_streams,
         config.process.max_concurrent_streams as usize,
+        CoordinatorClient::new(coordinator_channel.clone()),
     );
     let mut routes = Routes::new(ParticipantServer::new(participant).max_decoding_message_size(limit));
     let has_kv = kv.is_some();

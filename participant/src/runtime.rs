@@ -103,6 +103,7 @@ pub(crate) struct Granted {
 
 /// Interactive work may not run; `aborted`: the branch is aborted here.
 pub(crate) struct Refused {
+    pub code: decree_proto::Reason,
     pub reason: String,
     pub aborted: bool,
 }
@@ -312,7 +313,8 @@ impl Actor {
                 }
                 // A branch new here would need a prepared record: not while the disk is short.
                 if let (false, Err(short)) = (self.engine.knows(txid), self.disk.admit()) {
-                    let _ = reply.send(Vote::No { reason: short.to_string() });
+                    let _ = reply
+                        .send(Vote::No { code: decree_proto::Reason::DiskFull, reason: short.to_string() });
                     return;
                 }
                 self.votes.insert(txid, vec![reply]);
@@ -327,7 +329,12 @@ impl Actor {
             }
             Request::Work { txid, keys, reply } => {
                 if let (false, Err(short)) = (self.engine.knows(txid), self.disk.admit()) {
-                    let _ = reply.send(Err(Refused { reason: short.to_string(), aborted: false }));
+                    let refused = Refused {
+                        code: decree_proto::Reason::DiskFull,
+                        reason: short.to_string(),
+                        aborted: false,
+                    };
+                    let _ = reply.send(Err(refused));
                     return;
                 }
                 let work = self.next_work;
@@ -474,9 +481,9 @@ impl Actor {
                         let _ = reply.send(Ok(Granted { so_far, first }));
                     }
                 }
-                Command::WorkRefused { work, reason, aborted } => {
+                Command::WorkRefused { work, code, reason, aborted } => {
                     if let Some(reply) = self.works.remove(&work) {
-                        let _ = reply.send(Err(Refused { reason, aborted }));
+                        let _ = reply.send(Err(Refused { code, reason, aborted }));
                     }
                 }
                 Command::LogHeuristic { txid, commit, op } => {

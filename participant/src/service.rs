@@ -19,6 +19,9 @@ use crate::resource::Resource;
 use crate::runtime::{Handle, ShuttingDown};
 use crate::wire;
 
+/// How long a Resolve waits for the coordinator's answer before taking it for gone.
+const COORDINATOR_ASKED_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Most commits one CommitBatch may carry.
 const MAX_COMMIT_BATCH: usize = 4096;
 
@@ -35,6 +38,8 @@ pub struct ParticipantService {
     stopping: tokio::sync::watch::Receiver<bool>,
     /// Most Prepares of one PrepareStream handled at once.
     max_in_progress: usize,
+    /// Asked before a heuristic decision: refused while it answers.
+    coordinator: CoordinatorClient<Channel>,
 }
 
 impl ParticipantService {
@@ -42,7 +47,7 @@ impl ParticipantService {
     async fn vote(&self, request: v1::PrepareRequest) -> Result<v1::PrepareResponse, Status> {
         let txid = txid(&request.txid)?;
         let vote = match self.resource.keys(&request.payload) {
-            Err(reason) => Vote::No { reason },
+            Err(reason) => Vote::No { code: decree_proto::Reason::ValidationFailed, reason },
             Ok(keys) => {
                 self.handle
                     .prepare(
@@ -65,8 +70,33 @@ impl ParticipantService {
         name: String,
         stopping: tokio::sync::watch::Receiver<bool>,
         max_in_progress: usize,
+        coordinator: CoordinatorClient<Channel>,
     ) -> Self {
-        ParticipantService { handle, resource, name, stopping, max_in_progress }
+        ParticipantService { handle, resource, name, stopping, max_in_progress, coordinator }
+    }
+
+    /// A heuristic decision is for a coordinator that is gone: refused while
+    /// it answers for `txid` (it knows the outcome, or is still deciding it,
+    /// and this participant learns it by asking). Allowed when it cannot be
+    /// reached, or does not own the txid.
+    async fn coordinator_answers(&self, txid: TxId) -> Result<(), Status> {
+        let request = v1::GetOutcomeRequest { txid: txid.to_string() };
+        let mut coordinator = self.coordinator.clone();
+        match tokio::time::timeout(COORDINATOR_ASKED_FOR, coordinator.get_outcome(request)).await {
+            Ok(Ok(answer)) => {
+                let outcome =
+                    v1::Outcome::try_from(answer.into_inner().outcome).unwrap_or(v1::Outcome::Unspecified);
+                let why = match outcome {
+                    v1::Outcome::Pending => "is still deciding it".to_owned(),
+                    known => format!("answers {}; this participant learns it by asking", known.as_str_name()),
+                };
+                Err(Status::failed_precondition(format!(
+                    "refused: the coordinator {why}; a heuristic decision is only for when it is gone"
+                )))
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => Ok(()), // not its txid
+            Ok(Err(_)) | Err(_) => Ok(()),
+        }
     }
 }
 
@@ -75,8 +105,6 @@ impl From<ShuttingDown> for Status {
         Status::unavailable(err.to_string())
     }
 }
-
-use crate::wire::ack_status as ack;
 
 /// The span a request about one transaction runs in: named for the RPC, keyed
 /// by txid, and a child of the caller's trace when spans are exported.
@@ -148,9 +176,9 @@ impl Participant for ParticipantService {
     ) -> Result<Response<v1::CommitResponse>, Status> {
         let span = txn_span!("commit", self, request);
         async move {
-            let txid = txid(&request.into_inner().txid)?;
-            ack(self.handle.commit(txid).await?)?;
-            Ok(Response::new(v1::CommitResponse {}))
+            let request = request.into_inner();
+            let txid = txid(&request.txid)?;
+            wire::commit_response(self.handle.commit(txid).await?, request.typed_ack).map(Response::new)
         }
         .instrument(span)
         .await
@@ -160,7 +188,7 @@ impl Participant for ParticipantService {
         &self,
         request: Request<v1::CommitBatchRequest>,
     ) -> Result<Response<v1::CommitBatchResponse>, Status> {
-        let commits = request.into_inner().commits;
+        let v1::CommitBatchRequest { commits, typed_ack } = request.into_inner();
         if commits.len() > MAX_COMMIT_BATCH {
             let why = format!("at most {MAX_COMMIT_BATCH} commits per batch");
             return Err(InvalidInput::Field { field: "commits", why }.into());
@@ -170,18 +198,11 @@ impl Participant for ParticipantService {
             let span = tracing::info_span!("commit", txid = %commit.txid, participant = %self.name);
             decree_runtime::trace::adopt_context(&span, &commit.trace_context);
             async move {
-                let done = match txid(&commit.txid) {
-                    Ok(txid) => match self.handle.commit(txid).await {
-                        Ok(answer) => ack(answer),
-                        Err(shutting_down) => Err(shutting_down.into()),
-                    },
+                let answer = match txid(&commit.txid) {
+                    Ok(txid) => self.handle.commit(txid).await.map_err(Status::from),
                     Err(status) => Err(status),
                 };
-                let (code, message) = match done {
-                    Ok(()) => (tonic::Code::Ok, String::new()),
-                    Err(status) => (status.code(), status.message().to_owned()),
-                };
-                v1::CommitResult { txid: commit.txid, code: code as i32, message }
+                wire::commit_result(commit.txid, answer, typed_ack)
             }
             .instrument(span)
         }))
@@ -192,9 +213,9 @@ impl Participant for ParticipantService {
     async fn abort(&self, request: Request<v1::AbortRequest>) -> Result<Response<v1::AbortResponse>, Status> {
         let span = txn_span!("abort", self, request);
         async move {
-            let txid = txid(&request.into_inner().txid)?;
-            ack(self.handle.abort(txid).await?)?;
-            Ok(Response::new(v1::AbortResponse {}))
+            let request = request.into_inner();
+            let txid = txid(&request.txid)?;
+            wire::abort_response(self.handle.abort(txid).await?, request.typed_ack).map(Response::new)
         }
         .instrument(span)
         .await
@@ -232,6 +253,7 @@ impl Participant for ParticipantService {
             }
             .into());
         }
+        self.coordinator_answers(txid).await?;
         match self.handle.heuristic(txid, request.commit, request.reason, request.operator).await? {
             Ok(()) => Ok(Response::new(v1::ResolveResponse {})),
             Err(reason) => Err(Status::failed_precondition(reason)),
@@ -391,8 +413,9 @@ impl Kv for KvService {
             keys.extend(request.get.iter().cloned());
             let granted = match self.handle.work(txid, keys).await? {
                 Ok(granted) => granted,
-                Err(refused) if refused.aborted => return Err(Status::aborted(refused.reason)),
-                Err(refused) => return Err(Status::failed_precondition(refused.reason)),
+                Err(refused) => {
+                    return Err(wire::work_refused(refused.code, refused.reason, refused.aborted))
+                }
             };
             if granted.first {
                 if let Err(status) = self.enlist(txid).await {

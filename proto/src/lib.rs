@@ -7,9 +7,11 @@
 //! never sees a malformed id. This crate does no I/O.
 
 mod kv;
+mod reason;
 mod txid;
 
 pub use kv::{KvOp, KEY_MAX_BYTES};
+pub use reason::Reason;
 pub use txid::{ParticipantName, TxId};
 
 /// Generated code for the `decree.v1` package.
@@ -42,6 +44,10 @@ impl From<InvalidInput> for tonic::Status {
 /// gRPC metadata key that carries the txid on an `UNKNOWN` answer to
 /// `Transact` or `Commit` (the outcome could not be learned yet).
 pub const TXID_METADATA: &str = "decree-txid";
+
+/// The metadata key of a refusal's [`Reason`] code (decimal `decree.v1.Reason`),
+/// on the statuses that answer refused interactive work.
+pub const REASON_METADATA: &str = "decree-reason";
 
 /// The encoded `FileDescriptorSet` of decree.v1, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decree_descriptor.bin"));

@@ -335,26 +335,26 @@ impl Coordinator {
                 self.write(ctx, Disk::Decision { txid, participants }, true);
             }
             Command::LogOnePhaseCommit { txid, participant, in_doubt } => {
-                self.write(ctx, Disk::OnePhase { txid, participant, in_doubt }, false);
+                self.write(ctx, Disk::OnePhase { txid, participant, in_doubt }, in_doubt);
             }
             Command::LogOnePhaseInDoubt { txid, participant } => {
                 self.write(ctx, Disk::InDoubt { txid, participant }, true);
             }
-            Command::LogOnePhaseAborted { txid } => self.write(ctx, Disk::OnePhaseAborted { txid }, false),
+            Command::LogOnePhaseAborted { txid } => self.write(ctx, Disk::OnePhaseAborted { txid }, true),
             Command::SendCommit { txid, participant, recovery } => {
                 ctx.ghost.commit_sent(ctx.now, txid, &self.disk);
                 let call = Call::Commit { txid, participant: participant.clone(), recovery };
-                self.call(ctx, participant, call, |rpc| Msg::Commit(rpc, txid), CALL_TIMEOUT);
+                self.call(ctx, participant, call, |rpc| Msg::Commit(rpc, txid, true), CALL_TIMEOUT);
             }
             Command::SendAbort { txid, participant } => {
-                self.call(ctx, participant, Call::Abort, |rpc| Msg::Abort(rpc, txid), CALL_TIMEOUT);
+                self.call(ctx, participant, Call::Abort, |rpc| Msg::Abort(rpc, txid, true), CALL_TIMEOUT);
             }
             Command::ResolveOnePhase { txid, participant } => {
                 self.call(
                     ctx,
                     participant,
                     Call::Resolve { txid },
-                    |rpc| Msg::Abort(rpc, txid),
+                    |rpc| Msg::Abort(rpc, txid, true),
                     CALL_TIMEOUT,
                 );
             }
@@ -395,7 +395,7 @@ impl Coordinator {
         &mut self,
         ctx: &mut Ctx,
         rpc: u64,
-        answer: Result<(), Unanswered>,
+        answer: Result<wire::Acked, Unanswered>,
         vote: Option<v1::PrepareResponse>,
     ) {
         let Some(process) = self.process.as_mut() else { return };
@@ -403,8 +403,8 @@ impl Coordinator {
         let event = match call {
             Call::Prepare { txid, participant } => {
                 let answer = match (answer, vote) {
-                    (Ok(()), Some(response)) => Ok(response),
-                    (Ok(()), None) => Err(Unanswered::Refused(tonic::Status::internal("no vote"))),
+                    (Ok(_), Some(response)) => Ok(response),
+                    (Ok(_), None) => Err(Unanswered::Refused(tonic::Status::internal("no vote"))),
                     (Err(unanswered), _) => Err(unanswered),
                 };
                 let mut vote = wire::voted(answer);
@@ -434,10 +434,14 @@ impl Coordinator {
         let Some(process) = self.process.as_mut() else { return };
         match msg {
             Msg::Vote(rpc, vote) => match vote {
-                Ok(response) => self.answered(ctx, rpc, Ok(()), Some(response)),
+                Ok(response) => self.answered(ctx, rpc, Ok(wire::Acked::Done), Some(response)),
                 Err(status) => self.answered(ctx, rpc, Err(Unanswered::Refused(status)), None),
             },
-            Msg::Ack(rpc, ack) => self.answered(ctx, rpc, ack.map_err(Unanswered::Refused), None),
+            Msg::Ack(rpc, ack) => {
+                let ack =
+                    ack.map(|r| wire::acked(r.ack, r.reason_code, r.reason)).map_err(Unanswered::Refused);
+                self.answered(ctx, rpc, ack, None)
+            }
             Msg::Refused(rpc) => {
                 let refused = Unanswered::Refused(tonic::Status::unavailable("connection refused"));
                 self.answered(ctx, rpc, Err(refused), None)

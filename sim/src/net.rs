@@ -16,11 +16,13 @@ use crate::{Node, Time, MS};
 pub enum Msg {
     // Coordinator to participant.
     Prepare(u64, v1::PrepareRequest),
-    Commit(u64, TxId),
-    Abort(u64, TxId),
+    /// `typed_ack` as the request carries it.
+    Commit(u64, TxId, bool),
+    Abort(u64, TxId, bool),
     // Participant to coordinator, answers.
     Vote(u64, Result<v1::PrepareResponse, tonic::Status>),
-    Ack(u64, Result<(), tonic::Status>),
+    /// The answer to a Commit or an Abort (their responses have the same fields).
+    Ack(u64, Result<v1::CommitResponse, tonic::Status>),
     // Participant to coordinator, requests.
     GetOutcome(u64, TxId),
     Enroll(u64, ParticipantName),
@@ -50,8 +52,8 @@ impl Msg {
     pub fn request(&self) -> Option<u64> {
         match self {
             Msg::Prepare(rpc, _)
-            | Msg::Commit(rpc, _)
-            | Msg::Abort(rpc, _)
+            | Msg::Commit(rpc, _, _)
+            | Msg::Abort(rpc, _, _)
             | Msg::GetOutcome(rpc, _)
             | Msg::Enroll(rpc, _)
             | Msg::Heartbeat(rpc, _)
@@ -81,13 +83,28 @@ impl std::fmt::Display for Msg {
                 "#{rpc} Prepare {} one_phase={} interactive={} incarnation={}",
                 r.txid, r.one_phase, r.interactive, r.coordinator_incarnation
             ),
-            Msg::Commit(rpc, txid) => write!(f, "#{rpc} Commit {txid}"),
-            Msg::Abort(rpc, txid) => write!(f, "#{rpc} Abort {txid}"),
+            Msg::Commit(rpc, txid, _) => write!(f, "#{rpc} Commit {txid}"),
+            Msg::Abort(rpc, txid, _) => write!(f, "#{rpc} Abort {txid}"),
             Msg::Vote(rpc, vote) => match vote {
-                Ok(r) => write!(f, "#{rpc} vote {:?} {:?}", v1::Vote::try_from(r.vote), r.reason),
+                Ok(r) => write!(
+                    f,
+                    "#{rpc} vote {:?} {:?} {:?}",
+                    v1::Vote::try_from(r.vote),
+                    v1::Reason::try_from(r.reason_code),
+                    r.reason
+                ),
                 Err(_) => write!(f, "#{rpc} vote {}", status(vote)),
             },
-            Msg::Ack(rpc, ack) => write!(f, "#{rpc} ack {}", status(ack)),
+            Msg::Ack(rpc, ack) => match ack {
+                Ok(r) => write!(
+                    f,
+                    "#{rpc} ack {:?} {:?} {:?}",
+                    v1::Ack::try_from(r.ack),
+                    v1::Reason::try_from(r.reason_code),
+                    r.reason
+                ),
+                Err(_) => write!(f, "#{rpc} ack {}", status(ack)),
+            },
             Msg::GetOutcome(rpc, txid) => write!(f, "#{rpc} GetOutcome {txid}"),
             Msg::Enroll(rpc, name) => write!(f, "#{rpc} Enroll {name}"),
             Msg::Heartbeat(rpc, name) => write!(f, "#{rpc} Heartbeat {name}"),

@@ -77,8 +77,9 @@ struct Process {
     /// Prepares waiting for their vote: the callers and their call ids (a
     /// repeated Prepare waits for the vote of the one in progress).
     votes: BTreeMap<TxId, Vec<(Node, u64)>>,
-    commit_waiters: BTreeMap<TxId, Vec<(Node, u64)>>,
-    abort_waiters: BTreeMap<TxId, Vec<(Node, u64)>>,
+    /// Waiting for an ack: the caller, its call id, and whether it asked for a typed ack.
+    commit_waiters: BTreeMap<TxId, Vec<(Node, u64, bool)>>,
+    abort_waiters: BTreeMap<TxId, Vec<(Node, u64, bool)>>,
     works: BTreeMap<u64, PendingWork>,
     next_work: u64,
     calls: BTreeMap<u64, Call>,
@@ -92,6 +93,9 @@ struct Process {
 
 pub struct Participant {
     index: usize,
+    /// Answers as a participant that predates typed answers: status codes for
+    /// refusals, no reason codes (the seed picks).
+    legacy: bool,
     name: ParticipantName,
     disk: MemLog,
     process: Option<Process>,
@@ -102,8 +106,10 @@ pub struct Participant {
 
 impl Participant {
     pub fn start(ctx: &mut Ctx, index: usize, retention: Retention) -> Participant {
+        let legacy = ctx.rng().random_bool(0.3);
         let mut participant = Participant {
             index,
+            legacy,
             name: name(index),
             disk: MemLog::new(),
             process: None,
@@ -166,6 +172,15 @@ impl Participant {
 
     pub fn waiting(&self) -> usize {
         self.process.as_ref().map_or(0, |p| p.engine.waiting().len())
+    }
+
+    /// The PrepareResponse for `vote`, as this participant's version sends it.
+    fn vote_response(&self, vote: Vote) -> v1::PrepareResponse {
+        let mut response = wire::prepare_response(vote);
+        if self.legacy {
+            response.reason_code = 0;
+        }
+        response
     }
 
     fn boot(&mut self, ctx: &mut Ctx, disk: MemLog) {
@@ -350,7 +365,8 @@ impl Participant {
                 let keys = match kv::ops(&request.payload) {
                     Ok(ops) => kv::keys(&ops),
                     Err(reason) => {
-                        let response = wire::prepare_response(Vote::No { reason });
+                        let code = decree_proto::Reason::ValidationFailed;
+                        let response = self.vote_response(Vote::No { code, reason });
                         ctx.send(self.node(), from, Msg::Vote(rpc, Ok(response)));
                         return;
                     }
@@ -372,12 +388,12 @@ impl Participant {
                     },
                 );
             }
-            Msg::Commit(rpc, txid) => {
-                process.commit_waiters.entry(txid).or_default().push((from, rpc));
+            Msg::Commit(rpc, txid, typed) => {
+                process.commit_waiters.entry(txid).or_default().push((from, rpc, typed && !self.legacy));
                 self.feed(ctx, Event::CommitRequested { txid });
             }
-            Msg::Abort(rpc, txid) => {
-                process.abort_waiters.entry(txid).or_default().push((from, rpc));
+            Msg::Abort(rpc, txid, typed) => {
+                process.abort_waiters.entry(txid).or_default().push((from, rpc, typed && !self.legacy));
                 self.feed(ctx, Event::AbortRequested { txid });
             }
             Msg::Execute(rpc, txid, ops) => {
@@ -536,8 +552,10 @@ impl Participant {
                         return;
                     }
                 }
+                let response = self.vote_response(vote);
+                let Some(process) = self.process.as_mut() else { return };
                 for (to, rpc) in process.votes.remove(&txid).unwrap_or_default() {
-                    ctx.send(node, to, Msg::Vote(rpc, Ok(wire::prepare_response(vote.clone()))));
+                    ctx.send(node, to, Msg::Vote(rpc, Ok(response.clone())));
                 }
             }
             Command::ArmLockWait { txid, after } => {
@@ -566,13 +584,18 @@ impl Participant {
             | Command::HeuristicAnswer { .. }
             | Command::HeuristicOutcome { .. } => {}
             Command::AckCommit { txid, ack } => {
-                for (to, rpc) in process.commit_waiters.remove(&txid).unwrap_or_default() {
-                    ctx.send(node, to, Msg::Ack(rpc, wire::ack_status(ack.clone())));
+                for (to, rpc, typed) in process.commit_waiters.remove(&txid).unwrap_or_default() {
+                    ctx.send(node, to, Msg::Ack(rpc, wire::commit_response(ack.clone(), typed)));
                 }
             }
             Command::AckAbort { txid, ack } => {
-                for (to, rpc) in process.abort_waiters.remove(&txid).unwrap_or_default() {
-                    ctx.send(node, to, Msg::Ack(rpc, wire::ack_status(ack.clone())));
+                for (to, rpc, typed) in process.abort_waiters.remove(&txid).unwrap_or_default() {
+                    let answer = wire::abort_response(ack.clone(), typed).map(|r| v1::CommitResponse {
+                        ack: r.ack,
+                        reason_code: r.reason_code,
+                        reason: r.reason,
+                    });
+                    ctx.send(node, to, Msg::Ack(rpc, answer));
                 }
             }
         }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use decree_client::Outcome;
+use decree_client::{Outcome, Reason};
 use decree_tests::{check, Cluster, NodeId, Options};
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
@@ -84,7 +84,7 @@ async fn transfers_stay_atomic_under_random_kills() {
                     // A participant or the coordinator is down: back off a little
                     // instead of spinning on fast failures.
                     let down = match &answer {
-                        Ok(result) => result.reason.contains("failed to prepare"),
+                        Ok(result) => result.code == Reason::ParticipantUnreachable,
                         Err(_) => true,
                     };
                     let told = answer.ok().map(|r| r.outcome);

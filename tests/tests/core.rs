@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{decree_async, init};
-use decree_client::{v1, KvOp, Outcome};
+use decree_client::{v1, KvOp, Outcome, Reason};
 use decree_tests::check;
 use decree_tests::{Cluster, NodeId, Options};
 use tracing::info;
@@ -58,7 +58,15 @@ async fn the_readme_walkthrough_commits_aborts_and_survives_sigkill() {
     assert_eq!(run.code, 1, "aborted exits 1: {}", run.stderr);
     let out = run.json();
     assert_eq!(out["outcome"], "aborted");
-    assert!(out["reason"].as_str().unwrap().contains("expect on key \"a\" failed"), "{out}");
+    assert_eq!(out["reason_code"], "validation_failed", "{out}");
+    assert_eq!(
+        out["reason"],
+        format!(
+            "participant {} voted NO: expect on key \"a\" failed: expected \"9\", found \"1\"",
+            out["participants"][0].as_str().unwrap()
+        ),
+        "{out}"
+    );
     assert_eq!(must_get(&url, &["b"]).await, serde_json::json!({"b": "2"}));
 
     info!("--- add moves 5 from b to a");
@@ -131,7 +139,7 @@ async fn a_prepared_branch_locks_its_keys_and_a_conflicting_transaction_votes_no
         .await
         .unwrap();
     assert_eq!(result.outcome, Outcome::Aborted);
-    assert!(result.reason.contains("lock conflict"), "{}", result.reason);
+    assert_eq!(result.code, Reason::LockConflict, "{}", result.reason);
     let values = client.get(&["hot".into(), "cold".into()]).await.unwrap();
     assert_eq!(values["hot"].as_deref(), Some(&b"0"[..]));
     assert_eq!(values["cold"], None, "the other branch was rolled back");
@@ -141,7 +149,7 @@ async fn a_prepared_branch_locks_its_keys_and_a_conflicting_transaction_votes_no
     assert_eq!(listed[0].locked_keys, vec!["hot"]);
 
     info!("--- aborting the held branch releases the lock");
-    participant.abort(v1::AbortRequest { txid: held.to_string() }).await.unwrap();
+    participant.abort(v1::AbortRequest { txid: held.to_string(), typed_ack: false }).await.unwrap();
     let result = client.transact(vec![KvOp::Put { key: "hot".into(), value: b"3".to_vec() }]).await.unwrap();
     assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
     info!("--- a late Prepare after the Abort votes NO");
@@ -183,7 +191,7 @@ async fn concurrent_increments_of_one_key_lose_no_update() {
         match result.outcome {
             Outcome::Committed => committed += 1,
             _ => {
-                assert!(result.reason.contains("lock conflict"), "unexpected abort: {}", result.reason);
+                assert_eq!(result.code, Reason::LockConflict, "unexpected abort: {}", result.reason);
                 conflicts += 1;
             }
         }
@@ -307,7 +315,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     };
     let vote = participant.prepare(garbage).await.unwrap().into_inner();
     assert_eq!(vote.vote, v1::Vote::No as i32);
-    assert!(vote.reason.contains("invalid KV payload"), "{}", vote.reason);
+    assert_eq!(vote.reason_code, v1::Reason::ValidationFailed as i32, "{}", vote.reason);
     let unknown_kind =
         v1::KvBatch { ops: vec![v1::KvOp { kind: 42, key: "k".into(), value: None, delta: 0 }] };
     let request = v1::PrepareRequest {
@@ -320,9 +328,9 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     };
     let vote = participant.prepare(request).await.unwrap().into_inner();
     assert_eq!(vote.vote, v1::Vote::No as i32);
-    assert!(vote.reason.contains("unknown operation kind"), "{}", vote.reason);
+    assert_eq!(vote.reason_code, v1::Reason::ValidationFailed as i32, "{}", vote.reason);
     participant
-        .commit(v1::CommitRequest { txid: "00000001-99-3".into() })
+        .commit(v1::CommitRequest { txid: "00000001-99-3".into(), typed_ack: false })
         .await
         .expect("commit of an unknown txid is a no-op");
     let mut kv = v1::kv_client::KvClient::connect(address).await.unwrap();

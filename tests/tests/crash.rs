@@ -115,8 +115,49 @@ async fn coordinator_commit_before_end_commits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coordinator_reply_before_client_commits_and_status_tells() {
+async fn coordinator_reply_before_client_commits() {
     crash_case("coordinator.reply.before_client", NodeId::Coordinator, Expect::Committed).await;
+}
+
+/// The client of a one-shot transaction never learns its txid when the
+/// coordinator dies before answering; an interactive client has it from
+/// Begin, so `decree status` must tell it the outcome after the restart. With
+/// one participant this is the one-phase path, whose outcome the coordinator
+/// keeps only because it recorded the question before the Prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_reply_before_client_then_status_tells_the_interactive_client() {
+    init();
+    let mut cluster = Cluster::start(Options::new(1)).await.unwrap();
+    cluster.restart_armed(NodeId::Coordinator, "coordinator.reply.before_client").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let mut tx = client.begin().await.unwrap();
+    let txid = tx.txid().to_owned();
+    tx.put("a", "1").await.unwrap();
+    tx.put("b", "2").await.unwrap();
+    assert!(tx.commit().await.is_err(), "the coordinator died before answering");
+    cluster.wait_exit(NodeId::Coordinator, DIE).await.unwrap();
+    assert!(cluster
+        .log_of(NodeId::Coordinator)
+        .contains("crash point coordinator.reply.before_client reached"));
+
+    info!("--- restart the coordinator: status tells the client what it was not told");
+    cluster.restart(NodeId::Coordinator).unwrap();
+    cluster.wait_back(NodeId::Coordinator).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let outcome = decree_tests::poll(SETTLE, "the outcome to be known", || {
+        let (client, txid) = (&client, &txid);
+        async move {
+            match client.status(txid).await.ok()? {
+                Outcome::Pending => None,
+                known => Some(known),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome, Outcome::Committed, "the participant committed: status must never say otherwise");
+    let values = client.get(&["a".into(), "b".into()]).await.unwrap();
+    assert_eq!((values["a"].as_deref(), values["b"].as_deref()), (Some(&b"1"[..]), Some(&b"2"[..])));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

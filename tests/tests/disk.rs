@@ -155,7 +155,7 @@ async fn a_full_disk_refuses_new_work_finishes_what_was_admitted_and_resumes_whe
         .unwrap()
         .into_inner();
     assert_eq!(vote.vote, v1::Vote::No as i32);
-    assert!(vote.reason.contains("disk nearly full"), "{vote:?}");
+    assert_eq!(vote.reason_code, v1::Reason::DiskFull as i32, "{vote:?}");
     for node in [NodeId::Coordinator, NodeId::Participant(0), NodeId::Participant(1)] {
         assert!(cluster.is_running(node), "{node:?} crashed on a full disk:\n{}", cluster.report());
     }

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::init;
-use decree_client::{kv_payload, v1, Client, KvOp, Outcome, TxnResult};
+use decree_client::{kv_payload, v1, Client, KvOp, Outcome, Reason, TxnResult};
 use decree_tests::{built_program, Cluster, NodeId, Options};
 use tracing::info;
 
@@ -50,7 +50,8 @@ async fn orders_reserve_stock_and_book_revenue_together_through_crashes() {
     info!("--- 1 widget left: an order of 3 is refused by the inventory, and no revenue is booked");
     let result = order(&client, 3).await;
     assert_eq!(result.outcome, Outcome::Aborted);
-    assert!(result.reason.contains("only 1 widget left, 3 wanted"), "{}", result.reason);
+    assert_eq!(result.code, Reason::ValidationFailed, "{}", result.reason);
+    assert_eq!(result.reason, "participant p2 voted NO: only 1 widget left, 3 wanted");
     assert_eq!(revenue(&client).await, Some(b"90".to_vec()));
 
     info!("--- kill -9 the inventory and restart it on its data: the stock is durable");
@@ -69,6 +70,7 @@ async fn orders_reserve_stock_and_book_revenue_together_through_crashes() {
     cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
     let result = order(&client, 1).await;
     assert_eq!(result.outcome, Outcome::Aborted, "the last widget was reserved exactly once");
-    assert!(result.reason.contains("only 0 widget left"), "{}", result.reason);
+    assert_eq!(result.code, Reason::ValidationFailed, "{}", result.reason);
+    assert_eq!(result.reason, "participant p2 voted NO: only 0 widget left, 1 wanted");
     assert_eq!(revenue(&client).await, Some(b"100".to_vec()));
 }

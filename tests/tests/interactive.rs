@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::init;
-use decree_client::{Client, ClientError, Outcome};
+use decree_client::{Client, ClientError, Outcome, Reason};
 use decree_tests::{Cluster, Options};
 use tracing::info;
 
@@ -93,7 +93,7 @@ async fn two_transactions_that_would_deadlock_end_one_committed_one_aborted() {
     info!("--- the younger one asks for a (the older's): it dies at once, and the older goes on");
     let died = tokio::time::timeout(HANG, younger.get("a")).await.unwrap();
     match died {
-        Err(ClientError::Aborted { reason, .. }) => assert!(reason.contains("lock conflict"), "{reason}"),
+        Err(ClientError::Aborted { code, reason, .. }) => assert_eq!(code, Reason::LockConflict, "{reason}"),
         other => panic!("the younger transaction should have died: {other:?}"),
     }
     let (older, read) = tokio::time::timeout(HANG, waiting).await.unwrap().unwrap();
@@ -202,6 +202,6 @@ async fn decree_locks_lists_holders_and_a_participant_restart_loses_unprepared_w
     cluster.wait_back(p2).await.unwrap();
     let result = tx.commit().await.unwrap();
     assert_eq!(result.outcome, Outcome::Aborted);
-    assert!(result.reason.contains("no work of this transaction here"), "{}", result.reason);
+    assert_eq!(result.code, Reason::WorkLost, "{}", result.reason);
     assert_eq!(client.get(&["b".into()]).await.unwrap()["b"], None);
 }

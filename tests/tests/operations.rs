@@ -208,8 +208,8 @@ async fn metrics_move_with_the_load() {
     let after = scrape(&addr).await;
     let committed = |page: &str| metric(page, "decree_transactions_total{outcome=\"committed\"}");
     assert_eq!(committed(&after) - committed(&before), 20.0, "{after}");
-    let voted_no = |page: &str| metric(page, "decree_aborts_total{reason=\"voted_no\"}");
-    assert_eq!(voted_no(&after) - voted_no(&before), 1.0, "{after}");
+    let refused = |page: &str| metric(page, "decree_aborts_total{reason=\"validation_failed\"}");
+    assert_eq!(refused(&after) - refused(&before), 1.0, "{after}");
     assert!(metric(&after, "decree_transaction_seconds_count{phase=\"decide\"}") >= 21.0, "{after}");
     // One-shot transactions arrive as messages on the SDK's TransactStream.
     let received = |page: &str| {
@@ -506,4 +506,66 @@ async fn a_heuristic_decision_is_refused_while_the_coordinator_knows_recorded_li
     let run = common::decree_async(args).await;
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("knows its outcome: committed"), "{}", run.stderr);
+}
+
+/// The rule "a hand-made decision is refused while the coordinator answers"
+/// is the participant's, not only the CLI's: a Resolve RPC sent straight to
+/// a participant is refused while its coordinator can answer for the txid,
+/// and recorded once the coordinator is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_resolve_is_refused_while_the_coordinator_answers() {
+    init();
+    let mut options = Options::new(1);
+    // The branch below stays in doubt for the whole test unless decided by hand.
+    options.participant_args = ["--in-doubt-after-ms", "600000"].map(String::from).to_vec();
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let p1 = cluster.url_of(NodeId::Participant(0));
+    let client = cluster.client().await.unwrap();
+    let seen = client.transact(vec![KvOp::Put { key: "k".into(), value: b"1".to_vec() }]).await.unwrap();
+    let seen: decree_client::TxId = seen.txid.parse().unwrap();
+
+    info!("--- a branch in doubt at the participant: its Prepare came straight from this test");
+    let txid = decree_client::TxId::new(seen.coordinator, seen.incarnation, seen.sequence + 1000).to_string();
+    let channel = tonic::transport::Endpoint::from_shared(p1.clone()).unwrap().connect().await.unwrap();
+    let mut participant = decree_client::v1::participant_client::ParticipantClient::new(channel);
+    let prepare = decree_client::v1::PrepareRequest {
+        txid: txid.clone(),
+        payload: decree_client::kv_payload(vec![KvOp::Put { key: "held".into(), value: b"x".to_vec() }]),
+        coordinator_incarnation: seen.incarnation,
+        ..Default::default()
+    };
+    let vote = participant.prepare(prepare).await.unwrap().into_inner();
+    assert_eq!(vote.vote, decree_client::v1::Vote::Yes as i32, "{vote:?}");
+
+    info!("--- the coordinator answers for it: a direct Resolve is refused and records nothing");
+    match decree_client::resolve_at(&p1, &txid, true, "by hand", "alice").await {
+        Err(ClientError::Status(status)) => {
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+            assert_eq!(
+                status.message(),
+                "refused: the coordinator answers OUTCOME_ABORTED; this participant learns it by asking; \
+                 a heuristic decision is only for when it is gone"
+            );
+        }
+        other => panic!("a direct Resolve was not refused: {other:?}"),
+    }
+    let (lists, _) = decree_client::heuristics_at_urls(std::slice::from_ref(&p1)).await.unwrap();
+    assert!(lists.iter().all(|l| l.heuristics.is_empty()), "{lists:?}");
+    let (in_doubt, _) = decree_client::in_doubt_at_urls(std::slice::from_ref(&p1)).await.unwrap();
+    assert_eq!(in_doubt.len(), 1, "still in doubt: {in_doubt:?}");
+
+    info!("--- the coordinator is gone: the same Resolve is recorded and applied");
+    cluster.kill(NodeId::Coordinator);
+    decree_client::resolve_at(&p1, &txid, false, "coordinator host lost", "alice").await.unwrap();
+    let (lists, _) = decree_client::heuristics_at_urls(std::slice::from_ref(&p1)).await.unwrap();
+    assert_eq!(lists.iter().map(|l| l.heuristics.len()).sum::<usize>(), 1, "{lists:?}");
+    poll(Duration::from_secs(10), "the branch to be decided by hand", || {
+        let p1 = p1.clone();
+        async move {
+            let (in_doubt, _) = decree_client::in_doubt_at_urls(std::slice::from_ref(&p1)).await.ok()?;
+            in_doubt.is_empty().then_some(())
+        }
+    })
+    .await
+    .unwrap();
 }

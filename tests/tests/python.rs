@@ -106,7 +106,12 @@ async fn a_python_participant_commits_and_aborts_with_the_kv_participant() {
     info!("--- the python participant votes NO: the KV side rolls back");
     let result = client.transact_branches(branches("m2", None, "set color red\nfail\n")).await.unwrap();
     assert_eq!(result.outcome, Outcome::Aborted);
-    assert!(result.reason.contains("the python participant was asked to fail"), "{}", result.reason);
+    assert_eq!(result.reason, "participant py voted NO: the python participant was asked to fail");
+    assert_eq!(
+        result.code,
+        decree_client::Reason::Unspecified,
+        "a participant that predates reason codes sends none"
+    );
     assert_eq!(marker(&client, "m2").await, None);
 
     info!("--- the KV participant votes NO: the python side is told to abort its prepared branch");

@@ -36,6 +36,7 @@ impl Coordinator for UnaryOnly {
             outcome: v1::Outcome::Committed as i32,
             reason: String::new(),
             participants,
+            ..Default::default()
         }))
     }
 

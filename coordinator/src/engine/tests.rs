@@ -23,8 +23,8 @@ fn vote(engine: &mut Engine, txid: TxId, name: &str, vote: VoteResult) -> Vec<Co
     engine.take_commands()
 }
 
-fn aborted(txid: TxId, reason: &str) -> Command {
-    Command::Reply { txid, decided: Decided::Aborted { reason: reason.into() } }
+fn aborted(txid: TxId, code: Reason, reason: &str) -> Command {
+    Command::Reply { txid, decided: Decided::Aborted { code, reason: reason.into() } }
 }
 
 fn committing(t: TxId, names: &[&str]) -> Engine {
@@ -108,13 +108,18 @@ fn one_no_aborts_and_tells_the_yes_voters_and_the_silent() {
     let t = tx(1);
     let mut engine = engine_preparing(t, &["a", "b", "c"]);
     vote(&mut engine, t, "a", VoteResult::Yes);
-    let commands = vote(&mut engine, t, "b", VoteResult::No { reason: "lock conflict".into() });
+    let commands = vote(
+        &mut engine,
+        t,
+        "b",
+        VoteResult::No { code: Reason::LockConflict, reason: "lock conflict".into() },
+    );
     assert_eq!(
         commands,
         vec![
             Command::SendAbort { txid: t, participant: p("a") },
             Command::SendAbort { txid: t, participant: p("c") },
-            aborted(t, "participant b voted NO: lock conflict"),
+            aborted(t, Reason::LockConflict, "participant b voted NO: lock conflict"),
         ]
     );
     assert_eq!(engine.known(t), None);
@@ -123,7 +128,10 @@ fn one_no_aborts_and_tells_the_yes_voters_and_the_silent() {
         vote(&mut engine, t, "c", VoteResult::Yes),
         vec![Command::SendAbort { txid: t, participant: p("c") }]
     );
-    assert_eq!(vote(&mut engine, t, "c", VoteResult::No { reason: "x".into() }), vec![]);
+    assert_eq!(
+        vote(&mut engine, t, "c", VoteResult::No { code: Reason::Unspecified, reason: "x".into() }),
+        vec![]
+    );
 }
 
 #[test]
@@ -136,7 +144,7 @@ fn a_failed_prepare_aborts_with_the_error() {
         vec![
             Command::SendAbort { txid: t, participant: p("a") },
             Command::SendAbort { txid: t, participant: p("b") },
-            aborted(t, "participant a failed to prepare: unreachable"),
+            aborted(t, Reason::ParticipantUnreachable, "participant a failed to prepare: unreachable"),
         ]
     );
 }
@@ -153,7 +161,7 @@ fn the_prepare_deadline_aborts_and_names_the_late() {
             Command::SendAbort { txid: t, participant: p("a") },
             Command::SendAbort { txid: t, participant: p("b") },
             Command::SendAbort { txid: t, participant: p("c") },
-            aborted(t, "prepare timed out waiting for a, c"),
+            aborted(t, Reason::Timeout, "prepare timed out waiting for a, c"),
         ]
     );
 }
@@ -265,7 +273,7 @@ fn a_one_phase_timeout_asks_and_an_acked_abort_means_aborted() {
     engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Aborted }).unwrap();
     assert_eq!(
         engine.take_commands(),
-        vec![aborted(t, "prepare timed out waiting for a; it did not commit")]
+        vec![aborted(t, Reason::Timeout, "prepare timed out waiting for a; it did not commit")]
     );
     assert_eq!(engine.known(t), None);
 }
@@ -324,7 +332,11 @@ fn a_one_phase_outcome_learned_before_its_record_is_durable_is_the_answer() {
         engine.take_commands(),
         vec![
             Command::LogOnePhaseAborted { txid: t },
-            aborted(t, "participant a failed to answer: unreachable; it did not commit"),
+            aborted(
+                t,
+                Reason::ParticipantUnreachable,
+                "participant a failed to answer: unreachable; it did not commit"
+            ),
         ]
     );
     engine.on_event(Event::OnePhaseInDoubtLogged { txid: t }).unwrap();
@@ -385,8 +397,13 @@ fn a_one_phase_no_aborts_without_phase_two() {
     let t = tx(1);
     let mut engine = engine_preparing(t, &["a"]);
     assert_eq!(
-        vote(&mut engine, t, "a", VoteResult::No { reason: "expect failed".into() }),
-        vec![aborted(t, "participant a voted NO: expect failed")]
+        vote(
+            &mut engine,
+            t,
+            "a",
+            VoteResult::No { code: Reason::ValidationFailed, reason: "expect failed".into() }
+        ),
+        vec![aborted(t, Reason::ValidationFailed, "participant a voted NO: expect failed")]
     );
 }
 
@@ -519,12 +536,18 @@ fn interactive_idle_timeout_and_client_abort() {
     engine.on_event(Event::TimerFired { txid: t1, kind: TimerKind::Idle }).unwrap();
     assert_eq!(
         engine.take_commands(),
-        vec![Command::SendAbort { txid: t1, participant: p("a") }, aborted(t1, "idle timeout before commit")]
+        vec![
+            Command::SendAbort { txid: t1, participant: p("a") },
+            aborted(t1, Reason::Timeout, "idle timeout before commit")
+        ]
     );
     engine.on_event(Event::AbortRequested { txid: t2 }).unwrap();
     assert_eq!(
         engine.take_commands(),
-        vec![Command::SendAbort { txid: t2, participant: p("a") }, aborted(t2, "aborted by the client")]
+        vec![
+            Command::SendAbort { txid: t2, participant: p("a") },
+            aborted(t2, Reason::ClientAborted, "aborted by the client")
+        ]
     );
     assert_eq!(engine.on_event(Event::AbortRequested { txid: t2 }), Err(EngineError::NotActive(t2)));
     assert_eq!(

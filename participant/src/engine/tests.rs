@@ -34,8 +34,8 @@ fn prepared(engine: &mut Engine, txid: TxId, names: &[&str]) {
     assert_eq!(commands, vec![Command::Vote { txid, vote: Vote::Yes }]);
 }
 
-fn no(txid: TxId, reason: &str) -> Command {
-    Command::Vote { txid, vote: Vote::No { reason: reason.into() } }
+fn no(txid: TxId, code: Reason, reason: &str) -> Command {
+    Command::Vote { txid, vote: Vote::No { code, reason: reason.into() } }
 }
 
 #[test]
@@ -67,7 +67,7 @@ fn a_conflicting_prepare_votes_no_and_changes_nothing() {
     prepared(&mut engine, t1, &["a"]);
     assert_eq!(
         prepare(&mut engine, t2, &["b", "a"], false),
-        vec![no(t2, &format!("lock conflict on key \"a\" (held by {t1})"))]
+        vec![no(t2, Reason::LockConflict, &format!("lock conflict on key \"a\" (held by {t1})"))]
     );
     assert_eq!(engine.locks(), BTreeMap::from([("a".to_string(), t1)]), "b was not locked");
 }
@@ -83,7 +83,7 @@ fn a_prepare_refused_for_a_conflict_is_aborted_for_good_and_a_repeat_votes_no() 
     assert!(engine.locks().is_empty());
     assert_eq!(
         prepare(&mut engine, t2, &["a"], true),
-        vec![no(t2, "transaction already aborted here")],
+        vec![no(t2, Reason::AlreadyDecided, "transaction already aborted here")],
         "a one-phase Prepare that voted NO must never commit on a later copy, the key free or not"
     );
 }
@@ -148,7 +148,10 @@ fn abort_of_a_prepared_branch_releases_and_acks() {
         event(&mut engine, Event::AbortRequested { txid: t }),
         vec![Command::AckAbort { txid: t, ack: Ack::Done }]
     );
-    assert_eq!(prepare(&mut engine, t, &["a"], false), vec![no(t, "transaction already aborted here")]);
+    assert_eq!(
+        prepare(&mut engine, t, &["a"], false),
+        vec![no(t, Reason::AlreadyDecided, "transaction already aborted here")]
+    );
 }
 
 #[test]
@@ -163,7 +166,10 @@ fn abort_for_an_unknown_txid_leaves_a_tombstone_so_a_late_prepare_votes_no() {
         event(&mut engine, Event::AbortLogged { txid: t }),
         vec![Command::AckAbort { txid: t, ack: Ack::Done }]
     );
-    assert_eq!(prepare(&mut engine, t, &["a"], false), vec![no(t, "transaction already aborted here")]);
+    assert_eq!(
+        prepare(&mut engine, t, &["a"], false),
+        vec![no(t, Reason::AlreadyDecided, "transaction already aborted here")]
+    );
     assert!(engine.locks().is_empty());
 }
 
@@ -207,7 +213,7 @@ fn a_refused_branch_votes_no_and_releases() {
             &mut engine,
             Event::Validated { txid: t, result: Validated::Refused { reason: "expect failed".into() } }
         ),
-        vec![no(t, "expect failed")]
+        vec![no(t, Reason::ValidationFailed, "expect failed")]
     );
     assert!(engine.locks().is_empty());
 }
@@ -262,7 +268,7 @@ fn an_abort_during_a_one_phase_commit_is_answered_committed_once_durable() {
         event(&mut engine, Event::CommitLogged { txid: t }),
         vec![
             Command::Vote { txid: t, vote: Vote::Committed },
-            Command::AckAbort { txid: t, ack: Ack::Refused { reason } }
+            Command::AckAbort { txid: t, ack: Ack::Refused { code: Reason::AlreadyDecided, reason } }
         ]
     );
 }
@@ -279,7 +285,10 @@ fn an_abort_while_preparing_never_becomes_yes() {
     );
     assert_eq!(
         event(&mut engine, Event::Validated { txid: t1, result: Validated::Ready { redo: vec![] } }),
-        vec![Command::LogAbort { txid: t1, prepared: false }, no(t1, "aborted while preparing")]
+        vec![
+            Command::LogAbort { txid: t1, prepared: false },
+            no(t1, Reason::AlreadyDecided, "aborted while preparing")
+        ]
     );
     assert_eq!(engine.outcome(t1), Some(Outcome::Aborted), "a late Prepare will vote NO");
     event(&mut engine, Event::AbortLogged { txid: t1 });
@@ -289,7 +298,10 @@ fn an_abort_while_preparing_never_becomes_yes() {
     event(&mut engine, Event::AbortRequested { txid: t2 });
     assert_eq!(
         event(&mut engine, Event::PreparedLogged { txid: t2, at: Instant::now() }),
-        vec![Command::LogAbort { txid: t2, prepared: true }, no(t2, "aborted while preparing")]
+        vec![
+            Command::LogAbort { txid: t2, prepared: true },
+            no(t2, Reason::AlreadyDecided, "aborted while preparing")
+        ]
     );
     event(&mut engine, Event::AbortLogged { txid: t2 });
     assert!(engine.locks().is_empty());
@@ -302,7 +314,7 @@ fn a_stale_prepare_from_an_older_incarnation_votes_no() {
     let t = tx(1);
     assert_eq!(
         prepare(&mut engine, t, &["a"], false),
-        vec![no(t, "stale Prepare from coordinator incarnation 2 (current is 3)")]
+        vec![no(t, Reason::Stale, "stale Prepare from coordinator incarnation 2 (current is 3)")]
     );
     assert!(engine.locks().is_empty());
 }
@@ -386,7 +398,7 @@ mod lock_wait {
         prepared(&mut engine, young, &["a"]);
         assert_eq!(
             prepare(&mut engine, old, &["a"], false),
-            vec![no(old, &format!("lock conflict on key \"a\" (held by {young})"))]
+            vec![no(old, Reason::LockConflict, &format!("lock conflict on key \"a\" (held by {young})"))]
         );
         assert!(engine.waiting().is_empty());
     }
@@ -399,7 +411,11 @@ mod lock_wait {
         prepare(&mut engine, young, &["a"], false);
         assert_eq!(
             event(&mut engine, Event::LockWaitExpired { txid: young }),
-            vec![no(young, &format!("lock conflict on key \"a\" (held by {old}; waited 100 ms)"))]
+            vec![no(
+                young,
+                Reason::LockConflict,
+                &format!("lock conflict on key \"a\" (held by {old}; waited 100 ms)")
+            )]
         );
         event(&mut engine, Event::AbortRequested { txid: old });
         assert_eq!(
@@ -419,7 +435,11 @@ mod lock_wait {
         assert_eq!(engine.waiting(), vec![w1, w2], "b is free, but w1 (older) waits for it");
         assert_eq!(
             prepare(&mut engine, w0, &["b"], false),
-            vec![no(w0, "lock conflict: an older transaction is waiting for the same keys")],
+            vec![no(
+                w0,
+                Reason::LockConflict,
+                "lock conflict: an older transaction is waiting for the same keys"
+            )],
             "w0 is older than the waiter w1: it may not wait behind it"
         );
         event(&mut engine, Event::AbortRequested { txid: holder });
@@ -442,7 +462,7 @@ mod lock_wait {
         assert_eq!(
             event(&mut engine, Event::AbortRequested { txid: young }),
             vec![
-                no(young, "aborted while waiting for locks"),
+                no(young, Reason::AlreadyDecided, "aborted while waiting for locks"),
                 Command::LogAbort { txid: young, prepared: false }
             ]
         );
@@ -590,6 +610,7 @@ mod interactive {
                 granted(2, &[1], false),
                 Command::WorkRefused {
                     work: 3,
+                    code: Reason::LockConflict,
                     reason: format!("lock conflict on key \"a\" (held by {old})"),
                     aborted: true
                 },
@@ -813,7 +834,7 @@ fn a_message_for_a_forgotten_txid_is_refused_as_stale_never_taken_for_new() {
         )
     };
     // A late Prepare of a forgotten abort: NO, and nothing is locked.
-    assert_eq!(prepare(&mut engine, tx(1), &["a"], false), vec![no(tx(1), &reason(tx(1)))]);
+    assert_eq!(prepare(&mut engine, tx(1), &["a"], false), vec![no(tx(1), Reason::Stale, &reason(tx(1)))]);
     assert!(engine.locks().is_empty());
     // A late interactive Prepare too, and it leaves no tombstone that could lie later.
     let commands = event(
@@ -827,13 +848,16 @@ fn a_message_for_a_forgotten_txid_is_refused_as_stale_never_taken_for_new() {
             interactive: true,
         },
     );
-    assert_eq!(commands, vec![no(tx(2), &reason(tx(2)))]);
+    assert_eq!(commands, vec![no(tx(2), Reason::Stale, &reason(tx(2)))]);
     // Work for it is refused, the branch aborted.
     let commands = event(
         &mut engine,
         Event::WorkRequested { txid: tx(1), work: 7, keys: keys(&["a"]), at: Instant::now() },
     );
-    assert_eq!(commands, vec![Command::WorkRefused { work: 7, reason: reason(tx(1)), aborted: true }]);
+    assert_eq!(
+        commands,
+        vec![Command::WorkRefused { work: 7, code: Reason::Stale, reason: reason(tx(1)), aborted: true }]
+    );
     // An Abort is answered "forgotten": it may have been a one-phase commit, "done" could lie.
     let commands = event(&mut engine, Event::AbortRequested { txid: tx(2) });
     assert_eq!(
@@ -846,7 +870,7 @@ fn a_message_for_a_forgotten_txid_is_refused_as_stale_never_taken_for_new() {
     // Still remembered, and new txids above the horizon, are what they always were.
     assert_eq!(
         prepare(&mut engine, tx(4), &["a"], false),
-        vec![no(tx(4), "transaction already aborted here")]
+        vec![no(tx(4), Reason::AlreadyDecided, "transaction already aborted here")]
     );
     assert_eq!(
         prepare(&mut engine, tx(9), &["a"], false),
@@ -879,9 +903,7 @@ fn a_recovered_horizon_refuses_what_is_below_it() {
     let mut engine = Engine::new();
     event(&mut engine, Event::RecoveredHorizon { horizon: tx(10) });
     let commands = prepare(&mut engine, tx(10), &["a"], false);
-    assert!(
-        matches!(&commands[..], [Command::Vote { vote: Vote::No { reason }, .. }] if reason.contains("stale"))
-    );
+    assert!(matches!(&commands[..], [Command::Vote { vote: Vote::No { code: Reason::Stale, .. }, .. }]));
     assert_eq!(
         prepare(&mut engine, tx(11), &["a"], false),
         vec![Command::Validate { txid: tx(11), payload: vec![9] }]

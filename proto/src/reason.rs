@@ -1,0 +1,111 @@
+//! Why a vote is NO, an ack is refused or a transaction aborted, as the
+//! engines say it; [`v1::Reason`] is its form on the wire.
+
+use crate::v1;
+
+/// A reason's code. The text beside it is for people; this is for code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Not given (an older peer), or not known to this version.
+    Unspecified,
+    LockConflict,
+    ValidationFailed,
+    ParticipantUnreachable,
+    Timeout,
+    ClientAborted,
+    ShuttingDown,
+    AlreadyDecided,
+    Stale,
+    WorkLost,
+    DiskFull,
+    NotPrepared,
+    InProgress,
+}
+
+impl Reason {
+    /// The label metrics and the CLI use: `lock_conflict`, `timeout`, ...
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Unspecified => "other",
+            Reason::LockConflict => "lock_conflict",
+            Reason::ValidationFailed => "validation_failed",
+            Reason::ParticipantUnreachable => "unreachable",
+            Reason::Timeout => "timeout",
+            Reason::ClientAborted => "client",
+            Reason::ShuttingDown => "shutting_down",
+            Reason::AlreadyDecided => "already_decided",
+            Reason::Stale => "stale",
+            Reason::WorkLost => "work_lost",
+            Reason::DiskFull => "disk_full",
+            Reason::NotPrepared => "not_prepared",
+            Reason::InProgress => "in_progress",
+        }
+    }
+}
+
+impl From<Reason> for v1::Reason {
+    fn from(reason: Reason) -> Self {
+        match reason {
+            Reason::Unspecified => v1::Reason::Unspecified,
+            Reason::LockConflict => v1::Reason::LockConflict,
+            Reason::ValidationFailed => v1::Reason::ValidationFailed,
+            Reason::ParticipantUnreachable => v1::Reason::ParticipantUnreachable,
+            Reason::Timeout => v1::Reason::Timeout,
+            Reason::ClientAborted => v1::Reason::ClientAborted,
+            Reason::ShuttingDown => v1::Reason::ShuttingDown,
+            Reason::AlreadyDecided => v1::Reason::AlreadyDecided,
+            Reason::Stale => v1::Reason::Stale,
+            Reason::WorkLost => v1::Reason::WorkLost,
+            Reason::DiskFull => v1::Reason::DiskFull,
+            Reason::NotPrepared => v1::Reason::NotPrepared,
+            Reason::InProgress => v1::Reason::InProgress,
+        }
+    }
+}
+
+impl From<v1::Reason> for Reason {
+    fn from(reason: v1::Reason) -> Self {
+        match reason {
+            v1::Reason::Unspecified => Reason::Unspecified,
+            v1::Reason::LockConflict => Reason::LockConflict,
+            v1::Reason::ValidationFailed => Reason::ValidationFailed,
+            v1::Reason::ParticipantUnreachable => Reason::ParticipantUnreachable,
+            v1::Reason::Timeout => Reason::Timeout,
+            v1::Reason::ClientAborted => Reason::ClientAborted,
+            v1::Reason::ShuttingDown => Reason::ShuttingDown,
+            v1::Reason::AlreadyDecided => Reason::AlreadyDecided,
+            v1::Reason::Stale => Reason::Stale,
+            v1::Reason::WorkLost => Reason::WorkLost,
+            v1::Reason::DiskFull => Reason::DiskFull,
+            v1::Reason::NotPrepared => Reason::NotPrepared,
+            v1::Reason::InProgress => Reason::InProgress,
+        }
+    }
+}
+
+impl Reason {
+    /// The code a wire field carries; a value this version does not know is [`Reason::Unspecified`].
+    pub fn from_wire(code: i32) -> Reason {
+        v1::Reason::try_from(code).map(Reason::from).unwrap_or(Reason::Unspecified)
+    }
+
+    pub fn to_wire(self) -> i32 {
+        v1::Reason::from(self) as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_round_trips_and_unknown_ones_are_unspecified() {
+        for code in 1..=12 {
+            let reason = Reason::from_wire(code);
+            assert_ne!(reason, Reason::Unspecified, "{code} has no domain reason");
+            assert_eq!(reason.to_wire(), code);
+        }
+        assert_eq!(Reason::from_wire(0), Reason::Unspecified);
+        assert_eq!(Reason::from_wire(999), Reason::Unspecified, "a code from a newer peer");
+    }
+}
