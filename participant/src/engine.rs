@@ -26,13 +26,26 @@
 //! - decided txids are remembered within a bound (count and age, see
 //!   [`tombstones`]); a txid below what was forgotten is refused as stale, never
 //!   taken for new, and an Abort for it is answered "forgotten", never "done".
+//!
+//! Its parts, one job each: `locks` (the lock table and the wait rule: pure
+//! bookkeeping, no commands), `waits` (what becomes of a request that
+//! conflicts), `interactive` (work under a txid before its Prepare),
+//! `heuristics` (decisions by hand), [`tombstones`] (decided txids, within a
+//! bound); this file holds the branch states and phases one and two.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use decree_proto::{Reason, TxId};
 
+mod heuristics;
+mod interactive;
+mod locks;
 mod tombstones;
+mod waits;
+
+pub use locks::{may_wait_for, LockEntry, LockStats};
+use locks::{LockTable, Waiter, Wanted};
 
 pub use tombstones::Retention as TombstoneRetention;
 
@@ -343,47 +356,6 @@ impl Branch {
     }
 }
 
-/// What a lock waiter wants to do once it has its keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Wanted {
-    Prepare { payload: Vec<u8>, one_phase: bool },
-    Work { work: u64, first: bool },
-}
-
-/// A lock request waiting for its keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Waiter {
-    keys: Vec<String>,
-    wanted: Wanted,
-}
-
-impl Waiter {
-    fn is_work(&self) -> bool {
-        matches!(self.wanted, Wanted::Work { .. })
-    }
-}
-
-/// One locked key: its holder, the holder's state, and who waits for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockEntry {
-    pub key: String,
-    pub holder: TxId,
-    pub state: &'static str,
-    /// Oldest first.
-    pub waiters: Vec<TxId>,
-}
-
-/// Counters of the lock table since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LockStats {
-    /// Requests that waited for a lock.
-    pub waits: u64,
-    /// Waits that ran out (the request was refused).
-    pub wait_timeouts: u64,
-    /// Requests refused at once, or waiters that had to die, by the wait rule.
-    pub conflicts: u64,
-}
-
 /// A prepared branch awaiting its decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InDoubt {
@@ -395,19 +367,13 @@ pub struct InDoubt {
 #[derive(Debug, Default)]
 pub struct Engine {
     branches: HashMap<TxId, Branch>,
-    locks: HashMap<String, TxId>,
-    /// Prepares waiting for locks, oldest first.
-    waiting: BTreeMap<TxId, Waiter>,
-    lock_wait: Duration,
-    /// Reads waiting for their keys to be unlocked.
-    readers: BTreeMap<u64, Vec<String>>,
-    read_wait: Duration,
+    /// Who holds and who waits for which key.
+    locks: LockTable,
     tombstones: tombstones::Tombstones,
     coordinator_incarnation: u64,
     /// Heuristic decisions: commit or abort, and whether the coordinator's
     /// outcome has been compared with them.
     heuristics: HashMap<TxId, (bool, bool)>,
-    stats: LockStats,
     commands: Vec<Command>,
 }
 
@@ -420,7 +386,7 @@ impl Engine {
     /// An engine whose conflicting Prepares may wait up to `lock_wait`, and
     /// whose reads of locked keys up to `read_wait`.
     pub fn with_waits(lock_wait: Duration, read_wait: Duration) -> Self {
-        Engine { lock_wait, read_wait, ..Engine::default() }
+        Engine { locks: LockTable::new(lock_wait, read_wait), ..Engine::default() }
     }
 
     /// The engine, remembering decided txids within `retention`.
@@ -430,7 +396,7 @@ impl Engine {
 
     /// True if `txid` has a branch here (active, preparing, prepared or being decided).
     pub fn knows(&self, txid: TxId) -> bool {
-        self.branches.contains_key(&txid) || self.waiting.contains_key(&txid)
+        self.branches.contains_key(&txid) || self.locks.waiter(txid).is_some()
     }
 
     /// Decided txids remembered now.
@@ -440,7 +406,7 @@ impl Engine {
 
     /// Prepares waiting for locks, oldest first.
     pub fn waiting(&self) -> Vec<TxId> {
-        self.waiting.keys().copied().collect()
+        self.locks.waiting()
     }
 
     pub fn take_commands(&mut self) -> Vec<Command> {
@@ -465,76 +431,16 @@ impl Engine {
 
     /// Locked keys and their holders, in key order.
     pub fn locks(&self) -> BTreeMap<String, TxId> {
-        self.locks.iter().map(|(k, t)| (k.clone(), *t)).collect()
+        self.locks.holders()
     }
 
     /// The lock table: every locked key, its holder and its waiters, in key order.
     pub fn lock_table(&self) -> Vec<LockEntry> {
-        let mut table: Vec<LockEntry> = self
-            .locks
-            .iter()
-            .map(|(key, holder)| LockEntry {
-                key: key.clone(),
-                holder: *holder,
-                state: self.branches.get(holder).map_or("unknown", Branch::state),
-                waiters: self
-                    .waiting
-                    .iter()
-                    .filter(|(_, w)| w.keys.contains(key))
-                    .map(|(txid, _)| *txid)
-                    .collect(),
-            })
-            .collect();
-        table.sort_by(|a, b| a.key.cmp(&b.key));
-        table
+        self.locks.table(|holder| self.branches.get(&holder).map_or("unknown", Branch::state))
     }
 
     pub fn lock_stats(&self) -> LockStats {
-        self.stats
-    }
-
-    /// Heuristically decided txids whose coordinator outcome is not known yet.
-    pub fn unsettled_heuristics(&self) -> Vec<TxId> {
-        let mut out: Vec<TxId> =
-            self.heuristics.iter().filter(|(_, (_, settled))| !settled).map(|(t, _)| *t).collect();
-        out.sort();
-        out
-    }
-
-    /// Compares the coordinator's outcome with a heuristic decision of `txid`,
-    /// once. Returns true if there was one (the caller then acks without
-    /// refusing: the coordinator cannot undo it, the operator must).
-    fn settle_heuristic(&mut self, txid: TxId, coordinator: Outcome) -> bool {
-        let Some((commit, settled)) = self.heuristics.get_mut(&txid) else { return false };
-        if !*settled {
-            *settled = true;
-            let contradicted = *commit != (coordinator == Outcome::Committed);
-            self.commands.push(Command::HeuristicOutcome { txid, coordinator, contradicted });
-        }
-        true
-    }
-
-    fn on_heuristic(&mut self, txid: TxId, commit: bool, op: u64) {
-        let refused = match self.branches.get(&txid) {
-            Some(Branch::Prepared { .. }) if !self.heuristics.contains_key(&txid) => None,
-            Some(Branch::Prepared { .. }) => {
-                Some(format!("transaction {txid} is being decided by hand already"))
-            }
-            Some(_) => Some(format!("transaction {txid} is not in doubt here: it is being decided")),
-            None => Some(match self.tombstones.get(&txid) {
-                Some(Outcome::Committed) => format!("transaction {txid} is committed here already"),
-                Some(Outcome::Aborted) => format!("transaction {txid} is aborted here already"),
-                None => format!("transaction {txid} is not in doubt here"),
-            }),
-        };
-        match refused {
-            None => {
-                // Recorded before it is applied: the record is the audit trail.
-                self.heuristics.insert(txid, (commit, false));
-                self.commands.push(Command::LogHeuristic { txid, commit, op });
-            }
-            Some(reason) => self.commands.push(Command::HeuristicAnswer { op, refused: Some(reason) }),
-        }
+        self.locks.stats
     }
 
     pub fn outcome(&self, txid: TxId) -> Option<Outcome> {
@@ -650,35 +556,33 @@ impl Engine {
                 self.commands.push(Command::AckAbort { txid, ack: Ack::Done });
             }
             Event::Recovered { txid, keys, redo, at } => {
-                for key in &keys {
-                    // Two prepared branches never hold one key: prepare takes the lock first.
-                    let holder = self.locks.insert(key.clone(), txid);
-                    assert!(holder.is_none() || holder == Some(txid), "key {key:?} recovered locked twice");
+                // Two prepared branches never hold one key: prepare takes the lock first.
+                if let Some((key, other)) = self.locks.take(txid, &keys) {
+                    panic!("key {key:?} recovered locked by {other} and {txid}");
                 }
                 self.branches.insert(txid, Branch::Prepared { keys, redo, since: at });
             }
             Event::RecoveredTombstone { txid, outcome } => self.remember(txid, outcome),
             Event::ReadRequested { read, keys } => {
-                if self.read_wait.is_zero() || keys.iter().all(|k| !self.locks.contains_key(k)) {
+                if self.locks.read(read, keys) {
                     self.commands.push(Command::Read { read });
                 } else {
-                    self.readers.insert(read, keys);
-                    self.commands.push(Command::ArmReadWait { read, after: self.read_wait });
+                    self.commands.push(Command::ArmReadWait { read, after: self.locks.read_wait });
                 }
             }
             Event::ReadWaitExpired { read } => {
                 // Still locked (a branch in doubt): read what is committed here.
-                if self.readers.remove(&read).is_some() {
+                if self.locks.read_expired(read) {
                     self.commands.push(Command::Read { read });
                 }
             }
             Event::LockWaitExpired { txid } => {
-                if let Some(waiter) = self.waiting.remove(&txid) {
-                    self.stats.wait_timeouts += 1;
-                    let reason = match self.conflict(txid, &waiter.keys) {
+                if let Some(waiter) = self.locks.dequeue(txid) {
+                    self.locks.stats.wait_timeouts += 1;
+                    let reason = match self.locks.conflict(txid, &waiter.keys) {
                         Some((key, holder)) => format!(
                             "lock conflict on key {key:?} (held by {holder}; waited {} ms)",
-                            self.lock_wait.as_millis()
+                            self.locks.lock_wait.as_millis()
                         ),
                         None => "lock wait expired".into(),
                     };
@@ -690,299 +594,11 @@ impl Engine {
         }
     }
 
-    /// The first of `keys` locked by another transaction, and its holder.
-    fn conflict(&self, txid: TxId, keys: &[String]) -> Option<(String, TxId)> {
-        keys.iter().find_map(|k| self.locks.get(k).filter(|h| **h != txid).map(|h| (k.clone(), *h)))
-    }
-
-    /// The wait rule, one edge at a time: may `txid` (asking for interactive
-    /// `work`, or a one-shot Prepare) wait for `other` (which is interactive
-    /// work: an active branch or a work waiter, or else a branch that is
-    /// preparing or decided, or a waiting Prepare)?
-    ///
-    /// No cycle of waits can form. Waits among interactive work go from older
-    /// to younger (wait-die). Waits among one-shot Prepares and branches in
-    /// phase one or two go from younger to older. Interactive work may wait
-    /// for a preparing branch, but a one-shot Prepare never waits for
-    /// interactive work: so a chain of waits that leaves interactive work never
-    /// comes back to it, and each of the two kinds of chain is ordered by age.
-    /// (A branch past Prepare takes no further locks anywhere, as its keys are
-    /// taken whole at Prepare, or were taken by its work before it.)
-    pub fn may_wait_for(txid: TxId, work: bool, other: TxId, other_is_work: bool) -> bool {
-        match (work, other_is_work) {
-            (true, true) => txid < other,
-            (true, false) => true,
-            (false, true) => false,
-            (false, false) => txid > other,
-        }
-    }
-
-    /// Conflicting holders of `keys` and waiters for them (older waiters only
-    /// if `older_waiters_only`), each with whether it is interactive work.
-    fn blockers(&self, txid: TxId, keys: &[String], older_waiters_only: bool) -> Vec<(TxId, bool)> {
-        let holders = keys
-            .iter()
-            .filter_map(|k| self.locks.get(k))
-            .filter(|h| **h != txid)
-            .map(|h| (*h, matches!(self.branches.get(h), Some(Branch::Active { .. }))));
-        let waiters = self
-            .waiting
-            .iter()
-            .filter(|(w, waiter)| {
-                **w != txid
-                    && (!older_waiters_only || **w < txid)
-                    && waiter.keys.iter().any(|k| keys.contains(k))
-            })
-            .map(|(w, waiter)| (*w, waiter.is_work()));
-        holders.chain(waiters).collect()
-    }
-
-    /// True if `txid` may wait for every holder and waiter in its way.
-    fn may_wait(&self, txid: TxId, keys: &[String], work: bool) -> bool {
-        self.blockers(txid, keys, false)
-            .into_iter()
-            .all(|(other, is_work)| Engine::may_wait_for(txid, work, other, is_work))
-    }
-
-    /// Queues a lock request, or refuses it if it may not wait.
-    fn wait_or_refuse(&mut self, txid: TxId, waiter: Waiter, reason: String) {
-        if !self.lock_wait.is_zero() && self.may_wait(txid, &waiter.keys, waiter.is_work()) {
-            self.stats.waits += 1;
-            self.waiting.insert(txid, waiter);
-            self.commands.push(Command::ArmLockWait { txid, after: self.lock_wait });
-            // An older work waiter goes first: younger work waiting for the same keys dies.
-            self.settle_waiters();
-        } else {
-            self.stats.conflicts += 1;
-            self.refuse_waiter(txid, waiter, reason);
-        }
-    }
-
-    /// Answers a lock request that will not be granted. Work loses its branch:
-    /// a transaction that dies releases its locks, so the older one it was in
-    /// the way of can go on.
-    fn refuse_waiter(&mut self, txid: TxId, waiter: Waiter, reason: String) {
-        match waiter.wanted {
-            Wanted::Prepare { .. } => {
-                // NO means aborted: remembered, so that a late or repeated
-                // Prepare of it votes NO too, never commits. (A restart drops
-                // the connections a stale copy could come on.)
-                self.remember(txid, Outcome::Aborted);
-                self.commands
-                    .push(Command::Vote { txid, vote: Vote::No { code: Reason::LockConflict, reason } });
-            }
-            Wanted::Work { work, .. } => {
-                self.abort_active(txid);
-                self.commands.push(Command::WorkRefused {
-                    work,
-                    code: Reason::LockConflict,
-                    reason,
-                    aborted: true,
-                });
-            }
-        }
-    }
-
-    /// Aborts an interactive branch before Prepare: releases its locks and
-    /// remembers the abort, so its Prepare votes NO.
-    fn abort_active(&mut self, txid: TxId) {
-        if let Some(branch @ Branch::Active { .. }) = self.branches.remove(&txid) {
-            self.commands.push(Command::LogAbort { txid, prepared: false });
-            self.remember(txid, Outcome::Aborted);
-            self.release(txid, branch.keys());
-        }
-    }
-
     /// Takes the locks of `keys` and starts validating.
     fn start_validating(&mut self, txid: TxId, keys: Vec<String>, payload: Vec<u8>, one_phase: bool) {
-        for key in &keys {
-            self.locks.insert(key.clone(), txid);
-        }
+        self.locks.take(txid, &keys);
         self.branches.insert(txid, Branch::Validating { keys, one_phase, abort_requested: false });
         self.commands.push(Command::Validate { txid, payload });
-    }
-
-    /// Grants waiting Prepares whose keys are all free, oldest first. A waiter
-    /// never overtakes an older waiter that wants one of its keys.
-    fn grant_waiters(&mut self) {
-        let mut blocked: Vec<String> = Vec::new();
-        let mut granted = Vec::new();
-        for (txid, waiter) in &self.waiting {
-            let free = self.conflict(*txid, &waiter.keys).is_none()
-                && !waiter.keys.iter().any(|k| blocked.contains(k));
-            if free {
-                granted.push(*txid);
-            }
-            // Granted or not, its keys are spoken for ahead of younger waiters.
-            blocked.extend(waiter.keys.iter().cloned());
-        }
-        for txid in granted {
-            let Waiter { keys, wanted } = self.waiting.remove(&txid).expect("listed above");
-            match wanted {
-                Wanted::Prepare { payload, one_phase } => {
-                    self.start_validating(txid, keys, payload, one_phase)
-                }
-                Wanted::Work { work, first } => self.grant_work(txid, work, first, keys),
-            }
-        }
-    }
-
-    /// Grants what can be granted, then refuses waiters that the new holders
-    /// and the waiters ahead of them no longer allow to wait (wait-die: a
-    /// younger work waiter behind older interactive work dies), until stable.
-    fn settle_waiters(&mut self) {
-        loop {
-            self.grant_waiters();
-            let dying: Vec<TxId> = self
-                .waiting
-                .iter()
-                .filter(|(txid, waiter)| {
-                    !self.blockers(**txid, &waiter.keys, true).into_iter().all(|(other, is_work)| {
-                        Engine::may_wait_for(**txid, waiter.is_work(), other, is_work)
-                    })
-                })
-                .map(|(txid, _)| *txid)
-                .collect();
-            if dying.is_empty() {
-                return;
-            }
-            for txid in dying {
-                if let Some(waiter) = self.waiting.remove(&txid) {
-                    self.stats.conflicts += 1;
-                    let reason =
-                        "lock conflict: an older transaction wants the same keys (wait-die)".to_owned();
-                    self.refuse_waiter(txid, waiter, reason);
-                }
-            }
-        }
-    }
-
-    /// Locks `keys` for the active branch `txid` and lets its work run.
-    fn grant_work(&mut self, txid: TxId, work: u64, first: bool, keys: Vec<String>) {
-        for key in &keys {
-            self.locks.insert(key.clone(), txid);
-        }
-        match self.branches.get_mut(&txid) {
-            Some(Branch::Active { keys: held, work: so_far, .. }) => {
-                held.extend(keys);
-                let so_far = so_far.clone();
-                self.commands.push(Command::WorkGranted { work, so_far, first });
-            }
-            _ => unreachable!("work is granted only to an active branch"),
-        }
-    }
-
-    fn on_work(&mut self, txid: TxId, work: u64, keys: Vec<String>, at: Instant) {
-        let refuse = |code: Reason, reason: String, aborted: bool| Command::WorkRefused {
-            work,
-            code,
-            reason,
-            aborted,
-        };
-        if let Some(outcome) = self.tombstones.get(&txid) {
-            let done = if *outcome == Outcome::Aborted { "aborted" } else { "committed" };
-            let reason = format!("transaction {txid} was {done} here");
-            self.commands.push(refuse(Reason::AlreadyDecided, reason, *outcome == Outcome::Aborted));
-            return;
-        }
-        if let (Some(horizon), false) = (self.tombstones.forgotten(txid), self.branches.contains_key(&txid)) {
-            self.commands.push(refuse(Reason::Stale, forgotten(txid, horizon), true));
-            return;
-        }
-        if txid.incarnation < self.coordinator_incarnation {
-            let reason = format!("transaction {txid} is from an earlier coordinator incarnation");
-            self.commands.push(refuse(Reason::Stale, reason, true));
-            return;
-        }
-        if self.waiting.contains_key(&txid) {
-            // Its Prepare (or other work) waits for locks: one request at a time.
-            let reason = "another request of this transaction is waiting for locks here".into();
-            self.commands.push(refuse(Reason::InProgress, reason, false));
-            return;
-        }
-        let first = !self.branches.contains_key(&txid);
-        match self.branches.get_mut(&txid) {
-            None => {
-                let branch = Branch::Active { keys: Vec::new(), work: Vec::new(), busy: true, touched: at };
-                self.branches.insert(txid, branch);
-            }
-            Some(Branch::Active { busy: busy @ false, touched, .. }) => (*busy, *touched) = (true, at),
-            Some(Branch::Active { busy: true, .. }) => {
-                let reason = "other work of this transaction is running here: one request at a time".into();
-                self.commands.push(refuse(Reason::InProgress, reason, false));
-                return;
-            }
-            Some(_) => {
-                self.commands.push(refuse(
-                    Reason::AlreadyDecided,
-                    format!("transaction {txid} is committing here"),
-                    false,
-                ));
-                return;
-            }
-        }
-        let held = self.branches.get(&txid).map(|b| b.keys().to_vec()).unwrap_or_default();
-        let mut wanted: Vec<String> = keys.into_iter().filter(|k| !held.contains(k)).collect();
-        wanted.sort();
-        wanted.dedup();
-        let queued = self.waiting.values().any(|w| w.keys.iter().any(|k| wanted.contains(k)));
-        match self.conflict(txid, &wanted) {
-            None if !queued => self.grant_work(txid, work, first, wanted),
-            conflict => {
-                let reason = match conflict {
-                    Some((key, holder)) => format!("lock conflict on key {key:?} (held by {holder})"),
-                    None => "lock conflict: another transaction is waiting for the same keys".to_owned(),
-                };
-                self.wait_or_refuse(
-                    txid,
-                    Waiter { keys: wanted, wanted: Wanted::Work { work, first } },
-                    reason,
-                );
-            }
-        }
-    }
-
-    fn on_interactive_prepare(&mut self, txid: TxId, one_phase: bool, incarnation: u64) {
-        let no = |code: Reason, reason: String| Command::Vote { txid, vote: Vote::No { code, reason } };
-        match self.branches.remove(&txid) {
-            Some(Branch::Active { keys, work, busy: false, .. })
-                if incarnation >= self.coordinator_incarnation =>
-            {
-                self.start_validating(txid, keys, work, one_phase);
-            }
-            Some(branch @ Branch::Active { busy: true, .. }) => {
-                self.branches.insert(txid, branch);
-                self.commands
-                    .push(no(Reason::InProgress, "work of this transaction is still running here".into()));
-            }
-            Some(Branch::Active { .. }) => {
-                self.abort_active(txid);
-                self.commands.push(no(
-                    Reason::Stale,
-                    format!("stale Prepare from coordinator incarnation {incarnation}"),
-                ));
-            }
-            Some(other) => {
-                self.branches.insert(txid, other);
-                // Already preparing or decided: answer like a repeated one-shot Prepare.
-                self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation);
-            }
-            None => match self.tombstones.get(&txid) {
-                Some(_) => self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation),
-                // Decided long ago and forgotten: stale. Remember nothing (it may have committed).
-                None if self.tombstones.forgotten(txid).is_some() => {
-                    self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation)
-                }
-                None => {
-                    // The work is gone (lost in a restart): it must not commit without it.
-                    self.remember(txid, Outcome::Aborted);
-                    self.commands.push(no(
-                        Reason::WorkLost,
-                        "no work of this transaction here (lost in a restart, or timed out)".into(),
-                    ));
-                }
-            },
-        }
     }
 
     fn on_prepare(
@@ -1038,7 +654,7 @@ impl Engine {
             ));
             return;
         }
-        match self.waiting.get(&txid) {
+        match self.locks.waiter(txid) {
             Some(waiter) if waiter.is_work() => {
                 self.commands.push(no(
                     Reason::InProgress,
@@ -1049,7 +665,7 @@ impl Engine {
             Some(_) => return, // a repeated Prepare: the waiting one's vote answers both
             None => {}
         }
-        if let Some((key, holder)) = self.conflict(txid, &keys) {
+        if let Some((key, holder)) = self.locks.conflict(txid, &keys) {
             let reason = format!("lock conflict on key {key:?} (held by {holder})");
             self.wait_or_refuse(
                 txid,
@@ -1058,7 +674,7 @@ impl Engine {
             );
             return;
         }
-        if self.waiting.values().any(|w| w.keys.iter().any(|k| keys.contains(k))) {
+        if self.locks.queued_for(&keys) {
             // The keys are free, but an older Prepare queues for one of them:
             // do not overtake it.
             let reason = "lock conflict: an older transaction is waiting for the same keys".to_owned();
@@ -1163,7 +779,7 @@ impl Engine {
 
     /// Abort from the coordinator (`ack` set) or learned by asking it.
     fn on_abort(&mut self, txid: TxId, ack: bool) {
-        if let Some(waiter) = self.waiting.remove(&txid) {
+        if let Some(waiter) = self.locks.dequeue(txid) {
             // Its request never took a lock: answer it, and remember the abort below.
             match waiter.wanted {
                 Wanted::Prepare { .. } => {
@@ -1242,25 +858,12 @@ impl Engine {
     }
 
     fn release(&mut self, txid: TxId, keys: &[String]) {
-        for key in keys {
-            if self.locks.get(key) == Some(&txid) {
-                self.locks.remove(key);
-            }
-        }
-        if !self.waiting.is_empty() {
+        self.locks.release(txid, keys);
+        if self.locks.has_waiters() {
             self.settle_waiters();
         }
-        if !self.readers.is_empty() {
-            let ready: Vec<u64> = self
-                .readers
-                .iter()
-                .filter(|(_, keys)| keys.iter().all(|k| !self.locks.contains_key(k)))
-                .map(|(read, _)| *read)
-                .collect();
-            for read in ready {
-                self.readers.remove(&read);
-                self.commands.push(Command::Read { read });
-            }
+        for read in self.locks.ready_reads() {
+            self.commands.push(Command::Read { read });
         }
     }
 

@@ -1,0 +1,148 @@
+//! Interactive work (Kv.Execute under a txid): the branch starts with its
+//! first work, locks what each work touches until the decision, buffers its
+//! writes, and is prepared from that work at Commit.
+
+use std::time::Instant;
+
+use decree_proto::{Reason, TxId};
+
+use super::locks::{Waiter, Wanted};
+use super::{forgotten, Branch, Command, Engine, Outcome, Vote};
+
+impl Engine {
+    /// Aborts an interactive branch before Prepare: releases its locks and
+    /// remembers the abort, so its Prepare votes NO.
+    pub(super) fn abort_active(&mut self, txid: TxId) {
+        if let Some(branch @ Branch::Active { .. }) = self.branches.remove(&txid) {
+            self.commands.push(Command::LogAbort { txid, prepared: false });
+            self.remember(txid, Outcome::Aborted);
+            self.release(txid, branch.keys());
+        }
+    }
+
+    /// Locks `keys` for the active branch `txid` and lets its work run.
+    pub(super) fn grant_work(&mut self, txid: TxId, work: u64, first: bool, keys: Vec<String>) {
+        self.locks.take(txid, &keys);
+        match self.branches.get_mut(&txid) {
+            Some(Branch::Active { keys: held, work: so_far, .. }) => {
+                held.extend(keys);
+                let so_far = so_far.clone();
+                self.commands.push(Command::WorkGranted { work, so_far, first });
+            }
+            _ => unreachable!("work is granted only to an active branch"),
+        }
+    }
+
+    pub(super) fn on_work(&mut self, txid: TxId, work: u64, keys: Vec<String>, at: Instant) {
+        let refuse = |code: Reason, reason: String, aborted: bool| Command::WorkRefused {
+            work,
+            code,
+            reason,
+            aborted,
+        };
+        if let Some(outcome) = self.tombstones.get(&txid) {
+            let done = if *outcome == Outcome::Aborted { "aborted" } else { "committed" };
+            let reason = format!("transaction {txid} was {done} here");
+            self.commands.push(refuse(Reason::AlreadyDecided, reason, *outcome == Outcome::Aborted));
+            return;
+        }
+        if let (Some(horizon), false) = (self.tombstones.forgotten(txid), self.branches.contains_key(&txid)) {
+            self.commands.push(refuse(Reason::Stale, forgotten(txid, horizon), true));
+            return;
+        }
+        if txid.incarnation < self.coordinator_incarnation {
+            let reason = format!("transaction {txid} is from an earlier coordinator incarnation");
+            self.commands.push(refuse(Reason::Stale, reason, true));
+            return;
+        }
+        if self.locks.waiter(txid).is_some() {
+            // Its Prepare (or other work) waits for locks: one request at a time.
+            let reason = "another request of this transaction is waiting for locks here".into();
+            self.commands.push(refuse(Reason::InProgress, reason, false));
+            return;
+        }
+        let first = !self.branches.contains_key(&txid);
+        match self.branches.get_mut(&txid) {
+            None => {
+                let branch = Branch::Active { keys: Vec::new(), work: Vec::new(), busy: true, touched: at };
+                self.branches.insert(txid, branch);
+            }
+            Some(Branch::Active { busy: busy @ false, touched, .. }) => (*busy, *touched) = (true, at),
+            Some(Branch::Active { busy: true, .. }) => {
+                let reason = "other work of this transaction is running here: one request at a time".into();
+                self.commands.push(refuse(Reason::InProgress, reason, false));
+                return;
+            }
+            Some(_) => {
+                self.commands.push(refuse(
+                    Reason::AlreadyDecided,
+                    format!("transaction {txid} is committing here"),
+                    false,
+                ));
+                return;
+            }
+        }
+        let held = self.branches.get(&txid).map(|b| b.keys().to_vec()).unwrap_or_default();
+        let mut wanted: Vec<String> = keys.into_iter().filter(|k| !held.contains(k)).collect();
+        wanted.sort();
+        wanted.dedup();
+        let queued = self.locks.queued_for(&wanted);
+        match self.locks.conflict(txid, &wanted) {
+            None if !queued => self.grant_work(txid, work, first, wanted),
+            conflict => {
+                let reason = match conflict {
+                    Some((key, holder)) => format!("lock conflict on key {key:?} (held by {holder})"),
+                    None => "lock conflict: another transaction is waiting for the same keys".to_owned(),
+                };
+                self.wait_or_refuse(
+                    txid,
+                    Waiter { keys: wanted, wanted: Wanted::Work { work, first } },
+                    reason,
+                );
+            }
+        }
+    }
+
+    pub(super) fn on_interactive_prepare(&mut self, txid: TxId, one_phase: bool, incarnation: u64) {
+        let no = |code: Reason, reason: String| Command::Vote { txid, vote: Vote::No { code, reason } };
+        match self.branches.remove(&txid) {
+            Some(Branch::Active { keys, work, busy: false, .. })
+                if incarnation >= self.coordinator_incarnation =>
+            {
+                self.start_validating(txid, keys, work, one_phase);
+            }
+            Some(branch @ Branch::Active { busy: true, .. }) => {
+                self.branches.insert(txid, branch);
+                self.commands
+                    .push(no(Reason::InProgress, "work of this transaction is still running here".into()));
+            }
+            Some(Branch::Active { .. }) => {
+                self.abort_active(txid);
+                self.commands.push(no(
+                    Reason::Stale,
+                    format!("stale Prepare from coordinator incarnation {incarnation}"),
+                ));
+            }
+            Some(other) => {
+                self.branches.insert(txid, other);
+                // Already preparing or decided: answer like a repeated one-shot Prepare.
+                self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation);
+            }
+            None => match self.tombstones.get(&txid) {
+                Some(_) => self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation),
+                // Decided long ago and forgotten: stale. Remember nothing (it may have committed).
+                None if self.tombstones.forgotten(txid).is_some() => {
+                    self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation)
+                }
+                None => {
+                    // The work is gone (lost in a restart): it must not commit without it.
+                    self.remember(txid, Outcome::Aborted);
+                    self.commands.push(no(
+                        Reason::WorkLost,
+                        "no work of this transaction here (lost in a restart, or timed out)".into(),
+                    ));
+                }
+            },
+        }
+    }
+}
