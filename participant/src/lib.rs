@@ -224,7 +224,11 @@ async fn serve_with(
         disk,
     );
     let (incarnation, learned_incarnation) = tokio::sync::watch::channel(0);
-    tokio::spawn(runtime::resolve_in_doubt(
+    // Background work lives as long as the server: when this function returns,
+    // dropping the set aborts it, and with it the last handles to the actor,
+    // which then ends and closes the log. Nothing is left running.
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(runtime::resolve_in_doubt(
         handle.clone(),
         CoordinatorClient::new(coordinator_channel.clone()),
         recovered,
@@ -232,7 +236,7 @@ async fn serve_with(
         config.resolve_interval(),
         learned_incarnation,
     ));
-    tokio::spawn(runtime::stay_enrolled(
+    background.spawn(runtime::stay_enrolled(
         handle.clone(),
         RegistryClient::new(coordinator_channel.clone()),
         config.name.clone(),
@@ -279,6 +283,7 @@ async fn serve_with(
         .add_routes(routes)
         .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), graceful)
         .await?;
+    background.shutdown().await;
     Ok(())
 }
 
@@ -330,4 +335,55 @@ pub async fn run(config: Config) -> i32 {
         |listener| serve(config, listener, decree_runtime::serve::shutdown_signal()),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A participant whose `serve` returned leaves nothing running: its
+    /// enrollment loop, resolver and actor are gone, so the log it held is
+    /// closed and the data directory opens again (it would stay locked if
+    /// anything still held the log).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_returns_leaves_nothing_running() {
+        let dir = tempfile::tempdir().unwrap();
+        // No coordinator listens there: the enrollment loop keeps retrying while the server runs.
+        let config = Config::new(dir.path().to_owned(), "http://127.0.0.1:9".into(), "p1".into());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(config, listener, async {
+            let _ = stopped.await;
+        }));
+        // Serving once it answers (its log is open by then).
+        let url = format!("http://{address}");
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let answered = match decree_proto::v1::participant_client::ParticipantClient::connect(url.clone())
+                .await
+            {
+                Ok(mut client) => client.list_in_doubt(decree_proto::v1::ListInDoubtRequest {}).await.is_ok(),
+                Err(_) => false,
+            };
+            if answered {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the participant never served");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(Log::open(dir.path()).is_err(), "the serving participant holds its log");
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Log::open(dir.path()) {
+                Ok(_) => break,
+                Err(err) => {
+                    assert!(Instant::now() < deadline, "the log is still held after serve returned: {err}")
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
