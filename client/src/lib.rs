@@ -144,6 +144,10 @@ pub struct TxnResult {
 
 impl TxnResult {
     fn from_wire(response: v1::TransactResponse) -> Result<TxnResult, ClientError> {
+        if response.outcome == v1::Outcome::Pending as i32 {
+            // Not known yet: the coordinator keeps asking; GetOutcome tells later.
+            return Err(ClientError::OutcomeUnknown { txid: response.txid, reason: response.reason });
+        }
         Ok(TxnResult {
             txid: response.txid,
             outcome: Outcome::from_wire(response.outcome)?,
@@ -280,7 +284,7 @@ impl Client {
 
     /// Runs a transaction over explicit branches (any participant's payloads).
     pub async fn transact_branches(&self, branches: Vec<v1::Branch>) -> Result<TxnResult, ClientError> {
-        let request = v1::TransactRequest { branches, timeout_ms: 0 };
+        let request = v1::TransactRequest { branches, timeout_ms: 0, pending_outcome: true };
         let response = self.transactions.transact(request).await.map_err(decided_error)?;
         TxnResult::from_wire(response)
     }

@@ -161,7 +161,7 @@ impl Transaction {
             .client
             .coordinator
             .clone()
-            .commit(v1::CommitTransactionRequest { txid: self.txid.clone() })
+            .commit(v1::CommitTransactionRequest { txid: self.txid.clone(), pending_outcome: true })
             .await
             .map_err(decided_error)?
             .into_inner();

@@ -39,7 +39,7 @@ impl Service {
         let branches = self.branches(request.branches)?;
         let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
         let (txid, decided) = self.handle.transact(branches, timeout, span).await?;
-        decided_response(txid, decided, participants)
+        decided_response(txid, decided, participants, request.pending_outcome)
     }
 
     fn timeout(&self, ms: u32, default: Duration) -> Duration {
@@ -89,16 +89,21 @@ fn txid(text: &str) -> Result<TxId, CoordinatorError> {
     Ok(text.parse::<TxId>()?)
 }
 
-/// The response for a decided transaction; an unknown outcome is the gRPC
-/// status UNKNOWN, never a guess.
+/// The response for a decided transaction. An unknown outcome is never a
+/// guess: outcome PENDING with the reason for a client that reads it
+/// (`pending_outcome`), else the gRPC status UNKNOWN naming the txid.
 fn decided_response(
     txid: TxId,
     decided: Decided,
     participants: Vec<String>,
+    pending_outcome: bool,
 ) -> Result<Response<v1::TransactResponse>, Status> {
     let (outcome, code, reason) = match decided {
         Decided::Committed => (Outcome::Committed, decree_proto::Reason::Unspecified, String::new()),
         Decided::Aborted { code, reason } => (Outcome::Aborted, code, reason),
+        Decided::Unknown { reason } if pending_outcome => {
+            (Outcome::Pending, decree_proto::Reason::ParticipantUnreachable, reason)
+        }
         Decided::Unknown { reason } => {
             let mut status =
                 Status::unknown(format!("outcome of {txid} unknown: {reason}; ask GetOutcome later"));
@@ -204,9 +209,10 @@ impl Coordinator for Service {
         request: Request<v1::CommitTransactionRequest>,
     ) -> Result<Response<v1::TransactResponse>, Status> {
         let span = transaction_span(request.metadata());
-        let txid = txid(&request.into_inner().txid)?;
+        let request = request.into_inner();
+        let txid = txid(&request.txid)?;
         let decided = self.handle.commit(txid, self.handle.config.prepare_timeout(), span).await?;
-        decided_response(txid, decided, Vec::new())
+        decided_response(txid, decided, Vec::new(), request.pending_outcome)
     }
 
     async fn abort(

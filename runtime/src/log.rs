@@ -147,10 +147,26 @@ pub struct LogStats {
     pub records_read: AtomicU64,
 }
 
+/// The database, and a signal that it closed: the sender goes with it.
+struct Database {
+    db: DB,
+    /// Dropped right after `db` (fields drop in order): receivers see it closed.
+    _closed: tokio::sync::watch::Sender<()>,
+}
+
+impl std::ops::Deref for Database {
+    type Target = DB;
+    fn deref(&self) -> &DB {
+        &self.db
+    }
+}
+
 /// A RocksDB database with one group-committing writer thread.
 #[derive(Clone)]
 pub struct Log {
-    db: Arc<DB>,
+    db: Arc<Database>,
+    /// Closed once the database is: see [`Log::closed`].
+    closed: tokio::sync::watch::Receiver<()>,
     queue: mpsc::SyncSender<Request>,
     stats: Arc<LogStats>,
 }
@@ -170,7 +186,8 @@ impl Log {
         options.set_max_total_wal_size(64 * 1024 * 1024);
         options.set_max_log_file_size(4 * 1024 * 1024);
         options.set_keep_log_file_num(3);
-        let db = Arc::new(DB::open(&options, path)?);
+        let (closed_tx, closed) = tokio::sync::watch::channel(());
+        let db = Arc::new(Database { db: DB::open(&options, path)?, _closed: closed_tx });
         let stats = Arc::new(LogStats::default());
         let (queue, requests) = mpsc::sync_channel(QUEUE_LIMIT);
         let writer_db = Arc::clone(&db);
@@ -179,7 +196,7 @@ impl Log {
             .name("decree-log-writer".into())
             .spawn(move || run_writer(&writer_db, &requests, &writer_stats))
             .map_err(|err| LogError::Rocks(format!("cannot start the log writer: {err}")))?;
-        Ok(Log { db, queue, stats })
+        Ok(Log { db, closed, queue, stats })
     }
 
     /// Writes `writes` atomically; see the module's Correctness section.
@@ -244,6 +261,15 @@ impl Log {
     pub fn stats(&self) -> &LogStats {
         &self.stats
     }
+
+    /// Resolves once the database is closed: every handle dropped and the
+    /// writer thread done. A process that exits right after a server
+    /// returns waits for it, so that RocksDB never closes while the process
+    /// tears down.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.clone();
+        async move { while closed.changed().await.is_ok() {} }
+    }
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -259,7 +285,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![u8::MAX; prefix.len() + 1]
 }
 
-fn run_writer(db: &DB, requests: &mpsc::Receiver<Request>, stats: &LogStats) {
+fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStats) {
     let poisoned = AtomicBool::new(false);
     let mut group = Vec::with_capacity(64);
     let mut busy = false;

@@ -261,25 +261,38 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let branch = |p: &str, payload: Vec<u8>| v1::Branch { participant: p.into(), payload };
     let small = decree_client::kv_payload(vec![KvOp::Put { key: "k".into(), value: b"bad".to_vec() }]);
     let invalid: Vec<(&str, v1::TransactRequest)> = vec![
-        ("empty transaction", v1::TransactRequest { branches: vec![], timeout_ms: 0 }),
+        ("empty transaction", v1::TransactRequest { branches: vec![], timeout_ms: 0, ..Default::default() }),
         (
             "unknown participant",
-            v1::TransactRequest { branches: vec![branch("p9", small.clone())], timeout_ms: 0 },
+            v1::TransactRequest {
+                branches: vec![branch("p9", small.clone())],
+                timeout_ms: 0,
+                ..Default::default()
+            },
         ),
         (
             "bad name",
-            v1::TransactRequest { branches: vec![branch("no spaces", small.clone())], timeout_ms: 0 },
+            v1::TransactRequest {
+                branches: vec![branch("no spaces", small.clone())],
+                timeout_ms: 0,
+                ..Default::default()
+            },
         ),
         (
             "duplicate participant",
             v1::TransactRequest {
                 branches: vec![branch("p1", small.clone()), branch("p1", small.clone())],
                 timeout_ms: 0,
+                ..Default::default()
             },
         ),
         (
             "oversized payload",
-            v1::TransactRequest { branches: vec![branch("p1", vec![0; 4 * 1024 * 1024 + 1])], timeout_ms: 0 },
+            v1::TransactRequest {
+                branches: vec![branch("p1", vec![0; 4 * 1024 * 1024 + 1])],
+                timeout_ms: 0,
+                ..Default::default()
+            },
         ),
     ];
     for (what, request) in invalid {
@@ -292,8 +305,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             coordinator.get_outcome(v1::GetOutcomeRequest { txid: txid.into() }).await.expect_err(txid);
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{txid:?}");
     }
-    let status =
-        coordinator.commit(v1::CommitTransactionRequest { txid: "00000001-1-1".into() }).await.unwrap_err();
+    let status = coordinator
+        .commit(v1::CommitTransactionRequest { txid: "00000001-1-1".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "commit of a txid that is not active");
 
     info!("--- the participant refuses malformed messages and votes NO on bad payloads");

@@ -474,7 +474,8 @@ async fn a_participant_restarted_between_transactions_gets_the_next_prepares_on_
 
     info!("--- p2 shuts down gracefully (ending its streams) and comes back");
     cluster.terminate(NodeId::Participant(1));
-    assert!(cluster.wait_exit(NodeId::Participant(1), DIE).await.unwrap().success());
+    let status = cluster.wait_exit(NodeId::Participant(1), DIE).await.unwrap();
+    assert!(status.success(), "{status:?}:\n{}", cluster.log_of(NodeId::Participant(1)));
     cluster.restart(NodeId::Participant(1)).unwrap();
     cluster.wait_back(NodeId::Participant(1)).await.unwrap();
     for i in 0..5 {
