@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use decree_proto::v1::participant_client::ParticipantClient;
-use decree_proto::{v1, ParticipantName, TxId};
+use decree_proto::{ParticipantName, TxId};
 use decree_runtime::{crash, trace};
 use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::Channel;
@@ -109,16 +109,8 @@ impl Sender {
         let client = self.registry.client(&self.participant);
         if batch.len() > 1 && self.batching.load(Ordering::Relaxed) {
             metrics::histogram!(BATCH_SIZE).record(batch.len() as f64);
-            let request = v1::CommitBatchRequest {
-                commits: batch
-                    .iter()
-                    .map(|due| v1::BatchedCommit {
-                        txid: due.txid.to_string(),
-                        trace_context: trace::context_of(&due.span),
-                    })
-                    .collect(),
-                typed_ack: true,
-            };
+            let request =
+                wire::commit_batch_request(batch.iter().map(|due| (due.txid, trace::context_of(&due.span))));
             let answer =
                 call(client.clone(), self.timeout, |mut c| async move { c.commit_batch(request).await });
             match answer.await {
@@ -183,7 +175,7 @@ pub(crate) async fn commit_one(
     timeout: Duration,
     due: &Due,
 ) -> Result<wire::Acked, Unanswered> {
-    let request = traced(v1::CommitRequest { txid: due.txid.to_string(), typed_ack: true }, &due.span);
+    let request = traced(wire::commit_request(due.txid), &due.span);
     call(client, timeout, |mut c| async move { c.commit(request).await })
         .instrument(due.span.clone())
         .await

@@ -425,14 +425,8 @@ impl Actor {
         for command in commands {
             match command {
                 Command::SendPrepare { txid, participant, payload, one_phase, interactive } => {
-                    let request = v1::PrepareRequest {
-                        txid: txid.to_string(),
-                        payload,
-                        one_phase,
-                        coordinator_incarnation: self.handle.incarnation,
-                        interactive,
-                        trace_context: HashMap::new(),
-                    };
+                    let request =
+                        wire::prepare_request(txid, payload, one_phase, interactive, self.handle.incarnation);
                     let outgoing = Outgoing { txid, request, span: self.span_of(txid) };
                     if prepares > 1
                         && first_prepare
@@ -605,7 +599,7 @@ impl Actor {
         let client = self.handle.registry.client(&participant);
         let timeout = self.handle.config.commit_timeout();
         let span = self.span_of(txid);
-        let request = traced(v1::AbortRequest { txid: txid.to_string(), typed_ack: true }, &span);
+        let request = traced(wire::abort_request(txid), &span);
         async move {
             // Best effort: a participant that misses it asks, and presumed abort answers.
             if let Err(error) = call(client, timeout, |mut c| async move { c.abort(request).await }).await {
@@ -627,7 +621,7 @@ impl Actor {
         let events = self.handle.events.clone();
         let timeout = self.handle.config.commit_timeout();
         let span = self.span_of(txid);
-        let request = traced(v1::AbortRequest { txid: txid.to_string(), typed_ack: true }, &span);
+        let request = traced(wire::abort_request(txid), &span);
         async move {
             let answer = call(client, timeout, |mut c| async move { c.abort(request).await }).await;
             let found = wire::one_phase_found(answer.map(|r| wire::acked(r.ack, r.reason_code, r.reason)));

@@ -7,6 +7,45 @@ use decree_proto::{v1, ParticipantName, Reason, TxId};
 use crate::engine::{Event, Known, OnePhaseFound, VoteResult};
 use crate::store::Recorded;
 
+/// The Prepare of one branch (the engine's `SendPrepare`), from this incarnation.
+pub fn prepare_request(
+    txid: TxId,
+    payload: Vec<u8>,
+    one_phase: bool,
+    interactive: bool,
+    incarnation: u64,
+) -> v1::PrepareRequest {
+    v1::PrepareRequest {
+        txid: txid.to_string(),
+        payload,
+        one_phase,
+        coordinator_incarnation: incarnation,
+        interactive,
+        trace_context: Default::default(),
+    }
+}
+
+/// A Commit, asking for a typed ack.
+pub fn commit_request(txid: TxId) -> v1::CommitRequest {
+    v1::CommitRequest { txid: txid.to_string(), typed_ack: true }
+}
+
+/// Commits coalesced for one participant, each with its trace context, asking for typed acks.
+pub fn commit_batch_request(
+    commits: impl IntoIterator<Item = (TxId, std::collections::HashMap<String, String>)>,
+) -> v1::CommitBatchRequest {
+    let commits = commits
+        .into_iter()
+        .map(|(txid, trace_context)| v1::BatchedCommit { txid: txid.to_string(), trace_context })
+        .collect();
+    v1::CommitBatchRequest { commits, typed_ack: true }
+}
+
+/// An Abort (to tell a branch, or to learn a one-phase outcome), asking for a typed ack.
+pub fn abort_request(txid: TxId) -> v1::AbortRequest {
+    v1::AbortRequest { txid: txid.to_string(), typed_ack: true }
+}
+
 /// Why a participant RPC brought no answer.
 #[derive(Debug, Clone)]
 pub enum Unanswered {

@@ -623,7 +623,7 @@ pub(crate) async fn resolve_in_doubt(
             ask.extend(unsettled);
         }
         for txid in ask {
-            let request = v1::GetOutcomeRequest { txid: txid.to_string() };
+            let request = crate::wire::get_outcome_request(txid);
             let answer = tokio::time::timeout(Duration::from_secs(2), coordinator.get_outcome(request)).await;
             let outcome = match answer {
                 Ok(Ok(response)) => {
@@ -672,7 +672,7 @@ pub(crate) async fn stay_enrolled(
     let mut enrolled = false;
     loop {
         if !enrolled {
-            let request = v1::EnrollRequest { name: name.clone(), address: address.clone() };
+            let request = crate::wire::enroll_request(&name, &address);
             match tokio::time::timeout(Duration::from_secs(2), registry.enroll(request)).await {
                 Ok(Ok(response)) => {
                     let response = response.into_inner();
@@ -699,7 +699,7 @@ pub(crate) async fn stay_enrolled(
             }
         }
         tokio::time::sleep(heartbeat).await;
-        let request = v1::HeartbeatRequest { name: name.clone() };
+        let request = crate::wire::heartbeat_request(&name);
         match tokio::time::timeout(Duration::from_secs(2), registry.heartbeat(request)).await {
             Ok(Ok(response)) => {
                 let response = response.into_inner();

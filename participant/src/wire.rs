@@ -93,6 +93,20 @@ pub fn work_refused(code: decree_proto::Reason, reason: String, aborted: bool) -
     status
 }
 
+/// The question a branch in doubt asks its coordinator.
+pub fn get_outcome_request(txid: decree_proto::TxId) -> v1::GetOutcomeRequest {
+    v1::GetOutcomeRequest { txid: txid.to_string() }
+}
+
+/// Enrollment under `name`, reachable at `address`.
+pub fn enroll_request(name: &str, address: &str) -> v1::EnrollRequest {
+    v1::EnrollRequest { name: name.to_owned(), address: address.to_owned() }
+}
+
+pub fn heartbeat_request(name: &str) -> v1::HeartbeatRequest {
+    v1::HeartbeatRequest { name: name.to_owned() }
+}
+
 /// What a branch in doubt takes from the coordinator's answer to GetOutcome:
 /// `None` means ask again later.
 ///

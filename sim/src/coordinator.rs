@@ -310,14 +310,7 @@ impl Coordinator {
         let incarnation = process.incarnation;
         match command {
             Command::SendPrepare { txid, participant, payload, one_phase, interactive } => {
-                let request = v1::PrepareRequest {
-                    txid: txid.to_string(),
-                    payload,
-                    one_phase,
-                    coordinator_incarnation: incarnation,
-                    interactive,
-                    trace_context: Default::default(),
-                };
+                let request = wire::prepare_request(txid, payload, one_phase, interactive, incarnation);
                 let call = Call::Prepare { txid, participant: participant.clone() };
                 self.call(ctx, participant, call, |rpc| Msg::Prepare(rpc, request), PREPARE_TIMEOUT);
             }
