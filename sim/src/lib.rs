@@ -125,11 +125,13 @@ pub struct Options {
     pub mutation: Option<Mutation>,
     /// Keep the event trace (its hash is always computed).
     pub trace: bool,
+    /// Check only effects (the data, the outcomes, liveness), not I3 as messages leave.
+    pub effects_only: bool,
 }
 
 impl Options {
     pub fn seed(seed: u64) -> Options {
-        Options { seed, mutation: None, trace: false }
+        Options { seed, mutation: None, trace: false, effects_only: false }
     }
 }
 
@@ -347,7 +349,7 @@ pub fn run(options: &Options) -> Report {
         net: Net::new(faults.clone()),
         next_rpc: 0,
         mutation: options.mutation,
-        ghost: check::Ghost::default(),
+        ghost: check::Ghost::new(options.effects_only),
         stats: Stats { faults_end, ..Stats::default() },
         keep_trace: options.trace,
         trace: Vec::new(),

@@ -33,6 +33,10 @@ struct Args {
     /// With --seed: print only the summary, not the trace.
     #[arg(long)]
     quiet: bool,
+    /// Check only effects (the data, the outcomes, liveness), not the I3
+    /// checks made as messages leave: how a planted bug shows in the data.
+    #[arg(long)]
+    effects_only: bool,
 }
 
 fn replay_command(seed: u64, mutation: Option<Mutation>) -> String {
@@ -45,7 +49,12 @@ fn replay_command(seed: u64, mutation: Option<Mutation>) -> String {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(seed) = args.seed {
-        let report = run(&Options { seed, mutation: args.mutation, trace: !args.quiet });
+        let report = run(&Options {
+            seed,
+            mutation: args.mutation,
+            trace: !args.quiet,
+            effects_only: args.effects_only,
+        });
         print!("{}", render(&report));
         println!("seed {seed}: {:?}", report.stats);
         println!("trace hash {:016x}", report.trace_hash);
@@ -62,7 +71,8 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut events = 0;
     for seed in args.from..args.from + seeds {
-        let report = run(&Options { seed, mutation: args.mutation, trace: false });
+        let report =
+            run(&Options { seed, mutation: args.mutation, trace: false, effects_only: args.effects_only });
         events += report.stats.events;
         if !report.ok() {
             eprintln!(

@@ -73,8 +73,8 @@ fn covers_every_fault(stats: &[Stats]) {
 #[test]
 fn a_seed_replays_exactly() {
     for seed in [3, 77, 1234] {
-        let first = run(&Options { seed, mutation: None, trace: true });
-        let again = run(&Options { seed, mutation: None, trace: true });
+        let first = run(&Options { trace: true, ..Options::seed(seed) });
+        let again = run(&Options { trace: true, ..Options::seed(seed) });
         assert!(first.trace.len() > 100, "seed {seed} did little: {} events", first.trace.len());
         if let Some(i) =
             (0..first.trace.len().min(again.trace.len())).find(|&i| first.trace[i] != again.trace[i])
@@ -99,7 +99,7 @@ fn a_seed_replays_exactly() {
 fn every_planted_bug_is_caught() {
     for mutation in Mutation::ALL {
         let caught =
-            (0..200).find(|&seed| !run(&Options { seed, mutation: Some(mutation), trace: false }).ok());
+            (0..200).find(|&seed| !run(&Options { mutation: Some(mutation), ..Options::seed(seed) }).ok());
         assert!(caught.is_some(), "{} went unnoticed for 200 seeds", mutation.name());
     }
 }
