@@ -173,7 +173,8 @@ fn answer_of(answer: v1::TransactStreamAnswer) -> Answer {
     if answer.code == 0 {
         return answer.response.ok_or_else(|| Status::internal("an answer without a response"));
     }
-    let mut status = Status::new(tonic::Code::from_i32(answer.code), answer.message);
+    let status = Status::new(tonic::Code::from_i32(answer.code), answer.message);
+    let mut status = decree_proto::Reason::from_wire(answer.reason_code).on_status(status);
     if let Ok(txid) = answer.txid.parse() {
         if !answer.txid.is_empty() {
             status.metadata_mut().insert(decree_proto::TXID_METADATA, txid);

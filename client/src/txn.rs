@@ -93,12 +93,7 @@ impl Transaction {
             Err(status) if status.code() == tonic::Code::Aborted => {
                 // The branch is gone (a lost lock conflict): end the whole transaction now.
                 let reason = status.message().to_owned();
-                let code = status
-                    .metadata()
-                    .get(decree_proto::REASON_METADATA)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .map_or(Reason::Unspecified, Reason::from_wire);
+                let code = Reason::of_status(&status);
                 self.aborted = Some((code, reason.clone()));
                 let _ = self
                     .client

@@ -64,13 +64,16 @@ impl From<CoordinatorError> for tonic::Status {
         let message = err.to_string();
         match err {
             CoordinatorError::Invalid(_) => Status::invalid_argument(message),
-            CoordinatorError::Overloaded { .. } | CoordinatorError::DiskShort(_) => {
-                Status::resource_exhausted(message)
+            CoordinatorError::Overloaded { .. } => Status::resource_exhausted(message),
+            CoordinatorError::DiskShort(_) => {
+                decree_proto::Reason::DiskFull.on_status(Status::resource_exhausted(message))
             }
             CoordinatorError::Engine(_) | CoordinatorError::ForeignTxid { .. } => {
                 Status::failed_precondition(message)
             }
-            CoordinatorError::ShuttingDown => Status::unavailable(message),
+            CoordinatorError::ShuttingDown => {
+                decree_proto::Reason::ShuttingDown.on_status(Status::unavailable(message))
+            }
             CoordinatorError::Storage(_) | CoordinatorError::Config(_) | CoordinatorError::Transport(_) => {
                 Status::internal(message)
             }

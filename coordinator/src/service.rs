@@ -176,6 +176,7 @@ impl Coordinator for Service {
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or_default()
                                 .to_owned(),
+                            reason_code: decree_proto::Reason::of_status(&status).to_wire(),
                         },
                     }
                 }

@@ -103,8 +103,8 @@ use tonic::transport::Endpoint;
 
 pub use config::{Backend, Config};
 pub use decree_runtime::{Log, Write};
+use engine::Engine;
 pub use engine::Validated;
-use engine::{Engine, Event};
 pub use resource::Resource;
 use store::{BranchLog, StoreError};
 
@@ -184,34 +184,18 @@ async fn serve_with(
     resource.recover(&prepared).await.map_err(ParticipantError::Resource)?;
     let mut engine = Engine::with_waits(config.lock_wait(), config.read_wait())
         .with_tombstones(config.tombstone_retention());
-    let now = Instant::now();
-    for horizon in loaded.horizons {
-        engine.on_event(Event::RecoveredHorizon { horizon });
-    }
-    for (txid, outcome) in loaded.tombstones {
-        engine.on_event(Event::RecoveredTombstone { txid, outcome });
-    }
-
     let recovered = loaded.prepared.len();
-    for branch in loaded.prepared {
+    for branch in &loaded.prepared {
         tracing::info!(txid = %branch.txid, keys = ?branch.keys, "recovery: prepared branch in doubt, keys locked");
-        engine.on_event(Event::Recovered {
-            txid: branch.txid,
-            keys: branch.keys,
-            redo: branch.redo,
-            at: now,
-        });
     }
-    // After the prepared branches: a decision recorded by hand but not applied is applied now.
-    for (txid, commit, settled) in loaded.heuristics {
-        engine.on_event(Event::RecoveredHeuristic { txid, commit, settled });
-    }
+    let records_read = loaded.records_read;
+    loaded.replay_into(&mut engine, Instant::now());
     tracing::info!(
         name = %config.name,
         %address,
         in_doubt = recovered,
         tombstones = engine.tombstone_count(),
-        records_read = loaded.records_read,
+        records_read,
         "participant starting"
     );
 

@@ -105,6 +105,28 @@ pub struct Loaded {
     pub records_read: u64,
 }
 
+impl Loaded {
+    /// Feeds what start found to a fresh engine, in the order recovery needs:
+    /// horizons, tombstones, the prepared branches (their keys locked again,
+    /// in doubt since `at`), then heuristic decisions (one recorded but not
+    /// applied is applied now). The server and the simulator both start so.
+    pub fn replay_into(self, engine: &mut crate::engine::Engine, at: std::time::Instant) {
+        use crate::engine::Event;
+        for horizon in self.horizons {
+            engine.on_event(Event::RecoveredHorizon { horizon });
+        }
+        for (txid, outcome) in self.tombstones {
+            engine.on_event(Event::RecoveredTombstone { txid, outcome });
+        }
+        for branch in self.prepared {
+            engine.on_event(Event::Recovered { txid: branch.txid, keys: branch.keys, redo: branch.redo, at });
+        }
+        for (txid, commit, settled) in self.heuristics {
+            engine.on_event(Event::RecoveredHeuristic { txid, commit, settled });
+        }
+    }
+}
+
 /// The branch log, over any [`Storage`]: RocksDB in the server, memory in
 /// the simulator and the conformance cases.
 #[derive(Clone)]

@@ -86,11 +86,7 @@ pub fn commit_result(txid: String, answer: Result<Ack, Status>, typed_ack: bool)
 /// this request is refused; the reason's code rides in the
 /// [`decree_proto::REASON_METADATA`] metadata (a status has no other field).
 pub fn work_refused(code: decree_proto::Reason, reason: String, aborted: bool) -> Status {
-    let mut status = if aborted { Status::aborted(reason) } else { Status::failed_precondition(reason) };
-    if let Ok(value) = code.to_wire().to_string().parse() {
-        status.metadata_mut().insert(decree_proto::REASON_METADATA, value);
-    }
-    status
+    code.on_status(if aborted { Status::aborted(reason) } else { Status::failed_precondition(reason) })
 }
 
 /// The question a branch in doubt asks its coordinator.

@@ -46,7 +46,8 @@ impl From<InvalidInput> for tonic::Status {
 pub const TXID_METADATA: &str = "decree-txid";
 
 /// The metadata key of a refusal's [`Reason`] code (decimal `decree.v1.Reason`),
-/// on the statuses that answer refused interactive work.
+/// on the statuses that answer refused interactive work and refused admission
+/// (disk full, overload, shutdown).
 pub const REASON_METADATA: &str = "decree-reason";
 
 /// The encoded `FileDescriptorSet` of decree.v1, served by gRPC reflection.

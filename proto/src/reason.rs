@@ -84,6 +84,28 @@ impl From<v1::Reason> for Reason {
 }
 
 impl Reason {
+    /// `status` carrying this code in its [`crate::REASON_METADATA`]
+    /// metadata: how a refusal that is a gRPC status says why, as data.
+    pub fn on_status(self, mut status: tonic::Status) -> tonic::Status {
+        if self == Reason::Unspecified {
+            return status;
+        }
+        if let Ok(value) = self.to_wire().to_string().parse() {
+            status.metadata_mut().insert(crate::REASON_METADATA, value);
+        }
+        status
+    }
+
+    /// The code a status carries in its metadata ([`Reason::Unspecified`] if none).
+    pub fn of_status(status: &tonic::Status) -> Reason {
+        status
+            .metadata()
+            .get(crate::REASON_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map_or(Reason::Unspecified, Reason::from_wire)
+    }
+
     /// The code a wire field carries; a value this version does not know is [`Reason::Unspecified`].
     pub fn from_wire(code: i32) -> Reason {
         v1::Reason::try_from(code).map(Reason::from).unwrap_or(Reason::Unspecified)

@@ -245,10 +245,7 @@ impl Coordinator {
     /// Queues a write on the node's disk: FIFO, like the log's writer thread.
     fn write(&mut self, ctx: &mut Ctx, disk: Disk, synced: bool) {
         let Some(process) = self.process.as_mut() else { return };
-        let latency = if synced { ctx.rng().random_range(200..4_000) } else { ctx.rng().random_range(5..50) };
-        let done = process.disk_free.max(ctx.now) + latency;
-        process.disk_free = done;
-        let after = done - ctx.now;
+        let after = ctx.disk_write(&mut process.disk_free, synced);
         ctx.schedule(after, Item::Coordinator { epoch: self.epoch, work: Work::Disk(disk) });
     }
 

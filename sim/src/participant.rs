@@ -189,21 +189,8 @@ impl Participant {
         let loaded = now_or_never(store.load()).expect("the memory log loads");
         let now = self.instant(ctx.now);
         let mut engine = Engine::with_waits(LOCK_WAIT, Duration::ZERO).with_tombstones(self.retention);
-        for horizon in loaded.horizons {
-            engine.on_event(Event::RecoveredHorizon { horizon });
-        }
-        for (txid, outcome) in loaded.tombstones {
-            engine.on_event(Event::RecoveredTombstone { txid, outcome });
-        }
         let recovered = loaded.prepared.len();
-        for branch in loaded.prepared {
-            engine.on_event(Event::Recovered {
-                txid: branch.txid,
-                keys: branch.keys,
-                redo: branch.redo,
-                at: now,
-            });
-        }
+        loaded.replay_into(&mut engine, now);
         ctx.trace(|| format!("p{} starts: {recovered} prepared branches recovered", self.index));
         self.process = Some(Process {
             engine,
@@ -264,10 +251,7 @@ impl Participant {
 
     fn write(&mut self, ctx: &mut Ctx, disk: Disk, synced: bool) {
         let Some(process) = self.process.as_mut() else { return };
-        let latency = if synced { ctx.rng().random_range(200..4_000) } else { ctx.rng().random_range(5..50) };
-        let done = process.disk_free.max(ctx.now) + latency;
-        process.disk_free = done;
-        let after = done - ctx.now;
+        let after = ctx.disk_write(&mut process.disk_free, synced);
         self.schedule(ctx, after, Work::Disk(disk));
     }
 

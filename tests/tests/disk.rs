@@ -130,7 +130,11 @@ async fn a_full_disk_refuses_new_work_finishes_what_was_admitted_and_resumes_whe
     match refused {
         Err(ClientError::Status(status)) => {
             assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-            assert!(status.message().contains("disk nearly full"), "{status:?}");
+            assert_eq!(
+                decree_client::Reason::of_status(&status),
+                decree_client::Reason::DiskFull,
+                "{status:?}"
+            );
         }
         other => panic!("a new transaction on a full disk must be refused, got {other:?}"),
     }
