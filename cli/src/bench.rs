@@ -80,6 +80,11 @@ pub struct BenchArgs {
     /// How often the soak reports.
     #[arg(long, default_value = "1m", value_parser = decree_runtime::args::parse_duration)]
     pub(crate) soak_report: Duration,
+    /// Change the ring this far into the measured run: `5s:add=p4` or `10s:remove=p2`
+    /// (repeatable, in order); reports throughput and p99 before, during and after each
+    /// migration. A local cluster starts the members to add outside the ring.
+    #[arg(long = "scale-at", value_parser = crate::scale::parse, value_name = "SECONDS:add=NAME")]
+    pub(crate) scale_at: Vec<crate::scale::ScaleAt>,
     /// Extra flags for the local coordinator (repeatable), e.g. --coordinator-flag=--retain-ended=100000.
     #[arg(long = "coordinator-flag", value_name = "FLAG", allow_hyphen_values = true)]
     pub(crate) coordinator_flags: Vec<String>,
@@ -195,7 +200,7 @@ pub(crate) fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
 }
 
@@ -237,11 +242,14 @@ pub(crate) struct Local {
 impl Local {
     pub(crate) async fn start(args: &BenchArgs) -> Result<Local, String> {
         let binary = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut options = Options::new(args.participants);
+        // Members that --scale-at adds start outside the ring.
+        let extra = crate::scale::extra_members(args);
+        let mut options = Options::new(args.participants + extra);
+        options.join_first = Some(args.participants);
         options.binary = Some(binary);
         options.keep_dir = args.keep;
         let mut ports = Vec::new();
-        for _ in 0..=args.participants {
+        for _ in 0..=args.participants + extra {
             ports.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
         }
         let addr = |i: usize| format!("127.0.0.1:{}", ports[i].local_addr().map(|a| a.port()).unwrap_or(0));
@@ -249,7 +257,7 @@ impl Local {
         options.coordinator_args = vec!["--metrics-listen".into(), addr(0)];
         options.coordinator_args.extend(args.coordinator_flags.iter().cloned());
         options.participant_args = args.participant_flags.clone();
-        for i in 1..=args.participants {
+        for i in 1..=args.participants + extra {
             let name = format!("p{i}");
             options.participant_args_for.push((name.clone(), vec!["--metrics-listen".into(), addr(i)]));
             metrics.push((name, NodeId::Participant(i - 1), addr(i)));
@@ -317,6 +325,7 @@ impl Picker {
 }
 
 /// One transaction's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Done {
     Committed,
     Aborted,
@@ -421,12 +430,15 @@ pub(crate) fn decree_txn(
         Box::pin(async move {
             let result = match workload {
                 Workload::Empty => {
+                    // One key at each participant, one it owns under the ring.
                     let branches = participants
                         .iter()
                         .map(|p| v1::Branch {
                             participant: p.clone(),
                             payload: kv_payload(vec![KvOp::Put {
-                                key: format!("e-{worker}"),
+                                key: client
+                                    .key_at(p, &format!("e-{worker}-"))
+                                    .unwrap_or(format!("e-{worker}")),
                                 value: Vec::new(),
                             }]),
                         })
@@ -597,6 +609,24 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         "floor: fsync p50 {fsync_ms:.3} ms, round trip p50 {rtt_ms:.3} ms -> 2F + 2R = {floor_ms:.3} ms"
     ));
 
+    if !args.scale_at.is_empty() {
+        say(format!(
+            "decree with ring changes at {:?} ...",
+            args.scale_at.iter().map(|s| s.at).collect::<Vec<_>>()
+        ));
+        let phases = crate::scale::run(&args, &client, &say).await?;
+        check_balances(&args, &client).await?;
+        say("balances: sum 0, as seeded".into());
+        if args.json {
+            println!(
+                "{}",
+                json!({ "workload": format!("{:?}", args.workload).to_lowercase(),
+                                   "participants": args.participants, "concurrency": args.concurrency,
+                                   "phases": phases })
+            );
+        }
+        return Ok(());
+    }
     let mut baseline = match args.baseline {
         Some(Baseline::Postgres) => {
             say(format!("starting {} PostgreSQL servers for the baseline ...", args.participants));
@@ -616,16 +646,7 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         }
     }
     if args.workload == Workload::Bank {
-        let keys: Vec<String> = (0..args.accounts).map(account).collect();
-        let mut total = 0i64;
-        for chunk in keys.chunks(1000) {
-            for value in client.get(chunk).await.map_err(|e| e.to_string())?.into_values().flatten() {
-                total += String::from_utf8_lossy(&value).parse::<i64>().map_err(|e| e.to_string())?;
-            }
-        }
-        if total != 0 {
-            return Err(format!("the sum of balances is {total}, not 0: money was created or lost"));
-        }
+        check_balances(&args, &client).await?;
         say("balances: sum 0, as seeded".into());
     }
     let mut out = ours.to_json(floor_ms);
@@ -643,6 +664,24 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         println!("{out}");
     } else {
         print_table(&out);
+    }
+    Ok(())
+}
+
+/// The bank's balances sum to 0 (each transfer moves one unit).
+async fn check_balances(args: &BenchArgs, client: &Client) -> Result<(), String> {
+    if args.workload != Workload::Bank {
+        return Ok(());
+    }
+    let keys: Vec<String> = (0..args.accounts).map(account).collect();
+    let mut total = 0i64;
+    for chunk in keys.chunks(1000) {
+        for value in client.get(chunk).await.map_err(|e| e.to_string())?.into_values().flatten() {
+            total += String::from_utf8_lossy(&value).parse::<i64>().map_err(|e| e.to_string())?;
+        }
+    }
+    if total != 0 {
+        return Err(format!("the sum of balances is {total}, not 0: money was created or lost"));
     }
     Ok(())
 }

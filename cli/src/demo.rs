@@ -5,7 +5,9 @@
 //! seeds accounts, runs concurrent transfers (`add a=-x, add b=+x`), then
 //! checks that the sum of balances is unchanged and that nothing is left in
 //! doubt. With `--chaos`, processes are killed (SIGKILL, and once at the crash
-//! point `coordinator.decision.after_log`) and restarted while it runs.
+//! point `coordinator.decision.after_log`) and restarted while it runs. With
+//! `--elastic`, the ring grows from 3 to 5 members and shrinks back to 3 while
+//! it runs, with the coordinator SIGKILLed during one of the migrations.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,8 +38,12 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// Kill and restart processes while the transfers run.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "elastic")]
     chaos: bool,
+    /// Grow the ring from 3 to 5 members and shrink it back while the transfers run,
+    /// with the coordinator killed during a migration; every balance is read after each step.
+    #[arg(long)]
+    elastic: bool,
     /// Seed of the chaos schedule (default: random; printed).
     #[arg(long, env = "DECREE_SEED")]
     seed: Option<u64>,
@@ -73,13 +79,20 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         return Err("need --participants >= 1, --accounts >= 2 and --concurrency >= 1".into());
     }
     let binary = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut options = Options::new(args.participants);
+    let participants = if args.elastic { ELASTIC_MEMBERS } else { args.participants };
+    let mut options = Options::new(participants);
     options.binary = Some(binary);
     options.keep_dir = args.keep;
     // Short deadlines keep the demo moving when chaos takes a process away.
     options.coordinator_args =
         vec!["--prepare-timeout-ms".into(), "1000".into(), "--commit-timeout-ms".into(), "500".into()];
-    println!("decree demo: starting a coordinator and {} participants ...", args.participants);
+    if args.elastic {
+        // Three members to start with; p4 and p5 wait outside the ring. Small
+        // batches make each migration long enough to kill the coordinator in one.
+        options.join_first = Some(3);
+        options.coordinator_args.extend(["--migration-batch-keys".into(), "32".into()]);
+    }
+    println!("decree demo: starting a coordinator and {participants} participants ...");
     let cluster = Cluster::start(options).await.map_err(|e| e.to_string())?;
     println!("  directory {}", cluster.dir().display());
     let client = cluster.client().await.map_err(|e| e.to_string())?;
@@ -102,10 +115,20 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
 
     let cluster = Arc::new(Mutex::new(cluster));
     let chaos_log = Arc::new(std::sync::Mutex::new(ChaosLog::default()));
-    // With --chaos the transfers go on until the chaos schedule is over.
-    let chaos_over = Arc::new(std::sync::atomic::AtomicBool::new(!args.chaos));
+    // With --chaos (or --elastic) the transfers go on until the schedule is over.
+    let chaos_over = Arc::new(std::sync::atomic::AtomicBool::new(!args.chaos && !args.elastic));
+    let accounts: Vec<String> = (0..args.accounts).map(account).collect();
+    let elastic = args.elastic.then(|| {
+        let schedule = elastic_schedule(cluster.clone(), accounts.clone(), bar_for_schedule());
+        let over = chaos_over.clone();
+        tokio::spawn(async move {
+            let report = schedule.await;
+            over.store(true, std::sync::atomic::Ordering::Relaxed);
+            report
+        })
+    });
 
-    if args.chaos {
+    if args.chaos || args.elastic {
         println!(
             "running transfers with {} concurrent clients until the chaos is over ...",
             args.concurrency
@@ -197,6 +220,10 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         }
         None => None,
     };
+    let elastic_report = match elastic {
+        Some(task) => Some(task.await.map_err(|e| e.to_string())??),
+        None => None,
+    };
 
     let cluster = cluster.lock().await;
     let settle_started = Instant::now();
@@ -244,6 +271,18 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     if let Some(report) = &chaos_report {
         println!("  chaos          {report}");
     }
+    if let Some(report) = &elastic_report {
+        println!("  ring           {}", report.summary);
+        println!(
+            "  reads          every balance read after each of {} steps: {}",
+            report.steps,
+            if report.missing == 0 {
+                "all present".to_owned()
+            } else {
+                format!("{} missing", report.missing)
+            }
+        );
+    }
     println!("  balances       sum {sum}, expected {expected}");
     let in_doubt_ok = settled.is_ok();
     println!(
@@ -254,10 +293,13 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
             "branches still in doubt after 30 s".into()
         }
     );
-    let ok = sum == expected && unreadable == 0 && in_doubt_ok;
+    let reads_ok = elastic_report.as_ref().is_none_or(|r| r.missing == 0);
+    let ok = sum == expected && unreadable == 0 && in_doubt_ok && reads_ok;
     println!();
     if ok {
-        println!("verdict: OK — every transfer was all-or-nothing; the sum of balances is unchanged");
+        let reads =
+            if elastic_report.is_some() { "; every committed value was readable at every step" } else { "" };
+        println!("verdict: OK — every transfer was all-or-nothing; the sum of balances is unchanged{reads}");
     } else {
         println!("verdict: FAILED — sum {sum} (expected {expected}), {unreadable} unreadable balances, in doubt: {}", !in_doubt_ok);
     }
@@ -422,4 +464,96 @@ async fn restore(cluster: &Arc<Mutex<Cluster>>, log: &SharedLog) -> Result<Strin
         "{} SIGKILLs, {} crash point(s), {} branch(es) in doubt at a restart, all decided; longest recovery {} ms",
         log.kills, log.crash_points, log.in_doubt_resolved, log.longest_recovery_ms
     ))
+}
+
+/// Participants of `--elastic`: three in the ring, two to add and remove.
+const ELASTIC_MEMBERS: usize = 5;
+
+/// The progress bar is the workers'; the schedule prints plainly above it.
+fn bar_for_schedule() -> ProgressBar {
+    ProgressBar::hidden()
+}
+
+/// What the elastic schedule did.
+struct ElasticReport {
+    summary: String,
+    steps: usize,
+    missing: usize,
+}
+
+/// 3 -> 4 -> 5 -> 4 -> 3 members, the coordinator SIGKILLed while p5's keys
+/// move in; after each step every balance is read back.
+async fn elastic_schedule(
+    cluster: Arc<Mutex<Cluster>>,
+    accounts: Vec<String>,
+    bar: ProgressBar,
+) -> Result<ElasticReport, String> {
+    use decree_client::RingChange;
+    let steps: [(RingChange, bool); 4] = [
+        (RingChange::Add { name: "p4".into(), weight: 1 }, false),
+        (RingChange::Add { name: "p5".into(), weight: 1 }, true),
+        (RingChange::Remove { name: "p5".into() }, false),
+        (RingChange::Remove { name: "p4".into() }, false),
+    ];
+    let (mut missing, mut moved, started) = (0, 0u64, Instant::now());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (change, kill) in &steps {
+        let url = cluster.lock().await.coordinator_url();
+        let client = decree_client::Client::connect(&url).await.map_err(|e| e.to_string())?;
+        let what = match change {
+            RingChange::Add { name, .. } => format!("add {name}"),
+            RingChange::Remove { name } => format!("remove {name}"),
+            RingChange::Weight { name, weight } => format!("weight {name} {weight}"),
+        };
+        let step_started = Instant::now();
+        let routing = client.change_ring(change.clone()).await.map_err(|e| format!("ring {what}: {e}"))?;
+        say(&bar, format!("elastic: ring {what}: epoch {}, migration started", routing.epoch));
+        if *kill {
+            // Once keys are moving, the coordinator dies (SIGKILL) and comes back.
+            let _ = decree_cluster::poll(Duration::from_secs(30), "keys moving", || async {
+                let ring = client.ring_status().await.ok()?;
+                ring.migration.filter(|m| m.moved_keys > 0).map(|_| ())
+            })
+            .await;
+            let mut c = cluster.lock().await;
+            c.kill(NodeId::Coordinator);
+            say(&bar, "elastic: SIGKILL coordinator during the migration");
+            c.restart(NodeId::Coordinator).map_err(|e| e.to_string())?;
+            c.wait_back(NodeId::Coordinator).await.map_err(|e| e.to_string())?;
+            say(&bar, "elastic: coordinator restarted; the migration resumes from its cursor");
+        }
+        let settled = decree_cluster::poll(Duration::from_secs(120), "the migration to end", || async {
+            let client = decree_client::Client::connect(&url).await.ok()?;
+            let ring = client.ring_status().await.ok()?;
+            ring.migration.is_none().then_some(ring.last?)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        moved += settled.moved_keys;
+        let client = decree_client::Client::connect(&url).await.map_err(|e| e.to_string())?;
+        let values = client.get(&accounts).await.map_err(|e| e.to_string())?;
+        let absent = values.values().filter(|v| v.is_none()).count();
+        missing += absent;
+        let members = client.ring().names().join(", ");
+        say(
+            &bar,
+            format!(
+                "elastic: ring {what} done in {:.1} s: {} keys moved in {} batches; members {members}; \
+                 {} of {} balances read back",
+                step_started.elapsed().as_secs_f64(),
+                settled.moved_keys,
+                settled.batches,
+                accounts.len() - absent,
+                accounts.len()
+            ),
+        );
+    }
+    Ok(ElasticReport {
+        summary: format!(
+            "3 -> 4 -> 5 -> 4 -> 3 members, {moved} keys moved, one coordinator SIGKILL mid-migration, {:.1} s",
+            started.elapsed().as_secs_f64()
+        ),
+        steps: steps.len(),
+        missing,
+    })
 }

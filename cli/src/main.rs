@@ -7,6 +7,8 @@
 mod bench;
 mod bench_pg;
 mod demo;
+mod ring;
+mod scale;
 mod soak;
 mod txn;
 
@@ -38,8 +40,10 @@ enum Cmd {
     Get(GetArgs),
     /// The coordinator's outcome of a transaction.
     Status(StatusArgs),
-    /// The enrolled participants.
+    /// The enrolled participants: role, state, share of the keyspace.
     Participants(ListArgs),
+    /// The ring: epoch, members, shares, migration in progress; `ring add|remove|weight` change it (operator).
+    Ring(ring::RingArgs),
     /// Branches prepared and undecided at any participant.
     InDoubt(InDoubtArgs),
     /// Redeliver phase two of a committed transaction now (operator).
@@ -60,13 +64,13 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
-struct Target {
+pub(crate) struct Target {
     /// The coordinator's URL.
-    #[arg(long, env = "DECREE_COORDINATOR", default_value = "http://127.0.0.1:7000")]
-    coordinator: String,
+    #[arg(long, global = true, env = "DECREE_COORDINATOR", default_value = "http://127.0.0.1:7000")]
+    pub(crate) coordinator: String,
     /// Print JSON.
-    #[arg(long)]
-    json: bool,
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
 }
 
 #[derive(clap::Args)]
@@ -181,6 +185,7 @@ fn main() {
             Cmd::Get(args) => report("get", get(args).await),
             Cmd::Status(args) => report("status", status(args).await),
             Cmd::Participants(args) => report("participants", participants(args).await),
+            Cmd::Ring(args) => report("ring", ring::run(args).await),
             Cmd::Locks(args) => report("locks", locks(args).await),
             Cmd::Retry(args) => report("retry", retry(args).await),
             Cmd::Stuck(args) => report("stuck", stuck(args).await),
@@ -268,12 +273,18 @@ async fn participants(args: ListArgs) -> Result<(), Failure> {
     if args.target.json {
         let list: Vec<_> = listed
             .iter()
-            .map(|p| json!({ "name": p.name, "address": p.address, "state": p.state }))
+            .map(|p| {
+                json!({ "name": p.name, "address": p.address, "state": p.state, "role": p.role,
+                        "in_ring": p.in_ring, "share": p.share })
+            })
             .collect();
         println!("{}", serde_json::Value::Array(list));
     } else {
         for p in listed {
-            println!("{}\t{}\t{}", p.name, p.address, p.state);
+            let ring =
+                if p.in_ring { format!("{:.1}% of keys", p.share * 100.0) } else { "not in the ring".into() };
+            let ring = if p.role == "service" { "branches by name".to_owned() } else { ring };
+            println!("{}\t{}\t{}\t{}\t{ring}", p.name, p.address, p.state, p.role);
         }
     }
     Ok(())

@@ -16,7 +16,6 @@
 //! ```
 
 mod multiplex;
-pub mod ring;
 mod txn;
 
 use std::collections::BTreeMap;
@@ -31,7 +30,7 @@ pub use decree_proto::{v1, KvOp, TxId};
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
-pub use ring::Ring;
+pub use decree_proto::ring::{self, Ring, Routing};
 pub use txn::Transaction;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +42,9 @@ pub enum ClientError {
     /// The server answered with an error (its message says why).
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(#[from] tonic::Status),
-    #[error("no participant is enrolled with the coordinator")]
+    #[error(
+        "the ring has no members: add one with `decree ring add NAME`, or start KV participants with --join"
+    )]
     NoParticipants,
     #[error(transparent)]
     Invalid(#[from] decree_proto::InvalidInput),
@@ -158,11 +159,24 @@ impl TxnResult {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ParticipantInfo {
     pub name: String,
     pub address: String,
     pub state: String,
+    /// "member" or "service".
+    pub role: String,
+    /// Share of the keyspace under the current ring (0 when not in it).
+    pub share: f64,
+    pub in_ring: bool,
+}
+
+/// A ring change (see `decree ring`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingChange {
+    Add { name: String, weight: u32 },
+    Remove { name: String },
+    Weight { name: String, weight: u32 },
 }
 
 /// A committed branch whose phase two stopped on a refusal retrying cannot
@@ -201,18 +215,39 @@ fn channel(url: &str) -> Result<Channel, ClientError> {
 
 /// Encodes KV operations as a KV participant's branch payload.
 pub fn kv_payload(ops: Vec<KvOp>) -> Vec<u8> {
-    v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec()
+    v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration: None }.encode_to_vec()
 }
 
-/// A client of one coordinator and its participants.
+/// What a client routes by: the ring's routing and each participant's channel.
+#[derive(Default)]
+struct View {
+    routing: Routing,
+    participants: BTreeMap<String, (String, Channel)>,
+}
+
+/// A client of one coordinator and its participants. Clones share one view
+/// of the ring: a redirect seen by one refreshes it for all.
 #[derive(Clone)]
 pub struct Client {
     coordinator: CoordinatorClient<Channel>,
     /// One-shot transactions, multiplexed over one stream.
     transactions: std::sync::Arc<multiplex::Multiplexer>,
     registry: RegistryClient<Channel>,
-    participants: BTreeMap<String, (String, Channel)>,
-    ring: Ring,
+    view: std::sync::Arc<std::sync::RwLock<std::sync::Arc<View>>>,
+}
+
+/// How often a request sent to a stale owner, or to a key that is moving, is
+/// sent again (after refreshing the ring) before the error is returned.
+const REROUTES: u32 = 60;
+
+/// The pause before the `attempt`th re-route: 2 ms doubling to 100 ms (about 5 s in all).
+fn reroute_pause(attempt: u32) -> Duration {
+    Duration::from_millis((2u64 << attempt.min(6)).min(100))
+}
+
+/// True for the answers that mean "not here, or not now: route again".
+fn reroute(code: Reason) -> bool {
+    matches!(code, Reason::WrongOwner | Reason::Migrating)
 }
 
 impl Client {
@@ -225,12 +260,11 @@ impl Client {
         let coordinator = CoordinatorClient::new(channel.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let mut client = Client {
+        let client = Client {
             transactions: std::sync::Arc::new(multiplex::Multiplexer::new(coordinator.clone(), RPC_TIMEOUT)),
             coordinator,
             registry: RegistryClient::new(channel),
-            participants: BTreeMap::new(),
-            ring: Ring::default(),
+            view: Default::default(),
         };
         client.refresh().await.map_err(|err| match err {
             ClientError::Status(status) if status.code() == tonic::Code::Unavailable => {
@@ -241,45 +275,110 @@ impl Client {
         Ok(client)
     }
 
-    /// Reads the participant list again and rebuilds the ring.
-    pub async fn refresh(&mut self) -> Result<(), ClientError> {
+    fn view(&self) -> std::sync::Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the participant list and the ring again.
+    pub async fn refresh(&self) -> Result<(), ClientError> {
         let listed = self.participants().await?;
+        let known = self.view();
         let mut participants = BTreeMap::new();
-        for p in listed {
-            let channel = match self.participants.get(&p.name) {
+        for p in &listed {
+            let channel = match known.participants.get(&p.name) {
                 Some((address, channel)) if *address == p.address => channel.clone(),
                 _ => channel(&p.address)?,
             };
-            participants.insert(p.name, (p.address, channel));
+            participants.insert(p.name.clone(), (p.address.clone(), channel));
         }
-        self.ring = Ring::new(participants.keys().cloned());
-        self.participants = participants;
+        let routing = match self.registry.clone().get_ring(v1::GetRingRequest {}).await {
+            Ok(ring) => ring.into_inner().routing.as_ref().map(Routing::from_wire).unwrap_or_default(),
+            // A coordinator from before the ring had epochs: every participant, the old points.
+            Err(status) if status.code() == tonic::Code::Unimplemented => Routing {
+                epoch: 0,
+                current: Ring::weighted(listed.iter().map(|p| (p.name.clone(), 1)), ring::LEGACY_VNODES),
+                migration: None,
+            },
+            Err(status) => return Err(status.into()),
+        };
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) =
+            std::sync::Arc::new(View { routing, participants });
         Ok(())
     }
 
-    pub fn ring(&self) -> &Ring {
-        &self.ring
+    /// The routing this client holds (refreshed on every redirect).
+    pub fn routing(&self) -> Routing {
+        self.view().routing.clone()
     }
 
-    /// The participant that owns `key`.
-    pub fn route(&self, key: &str) -> Result<&str, ClientError> {
-        self.ring.route(key).ok_or(ClientError::NoParticipants)
+    /// The ring keys are routed by once the migration in progress (if any) ends.
+    pub fn ring(&self) -> Ring {
+        self.view().routing.settled().clone()
+    }
+
+    /// The participant that owns `key`, as this client knows the ring.
+    pub fn route(&self, key: &str) -> Result<String, ClientError> {
+        self.view().routing.route(key).map(str::to_owned).ok_or(ClientError::NoParticipants)
+    }
+
+    /// A key that `participant` owns under this client's ring: the first of
+    /// `<prefix>0`, `<prefix>1`, ... that routes to it (`None` if it holds
+    /// no part of the ring). For addressing a member by name with keys it owns.
+    pub fn key_at(&self, participant: &str, prefix: &str) -> Option<String> {
+        let view = self.view();
+        if !view.routing.settled().contains(participant) && !view.routing.current.contains(participant) {
+            return None;
+        }
+        (0..1_000_000u32).map(|n| format!("{prefix}{n}")).find(|k| view.routing.route(k) == Some(participant))
+    }
+
+    /// The channel to `participant`.
+    fn channel_to(&self, participant: &str) -> Result<Channel, ClientError> {
+        let view = self.view();
+        let (_, channel) = view
+            .participants
+            .get(participant)
+            .ok_or_else(|| ClientError::UnknownParticipant(participant.into()))?;
+        Ok(channel.clone())
+    }
+
+    /// Refreshes the ring after a redirect and waits before the `attempt`th
+    /// try; false once the tries are spent.
+    async fn rerouted(&self, attempt: u32) -> bool {
+        if attempt >= REROUTES {
+            return false;
+        }
+        tokio::time::sleep(reroute_pause(attempt)).await;
+        // A failed refresh keeps the old view: the next try tells again.
+        let _ = self.refresh().await;
+        true
     }
 
     /// Runs `ops` as one transaction: each op goes to the participant that owns
-    /// its key; ops on one participant keep their order.
+    /// its key; ops on one participant keep their order. A transaction that
+    /// reached a stale owner, or a key that was moving, aborted without effect:
+    /// it runs again (a new txid) on the refreshed ring.
     pub async fn transact(&self, ops: Vec<KvOp>) -> Result<TxnResult, ClientError> {
-        let mut branches: BTreeMap<String, Vec<KvOp>> = BTreeMap::new();
-        for op in ops {
+        for op in &ops {
             KvOp::check_key(op.key())?;
-            let owner = self.route(op.key())?.to_owned();
-            branches.entry(owner).or_default().push(op);
         }
-        let branches = branches
-            .into_iter()
-            .map(|(participant, ops)| v1::Branch { participant, payload: kv_payload(ops) })
-            .collect();
-        self.transact_branches(branches).await
+        let mut attempt = 0;
+        loop {
+            let mut branches: BTreeMap<String, Vec<KvOp>> = BTreeMap::new();
+            for op in &ops {
+                branches.entry(self.route(op.key())?).or_default().push(op.clone());
+            }
+            let branches = branches
+                .into_iter()
+                .map(|(participant, ops)| v1::Branch { participant, payload: kv_payload(ops) })
+                .collect();
+            let result = self.transact_branches(branches).await?;
+            let moved = result.outcome == Outcome::Aborted && reroute(result.code);
+            if !(moved && self.rerouted(attempt).await) {
+                return Ok(result);
+            }
+            attempt += 1;
+        }
     }
 
     /// Runs a transaction over explicit branches (any participant's payloads).
@@ -289,35 +388,80 @@ impl Client {
         TxnResult::from_wire(response)
     }
 
-    /// Committed values of `keys`, each read from its participant.
+    /// Committed values of `keys`, each read from its owner. A key whose
+    /// owner changed, or that is moving, is read again on the refreshed ring.
     pub async fn get(&self, keys: &[String]) -> Result<BTreeMap<String, Option<Vec<u8>>>, ClientError> {
-        let mut by_owner: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for key in keys {
             KvOp::check_key(key)?;
-            by_owner.entry(self.route(key)?).or_default().push(key.clone());
         }
         let mut out = BTreeMap::new();
-        for (owner, keys) in by_owner {
-            let (_, channel) =
-                self.participants.get(owner).ok_or_else(|| ClientError::UnknownParticipant(owner.into()))?;
-            let response = KvClient::new(channel.clone()).get(v1::GetRequest { keys }).await?.into_inner();
-            out.extend(response.values.into_iter().map(|kv| (kv.key, kv.value)));
+        let mut left: Vec<String> = keys.to_vec();
+        let mut attempt = 0;
+        loop {
+            let epoch = self.view().routing.epoch.max(1);
+            let mut by_owner: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for key in left.drain(..) {
+                by_owner.entry(self.route(&key)?).or_default().push(key);
+            }
+            let mut redirect = None;
+            for (owner, keys) in by_owner {
+                let channel = self.channel_to(&owner)?;
+                let request = v1::GetRequest { keys: keys.clone(), ring_epoch: epoch };
+                match KvClient::new(channel).get(request).await {
+                    Ok(response) => {
+                        let response = response.into_inner();
+                        out.extend(response.values.into_iter().map(|kv| (kv.key, kv.value)));
+                        if let Some(r) = response.redirect {
+                            left.extend(r.keys);
+                            redirect = Some((Reason::from_wire(r.reason_code), r.reason));
+                        }
+                    }
+                    Err(status) if reroute(Reason::of_status(&status)) => {
+                        left.extend(keys);
+                        redirect = Some((Reason::of_status(&status), status.message().to_owned()));
+                    }
+                    Err(status) => return Err(status.into()),
+                }
+            }
+            let Some((code, reason)) = redirect else { return Ok(out) };
+            if !self.rerouted(attempt).await {
+                let status = code.on_status(tonic::Status::unavailable(reason));
+                return Err(ClientError::Status(status));
+            }
+            attempt += 1;
         }
-        Ok(out)
     }
 
-    /// Committed values of `keys` at one named participant, bypassing routing.
+    /// Committed values of `keys` at one named participant, bypassing routing
+    /// (a key it does not own is an error).
     pub async fn get_at(
         &self,
         participant: &str,
         keys: Vec<String>,
     ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-        let (_, channel) = self
-            .participants
-            .get(participant)
-            .ok_or_else(|| ClientError::UnknownParticipant(participant.into()))?;
-        let response = KvClient::new(channel.clone()).get(v1::GetRequest { keys }).await?.into_inner();
+        let channel = self.channel_to(participant)?;
+        let response = KvClient::new(channel).get(v1::GetRequest { keys, ring_epoch: 0 }).await?.into_inner();
         Ok(response.values.into_iter().map(|kv| kv.value).collect())
+    }
+
+    /// The ring as the coordinator holds it: routing, shares, migration.
+    pub async fn ring_status(&self) -> Result<v1::GetRingResponse, ClientError> {
+        Ok(self.registry.clone().get_ring(v1::GetRingRequest {}).await?.into_inner())
+    }
+
+    /// Asks the coordinator for a ring change; answered once it is durable
+    /// and its migration has started.
+    pub async fn change_ring(&self, change: RingChange) -> Result<Routing, ClientError> {
+        let (op, name, weight) = match change {
+            RingChange::Add { name, weight } => (v1::change_ring_request::Op::Add, name, weight),
+            RingChange::Remove { name } => (v1::change_ring_request::Op::Remove, name, 0),
+            RingChange::Weight { name, weight } => (v1::change_ring_request::Op::Weight, name, weight),
+        };
+        let request = v1::ChangeRingRequest { op: op as i32, name, weight };
+        let response = self.registry.clone().change_ring(request).await?.into_inner();
+        let routing = response.routing.as_ref().map(Routing::from_wire).unwrap_or_default();
+        let _ = self.refresh().await;
+        Ok(routing)
     }
 
     /// Redelivers phase two of `txid` now: the participants asked again, and
@@ -353,13 +497,23 @@ impl Client {
         Ok(response
             .participants
             .into_iter()
-            .map(|p| ParticipantInfo { name: p.name, address: p.address, state: p.state })
+            .map(|p| ParticipantInfo {
+                role: match v1::Role::try_from(p.role) {
+                    Ok(v1::Role::Service) => "service".to_owned(),
+                    _ => "member".to_owned(),
+                },
+                share: p.share,
+                in_ring: p.in_ring,
+                name: p.name,
+                address: p.address,
+                state: p.state,
+            })
             .collect())
     }
 
     /// `(name, channel)` of every enrolled participant.
     fn participant_channels(&self) -> Vec<(String, Channel)> {
-        self.participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect()
+        self.view().participants.iter().map(|(name, (_, channel))| (name.clone(), channel.clone())).collect()
     }
 
     /// Every prepared, undecided branch at every participant that answers.

@@ -76,35 +76,45 @@ impl Transaction {
             });
         }
         KvOp::check_key(key)?;
-        let owner = self.client.route(key)?.to_owned();
-        self.touched.insert(owner.clone());
-        let (_, channel) = self
-            .client
-            .participants
-            .get(&owner)
-            .ok_or_else(|| ClientError::UnknownParticipant(owner.clone()))?;
-        let request = v1::ExecuteRequest {
-            txid: self.txid.clone(),
-            ops: ops.into_iter().map(Into::into).collect(),
-            get,
-        };
-        match KvClient::new(channel.clone()).execute(request).await {
-            Ok(response) => Ok(response.into_inner().values.into_iter().map(|kv| kv.value).collect()),
-            Err(status) if status.code() == tonic::Code::Aborted => {
-                // The branch is gone (a lost lock conflict): end the whole transaction now.
-                let reason = status.message().to_owned();
-                let code = Reason::of_status(&status);
-                self.aborted = Some((code, reason.clone()));
-                let _ = self
-                    .client
-                    .coordinator
-                    .clone()
-                    .abort(v1::AbortTransactionRequest { txid: self.txid.clone() })
-                    .await;
-                Err(ClientError::Aborted { txid: self.txid.clone(), code, reason })
+        let mut attempt = 0;
+        let status = loop {
+            let owner = self.client.route(key)?;
+            self.touched.insert(owner.clone());
+            let channel = self.client.channel_to(&owner)?;
+            let request = v1::ExecuteRequest {
+                txid: self.txid.clone(),
+                ops: ops.iter().cloned().map(Into::into).collect(),
+                get: get.clone(),
+                migration: None,
+            };
+            match KvClient::new(channel).execute(request).await {
+                Ok(response) => {
+                    return Ok(response.into_inner().values.into_iter().map(|kv| kv.value).collect())
+                }
+                // Not that participant's key (any more), or moving: the work did nothing; route it again.
+                Err(status) if crate::reroute(Reason::of_status(&status)) => {
+                    if !self.client.rerouted(attempt).await {
+                        break status;
+                    }
+                    attempt += 1;
+                }
+                Err(status) => break status,
             }
-            Err(status) => Err(status.into()),
+        };
+        if status.code() != tonic::Code::Aborted {
+            return Err(status.into());
         }
+        // The branch is gone (a lost lock conflict): end the whole transaction now.
+        let reason = status.message().to_owned();
+        let code = Reason::of_status(&status);
+        self.aborted = Some((code, reason.clone()));
+        let _ = self
+            .client
+            .coordinator
+            .clone()
+            .abort(v1::AbortTransactionRequest { txid: self.txid.clone() })
+            .await;
+        Err(ClientError::Aborted { txid: self.txid.clone(), code, reason })
     }
 
     /// The value of `key` as this transaction sees it; the key stays locked

@@ -72,6 +72,16 @@ pub struct Options {
     /// participant`: a service built on the participant library that takes
     /// its flags (e.g. the inventory example).
     pub participant_program_for: Vec<(String, PathBuf)>,
+    /// KV participants start with `--join`, and start waits until they are
+    /// all in the ring (the ring forms one member at a time).
+    pub join: bool,
+    /// Only the first this many KV participants join (the others enroll as
+    /// members outside the ring, for `decree ring add`).
+    pub join_first: Option<usize>,
+    /// Every `decree participant` is a named service (`--role service`): a KV
+    /// store that takes any key addressed to it by name, in no ring. For
+    /// tests that send the same keys to several participants by name.
+    pub services: bool,
 }
 
 impl Options {
@@ -85,6 +95,9 @@ impl Options {
             participant_args: Vec::new(),
             participant_args_for: Vec::new(),
             participant_program_for: Vec::new(),
+            join: true,
+            join_first: None,
+            services: false,
         }
     }
 }
@@ -156,7 +169,56 @@ impl Cluster {
         if let Err(err) = cluster.wait_enrolled(Duration::from_secs(30)).await {
             return Err(HarnessError::Other(format!("{err}\n{}", cluster.report())));
         }
+        let members = cluster.joining();
+        if let Err(err) = cluster.wait_ring(&members, Duration::from_secs(60)).await {
+            return Err(HarnessError::Other(format!("{err}\n{}", cluster.report())));
+        }
         Ok(cluster)
+    }
+
+    /// The participants started with `--join`: KV stores that are not services.
+    fn joining(&self) -> Vec<String> {
+        (0..self.participants.len())
+            .filter(|i| self.joins(*i))
+            .map(|i| self.participants[i].name.clone())
+            .collect()
+    }
+
+    fn custom(&self, name: &str) -> bool {
+        self.options.participant_program_for.iter().any(|(n, _)| n == name)
+    }
+
+    fn joins(&self, i: usize) -> bool {
+        let name = &self.participants[i].name;
+        let args = self.participant_args(name);
+        let service = args
+            .windows(2)
+            .any(|w| (w[0] == "--backend" && w[1] == "postgres") || (w[0] == "--role" && w[1] == "service"));
+        self.options.join && !self.custom(name) && !service && self.options.join_first.is_none_or(|n| i < n)
+    }
+
+    fn participant_args(&self, name: &str) -> Vec<String> {
+        let own = self.options.participant_args_for.iter().filter(|(n, _)| n == name);
+        let mut args = self.options.participant_args.clone();
+        if self.options.services && !self.custom(name) {
+            args.extend(["--role".to_owned(), "service".to_owned()]);
+        }
+        args.extend(own.flat_map(|(_, a)| a.iter().cloned()));
+        args
+    }
+
+    /// Waits until the ring's members are exactly `members` and no key is moving.
+    pub async fn wait_ring(&self, members: &[String], timeout: Duration) -> Result<()> {
+        let mut want = members.to_vec();
+        want.sort();
+        poll(timeout, &format!("the ring to be {want:?} with nothing moving"), || async {
+            let client = Client::connect(&self.coordinator_url()).await.ok()?;
+            let ring = client.ring_status().await.ok()?;
+            let routing = decree_client::Routing::from_wire(ring.routing.as_ref()?);
+            (routing.migration.is_none() && ring.queued.is_empty() && routing.current.names() == want)
+                .then_some(())
+        })
+        .await
     }
 
     /// The directory holding every data directory and log.
@@ -227,9 +289,10 @@ impl Cluster {
             NodeId::Coordinator => self.options.coordinator_args.clone(),
             NodeId::Participant(i) => {
                 let name = &self.participants[i].name;
-                let own = self.options.participant_args_for.iter().filter(|(n, _)| n == name);
-                let mut args = self.options.participant_args.clone();
-                args.extend(own.flat_map(|(_, a)| a.iter().cloned()));
+                let mut args = self.participant_args(name);
+                if self.joins(i) {
+                    args.push("--join".into());
+                }
                 args
             }
         };

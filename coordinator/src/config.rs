@@ -60,6 +60,9 @@ pub struct Config {
     /// How often the window of ended outcomes is pruned.
     #[arg(long, env = "DECREE_PRUNE_INTERVAL_MS", default_value_t = 1_000)]
     pub prune_interval_ms: u64,
+    /// Most keys one migration batch moves (one transaction over the members).
+    #[arg(long, env = "DECREE_MIGRATION_BATCH_KEYS", default_value_t = 256)]
+    pub migration_batch_keys: u32,
     #[command(flatten)]
     #[serde(flatten)]
     pub process: decree_runtime::serve::ProcessOptions,
@@ -89,12 +92,16 @@ impl Config {
             retain_ended: 1_000_000,
             retain_ended_ms: 3_600_000,
             prune_interval_ms: 1_000,
+            migration_batch_keys: 256,
             process: decree_runtime::serve::ProcessOptions::default(),
         }
     }
 
     /// Checks every value; the message names the option.
     pub fn validate(&self) -> Result<(), String> {
+        if !(1..=100_000).contains(&self.migration_batch_keys) {
+            return Err("--migration-batch-keys must be between 1 and 100000".into());
+        }
         let positive = [
             ("--prepare-timeout-ms", self.prepare_timeout_ms),
             ("--commit-timeout-ms", self.commit_timeout_ms),

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod engine;
+mod membership;
 mod phase_one;
 mod phase_two;
 mod registry;
@@ -111,15 +112,19 @@ pub async fn serve(
         std::time::Duration::from_millis(config.liveness_ms),
         config.max_message_bytes,
     ));
-    for (name, address) in std::mem::take(&mut recovered.participants) {
-        if let Err(err) = registry.enroll(name.clone(), &address, false) {
+    for (name, address, role) in std::mem::take(&mut recovered.participants) {
+        if let Err(err) = registry.enroll(name.clone(), &address, registry::Role::from_wire(role), false) {
             tracing::warn!(participant = %name, error = %err, "ignoring a stored participant");
         }
     }
+    let ring = recovered.ring.take();
+    let members_before: Vec<_> =
+        registry.list().into_iter().filter(|p| p.role == registry::Role::Member).map(|p| p.name).collect();
     let handle = runtime::start(config.clone(), store, registry, disk, recovered);
+    let membership = membership::Membership::start(handle.clone(), ring, members_before).await?;
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
     tokio::spawn(runtime::prune_ended(handle.clone(), stop_streams.clone()));
-    let service = service::Service::new(handle.clone(), stop_streams);
+    let service = service::Service::new(handle.clone(), membership, stop_streams);
     let limit = config.max_message_bytes * 2;
     let routes = Routes::new(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))
         .add_service(RegistryServer::new(service).max_decoding_message_size(limit));

@@ -1,4 +1,4 @@
-//! The participants that enrolled: name, address, a reused gRPC channel, liveness.
+//! The participants that enrolled: name, address, role, a reused gRPC channel, liveness.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -8,8 +8,36 @@ use decree_proto::v1::participant_client::ParticipantClient;
 use decree_proto::{InvalidInput, ParticipantName};
 use tonic::transport::{Channel, Endpoint};
 
+/// What a participant enrolled as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Of the keyspace: may be in the ring.
+    Member,
+    /// Branches by name only; never in the ring.
+    Service,
+}
+
+impl Role {
+    /// From `decree.v1.Role` (unset, from before roles: a member).
+    pub fn from_wire(role: i32) -> Role {
+        match decree_proto::v1::Role::try_from(role) {
+            Ok(decree_proto::v1::Role::Service) => Role::Service,
+            _ => Role::Member,
+        }
+    }
+
+    pub fn to_wire(self) -> i32 {
+        match self {
+            Role::Member => decree_proto::v1::Role::Member as i32,
+            Role::Service => decree_proto::v1::Role::Service as i32,
+        }
+    }
+}
+
 struct Member {
     address: String,
+    role: Role,
+    channel: Channel,
     client: ParticipantClient<Channel>,
     last_seen: Option<Instant>,
 }
@@ -26,6 +54,7 @@ pub struct Registry {
 pub struct Listed {
     pub name: ParticipantName,
     pub address: String,
+    pub role: Role,
     pub up: bool,
 }
 
@@ -41,7 +70,13 @@ impl Registry {
 
     /// Adds or updates a participant. `seen` is false for entries loaded from disk.
     /// Must run inside a tokio runtime (the channel connects lazily in the background).
-    pub fn enroll(&self, name: ParticipantName, address: &str, seen: bool) -> Result<(), InvalidInput> {
+    pub fn enroll(
+        &self,
+        name: ParticipantName,
+        address: &str,
+        role: Role,
+        seen: bool,
+    ) -> Result<(), InvalidInput> {
         let bad = |why: &str| InvalidInput::Field { field: "address", why: format!("{address:?}: {why}") };
         if !(address.starts_with("http://") || address.starts_with("https://")) || address.len() > 256 {
             return Err(bad("expected a URL like http://127.0.0.1:7001"));
@@ -50,17 +85,21 @@ impl Registry {
         let mut members = self.members();
         let last_seen = seen.then(Instant::now);
         match members.get_mut(&name) {
-            Some(member) if member.address == address => member.last_seen = last_seen.or(member.last_seen),
+            Some(member) if member.address == address => {
+                member.last_seen = last_seen.or(member.last_seen);
+                member.role = role;
+            }
             _ => {
                 let channel = endpoint
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .connect_lazy();
-                let client = ParticipantClient::new(channel)
+                let client = ParticipantClient::new(channel.clone())
                     .max_decoding_message_size(self.max_message_bytes * 2)
                     .max_encoding_message_size(self.max_message_bytes * 2);
-                members.insert(name, Member { address: address.to_owned(), client, last_seen });
+                members
+                    .insert(name, Member { address: address.to_owned(), role, channel, client, last_seen });
             }
         }
         Ok(())
@@ -85,6 +124,19 @@ impl Registry {
         self.members().contains_key(name)
     }
 
+    /// The channel to a participant (for its other services, e.g. Kv).
+    pub fn channel(&self, name: &ParticipantName) -> Option<Channel> {
+        self.members().get(name).map(|m| m.channel.clone())
+    }
+
+    /// The role and liveness of a participant, if it enrolled.
+    pub fn status(&self, name: &ParticipantName) -> Option<(Role, bool)> {
+        let now = Instant::now();
+        self.members()
+            .get(name)
+            .map(|m| (m.role, m.last_seen.is_some_and(|seen| now.duration_since(seen) <= self.liveness)))
+    }
+
     pub fn list(&self) -> Vec<Listed> {
         let now = Instant::now();
         self.members()
@@ -92,6 +144,7 @@ impl Registry {
             .map(|(name, m)| Listed {
                 name: name.clone(),
                 address: m.address.clone(),
+                role: m.role,
                 up: m.last_seen.is_some_and(|seen| now.duration_since(seen) <= self.liveness),
             })
             .collect()

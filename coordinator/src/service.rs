@@ -11,6 +11,8 @@ use decree_proto::{InvalidInput, ParticipantName, TxId};
 use tonic::{Request, Response, Status};
 
 use crate::engine::Decided;
+use crate::membership::Change;
+use crate::registry::Role;
 use crate::runtime::Handle;
 use crate::CoordinatorError;
 
@@ -20,13 +22,18 @@ const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Clone)]
 pub struct Service {
     handle: Handle,
+    membership: std::sync::Arc<crate::membership::Membership>,
     /// Turns true at shutdown: open TransactStreams end, so the server can finish.
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Service {
-    pub(crate) fn new(handle: Handle, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
-        Service { handle, stopping }
+    pub(crate) fn new(
+        handle: Handle,
+        membership: std::sync::Arc<crate::membership::Membership>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Service { handle, membership, stopping }
     }
 
     /// One one-shot transaction: decided, or refused before it started.
@@ -268,10 +275,27 @@ impl Registry for Service {
     ) -> Result<Response<v1::EnrollResponse>, Status> {
         let request = request.into_inner();
         let name: ParticipantName = request.name.parse().map_err(CoordinatorError::from)?;
-        self.handle.registry.enroll(name.clone(), &request.address, true).map_err(CoordinatorError::from)?;
-        self.handle.store.save_participant(&name, &request.address).await.map_err(CoordinatorError::from)?;
-        tracing::info!(participant = %name, address = %request.address, "participant enrolled");
-        self.handle.enrolled(name);
+        let role = Role::from_wire(request.role);
+        if role == Role::Service && self.membership.in_ring(name.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "{name} is in the ring: it holds keys, so it cannot enroll as a service (decree ring remove {name} first)"
+            )));
+        }
+        self.handle
+            .registry
+            .enroll(name.clone(), &request.address, role, true)
+            .map_err(CoordinatorError::from)?;
+        self.handle
+            .store
+            .save_participant(&name, &request.address, role.to_wire())
+            .await
+            .map_err(CoordinatorError::from)?;
+        tracing::info!(participant = %name, address = %request.address, ?role, join = request.join, "participant enrolled");
+        self.handle.enrolled(name.clone());
+        if request.join && role == Role::Member {
+            let membership = self.membership.clone();
+            tokio::spawn(async move { membership.join(name).await });
+        }
         Ok(Response::new(v1::EnrollResponse {
             coordinator_incarnation: self.handle.incarnation,
             coordinator_id: format!("{:08x}", self.handle.coordinator_id),
@@ -291,17 +315,45 @@ impl Registry for Service {
         &self,
         _request: Request<v1::ListParticipantsRequest>,
     ) -> Result<Response<v1::ListParticipantsResponse>, Status> {
+        let routing = self.membership.routing();
+        let shares: std::collections::BTreeMap<String, f64> = routing.current.shares().into_iter().collect();
         let participants = self
             .handle
             .registry
             .list()
             .into_iter()
             .map(|m| v1::ParticipantInfo {
+                share: shares.get(m.name.as_str()).copied().unwrap_or(0.0),
+                in_ring: self.membership.in_ring(m.name.as_str()),
                 name: m.name.to_string(),
                 address: m.address,
                 state: if m.up { "up" } else { "down" }.to_owned(),
+                role: m.role.to_wire(),
             })
             .collect();
         Ok(Response::new(v1::ListParticipantsResponse { participants }))
+    }
+
+    async fn get_ring(
+        &self,
+        _request: Request<v1::GetRingRequest>,
+    ) -> Result<Response<v1::GetRingResponse>, Status> {
+        Ok(Response::new(self.membership.describe().await))
+    }
+
+    async fn change_ring(
+        &self,
+        request: Request<v1::ChangeRingRequest>,
+    ) -> Result<Response<v1::ChangeRingResponse>, Status> {
+        let request = request.into_inner();
+        let name: ParticipantName = request.name.parse().map_err(CoordinatorError::from)?;
+        let change = match v1::change_ring_request::Op::try_from(request.op) {
+            Ok(v1::change_ring_request::Op::Add) => Change::Add { name, weight: request.weight.max(1) },
+            Ok(v1::change_ring_request::Op::Remove) => Change::Remove { name },
+            Ok(v1::change_ring_request::Op::Weight) => Change::Weight { name, weight: request.weight },
+            _ => return Err(field("op", "expected OP_ADD, OP_REMOVE or OP_WEIGHT").into()),
+        };
+        let routing = self.membership.change(change).await?;
+        Ok(Response::new(v1::ChangeRingResponse { routing: Some(routing.to_wire()) }))
     }
 }

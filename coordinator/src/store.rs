@@ -60,7 +60,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use decree_proto::{ParticipantName, TxId};
+use decree_proto::{v1, ParticipantName, TxId};
 use decree_runtime::record::TxIdRecord;
 use decree_runtime::{record, Durability, Log, LogError, RecordError, Storage, Write};
 
@@ -70,6 +70,7 @@ const DECISION: &[u8] = b"d/";
 const COMMITTED: &[u8] = b"c/";
 const REGISTRY: &[u8] = b"r/";
 const ONE_PHASE_IN_DOUBT: &[u8] = b"u/";
+const RING_KEY: &[u8] = b"g/ring";
 /// End records of the layout before the `c/` window (migrated at open).
 const OLD_END: &[u8] = b"e/";
 
@@ -106,6 +107,32 @@ struct InDoubtRecord {
 struct ParticipantRecord {
     #[prost(string, tag = "1")]
     address: String,
+    /// decree.v1.Role (0, from before roles: a member).
+    #[prost(int32, tag = "2")]
+    role: i32,
+}
+
+/// The ring as the coordinator keeps it (`g/ring`): its routing, and the
+/// migration in progress.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RingRecord {
+    #[prost(message, optional, tag = "1")]
+    pub routing: Option<v1::Routing>,
+    #[prost(message, optional, tag = "2")]
+    pub migration: Option<v1::Migration>,
+    /// The batch under way (begun, maybe not decided): aborted at start unless decided.
+    #[prost(string, tag = "3")]
+    pub batch: String,
+    /// Members waiting to join once the migration ends.
+    #[prost(string, repeated, tag = "4")]
+    pub queued: Vec<String>,
+    /// The migration that ended last.
+    #[prost(message, optional, tag = "5")]
+    pub last: Option<v1::Migration>,
+    /// The routing `batch` leads to if it commits: taken at start when its
+    /// decision is in the log, so the ring never routes behind its members.
+    #[prost(message, optional, tag = "6")]
+    pub batch_routing: Option<v1::Routing>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,8 +153,10 @@ pub struct Recovered {
     pub unfinished: Vec<(TxId, Vec<ParticipantName>)>,
     /// One-phase transactions whose outcome is not known yet: ask their participant.
     pub one_phase_in_doubt: Vec<(TxId, ParticipantName)>,
-    /// Participants enrolled before, with their last address.
-    pub participants: Vec<(ParticipantName, String)>,
+    /// Participants enrolled before, with their last address and role (decree.v1.Role).
+    pub participants: Vec<(ParticipantName, String, i32)>,
+    /// The ring, if one was ever recorded.
+    pub ring: Option<RingRecord>,
     /// Ended outcomes below this txid are forgotten (`None`: nothing pruned yet).
     pub horizon: Option<TxId>,
     /// Records read to start: a measure of start's work that does not depend
@@ -253,8 +282,12 @@ impl<S: Storage> DecisionLog<S> {
             let name =
                 name.ok_or_else(|| corrupt(&key, RecordError::Decode("bad participant name".into())))?;
             let entry = record::decode::<ParticipantRecord>(&value).map_err(|e| corrupt(&key, e))?;
-            participants.push((name, entry.address));
+            participants.push((name, entry.address, entry.role));
         }
+        let ring = match log.get(RING_KEY)? {
+            None => None,
+            Some(bytes) => Some(record::decode::<RingRecord>(&bytes).map_err(|e| corrupt(RING_KEY, e))?),
+        };
         let records_read = log.stats().records_read.load(Ordering::Relaxed) - read_before;
         let store = DecisionLog {
             log,
@@ -268,6 +301,7 @@ impl<S: Storage> DecisionLog<S> {
             unfinished,
             one_phase_in_doubt,
             participants,
+            ring,
             horizon,
             records_read,
         };
@@ -413,11 +447,29 @@ impl<S: Storage> DecisionLog<S> {
         }
     }
 
-    /// Remembers a participant's address (not synced).
-    pub async fn save_participant(&self, name: &ParticipantName, address: &str) -> Result<(), StoreError> {
+    /// Remembers a participant's address and role (not synced).
+    pub async fn save_participant(
+        &self,
+        name: &ParticipantName,
+        address: &str,
+        role: i32,
+    ) -> Result<(), StoreError> {
         let key = [REGISTRY, name.as_str().as_bytes()].concat();
-        let value = record::encode(&ParticipantRecord { address: address.to_owned() });
+        let value = record::encode(&ParticipantRecord { address: address.to_owned(), role });
         self.log.write(vec![Write::put(key, value)], false).await?;
+        Ok(())
+    }
+
+    /// Makes the ring's state durable (synced): a ring change, a batch begun.
+    pub async fn save_ring(&self, ring: &RingRecord) -> Result<(), StoreError> {
+        self.log.write(vec![Write::put(RING_KEY, record::encode(ring))], true).await?;
+        Ok(())
+    }
+
+    /// Writes the ring's state without a sync: for what start rebuilds if it
+    /// is lost (a committed batch's cursor, from its decision and `batch_routing`).
+    pub async fn save_ring_unsynced(&self, ring: &RingRecord) -> Result<(), StoreError> {
+        self.log.write(vec![Write::put(RING_KEY, record::encode(ring))], false).await?;
         Ok(())
     }
 
@@ -490,7 +542,30 @@ mod tests {
         the_earlier_layout_is_moved_into_the_window_at_open,
         a_corrupt_decision_refuses_to_start,
         decisions_survive_a_restart_and_ended_ones_still_answer,
+        the_ring_record_survives_a_restart,
     );
+
+    async fn the_ring_record_survives_a_restart<S: Storage>(open: &impl Fn() -> S) {
+        let routing = decree_proto::ring::Routing {
+            epoch: 4,
+            current: decree_proto::ring::Ring::new(["p1", "p2"]),
+            migration: None,
+        };
+        let record = RingRecord {
+            routing: Some(routing.to_wire()),
+            migration: Some(v1::Migration { change: "add p3".into(), moved_keys: 7, ..Default::default() }),
+            batch: "00000001-1-9".into(),
+            queued: vec!["p4".into()],
+            last: None,
+            batch_routing: None,
+        };
+        {
+            let (store, _) = reopen(open).await;
+            store.save_ring(&record).await.unwrap();
+        }
+        let (_, recovered) = reopen(open).await;
+        assert_eq!(recovered.ring, Some(record));
+    }
 
     async fn incarnation_grows_and_unfinished_decisions_come_back<S: Storage>(open: &impl Fn() -> S) {
         let (first_id, t1, t2, t3);
@@ -506,14 +581,15 @@ mod tests {
             store.log_decision(t2, &[p("b")]).await.unwrap();
             store.log_end(t2).await.unwrap();
             store.log_one_phase_commit(t3, &p("a"), false).await.unwrap();
-            store.save_participant(&p("a"), "http://127.0.0.1:1").await.unwrap();
+            store.save_participant(&p("a"), "http://127.0.0.1:1", 2).await.unwrap();
             assert_eq!(store.ended(), 2);
         }
         let (store, recovered) = reopen(open).await;
         assert_eq!(recovered.coordinator_id, first_id);
         assert_eq!(recovered.incarnation, 2);
         assert_eq!(recovered.unfinished, vec![(t1, vec![p("a"), p("b")])]);
-        assert_eq!(recovered.participants, vec![(p("a"), "http://127.0.0.1:1".to_string())]);
+        assert_eq!(recovered.participants, vec![(p("a"), "http://127.0.0.1:1".to_string(), 2)]);
+        assert_eq!(recovered.ring, None, "no ring recorded yet");
         assert_eq!(recovered.horizon, None);
         // meta, the one unfinished decision, the one registry entry: nothing of the ended ones.
         assert_eq!(recovered.records_read, 3);

@@ -14,6 +14,17 @@ pub enum Backend {
     Postgres,
 }
 
+/// What a participant enrolls as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A member of the keyspace: holds the keys the ring gives it once it is
+    /// in the ring (`decree ring add`, or --join).
+    Member,
+    /// A named service: gets only the branches addressed to it by name, never routed keys.
+    Service,
+}
+
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct Config {
     /// Address to serve gRPC on (Participant and Kv services).
@@ -66,6 +77,14 @@ pub struct Config {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "DECREE_MAX_MESSAGE_BYTES", default_value_t = decree_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// member (of the keyspace, routed keys) or service (branches by name
+    /// only). Default: member for --backend kv, service for --backend postgres.
+    #[arg(long, env = "DECREE_ROLE", value_enum)]
+    pub role: Option<Role>,
+    /// Join the ring once enrolled (a member only): the coordinator adds it,
+    /// after the migration in progress if there is one, and moves its keys to it.
+    #[arg(long, env = "DECREE_JOIN")]
+    pub join: bool,
     /// Where the participant keeps its data: kv (its own RocksDB) or postgres (--pg-url).
     #[arg(long, env = "DECREE_BACKEND", value_enum, default_value_t = Backend::Kv)]
     pub backend: Backend,
@@ -99,6 +118,8 @@ impl Config {
             tombstones: crate::engine::TOMBSTONES,
             tombstone_age_ms: 3_600_000,
             max_message_bytes: decree_proto::MAX_MESSAGE_BYTES,
+            role: None,
+            join: false,
             backend: Backend::Kv,
             pg_url: None,
             pg_table: crate::postgres::DEFAULT_TABLE.to_owned(),
@@ -150,8 +171,22 @@ impl Config {
             (Backend::Kv, None) => {}
         }
         crate::postgres::check_table(&self.pg_table).map_err(|e| format!("--pg-table: {e}"))?;
+        if self.join && self.role() == Role::Service {
+            return Err("--join is for members of the ring; this participant's --role is service".into());
+        }
+        if self.backend == Backend::Postgres && self.role() == Role::Member {
+            return Err("--role member needs --backend kv (keys move between members)".into());
+        }
         self.process.validate()?;
         Ok(())
+    }
+
+    /// The role it enrolls with (see --role).
+    pub fn role(&self) -> Role {
+        self.role.unwrap_or(match self.backend {
+            Backend::Kv => Role::Member,
+            Backend::Postgres => Role::Service,
+        })
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -23,6 +23,10 @@
 //! - Commit and Abort are idempotent; a Prepare for a decided txid votes NO
 //!   (or repeats the committed answer), and a Prepare from an older coordinator
 //!   incarnation votes NO (I8);
+//! - interactive work of an older coordinator incarnation is aborted as soon
+//!   as a newer one is heard of: that work was never prepared, and the
+//!   coordinator that could have committed it is gone, so its locks go now
+//!   rather than at the idle timeout;
 //! - decided txids are remembered within a bound (count and age, see
 //!   [`tombstones`]); a txid below what was forgotten is refused as stale, never
 //!   taken for new, and an Abort for it is answered "forgotten", never "done".
@@ -81,6 +85,10 @@ pub enum Validated {
     ReadOnly,
     /// The branch cannot commit.
     Refused { reason: String },
+    /// A key of the branch is not this participant's to serve now (a stale
+    /// route, or a key moving): NO with `code` ([`Reason::WrongOwner`] or
+    /// [`Reason::Migrating`]), so the client routes again.
+    NotOwned { code: Reason, reason: String },
 }
 
 /// Answer to a Commit or Abort.
@@ -450,7 +458,10 @@ impl Engine {
     pub fn on_event(&mut self, event: Event) {
         match event {
             Event::CoordinatorIncarnation { incarnation } => {
-                self.coordinator_incarnation = self.coordinator_incarnation.max(incarnation);
+                if incarnation > self.coordinator_incarnation {
+                    self.coordinator_incarnation = incarnation;
+                    self.abort_superseded(incarnation);
+                }
             }
             Event::PrepareRequested { txid, keys, payload, one_phase, incarnation, interactive } => {
                 if interactive {
@@ -722,6 +733,11 @@ impl Engine {
                 self.remember(txid, Outcome::Aborted);
                 self.commands
                     .push(Command::Vote { txid, vote: Vote::No { code: Reason::ValidationFailed, reason } });
+            }
+            Validated::NotOwned { code, reason } => {
+                self.release(txid, &keys);
+                self.remember(txid, Outcome::Aborted);
+                self.commands.push(Command::Vote { txid, vote: Vote::No { code, reason } });
             }
         }
     }

@@ -11,7 +11,9 @@ use decree_runtime::{record, Log, LogError, Storage, Write};
 use prost::Message;
 
 use crate::engine::Validated;
+use crate::membership::Ownership;
 use crate::resource::Resource;
+use decree_proto::ring::Routing;
 
 const DATA: &[u8] = b"k/";
 
@@ -19,6 +21,9 @@ const DATA: &[u8] = b"k/";
 struct KvRedo {
     #[prost(message, repeated, tag = "1")]
     writes: Vec<KvWrite>,
+    /// A migration batch's branch: the ring state it leads to (without entries).
+    #[prost(message, optional, tag = "2")]
+    migration: Option<v1::MigrationStep>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -38,16 +43,43 @@ fn data_key(key: &str) -> Vec<u8> {
 #[derive(Clone)]
 pub struct KvStore<S = Log> {
     log: S,
+    ownership: Ownership,
 }
 
 impl<S: Storage> KvStore<S> {
+    /// A store that takes every key sent to it (in no ring).
     pub fn new(log: S) -> Self {
-        KvStore { log }
+        KvStore { log, ownership: Ownership::default() }
+    }
+
+    /// The store of ring member `name`: it serves the keys its recorded ring gives it.
+    pub fn member(log: S, name: &str) -> Result<Self, String> {
+        let ownership = Ownership::load(&log, name)?;
+        Ok(KvStore { log, ownership })
+    }
+
+    pub fn ownership(&self) -> &Ownership {
+        &self.ownership
     }
 
     /// The committed value of `key`.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LogError> {
         self.log.get(&data_key(key))
+    }
+
+    /// Every key from `after` on with its value's size, in key order.
+    pub fn keys_from(&self, after: &str) -> Result<Vec<(String, usize)>, LogError> {
+        self.keys_between(after, None)
+    }
+
+    /// Every key in `[from, to)` (`to` unset: to the last key) with its value's size, in key order.
+    pub fn keys_between(&self, from: &str, to: Option<&str>) -> Result<Vec<(String, usize)>, LogError> {
+        let end = to.map_or_else(|| vec![b'k', b'/' + 1], data_key);
+        let entries = self.log.scan_range(&data_key(from), &end)?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(k, v)| Some((String::from_utf8(k[DATA.len()..].to_vec()).ok()?, v.len())))
+            .collect())
     }
 }
 
@@ -124,8 +156,15 @@ impl Overlay {
 
 /// Decodes a [`v1::KvBatch`] payload into checked ops.
 pub fn ops(payload: &[u8]) -> Result<Vec<KvOp>, String> {
+    Ok(batch(payload)?.0)
+}
+
+/// Decodes a [`v1::KvBatch`] payload into checked ops and its migration step, if any.
+pub fn batch(payload: &[u8]) -> Result<(Vec<KvOp>, Option<v1::MigrationStep>), String> {
     let batch = v1::KvBatch::decode(payload).map_err(|e| format!("invalid KV payload: {e}"))?;
-    batch.ops.into_iter().map(|op| KvOp::try_from(op).map_err(|e| e.to_string())).collect()
+    let ops: Result<Vec<KvOp>, String> =
+        batch.ops.into_iter().map(|op| KvOp::try_from(op).map_err(|e| e.to_string())).collect();
+    Ok((ops?, batch.migration))
 }
 
 /// The distinct keys of `ops`, sorted.
@@ -146,29 +185,61 @@ impl<S: Storage> KvStore<S> {
 
     /// What the branch `payload` would do here: its redo, or why it cannot commit.
     pub fn validate(&self, payload: &[u8]) -> Validated {
-        let writes = match ops(payload).and_then(|ops| self.evaluate(&ops)) {
+        self.validate_for(None, payload)
+    }
+
+    /// [`KvStore::validate`] for the branch of `txid`, whose keys are locked:
+    /// a key this participant does not own now is refused with a redirect.
+    pub fn validate_for(&self, txid: Option<TxId>, payload: &[u8]) -> Validated {
+        let (ops, migration) = match batch(payload) {
+            Ok(batch) => batch,
+            Err(reason) => return Validated::Refused { reason },
+        };
+        if migration.is_none() {
+            if let Err(refusal) = self.ownership.check_all(txid, ops.iter().map(KvOp::key)) {
+                return Validated::NotOwned { code: refusal.code, reason: refusal.reason };
+            }
+        }
+        let writes = match self.evaluate(&ops) {
             Ok(overlay) => overlay.writes(),
             Err(reason) => return Validated::Refused { reason },
         };
-        if writes.is_empty() {
+        // A migration batch records its ring state even where no key moves.
+        if writes.is_empty() && migration.is_none() {
             return Validated::ReadOnly;
         }
         let writes = writes.into_iter().map(|(key, value)| KvWrite { key, value }).collect();
-        Validated::Ready { redo: record::encode(&KvRedo { writes }) }
+        let migration = migration.map(|step| v1::MigrationStep { entries: Vec::new(), ..step });
+        Validated::Ready { redo: record::encode(&KvRedo { writes, migration }) }
     }
 
     /// The writes that apply `redo` (made by [`KvStore::validate`]).
     pub fn apply(&self, redo: &[u8]) -> Result<Vec<Write>, String> {
         let redo: KvRedo = record::decode(redo).map_err(|e| format!("corrupt redo: {e}"))?;
-        Ok(redo
+        let mut writes: Vec<Write> = redo
             .writes
             .into_iter()
             .map(|w| match w.value {
                 Some(value) => Write::put(data_key(&w.key), value),
                 None => Write::delete(data_key(&w.key)),
             })
-            .collect())
+            .collect();
+        if let Some(step) = migration_routing(&redo.migration) {
+            writes.push(self.ownership.record(&step));
+        }
+        Ok(writes)
     }
+
+    /// A migration batch's routing and range start, from its redo.
+    fn migration_of(redo: &[u8]) -> Option<(Routing, String)> {
+        let redo: KvRedo = record::decode(redo).ok()?;
+        let lo = redo.migration.as_ref()?.lo.clone();
+        Some((migration_routing(&redo.migration)?, lo))
+    }
+}
+
+fn migration_routing(step: &Option<v1::MigrationStep>) -> Option<Routing> {
+    step.as_ref()?.routing.as_ref().map(Routing::from_wire)
 }
 
 #[async_trait::async_trait]
@@ -177,12 +248,29 @@ impl<S: Storage> Resource for KvStore<S> {
         Ok(keys(&ops(payload)?))
     }
 
-    async fn prepare(&self, _txid: TxId, payload: &[u8]) -> Validated {
-        self.validate(payload)
+    async fn prepare(&self, txid: TxId, payload: &[u8]) -> Validated {
+        self.validate_for(Some(txid), payload)
     }
 
     async fn commit(&self, _txid: TxId, redo: &[u8]) -> Result<Vec<Write>, String> {
         self.apply(redo)
+    }
+
+    fn committed(&self, txid: TxId, redo: &[u8]) {
+        if let Some((step, _)) = Self::migration_of(redo) {
+            self.ownership.applied(txid, &step);
+        }
+    }
+
+    async fn abort(&self, txid: TxId) -> Result<(), String> {
+        self.ownership.release(txid);
+        Ok(())
+    }
+
+    fn in_doubt(&self, txid: TxId, redo: &[u8]) {
+        if let Some((step, lo)) = Self::migration_of(redo) {
+            self.ownership.recovered(txid, &lo, &step);
+        }
     }
 }
 
@@ -191,7 +279,7 @@ mod tests {
     use super::*;
 
     fn payload(ops: Vec<KvOp>) -> Vec<u8> {
-        v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec()
+        v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration: None }.encode_to_vec()
     }
 
     fn put(k: &str, v: &str) -> KvOp {

@@ -82,6 +82,8 @@
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod membership;
+mod migration;
 pub mod postgres;
 pub mod resource;
 mod runtime;
@@ -144,7 +146,16 @@ impl Builder {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ParticipantError> {
-        serve_with(self.config, |log| (Arc::new(make(log)) as Arc<dyn Resource>, None), listener, shutdown)
+        // A resource of its own is a named service: only the KV store's keys move between members.
+        let mut config = self.config;
+        match config.role {
+            Some(config::Role::Member) => return Err(ParticipantError::Config(
+                "--role member: only the KV store holds ring keys; a service of its own is --role service"
+                    .into(),
+            )),
+            _ => config.role = Some(config::Role::Service),
+        }
+        serve_with(config, |log| Ok((Arc::new(make(log)) as Arc<dyn Resource>, None)), listener, shutdown)
             .await
     }
 }
@@ -155,7 +166,7 @@ type Parts = (Arc<dyn Resource>, Option<service::Reads>);
 
 async fn serve_with(
     config: Config,
-    make: impl FnOnce(&Log) -> Parts,
+    make: impl FnOnce(&Log) -> Result<Parts, ParticipantError>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ParticipantError> {
@@ -178,10 +189,13 @@ async fn serve_with(
     disk.watch();
     let store = BranchLog::open(&config.data_dir, &config.coordinator)?;
     let log_closed = store.log().closed();
-    let (resource, kv) = make(store.log());
+    let (resource, kv) = make(store.log())?;
     let loaded = store.load().await?;
     let prepared: Vec<_> = loaded.prepared.iter().map(|b| b.txid).collect();
     resource.recover(&prepared).await.map_err(ParticipantError::Resource)?;
+    for branch in &loaded.prepared {
+        resource.in_doubt(branch.txid, &branch.redo);
+    }
     let mut engine = Engine::with_waits(config.lock_wait(), config.read_wait())
         .with_tombstones(config.tombstone_retention());
     let recovered = loaded.prepared.len();
@@ -226,6 +240,7 @@ async fn serve_with(
         RegistryClient::new(coordinator_channel.clone()),
         config.name.clone(),
         address,
+        (config.role(), config.join),
         config.heartbeat(),
         incarnation,
     ));
@@ -293,9 +308,10 @@ pub async fn serve(
 ) -> Result<(), ParticipantError> {
     match config.backend {
         Backend::Kv => {
+            let name = config.name.clone();
             let make = |log: &Log| {
-                let kv = KvStore::new(log.clone());
-                (Arc::new(kv.clone()) as Arc<dyn Resource>, Some(service::Reads::Rocks(kv)))
+                let kv = KvStore::member(log.clone(), &name).map_err(ParticipantError::Resource)?;
+                Ok((Arc::new(kv.clone()) as Arc<dyn Resource>, Some(service::Reads::Rocks(kv))))
             };
             serve_with(config, make, listener, shutdown).await
         }
@@ -306,7 +322,7 @@ pub async fn serve(
                 .await
                 .map_err(ParticipantError::Resource)?;
             let make =
-                |_: &Log| (Arc::new(pg.clone()) as Arc<dyn Resource>, Some(service::Reads::Postgres(pg)));
+                |_: &Log| Ok((Arc::new(pg.clone()) as Arc<dyn Resource>, Some(service::Reads::Postgres(pg))));
             serve_with(config, make, listener, shutdown).await
         }
     }

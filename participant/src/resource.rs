@@ -49,6 +49,15 @@ pub trait Resource: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Phase two's commit of `txid` is durable (its writes are in the log):
+    /// state the resource keeps in memory about the branch may change now.
+    fn committed(&self, _txid: TxId, _redo: &[u8]) {}
+
+    /// At start, before serving, for each branch with a durable prepared
+    /// record: its redo, for state the resource keeps in memory while a
+    /// branch is in doubt.
+    fn in_doubt(&self, _txid: TxId, _redo: &[u8]) {}
+
     /// At start, before serving: `prepared` are the branches with a durable
     /// prepared record (in doubt; the coordinator decides them). Work of the
     /// resource's own that is not among them never voted YES: undo it.

@@ -83,6 +83,11 @@ pub(crate) enum Request {
     InDoubt {
         reply: oneshot::Sender<Vec<InDoubt>>,
     },
+    /// See [`Engine::supersede`].
+    Supersede {
+        txid: TxId,
+        reply: oneshot::Sender<bool>,
+    },
     /// Answered when none of `keys` is locked (or the read wait ran out).
     Read {
         keys: Vec<String>,
@@ -150,6 +155,12 @@ impl Handle {
     /// Granted work finished; `done` (if it succeeded) joins the branch's work.
     pub(crate) fn work_done(&self, txid: TxId, done: Option<Vec<u8>>) {
         self.event(Event::WorkDone { txid, done, at: Instant::now() });
+    }
+
+    /// Aborts `txid`'s interactive work if it has not been prepared; true if
+    /// it can no longer commit here.
+    pub(crate) async fn supersede(&self, txid: TxId) -> Result<bool, ShuttingDown> {
+        self.ask(|reply| Request::Supersede { txid, reply }).await
     }
 
     pub(crate) async fn locks(&self) -> Result<(Vec<LockEntry>, LockStats), ShuttingDown> {
@@ -371,6 +382,9 @@ impl Actor {
             Request::InDoubt { reply } => {
                 let _ = reply.send(self.engine.in_doubt());
             }
+            Request::Supersede { txid, reply } => {
+                let _ = reply.send(self.engine.supersede(txid));
+            }
             Request::Read { keys, reply } => {
                 let read = self.next_read;
                 self.next_read += 1;
@@ -411,6 +425,7 @@ impl Actor {
                         if let Err(err) = store.log_commit(txid, writes, one_phase).await {
                             fatal(&err);
                         }
+                        resource.committed(txid, &redo);
                         crash::point(crash::PARTICIPANT_COMMIT_AFTER_APPLY);
                         debug!(%txid, one_phase, "branch committed");
                         let _ = events.send(Event::CommitLogged { txid });
@@ -651,6 +666,7 @@ pub(crate) async fn stay_enrolled(
     mut registry: RegistryClient<Channel>,
     name: String,
     address: String,
+    (role, join): (crate::config::Role, bool),
     heartbeat: Duration,
     incarnation: watch::Sender<u64>,
 ) {
@@ -672,7 +688,7 @@ pub(crate) async fn stay_enrolled(
     let mut enrolled = false;
     loop {
         if !enrolled {
-            let request = crate::wire::enroll_request(&name, &address);
+            let request = crate::wire::enroll_request(&name, &address, role, join);
             match tokio::time::timeout(Duration::from_secs(2), registry.enroll(request)).await {
                 Ok(Ok(response)) => {
                     let response = response.into_inner();

@@ -28,6 +28,9 @@ const MAX_COMMIT_BATCH: usize = 4096;
 /// Most keys one Get may read.
 const MAX_GET_KEYS: usize = 10_000;
 
+/// How often a read tries again while the ownership of its keys changes under it.
+const READ_ATTEMPTS: usize = 8;
+
 #[derive(Clone)]
 pub struct ParticipantService {
     handle: Handle,
@@ -374,7 +377,7 @@ const MAX_EXECUTE_OPS: usize = 10_000;
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
-        let keys = request.into_inner().keys;
+        let v1::GetRequest { keys, ring_epoch } = request.into_inner();
         if keys.len() > MAX_GET_KEYS {
             let why = format!("at most {MAX_GET_KEYS} keys per Get");
             return Err(InvalidInput::Field { field: "keys", why }.into());
@@ -384,8 +387,53 @@ impl Kv for KvService {
         }
         // A locked key is being changed by a branch: wait for its decision to be applied.
         self.handle.until_unlocked(keys.clone()).await?;
-        let values = self.reads.get(keys).await?;
-        Ok(Response::new(v1::GetResponse { values }))
+        let Reads::Rocks(store) = &self.reads else {
+            let values = self.reads.get(keys).await?;
+            return Ok(Response::new(v1::GetResponse { values, redirect: None }));
+        };
+        let own = store.ownership();
+        // Ownership changes only once a batch's commit is durable: a read that
+        // finds it unchanged around reading the values read them as the owner.
+        for _ in 0..READ_ATTEMPTS {
+            let generation = own.generation();
+            let (mine, refused): (Vec<String>, Vec<String>) =
+                keys.iter().cloned().partition(|key| own.check(None, key).is_ok());
+            let values = self.reads.get(mine).await?;
+            if own.generation() != generation {
+                continue;
+            }
+            let Some(first) = refused.first() else {
+                return Ok(Response::new(v1::GetResponse { values, redirect: None }));
+            };
+            let refusal = own.check(None, first).err().unwrap_or(crate::membership::Refusal {
+                code: decree_proto::Reason::Migrating,
+                reason: format!("key {first:?} is moving"),
+                epoch: own.epoch(),
+            });
+            if ring_epoch == 0 {
+                // A client from before the ring would take a missing key for absent.
+                return Err(crate::migration::refusal_status(refusal));
+            }
+            let redirect = v1::Redirect {
+                reason_code: refusal.code.to_wire(),
+                reason: refusal.reason,
+                ring_epoch: refusal.epoch,
+                keys: refused,
+            };
+            return Ok(Response::new(v1::GetResponse { values, redirect: Some(redirect) }));
+        }
+        let reason = "the keys' ownership is changing: ask again".to_owned();
+        Err(decree_proto::Reason::Migrating.on_status(Status::unavailable(reason)))
+    }
+
+    async fn scan_moving(
+        &self,
+        request: Request<v1::ScanMovingRequest>,
+    ) -> Result<Response<v1::ScanMovingResponse>, Status> {
+        let Reads::Rocks(store) = &self.reads else {
+            return Err(Status::unimplemented("this participant holds no keys of the ring"));
+        };
+        crate::migration::scan(store, request.into_inner()).await.map(Response::new)
     }
 
     async fn execute(
@@ -393,70 +441,91 @@ impl Kv for KvService {
         request: Request<v1::ExecuteRequest>,
     ) -> Result<Response<v1::ExecuteResponse>, Status> {
         let span = txn_span!("execute", self, request);
-        async move {
-            let Reads::Rocks(store) = &self.reads else {
-                return Err(Status::unimplemented(
-                    "this participant takes no interactive work; use Coordinator.Transact",
-                ));
-            };
-            let request = request.into_inner();
-            let txid = txid(&request.txid)?;
-            if request.ops.len() + request.get.len() > MAX_EXECUTE_OPS {
-                let why = format!("at most {MAX_EXECUTE_OPS} ops and reads per Execute");
-                return Err(InvalidInput::Field { field: "ops", why }.into());
-            }
-            let ops = request.ops.into_iter().map(KvOp::try_from).collect::<Result<Vec<_>, _>>()?;
-            for key in &request.get {
-                KvOp::check_key(key)?;
-            }
-            let mut keys = crate::kv::keys(&ops);
-            keys.extend(request.get.iter().cloned());
-            let granted = match self.handle.work(txid, keys).await? {
-                Ok(granted) => granted,
-                Err(refused) => {
-                    return Err(wire::work_refused(refused.code, refused.reason, refused.aborted))
-                }
-            };
-            if granted.first {
-                if let Err(status) = self.enlist(txid).await {
-                    self.handle.work_done(txid, None);
-                    let _ = self.handle.abort(txid).await;
-                    return Err(status);
-                }
-            }
-            // The keys are locked by this transaction: the committed values cannot change under it.
-            let (store, get) = (store.clone(), request.get);
-            let outcome = tokio::task::spawn_blocking(move || {
-                let mut all = crate::kv::ops(&granted.so_far)?;
-                all.extend(ops.iter().cloned());
-                let overlay = store.evaluate(&all)?;
-                let values = get
-                    .into_iter()
-                    .map(|key| {
-                        let value = match overlay.value(&key) {
-                            Some(value) => value.clone(),
-                            None => store.get(&key).map_err(|e| e.to_string())?,
-                        };
-                        Ok(v1::KeyValue { key, value })
-                    })
-                    .collect::<Result<Vec<_>, String>>()?;
-                Ok::<_, String>((values, ops))
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-            match outcome {
-                Ok((values, ops)) => {
-                    let done = v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec();
-                    self.handle.work_done(txid, Some(done));
-                    Ok(Response::new(v1::ExecuteResponse { values }))
-                }
-                Err(reason) => {
-                    self.handle.work_done(txid, None);
-                    Err(Status::failed_precondition(reason))
-                }
+        // Work that reached the engine finishes even if the caller goes away:
+        // a handler dropped halfway would leave its branch busy and its keys locked.
+        let service = self.clone();
+        let work = async move { service.execute_now(request).await };
+        tokio::spawn(work.instrument(span)).await.map_err(|e| Status::internal(e.to_string()))?
+    }
+}
+
+impl KvService {
+    async fn execute_now(
+        &self,
+        request: Request<v1::ExecuteRequest>,
+    ) -> Result<Response<v1::ExecuteResponse>, Status> {
+        let Reads::Rocks(store) = &self.reads else {
+            return Err(Status::unimplemented(
+                "this participant takes no interactive work; use Coordinator.Transact",
+            ));
+        };
+        let mut request = request.into_inner();
+        let txid = txid(&request.txid)?;
+        if let Some(step) = request.migration.take() {
+            return crate::migration::step(store, &self.handle, txid, step, || self.enlist(txid))
+                .await
+                .map(Response::new);
+        }
+        if request.ops.len() + request.get.len() > MAX_EXECUTE_OPS {
+            let why = format!("at most {MAX_EXECUTE_OPS} ops and reads per Execute");
+            return Err(InvalidInput::Field { field: "ops", why }.into());
+        }
+        let ops = request.ops.into_iter().map(KvOp::try_from).collect::<Result<Vec<_>, _>>()?;
+        for key in &request.get {
+            KvOp::check_key(key)?;
+        }
+        let mut keys = crate::kv::keys(&ops);
+        keys.extend(request.get.iter().cloned());
+        let granted = match self.handle.work(txid, keys).await? {
+            Ok(granted) => granted,
+            Err(refused) => return Err(wire::work_refused(refused.code, refused.reason, refused.aborted)),
+        };
+        if granted.first {
+            if let Err(status) = self.enlist(txid).await {
+                self.handle.work_done(txid, None);
+                let _ = self.handle.abort(txid).await;
+                return Err(status);
             }
         }
-        .instrument(span)
+        // The keys are locked by this transaction: the committed values cannot change
+        // under it, and neither can their owner unless it is here.
+        let refusal = store
+            .ownership()
+            .check_all(Some(txid), ops.iter().map(KvOp::key).chain(request.get.iter().map(String::as_str)));
+        if let Err(refusal) = refusal {
+            self.handle.work_done(txid, None);
+            return Err(crate::migration::refusal_status(refusal));
+        }
+        let (store, get) = (store.clone(), request.get);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut all = crate::kv::ops(&granted.so_far)?;
+            all.extend(ops.iter().cloned());
+            let overlay = store.evaluate(&all)?;
+            let values = get
+                .into_iter()
+                .map(|key| {
+                    let value = match overlay.value(&key) {
+                        Some(value) => value.clone(),
+                        None => store.get(&key).map_err(|e| e.to_string())?,
+                    };
+                    Ok(v1::KeyValue { key, value })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok::<_, String>((values, ops))
+        })
         .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        match outcome {
+            Ok((values, ops)) => {
+                let ops = ops.into_iter().map(Into::into).collect();
+                let done = v1::KvBatch { ops, migration: None }.encode_to_vec();
+                self.handle.work_done(txid, Some(done));
+                Ok(Response::new(v1::ExecuteResponse { values }))
+            }
+            Err(reason) => {
+                self.handle.work_done(txid, None);
+                Err(Status::failed_precondition(reason))
+            }
+        }
     }
 }

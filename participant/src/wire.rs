@@ -7,6 +7,7 @@
 //! does not, a refusal is the gRPC status it has always read:
 //! FAILED_PRECONDITION for REFUSED, OUT_OF_RANGE for FORGOTTEN.
 
+use crate::config::Role;
 use decree_proto::v1;
 use tonic::Status;
 
@@ -95,8 +96,12 @@ pub fn get_outcome_request(txid: decree_proto::TxId) -> v1::GetOutcomeRequest {
 }
 
 /// Enrollment under `name`, reachable at `address`.
-pub fn enroll_request(name: &str, address: &str) -> v1::EnrollRequest {
-    v1::EnrollRequest { name: name.to_owned(), address: address.to_owned() }
+pub fn enroll_request(name: &str, address: &str, role: Role, join: bool) -> v1::EnrollRequest {
+    let role = match role {
+        Role::Member => v1::Role::Member,
+        Role::Service => v1::Role::Service,
+    };
+    v1::EnrollRequest { name: name.to_owned(), address: address.to_owned(), role: role as i32, join }
 }
 
 pub fn heartbeat_request(name: &str) -> v1::HeartbeatRequest {

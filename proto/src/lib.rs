@@ -8,6 +8,7 @@
 
 mod kv;
 mod reason;
+pub mod ring;
 mod txid;
 
 pub use kv::{KvOp, KEY_MAX_BYTES};

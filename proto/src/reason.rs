@@ -20,6 +20,10 @@ pub enum Reason {
     DiskFull,
     NotPrepared,
     InProgress,
+    /// The key is not owned by that participant under its ring: refresh the ring, send again.
+    WrongOwner,
+    /// The key is moving between owners: ask again in a moment.
+    Migrating,
 }
 
 impl Reason {
@@ -39,6 +43,8 @@ impl Reason {
             Reason::DiskFull => "disk_full",
             Reason::NotPrepared => "not_prepared",
             Reason::InProgress => "in_progress",
+            Reason::WrongOwner => "wrong_owner",
+            Reason::Migrating => "migrating",
         }
     }
 }
@@ -59,6 +65,8 @@ impl From<Reason> for v1::Reason {
             Reason::DiskFull => v1::Reason::DiskFull,
             Reason::NotPrepared => v1::Reason::NotPrepared,
             Reason::InProgress => v1::Reason::InProgress,
+            Reason::WrongOwner => v1::Reason::WrongOwner,
+            Reason::Migrating => v1::Reason::Migrating,
         }
     }
 }
@@ -79,6 +87,8 @@ impl From<v1::Reason> for Reason {
             v1::Reason::DiskFull => Reason::DiskFull,
             v1::Reason::NotPrepared => Reason::NotPrepared,
             v1::Reason::InProgress => Reason::InProgress,
+            v1::Reason::WrongOwner => Reason::WrongOwner,
+            v1::Reason::Migrating => Reason::Migrating,
         }
     }
 }
@@ -122,7 +132,7 @@ mod tests {
 
     #[test]
     fn every_code_round_trips_and_unknown_ones_are_unspecified() {
-        for code in 1..=12 {
+        for code in 1..=14 {
             let reason = Reason::from_wire(code);
             assert_ne!(reason, Reason::Unspecified, "{code} has no domain reason");
             assert_eq!(reason.to_wire(), code);

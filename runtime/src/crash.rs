@@ -27,7 +27,15 @@ pub const ALL: &[&str] = &[
     PARTICIPANT_COMMIT_AFTER_APPLY,
     PARTICIPANT_ABORT_BEFORE_APPLY,
     PARTICIPANT_RECOVERY_BEFORE_RESOLVE,
+    MIGRATION_BATCH_AFTER_OUT,
+    MIGRATION_BATCH_AFTER_DECISION,
+    MIGRATION_OUT_AFTER_FENCE,
 ];
+
+/// The points of the two-phase-commit protocol itself, the first 13 of [`ALL`]
+/// (the simulator reaches each of them); the rest are the migration's, which
+/// the real-process tests reach.
+pub const PROTOCOL: &[&str] = ALL.split_at(13).0;
 
 /// Prepare sent to the first participant only.
 pub const COORDINATOR_PREPARE_PARTIAL_FANOUT: &str = "coordinator.prepare.partial_fanout";
@@ -55,6 +63,14 @@ pub const PARTICIPANT_COMMIT_AFTER_APPLY: &str = "participant.commit.after_apply
 pub const PARTICIPANT_ABORT_BEFORE_APPLY: &str = "participant.abort.before_apply";
 /// Prepared records loaded, outcome not yet asked.
 pub const PARTICIPANT_RECOVERY_BEFORE_RESOLVE: &str = "participant.recovery.before_resolve";
+
+/// Coordinator: a migration batch's keys are locked and read at their old
+/// owners, nothing written at the new ones.
+pub const MIGRATION_BATCH_AFTER_OUT: &str = "migration.batch.after_out";
+/// Coordinator: a migration batch is decided (committed), its cursor not recorded.
+pub const MIGRATION_BATCH_AFTER_DECISION: &str = "migration.batch.after_decision";
+/// Participant: a migration batch's fence is up here, its keys not locked yet.
+pub const MIGRATION_OUT_AFTER_FENCE: &str = "migration.out.after_fence";
 
 /// The environment variable that arms crash points.
 pub const ENV: &str = "DECREE_CRASH_AT";
@@ -128,8 +144,10 @@ mod tests {
 
     #[test]
     fn every_design_name_parses_and_unknown_names_are_refused() {
-        assert_eq!(ALL.len(), 13);
-        assert_eq!(parse(&ALL.join(",")).unwrap().len(), 13);
+        assert_eq!(ALL.len(), 16);
+        assert_eq!(parse(&ALL.join(",")).unwrap().len(), 16);
+        assert!(PROTOCOL.iter().all(|p| !p.starts_with("migration.")), "{PROTOCOL:?}");
+        assert!(ALL[PROTOCOL.len()..].iter().all(|p| p.starts_with("migration.")));
         assert!(parse("coordinator.decision.after_log, participant.prepare.before_log").is_ok());
         assert!(matches!(parse("coordinator.nope"), Err(CrashPointError::Unknown(_))));
         assert!(parse("").unwrap().is_empty());

@@ -206,7 +206,11 @@ impl Client {
                 .branches()
                 .into_iter()
                 .map(|(p, ops)| {
-                    (name(p), v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec())
+                    (
+                        name(p),
+                        v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration: None }
+                            .encode_to_vec(),
+                    )
                 })
                 .collect();
             ctx.send(self.node(), Node::Coordinator, Msg::Transact(rpc, branches));

@@ -432,7 +432,8 @@ impl Participant {
         });
         match outcome {
             Ok(()) => {
-                let done = v1::KvBatch { ops: ops.into_iter().map(Into::into).collect() }.encode_to_vec();
+                let done = v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration: None }
+                    .encode_to_vec();
                 ctx.send(self.node(), client, Msg::Executed(rpc, Ok(())));
                 self.feed(ctx, Event::WorkDone { txid, done: Some(done), at });
             }

@@ -157,7 +157,9 @@ def serve(args):
     while True:
         try:
             if not enrolled:
-                registry.Enroll(registry_pb2.EnrollRequest(name=args.name, address=address), timeout=2)
+                registry.Enroll(
+                    registry_pb2.EnrollRequest(name=args.name, address=address, role=registry_pb2.ROLE_SERVICE), timeout=2
+                )
                 enrolled = True
                 print(f"enrolled as {args.name}", flush=True)
             else:

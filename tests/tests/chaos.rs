@@ -41,6 +41,8 @@ async fn transfers_stay_atomic_under_random_kills() {
             .to_vec();
     options.participant_args =
         ["--in-doubt-after-ms", "300", "--heartbeat-ms", "200"].map(String::from).to_vec();
+    // The same keys go to several participants by name: KV stores as named services.
+    options.services = true;
     let cluster = Cluster::start(options).await.unwrap();
     let url = cluster.coordinator_url();
     let names = cluster.participant_names();

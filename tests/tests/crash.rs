@@ -23,6 +23,8 @@ enum Expect {
 
 fn options() -> Options {
     let mut options = Options::new(3);
+    // The same keys go to several participants by name: KV stores as named services.
+    options.services = true;
     // Quick deadlines and redelivery keep each case short.
     options.coordinator_args =
         ["--prepare-timeout-ms", "1500", "--commit-timeout-ms", "500", "--redelivery-cap-ms", "300"]
@@ -409,7 +411,10 @@ async fn a_one_phase_commit_whose_vote_is_lost_is_never_reported_aborted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_phase_participant_that_is_down_is_unknown_then_aborted() {
     init();
-    let mut cluster = Cluster::start(options()).await.unwrap();
+    // p1 alone, a member of the ring: routed keys go to it too.
+    let mut options = options();
+    (options.participants, options.services) = (1, false);
+    let mut cluster = Cluster::start(options).await.unwrap();
     let p1 = NodeId::Participant(0);
     let only = vec!["p1".to_string()];
     let client = cluster.client().await.unwrap();

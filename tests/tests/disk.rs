@@ -89,6 +89,8 @@ async fn a_full_disk_refuses_new_work_finishes_what_was_admitted_and_resumes_whe
     options.coordinator_args.extend(reserve.clone());
     options.participant_args = ["--in-doubt-after-ms", "300"].map(String::from).to_vec();
     options.participant_args.extend(reserve);
+    // The same keys go to several participants by name: KV stores as named services.
+    options.services = true;
     let mut cluster = Cluster::start_in_dir(disk.path.join("cluster"), options).await.unwrap();
     let names = cluster.participant_names();
     let client = cluster.client().await.unwrap();
@@ -163,7 +165,7 @@ async fn a_full_disk_refuses_new_work_finishes_what_was_admitted_and_resumes_whe
     for node in [NodeId::Coordinator, NodeId::Participant(0), NodeId::Participant(1)] {
         assert!(cluster.is_running(node), "{node:?} crashed on a full disk:\n{}", cluster.report());
     }
-    let values = client.get(&["balance-0".to_string()]).await;
+    let values = client.get_at("p1", vec!["balance-0".to_string()]).await;
     assert!(values.is_ok(), "reads go on: {values:?}");
 
     info!("--- space returns: new work is admitted again, with no restart");

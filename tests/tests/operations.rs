@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{init, metric, scrape};
-use decree_client::{Client, ClientError, KvOp, Outcome};
+use decree_client::{v1, Client, ClientError, KvOp, Outcome};
 use decree_tests::{check, poll, Cluster, NodeId, Options};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
@@ -97,6 +97,8 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
     init();
     let mut options = Options::new(3);
     options.coordinator_args = vec!["--shutdown-grace-ms".into(), "10000".into()];
+    // The same keys go to several participants by name: KV stores as named services.
+    options.services = true;
     let mut cluster = Cluster::start(options).await.unwrap();
     let names = cluster.participant_names();
     let url = cluster.coordinator_url();
@@ -173,7 +175,9 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
         assert_eq!(check::markers(&client, tag, &names).await.unwrap(), 0, "{tag} was refused, yet it wrote");
     }
     assert_eq!(check::balance_sum(&client, &names, 4).await.unwrap(), 0);
-    let after = client.transact(vec![KvOp::Put { key: "after".into(), value: b"1".to_vec() }]).await.unwrap();
+    let put = vec![KvOp::Put { key: "after".into(), value: b"1".to_vec() }];
+    let branch = v1::Branch { participant: "p1".into(), payload: decree_client::kv_payload(put) };
+    let after = client.transact_branches(vec![branch]).await.unwrap();
     assert_eq!(after.outcome, Outcome::Committed);
 }
 
@@ -221,7 +225,8 @@ async fn metrics_move_with_the_load() {
 
 /// A cluster where transfer "t1" committed and p2 died at
 /// `participant.commit.before_apply`, so the coordinator still owes it the Commit.
-async fn committed_with_p2_down(options: Options) -> (Cluster, Vec<String>, decree_client::TxnResult) {
+async fn committed_with_p2_down(mut options: Options) -> (Cluster, Vec<String>, decree_client::TxnResult) {
+    options.services = true;
     let mut cluster = Cluster::start(options).await.unwrap();
     let names = cluster.participant_names();
     let p2 = NodeId::Participant(1);
@@ -348,6 +353,8 @@ async fn the_in_doubt_gauges_rise_while_the_coordinator_is_away_and_fall_after()
     options.participant_args = vec!["--resolve-interval-ms".into(), "50".into()];
     options.participant_args_for = vec![("p1".into(), vec!["--metrics-listen".into(), addr.clone()])];
     options.coordinator_args = vec!["--log-format".into(), "json".into()];
+    // The same keys go to several participants by name: KV stores as named services.
+    options.services = true;
     let mut cluster = Cluster::start(options).await.unwrap();
     let names = cluster.participant_names();
     cluster.restart_armed(NodeId::Coordinator, "coordinator.decision.after_log").await.unwrap();
@@ -424,6 +431,8 @@ async fn a_heuristic_decision_is_refused_while_the_coordinator_knows_recorded_li
         ["--in-doubt-after-ms", "300", "--resolve-interval-ms", "50", "--heartbeat-ms", "200"]
             .map(String::from)
             .to_vec();
+    // The same keys go to several participants by name: KV stores as named services.
+    options.services = true;
     let mut cluster = Cluster::start(options).await.unwrap();
     let names = cluster.participant_names();
     let url = cluster.coordinator_url();

@@ -130,7 +130,10 @@ async fn stand_in(cluster: &Cluster, answer: Answer) -> StandIn {
         StandIn { answer: Arc::new(Mutex::new(answer)), commits: Arc::new(AtomicUsize::new(0)) };
     let address = serve_in_test(Routes::new(ParticipantServer::new(participant.clone()))).await;
     let mut registry = RegistryClient::connect(cluster.coordinator_url()).await.unwrap();
-    registry.enroll(v1::EnrollRequest { name: "standin".into(), address }).await.unwrap();
+    registry
+        .enroll(v1::EnrollRequest { name: "standin".into(), address, ..Default::default() })
+        .await
+        .unwrap();
     participant
 }
 

@@ -37,6 +37,8 @@ async fn a_pruned_txid_is_forgotten_never_aborted_and_a_restart_reads_only_what_
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     );
     options.participant_args_for = vec![("p1".into(), vec!["--metrics-listen".into(), metrics.clone()])];
+    // The same keys go to several participants by name: KV stores as named services.
+    options.services = true;
     let mut cluster = Cluster::start(options).await.unwrap();
     let client = cluster.client().await.unwrap();
     let names = cluster.participant_names();
@@ -95,8 +97,8 @@ async fn a_pruned_txid_is_forgotten_never_aborted_and_a_restart_reads_only_what_
     assert_eq!(client.status(&last).await.unwrap(), Outcome::Committed);
     let log = cluster.log_of(NodeId::Coordinator);
     let read = logged(&log, "coordinator starting", "records_read").expect("the start logs what it read");
-    // meta, the horizon, and the registry's two participants: no decision is undecided.
-    assert_eq!(read, 4, "{log}");
+    // meta, the horizon, the registry's two participants and the ring: no decision is undecided.
+    assert_eq!(read, 5, "{log}");
 
     info!("--- every transfer is all-or-nothing, nothing is locked");
     cluster.wait_settled(SETTLE).await.unwrap();

@@ -89,6 +89,8 @@ async fn a_transaction_is_one_trace_across_coordinator_and_participants() {
     let mut options = Options::new(2);
     options.coordinator_args = vec!["--otlp-endpoint".into(), endpoint.clone()];
     options.participant_args = vec!["--otlp-endpoint".into(), endpoint];
+    // The same keys go to several participants by name: KV stores as named services.
+    options.services = true;
     let mut cluster = Cluster::start(options).await.unwrap();
     let names = cluster.participant_names();
     let client = cluster.client().await.unwrap();

@@ -20,6 +20,37 @@ impl Engine {
         }
     }
 
+    /// Aborts every interactive branch not yet prepared whose coordinator
+    /// incarnation is older than `incarnation`: it can never commit (its
+    /// Prepare would be stale), and it may hold locks others wait for.
+    pub(super) fn abort_superseded(&mut self, incarnation: u64) {
+        let mut stale: Vec<TxId> = self
+            .branches
+            .iter()
+            .filter(|(txid, b)| txid.incarnation < incarnation && matches!(b, Branch::Active { .. }))
+            .map(|(txid, _)| *txid)
+            .collect();
+        stale.sort();
+        for txid in stale {
+            self.abort_active(txid);
+        }
+    }
+
+    /// A newer request makes `txid`'s work moot (a migration batch that the
+    /// coordinator has given up): aborts it if it is active. True if `txid`
+    /// can no longer commit here (it was active, or has no branch); false if
+    /// it is preparing, prepared or being decided, which only its decision ends.
+    pub fn supersede(&mut self, txid: TxId) -> bool {
+        match self.branches.get(&txid) {
+            None => true,
+            Some(Branch::Active { .. }) => {
+                self.abort_active(txid);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
     /// Locks `keys` for the active branch `txid` and lets its work run.
     pub(super) fn grant_work(&mut self, txid: TxId, work: u64, first: bool, keys: Vec<String>) {
         self.locks.take(txid, &keys);

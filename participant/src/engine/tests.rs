@@ -540,6 +540,43 @@ mod interactive {
         event(engine, Event::WorkRequested { txid, work, keys: keys(names), at: Instant::now() })
     }
 
+    #[test]
+    fn work_of_an_older_incarnation_is_aborted_once_a_newer_one_is_heard_of() {
+        let mut engine = engine();
+        let (old, prepared_old) = (tx(1), tx(2));
+        work(&mut engine, old, 1, &["a"]);
+        done(&mut engine, old, b"w");
+        super::prepared(&mut engine, prepared_old, &["p"]);
+        let commands = event(&mut engine, Event::CoordinatorIncarnation { incarnation: 3 });
+        assert_eq!(commands, vec![Command::LogAbort { txid: old, prepared: false }]);
+        assert_eq!(engine.outcome(old), Some(Outcome::Aborted), "its Prepare will vote NO");
+        assert_eq!(
+            engine.locks().keys().collect::<Vec<_>>(),
+            ["p"],
+            "a prepared branch waits for its decision"
+        );
+        let newer = TxId::new(0xabcd, 3, 1);
+        assert!(matches!(work(&mut engine, newer, 2, &["a"]).as_slice(), [Command::WorkGranted { .. }]));
+        assert!(
+            event(&mut engine, Event::CoordinatorIncarnation { incarnation: 3 }).is_empty(),
+            "heard again"
+        );
+    }
+
+    #[test]
+    fn superseded_work_is_aborted_but_a_prepared_branch_is_left_to_its_decision() {
+        let mut engine = engine();
+        let (active, prepared) = (tx(1), tx(2));
+        work(&mut engine, active, 1, &["a"]);
+        done(&mut engine, active, b"w");
+        super::prepared(&mut engine, prepared, &["p"]);
+        assert!(engine.supersede(active));
+        assert_eq!(engine.take_commands(), vec![Command::LogAbort { txid: active, prepared: false }]);
+        assert!(engine.supersede(tx(9)), "no branch: nothing can commit");
+        assert!(!engine.supersede(prepared), "prepared: only its decision ends it");
+        assert_eq!(engine.locks().keys().collect::<Vec<_>>(), ["p"]);
+    }
+
     fn done(engine: &mut Engine, txid: TxId, payload: &[u8]) {
         event(engine, Event::WorkDone { txid, done: Some(payload.to_vec()), at: Instant::now() });
     }
