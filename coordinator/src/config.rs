@@ -61,7 +61,7 @@ pub struct Config {
     #[arg(long, env = "DECREE_PRUNE_INTERVAL_MS", default_value_t = 1_000)]
     pub prune_interval_ms: u64,
     /// Most keys one migration batch moves (one transaction over the members).
-    #[arg(long, env = "DECREE_MIGRATION_BATCH_KEYS", default_value_t = 256)]
+    #[arg(long, env = "DECREE_MIGRATION_BATCH_KEYS", default_value_t = 64)]
     pub migration_batch_keys: u32,
     #[command(flatten)]
     #[serde(flatten)]
@@ -92,7 +92,7 @@ impl Config {
             retain_ended: 1_000_000,
             retain_ended_ms: 3_600_000,
             prune_interval_ms: 1_000,
-            migration_batch_keys: 256,
+            migration_batch_keys: 64,
             process: decree_runtime::serve::ProcessOptions::default(),
         }
     }
