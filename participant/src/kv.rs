@@ -245,7 +245,12 @@ fn migration_routing(step: &Option<v1::MigrationStep>) -> Option<Routing> {
 #[async_trait::async_trait]
 impl<S: Storage> Resource for KvStore<S> {
     fn keys(&self, payload: &[u8]) -> Result<Vec<String>, String> {
-        Ok(keys(&ops(payload)?))
+        let (ops, migration) = batch(payload)?;
+        if migration.is_some() {
+            // Only a migration batch's own steps (Kv.Execute) may carry one: it would bypass ownership.
+            return Err("a branch payload may not carry a migration step".into());
+        }
+        Ok(keys(&ops))
     }
 
     async fn prepare(&self, txid: TxId, payload: &[u8]) -> Validated {
@@ -373,6 +378,142 @@ mod tests {
             vec!["a", "b"]
         );
         assert!(store.keys(b"\xff\xff\xff").is_err());
+        let smuggled = v1::KvBatch { ops: Vec::new(), migration: Some(v1::MigrationStep::default()) };
+        assert!(store.keys(&smuggled.encode_to_vec()).is_err(), "a payload may not carry a migration step");
         assert!(matches!(store.validate(b"\xff\xff\xff"), Validated::Refused { .. }));
+    }
+
+    /// A batch moving a key from q to p, in both commit orders and through a
+    /// crash of q with its branch prepared: at every step at most one of them
+    /// serves the key, and the one that does holds its latest committed value.
+    mod migration {
+        use super::*;
+        use decree_proto::ring::{Cursor, Move, Ring, Routing};
+        use decree_proto::Reason;
+        use decree_runtime::MemLog;
+
+        fn txid(sequence: u64) -> TxId {
+            TxId::new(7, 1, sequence)
+        }
+
+        fn settled(members: &[&str], epoch: u64) -> Routing {
+            Routing {
+                epoch,
+                current: Ring::new(Vec::<String>::new()),
+                migration: Some(Move { target: Ring::new(members.iter().copied()), cursor: Cursor::End }),
+            }
+        }
+
+        /// q and p, each a member that has recorded the ring {q}; `k` holds "v1" at q.
+        async fn members() -> (KvStore<MemLog>, KvStore<MemLog>, String) {
+            let step = settled(&["q"], 1);
+            let mut stores = Vec::new();
+            for name in ["q", "p"] {
+                let store = KvStore::member(MemLog::new(), name).unwrap();
+                store.log.write(vec![store.ownership.record(&step)], true).await.unwrap();
+                store.ownership.applied(txid(0), &step);
+                stores.push(store);
+            }
+            let moving = Routing {
+                epoch: 2,
+                current: Ring::new(["q"]),
+                migration: Some(Move { target: Ring::new(["q", "p"]), cursor: Cursor::End }),
+            };
+            let key = (0..1000).map(|i| format!("k{i}")).find(|k| moving.moving(k).is_some()).unwrap();
+            stores[0].log.write(vec![Write::put(data_key(&key), b"v1".to_vec())], true).await.unwrap();
+            let p = stores.pop().unwrap();
+            (stores.pop().unwrap(), p, key)
+        }
+
+        fn step() -> Routing {
+            Routing {
+                epoch: 2,
+                current: Ring::new(["q"]),
+                migration: Some(Move { target: Ring::new(["q", "p"]), cursor: Cursor::End }),
+            }
+        }
+
+        fn batch(ops: Vec<KvOp>) -> Vec<u8> {
+            let migration = v1::MigrationStep { routing: Some(step().to_wire()), ..Default::default() };
+            v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration: Some(migration) }
+                .encode_to_vec()
+        }
+
+        fn redo(validated: Validated) -> Vec<u8> {
+            match validated {
+                Validated::Ready { redo } => redo,
+                other => panic!("expected a ready branch, got {other:?}"),
+            }
+        }
+
+        /// Who serves `key` now, and with what value.
+        fn serving(stores: &[&KvStore<MemLog>], key: &str) -> Vec<(String, Option<Vec<u8>>)> {
+            stores
+                .iter()
+                .filter(|s| s.ownership.check(None, key).is_ok())
+                .map(|s| (s.ownership.name().to_owned(), s.get(key).unwrap()))
+                .collect()
+        }
+
+        async fn commit(store: &KvStore<MemLog>, tx: TxId, redo: &[u8]) {
+            store.log.write(store.apply(redo).unwrap(), true).await.unwrap();
+            store.committed(tx, redo);
+        }
+
+        #[tokio::test]
+        async fn in_either_commit_order_at_most_one_owner_serves_the_latest_value() {
+            for p_first in [true, false] {
+                let (q, p, key) = members().await;
+                let tx = txid(1);
+                assert_eq!(serving(&[&q, &p], &key), vec![("q".to_owned(), Some(b"v1".to_vec()))]);
+                q.ownership.fence(tx, "", &step()).unwrap();
+                let user = q.validate_for(Some(txid(2)), &payload(vec![put(&key, "v2")]));
+                assert!(matches!(user, Validated::NotOwned { code: Reason::Migrating, .. }), "{user:?}");
+                let out = redo(q.validate_for(Some(tx), &batch(vec![KvOp::Delete { key: key.clone() }])));
+                let into = redo(p.validate_for(Some(tx), &batch(vec![put(&key, "v1")])));
+                assert!(serving(&[&q, &p], &key).is_empty(), "fenced at q, not yet p's");
+                let (first, second) =
+                    if p_first { ((&p, &into), (&q, &out)) } else { ((&q, &out), (&p, &into)) };
+                commit(first.0, tx, first.1).await;
+                let between = serving(&[&q, &p], &key);
+                assert!(
+                    between.is_empty() || between == vec![("p".to_owned(), Some(b"v1".to_vec()))],
+                    "{between:?}"
+                );
+                commit(second.0, tx, second.1).await;
+                assert_eq!(serving(&[&q, &p], &key), vec![("p".to_owned(), Some(b"v1".to_vec()))]);
+                let late = q.validate_for(Some(txid(3)), &payload(vec![put(&key, "v3")]));
+                assert!(matches!(late, Validated::NotOwned { code: Reason::WrongOwner, .. }), "{late:?}");
+                assert_eq!(q.get(&key).unwrap(), None, "nothing left behind at q");
+            }
+        }
+
+        #[tokio::test]
+        async fn an_old_owner_restarted_with_the_batch_prepared_holds_the_fence_until_the_decision() {
+            let (q, p, key) = members().await;
+            let tx = txid(1);
+            q.ownership.fence(tx, "", &step()).unwrap();
+            let out = redo(q.validate_for(Some(tx), &batch(vec![KvOp::Delete { key: key.clone() }])));
+            let into = redo(p.validate_for(Some(tx), &batch(vec![put(&key, "v1")])));
+            commit(&p, tx, &into).await;
+            // q crashes with its branch prepared (kill -9), and starts again on its log.
+            let q = KvStore::member(q.log.crash_process(), "q").unwrap();
+            assert!(q.ownership.check(None, &key).is_ok(), "before recovery q would serve a stale copy...");
+            q.in_doubt(tx, &out);
+            assert_eq!(
+                q.ownership.check(None, &key).unwrap_err().code,
+                Reason::Migrating,
+                "...so it fences first"
+            );
+            assert_eq!(serving(&[&q, &p], &key), vec![("p".to_owned(), Some(b"v1".to_vec()))]);
+            commit(&q, tx, &out).await;
+            assert_eq!(serving(&[&q, &p], &key), vec![("p".to_owned(), Some(b"v1".to_vec()))]);
+            let q = KvStore::member(q.log.crash_process(), "q").unwrap();
+            assert_eq!(
+                q.ownership.check(None, &key).unwrap_err().code,
+                Reason::WrongOwner,
+                "the ring record survived"
+            );
+        }
     }
 }

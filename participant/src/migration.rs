@@ -83,6 +83,14 @@ where
 {
     let routing = step_routing(&step)?;
     let own = store.ownership().clone();
+    if routing.epoch < own.epoch() {
+        let why = format!(
+            "migration step of ring epoch {} is older than this member's {}",
+            routing.epoch,
+            own.epoch()
+        );
+        return Err(decree_proto::Reason::Stale.on_status(Status::failed_precondition(why)));
+    }
     let out = match v1::migration_step::Direction::try_from(step.direction) {
         Ok(v1::migration_step::Direction::Out) => true,
         Ok(v1::migration_step::Direction::In) => false,
