@@ -85,8 +85,9 @@ impl From<Refused> for tonic::Status {
 /// The ring and its migration, shared by the handlers and the migration task.
 pub struct Membership {
     record: Mutex<RingRecord>,
-    /// The routing of `record`, for the hot path (clients' GetRing).
-    routing: std::sync::RwLock<Routing>,
+    /// The routing of `record`, for the hot path (clients' GetRing,
+    /// ListParticipants); shared, so a look costs no copy of the rings.
+    routing: std::sync::RwLock<Arc<Routing>>,
     handle: Handle,
     wake: Notify,
 }
@@ -123,7 +124,7 @@ impl Membership {
         metrics::gauge!(RING_EPOCH).set(routing.epoch as f64);
         let membership = Arc::new(Membership {
             record: Mutex::new(record),
-            routing: std::sync::RwLock::new(routing),
+            routing: std::sync::RwLock::new(Arc::new(routing)),
             handle,
             wake: Notify::new(),
         });
@@ -156,7 +157,7 @@ impl Membership {
     }
 
     /// Where every key lives now.
-    pub fn routing(&self) -> Routing {
+    pub fn routing(&self) -> Arc<Routing> {
         self.routing.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -249,7 +250,7 @@ impl Membership {
     fn set_routing(&self, routing: Routing) {
         metrics::gauge!(RING_EPOCH).set(routing.epoch as f64);
         metrics::gauge!(MIGRATING).set(if routing.migration.is_some() { 1.0 } else { 0.0 });
-        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = routing;
+        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
     }
 
     /// The migration task: runs batches while keys must move, then starts
@@ -377,7 +378,11 @@ impl Membership {
                 metrics::counter!(MOVED_KEYS).increment(keys);
                 metrics::counter!(MOVED_BYTES).increment(bytes);
                 metrics::counter!(BATCHES).increment(1);
-                let routing = Routing { migration: Some(Move { target, cursor: hi.clone() }), ..routing };
+                let routing = Routing {
+                    epoch: routing.epoch,
+                    current: routing.current.clone(),
+                    migration: Some(Move { target, cursor: hi.clone() }),
+                };
                 // Not synced: lost in a crash, start rebuilds it from the decision and `batch_routing`.
                 self.save_unsynced(|r| {
                     r.batch.clear();
@@ -388,10 +393,6 @@ impl Membership {
                         m.moved_bytes += bytes;
                         m.batches += 1;
                         m.remaining_keys = m.remaining_keys.saturating_sub(keys);
-                        m.cursor = match &hi {
-                            Cursor::Key(k) => k.clone(),
-                            Cursor::End => String::new(),
-                        };
                         m.last_error.clear();
                     }
                 })
@@ -489,8 +490,8 @@ impl Membership {
     /// Every key has moved: the target is the ring.
     async fn finish(&self) -> Result<(), String> {
         let routing = self.routing();
-        let Some(Move { target, .. }) = routing.migration else { return Ok(()) };
-        let settled = Routing { epoch: routing.epoch, current: target, migration: None };
+        let Some(Move { target, .. }) = &routing.migration else { return Ok(()) };
+        let settled = Routing { epoch: routing.epoch, current: target.clone(), migration: None };
         let mut done = None;
         self.save(|r| {
             r.routing = Some(settled.to_wire());

@@ -16,7 +16,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use decree_proto::ring::{Cursor, Move, Routing};
+use decree_proto::ring::{Move, Routing};
 use decree_proto::{v1, Reason, TxId};
 use decree_runtime::{record, Storage, Write};
 
@@ -92,7 +92,10 @@ impl Ownership {
 
     /// May `txid` (`None`: a plain read) touch `key` here?
     pub fn check(&self, txid: Option<TxId>, key: &str) -> Result<(), Refusal> {
-        let state = self.state();
+        self.check_in(&self.state(), txid, key)
+    }
+
+    fn check_in(&self, state: &State, txid: Option<TxId>, key: &str) -> Result<(), Refusal> {
         let epoch = state.routing.as_ref().map_or(0, |r| r.epoch);
         if let Some(fence) = &state.fence {
             if Some(fence.txid) != txid && self.fenced(fence, key) {
@@ -120,13 +123,17 @@ impl Ownership {
         }
     }
 
-    /// The first key of `keys` that `txid` may not touch here.
+    /// The first key of `keys` that `txid` may not touch here (one look at the state for all).
     pub fn check_all<'a>(
         &self,
         txid: Option<TxId>,
         keys: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Refusal> {
-        keys.into_iter().try_for_each(|key| self.check(txid, key))
+        let state = self.state();
+        if state.routing.is_none() && state.fence.is_none() {
+            return Ok(()); // in no ring: every key is taken, nothing to route
+        }
+        keys.into_iter().try_for_each(|key| self.check_in(&state, txid, key))
     }
 
     fn fenced(&self, fence: &Fence, key: &str) -> bool {
@@ -222,15 +229,10 @@ fn advance(known: Option<Routing>, step: &Routing) -> Routing {
     }
 }
 
-/// A finished migration as a participant keeps it: its target is the ring.
-pub fn settled(routing: &Routing) -> bool {
-    routing.migration.as_ref().is_some_and(|m| m.cursor == Cursor::End)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use decree_proto::ring::Ring;
+    use decree_proto::ring::{Cursor, Ring};
 
     fn txid(sequence: u64) -> TxId {
         TxId::new(1, 1, sequence)

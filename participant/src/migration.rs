@@ -12,7 +12,9 @@ use crate::kv::KvStore;
 use crate::membership::Refusal;
 use crate::runtime::Handle;
 
-fn refused(refusal: Refusal) -> Status {
+/// What a read, interactive work or a batch step may not touch here, as the
+/// status the client acts on (FAILED_PRECONDITION + WRONG_OWNER, UNAVAILABLE + MIGRATING).
+pub(crate) fn refused(refusal: Refusal) -> Status {
     let status = match refusal.code {
         Reason::Migrating => Status::unavailable(refusal.reason),
         _ => Status::failed_precondition(refusal.reason),
@@ -184,10 +186,4 @@ where
     let ops = values.iter().map(|kv| KvOp::Delete { key: kv.key.clone() }).collect();
     handle.work_done(txid, Some(done(ops, &step, &granted.so_far)));
     Ok(v1::ExecuteResponse { values })
-}
-
-/// What a read or interactive work may not touch here, as the status the
-/// client acts on (FAILED_PRECONDITION + WRONG_OWNER, UNAVAILABLE + MIGRATING).
-pub(crate) fn refusal_status(refusal: Refusal) -> Status {
-    refused(refusal)
 }

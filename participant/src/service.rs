@@ -412,7 +412,7 @@ impl Kv for KvService {
             });
             if ring_epoch == 0 {
                 // A client from before the ring would take a missing key for absent.
-                return Err(crate::migration::refusal_status(refusal));
+                return Err(crate::migration::refused(refusal));
             }
             let redirect = v1::Redirect {
                 reason_code: refusal.code.to_wire(),
@@ -494,7 +494,7 @@ impl KvService {
             .check_all(Some(txid), ops.iter().map(KvOp::key).chain(request.get.iter().map(String::as_str)));
         if let Err(refusal) = refusal {
             self.handle.work_done(txid, None);
-            return Err(crate::migration::refusal_status(refusal));
+            return Err(crate::migration::refused(refusal));
         }
         let (store, get) = (store.clone(), request.get);
         let outcome = tokio::task::spawn_blocking(move || {

@@ -118,7 +118,8 @@ fn workload(
                     }
                 }
                 if failed {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // The coordinator is away: wait until it answers again rather than spin.
+                    coordinator_answers(&client).await;
                 }
             }
         }));
@@ -138,7 +139,7 @@ fn workload(
             };
             let keys: Vec<String> = fresh.iter().cloned().chain(sample.iter().map(|t| marker(*t))).collect();
             let Ok(values) = client.get(&keys).await else {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                coordinator_answers(&client).await;
                 continue;
             };
             for tag in &sample {
@@ -155,10 +156,29 @@ fn workload(
                     seen.insert(key[2..].parse().unwrap());
                 }
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }));
     tasks
+}
+
+/// Returns once the workload has committed `n` more transfers (it runs between ring changes).
+async fn more_committed(ledger: &Mutex<Ledger>, n: usize) {
+    let from = ledger.lock().unwrap().committed.len();
+    let ran =
+        decree_tests::poll(Duration::from_secs(60), "the workload to commit more transfers", || async {
+            (ledger.lock().unwrap().committed.len() >= from + n).then_some(())
+        })
+        .await;
+    ran.unwrap();
+}
+
+/// Returns once the coordinator answers (it may be restarting), within 30 s.
+async fn coordinator_answers(client: &Client) {
+    let answered = decree_tests::poll(Duration::from_secs(30), "the coordinator to answer", || async {
+        client.ring_status().await.ok().map(drop)
+    })
+    .await;
+    answered.unwrap();
 }
 
 async fn ring_of(cluster: &Cluster) -> Routing {
@@ -199,12 +219,12 @@ async fn the_ring_grows_and_shrinks_under_load_with_crashes_and_no_read_misses()
     let stop = Arc::new(AtomicBool::new(false));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let tasks = workload(url.clone(), stop.clone(), ledger.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    more_committed(&ledger, 1000).await;
 
     // 3 -> 4, plainly.
     client.change_ring(RingChange::Add { name: "p4".into(), weight: 1 }).await.unwrap();
     cluster.wait_ring(&names(&["p1", "p2", "p3", "p4"]), Duration::from_secs(120)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    more_committed(&ledger, 400).await;
 
     // 4 -> 5: the coordinator crashes once its first batch is decided, before recording it.
     cluster.restart_armed(NodeId::Coordinator, "migration.batch.after_decision").await.unwrap();
@@ -215,7 +235,7 @@ async fn the_ring_grows_and_shrinks_under_load_with_crashes_and_no_read_misses()
     cluster.restart(NodeId::Coordinator).unwrap();
     cluster.wait_back(NodeId::Coordinator).await.unwrap();
     cluster.wait_ring(&names(&["p1", "p2", "p3", "p4", "p5"]), Duration::from_secs(120)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    more_committed(&ledger, 400).await;
 
     // 5 -> 4: p5, draining, crashes with its first batch's fence up, and comes back.
     let p5 = cluster.participant("p5");
@@ -227,7 +247,7 @@ async fn the_ring_grows_and_shrinks_under_load_with_crashes_and_no_read_misses()
     cluster.restart(p5).unwrap();
     cluster.wait_back(p5).await.unwrap();
     cluster.wait_ring(&names(&["p1", "p2", "p3", "p4"]), Duration::from_secs(120)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    more_committed(&ledger, 400).await;
 
     // 4 -> 3: kill -9 of the coordinator while keys move.
     client.change_ring(RingChange::Remove { name: "p4".into() }).await.unwrap();
@@ -236,7 +256,7 @@ async fn the_ring_grows_and_shrinks_under_load_with_crashes_and_no_read_misses()
     cluster.restart(NodeId::Coordinator).unwrap();
     cluster.wait_back(NodeId::Coordinator).await.unwrap();
     cluster.wait_ring(&names(&["p1", "p2", "p3"]), Duration::from_secs(120)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    more_committed(&ledger, 400).await;
 
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
