@@ -2,6 +2,7 @@
 //!
 //! - [`engine`]: the protocol as a sans-IO state machine (no tokio, tonic or RocksDB);
 //! - [`store`]: the durable decision log and its correctness contract;
+//! - [`migration`]: the ring changes and migration batches, decided free of I/O;
 //! - [`retention`]: which ended outcomes to forget, and when (pure policy);
 //! - `runtime`: the actor that executes the engine's commands;
 //! - [`wire`]: participants' answers to engine events, and outcomes to the `decree.v1` enum;
@@ -13,6 +14,7 @@
 pub mod config;
 pub mod engine;
 mod membership;
+pub mod migration;
 mod phase_one;
 mod phase_two;
 mod registry;
@@ -32,6 +34,7 @@ use tonic::service::Routes;
 
 pub use config::Config;
 use engine::EngineError;
+pub use registry::Role;
 use store::{DecisionLog, StoreError};
 
 /// Every error of the coordinator crate. [`tonic::Status`] is made from it in

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use decree_proto::ring::{Cursor, Move, Ring, Routing, LEGACY_VNODES, MAX_WEIGHT, VNODES};
+use decree_proto::ring::{Cursor, Move, Ring, Routing, LEGACY_VNODES, VNODES};
 use decree_proto::v1::kv_client::KvClient;
 use decree_proto::v1::participant_client::ParticipantClient;
 use decree_proto::{v1, ParticipantName, TxId};
@@ -25,7 +25,8 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
 use crate::engine::Decided;
-use crate::registry::Role;
+use crate::migration::{self as decide, members, plan};
+pub use crate::migration::{Change, Refused};
 use crate::runtime::Handle;
 use crate::store::RingRecord;
 
@@ -44,43 +45,6 @@ pub const REMAINING: &str = "decree_migration_keys_remaining";
 
 /// How long one step of a batch may take at a participant.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A ring change an operator (or a joining member) asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    Add { name: ParticipantName, weight: u32 },
-    Remove { name: ParticipantName },
-    Weight { name: ParticipantName, weight: u32 },
-}
-
-impl std::fmt::Display for Change {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Change::Add { name, weight: 1 } => write!(f, "add {name}"),
-            Change::Add { name, weight } => write!(f, "add {name} (weight {weight})"),
-            Change::Remove { name } => write!(f, "remove {name}"),
-            Change::Weight { name, weight } => write!(f, "weight {name} {weight}"),
-        }
-    }
-}
-
-/// Why a change was refused; nothing changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    #[error("{0}")]
-    Unsafe(String),
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl From<Refused> for tonic::Status {
-    fn from(refused: Refused) -> Self {
-        match refused {
-            Refused::Unsafe(why) => tonic::Status::failed_precondition(why),
-            Refused::Invalid(why) => tonic::Status::invalid_argument(why),
-        }
-    }
-}
 
 /// The ring and its migration, shared by the handlers and the migration task.
 pub struct Membership {
@@ -141,18 +105,12 @@ impl Membership {
         mut record: RingRecord,
     ) -> Result<RingRecord, crate::CoordinatorError> {
         let Ok(txid) = record.batch.parse::<TxId>() else { return Ok(record) };
-        if handle.store.recorded(txid)? != crate::store::Recorded::Committed {
-            return Ok(record); // aborted (presumed): the migration task ends it at the participants
+        // Not committed: aborted (presumed), and the migration task ends it at the participants.
+        let committed = handle.store.recorded(txid)? == crate::store::Recorded::Committed;
+        if decide::settle_at_start(&mut record, committed) {
+            handle.store.save_ring(&record).await?;
+            info!(%txid, "a migration batch committed before the restart: its cursor is recorded now");
         }
-        if let Some(routing) = record.batch_routing.take() {
-            record.routing = Some(routing);
-            if let Some(m) = record.migration.as_mut() {
-                m.batches += 1;
-            }
-        }
-        record.batch.clear();
-        handle.store.save_ring(&record).await?;
-        info!(%txid, "a migration batch committed before the restart: its cursor is recorded now");
         Ok(record)
     }
 
@@ -358,13 +316,8 @@ impl Membership {
                 Ok::<_, String>(answer.into_inner().end)
             }
         });
-        let end = all(futures::future::join_all(scans).await)?.into_iter().flatten().min();
-        let hi = end.map_or(Cursor::End, Cursor::Key);
-        let step = Routing {
-            epoch: routing.epoch,
-            current: routing.current.clone(),
-            migration: Some(Move { target: target.clone(), cursor: hi.clone() }),
-        };
+        let hi = decide::batch_end(all(futures::future::join_all(scans).await)?);
+        let step = decide::batch_routing(&routing, &target, hi.clone());
         let txid =
             self.handle.begin(self.handle.config.idle_timeout()).await.map_err(|e| format!("begin: {e}"))?;
         self.save(|r| {
@@ -378,25 +331,9 @@ impl Membership {
                 metrics::counter!(MOVED_KEYS).increment(keys);
                 metrics::counter!(MOVED_BYTES).increment(bytes);
                 metrics::counter!(BATCHES).increment(1);
-                let routing = Routing {
-                    epoch: routing.epoch,
-                    current: routing.current.clone(),
-                    migration: Some(Move { target, cursor: hi.clone() }),
-                };
                 // Not synced: lost in a crash, start rebuilds it from the decision and `batch_routing`.
-                self.save_unsynced(|r| {
-                    r.batch.clear();
-                    r.batch_routing = None;
-                    r.routing = Some(routing.to_wire());
-                    if let Some(m) = r.migration.as_mut() {
-                        m.moved_keys += keys;
-                        m.moved_bytes += bytes;
-                        m.batches += 1;
-                        m.remaining_keys = m.remaining_keys.saturating_sub(keys);
-                        m.last_error.clear();
-                    }
-                })
-                .await?;
+                let mut routing = step.clone();
+                self.save_unsynced(|r| routing = decide::batch_committed(r, &step, keys, bytes)).await?;
                 metrics::gauge!(REMAINING)
                     .set(self.record.lock().await.migration.as_ref().map_or(0, |m| m.remaining_keys) as f64);
                 self.set_routing(routing);
@@ -420,26 +357,22 @@ impl Membership {
     /// The steps of batch `txid` and its commit: the keys and bytes it moved.
     async fn run(&self, txid: TxId, step: &Routing, lo: &str, target: &Ring) -> Result<(u64, u64), String> {
         let wire = step.to_wire();
-        let (mut keys, mut bytes) = (0, 0);
+        let request =
+            |direction, entries| decide::step_request(txid, decide::step(direction, &wire, lo, entries));
         // Every old owner locks and reads what leaves it, at once...
-        let outs = step.current.names().iter().map(|name| {
-            let request = execute(txid, v1::migration_step::Direction::Out, &wire, lo, Vec::new());
-            self.step(name, "OUT", request)
-        });
-        let mut arriving: BTreeMap<String, Vec<v1::KeyValue>> = BTreeMap::new();
+        let outs = step
+            .current
+            .names()
+            .iter()
+            .map(|name| self.step(name, "OUT", request(v1::migration_step::Direction::Out, Vec::new())));
         // Every step runs to its end (none is dropped halfway), then the first failure counts.
-        for kv in all(futures::future::join_all(outs).await)?.into_iter().flatten() {
-            let owner = target.route(&kv.key).ok_or("the target ring is empty")?.to_owned();
-            keys += 1;
-            bytes += kv.value.as_ref().map_or(0, Vec::len) as u64;
-            arriving.entry(owner).or_default().push(kv);
-        }
+        let leaving = all(futures::future::join_all(outs).await)?.into_iter().flatten();
+        let (mut arriving, keys, bytes) = decide::arrivals(leaving, target)?;
         crash::point(crash::MIGRATION_BATCH_AFTER_OUT);
         // ...then every new owner takes what arrives (a member with nothing to take still records the step).
         let ins = target.names().iter().map(|name| {
             let entries = arriving.remove(name).unwrap_or_default();
-            let request = execute(txid, v1::migration_step::Direction::In, &wire, lo, entries);
-            self.step(name, "IN", request)
+            self.step(name, "IN", request(v1::migration_step::Direction::In, entries))
         });
         let ins: Vec<_> = ins.collect();
         all(futures::future::join_all(ins).await)?;
@@ -489,16 +422,9 @@ impl Membership {
 
     /// Every key has moved: the target is the ring.
     async fn finish(&self) -> Result<(), String> {
-        let routing = self.routing();
-        let Some(Move { target, .. }) = &routing.migration else { return Ok(()) };
-        let settled = Routing { epoch: routing.epoch, current: target.clone(), migration: None };
-        let mut done = None;
-        self.save(|r| {
-            r.routing = Some(settled.to_wire());
-            done = r.migration.take().map(|m| v1::Migration { finished_unix_ms: now_ms(), ..m });
-            r.last = done.clone();
-        })
-        .await?;
+        let mut ended = None;
+        self.save(|r| ended = decide::finished(r, now_ms())).await?;
+        let Some((settled, done)) = ended else { return Ok(()) };
         self.set_routing(settled.clone());
         metrics::gauge!(REMAINING).set(0.0);
         if let Some(m) = done {
@@ -545,22 +471,6 @@ impl Membership {
     }
 }
 
-fn execute(
-    txid: TxId,
-    direction: v1::migration_step::Direction,
-    routing: &v1::Routing,
-    lo: &str,
-    entries: Vec<v1::KeyValue>,
-) -> v1::ExecuteRequest {
-    let step = v1::MigrationStep {
-        direction: direction as i32,
-        routing: Some(routing.clone()),
-        lo: lo.to_owned(),
-        entries,
-    };
-    v1::ExecuteRequest { txid: txid.to_string(), ops: Vec::new(), get: Vec::new(), migration: Some(step) }
-}
-
 /// The answers of steps that all ran to their end, or the first failure.
 fn all<T>(answers: Vec<Result<T, String>>) -> Result<Vec<T>, String> {
     answers.into_iter().collect()
@@ -568,160 +478,4 @@ fn all<T>(answers: Vec<Result<T, String>>) -> Result<Vec<T>, String> {
 
 fn step_error(name: &str, status: &tonic::Status) -> String {
     format!("{name}: {}", status.message())
-}
-
-/// Every member of either ring, in name order.
-fn members(routing: &Routing) -> Vec<String> {
-    let mut names: Vec<String> =
-        routing.current.names().iter().chain(routing.settled().names()).cloned().collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
-/// The routing after `change`, or why it is not safe. `status` tells each
-/// participant's role and liveness (`None`: not enrolled).
-pub fn plan(
-    routing: &Routing,
-    change: &Change,
-    status: impl Fn(&ParticipantName) -> Option<(Role, bool)>,
-) -> Result<Routing, Refused> {
-    if let Some(Move { target, .. }) = &routing.migration {
-        return Err(Refused::Unsafe(format!(
-            "a migration is in progress (to {}): wait until `decree ring` shows it done",
-            target.names().join(", ")
-        )));
-    }
-    let ring = &routing.current;
-    let weight_ok = |weight: u32| {
-        if (1..=MAX_WEIGHT).contains(&weight) {
-            Ok(weight)
-        } else {
-            Err(Refused::Invalid(format!("weight {weight}: must be between 1 and {MAX_WEIGHT}")))
-        }
-    };
-    let must_be_up = |name: &ParticipantName| match status(name) {
-        None => Err(Refused::Unsafe(format!("{name} is not enrolled with this coordinator"))),
-        Some((Role::Service, _)) => {
-            Err(Refused::Unsafe(format!("{name} is a service: it takes branches by name, never ring keys")))
-        }
-        Some((Role::Member, false)) => {
-            Err(Refused::Unsafe(format!("{name} is down: keys can only move between members that are up")))
-        }
-        Some((Role::Member, true)) => Ok(()),
-    };
-    let mut members: Vec<(String, u32)> = ring.members().map(|(n, w)| (n.to_owned(), w)).collect();
-    match change {
-        Change::Add { name, weight } => {
-            let weight = weight_ok((*weight).max(1))?;
-            if ring.contains(name.as_str()) {
-                return Err(Refused::Unsafe(format!("{name} is in the ring already")));
-            }
-            must_be_up(name)?;
-            members.push((name.to_string(), weight));
-        }
-        Change::Remove { name } => {
-            if !ring.contains(name.as_str()) {
-                return Err(Refused::Unsafe(format!("{name} is not in the ring")));
-            }
-            if ring.names().len() == 1 {
-                return Err(Refused::Unsafe(format!(
-                    "{name} is the last member: its keys would have nowhere to go"
-                )));
-            }
-            members.retain(|(n, _)| n != name.as_str());
-        }
-        Change::Weight { name, weight } => {
-            let weight = weight_ok(*weight)?;
-            match ring.weight(name.as_str()) {
-                None => return Err(Refused::Unsafe(format!("{name} is not in the ring"))),
-                Some(w) if w == weight => {
-                    return Err(Refused::Unsafe(format!("{name} has weight {weight} already")))
-                }
-                Some(_) => {}
-            }
-            for (n, w) in members.iter_mut() {
-                if n == name.as_str() {
-                    *w = weight;
-                }
-            }
-        }
-    }
-    // Every member of the ring now takes part in every batch.
-    for member in ring.names() {
-        let name: ParticipantName =
-            member.parse().map_err(|e: decree_proto::InvalidInput| Refused::Invalid(e.to_string()))?;
-        must_be_up(&name)?;
-    }
-    let vnodes = if ring.is_empty() { VNODES } else { ring.vnodes() };
-    let target = Ring::weighted(members, vnodes);
-    Ok(Routing {
-        epoch: routing.epoch + 1,
-        current: ring.clone(),
-        migration: Some(Move { target, cursor: Cursor::Key(String::new()) }),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn name(n: &str) -> ParticipantName {
-        n.parse().unwrap()
-    }
-
-    fn settled(names: &[&str]) -> Routing {
-        Routing { epoch: 3, current: Ring::new(names.iter().copied()), migration: None }
-    }
-
-    fn up(n: &ParticipantName) -> Option<(Role, bool)> {
-        match n.as_str() {
-            "svc" => Some((Role::Service, true)),
-            "gone" => Some((Role::Member, false)),
-            "stranger" => None,
-            _ => Some((Role::Member, true)),
-        }
-    }
-
-    #[test]
-    fn an_add_bumps_the_epoch_and_targets_the_larger_ring() {
-        let next = plan(&settled(&["p1", "p2"]), &Change::Add { name: name("p3"), weight: 2 }, up).unwrap();
-        assert_eq!(next.epoch, 4);
-        let m = next.migration.unwrap();
-        assert_eq!(m.target.names(), ["p1", "p2", "p3"]);
-        assert_eq!(m.target.weight("p3"), Some(2));
-        assert_eq!(m.cursor, Cursor::Key(String::new()));
-    }
-
-    #[test]
-    fn unsafe_changes_are_refused_with_the_reason() {
-        let ring = settled(&["p1", "p2"]);
-        let refused = |change: Change, routing: &Routing| plan(routing, &change, up).unwrap_err().to_string();
-        assert!(refused(Change::Remove { name: name("p9") }, &ring).contains("not in the ring"));
-        assert!(refused(Change::Remove { name: name("p1") }, &settled(&["p1"])).contains("last member"));
-        assert!(refused(Change::Add { name: name("svc"), weight: 1 }, &ring).contains("is a service"));
-        assert!(refused(Change::Add { name: name("gone"), weight: 1 }, &ring).contains("is down"));
-        assert!(refused(Change::Add { name: name("stranger"), weight: 1 }, &ring).contains("not enrolled"));
-        assert!(refused(Change::Add { name: name("p1"), weight: 1 }, &ring).contains("already"));
-        assert!(refused(Change::Weight { name: name("p1"), weight: 1 }, &ring).contains("already"));
-        assert!(refused(Change::Weight { name: name("p1"), weight: 65 }, &ring).contains("between 1 and 64"));
-        assert!(
-            refused(Change::Add { name: name("p3"), weight: 1 }, &settled(&["p1", "gone"])).contains("down")
-        );
-        let moving = plan(&ring, &Change::Add { name: name("p3"), weight: 1 }, up).unwrap();
-        assert!(refused(Change::Remove { name: name("p2") }, &moving).contains("in progress"));
-    }
-
-    #[test]
-    fn a_legacy_ring_keeps_its_points_so_only_the_new_members_keys_move() {
-        let legacy = Routing {
-            epoch: 1,
-            current: Ring::weighted([("p1".into(), 1), ("p2".into(), 1)], LEGACY_VNODES),
-            migration: None,
-        };
-        let next = plan(&legacy, &Change::Add { name: name("p3"), weight: 1 }, up).unwrap();
-        assert_eq!(next.migration.unwrap().target.vnodes(), LEGACY_VNODES);
-        let fresh = plan(&settled(&[]), &Change::Add { name: name("p1"), weight: 1 }, up).unwrap();
-        assert_eq!(fresh.migration.unwrap().target.vnodes(), VNODES);
-    }
 }

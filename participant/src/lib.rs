@@ -83,7 +83,7 @@ pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod membership;
-mod migration;
+pub mod migration;
 pub mod postgres;
 pub mod resource;
 mod runtime;

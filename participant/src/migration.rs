@@ -3,18 +3,19 @@
 //! of a batch, run as interactive work under the batch's txid so that the
 //! batch is one two-phase-commit transaction like any other.
 
-use decree_proto::ring::Routing;
+use decree_proto::ring::{Cursor, Routing};
 use decree_proto::{v1, KvOp, Reason, TxId};
+use decree_runtime::{LogError, Storage};
 use prost::Message;
 use tonic::Status;
 
 use crate::kv::KvStore;
-use crate::membership::Refusal;
+use crate::membership::{Ownership, Refusal};
 use crate::runtime::Handle;
 
 /// What a read, interactive work or a batch step may not touch here, as the
 /// status the client acts on (FAILED_PRECONDITION + WRONG_OWNER, UNAVAILABLE + MIGRATING).
-pub(crate) fn refused(refusal: Refusal) -> Status {
+pub fn refused(refusal: Refusal) -> Status {
     let status = match refusal.code {
         Reason::Migrating => Status::unavailable(refusal.reason),
         _ => Status::failed_precondition(refusal.reason),
@@ -23,7 +24,7 @@ pub(crate) fn refused(refusal: Refusal) -> Status {
 }
 
 /// The routing of a step: a migration must be under way in it.
-pub(crate) fn step_routing(step: &v1::MigrationStep) -> Result<Routing, Status> {
+pub fn step_routing(step: &v1::MigrationStep) -> Result<Routing, Status> {
     let routing = step.routing.as_ref().map(Routing::from_wire);
     match routing {
         Some(routing) if routing.migration.is_some() => Ok(routing),
@@ -31,36 +32,136 @@ pub(crate) fn step_routing(step: &v1::MigrationStep) -> Result<Routing, Status> 
     }
 }
 
+/// The routing a ScanMoving asks about: a migration must be under way in it.
+pub fn scan_routing(request: &v1::ScanMovingRequest) -> Result<Routing, Status> {
+    let routing = request.routing.as_ref().map(Routing::from_wire);
+    routing
+        .filter(|r| r.migration.is_some())
+        .ok_or_else(|| Status::invalid_argument("routing: no target ring to move keys to"))
+}
+
 /// Where the next batch of keys leaving this participant ends: after `limit`
 /// of them from `after` on, or at the end of the keyspace.
+pub fn scan_moving<S: Storage>(
+    store: &KvStore<S>,
+    routing: &Routing,
+    after: &str,
+    limit: u32,
+) -> Result<v1::ScanMovingResponse, LogError> {
+    let (own, limit) = (store.ownership(), u64::from(limit.max(1)));
+    let mut answer = v1::ScanMovingResponse::default();
+    for (key, size) in store.keys_from(after)? {
+        if !own.leaves_in(routing, &key) {
+            continue;
+        }
+        answer.keys += 1;
+        answer.bytes += size as u64;
+        if answer.keys == limit {
+            // The smallest key after this one: the batch ends just past it.
+            answer.end = Some(format!("{key}\0"));
+            break;
+        }
+    }
+    Ok(answer)
+}
+
 pub(crate) async fn scan(
     store: &KvStore,
     request: v1::ScanMovingRequest,
 ) -> Result<v1::ScanMovingResponse, Status> {
-    let routing = request.routing.as_ref().map(Routing::from_wire);
-    let Some(routing) = routing.filter(|r| r.migration.is_some()) else {
-        return Err(Status::invalid_argument("routing: no target ring to move keys to"));
-    };
-    let (store, limit) = (store.clone(), u64::from(request.limit.max(1)));
-    tokio::task::spawn_blocking(move || {
-        let own = store.ownership();
-        let mut answer = v1::ScanMovingResponse::default();
-        for (key, size) in store.keys_from(&request.after).map_err(|e| Status::internal(e.to_string()))? {
-            if !own.leaves_in(&routing, &key) {
-                continue;
-            }
-            answer.keys += 1;
-            answer.bytes += size as u64;
-            if answer.keys == limit {
-                // The smallest key after this one: the batch ends just past it.
-                answer.end = Some(format!("{key}\0"));
-                break;
-            }
-        }
-        Ok(answer)
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?
+    let routing = scan_routing(&request)?;
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || scan_moving(&store, &routing, &request.after, request.limit))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+/// A step checked against this member's ring state: its routing, and true
+/// for OUT. A step of an older epoch than the member's is refused (STALE).
+pub fn check_step(own: &Ownership, step: &v1::MigrationStep) -> Result<(Routing, bool), Status> {
+    let routing = step_routing(step)?;
+    if routing.epoch < own.epoch() {
+        let why = format!(
+            "migration step of ring epoch {} is older than this member's {}",
+            routing.epoch,
+            own.epoch()
+        );
+        return Err(Reason::Stale.on_status(Status::failed_precondition(why)));
+    }
+    match v1::migration_step::Direction::try_from(step.direction) {
+        Ok(v1::migration_step::Direction::Out) => Ok((routing, true)),
+        Ok(v1::migration_step::Direction::In) => Ok((routing, false)),
+        _ => Err(Status::invalid_argument("migration: direction must be OUT or IN")),
+    }
+}
+
+/// The batch holding the fence that batch `txid` may take over: an older one
+/// of the same coordinator, which runs one batch at a time (so that batch is
+/// over, and if it never prepared here it cannot commit).
+pub fn superseded(own: &Ownership, txid: TxId) -> Option<TxId> {
+    own.fence_holder().filter(|h| h.coordinator == txid.coordinator && *h < txid)
+}
+
+/// Where an OUT step's range `[lo, hi)` ends (`None`: the end of the keyspace).
+pub fn range_end(routing: &Routing) -> Option<String> {
+    match routing.migration.as_ref().map(|m| &m.cursor) {
+        Some(Cursor::Key(hi)) => Some(hi.clone()),
+        _ => None,
+    }
+}
+
+/// The keys an OUT step takes: those of its range that are here (`present`)
+/// or locked by a branch that may still write them (`locked`) and that leave
+/// this member, sorted.
+pub fn out_keys(
+    own: &Ownership,
+    routing: &Routing,
+    lo: &str,
+    present: impl IntoIterator<Item = String>,
+    locked: impl IntoIterator<Item = String>,
+) -> Vec<String> {
+    let mut keys: Vec<String> =
+        present.into_iter().chain(locked).filter(|key| own.leaves(routing, lo, key)).collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The keys an IN step writes, checked.
+pub fn in_keys(step: &v1::MigrationStep) -> Result<Vec<String>, Status> {
+    for entry in &step.entries {
+        KvOp::check_key(&entry.key)?;
+    }
+    Ok(step.entries.iter().map(|e| e.key.clone()).collect())
+}
+
+/// The work an IN step leaves in the branch: the arriving values.
+pub fn in_done(step: &v1::MigrationStep, so_far: &[u8]) -> Vec<u8> {
+    let ops = step
+        .entries
+        .iter()
+        .filter_map(|e| Some(KvOp::Put { key: e.key.clone(), value: e.value.clone()? }))
+        .collect();
+    done(ops, step, so_far)
+}
+
+/// What an OUT step answers: the values of `keys` that exist (locked by the
+/// batch, so they cannot change under it).
+pub fn read_out<S: Storage>(store: &KvStore<S>, keys: Vec<String>) -> Result<Vec<v1::KeyValue>, LogError> {
+    keys.into_iter()
+        .filter_map(|key| match store.get(&key) {
+            Ok(Some(value)) => Some(Ok(v1::KeyValue { key, value: Some(value) })),
+            Ok(None) => None,
+            Err(err) => Some(Err(err)),
+        })
+        .collect()
+}
+
+/// The work an OUT step leaves in the branch: the deletes of what leaves.
+pub fn out_done(values: &[v1::KeyValue], step: &v1::MigrationStep, so_far: &[u8]) -> Vec<u8> {
+    let ops = values.iter().map(|kv| KvOp::Delete { key: kv.key.clone() }).collect();
+    done(ops, step, so_far)
 }
 
 /// The work a step leaves in the branch: `ops`, and the step itself (once per branch).
@@ -83,62 +184,40 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), Status>>,
 {
-    let routing = step_routing(&step)?;
     let own = store.ownership().clone();
-    if routing.epoch < own.epoch() {
-        let why = format!(
-            "migration step of ring epoch {} is older than this member's {}",
-            routing.epoch,
-            own.epoch()
-        );
-        return Err(decree_proto::Reason::Stale.on_status(Status::failed_precondition(why)));
-    }
-    let out = match v1::migration_step::Direction::try_from(step.direction) {
-        Ok(v1::migration_step::Direction::Out) => true,
-        Ok(v1::migration_step::Direction::In) => false,
-        _ => return Err(Status::invalid_argument("migration: direction must be OUT or IN")),
-    };
-    let keys = if out {
-        // From now on nobody else touches what leaves in this range, present or not...
-        if let Err(refusal) = own.fence(txid, &step.lo, &routing) {
-            // The coordinator runs one batch at a time: an older batch of its own
-            // is over, and if it never prepared here it cannot commit.
-            let holder = own.fence_holder().filter(|h| h.coordinator == txid.coordinator && *h < txid);
-            match holder {
-                Some(holder) if handle.supersede(holder).await? => {
-                    own.release(holder);
-                    own.fence(txid, &step.lo, &routing).map_err(refused)?;
-                }
-                _ => return Err(refused(refusal)),
+    let (routing, out) = check_step(&own, &step)?;
+    // From now on nobody else touches what moves from or to here in this
+    // range, present or not: at an old owner nothing is written behind the
+    // batch's reads, at a new one nothing is served before the batch's
+    // commit lands (a member joining has no ring state yet that would say so).
+    if let Err(refusal) = own.fence(txid, &step.lo, &routing) {
+        match superseded(&own, txid) {
+            Some(holder) if handle.supersede(holder).await? => {
+                own.release(holder);
+                own.fence(txid, &step.lo, &routing).map_err(refused)?;
             }
+            _ => return Err(refused(refusal)),
         }
+    }
+    let keys = if out {
         decree_runtime::crash::point(decree_runtime::crash::MIGRATION_OUT_AFTER_FENCE);
-        // ...and what is there, or locked by a branch that may still write it, is taken.
+        // What is there, or locked by a branch that may still write it, is taken.
         let (table, _) = handle.locks().await?;
-        let lo = step.lo.clone();
-        let hi = match routing.migration.as_ref().map(|m| &m.cursor) {
-            Some(decree_proto::ring::Cursor::Key(hi)) => Some(hi.clone()),
-            _ => None,
-        };
-        let (scanned, routing_for_scan, own_for_scan) = (store.clone(), routing.clone(), own.clone());
+        let (scanned, lo, hi) = (store.clone(), step.lo.clone(), range_end(&routing));
         let present = tokio::task::spawn_blocking(move || scanned.keys_between(&lo, hi.as_deref()))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
-        let mut keys: Vec<String> = present
-            .into_iter()
-            .map(|(key, _)| key)
-            .chain(table.into_iter().map(|entry| entry.key))
-            .filter(|key| own_for_scan.leaves(&routing_for_scan, &step.lo, key))
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys
+        let present = present.into_iter().map(|(key, _)| key);
+        out_keys(&own, &routing, &step.lo, present, table.into_iter().map(|entry| entry.key))
     } else {
-        for entry in &step.entries {
-            KvOp::check_key(&entry.key)?;
+        match in_keys(&step) {
+            Ok(keys) => keys,
+            Err(status) => {
+                own.release(txid);
+                return Err(status);
+            }
         }
-        step.entries.iter().map(|e| e.key.clone()).collect()
     };
     let granted = match handle.work(txid, keys.clone()).await? {
         Ok(granted) => granted,
@@ -155,27 +234,13 @@ where
         }
     }
     if !out {
-        let ops = step
-            .entries
-            .iter()
-            .filter_map(|e| Some(KvOp::Put { key: e.key.clone(), value: e.value.clone()? }))
-            .collect();
-        handle.work_done(txid, Some(done(ops, &step, &granted.so_far)));
+        handle.work_done(txid, Some(in_done(&step, &granted.so_far)));
         return Ok(v1::ExecuteResponse { values: Vec::new() });
     }
-    // The keys are locked by the batch: their values cannot change under it.
     let read = store.clone();
-    let values = tokio::task::spawn_blocking(move || {
-        keys.into_iter()
-            .filter_map(|key| match read.get(&key) {
-                Ok(Some(value)) => Some(Ok(v1::KeyValue { key, value: Some(value) })),
-                Ok(None) => None,
-                Err(err) => Some(Err(err)),
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?;
+    let values = tokio::task::spawn_blocking(move || read_out(&read, keys))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
     let values = match values {
         Ok(values) => values,
         Err(err) => {
@@ -183,7 +248,6 @@ where
             return Err(Status::internal(err.to_string()));
         }
     };
-    let ops = values.iter().map(|kv| KvOp::Delete { key: kv.key.clone() }).collect();
-    handle.work_done(txid, Some(done(ops, &step, &granted.so_far)));
+    handle.work_done(txid, Some(out_done(&values, &step, &granted.so_far)));
     Ok(v1::ExecuteResponse { values })
 }

@@ -32,9 +32,9 @@ pub const ALL: &[&str] = &[
     MIGRATION_OUT_AFTER_FENCE,
 ];
 
-/// The points of the two-phase-commit protocol itself, the first 13 of [`ALL`]
-/// (the simulator reaches each of them); the rest are the migration's, which
-/// the real-process tests reach.
+/// The points of the two-phase-commit protocol itself, the first 13 of [`ALL`];
+/// the rest are the migration's. The simulator and the real-process tests
+/// reach all of them.
 pub const PROTOCOL: &[&str] = ALL.split_at(13).0;
 
 /// Prepare sent to the first participant only.

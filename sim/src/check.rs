@@ -2,13 +2,13 @@
 //! the moment a message leaves or a branch is decided) and at its end (what
 //! the data says once everything has ended).
 //!
-//! - I1 all-or-nothing: each transfer's marker is on every participant it
-//!   changes, or on none;
+//! - I1 all-or-nothing: each transfer's two markers are both committed, or
+//!   neither;
 //! - I2 reported outcomes hold: COMMITTED means every marker, ABORTED none;
 //! - I3 a Commit leaves only once the decision is synced, a YES only once
 //!   the prepared record is;
-//! - I4 exactly once: each participant's counter equals its markers, and no
-//!   branch is applied twice;
+//! - I4 exactly once: each client's counter equals its transfers' markers,
+//!   and no branch is applied twice;
 //! - I5 the balances sum to zero, as they started;
 //! - I6 and liveness: within [`SETTLE`](crate::SETTLE) of the faults
 //!   stopping, nothing is in doubt, no lock is held, nothing waits and every
@@ -16,20 +16,26 @@
 //! - I7 no participant decides alone: a branch commits only under a durable
 //!   decision, and a branch that voted YES never aborts under one;
 //! - I8 stale messages change nothing: the late, duplicated and
-//!   old-incarnation messages the network delivers are held to I1-I7 too.
+//!   old-incarnation messages the network delivers are held to I1-I7 too;
+//! - I9 a read returns the latest committed value: what a participant
+//!   serves is the value the last commit applied to the key, wherever (a
+//!   key that moved away, or has not arrived, is redirected, never missed);
+//! - I10 each key is at exactly one participant in the end, the owner the
+//!   final ring names (and no migration is left unfinished).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use decree_coordinator::retention::Retention as Window;
 use decree_participant::engine::TombstoneRetention;
+use decree_participant::membership::RING_KEY;
 use decree_proto::TxId;
-use decree_runtime::MemLog;
+use decree_runtime::{MemLog, Write};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::client::{account, Client, ACCOUNTS};
-use crate::coordinator::Coordinator;
+use crate::client::{counter, markers, Client};
+use crate::coordinator::{index, Coordinator};
 use crate::participant::Participant;
 use crate::{Ctx, Time};
 
@@ -71,7 +77,7 @@ impl Retention {
             Window { max_ended: 1_000_000, max_age: Duration::from_secs(3600) }
         };
         let participant = if rng.random_bool(0.3) {
-            TombstoneRetention { max: 30, max_age: Duration::from_secs(20) }
+            TombstoneRetention { max: 100, max_age: Duration::from_secs(20) }
         } else {
             TombstoneRetention::default()
         };
@@ -87,8 +93,11 @@ pub struct Ghost {
     /// the outcomes show counts, to see a planted bug caught by its effects.
     pub effects_only: bool,
     pub coordinator_id: u32,
-    /// Every transfer tried, with the participants it changes.
-    tags: BTreeMap<String, Vec<usize>>,
+    /// Every transfer tried, with its client.
+    tags: BTreeMap<String, usize>,
+    /// Each key's value as the last commit applied to it left it (a
+    /// migration batch moves values, it changes none).
+    latest: BTreeMap<String, Vec<u8>>,
     reported: BTreeMap<String, Reported>,
     /// Transactions whose COMMIT decision reached the disk.
     decided: BTreeSet<TxId>,
@@ -109,8 +118,45 @@ impl Ghost {
         Ghost { effects_only, ..Ghost::default() }
     }
 
-    pub fn planned(&mut self, tag: &str, writers: Vec<usize>) {
-        self.tags.insert(tag.to_owned(), writers);
+    pub fn planned(&mut self, tag: &str, client: usize) {
+        self.tags.insert(tag.to_owned(), client);
+    }
+
+    /// A commit's writes reached the disk.
+    pub fn applied_writes(&mut self, writes: &[Write]) {
+        let migration = writes.iter().any(|w| matches!(w, Write::Put { key, .. } if key == RING_KEY));
+        if migration {
+            return;
+        }
+        for write in writes {
+            match write {
+                Write::Put { key, value } if key.starts_with(b"k/") => {
+                    self.latest.insert(String::from_utf8_lossy(&key[2..]).into_owned(), value.clone());
+                }
+                Write::Delete { key } if key.starts_with(b"k/") => {
+                    self.latest.remove(&*String::from_utf8_lossy(&key[2..]));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// I9: participant `p` serves `value` for `key`.
+    pub fn read_served(&mut self, at: Time, p: usize, key: &str, value: Option<&[u8]>) {
+        let latest = self.latest.get(key).map(Vec::as_slice);
+        if value != latest {
+            let show = |v: Option<&[u8]>| v.map(|v| String::from_utf8_lossy(v).into_owned());
+            violation(
+                self,
+                at,
+                "I9",
+                format!(
+                    "p{p} served {key} = {:?}, the latest committed value is {:?}",
+                    show(value),
+                    show(latest)
+                ),
+            );
+        }
     }
 
     pub fn reported(&mut self, at: Time, tag: &str, reported: Reported) {
@@ -204,6 +250,16 @@ pub fn unsettled(coordinator: &Coordinator, participants: &[Participant], client
         )),
         Some(_) => {}
     }
+    if let Some(routing) = coordinator.routing() {
+        if let Some(m) = &routing.migration {
+            out.push(format!(
+                "a migration to {:?} is at {:?} ({:?})",
+                m.target.names(),
+                m.cursor,
+                coordinator.driver()
+            ));
+        }
+    }
     for (p, participant) in participants.iter().enumerate() {
         if !participant.up() {
             out.push(format!("p{p} is down"));
@@ -238,63 +294,71 @@ pub fn unsettled(coordinator: &Coordinator, participants: &[Participant], client
 }
 
 /// The end-of-run checks on the data (I1, I2, I4, I5) and on phase two.
-pub fn finish(ctx: &mut Ctx, coordinator: &Coordinator, participants: &[Participant], _clients: &[Client]) {
+pub fn finish(ctx: &mut Ctx, coordinator: &Coordinator, participants: &[Participant], clients: &[Client]) {
     let at = ctx.now();
     let ghost = &mut ctx.ghost;
     if participants.iter().any(|p| !p.up()) || !coordinator.up() {
         return; // the liveness violation says why
     }
-    let mut present: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    let mut sum: i64 = 0;
+    // I10: every key at one participant, its owner by the final ring.
+    let routing = coordinator.routing().unwrap_or_default();
+    let mut values: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut holders: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (p, participant) in participants.iter().enumerate() {
-        let markers = participant.scan("m/");
-        for (key, _) in &markers {
-            present.entry(key[2..].to_owned()).or_default().push(p);
-        }
-        let count = participant
-            .value("count")
-            .map(|v| String::from_utf8_lossy(&v).parse::<i64>().expect("a number"))
-            .unwrap_or(0);
-        if count != markers.len() as i64 {
-            violation(
-                ghost,
-                at,
-                "I4",
-                format!("p{p} counted {count} transfers but holds {} markers", markers.len()),
-            );
-        }
-        for a in 0..ACCOUNTS {
-            if let Some(value) = participant.value(&account(a)) {
-                sum += String::from_utf8_lossy(&value).parse::<i64>().expect("a number");
-            }
+        for (key, value) in participant.scan("") {
+            holders.entry(key.clone()).or_default().push(p);
+            values.insert(key, value);
         }
     }
+    for (key, at_) in &holders {
+        let owner = routing.route(key).map(|name| index(&name.parse().expect("a member")));
+        if at_.len() != 1 || Some(at_[0]) != owner {
+            violation(ghost, at, "I10", format!("{key} is at {at_:?}; the ring's owner is {owner:?}"));
+        }
+    }
+    let number = |key: &str| {
+        values.get(key).map_or(0, |v| String::from_utf8_lossy(v).parse::<i64>().expect("a number"))
+    };
+    let sum: i64 = values.keys().filter(|k| k.starts_with("acct/")).map(|k| number(k)).sum();
     if sum != 0 {
         violation(ghost, at, "I5", format!("the balances sum to {sum}, not 0"));
     }
     let tags = std::mem::take(&mut ghost.tags);
-    for (tag, writers) in &tags {
-        let found = present.remove(tag).unwrap_or_default();
-        if !found.is_empty() && found != *writers {
-            violation(ghost, at, "I1", format!("{tag} applied at {found:?} of {writers:?}"));
+    let mut counted: BTreeMap<usize, i64> = BTreeMap::new();
+    for (tag, client) in &tags {
+        let found = markers(tag).iter().filter(|m| values.contains_key(*m)).count();
+        if found == 2 {
+            *counted.entry(*client).or_default() += 1;
+        }
+        if found == 1 {
+            violation(ghost, at, "I1", format!("{tag} applied in part: one marker of two"));
         }
         match ghost.reported.get(tag) {
-            Some(Reported::Committed) if found != *writers => {
-                violation(
-                    ghost,
-                    at,
-                    "I2",
-                    format!("{tag} reported COMMITTED, applied at {found:?} of {writers:?}"),
-                );
+            Some(Reported::Committed) if found != 2 => {
+                violation(ghost, at, "I2", format!("{tag} reported COMMITTED, {found} markers of 2"));
             }
-            Some(Reported::Aborted) if !found.is_empty() => {
-                violation(ghost, at, "I2", format!("{tag} reported ABORTED, applied at {found:?}"));
+            Some(Reported::Aborted) if found != 0 => {
+                violation(ghost, at, "I2", format!("{tag} reported ABORTED, {found} markers of 2"));
             }
             _ => {}
         }
     }
-    for (tag, at_) in present {
-        violation(ghost, at, "I1", format!("marker {tag} at {at_:?} belongs to no transfer"));
+    for key in values.keys().filter(|k| k.starts_with("m/")) {
+        let tag = key[2..].rsplit_once('.').map_or("", |(tag, _)| tag);
+        if !tags.contains_key(tag) {
+            violation(ghost, at, "I1", format!("marker {key} belongs to no transfer"));
+        }
+    }
+    for c in 0..clients.len() {
+        let (count, markers) = (number(&counter(c)), counted.get(&c).copied().unwrap_or(0));
+        if count != markers {
+            violation(
+                ghost,
+                at,
+                "I4",
+                format!("client{c} counted {count} transfers, {markers} have markers"),
+            );
+        }
     }
     if let Some(engine) = coordinator.engine() {
         for stuck in engine.stuck() {

@@ -1,80 +1,100 @@
-//! The workload: bank transfers between accounts on the participants, each
-//! writing a marker key and bumping a counter on every participant it
-//! changes, one-shot (Transact) or interactive (Begin, Execute, Commit).
-//! Clients retry a transfer whose answer never came (as a new transaction,
-//! with its own marker) and ask GetOutcome after an unknown outcome.
+//! The workload: bank transfers between accounts, each writing two marker
+//! keys and bumping its client's counter, every key routed to its owner by
+//! the ring as the client last heard it from the coordinator, one-shot
+//! (Transact) or interactive (Begin, Execute, Commit). Clients retry a
+//! transfer whose answer never came (as a new transaction, with its own
+//! markers), ask GetOutcome after an unknown outcome, ask for the ring again
+//! after anything but a commit, and read keys back now and then (following
+//! redirects), which the checker holds to the latest committed values.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use decree_coordinator::engine::Decided;
+use decree_proto::ring::Routing;
 use decree_proto::{v1, KvOp, TxId};
 use prost::Message;
 use rand::Rng;
 
 use crate::check::Reported;
-use crate::coordinator::name;
+use crate::coordinator::index;
 use crate::{Ctx, Item, Msg, Node, Time, MS, SECOND};
 
 /// How long a client waits for an answer before it gives up on it.
 const PATIENCE: Time = 3 * SECOND;
 const POLL: Time = 200 * MS;
-/// Accounts per participant.
-pub const ACCOUNTS: usize = 2;
+/// Accounts in all.
+pub const ACCOUNTS: usize = 8;
+/// Times a read follows a redirect before it gives up.
+const READ_TRIES: u32 = 10;
 
 #[derive(Debug)]
 pub enum Work {
     Next,
     Deadline(u64),
     Poll,
+    /// Read `key` (again, after a redirect).
+    Read {
+        key: String,
+        tries: u32,
+    },
 }
 
-/// One transfer: who loses `amount`, who gains it, and a branch that may be
-/// refused (`frozen`) or read-only (`reader`).
+/// One transfer: which account loses `amount`, which gains it, and a key
+/// whose branch may be refused (`frozen`) or only read (`reader`).
 #[derive(Debug, Clone)]
 struct Transfer {
     tag: String,
-    from: (usize, usize),
-    to: (usize, usize),
+    client: usize,
+    from: usize,
+    to: usize,
     amount: i64,
-    /// This participant's branch also expects a key that never exists: it votes NO.
-    frozen: Option<usize>,
-    /// This participant only reads (votes READ-ONLY).
-    reader: Option<usize>,
+    /// Also expect a key that never exists: its branch votes NO.
+    frozen: bool,
+    /// Also read a key that is never written (its owner may only read).
+    reader: bool,
+    /// An interactive transfer's branches, routed once when it began.
+    routed: Vec<(usize, Vec<KvOp>)>,
 }
 
 impl Transfer {
-    /// The ops of each participant's branch, in participant order.
-    fn branches(&self) -> Vec<(usize, Vec<KvOp>)> {
-        let mut out: Vec<(usize, Vec<KvOp>)> = Vec::new();
-        let mut add = |p: usize, op: KvOp| match out.iter_mut().find(|(q, _)| *q == p) {
-            Some((_, ops)) => ops.push(op),
-            None => out.push((p, vec![op])),
-        };
-        add(self.from.0, KvOp::Add { key: account(self.from.1), delta: -self.amount });
-        add(self.to.0, KvOp::Add { key: account(self.to.1), delta: self.amount });
-        for p in self.writers() {
-            add(p, KvOp::Put { key: format!("m/{}", self.tag), value: b"1".to_vec() });
-            add(p, KvOp::Add { key: "count".into(), delta: 1 });
+    /// The ops of each participant's branch, in participant order, routed by `routing`.
+    fn branches(&self, routing: &Routing) -> Vec<(usize, Vec<KvOp>)> {
+        let mut ops = vec![
+            KvOp::Add { key: account(self.from), delta: -self.amount },
+            KvOp::Add { key: account(self.to), delta: self.amount },
+        ];
+        for marker in markers(&self.tag) {
+            ops.push(KvOp::Put { key: marker, value: b"1".to_vec() });
         }
-        if let Some(p) = self.frozen {
-            add(p, KvOp::Expect { key: "frozen".into(), value: Some(b"yes".to_vec()) });
+        ops.push(KvOp::Add { key: counter(self.client), delta: 1 });
+        if self.frozen {
+            ops.push(KvOp::Expect { key: "frozen".into(), value: Some(b"yes".to_vec()) });
         }
-        if let Some(p) = self.reader {
-            add(p, KvOp::Expect { key: format!("m/{}", self.tag), value: None });
+        if self.reader {
+            ops.push(KvOp::Expect { key: format!("r/{}", self.tag), value: None });
         }
-        out.sort_by_key(|(p, _)| *p);
-        out
-    }
-
-    /// The participants it changes.
-    fn writers(&self) -> Vec<usize> {
-        let mut out = vec![self.from.0, self.to.0];
-        out.sort();
-        out.dedup();
-        out
+        let mut out: BTreeMap<usize, Vec<KvOp>> = BTreeMap::new();
+        for op in ops {
+            let owner = routing.route(op.key()).map_or(0, |name| index(&name.parse().expect("a member")));
+            out.entry(owner).or_default().push(op);
+        }
+        out.into_iter().collect()
     }
 }
 
 pub fn account(a: usize) -> String {
     format!("acct/{a}")
+}
+
+/// A transfer's two marker keys (routed apart, mostly to different owners).
+pub fn markers(tag: &str) -> [String; 2] {
+    [format!("m/{tag}.a"), format!("m/{tag}.b")]
+}
+
+/// The key counting client `c`'s transfers.
+pub fn counter(c: usize) -> String {
+    format!("count/{c}")
 }
 
 #[derive(Debug)]
@@ -90,16 +110,67 @@ enum Phase {
 
 pub struct Client {
     index: usize,
-    participants: usize,
     left: usize,
     started: u64,
     phase: Phase,
+    /// The routing as last heard from the coordinator.
+    view: Arc<Routing>,
+    /// The GetRing in flight, if any.
+    asking: Option<u64>,
+    /// Reads in flight: their key and tries so far.
+    reads: BTreeMap<u64, (String, u32)>,
+    /// Tags of transfers started, to read their markers back.
+    tags: Vec<String>,
 }
 
 impl Client {
-    pub fn new(ctx: &mut Ctx, index: usize, participants: usize) -> Client {
+    pub fn new(ctx: &mut Ctx, index: usize, view: Arc<Routing>) -> Client {
         let left = ctx.rng().random_range(5..=25);
-        Client { index, participants, left, started: 0, phase: Phase::Idle }
+        Client {
+            index,
+            left,
+            started: 0,
+            phase: Phase::Idle,
+            view,
+            asking: None,
+            reads: BTreeMap::new(),
+            tags: Vec::new(),
+        }
+    }
+
+    /// Asks the coordinator for the ring (once at a time).
+    fn refresh(&mut self, ctx: &mut Ctx) {
+        if self.asking.is_none() {
+            let rpc = ctx.rpc();
+            self.asking = Some(rpc);
+            ctx.send(self.node(), Node::Coordinator, Msg::GetRing(rpc));
+            self.schedule(ctx, PATIENCE, Work::Deadline(rpc));
+        }
+    }
+
+    /// Reads `key` at its owner as this client routes it.
+    fn read(&mut self, ctx: &mut Ctx, key: String, tries: u32) {
+        let Some(owner) = self.view.route(&key).map(|name| index(&name.parse().expect("a member"))) else {
+            return;
+        };
+        let rpc = ctx.rpc();
+        self.reads.insert(rpc, (key.clone(), tries));
+        ctx.send(self.node(), Node::Participant(owner), Msg::Get(rpc, vec![key]));
+        self.schedule(ctx, PATIENCE, Work::Deadline(rpc));
+    }
+
+    /// After each transfer, a key read back: an account, this client's counter, or a marker.
+    fn maybe_read(&mut self, ctx: &mut Ctx) {
+        let key = match ctx.rng().random_range(0..3) {
+            0 => account(ctx.rng().random_range(0..ACCOUNTS)),
+            1 => counter(self.index),
+            _ if !self.tags.is_empty() => {
+                let tag = self.tags[ctx.rng().random_range(0..self.tags.len())].clone();
+                markers(&tag)[ctx.rng().random_range(0..2)].clone()
+            }
+            _ => counter(self.index),
+        };
+        self.read(ctx, key, 0);
     }
 
     fn node(&self) -> Node {
@@ -121,26 +192,21 @@ impl Client {
     fn plan(&mut self, ctx: &mut Ctx) -> Transfer {
         self.started += 1;
         let tag = format!("c{}.{}", self.index, self.started);
-        let n = self.participants;
         let rng = ctx.rng();
-        let from = (rng.random_range(0..n), rng.random_range(0..ACCOUNTS));
+        let from = rng.random_range(0..ACCOUNTS);
         let to = loop {
-            let to = (rng.random_range(0..n), rng.random_range(0..ACCOUNTS));
+            let to = rng.random_range(0..ACCOUNTS);
             if to != from {
                 break to;
             }
         };
         let amount = rng.random_range(1..100);
-        let writers = {
-            let mut w = vec![from.0, to.0];
-            w.sort();
-            w.dedup();
-            w
-        };
-        let frozen = rng.random_bool(0.05).then(|| writers[rng.random_range(0..writers.len())]);
-        let reader = if rng.random_bool(0.1) { (0..n).find(|p| !writers.contains(p)) } else { None };
-        let transfer = Transfer { tag, from, to, amount, frozen, reader };
-        ctx.ghost.planned(&transfer.tag, transfer.writers());
+        let frozen = rng.random_bool(0.05);
+        let reader = rng.random_bool(0.1);
+        let transfer =
+            Transfer { tag, client: self.index, from, to, amount, frozen, reader, routed: Vec::new() };
+        ctx.ghost.planned(&transfer.tag, self.index);
+        self.tags.push(transfer.tag.clone());
         transfer
     }
 
@@ -156,6 +222,10 @@ impl Client {
         } else {
             ctx.stats.unknown += 1;
         }
+        if reported != Some(Reported::Committed) || ctx.rng().random_bool(0.1) {
+            self.refresh(ctx);
+        }
+        self.maybe_read(ctx);
         self.phase = Phase::Idle;
         let after = ctx.rng().random_range(0..20 * MS);
         self.schedule(ctx, after, Work::Next);
@@ -174,6 +244,7 @@ impl Client {
                     self.schedule(ctx, PATIENCE, Work::Deadline(rpc));
                 }
             }
+            Work::Read { key, tries } => self.read(ctx, key, tries),
         }
     }
 
@@ -203,11 +274,11 @@ impl Client {
             self.phase = Phase::Beginning { rpc, transfer };
         } else {
             let branches = transfer
-                .branches()
+                .branches(&self.view)
                 .into_iter()
                 .map(|(p, ops)| {
                     (
-                        name(p),
+                        crate::coordinator::name(p),
                         v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration: None }
                             .encode_to_vec(),
                     )
@@ -221,6 +292,13 @@ impl Client {
 
     /// No answer came in time.
     fn gave_up(&mut self, ctx: &mut Ctx, rpc: u64) {
+        if self.asking == Some(rpc) {
+            self.asking = None;
+            return;
+        }
+        if self.reads.remove(&rpc).is_some() {
+            return;
+        }
         match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Transacting { rpc: r, transfer } if r == rpc => {
                 // Unknown, and no txid to ask about: try the transfer again, as a new transaction.
@@ -252,6 +330,27 @@ impl Client {
     }
 
     pub fn receive(&mut self, ctx: &mut Ctx, msg: Msg) {
+        let msg = match msg {
+            Msg::Ring(rpc, routing) if self.asking == Some(rpc) => {
+                self.asking = None;
+                self.view = routing;
+                return;
+            }
+            Msg::Got(rpc, _, redirect) => {
+                let Some((key, tries)) = self.reads.remove(&rpc) else { return };
+                ctx.stats.reads += 1;
+                if redirect.is_some() {
+                    // The key moved (or is moving): ask for the ring, then read again.
+                    ctx.stats.redirects += 1;
+                    self.refresh(ctx);
+                    if tries < READ_TRIES {
+                        self.schedule(ctx, 20 * MS, Work::Read { key, tries: tries + 1 });
+                    }
+                }
+                return;
+            }
+            msg => msg,
+        };
         match (std::mem::replace(&mut self.phase, Phase::Idle), msg) {
             (Phase::Transacting { rpc, transfer }, Msg::Decided(r, answer)) if r == rpc => match answer {
                 Ok((_, Decided::Committed)) => self.finish(ctx, &transfer.tag, Some(Reported::Committed)),
@@ -315,10 +414,12 @@ impl Client {
     }
 
     /// Interactive: the work of `step` at its participant, then Commit.
-    fn execute(&mut self, ctx: &mut Ctx, txid: TxId, transfer: Transfer, step: usize) {
-        let branches = transfer.branches();
+    fn execute(&mut self, ctx: &mut Ctx, txid: TxId, mut transfer: Transfer, step: usize) {
+        if step == 0 {
+            transfer.routed = transfer.branches(&self.view);
+        }
         let rpc = ctx.rpc();
-        match branches.get(step) {
+        match transfer.routed.get(step) {
             Some((p, ops)) => {
                 ctx.send(self.node(), Node::Participant(*p), Msg::Execute(rpc, txid, ops.clone()));
                 self.phase = Phase::Executing { rpc, txid, transfer, step };

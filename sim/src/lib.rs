@@ -24,6 +24,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use decree_coordinator::migration::Change;
+use decree_proto::ring::{Ring, Routing};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -82,10 +86,16 @@ pub enum Mutation {
     PresumeCommit,
     /// The coordinator never redelivers a Commit that failed.
     SkipRedelivery,
+    /// An old owner's OUT step reads what leaves but does not delete it.
+    KeepMovedKeys,
+    /// A new owner's IN step takes no fence: it serves keys before they arrive.
+    NoFenceAtNewOwner,
+    /// The coordinator moves its cursor once the IN steps answer, before the batch commits.
+    CursorBeforeCommit,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 7] = [
+    pub const ALL: [Mutation; 10] = [
         Mutation::CommitBeforeDurable,
         Mutation::YesBeforeDurable,
         Mutation::AckBeforeDurable,
@@ -93,6 +103,9 @@ impl Mutation {
         Mutation::FailedVoteIsYes,
         Mutation::PresumeCommit,
         Mutation::SkipRedelivery,
+        Mutation::KeepMovedKeys,
+        Mutation::NoFenceAtNewOwner,
+        Mutation::CursorBeforeCommit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +117,9 @@ impl Mutation {
             Mutation::FailedVoteIsYes => "failed-vote-is-yes",
             Mutation::PresumeCommit => "presume-commit",
             Mutation::SkipRedelivery => "skip-redelivery",
+            Mutation::KeepMovedKeys => "keep-moved-keys",
+            Mutation::NoFenceAtNewOwner => "no-fence-at-new-owner",
+            Mutation::CursorBeforeCommit => "cursor-before-commit",
         }
     }
 }
@@ -149,6 +165,16 @@ pub struct Stats {
     pub partitioned: u64,
     pub process_crashes: u64,
     pub machine_crashes: u64,
+    /// Ring changes recorded, migrations finished, batches committed, keys
+    /// they moved, batches that failed (and were tried again).
+    pub ring_changes: u64,
+    pub migrations: u64,
+    pub batches: u64,
+    pub moved_keys: u64,
+    pub batch_failures: u64,
+    /// Reads served, and reads that found a key moved away (redirected).
+    pub reads: u64,
+    pub redirects: u64,
     /// Named crash points where a process died.
     pub crash_points: BTreeMap<&'static str, u64>,
     /// Simulated time the run took, and when its faults stopped.
@@ -209,6 +235,10 @@ enum Item {
         to: Node,
     },
     FaultsEnd,
+    /// An operator asks for a ring change (`tries` left if it is refused).
+    Operator {
+        tries: u32,
+    },
     /// Is everything over? Checked every so often once the faults stopped.
     Settled,
 }
@@ -343,11 +373,19 @@ struct Sim {
 /// How long after the faults stop everything must have ended.
 pub const SETTLE: Time = 60 * SECOND;
 
+/// Ring points per unit of weight in the simulation: few, so that a run
+/// builds its rings cheaply; the routing and migration code is the same.
+pub const SIM_VNODES: u32 = 16;
+
 /// Runs one seed to its end and checks it.
 pub fn run(options: &Options) -> Report {
     let mut rng = StdRng::seed_from_u64(options.seed);
     let faults = Faults::choose(&mut rng);
-    let participants = rng.random_range(2..=4usize);
+    let participants = rng.random_range(2..=5usize);
+    // The ring starts with some of them; the operator adds and removes members as the run goes.
+    let members = rng.random_range(1..=participants);
+    let changes = if rng.random_bool(0.4) { 0 } else { rng.random_range(1..=3u32) };
+    let batch_keys = rng.random_range(1..=12u32);
     let clients = rng.random_range(1..=3usize);
     let faults_end = rng.random_range(5..=30) * SECOND;
     let crash_odds = faults.crashes;
@@ -372,13 +410,21 @@ pub fn run(options: &Options) -> Report {
         rng,
     };
     ctx.trace(|| {
-        format!("seed {} participants {participants} clients {clients} faults {faults:?}", options.seed)
+        format!(
+            "seed {} participants {participants} (ring of {members}, {changes} changes, batches of \
+             {batch_keys}) clients {clients} faults {faults:?}",
+            options.seed
+        )
     });
     let retention = check::Retention::choose(&mut ctx.rng);
-    let coordinator = Coordinator::start(&mut ctx, participants, retention);
-    let participants: Vec<Participant> =
-        (0..participants).map(|p| Participant::start(&mut ctx, p, retention)).collect();
-    let clients: Vec<Client> = (0..clients).map(|c| Client::new(&mut ctx, c, participants.len())).collect();
+    let ring = Ring::weighted((0..members).map(|p| (coordinator::name(p).to_string(), 1)), SIM_VNODES);
+    let routing = Routing { epoch: 1, current: ring, migration: None };
+    let coordinator = Coordinator::start(&mut ctx, participants, retention, routing.clone(), batch_keys);
+    let participants: Vec<Participant> = (0..participants)
+        .map(|p| Participant::start(&mut ctx, p, retention, (p < members).then_some(&routing)))
+        .collect();
+    let view = Arc::new(routing);
+    let clients: Vec<Client> = (0..clients).map(|c| Client::new(&mut ctx, c, view.clone())).collect();
     for c in 0..clients.len() {
         let after = ctx.rng.random_range(0..50 * MS);
         ctx.schedule(after, Item::Client { c, work: client::Work::Next });
@@ -415,6 +461,11 @@ pub fn run(options: &Options) -> Report {
                 ctx.queue.insert((at, ctx.seq), Item::Partition { from, to, until });
             }
         }
+    }
+    for _ in 0..changes {
+        let at = ctx.rng.random_range(100 * MS..faults_end);
+        ctx.seq += 1;
+        ctx.queue.insert((at, ctx.seq), Item::Operator { tries: 20 });
     }
     ctx.seq += 1;
     ctx.queue.insert((faults_end, ctx.seq), Item::FaultsEnd);
@@ -518,6 +569,7 @@ impl Sim {
                 let after = until.saturating_sub(self.ctx.now);
                 self.ctx.schedule(after, Item::Heal { from, to });
             }
+            Item::Operator { tries } => self.operate(tries),
             Item::Heal { from, to } => {
                 self.ctx.trace(|| format!("heal {from} -> {to}"));
                 self.ctx.net.heal(from, to);
@@ -532,6 +584,43 @@ impl Sim {
                 self.ctx.schedule(100 * MS, Item::Settled);
             }
             Item::Settled => unreachable!("handled by the loop"),
+        }
+    }
+
+    /// An operator's ring change, chosen from what `decree ring` shows: a
+    /// participant added, a member removed, or a weight changed. A refused
+    /// change is asked again a second later, some times.
+    fn operate(&mut self, tries: u32) {
+        let Some(routing) = self.coordinator.routing() else {
+            return self.ctx.schedule(SECOND, Item::Operator { tries });
+        };
+        let ring = routing.settled();
+        let name = |p: usize| coordinator::name(p);
+        let outside: Vec<usize> =
+            (0..self.participants.len()).filter(|p| !ring.contains(name(*p).as_str())).collect();
+        let inside: Vec<usize> =
+            (0..self.participants.len()).filter(|p| ring.contains(name(*p).as_str())).collect();
+        let rng = &mut self.ctx.rng;
+        let change = match rng.random_range(0..4) {
+            0 | 1 if !outside.is_empty() => {
+                Change::Add { name: name(outside[rng.random_range(0..outside.len())]), weight: 1 }
+            }
+            0 | 2 if inside.len() > 1 => {
+                Change::Remove { name: name(inside[rng.random_range(0..inside.len())]) }
+            }
+            _ => {
+                let p = inside[rng.random_range(0..inside.len())];
+                Change::Weight { name: name(p), weight: rng.random_range(1..=3) }
+            }
+        };
+        match self.coordinator.ring_change(&mut self.ctx, &change) {
+            Ok(()) => self.ctx.trace(|| format!("operator: ring {change}")),
+            Err(why) => {
+                self.ctx.trace(|| format!("operator: ring {change} refused: {why}"));
+                if tries > 1 {
+                    self.ctx.schedule(SECOND, Item::Operator { tries: tries - 1 });
+                }
+            }
         }
     }
 

@@ -3,9 +3,11 @@
 //! turn into them), and the faults the seed chose for it.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use decree_coordinator::engine::Decided;
-use decree_proto::{v1, KvOp, ParticipantName, TxId};
+use decree_proto::ring::Routing;
+use decree_proto::{v1, KvOp, ParticipantName, Reason, TxId};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -45,6 +47,19 @@ pub enum Msg {
     Executed(u64, Result<(), String>),
     /// The destination was down: the caller's connection was refused.
     Refused(u64),
+    // Coordinator to participant, for a migration batch, and back.
+    ScanMoving(u64, v1::ScanMovingRequest),
+    Scanned(u64, Result<v1::ScanMovingResponse, tonic::Status>),
+    /// Kv.Execute carrying a migration step.
+    Step(u64, TxId, v1::MigrationStep),
+    Stepped(u64, Result<Vec<v1::KeyValue>, tonic::Status>),
+    // Client to coordinator, and back.
+    GetRing(u64),
+    Ring(u64, Arc<Routing>),
+    // Client to participant (Kv.Get), and back: the values of the keys served
+    // here, and the redirect for the others.
+    Get(u64, Vec<String>),
+    Got(u64, Vec<v1::KeyValue>, Option<(Reason, Vec<String>)>),
 }
 
 impl Msg {
@@ -62,7 +77,11 @@ impl Msg {
             | Msg::Begin(rpc)
             | Msg::CommitTxn(rpc, _)
             | Msg::AbortTxn(rpc, _)
-            | Msg::Execute(rpc, _, _) => Some(*rpc),
+            | Msg::Execute(rpc, _, _)
+            | Msg::ScanMoving(rpc, _)
+            | Msg::Step(rpc, _, _)
+            | Msg::GetRing(rpc)
+            | Msg::Get(rpc, _) => Some(*rpc),
             _ => None,
         }
     }
@@ -127,6 +146,39 @@ impl std::fmt::Display for Msg {
             Msg::Execute(rpc, txid, ops) => write!(f, "#{rpc} Execute {txid} {} ops", ops.len()),
             Msg::Executed(rpc, result) => write!(f, "#{rpc} executed {result:?}"),
             Msg::Refused(rpc) => write!(f, "#{rpc} connection refused"),
+            Msg::ScanMoving(rpc, r) => write!(f, "#{rpc} ScanMoving after {:?} limit {}", r.after, r.limit),
+            Msg::Scanned(rpc, answer) => write!(f, "#{rpc} scanned {}", status(answer)),
+            Msg::Step(rpc, txid, step) => write!(
+                f,
+                "#{rpc} Step {txid} {:?} from {:?} {} entries",
+                v1::migration_step::Direction::try_from(step.direction),
+                step.lo,
+                step.entries.len()
+            ),
+            Msg::Stepped(rpc, answer) => match answer {
+                Ok(values) => write!(f, "#{rpc} stepped {} values", values.len()),
+                Err(_) => write!(f, "#{rpc} stepped {}", status(answer)),
+            },
+            Msg::GetRing(rpc) => write!(f, "#{rpc} GetRing"),
+            Msg::Ring(rpc, routing) => write!(
+                f,
+                "#{rpc} ring epoch {} {:?}{}",
+                routing.epoch,
+                routing.current.names(),
+                routing.migration.as_ref().map_or(String::new(), |m| format!(
+                    " -> {:?} at {:?}",
+                    m.target.names(),
+                    m.cursor
+                ))
+            ),
+            Msg::Get(rpc, keys) => write!(f, "#{rpc} Get {keys:?}"),
+            Msg::Got(rpc, values, redirect) => {
+                let shown: Vec<String> = values
+                    .iter()
+                    .map(|kv| format!("{}={:?}", kv.key, kv.value.as_deref().map(String::from_utf8_lossy)))
+                    .collect();
+                write!(f, "#{rpc} got {shown:?} redirect {redirect:?}")
+            }
         }
     }
 }

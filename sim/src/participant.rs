@@ -12,12 +12,15 @@ use decree_participant::engine::{
     Command, Engine, Event, InDoubt, LockEntry, TombstoneRetention, Validated, Vote,
 };
 use decree_participant::kv::{self, KvStore};
+use decree_participant::membership::RING_KEY;
+use decree_participant::migration;
+use decree_participant::resource::Resource;
 use decree_participant::store::BranchLog;
 use decree_participant::wire;
+use decree_proto::ring::Routing;
 use decree_proto::{v1, KvOp, ParticipantName, TxId};
-use decree_runtime::crash;
 use decree_runtime::storage::now_or_never;
-use decree_runtime::MemLog;
+use decree_runtime::{crash, record, MemLog, Storage, Write};
 use prost::Message;
 use rand::Rng;
 
@@ -68,6 +71,20 @@ struct PendingWork {
     txid: TxId,
     ops: Vec<KvOp>,
     so_far: Vec<u8>,
+    /// A migration batch's step, and the keys it locks.
+    step: Option<(v1::MigrationStep, bool, Vec<String>)>,
+}
+
+impl PendingWork {
+    /// Tells the caller the work failed: a client hears the reason, the
+    /// coordinator's batch a status.
+    fn fail(&self, ctx: &mut Ctx, node: Node, status: tonic::Status) {
+        let msg = match self.step {
+            Some(_) => Msg::Stepped(self.rpc, Err(status)),
+            None => Msg::Executed(self.rpc, Err(status.message().to_owned())),
+        };
+        ctx.send(node, self.client, msg);
+    }
 }
 
 struct Process {
@@ -82,6 +99,8 @@ struct Process {
     abort_waiters: BTreeMap<TxId, Vec<(Node, u64, bool)>>,
     works: BTreeMap<u64, PendingWork>,
     next_work: u64,
+    /// Reads waiting for their keys to be unlocked: the caller, its call id, the keys.
+    reads: BTreeMap<u64, (Node, u64, Vec<String>)>,
     calls: BTreeMap<u64, Call>,
     enrolled: bool,
     /// The newest coordinator incarnation heard of.
@@ -105,7 +124,13 @@ pub struct Participant {
 }
 
 impl Participant {
-    pub fn start(ctx: &mut Ctx, index: usize, retention: Retention) -> Participant {
+    /// Participant `index`; a member of the ring `routing` from the start if given.
+    pub fn start(
+        ctx: &mut Ctx,
+        index: usize,
+        retention: Retention,
+        routing: Option<&Routing>,
+    ) -> Participant {
         let legacy = ctx.rng().random_bool(0.3);
         let mut participant = Participant {
             index,
@@ -117,6 +142,11 @@ impl Participant {
             retention: retention.participant,
             base: Instant::now(),
         };
+        if let Some(routing) = routing {
+            // As if it had joined before the run: its ring state is on its disk.
+            let write = Write::put(RING_KEY, record::encode(&routing.to_wire()));
+            now_or_never(participant.disk.write(vec![write], true)).expect("memory");
+        }
         participant.boot(ctx, participant.disk.clone());
         participant
     }
@@ -185,8 +215,11 @@ impl Participant {
 
     fn boot(&mut self, ctx: &mut Ctx, disk: MemLog) {
         let store = BranchLog::open_on(disk.clone(), "coord");
-        let kv = KvStore::new(disk);
+        let kv = KvStore::member(disk, self.name.as_str()).expect("the ring record loads");
         let loaded = now_or_never(store.load()).expect("the memory log loads");
+        for branch in &loaded.prepared {
+            kv.in_doubt(branch.txid, &branch.redo);
+        }
         let now = self.instant(ctx.now);
         let mut engine = Engine::with_waits(LOCK_WAIT, Duration::ZERO).with_tombstones(self.retention);
         let recovered = loaded.prepared.len();
@@ -201,6 +234,7 @@ impl Participant {
             abort_waiters: BTreeMap::new(),
             works: BTreeMap::new(),
             next_work: 0,
+            reads: BTreeMap::new(),
             calls: BTreeMap::new(),
             enrolled: false,
             incarnation: 0,
@@ -327,11 +361,8 @@ impl Participant {
                 // The coordinator did not answer the enlistment: the work fails, the branch aborts.
                 if let Some(pending) = process.works.remove(&work) {
                     let txid = pending.txid;
-                    ctx.send(
-                        self.node(),
-                        pending.client,
-                        Msg::Executed(pending.rpc, Err("enlist failed".into())),
-                    );
+                    let status = tonic::Status::aborted("the coordinator did not answer the enlistment");
+                    pending.fail(ctx, self.node(), status);
                     self.feed(ctx, Event::WorkDone { txid, done: None, at: self.instant(ctx.now) });
                     self.feed(ctx, Event::AbortRequested { txid });
                 }
@@ -384,8 +415,23 @@ impl Participant {
                 let keys = kv::keys(&ops);
                 let work = process.next_work;
                 process.next_work += 1;
-                process.works.insert(work, PendingWork { client: from, rpc, txid, ops, so_far: Vec::new() });
+                let pending = PendingWork { client: from, rpc, txid, ops, so_far: Vec::new(), step: None };
+                process.works.insert(work, pending);
                 self.feed(ctx, Event::WorkRequested { txid, work, keys, at });
+            }
+            Msg::Step(rpc, txid, step) => self.step(ctx, from, rpc, txid, step),
+            Msg::ScanMoving(rpc, request) => {
+                let answer = migration::scan_routing(&request).and_then(|routing| {
+                    migration::scan_moving(&process.kv, &routing, &request.after, request.limit)
+                        .map_err(|e| tonic::Status::internal(e.to_string()))
+                });
+                ctx.send(self.node(), from, Msg::Scanned(rpc, answer));
+            }
+            Msg::Get(rpc, keys) => {
+                let read = process.next_work;
+                process.next_work += 1;
+                process.reads.insert(read, (from, rpc, keys.clone()));
+                self.feed(ctx, Event::ReadRequested { read, keys });
             }
             Msg::Outcome(rpc, answer) => {
                 let Some(Call::GetOutcome { txid }) = process.calls.remove(&rpc) else { return };
@@ -410,7 +456,9 @@ impl Participant {
                     Ok(()) => self.run_work(ctx, pending),
                     Err(reason) => {
                         let txid = pending.txid;
-                        ctx.send(self.node(), pending.client, Msg::Executed(pending.rpc, Err(reason)));
+                        let status =
+                            tonic::Status::aborted(format!("the coordinator refused to enlist: {reason}"));
+                        pending.fail(ctx, self.node(), status);
                         self.feed(ctx, Event::WorkDone { txid, done: None, at });
                         self.feed(ctx, Event::AbortRequested { txid });
                     }
@@ -421,11 +469,79 @@ impl Participant {
         }
     }
 
+    /// A batch's step, as `decree_participant::migration::step` runs it: an
+    /// OUT step puts up the fence (taking over from an older batch of the
+    /// same coordinator), then its keys are locked as the batch's work.
+    fn step(&mut self, ctx: &mut Ctx, from: Node, rpc: u64, txid: TxId, step: v1::MigrationStep) {
+        let at = self.instant(ctx.now);
+        let node = self.node();
+        let Some(process) = self.process.as_mut() else { return };
+        let own = process.kv.ownership().clone();
+        let (routing, out) = match migration::check_step(&own, &step) {
+            Ok(checked) => checked,
+            Err(status) => return ctx.send(node, from, Msg::Stepped(rpc, Err(status))),
+        };
+        let planted = !out && ctx.mutated(Mutation::NoFenceAtNewOwner);
+        if let Err(refusal) = if planted { Ok(()) } else { own.fence(txid, &step.lo, &routing) } {
+            let taken = match migration::superseded(&own, txid) {
+                Some(holder) if process.engine.supersede(holder) => {
+                    own.release(holder);
+                    own.fence(txid, &step.lo, &routing)
+                }
+                _ => Err(refusal),
+            };
+            if let Err(refusal) = taken {
+                ctx.send(node, from, Msg::Stepped(rpc, Err(migration::refused(refusal))));
+                return self.execute(ctx);
+            }
+        }
+        let keys = if out {
+            if ctx.crash_point(node, crash::MIGRATION_OUT_AFTER_FENCE) {
+                return;
+            }
+            let hi = migration::range_end(&routing);
+            let present = process.kv.keys_between(&step.lo, hi.as_deref()).expect("memory");
+            let locked = process.engine.lock_table().into_iter().map(|entry| entry.key);
+            migration::out_keys(&own, &routing, &step.lo, present.into_iter().map(|(k, _)| k), locked)
+        } else {
+            match migration::in_keys(&step) {
+                Ok(keys) => keys,
+                Err(status) => {
+                    own.release(txid);
+                    return ctx.send(node, from, Msg::Stepped(rpc, Err(status)));
+                }
+            }
+        };
+        let work = process.next_work;
+        process.next_work += 1;
+        let step = Some((step, out, keys.clone()));
+        let pending = PendingWork { client: from, rpc, txid, ops: Vec::new(), so_far: Vec::new(), step };
+        process.works.insert(work, pending);
+        self.feed(ctx, Event::WorkRequested { txid, work, keys, at });
+    }
+
     /// Granted work runs over the branch's work so far, as the KV service's Execute does.
     fn run_work(&mut self, ctx: &mut Ctx, pending: PendingWork) {
         let at = self.instant(ctx.now);
+        let node = self.node();
         let Some(process) = self.process.as_mut() else { return };
-        let PendingWork { client, rpc, txid, ops, so_far } = pending;
+        let PendingWork { client, rpc, txid, ops, so_far, step } = pending;
+        if let Some((step, out, keys)) = step {
+            let (done, values) = if out {
+                let values = migration::read_out(&process.kv, keys).expect("memory");
+                let deleted = if ctx.mutated(Mutation::KeepMovedKeys) { &[][..] } else { &values[..] };
+                (migration::out_done(deleted, &step, &so_far), values)
+            } else {
+                (migration::in_done(&step, &so_far), Vec::new())
+            };
+            ctx.send(node, client, Msg::Stepped(rpc, Ok(values)));
+            return self.feed(ctx, Event::WorkDone { txid, done: Some(done), at });
+        }
+        // The keys are locked by this transaction: their owner cannot change unless it is here.
+        if let Err(refusal) = process.kv.ownership().check_all(Some(txid), ops.iter().map(KvOp::key)) {
+            ctx.send(node, client, Msg::Executed(rpc, Err(refusal.reason)));
+            return self.feed(ctx, Event::WorkDone { txid, done: None, at });
+        }
         let outcome = kv::ops(&so_far).and_then(|mut all| {
             all.extend(ops.iter().cloned());
             process.kv.evaluate(&all).map(drop)
@@ -434,14 +550,41 @@ impl Participant {
             Ok(()) => {
                 let done = v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration: None }
                     .encode_to_vec();
-                ctx.send(self.node(), client, Msg::Executed(rpc, Ok(())));
+                ctx.send(node, client, Msg::Executed(rpc, Ok(())));
                 self.feed(ctx, Event::WorkDone { txid, done: Some(done), at });
             }
             Err(reason) => {
-                ctx.send(self.node(), client, Msg::Executed(rpc, Err(reason)));
+                ctx.send(node, client, Msg::Executed(rpc, Err(reason)));
                 self.feed(ctx, Event::WorkDone { txid, done: None, at });
             }
         }
+    }
+
+    /// A read whose keys are unlocked (or that waited as long as it may), as
+    /// the KV service's Get serves it: the keys this participant owns now,
+    /// and a redirect for the others.
+    fn read(&mut self, ctx: &mut Ctx, read: u64) {
+        let (node, index) = (self.node(), self.index);
+        let Some(process) = self.process.as_mut() else { return };
+        let Some((client, rpc, keys)) = process.reads.remove(&read) else { return };
+        let own = process.kv.ownership();
+        let (mine, refused): (Vec<String>, Vec<String>) =
+            keys.into_iter().partition(|key| own.check(None, key).is_ok());
+        let redirect = refused.first().map(|first| {
+            let code = own.check(None, first).err().map_or(decree_proto::Reason::Migrating, |r| r.code);
+            (code, refused.clone())
+        });
+        let values: Vec<v1::KeyValue> = mine
+            .into_iter()
+            .map(|key| {
+                let value = process.kv.get(&key).expect("memory");
+                v1::KeyValue { key, value }
+            })
+            .collect();
+        for kv in &values {
+            ctx.ghost.read_served(ctx.now, index, &kv.key, kv.value.as_deref());
+        }
+        ctx.send(node, client, Msg::Got(rpc, values, redirect));
     }
 
     fn disk_done(&mut self, ctx: &mut Ctx, disk: Disk) {
@@ -457,7 +600,9 @@ impl Participant {
             }
             Disk::Commit { txid, redo, one_phase } => {
                 let writes = process.kv.apply(&redo).expect("a redo this resource made");
+                ctx.ghost.applied_writes(&writes);
                 now_or_never(process.store.log_commit(txid, writes, one_phase)).expect("memory");
+                process.kv.committed(txid, &redo);
                 ctx.ghost.applied_commit(ctx.now, self.index, txid, one_phase);
                 if ctx.mutated(Mutation::AckBeforeDurable) && !one_phase {
                     return;
@@ -468,6 +613,7 @@ impl Participant {
                 self.feed(ctx, Event::CommitLogged { txid });
             }
             Disk::Abort { txid } => {
+                now_or_never(process.kv.abort(txid)).expect("memory");
                 now_or_never(process.store.log_abort(txid)).expect("memory");
                 self.feed(ctx, Event::AbortLogged { txid });
             }
@@ -499,7 +645,7 @@ impl Participant {
         let Some(process) = self.process.as_mut() else { return };
         match command {
             Command::Validate { txid, payload } => {
-                let result: Validated = process.kv.validate(&payload);
+                let result: Validated = process.kv.validate_for(Some(txid), &payload);
                 self.schedule(ctx, 20, Work::Engine(Event::Validated { txid, result }));
             }
             Command::LogPrepared { txid, keys, redo } => {
@@ -549,7 +695,7 @@ impl Participant {
             Command::ArmReadWait { read, after } => {
                 self.schedule(ctx, after.as_micros() as Time, Work::Engine(Event::ReadWaitExpired { read }));
             }
-            Command::Read { .. } => {}
+            Command::Read { read } => self.read(ctx, read),
             Command::WorkGranted { work, so_far, first } => {
                 let Some(pending) = process.works.get_mut(&work) else { return };
                 pending.so_far = so_far;
@@ -560,9 +706,12 @@ impl Participant {
                     self.run_work(ctx, pending);
                 }
             }
-            Command::WorkRefused { work, reason, .. } => {
+            Command::WorkRefused { work, code, reason, aborted } => {
                 if let Some(pending) = process.works.remove(&work) {
-                    ctx.send(node, pending.client, Msg::Executed(pending.rpc, Err(reason)));
+                    if pending.step.is_some() {
+                        process.kv.ownership().release(pending.txid);
+                    }
+                    pending.fail(ctx, node, wire::work_refused(code, reason, aborted));
                 }
             }
             Command::LogHeuristic { .. }

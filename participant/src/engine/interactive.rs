@@ -53,14 +53,20 @@ impl Engine {
 
     /// Locks `keys` for the active branch `txid` and lets its work run.
     pub(super) fn grant_work(&mut self, txid: TxId, work: u64, first: bool, keys: Vec<String>) {
-        self.locks.take(txid, &keys);
         match self.branches.get_mut(&txid) {
             Some(Branch::Active { keys: held, work: so_far, .. }) => {
-                held.extend(keys);
                 let so_far = so_far.clone();
+                held.extend(keys.iter().cloned());
+                self.locks.take(txid, &keys);
                 self.commands.push(Command::WorkGranted { work, so_far, first });
             }
-            _ => unreachable!("work is granted only to an active branch"),
+            // Decided (or aborted) while the work waited for its locks: it never runs.
+            _ => self.commands.push(Command::WorkRefused {
+                work,
+                code: Reason::AlreadyDecided,
+                reason: format!("transaction {txid} ended here while this work waited for locks"),
+                aborted: !self.branches.contains_key(&txid),
+            }),
         }
     }
 
