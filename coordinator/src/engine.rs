@@ -59,6 +59,9 @@ pub enum OnePhaseFound {
     Committed,
     /// No answer.
     Unreachable,
+    /// The participant no longer remembers the branch: it decided it long
+    /// ago (its tombstone is pruned) and can never say whether it committed.
+    Forgotten,
 }
 
 /// What a timer was armed for.
@@ -145,6 +148,12 @@ pub enum Command {
     /// The one-phase branch of [`Command::LogOnePhaseInDoubt`] did not commit:
     /// drop its record (synced); from then on no record means ABORTED.
     LogOnePhaseAborted {
+        txid: TxId,
+    },
+    /// The participant of [`Command::LogOnePhaseInDoubt`] forgot the outcome:
+    /// replace the question with a record that answers FORGOTTEN (soon
+    /// synced; until then a restart asks again and hears the same).
+    LogOnePhaseForgotten {
         txid: TxId,
     },
     /// `recovery` is set for redrives of decisions found at start.
@@ -711,7 +720,15 @@ impl Engine {
                     self.commands.push(Command::Reply { txid, decided: Decided::Committed });
                 }
             }
-            OnePhaseFound::Unreachable => {
+            // Forgotten, and the client already heard "unknown" from a durable
+            // question: nothing will ever tell more; the outcome is FORGOTTEN
+            // from now on (never ABORTED: the branch may have committed).
+            OnePhaseFound::Forgotten if recorded && answered => {
+                self.commands.push(Command::LogOnePhaseForgotten { txid });
+            }
+            // Unreachable, or forgotten before the question is durable and
+            // answered: record it (the client hears "unknown" once it is) and ask again.
+            OnePhaseFound::Unreachable | OnePhaseFound::Forgotten => {
                 if !recorded {
                     // The client hears "unknown" once the question is durable, so
                     // that GetOutcome never answers ABORTED for it after a restart.

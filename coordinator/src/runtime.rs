@@ -479,6 +479,15 @@ impl Actor {
                         }
                     });
                 }
+                Command::LogOnePhaseForgotten { txid } => {
+                    warn!(%txid, "the participant forgot this one-phase outcome before it was learned: it is FORGOTTEN");
+                    let store = self.handle.store.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = store.log_one_phase_forgotten(txid).await {
+                            fatal(&err.into());
+                        }
+                    });
+                }
                 Command::SendCommit { txid, participant, recovery } => {
                     let due = Due { txid, recovery, span: self.span_of(txid) };
                     if !recovery

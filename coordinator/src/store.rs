@@ -11,6 +11,7 @@
 //! | `d/<txid>` | COMMIT decision with its participants, phase two unfinished | synced, before any Commit |
 //! | `c/<txid>` | committed and ended (every participant acked), or one-phase committed | not synced |
 //! | `u/<txid>` | a one-phase outcome not known yet, its client told "unknown", with its participant | synced, before that answer |
+//! | `c/<txid>` (forgotten) | a one-phase outcome its participant forgot before it was learned: answers FORGOTTEN | synced soon, replacing `u/<txid>` |
 //! | `horizon` | the txid below which ended outcomes are forgotten | not synced, with the range delete it guards |
 //! | `r/<name>` | a participant's last address | not synced |
 //!
@@ -95,6 +96,10 @@ struct DecisionRecord {
 struct CommittedRecord {
     #[prost(bool, tag = "1")]
     one_phase: bool,
+    /// Not committed for certain: a one-phase outcome its participant forgot
+    /// before it was learned (answers FORGOTTEN).
+    #[prost(bool, tag = "2")]
+    forgotten: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -328,7 +333,7 @@ impl<S: Storage> DecisionLog<S> {
         _participant: &ParticipantName,
         in_doubt: bool,
     ) -> Result<(), StoreError> {
-        let value = record::encode(&CommittedRecord { one_phase: true });
+        let value = record::encode(&CommittedRecord { one_phase: true, forgotten: false });
         let mut writes = vec![Write::put(txid_key(COMMITTED, txid), value)];
         if in_doubt {
             writes.push(Write::single_delete(txid_key(ONE_PHASE_IN_DOUBT, txid)));
@@ -353,6 +358,21 @@ impl<S: Storage> DecisionLog<S> {
 
     /// The one-phase branch in doubt did not commit: drop its record, synced
     /// soon (as [`DecisionLog::log_one_phase_commit`]).
+    /// The participant of the one-phase question `txid` forgot its outcome:
+    /// the question leaves `u/` for a window record that answers FORGOTTEN,
+    /// pruned with the window like any ended outcome (soon synced: if a crash
+    /// comes first, the question comes back and hears "forgotten" again).
+    pub async fn log_one_phase_forgotten(&self, txid: TxId) -> Result<(), StoreError> {
+        let value = record::encode(&CommittedRecord { one_phase: true, forgotten: true });
+        let writes = vec![
+            Write::put(txid_key(COMMITTED, txid), value),
+            Write::single_delete(txid_key(ONE_PHASE_IN_DOUBT, txid)),
+        ];
+        self.log.write_with(writes, Durability::SyncedSoon).await?;
+        self.ended.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub async fn log_one_phase_aborted(&self, txid: TxId) -> Result<(), StoreError> {
         let writes = vec![Write::single_delete(txid_key(ONE_PHASE_IN_DOUBT, txid))];
         self.log.write_with(writes, Durability::SyncedSoon).await?;
@@ -364,7 +384,10 @@ impl<S: Storage> DecisionLog<S> {
     pub async fn log_end(&self, txid: TxId) -> Result<(), StoreError> {
         let writes = vec![
             Write::single_delete(txid_key(DECISION, txid)),
-            Write::put(txid_key(COMMITTED, txid), record::encode(&CommittedRecord { one_phase: false })),
+            Write::put(
+                txid_key(COMMITTED, txid),
+                record::encode(&CommittedRecord { one_phase: false, forgotten: false }),
+            ),
         ];
         self.log.write(writes, false).await?;
         self.ended.fetch_add(1, Ordering::Relaxed);
@@ -384,13 +407,12 @@ impl<S: Storage> DecisionLog<S> {
         for prefix in [DECISION, COMMITTED] {
             let key = txid_key(prefix, txid);
             if let Some(bytes) = self.log.get(&key)? {
-                let valid = if prefix == DECISION {
-                    record::decode::<DecisionRecord>(&bytes).map(drop)
-                } else {
-                    record::decode::<CommittedRecord>(&bytes).map(drop)
-                };
-                valid.map_err(|e| corrupt(&key, e))?;
-                return Ok(Recorded::Committed);
+                if prefix == DECISION {
+                    record::decode::<DecisionRecord>(&bytes).map_err(|e| corrupt(&key, e))?;
+                    return Ok(Recorded::Committed);
+                }
+                let ended = record::decode::<CommittedRecord>(&bytes).map_err(|e| corrupt(&key, e))?;
+                return Ok(if ended.forgotten { Recorded::Forgotten } else { Recorded::Committed });
             }
         }
         let below = self.horizon().is_some_and(|horizon| txid < horizon);
@@ -498,7 +520,10 @@ async fn migrate_old_ends(log: &impl Storage) -> Result<(), StoreError> {
         };
         writes.push(Write::delete(decision_key));
         writes.push(Write::delete(key.clone()));
-        writes.push(Write::put(txid_key(COMMITTED, txid), record::encode(&CommittedRecord { one_phase })));
+        writes.push(Write::put(
+            txid_key(COMMITTED, txid),
+            record::encode(&CommittedRecord { one_phase, forgotten: false }),
+        ));
     }
     tracing::info!(records = ends.len(), "moved ended decisions of the earlier layout into the window");
     log.write(writes, true).await?;
@@ -543,7 +568,29 @@ mod tests {
         a_corrupt_decision_refuses_to_start,
         decisions_survive_a_restart_and_ended_ones_still_answer,
         the_ring_record_survives_a_restart,
+        a_one_phase_outcome_its_participant_forgot_answers_forgotten_after_a_restart,
     );
+
+    async fn a_one_phase_outcome_its_participant_forgot_answers_forgotten_after_a_restart<S: Storage>(
+        open: &impl Fn() -> S,
+    ) {
+        let txid;
+        {
+            let (store, recovered) = reopen(open).await;
+            txid = TxId::new(recovered.coordinator_id, recovered.incarnation, 1);
+            store.log_one_phase_in_doubt(txid, &p("a")).await.unwrap();
+            assert_eq!(store.recorded(txid).unwrap(), Recorded::InDoubt);
+            store.log_one_phase_forgotten(txid).await.unwrap();
+            assert_eq!(
+                store.recorded(txid).unwrap(),
+                Recorded::Forgotten,
+                "never ABORTED: it may have committed"
+            );
+        }
+        let (store, recovered) = reopen(open).await;
+        assert!(recovered.one_phase_in_doubt.is_empty(), "the question is not asked again");
+        assert_eq!(store.recorded(txid).unwrap(), Recorded::Forgotten);
+    }
 
     async fn the_ring_record_survives_a_restart<S: Storage>(open: &impl Fn() -> S) {
         let routing = decree_proto::ring::Routing {

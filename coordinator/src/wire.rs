@@ -155,9 +155,14 @@ pub fn one_phase_found(answer: Result<Acked, Unanswered>) -> OnePhaseFound {
     match answer {
         Ok(Acked::Done) => OnePhaseFound::Aborted,
         Ok(Acked::Refused { code: Reason::AlreadyDecided, .. }) => OnePhaseFound::Committed,
-        Ok(Acked::Refused { .. } | Acked::Forgotten { .. }) => OnePhaseFound::Unreachable,
+        Ok(Acked::Forgotten { .. }) => OnePhaseFound::Forgotten,
+        Ok(Acked::Refused { .. }) => OnePhaseFound::Unreachable,
         Err(Unanswered::Refused(status)) if status.code() == tonic::Code::FailedPrecondition => {
             OnePhaseFound::Committed
+        }
+        // An untyped participant's "forgotten" (below what it remembers).
+        Err(Unanswered::Refused(status)) if status.code() == tonic::Code::OutOfRange => {
+            OnePhaseFound::Forgotten
         }
         Err(_) => OnePhaseFound::Unreachable,
     }
@@ -175,5 +180,22 @@ pub fn outcome_of(known: Option<Known>, recorded: impl FnOnce() -> Recorded) -> 
             Recorded::Forgotten => v1::Outcome::Forgotten,
             Recorded::Absent => v1::Outcome::Aborted,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_one_phase_question_reads_every_version_of_forgotten_as_forgotten_and_never_as_aborted() {
+        let forgotten = Ok(Acked::Forgotten { reason: "below the horizon".into() });
+        assert_eq!(one_phase_found(forgotten), OnePhaseFound::Forgotten);
+        let untyped = Err(Unanswered::Refused(tonic::Status::out_of_range("below the horizon")));
+        assert_eq!(one_phase_found(untyped), OnePhaseFound::Forgotten);
+        let decided = Ok(Acked::Refused { code: Reason::AlreadyDecided, reason: "committed".into() });
+        assert_eq!(one_phase_found(decided), OnePhaseFound::Committed);
+        assert_eq!(one_phase_found(Ok(Acked::Done)), OnePhaseFound::Aborted);
+        assert_eq!(one_phase_found(Err(Unanswered::Deadline)), OnePhaseFound::Unreachable);
     }
 }

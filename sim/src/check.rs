@@ -77,7 +77,7 @@ impl Retention {
             Window { max_ended: 1_000_000, max_age: Duration::from_secs(3600) }
         };
         let participant = if rng.random_bool(0.3) {
-            TombstoneRetention { max: 100, max_age: Duration::from_secs(20) }
+            TombstoneRetention { max: 30, max_age: Duration::from_secs(20) }
         } else {
             TombstoneRetention::default()
         };

@@ -64,6 +64,9 @@ pub enum Disk {
     OnePhaseAborted {
         txid: TxId,
     },
+    OnePhaseForgotten {
+        txid: TxId,
+    },
     End {
         txid: TxId,
     },
@@ -312,6 +315,9 @@ impl Coordinator {
             Disk::OnePhaseAborted { txid } => {
                 now_or_never(process.store.log_one_phase_aborted(txid)).expect("memory");
             }
+            Disk::OnePhaseForgotten { txid } => {
+                now_or_never(process.store.log_one_phase_forgotten(txid)).expect("memory");
+            }
             Disk::End { txid } => now_or_never(process.store.log_end(txid)).expect("memory"),
             Disk::Ring { record, synced, then } => self.ring_written(ctx, *record, synced, then),
         }
@@ -406,6 +412,11 @@ impl Coordinator {
                 self.write(ctx, Disk::InDoubt { txid, participant }, true);
             }
             Command::LogOnePhaseAborted { txid } => self.write(ctx, Disk::OnePhaseAborted { txid }, true),
+            Command::LogOnePhaseForgotten { txid } => {
+                ctx.trace(|| format!("coord: {txid}'s participant forgot its outcome: FORGOTTEN"));
+                ctx.stats.forgotten_one_phase += 1;
+                self.write(ctx, Disk::OnePhaseForgotten { txid }, true)
+            }
             Command::SendCommit { txid, participant, recovery } => {
                 ctx.ghost.commit_sent(ctx.now, txid, &self.disk);
                 let call = Call::Commit { txid, participant: participant.clone(), recovery };

@@ -172,6 +172,8 @@ pub struct Stats {
     pub batches: u64,
     pub moved_keys: u64,
     pub batch_failures: u64,
+    /// One-phase outcomes their participant forgot before the coordinator learned them.
+    pub forgotten_one_phase: u64,
     /// Reads served, and reads that found a key moved away (redirected).
     pub reads: u64,
     pub redirects: u64,

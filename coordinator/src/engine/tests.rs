@@ -321,6 +321,34 @@ fn an_unreachable_one_phase_participant_is_unknown_to_the_client_once_recorded_a
 }
 
 #[test]
+fn a_one_phase_outcome_the_participant_forgot_ends_as_forgotten_once_the_client_heard_unknown() {
+    let t = tx(1);
+    let mut engine = engine_preparing(t, &["a"]);
+    vote(&mut engine, t, "a", VoteResult::Failed { error: "unreachable".into() });
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Forgotten }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![
+            Command::LogOnePhaseInDoubt { txid: t, participant: p("a") },
+            Command::ScheduleRedelivery { txid: t, participant: p("a"), attempt: 1 },
+        ],
+        "first the question is made durable and the client told unknown, as for no answer"
+    );
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Forgotten }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::ScheduleRedelivery { txid: t, participant: p("a"), attempt: 2 }],
+        "the client has not heard yet: nothing ends before it does"
+    );
+    engine.on_event(Event::OnePhaseInDoubtLogged { txid: t }).unwrap();
+    assert!(matches!(engine.take_commands()[..], [Command::Reply { decided: Decided::Unknown { .. }, .. }]));
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Forgotten }).unwrap();
+    assert_eq!(engine.take_commands(), vec![Command::LogOnePhaseForgotten { txid: t }]);
+    assert_eq!(engine.in_flight(), 0, "nothing will ever tell more: it is not asked forever");
+    assert_eq!(engine.known(t), None, "GetOutcome reads the log, which answers FORGOTTEN");
+}
+
+#[test]
 fn a_one_phase_outcome_learned_before_its_record_is_durable_is_the_answer() {
     let t = tx(1);
     let mut engine = engine_preparing(t, &["a"]);
