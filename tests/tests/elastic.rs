@@ -138,6 +138,11 @@ fn workload(
                 seen.iter().copied().filter(|_| rng.random_bool(0.2)).take(200).collect()
             };
             let keys: Vec<String> = fresh.iter().cloned().chain(sample.iter().map(|t| marker(*t))).collect();
+            if keys.is_empty() {
+                // Nothing to read back yet: a reader's pace, not a busy loop that starves the workload.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
             let Ok(values) = client.get(&keys).await else {
                 coordinator_answers(&client).await;
                 continue;
