@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "decree/v1/participant.proto",
         "decree/v1/registry.proto",
         "decree/v1/kv.proto",
+        "decree/v1/replica.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

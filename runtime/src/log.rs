@@ -119,6 +119,10 @@ pub enum LogError {
     Poisoned,
     #[error("the log writer has stopped")]
     Closed,
+    /// A replicated log could not make the write durable at a majority (this
+    /// replica is not the leader, or lost its leadership).
+    #[error("replication: {0}")]
+    Replication(String),
 }
 
 impl From<rocksdb::Error> for LogError {

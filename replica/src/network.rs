@@ -1,0 +1,153 @@
+//! The `decree.v1.Replica` gRPC service: openraft's messages between the
+//! replicas of a group, each serialized by openraft (JSON) in a
+//! `RaftMessage`, and its answers likewise.
+
+use std::time::Duration;
+
+use decree_proto::v1::replica_client::ReplicaClient;
+use decree_proto::v1::replica_server::{Replica as ReplicaRpc, ReplicaServer};
+use decree_proto::v1::RaftMessage;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::{NodeId, Raft, TypeConfig};
+
+/// Connects to the other replicas by the addresses in the membership.
+#[derive(Debug, Default, Clone)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
+        let client = Endpoint::from_shared(format!("http://{}", node.addr))
+            .map(|endpoint| {
+                ReplicaClient::new(endpoint.connect_timeout(Duration::from_secs(1)).connect_lazy())
+            })
+            .ok();
+        Connection { target, client }
+    }
+}
+
+/// The connection to one other replica.
+pub struct Connection {
+    target: NodeId,
+    /// `None`: its address does not parse (every call is unreachable).
+    client: Option<ReplicaClient<Channel>>,
+}
+
+fn encode<T: Serialize>(value: &T) -> RaftMessage {
+    RaftMessage { body: serde_json::to_vec(value).expect("openraft's types serialize") }
+}
+
+impl Connection {
+    /// Sends `request` with `call` and reads the remote replica's result.
+    async fn call<Req, Resp, E, F, Fut>(
+        &mut self,
+        request: &Req,
+        option: &RPCOption,
+        call: F,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+        F: FnOnce(ReplicaClient<Channel>, RaftMessage) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<RaftMessage>, Status>>,
+    {
+        let Some(client) = self.client.clone() else {
+            let why = std::io::Error::other(format!("replica {}: its address does not parse", self.target));
+            return Err(RPCError::Unreachable(Unreachable::new(&why)));
+        };
+        let answer = match tokio::time::timeout(option.hard_ttl(), call(client, encode(request))).await {
+            Ok(Ok(answer)) => answer.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)))
+            }
+            Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
+            Err(elapsed) => return Err(RPCError::Network(NetworkError::new(&elapsed))),
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&answer.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, |mut c, m| async move { c.append_entries(m).await }).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(&rpc, &option, |mut c, m| async move { c.install_snapshot(m).await }).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, |mut c, m| async move { c.vote(m).await }).await
+    }
+}
+
+/// The server side: hands each message to this replica's Raft node.
+struct Service {
+    raft: Raft,
+}
+
+fn decode<T: DeserializeOwned>(message: RaftMessage) -> Result<T, Status> {
+    serde_json::from_slice(&message.body).map_err(|e| Status::invalid_argument(format!("raft message: {e}")))
+}
+
+#[tonic::async_trait]
+impl ReplicaRpc for Service {
+    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(request.into_inner())?;
+        Ok(Response::new(encode(&self.raft.append_entries(rpc).await)))
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(request.into_inner())?;
+        Ok(Response::new(encode(&self.raft.vote(rpc).await)))
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(request.into_inner())?;
+        Ok(Response::new(encode(&self.raft.install_snapshot(rpc).await)))
+    }
+}
+
+/// Serves the other replicas on `listener` until the task is aborted.
+pub fn serve(raft: Raft, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(ReplicaServer::new(Service { raft }).max_decoding_message_size(64 << 20))
+        .serve_with_incoming(incoming);
+    tokio::spawn(async move {
+        if let Err(err) = server.await {
+            tracing::warn!(error = %err, "the replica server stopped");
+        }
+    })
+}
