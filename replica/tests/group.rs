@@ -28,10 +28,22 @@ struct Node {
 }
 
 async fn start(id: u64, store: MemLog, addr: Option<String>) -> Node {
-    let listener = TcpListener::bind(addr.as_deref().unwrap_or("127.0.0.1:0")).await.unwrap();
+    let listener = bind(addr.as_deref().unwrap_or("127.0.0.1:0")).await;
     let addr = listener.local_addr().unwrap().to_string();
     let replica = Replica::start(id, store.clone(), listener, &fast()).await.unwrap();
     Node { replica: Some(replica), store, addr }
+}
+
+/// Binds `addr`; a replica restarting on its address waits for its stopped server to let go of it.
+async fn bind(addr: &str) -> TcpListener {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(err) if tokio::time::Instant::now() > deadline => panic!("bind {addr}: {err}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
 
 async fn group() -> BTreeMap<u64, Node> {
@@ -120,6 +132,32 @@ async fn losing_the_leader_elects_one_that_holds_everything_committed() {
     nodes.insert(first, start(first, store.clone(), Some(addr)).await);
     until_applied(&store, b"d/after", b"1").await;
     until_applied(&store, b"d/19", b"1").await;
+    for (_, node) in nodes {
+        node.replica.unwrap().shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_crash_of_the_leader_loses_no_entry_it_acknowledged() {
+    use decree_replica::log_store::LogStore;
+    use openraft::{EntryPayload, RaftLogReader};
+    let mut nodes = group().await;
+    let id = leader(&nodes).await;
+    for i in 0..10u32 {
+        let key = format!("d/{i}").into_bytes();
+        replica(&nodes, id).storage().write(vec![Write::put(key, b"1".to_vec())], true).await.unwrap();
+    }
+    nodes.get_mut(&id).unwrap().replica.take().unwrap().shutdown().await;
+    // Everything not synced is gone: the state machine's unsynced applies, never the log's entries.
+    let crashed = nodes[&id].store.crash_machine(0);
+    let mut log = LogStore::open(crashed.clone()).unwrap();
+    let entries = log.try_get_log_entries(..).await.unwrap();
+    let batches = entries.iter().filter(|e| matches!(e.payload, EntryPayload::Normal(_))).count();
+    assert_eq!(batches, 10, "every acknowledged write is in the crashed leader's log");
+    // Restarted on what survived, it applies them again and catches up.
+    let addr = nodes[&id].addr.clone();
+    nodes.insert(id, start(id, crashed.clone(), Some(addr)).await);
+    until_applied(&crashed, b"d/9", b"1").await;
     for (_, node) in nodes {
         node.replica.unwrap().shutdown().await;
     }
