@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
+pub mod testing;
 
 /// A replica's id in its group.
 pub type NodeId = u64;
