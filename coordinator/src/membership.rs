@@ -332,11 +332,10 @@ impl Membership {
                 metrics::counter!(MOVED_BYTES).increment(bytes);
                 metrics::counter!(BATCHES).increment(1);
                 // Not synced: lost in a crash, start rebuilds it from the decision and `batch_routing`.
-                let mut routing = step.clone();
-                self.save_unsynced(|r| routing = decide::batch_committed(r, &step, keys, bytes)).await?;
+                self.save_unsynced(|r| decide::batch_committed(r, &step, keys, bytes)).await?;
                 metrics::gauge!(REMAINING)
                     .set(self.record.lock().await.migration.as_ref().map_or(0, |m| m.remaining_keys) as f64);
-                self.set_routing(routing);
+                self.set_routing(step);
                 if hi == Cursor::End {
                     self.finish().await?;
                 }

@@ -96,8 +96,8 @@ pub fn arrivals(leaving: impl IntoIterator<Item = v1::KeyValue>, target: &Ring) 
 }
 
 /// The record once batch `record.batch` committed, having moved `keys` and
-/// `bytes`: the routing's cursor at the batch's end (returned), its progress.
-pub fn batch_committed(record: &mut RingRecord, step: &Routing, keys: u64, bytes: u64) -> Routing {
+/// `bytes`: the routing is `step` (its cursor at the batch's end), and the progress counts it.
+pub fn batch_committed(record: &mut RingRecord, step: &Routing, keys: u64, bytes: u64) {
     record.batch.clear();
     record.batch_routing = None;
     record.routing = Some(step.to_wire());
@@ -108,7 +108,6 @@ pub fn batch_committed(record: &mut RingRecord, step: &Routing, keys: u64, bytes
         m.remaining_keys = m.remaining_keys.saturating_sub(keys);
         m.last_error.clear();
     }
-    step.clone()
 }
 
 /// At start: a batch whose COMMIT is in the log (`committed`) but whose
@@ -281,6 +280,58 @@ mod tests {
         );
         let moving = plan(&ring, &Change::Add { name: name("p3"), weight: 1 }, up).unwrap();
         assert!(refused(Change::Remove { name: name("p2") }, &moving).contains("in progress"));
+    }
+
+    #[test]
+    fn a_batch_ends_at_the_first_old_owner_s_end_and_moves_the_record_with_it() {
+        assert_eq!(
+            batch_end([Some("k5\0".to_owned()), None, Some("k2\0".to_owned())]),
+            Cursor::Key("k2\0".into())
+        );
+        assert_eq!(batch_end([None, None]), Cursor::End, "nothing left anywhere: the last batch");
+        let routing =
+            plan(&settled(&["p1", "p2"]), &Change::Add { name: name("p3"), weight: 1 }, up).unwrap();
+        let target = routing.migration.clone().unwrap().target;
+        let step = batch_routing(&routing, &target, Cursor::Key("m".into()));
+        let mut record = RingRecord {
+            routing: Some(routing.to_wire()),
+            migration: Some(v1::Migration { remaining_keys: 10, ..v1::Migration::default() }),
+            batch: "00000001-1-1".into(),
+            batch_routing: Some(step.to_wire()),
+            ..RingRecord::default()
+        };
+        // Committed before a crash, its cursor not recorded: start takes the batch's routing.
+        let mut crashed = record.clone();
+        assert!(settle_at_start(&mut crashed, true));
+        assert_eq!(crashed.routing, Some(step.to_wire()));
+        assert!(crashed.batch.is_empty() && crashed.batch_routing.is_none());
+        let mut undecided = record.clone();
+        assert!(!settle_at_start(&mut undecided, false), "not committed: left for the abort");
+        assert_eq!(undecided, record);
+        batch_committed(&mut record, &step, 4, 40);
+        let m = record.migration.clone().unwrap();
+        assert_eq!((m.moved_keys, m.moved_bytes, m.batches, m.remaining_keys), (4, 40, 1, 6));
+        assert_eq!(record.routing, Some(step.to_wire()));
+        let (ring, done) = finished(&mut record, 7).unwrap();
+        assert_eq!(ring.current.names(), ["p1", "p2", "p3"]);
+        assert!(ring.migration.is_none());
+        assert_eq!(done.unwrap().finished_unix_ms, 7);
+        assert!(record.migration.is_none() && record.last.is_some());
+        assert!(finished(&mut record, 8).is_none(), "nothing migrating any more");
+    }
+
+    #[test]
+    fn what_leaves_goes_to_its_owner_in_the_target_ring() {
+        let target = Ring::new(["p1", "p2", "p3"]);
+        let kv = |key: &str, value: &[u8]| v1::KeyValue { key: key.into(), value: Some(value.to_vec()) };
+        let leaving = vec![kv("a", b"12"), kv("b", b"3"), kv("c", b"")];
+        let (by_owner, keys, bytes) = arrivals(leaving.clone(), &target).unwrap();
+        assert_eq!((keys, bytes), (3, 3));
+        for kv in &leaving {
+            let owner = target.route(&kv.key).unwrap();
+            assert!(by_owner[owner].contains(kv), "{} goes to {owner}", kv.key);
+        }
+        assert!(arrivals(leaving, &Ring::new(Vec::<String>::new())).is_err(), "an empty target is refused");
     }
 
     #[test]

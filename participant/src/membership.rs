@@ -286,6 +286,23 @@ mod tests {
     }
 
     #[test]
+    fn a_joining_member_refuses_an_arriving_key_under_the_fence_until_its_batch_commits() {
+        let own = Ownership::load(&decree_runtime::MemLog::new(), "p3").unwrap();
+        let batch = step(Cursor::End);
+        let arriving = (0..10_000)
+            .map(|i| format!("k{i:05}"))
+            .find(|k| batch.moving(k).is_some_and(|(_, to)| to == "p3"))
+            .unwrap();
+        assert!(own.check(None, &arriving).is_ok(), "in no ring yet: every key is taken");
+        // The IN step's fence: the key is not served until the commit lands here.
+        own.fence(txid(1), "", &batch).unwrap();
+        assert_eq!(own.check(None, &arriving).unwrap_err().code, Reason::Migrating);
+        assert!(own.check(Some(txid(1)), &arriving).is_ok(), "the batch itself writes it");
+        own.applied(txid(1), &batch);
+        assert!(own.check(None, &arriving).is_ok(), "committed here: served");
+    }
+
+    #[test]
     fn a_batch_run_again_never_moves_the_cursor_back() {
         let own = Ownership::load(&decree_runtime::MemLog::new(), "p3").unwrap();
         own.applied(txid(1), &step(Cursor::Key("k5".into())));
