@@ -200,7 +200,8 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Txn {
     /// Interactive, before Commit: participants enlist.
-    Active { enlisted: BTreeSet<ParticipantName> },
+    /// Each enlisted participant with the run it enlisted from (0: not said).
+    Active { enlisted: BTreeMap<ParticipantName, u64> },
     /// Interactive and one-phase: its client knows the txid and may ask
     /// `GetOutcome` before any answer, so the question is recorded
     /// ([`Command::LogOnePhaseInDoubt`]) before the Prepare goes.
@@ -225,7 +226,8 @@ enum Txn {
     },
     /// One-phase, outcome unknown (the Prepare failed or timed out); asking.
     /// `answered`: the client was told the outcome is unknown; `recorded`:
-    /// the question is on disk (or being written: the client is told once it is).
+    /// the question is on disk (or being written: the client is told once it
+    /// is); `durable`: it is on disk.
     Resolving {
         participant: ParticipantName,
         code: Reason,
@@ -233,6 +235,7 @@ enum Txn {
         attempts: u32,
         answered: bool,
         recorded: bool,
+        durable: bool,
     },
 }
 
@@ -259,6 +262,11 @@ pub enum EngineError {
     NotActive(TxId),
     #[error("transaction {0} already exists")]
     Duplicate(TxId),
+    #[error(
+        "{participant} enlisted in {txid} again from another run: the work its earlier run did is lost (a \
+         restart), so the transaction cannot commit with it"
+    )]
+    WorkLost { txid: TxId, participant: ParticipantName },
 }
 
 #[derive(Debug, Default)]
@@ -330,12 +338,22 @@ impl Engine {
     }
 
     /// Adds `participant` to an active interactive transaction.
-    pub fn enlist(&mut self, txid: TxId, participant: ParticipantName) -> Result<(), EngineError> {
+    /// `participant`, in process run `run` (0: not said), joins `txid`. A
+    /// repeated Enlist from the same run is taken; one from another run means
+    /// the participant restarted and lost the work of its first: refused
+    /// (the participant then aborts its branch, and so the transaction).
+    pub fn enlist(&mut self, txid: TxId, participant: ParticipantName, run: u64) -> Result<(), EngineError> {
         match self.txns.get_mut(&txid) {
-            Some(Txn::Active { enlisted }) => {
-                enlisted.insert(participant);
-                Ok(())
-            }
+            Some(Txn::Active { enlisted }) => match enlisted.get(&participant) {
+                Some(&before) if before != 0 && run != 0 && before != run => {
+                    Err(EngineError::WorkLost { txid, participant })
+                }
+                Some(&before) if before != 0 => Ok(()),
+                _ => {
+                    enlisted.insert(participant, run);
+                    Ok(())
+                }
+            },
             _ => Err(EngineError::NotActive(txid)),
         }
     }
@@ -381,12 +399,12 @@ impl Engine {
                 if self.txns.contains_key(&txid) {
                     return Err(EngineError::Duplicate(txid));
                 }
-                self.txns.insert(txid, Txn::Active { enlisted: BTreeSet::new() });
+                self.txns.insert(txid, Txn::Active { enlisted: BTreeMap::new() });
                 self.commands.push(Command::ArmTimer { txid, kind: TimerKind::Idle, after: idle_timeout });
             }
             Event::CommitRequested { txid, timeout } => match self.txns.remove(&txid) {
                 Some(Txn::Active { enlisted }) => {
-                    let branches = enlisted.into_iter().map(|p| (p, Vec::new())).collect();
+                    let branches = enlisted.into_keys().map(|p| (p, Vec::new())).collect();
                     self.start_prepare(txid, branches, timeout, true);
                 }
                 Some(other) => {
@@ -397,7 +415,12 @@ impl Engine {
             },
             Event::AbortRequested { txid } => match self.txns.remove(&txid) {
                 Some(Txn::Active { enlisted }) => {
-                    self.abort(txid, enlisted, Reason::ClientAborted, "aborted by the client".into());
+                    self.abort(
+                        txid,
+                        enlisted.into_keys(),
+                        Reason::ClientAborted,
+                        "aborted by the client".into(),
+                    );
                 }
                 Some(other) => {
                     self.txns.insert(txid, other);
@@ -464,8 +487,8 @@ impl Engine {
             Event::TimerFired { txid, kind } => self.on_timer(txid, kind),
             Event::OnePhaseResolved { txid, found } => self.on_one_phase_resolved(txid, found),
             Event::OnePhaseInDoubtLogged { txid } => match self.txns.get_mut(&txid) {
-                Some(Txn::Resolving { reason, answered: answered @ false, .. }) => {
-                    *answered = true;
+                Some(Txn::Resolving { reason, answered: answered @ false, durable, .. }) => {
+                    (*answered, *durable) = (true, true);
                     let unknown = format!("{reason}; whether it committed is not known yet");
                     self.commands
                         .push(Command::Reply { txid, decided: Decided::Unknown { reason: unknown } });
@@ -485,8 +508,15 @@ impl Engine {
                 self.commands.push(Command::ResolveOnePhase { txid, participant: participant.clone() });
                 let reason = "recovered at start".to_owned();
                 let code = Reason::ParticipantUnreachable;
-                let txn =
-                    Txn::Resolving { participant, code, reason, attempts: 0, answered: true, recorded: true };
+                let txn = Txn::Resolving {
+                    participant,
+                    code,
+                    reason,
+                    attempts: 0,
+                    answered: true,
+                    recorded: true,
+                    durable: true,
+                };
                 self.txns.insert(txid, txn);
             }
             Event::Recovered { txid, participants } => {
@@ -654,7 +684,7 @@ impl Engine {
         match (self.txns.get(&txid), kind) {
             (Some(Txn::Active { .. }), TimerKind::Idle) => {
                 let Some(Txn::Active { enlisted }) = self.txns.remove(&txid) else { unreachable!() };
-                self.abort(txid, enlisted, Reason::Timeout, "idle timeout before commit".into());
+                self.abort(txid, enlisted.into_keys(), Reason::Timeout, "idle timeout before commit".into());
             }
             (Some(Txn::Preparing { order, recorded, .. }), TimerKind::Prepare) if order.len() == 1 => {
                 let (participant, recorded) = (order[0].clone(), *recorded);
@@ -694,12 +724,21 @@ impl Engine {
         recorded: bool,
     ) {
         self.commands.push(Command::ResolveOnePhase { txid, participant: participant.clone() });
-        let txn = Txn::Resolving { participant, code, reason, attempts: 0, answered: false, recorded };
+        // Recorded before its Prepare (interactive): the question is durable already.
+        let txn = Txn::Resolving {
+            participant,
+            code,
+            reason,
+            attempts: 0,
+            answered: false,
+            recorded,
+            durable: recorded,
+        };
         self.txns.insert(txid, txn);
     }
 
     fn on_one_phase_resolved(&mut self, txid: TxId, found: OnePhaseFound) {
-        let Some(Txn::Resolving { participant, code, reason, attempts, answered, recorded }) =
+        let Some(Txn::Resolving { participant, code, reason, attempts, answered, recorded, durable }) =
             self.txns.remove(&txid)
         else {
             return; // a duplicate answer
@@ -720,14 +759,19 @@ impl Engine {
                     self.commands.push(Command::Reply { txid, decided: Decided::Committed });
                 }
             }
-            // Forgotten, and the client already heard "unknown" from a durable
-            // question: nothing will ever tell more; the outcome is FORGOTTEN
-            // from now on (never ABORTED: the branch may have committed).
-            OnePhaseFound::Forgotten if recorded && answered => {
+            // Forgotten, and the question is durable: nothing will ever tell
+            // more; the outcome is FORGOTTEN from now on (never ABORTED: the
+            // branch may have committed), and a client still waiting hears so.
+            OnePhaseFound::Forgotten if durable => {
                 self.commands.push(Command::LogOnePhaseForgotten { txid });
+                if !answered {
+                    let reason =
+                        format!("{reason}; the participant no longer remembers whether it committed");
+                    self.commands.push(Command::Reply { txid, decided: Decided::Unknown { reason } });
+                }
             }
-            // Unreachable, or forgotten before the question is durable and
-            // answered: record it (the client hears "unknown" once it is) and ask again.
+            // Unreachable, or forgotten before the question is durable: record
+            // it (the client hears "unknown" once it is) and ask again.
             OnePhaseFound::Unreachable | OnePhaseFound::Forgotten => {
                 if !recorded {
                     // The client hears "unknown" once the question is durable, so
@@ -741,8 +785,15 @@ impl Engine {
                     participant: participant.clone(),
                     attempt,
                 });
-                let txn =
-                    Txn::Resolving { participant, code, reason, attempts: attempt, answered, recorded: true };
+                let txn = Txn::Resolving {
+                    participant,
+                    code,
+                    reason,
+                    attempts: attempt,
+                    answered,
+                    recorded: true,
+                    durable,
+                };
                 self.txns.insert(txid, txn);
             }
         }

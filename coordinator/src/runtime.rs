@@ -78,6 +78,7 @@ pub(crate) enum Request {
     Enlist {
         txid: TxId,
         participant: ParticipantName,
+        run: u64,
         reply: oneshot::Sender<Result<(), CoordinatorError>>,
     },
     Known {
@@ -171,8 +172,9 @@ impl Handle {
         &self,
         txid: TxId,
         participant: ParticipantName,
+        run: u64,
     ) -> Result<(), CoordinatorError> {
-        self.ask(|reply| Request::Enlist { txid, participant, reply }).await?
+        self.ask(|reply| Request::Enlist { txid, participant, run, reply }).await?
     }
 
     /// Stops admitting transactions and waits until none is deciding or in
@@ -396,8 +398,8 @@ impl Actor {
             Request::Abort { txid, reply } => {
                 let _ = reply.send(self.engine.on_event(Event::AbortRequested { txid }).map_err(Into::into));
             }
-            Request::Enlist { txid, participant, reply } => {
-                let _ = reply.send(self.engine.enlist(txid, participant).map_err(Into::into));
+            Request::Enlist { txid, participant, run, reply } => {
+                let _ = reply.send(self.engine.enlist(txid, participant, run).map_err(Into::into));
             }
             Request::Known { txid, reply } => {
                 let _ = reply.send(self.engine.known(txid));

@@ -208,7 +208,7 @@ impl Coordinator for Service {
         if !self.handle.registry.contains(&participant) {
             return Err(field("participant", format!("unknown participant {participant:?}")).into());
         }
-        self.handle.enlist(txid, participant).await?;
+        self.handle.enlist(txid, participant, request.run).await?;
         Ok(Response::new(v1::EnlistResponse {}))
     }
 

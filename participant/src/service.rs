@@ -343,6 +343,9 @@ pub struct KvService {
     handle: Handle,
     coordinator: CoordinatorClient<Channel>,
     name: String,
+    /// This run of the process, named in every Enlist: a branch begun by an
+    /// earlier run (whose work a restart lost) cannot be joined again.
+    run: u64,
 }
 
 impl KvService {
@@ -352,12 +355,13 @@ impl KvService {
         coordinator: CoordinatorClient<Channel>,
         name: String,
     ) -> Self {
-        KvService { reads, handle, coordinator, name }
+        KvService { reads, handle, coordinator, name, run: rand::random::<u64>() | 1 }
     }
 
     /// Enlists this participant in `txid` with the coordinator.
     async fn enlist(&self, txid: TxId) -> Result<(), Status> {
-        let request = v1::EnlistRequest { txid: txid.to_string(), participant: self.name.clone() };
+        let request =
+            v1::EnlistRequest { txid: txid.to_string(), participant: self.name.clone(), run: self.run };
         let mut coordinator = self.coordinator.clone();
         match tokio::time::timeout(ENLIST_TIMEOUT, coordinator.enlist(request)).await {
             Ok(Ok(_)) => Ok(()),

@@ -417,6 +417,15 @@ impl Client {
     fn execute(&mut self, ctx: &mut Ctx, txid: TxId, mut transfer: Transfer, step: usize) {
         if step == 0 {
             transfer.routed = transfer.branches(&self.view);
+            if ctx.rng().random_bool(0.5) {
+                // Each op its own Execute: a branch built of several works, so that a
+                // participant's restart between two of them is exercised.
+                transfer.routed = transfer
+                    .routed
+                    .into_iter()
+                    .flat_map(|(p, ops)| ops.into_iter().map(move |op| (p, vec![op])))
+                    .collect();
+            }
         }
         let rpc = ctx.rpc();
         match transfer.routed.get(step) {

@@ -566,8 +566,9 @@ impl Coordinator {
                 let answer = answer.map(ring::Answer::Values).map_err(|s| s.message().to_owned());
                 self.ring_reply(ctx, rpc, answer)
             }
-            Msg::Enlist(rpc, txid, participant) => {
-                let result = process.engine.enlist(txid, participant).map_err(|e| e.to_string());
+            Msg::Enlist(rpc, txid, participant, run) => {
+                let run = if ctx.mutated(Mutation::ReenlistTaken) { 0 } else { run };
+                let result = process.engine.enlist(txid, participant, run).map_err(|e| e.to_string());
                 ctx.send(Node::Coordinator, from, Msg::Enlisted(rpc, result));
             }
             Msg::Transact(rpc, branches) => {

@@ -92,10 +92,12 @@ pub enum Mutation {
     NoFenceAtNewOwner,
     /// The coordinator moves its cursor once the IN steps answer, before the batch commits.
     CursorBeforeCommit,
+    /// The coordinator takes an Enlist from another run of a participant (whose earlier work is lost).
+    ReenlistTaken,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 10] = [
+    pub const ALL: [Mutation; 11] = [
         Mutation::CommitBeforeDurable,
         Mutation::YesBeforeDurable,
         Mutation::AckBeforeDurable,
@@ -106,6 +108,7 @@ impl Mutation {
         Mutation::KeepMovedKeys,
         Mutation::NoFenceAtNewOwner,
         Mutation::CursorBeforeCommit,
+        Mutation::ReenlistTaken,
     ];
 
     pub fn name(self) -> &'static str {
@@ -120,6 +123,7 @@ impl Mutation {
             Mutation::KeepMovedKeys => "keep-moved-keys",
             Mutation::NoFenceAtNewOwner => "no-fence-at-new-owner",
             Mutation::CursorBeforeCommit => "cursor-before-commit",
+            Mutation::ReenlistTaken => "reenlist-taken",
         }
     }
 }

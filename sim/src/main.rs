@@ -28,7 +28,7 @@ struct Args {
     seed: Option<u64>,
     /// Plant a bug: commit-before-durable, yes-before-durable, ack-before-durable,
     /// decide-alone, failed-vote-is-yes, presume-commit, skip-redelivery,
-    /// keep-moved-keys, no-fence-at-new-owner, cursor-before-commit.
+    /// keep-moved-keys, no-fence-at-new-owner, cursor-before-commit, reenlist-taken.
     #[arg(long, value_parser = |s: &str| s.parse::<Mutation>())]
     mutation: Option<Mutation>,
     /// With --seed: print only the summary, not the trace.

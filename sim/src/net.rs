@@ -29,7 +29,8 @@ pub enum Msg {
     GetOutcome(u64, TxId),
     Enroll(u64, ParticipantName),
     Heartbeat(u64, ParticipantName),
-    Enlist(u64, TxId, ParticipantName),
+    /// With the participant's run (a number it picks at start).
+    Enlist(u64, TxId, ParticipantName, u64),
     // Coordinator to participant or client, answers.
     Outcome(u64, Result<v1::Outcome, String>),
     Enrolled(u64, u64),
@@ -72,7 +73,7 @@ impl Msg {
             | Msg::GetOutcome(rpc, _)
             | Msg::Enroll(rpc, _)
             | Msg::Heartbeat(rpc, _)
-            | Msg::Enlist(rpc, _, _)
+            | Msg::Enlist(rpc, _, _, _)
             | Msg::Transact(rpc, _)
             | Msg::Begin(rpc)
             | Msg::CommitTxn(rpc, _)
@@ -127,7 +128,7 @@ impl std::fmt::Display for Msg {
             Msg::GetOutcome(rpc, txid) => write!(f, "#{rpc} GetOutcome {txid}"),
             Msg::Enroll(rpc, name) => write!(f, "#{rpc} Enroll {name}"),
             Msg::Heartbeat(rpc, name) => write!(f, "#{rpc} Heartbeat {name}"),
-            Msg::Enlist(rpc, txid, name) => write!(f, "#{rpc} Enlist {txid} {name}"),
+            Msg::Enlist(rpc, txid, name, run) => write!(f, "#{rpc} Enlist {txid} {name} run {run:x}"),
             Msg::Outcome(rpc, outcome) => write!(f, "#{rpc} outcome {outcome:?}"),
             Msg::Enrolled(rpc, incarnation) => write!(f, "#{rpc} enrolled incarnation={incarnation}"),
             Msg::Enlisted(rpc, result) => write!(f, "#{rpc} enlisted {result:?}"),

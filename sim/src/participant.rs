@@ -107,6 +107,8 @@ struct Process {
     incarnation: u64,
     /// Branches were recovered: ask about all of them at the first resolve.
     first_resolve: bool,
+    /// This run of the process, named in every Enlist.
+    run: u64,
     disk_free: Time,
 }
 
@@ -239,6 +241,7 @@ impl Participant {
             enrolled: false,
             incarnation: 0,
             first_resolve: recovered > 0,
+            run: ctx.rng().random::<u64>() | 1,
             disk_free: ctx.now,
         });
         let epoch = self.epoch;
@@ -700,8 +703,8 @@ impl Participant {
                 let Some(pending) = process.works.get_mut(&work) else { return };
                 pending.so_far = so_far;
                 if first {
-                    let (txid, name) = (pending.txid, self.name.clone());
-                    self.call(ctx, Call::Enlist { work }, |rpc| Msg::Enlist(rpc, txid, name));
+                    let (txid, name, run) = (pending.txid, self.name.clone(), process.run);
+                    self.call(ctx, Call::Enlist { work }, |rpc| Msg::Enlist(rpc, txid, name, run));
                 } else if let Some(pending) = process.works.remove(&work) {
                     self.run_work(ctx, pending);
                 }

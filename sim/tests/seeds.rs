@@ -102,7 +102,11 @@ fn a_seed_replays_exactly() {
 /// lists how many): the checks can fail.
 #[test]
 fn every_planted_bug_is_caught() {
-    for mutation in Mutation::ALL.into_iter().filter(|m| *m != Mutation::NoFenceAtNewOwner) {
+    // Two have narrow windows: the fence at a new owner has a test of its own below; a
+    // repeated Enlist from another run is caught by the real-process test
+    // `more_work_after_a_participant_restart_is_refused_and_nothing_of_the_transaction_commits`.
+    let narrow = [Mutation::NoFenceAtNewOwner, Mutation::ReenlistTaken];
+    for mutation in Mutation::ALL.into_iter().filter(|m| !narrow.contains(m)) {
         assert!(caught(mutation, 200).is_some(), "{} went unnoticed for 200 seeds", mutation.name());
     }
 }

@@ -179,6 +179,35 @@ async fn interactive_bank_transfers_keep_the_sum_and_never_go_negative() {
     assert!(balances.iter().all(|b| *b >= 0), "a balance went negative: {balances:?}");
 }
 
+/// Work done at a participant, then a restart of it, then more work there:
+/// the restarted run must not take the later work as the whole branch (the
+/// first run's is gone), or the transaction would commit half of its writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_work_after_a_participant_restart_is_refused_and_nothing_of_the_transaction_commits() {
+    init();
+    let mut cluster = Cluster::start(options(100)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let owner = client.route("b").unwrap();
+    let also = (0..10_000).map(|i| format!("b{i}")).find(|k| client.route(k).unwrap() == owner).unwrap();
+    let mut tx = client.begin().await.unwrap();
+    tx.put("b", "1").await.unwrap();
+    let p = cluster.participant(&owner);
+    cluster.kill(p);
+    cluster.restart(p).unwrap();
+    cluster.wait_back(p).await.unwrap();
+    let later = tx.put(&also, "1").await;
+    let err =
+        later.expect_err("the restarted participant took more work of a transaction whose work it lost");
+    assert!(err.to_string().contains("another run"), "{err}");
+    let result = tx.commit().await;
+    assert!(
+        !matches!(result, Ok(ref r) if r.outcome == Outcome::Committed),
+        "committed without its first work: {result:?}"
+    );
+    let values = client.get(&["b".into(), also.clone()]).await.unwrap();
+    assert_eq!((values["b"].as_deref(), values[&also].as_deref()), (None, None), "nothing of it committed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decree_locks_lists_holders_and_a_participant_restart_loses_unprepared_work() {
     init();

@@ -349,6 +349,29 @@ fn a_one_phase_outcome_the_participant_forgot_ends_as_forgotten_once_the_client_
 }
 
 #[test]
+fn an_interactive_one_phase_outcome_the_participant_forgot_ends_as_forgotten_and_its_client_hears() {
+    let t = tx(9);
+    let mut engine = Engine::new();
+    engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
+    engine.enlist(t, p("a"), 7).unwrap();
+    engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
+    engine.take_commands();
+    // The question is durable before the Prepare goes (the client has had the txid since Begin).
+    engine.on_event(Event::OnePhaseInDoubtLogged { txid: t }).unwrap();
+    engine.take_commands();
+    vote(&mut engine, t, "a", VoteResult::Failed { error: "unreachable".into() });
+    engine.take_commands();
+    engine.on_event(Event::OnePhaseResolved { txid: t, found: OnePhaseFound::Forgotten }).unwrap();
+    let commands = engine.take_commands();
+    assert_eq!(commands[0], Command::LogOnePhaseForgotten { txid: t });
+    assert!(
+        matches!(commands[1..], [Command::Reply { decided: Decided::Unknown { .. }, .. }]),
+        "{commands:?}"
+    );
+    assert_eq!(engine.in_flight(), 0, "not asked forever");
+}
+
+#[test]
 fn a_one_phase_outcome_learned_before_its_record_is_durable_is_the_answer() {
     let t = tx(1);
     let mut engine = engine_preparing(t, &["a"]);
@@ -376,7 +399,7 @@ fn an_interactive_one_phase_prepare_waits_for_its_record_and_a_restart_asks_agai
     let t = tx(1);
     let mut engine = Engine::new();
     engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
-    engine.enlist(t, p("a")).unwrap();
+    engine.enlist(t, p("a"), 7).unwrap();
     engine.take_commands();
     engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
     assert_eq!(
@@ -515,6 +538,24 @@ fn a_refused_commit_stops_redelivery_until_an_operator_retries() {
 }
 
 #[test]
+fn an_enlist_from_another_run_of_a_participant_is_refused_its_earlier_work_is_lost() {
+    let t = tx(8);
+    let mut engine = Engine::new();
+    engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
+    engine.enlist(t, p("a"), 7).unwrap();
+    engine.enlist(t, p("a"), 7).expect("a repeated Enlist of the same run is taken");
+    assert_eq!(
+        engine.enlist(t, p("a"), 9),
+        Err(EngineError::WorkLost { txid: t, participant: p("a") }),
+        "the participant restarted: the work of its first run is gone"
+    );
+    engine.enlist(t, p("b"), 0).unwrap();
+    engine.enlist(t, p("b"), 0).expect("a participant that names no run: every Enlist is taken");
+    engine.enlist(t, p("b"), 3).expect("then naming one: taken, and remembered");
+    assert!(engine.enlist(t, p("b"), 4).is_err());
+}
+
+#[test]
 fn interactive_commit_prepares_the_enlisted_with_empty_payloads() {
     let t = tx(7);
     let mut engine = Engine::new();
@@ -523,9 +564,9 @@ fn interactive_commit_prepares_the_enlisted_with_empty_payloads() {
         engine.take_commands(),
         vec![Command::ArmTimer { txid: t, kind: TimerKind::Idle, after: TIMEOUT }]
     );
-    engine.enlist(t, p("b")).unwrap();
-    engine.enlist(t, p("a")).unwrap();
-    engine.enlist(t, p("a")).unwrap();
+    engine.enlist(t, p("b"), 7).unwrap();
+    engine.enlist(t, p("a"), 7).unwrap();
+    engine.enlist(t, p("a"), 7).unwrap();
     engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
     assert_eq!(
         engine.take_commands(),
@@ -547,7 +588,7 @@ fn interactive_commit_prepares_the_enlisted_with_empty_payloads() {
             Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
         ]
     );
-    assert_eq!(engine.enlist(t, p("c")), Err(EngineError::NotActive(t)), "too late to enlist");
+    assert_eq!(engine.enlist(t, p("c"), 7), Err(EngineError::NotActive(t)), "too late to enlist");
     engine.on_event(Event::TimerFired { txid: t, kind: TimerKind::Idle }).unwrap();
     assert_eq!(engine.take_commands(), vec![], "the idle timer is stale once preparing");
 }
@@ -558,7 +599,7 @@ fn interactive_idle_timeout_and_client_abort() {
     let (t1, t2) = (tx(1), tx(2));
     for t in [t1, t2] {
         engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
-        engine.enlist(t, p("a")).unwrap();
+        engine.enlist(t, p("a"), 7).unwrap();
     }
     engine.take_commands();
     engine.on_event(Event::TimerFired { txid: t1, kind: TimerKind::Idle }).unwrap();
