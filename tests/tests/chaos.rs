@@ -59,11 +59,15 @@ async fn transfers_stay_atomic_under_random_kills() {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     if client.is_none() {
-                        client = decree_client::Client::connect(&url).await.ok();
-                        if client.is_none() {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
+                        // The coordinator may be down (killed): wait until it accepts again.
+                        let connected =
+                            decree_tests::poll(Duration::from_secs(30), "the coordinator", || {
+                                let url = url.clone();
+                                async move { decree_client::Client::connect(&url).await.ok() }
+                            })
+                            .await;
+                        client = connected.ok();
+                        continue;
                     }
                     let Some(connected) = &client else { continue };
                     // Two or three participants, in a random order.

@@ -139,8 +139,14 @@ fn workload(
             };
             let keys: Vec<String> = fresh.iter().cloned().chain(sample.iter().map(|t| marker(*t))).collect();
             if keys.is_empty() {
-                // Nothing to read back yet: a reader's pace, not a busy loop that starves the workload.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // Nothing to read back yet: wait until a transfer commits (or the test stops),
+                // rather than a busy loop that starves the workload.
+                let known = committed.len();
+                let _ = decree_tests::poll(Duration::from_secs(60), "a transfer to read back", || async {
+                    let more = ledger_read.lock().unwrap().committed.len() > known;
+                    (more || stop_reading.load(Ordering::Relaxed)).then_some(())
+                })
+                .await;
                 continue;
             }
             let Ok(values) = client.get(&keys).await else {
