@@ -396,7 +396,9 @@ async fn recover(
     };
     // While the coordinator is away, its participants' doubt is visible now.
     let mut doubted = match victim {
-        NodeId::Coordinator => in_doubt(urls.clone()).await.map(|(set, _)| set).unwrap_or_default(),
+        NodeId::Coordinator | NodeId::Replica(_) => {
+            in_doubt(urls.clone()).await.map(|(set, _)| set).unwrap_or_default()
+        }
         NodeId::Participant(_) => Default::default(),
     };
     let restarted = cluster.lock().await.restart(victim);

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_pg;
+mod coordinators;
 mod demo;
 mod ring;
 mod scale;
@@ -40,6 +41,9 @@ enum Cmd {
     Get(GetArgs),
     /// The coordinator's outcome of a transaction.
     Status(StatusArgs),
+    /// A coordinator group: members, leader, term, log positions and lag; `coordinators add|remove`
+    /// change its membership (operator).
+    Coordinators(coordinators::CoordinatorsArgs),
     /// The enrolled participants: role, state, share of the keyspace.
     Participants(ListArgs),
     /// The ring: epoch, members, shares, migration in progress; `ring add|remove|weight` change it (operator).
@@ -65,7 +69,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 pub(crate) struct Target {
-    /// The coordinator's URL.
+    /// The coordinator's URL; for a coordinator group, its replicas' URLs separated by commas
+    /// (requests follow the leader).
     #[arg(long, global = true, env = "DECREE_COORDINATOR", default_value = "http://127.0.0.1:7000")]
     pub(crate) coordinator: String,
     /// Print JSON.
@@ -186,6 +191,7 @@ fn main() {
             Cmd::Status(args) => report("status", status(args).await),
             Cmd::Participants(args) => report("participants", participants(args).await),
             Cmd::Ring(args) => report("ring", ring::run(args).await),
+            Cmd::Coordinators(args) => report("coordinators", coordinators::run(args).await),
             Cmd::Locks(args) => report("locks", locks(args).await),
             Cmd::Retry(args) => report("retry", retry(args).await),
             Cmd::Stuck(args) => report("stuck", stuck(args).await),

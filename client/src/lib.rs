@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod leader;
 mod multiplex;
 mod txn;
 
@@ -31,6 +32,7 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 pub use decree_proto::ring::{self, Ring, Routing};
+pub use leader::Coordinators;
 pub use txn::Transaction;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,12 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// True when a one-shot transaction was refused before it started: by a
+/// replica that does not lead, or on a stream that ended before sending it.
+fn not_started(status: &tonic::Status) -> bool {
+    leader::is_not_leader(status) || multiplex::not_sent(status)
 }
 
 /// Maps a Transact or Commit failure, keeping the txid of an unknown outcome.
@@ -198,7 +206,7 @@ pub struct InDoubt {
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn channel(url: &str) -> Result<Channel, ClientError> {
+pub(crate) fn channel(url: &str) -> Result<Channel, ClientError> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| ClientError::Url { url: url.into(), why: e.to_string() })?;
     // Keep-alive pings find a dead connection under a long-lived stream
@@ -229,10 +237,12 @@ struct View {
 /// of the ring: a redirect seen by one refreshes it for all.
 #[derive(Clone)]
 pub struct Client {
-    coordinator: CoordinatorClient<Channel>,
+    /// The coordinator, or the leader of its group.
+    coordinators: Coordinators,
+    coordinator: CoordinatorClient<Coordinators>,
     /// One-shot transactions, multiplexed over one stream.
     transactions: std::sync::Arc<multiplex::Multiplexer>,
-    registry: RegistryClient<Channel>,
+    registry: RegistryClient<Coordinators>,
     view: std::sync::Arc<std::sync::RwLock<std::sync::Arc<View>>>,
 }
 
@@ -245,6 +255,16 @@ fn reroute_pause(attempt: u32) -> Duration {
     Duration::from_millis((2u64 << attempt.min(6)).min(100))
 }
 
+/// How long a request waits for a coordinator group to have a leader again
+/// (an election takes about a second), and a client for the next leader to
+/// tell the outcome of a transaction its predecessor was deciding.
+const FAILOVER_WAIT: Duration = Duration::from_secs(15);
+
+/// The pause before the `attempt`th try at the group's leader: 20 ms doubling to 250 ms.
+fn failover_pause(attempt: u32) -> Duration {
+    Duration::from_millis((20u64 << attempt.min(4)).min(250))
+}
+
 /// True for the answers that mean "not here, or not now: route again".
 fn reroute(code: Reason) -> bool {
     matches!(code, Reason::WrongOwner | Reason::Migrating)
@@ -252,18 +272,23 @@ fn reroute(code: Reason) -> bool {
 
 impl Client {
     /// Connects to the coordinator at `url` and reads the participant list.
+    /// `url` may list a coordinator group's replicas, separated by commas:
+    /// the client follows the group's leader (see [`leader`]).
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ClientError::Url { url: url.into(), why: "expected http://HOST:PORT".into() });
-        }
-        let channel = channel(url)?;
-        let coordinator = CoordinatorClient::new(channel.clone())
+        let coordinators = Coordinators::new(url)?;
+        let coordinator = CoordinatorClient::new(coordinators.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
+        let group = coordinators.len() > 1;
         let client = Client {
-            transactions: std::sync::Arc::new(multiplex::Multiplexer::new(coordinator.clone(), RPC_TIMEOUT)),
+            transactions: std::sync::Arc::new(multiplex::Multiplexer::new(
+                coordinator.clone(),
+                RPC_TIMEOUT,
+                group,
+            )),
             coordinator,
-            registry: RegistryClient::new(channel),
+            registry: RegistryClient::new(coordinators.clone()),
+            coordinators,
             view: Default::default(),
         };
         client.refresh().await.map_err(|err| match err {
@@ -273,6 +298,40 @@ impl Client {
             other => other,
         })?;
         Ok(client)
+    }
+
+    /// The coordinators this client follows, and the one it asks now.
+    pub fn coordinators(&self) -> &Coordinators {
+        &self.coordinators
+    }
+
+    /// Sends one request to the coordinator (the group's leader), again
+    /// while a replica refuses it for not leading (nothing was done) and,
+    /// for a `read` to a group, while a replica cannot be reached, for up
+    /// to [`FAILOVER_WAIT`].
+    async fn ask<C, T, F, Fut>(&self, client: &C, read: bool, call: F) -> Result<T, tonic::Status>
+    where
+        C: Clone,
+        F: Fn(C) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let group = self.coordinators.len() > 1;
+        let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
+        let mut attempt = 0;
+        loop {
+            match call(client.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status)
+                    if (leader::is_not_leader(&status)
+                        || (read && group && status.code() == tonic::Code::Unavailable))
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(failover_pause(attempt)).await;
+                    attempt += 1;
+                }
+                Err(status) => return Err(status),
+            }
+        }
     }
 
     fn view(&self) -> std::sync::Arc<View> {
@@ -291,8 +350,11 @@ impl Client {
             };
             participants.insert(p.name.clone(), (p.address.clone(), channel));
         }
-        let routing = match self.registry.clone().get_ring(v1::GetRingRequest {}).await {
-            Ok(ring) => ring.into_inner().routing.as_ref().map(Routing::from_wire).unwrap_or_default(),
+        let routing = match self
+            .ask(&self.registry, true, |mut c| async move { c.get_ring(v1::GetRingRequest {}).await })
+            .await
+        {
+            Ok(ring) => ring.routing.as_ref().map(Routing::from_wire).unwrap_or_default(),
             // A coordinator from before the ring had epochs: every participant, the old points.
             Err(status) if status.code() == tonic::Code::Unimplemented => Routing {
                 epoch: 0,
@@ -382,10 +444,70 @@ impl Client {
     }
 
     /// Runs a transaction over explicit branches (any participant's payloads).
+    ///
+    /// Against a coordinator group, a transaction refused by a replica that
+    /// does not lead (it did not start) is sent again, to the leader; one
+    /// whose coordinator stopped leading, or was lost, while deciding it is
+    /// resolved by asking the next leader (`GetOutcome`) until it knows.
     pub async fn transact_branches(&self, branches: Vec<v1::Branch>) -> Result<TxnResult, ClientError> {
-        let request = v1::TransactRequest { branches, timeout_ms: 0, pending_outcome: true };
-        let response = self.transactions.transact(request).await.map_err(decided_error)?;
+        let group = self.coordinators.len() > 1;
+        let request =
+            v1::TransactRequest { branches, timeout_ms: 0, pending_outcome: true, announce_txid: group };
+        let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
+        let mut attempt = 0;
+        let response = loop {
+            match self.transactions.transact(request.clone()).await {
+                Ok(response) => break response,
+                Err(status) if group && not_started(&status) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(failover_pause(attempt)).await;
+                    attempt += 1;
+                }
+                Err(status) => match decided_error(status) {
+                    ClientError::OutcomeUnknown { txid, reason } if group => {
+                        return self.resolve(txid, reason, request.branches.len()).await
+                    }
+                    other => return Err(other),
+                },
+            }
+        };
+        let lost_leader = response.outcome == v1::Outcome::Pending as i32
+            && Reason::from_wire(response.reason_code) == Reason::NotLeader;
+        if lost_leader {
+            return self.resolve(response.txid, response.reason, request.branches.len()).await;
+        }
         TxnResult::from_wire(response)
+    }
+
+    /// The outcome of `txid`, whose coordinator was lost while deciding it,
+    /// from the group's leader: asked until it is known (a one-phase
+    /// branch's outcome is asked of its participant by the leader first).
+    async fn resolve(&self, txid: String, reason: String, branches: usize) -> Result<TxnResult, ClientError> {
+        let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
+        let mut attempt = 0;
+        loop {
+            let outcome = match self.status(&txid).await {
+                Ok(outcome) => outcome,
+                Err(_) if tokio::time::Instant::now() < deadline => Outcome::Pending,
+                Err(err) => return Err(err),
+            };
+            match outcome {
+                Outcome::Committed | Outcome::Aborted | Outcome::Forgotten => {
+                    tracing::debug!(%txid, outcome = outcome.as_str(), branches, "outcome learned after a failover");
+                    return Ok(TxnResult {
+                        txid,
+                        outcome,
+                        code: Reason::Unspecified,
+                        reason: format!("told by the group's leader after a failover ({reason})"),
+                        participants: Vec::new(),
+                    });
+                }
+                Outcome::Pending if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(failover_pause(attempt)).await;
+                    attempt += 1;
+                }
+                Outcome::Pending => return Err(ClientError::OutcomeUnknown { txid, reason }),
+            }
+        }
     }
 
     /// Committed values of `keys`, each read from its owner. A key whose
@@ -446,7 +568,9 @@ impl Client {
 
     /// The ring as the coordinator holds it: routing, shares, migration.
     pub async fn ring_status(&self) -> Result<v1::GetRingResponse, ClientError> {
-        Ok(self.registry.clone().get_ring(v1::GetRingRequest {}).await?.into_inner())
+        Ok(self
+            .ask(&self.registry, true, |mut c| async move { c.get_ring(v1::GetRingRequest {}).await })
+            .await?)
     }
 
     /// Asks the coordinator for a ring change; answered once it is durable
@@ -458,7 +582,12 @@ impl Client {
             RingChange::Weight { name, weight } => (v1::change_ring_request::Op::Weight, name, weight),
         };
         let request = v1::ChangeRingRequest { op: op as i32, name, weight };
-        let response = self.registry.clone().change_ring(request).await?.into_inner();
+        let response = self
+            .ask(&self.registry, false, |mut c| {
+                let request = request.clone();
+                async move { c.change_ring(request).await }
+            })
+            .await?;
         let routing = response.routing.as_ref().map(Routing::from_wire).unwrap_or_default();
         let _ = self.refresh().await;
         Ok(routing)
@@ -468,14 +597,19 @@ impl Client {
     /// the coordinator's outcome.
     pub async fn retry(&self, txid: &str) -> Result<(Vec<String>, Outcome), ClientError> {
         txid.parse::<TxId>()?;
-        let response =
-            self.coordinator.clone().retry(v1::RetryRequest { txid: txid.into() }).await?.into_inner();
+        let response = self
+            .ask(&self.coordinator, true, |mut c| async move {
+                c.retry(v1::RetryRequest { txid: txid.into() }).await
+            })
+            .await?;
         Ok((response.participants, Outcome::from_wire(response.outcome)?))
     }
 
     /// Committed branches whose redelivery stopped, waiting for an operator.
     pub async fn stuck(&self) -> Result<Vec<StuckBranch>, ClientError> {
-        let response = self.coordinator.clone().list_stuck(v1::ListStuckRequest {}).await?.into_inner();
+        let response = self
+            .ask(&self.coordinator, true, |mut c| async move { c.list_stuck(v1::ListStuckRequest {}).await })
+            .await?;
         Ok(response
             .branches
             .into_iter()
@@ -486,14 +620,20 @@ impl Client {
     /// The coordinator's answer for `txid`.
     pub async fn status(&self, txid: &str) -> Result<Outcome, ClientError> {
         txid.parse::<TxId>()?;
-        let response =
-            self.coordinator.clone().get_outcome(v1::GetOutcomeRequest { txid: txid.into() }).await?;
-        Outcome::from_wire(response.into_inner().outcome)
+        let response = self
+            .ask(&self.coordinator, true, |mut c| async move {
+                c.get_outcome(v1::GetOutcomeRequest { txid: txid.into() }).await
+            })
+            .await?;
+        Outcome::from_wire(response.outcome)
     }
 
     pub async fn participants(&self) -> Result<Vec<ParticipantInfo>, ClientError> {
-        let response =
-            self.registry.clone().list_participants(v1::ListParticipantsRequest {}).await?.into_inner();
+        let response = self
+            .ask(&self.registry, true, |mut c| async move {
+                c.list_participants(v1::ListParticipantsRequest {}).await
+            })
+            .await?;
         Ok(response
             .participants
             .into_iter()

@@ -17,7 +17,8 @@ use std::time::Duration;
 use decree_proto::v1;
 use decree_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
+
+use crate::leader::Coordinators;
 use tonic::Status;
 
 type Answer = Result<v1::TransactResponse, Status>;
@@ -29,7 +30,10 @@ struct Pending {
 }
 
 pub(crate) struct Multiplexer {
-    coordinator: CoordinatorClient<Channel>,
+    coordinator: CoordinatorClient<Coordinators>,
+    /// A group: ask each txid to be announced, and tell the caller which
+    /// ones the stream lost after the announcement (their outcome can be asked).
+    announce: bool,
     /// The open stream's queue; a closed one means: open another.
     link: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
     /// Set once the coordinator said it has no TransactStream.
@@ -40,9 +44,10 @@ pub(crate) struct Multiplexer {
 }
 
 impl Multiplexer {
-    pub fn new(coordinator: CoordinatorClient<Channel>, deadline: Duration) -> Self {
+    pub fn new(coordinator: CoordinatorClient<Coordinators>, deadline: Duration, announce: bool) -> Self {
         Multiplexer {
             coordinator,
+            announce,
             link: Mutex::new(None),
             unary: Arc::new(AtomicBool::new(false)),
             next_id: AtomicU64::new(1),
@@ -51,7 +56,8 @@ impl Multiplexer {
     }
 
     /// Runs one one-shot transaction.
-    pub async fn transact(&self, request: v1::TransactRequest) -> Answer {
+    pub async fn transact(&self, mut request: v1::TransactRequest) -> Answer {
+        request.announce_txid = self.announce;
         if self.unary.load(Ordering::Relaxed) {
             return unary(self.coordinator.clone(), request).await;
         }
@@ -90,7 +96,7 @@ impl Multiplexer {
 }
 
 struct Stream {
-    coordinator: CoordinatorClient<Channel>,
+    coordinator: CoordinatorClient<Coordinators>,
     unary: Arc<AtomicBool>,
 }
 
@@ -100,17 +106,28 @@ impl Stream {
         let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
         let mut answers = match self.coordinator.transact_stream(outbound).await {
             Ok(response) => response.into_inner(),
-            Err(status) => {
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
                 // Nothing was sent: each transaction goes as a unary Transact,
                 // which fails (or not) on its own.
-                if status.code() == tonic::Code::Unimplemented {
-                    self.unary.store(true, Ordering::Relaxed);
-                }
+                self.unary.store(true, Ordering::Relaxed);
                 self.all_unary(queue).await;
+                return;
+            }
+            Err(status) => {
+                // Nothing was sent (messages go only once the stream is open).
+                queue.close();
+                while let Some(queued) = queue.recv().await {
+                    let _ = queued.reply.send(Err(unsent(Status::new(
+                        status.code(),
+                        format!("the transaction stream could not open ({}); not started", status.message()),
+                    ))));
+                }
                 return;
             }
         };
         let mut pending: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
+        // Txids announced for requests not answered yet.
+        let mut announced: HashMap<u64, String> = HashMap::new();
         let ended = loop {
             tokio::select! {
                 next = queue.recv() => {
@@ -127,25 +144,36 @@ impl Stream {
                     }
                 }
                 answer = answers.message() => match answer {
+                    Ok(Some(answer)) if answer.started => {
+                        announced.insert(answer.id, answer.txid);
+                    }
                     Ok(Some(answer)) => {
+                        announced.remove(&answer.id);
                         if let Some(reply) = pending.remove(&answer.id) {
                             let _ = reply.send(answer_of(answer));
                         }
                     }
-                    Ok(None) => break Status::unavailable("the coordinator is shutting down; the transaction was not started"),
+                    // Every request the coordinator read was answered: the rest were not started.
+                    Ok(None) => break unsent(Status::unavailable("the coordinator is shutting down; the transaction was not started")),
                     Err(status) => break Status::unknown(format!("the connection to the coordinator broke ({}): outcome not known", status.message())),
                 },
             }
         };
         queue.close();
-        for reply in pending.into_values() {
-            let _ = reply.send(Err(ended.clone()));
+        for (id, reply) in pending {
+            let mut status = ended.clone();
+            if let Some(txid) = announced.get(&id).and_then(|t| t.parse().ok()) {
+                // Its txid is known: its outcome can be asked.
+                status = Status::unknown(format!("{}; its txid was announced", ended.message()));
+                status.metadata_mut().insert(decree_proto::TXID_METADATA, txid);
+            }
+            let _ = reply.send(Err(status));
         }
         // recv until None: after close, only that is sure to see every queued one.
         while let Some(queued) = queue.recv().await {
-            let _ = queued.reply.send(Err(Status::unavailable(
+            let _ = queued.reply.send(Err(unsent(Status::unavailable(
                 "the transaction stream ended before sending it; not started",
-            )));
+            ))));
         }
     }
 
@@ -163,8 +191,21 @@ impl Stream {
     }
 }
 
+/// Marks what this module knows was never sent to a coordinator.
+const NOT_SENT: &str = "decree-client-not-sent";
+
+fn unsent(mut status: Status) -> Status {
+    status.metadata_mut().insert(NOT_SENT, tonic::metadata::MetadataValue::from_static("1"));
+    status
+}
+
+/// True when the transaction that met `status` was never sent: it did not start.
+pub(crate) fn not_sent(status: &Status) -> bool {
+    status.metadata().get(NOT_SENT).is_some()
+}
+
 /// One transaction as a unary Transact.
-async fn unary(mut coordinator: CoordinatorClient<Channel>, request: v1::TransactRequest) -> Answer {
+async fn unary(mut coordinator: CoordinatorClient<Coordinators>, request: v1::TransactRequest) -> Answer {
     Ok(coordinator.transact(request).await?.into_inner())
 }
 

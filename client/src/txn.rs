@@ -45,7 +45,11 @@ impl Client {
     /// `timeout` (zero: the coordinator's default).
     pub async fn begin_with_timeout(&self, timeout: Duration) -> Result<Transaction, ClientError> {
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let response = self.coordinator.clone().begin(v1::BeginRequest { timeout_ms }).await?.into_inner();
+        let response =
+            self.ask(&self.coordinator, false, |mut c| async move {
+                c.begin(v1::BeginRequest { timeout_ms }).await
+            })
+            .await?;
         Ok(Transaction {
             client: self.clone(),
             txid: response.txid,

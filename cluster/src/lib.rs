@@ -40,7 +40,11 @@ pub type Result<T> = std::result::Result<T, HarnessError>;
 /// Which process of the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NodeId {
+    /// The coordinator; in a group, its first replica.
     Coordinator,
+    /// A replica of a coordinator group by index: `Replica(0)` is
+    /// [`NodeId::Coordinator`], replica id 1.
+    Replica(usize),
     /// Participant by index: `Participant(0)` is named "p1".
     Participant(usize),
 }
@@ -58,6 +62,15 @@ struct Node {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub participants: usize,
+    /// Replicas of the coordinator: 1 is a single coordinator; more is a
+    /// group, bootstrapped by the first at its first start.
+    pub coordinators: usize,
+    /// Crash points armed at a node's first start, by name ("c1": a group's
+    /// first replica, which bootstraps it and so leads first).
+    pub crash_at_for: Vec<(String, String)>,
+    /// Start returns only once every participant is enrolled (and the ring
+    /// formed); false: as soon as every process is started.
+    pub wait: bool,
     /// The `decree` binary; `None` means [`decree_binary`].
     pub binary: Option<PathBuf>,
     /// Keep the directory after the cluster is dropped.
@@ -88,6 +101,9 @@ impl Options {
     pub fn new(participants: usize) -> Self {
         Options {
             participants,
+            coordinators: 1,
+            crash_at_for: Vec::new(),
+            wait: true,
             binary: None,
             // DECREE_KEEP_DIRS=1 keeps every cluster's data and logs, to look into a failure.
             keep_dir: std::env::var_os("DECREE_KEEP_DIRS").is_some(),
@@ -127,8 +143,11 @@ pub struct Cluster {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
     options: Options,
-    coordinator: Node,
+    /// The coordinator, or every replica of its group.
+    coordinators: Vec<Node>,
     participants: Vec<Node>,
+    /// A group's first replica bootstraps it at its first start only.
+    bootstrapped: bool,
 }
 
 impl Cluster {
@@ -147,7 +166,8 @@ impl Cluster {
     }
 
     async fn start_in(dir: Option<tempfile::TempDir>, path: PathBuf, options: Options) -> Result<Cluster> {
-        let mut ports = free_ports(options.participants + 1)?.into_iter();
+        let replicas = options.coordinators.max(1);
+        let mut ports = free_ports(options.participants + replicas)?.into_iter();
         let mut node = |name: &str| -> Result<Node> {
             Ok(Node {
                 name: name.to_owned(),
@@ -158,13 +178,29 @@ impl Cluster {
                 crash_at: None,
             })
         };
-        let coordinator = node("coordinator")?;
+        let coordinators = match replicas {
+            1 => vec![node("coordinator")?],
+            n => (1..=n).map(|i| node(&format!("c{i}"))).collect::<Result<Vec<_>>>()?,
+        };
         let participants =
             (1..=options.participants).map(|i| node(&format!("p{i}"))).collect::<Result<Vec<_>>>()?;
-        let mut cluster = Cluster { dir, path, options, coordinator, participants };
-        cluster.spawn(NodeId::Coordinator)?;
+        let mut cluster = Cluster { dir, path, options, coordinators, participants, bootstrapped: false };
+        for (name, points) in cluster.options.crash_at_for.clone() {
+            let node = cluster
+                .coordinators
+                .iter_mut()
+                .chain(cluster.participants.iter_mut())
+                .find(|n| n.name == name);
+            node.unwrap_or_else(|| panic!("no node named {name}")).crash_at = Some(points);
+        }
+        for i in 0..replicas {
+            cluster.spawn(NodeId::Replica(i))?;
+        }
         for i in 0..cluster.participants.len() {
             cluster.spawn(NodeId::Participant(i))?;
+        }
+        if !cluster.options.wait {
+            return Ok(cluster);
         }
         if let Err(err) = cluster.wait_enrolled(Duration::from_secs(30)).await {
             return Err(HarnessError::Other(format!("{err}\n{}", cluster.report())));
@@ -226,8 +262,50 @@ impl Cluster {
         &self.path
     }
 
+    /// The coordinator's URL; a group's replicas' URLs, separated by commas.
     pub fn coordinator_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.coordinator.port)
+        let urls: Vec<String> =
+            self.coordinators.iter().map(|c| format!("http://127.0.0.1:{}", c.port)).collect();
+        urls.join(",")
+    }
+
+    /// The ids of the coordinator group's replicas (one for a single coordinator).
+    pub fn replicas(&self) -> Vec<NodeId> {
+        (0..self.coordinators.len()).map(NodeId::Replica).collect()
+    }
+
+    /// The replica that leads the group now, once it coordinates (serves the
+    /// registry); a single coordinator is its own leader.
+    pub async fn leader(&self, timeout: Duration) -> Result<NodeId> {
+        use decree_client::v1;
+        if !self.group() {
+            return Ok(NodeId::Coordinator);
+        }
+        poll(timeout, "a leader that coordinates", || async {
+            for (i, node) in self.coordinators.iter().enumerate() {
+                let url = format!("http://127.0.0.1:{}", node.port);
+                let Some(channel) = tonic::transport::Endpoint::from_shared(url).ok() else { continue };
+                let Ok(channel) = channel.connect_timeout(Duration::from_millis(300)).connect().await else {
+                    continue;
+                };
+                let status = v1::group_client::GroupClient::new(channel.clone())
+                    .get_group(v1::GetGroupRequest {})
+                    .await;
+                if status.is_ok_and(|s| s.get_ref().role == "leader") {
+                    let mut registry = v1::registry_client::RegistryClient::new(channel);
+                    if registry.list_participants(v1::ListParticipantsRequest {}).await.is_ok() {
+                        return Some(NodeId::Replica(i));
+                    }
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// A group: more than one coordinator replica.
+    fn group(&self) -> bool {
+        self.coordinators.len() > 1
     }
 
     pub fn participant_names(&self) -> Vec<String> {
@@ -246,16 +324,28 @@ impl Cluster {
 
     fn node(&mut self, id: NodeId) -> &mut Node {
         match id {
-            NodeId::Coordinator => &mut self.coordinator,
+            NodeId::Coordinator => &mut self.coordinators[0],
+            NodeId::Replica(i) => &mut self.coordinators[i],
             NodeId::Participant(i) => &mut self.participants[i],
         }
     }
 
+    fn node_ref(&self, id: NodeId) -> &Node {
+        match id {
+            NodeId::Coordinator => &self.coordinators[0],
+            NodeId::Replica(i) => &self.coordinators[i],
+            NodeId::Participant(i) => &self.participants[i],
+        }
+    }
+
+    /// Every process of the cluster.
+    fn all(&self) -> Vec<NodeId> {
+        self.replicas().into_iter().chain((0..self.participants.len()).map(NodeId::Participant)).collect()
+    }
+
     /// Each node: running or how it exited, and the end of its log.
     pub fn report(&mut self) -> String {
-        let ids: Vec<NodeId> = std::iter::once(NodeId::Coordinator)
-            .chain((0..self.participants.len()).map(NodeId::Participant))
-            .collect();
+        let ids = self.all();
         let mut out = String::new();
         for id in ids {
             let node = self.node(id);
@@ -275,18 +365,36 @@ impl Cluster {
 
     /// The process log of a node (its stderr and stdout).
     pub fn log_of(&self, id: NodeId) -> String {
-        let node = match id {
-            NodeId::Coordinator => &self.coordinator,
-            NodeId::Participant(i) => &self.participants[i],
-        };
-        std::fs::read_to_string(&node.log).unwrap_or_default()
+        std::fs::read_to_string(&self.node_ref(id).log).unwrap_or_default()
     }
 
     fn spawn(&mut self, id: NodeId) -> Result<()> {
         let coordinator_url = self.coordinator_url();
         let binary = self.options.binary.clone().unwrap_or_else(decree_binary);
+        let group = self.group();
+        let replicas: Vec<String> = self
+            .coordinators
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{}=127.0.0.1:{}", i + 1, c.port))
+            .collect();
         let extra = match id {
-            NodeId::Coordinator => self.options.coordinator_args.clone(),
+            NodeId::Coordinator | NodeId::Replica(_) if group => {
+                let index = if let NodeId::Replica(i) = id { i } else { 0 };
+                let mut args = vec![
+                    "--replica-id".to_owned(),
+                    (index + 1).to_string(),
+                    "--replicas".to_owned(),
+                    replicas.join(","),
+                ];
+                if index == 0 && !self.bootstrapped {
+                    self.bootstrapped = true;
+                    args.push("--bootstrap".to_owned());
+                }
+                args.extend(self.options.coordinator_args.iter().cloned());
+                args
+            }
+            NodeId::Coordinator | NodeId::Replica(_) => self.options.coordinator_args.clone(),
             NodeId::Participant(i) => {
                 let name = &self.participants[i].name;
                 let mut args = self.participant_args(name);
@@ -297,7 +405,7 @@ impl Cluster {
             }
         };
         let program = match id {
-            NodeId::Coordinator => None,
+            NodeId::Coordinator | NodeId::Replica(_) => None,
             NodeId::Participant(i) => {
                 let name = &self.participants[i].name;
                 self.options.participant_program_for.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone())
@@ -308,7 +416,7 @@ impl Cluster {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let mut command = Command::new(program.as_ref().unwrap_or(&binary));
         match id {
-            NodeId::Coordinator => command.arg("coordinator"),
+            NodeId::Coordinator | NodeId::Replica(_) => command.arg("coordinator"),
             NodeId::Participant(_) => {
                 if program.is_none() {
                     command.arg("participant");
@@ -336,11 +444,7 @@ impl Cluster {
 
     /// The process id of a running node.
     pub fn pid(&self, id: NodeId) -> Option<u32> {
-        let node = match id {
-            NodeId::Coordinator => &self.coordinator,
-            NodeId::Participant(i) => &self.participants[i],
-        };
-        node.child.as_ref().map(Child::id)
+        self.node_ref(id).child.as_ref().map(Child::id)
     }
 
     /// SIGTERM: asks the node to shut down gracefully (see [`Cluster::wait_exit`]).
@@ -383,11 +487,7 @@ impl Cluster {
 
     /// The URL a node serves gRPC at.
     pub fn url_of(&self, id: NodeId) -> String {
-        let port = match id {
-            NodeId::Coordinator => self.coordinator.port,
-            NodeId::Participant(i) => self.participants[i].port,
-        };
-        format!("http://127.0.0.1:{port}")
+        format!("http://127.0.0.1:{}", self.node_ref(id).port)
     }
 
     /// Waits until the node's process answers gRPC on its port (it has
@@ -398,7 +498,12 @@ impl Cluster {
         poll(timeout, &format!("{url} to serve"), || async {
             let channel = tonic::transport::Endpoint::from_shared(url.clone()).ok()?.connect().await.ok()?;
             match id {
-                NodeId::Coordinator => {
+                // A replica serves the group's view whether or not it leads.
+                NodeId::Coordinator | NodeId::Replica(_) if self.group() => {
+                    let mut group = v1::group_client::GroupClient::new(channel);
+                    group.get_group(v1::GetGroupRequest {}).await.ok().map(|_| ())
+                }
+                NodeId::Coordinator | NodeId::Replica(_) => {
                     let mut registry = v1::registry_client::RegistryClient::new(channel);
                     registry.list_participants(v1::ListParticipantsRequest {}).await.ok().map(|_| ())
                 }
@@ -474,9 +579,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for id in
-            std::iter::once(NodeId::Coordinator).chain((0..self.participants.len()).map(NodeId::Participant))
-        {
+        for id in self.all() {
             self.kill(id);
         }
         if self.options.keep_dir {

@@ -63,9 +63,40 @@ pub struct Config {
     /// Most keys one migration batch moves (one transaction over the members).
     #[arg(long, env = "DECREE_MIGRATION_BATCH_KEYS", default_value_t = 64)]
     pub migration_batch_keys: u32,
+    /// This coordinator's id in its group (1, 2, ...): with --replicas, it
+    /// runs as one replica of a coordinator group.
+    #[arg(long, env = "DECREE_REPLICA_ID")]
+    pub replica_id: Option<u64>,
+    /// The group's replicas as ID=HOST:PORT (this one included), each the
+    /// address its coordinator serves on, for clients and replicas alike.
+    /// Used to bootstrap the group; afterwards the group's own membership
+    /// (`decree coordinators add|remove`) is what counts.
+    #[arg(long, env = "DECREE_REPLICAS", value_delimiter = ',')]
+    pub replicas: Vec<String>,
+    /// Make --replicas one new group. Done once, on one replica; refused on
+    /// a replica that already belongs to a group.
+    #[arg(long, env = "DECREE_BOOTSTRAP")]
+    pub bootstrap: bool,
+    /// A group's leader heartbeat interval.
+    #[arg(long, env = "DECREE_HEARTBEAT_MS", default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time between this and
+    /// twice this starts an election.
+    #[arg(long, env = "DECREE_ELECTION_TIMEOUT_MS", default_value_t = 500)]
+    pub election_timeout_ms: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub process: decree_runtime::serve::ProcessOptions,
+}
+
+/// A replica of a coordinator group, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub id: u64,
+    /// Every replica's id and HOST:PORT, this one's included.
+    pub replicas: std::collections::BTreeMap<u64, String>,
+    pub bootstrap: bool,
+    pub timing: decree_replica::Timing,
 }
 
 impl Config {
@@ -93,6 +124,11 @@ impl Config {
             retain_ended_ms: 3_600_000,
             prune_interval_ms: 1_000,
             migration_batch_keys: 64,
+            replica_id: None,
+            replicas: Vec::new(),
+            bootstrap: false,
+            heartbeat_ms: 100,
+            election_timeout_ms: 500,
             process: decree_runtime::serve::ProcessOptions::default(),
         }
     }
@@ -127,7 +163,75 @@ impl Config {
             return Err("--max-message-bytes must be between 1024 and 268435456".into());
         }
         self.process.validate()?;
+        self.group_config()?;
         Ok(())
+    }
+
+    /// The group this coordinator is a replica of, if any.
+    pub fn group(&self) -> Option<GroupConfig> {
+        self.group_config().ok().flatten()
+    }
+
+    fn group_config(&self) -> Result<Option<GroupConfig>, String> {
+        let (id, list) = match (self.replica_id, self.replicas.is_empty()) {
+            (None, true) if self.bootstrap => {
+                return Err("--bootstrap needs --replica-id and --replicas".into())
+            }
+            (None, true) => return Ok(None),
+            (Some(_), true) => {
+                return Err("--replica-id needs --replicas (the group's ID=HOST:PORT list)".into())
+            }
+            (None, false) => {
+                return Err("--replicas needs --replica-id (this replica's id in the list)".into())
+            }
+            (Some(id), false) => (id, &self.replicas),
+        };
+        let mut replicas = std::collections::BTreeMap::new();
+        for entry in list {
+            let Some((rid, address)) = entry.split_once('=') else {
+                return Err(format!("--replicas {entry:?}: expected ID=HOST:PORT"));
+            };
+            let rid: u64 = rid
+                .trim()
+                .parse()
+                .ok()
+                .filter(|r| *r >= 1)
+                .ok_or_else(|| format!("--replicas {entry:?}: the id must be a number from 1"))?;
+            let address = address.trim();
+            let port = address.rsplit_once(':').and_then(|(host, port)| {
+                (!host.is_empty()).then_some(())?;
+                port.parse::<u16>().ok()
+            });
+            let Some(port) = port else {
+                return Err(format!("--replicas {entry:?}: expected ID=HOST:PORT"));
+            };
+            if replicas.values().any(|a: &String| a == address) {
+                return Err(format!("--replicas: {address} is listed twice"));
+            }
+            if replicas.insert(rid, address.to_owned()).is_some() {
+                return Err(format!("--replicas: replica {rid} is listed twice"));
+            }
+            if rid == id && port != self.listen.port() {
+                return Err(format!(
+                    "--replicas names {address} for this replica ({id}), but --listen is {}",
+                    self.listen
+                ));
+            }
+        }
+        if !replicas.contains_key(&id) {
+            return Err(format!("--replicas does not list this replica (--replica-id {id})"));
+        }
+        if self.heartbeat_ms == 0 || self.election_timeout_ms <= self.heartbeat_ms * 2 {
+            return Err(
+                "--election-timeout-ms must be more than twice --heartbeat-ms (and that above 0)".into()
+            );
+        }
+        let timing = decree_replica::Timing {
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            election_min: Duration::from_millis(self.election_timeout_ms),
+            election_max: Duration::from_millis(self.election_timeout_ms * 2),
+        };
+        Ok(Some(GroupConfig { id, replicas, bootstrap: self.bootstrap, timing }))
     }
 
     pub fn prepare_timeout(&self) -> Duration {

@@ -43,9 +43,13 @@ pub enum Decided {
         code: Reason,
         reason: String,
     },
-    /// One-phase only: the participant could not be reached to learn whether
-    /// it committed. The coordinator keeps asking; `GetOutcome` says PENDING.
+    /// Not known here yet. One-phase: the participant could not be reached
+    /// to learn whether it committed (`code` ParticipantUnreachable); the
+    /// coordinator keeps asking, `GetOutcome` says PENDING. Or this replica
+    /// stopped leading its group while the transaction was under way
+    /// (`code` NotLeader): the next leader's `GetOutcome` answers.
     Unknown {
+        code: Reason,
         reason: String,
     },
 }
@@ -202,10 +206,11 @@ enum Txn {
     /// Interactive, before Commit: participants enlist.
     /// Each enlisted participant with the run it enlisted from (0: not said).
     Active { enlisted: BTreeMap<ParticipantName, u64> },
-    /// Interactive and one-phase: its client knows the txid and may ask
-    /// `GetOutcome` before any answer, so the question is recorded
-    /// ([`Command::LogOnePhaseInDoubt`]) before the Prepare goes.
-    Recording { participant: ParticipantName, timeout: Duration },
+    /// One-phase, and its client knows the txid and may ask `GetOutcome`
+    /// before any answer (interactive, or announced by a group's leader),
+    /// so the question is recorded ([`Command::LogOnePhaseInDoubt`]) before
+    /// the Prepare (carrying `payload`) goes.
+    Recording { participant: ParticipantName, payload: Vec<u8>, timeout: Duration, interactive: bool },
     /// Waiting for votes from `waiting`. `recorded`: one-phase, and its
     /// question is on disk (interactive).
     Preparing {
@@ -273,11 +278,22 @@ pub enum EngineError {
 pub struct Engine {
     txns: HashMap<TxId, Txn>,
     commands: Vec<Command>,
+    /// Record every one-phase question before its Prepare, not only an
+    /// interactive one's: a group's leader does, so that a client told
+    /// "unknown" at a failover can ask the next leader, which then knows to
+    /// ask the participant instead of presuming abort.
+    questions_first: bool,
 }
 
 impl Engine {
     pub fn new() -> Self {
         Engine::default()
+    }
+
+    /// An engine that records every one-phase question before its Prepare
+    /// (see [`Engine`]): for the leader of a coordinator group.
+    pub fn recording_every_one_phase() -> Self {
+        Engine { questions_first: true, ..Engine::default() }
     }
 
     /// Commands queued by events so far, oldest first.
@@ -490,14 +506,18 @@ impl Engine {
                 Some(Txn::Resolving { reason, answered: answered @ false, durable, .. }) => {
                     (*answered, *durable) = (true, true);
                     let unknown = format!("{reason}; whether it committed is not known yet");
-                    self.commands
-                        .push(Command::Reply { txid, decided: Decided::Unknown { reason: unknown } });
+                    self.commands.push(Command::Reply {
+                        txid,
+                        decided: Decided::Unknown { code: Reason::ParticipantUnreachable, reason: unknown },
+                    });
                 }
                 Some(Txn::Recording { .. }) => {
-                    let Some(Txn::Recording { participant, timeout }) = self.txns.remove(&txid) else {
+                    let Some(Txn::Recording { participant, payload, timeout, interactive }) =
+                        self.txns.remove(&txid)
+                    else {
                         unreachable!()
                     };
-                    self.send_prepares(txid, vec![(participant, Vec::new())], timeout, true, true);
+                    self.send_prepares(txid, vec![(participant, payload)], timeout, interactive, true);
                 }
                 _ => {}
             },
@@ -550,10 +570,10 @@ impl Engine {
             self.commands.push(Command::Reply { txid, decided: Decided::Committed });
             return;
         }
-        if interactive && branches.len() == 1 {
-            let participant = branches[0].0.clone();
+        if (interactive || self.questions_first) && branches.len() == 1 {
+            let (participant, payload) = branches.into_iter().next().expect("one branch");
             self.commands.push(Command::LogOnePhaseInDoubt { txid, participant: participant.clone() });
-            self.txns.insert(txid, Txn::Recording { participant, timeout });
+            self.txns.insert(txid, Txn::Recording { participant, payload, timeout, interactive });
             return;
         }
         self.send_prepares(txid, branches, timeout, interactive, false);
@@ -767,7 +787,10 @@ impl Engine {
                 if !answered {
                     let reason =
                         format!("{reason}; the participant no longer remembers whether it committed");
-                    self.commands.push(Command::Reply { txid, decided: Decided::Unknown { reason } });
+                    self.commands.push(Command::Reply {
+                        txid,
+                        decided: Decided::Unknown { code: Reason::ParticipantUnreachable, reason },
+                    });
                 }
             }
             // Unreachable, or forgotten before the question is durable: record

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod engine;
+mod group;
 mod membership;
 pub mod migration;
 mod phase_one;
@@ -100,39 +101,25 @@ pub async fn serve(
     let disk = decree_runtime::disk::DiskGuard::new(&config.data_dir, config.process.disk_reserve_mb)
         .map_err(|e| CoordinatorError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
     disk.watch();
-    let (store, mut recovered) = DecisionLog::open(&config.data_dir).await?;
-    tracing::info!(
-        coordinator = format_args!("{:08x}", recovered.coordinator_id),
-        incarnation = recovered.incarnation,
-        unfinished = recovered.unfinished.len(),
-        records_read = recovered.records_read,
-        horizon = %recovered.horizon.map(|h| h.to_string()).unwrap_or_else(|| "none".into()),
-        address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        "coordinator starting"
-    );
-    let config = std::sync::Arc::new(config);
-    let registry = std::sync::Arc::new(registry::Registry::new(
-        std::time::Duration::from_millis(config.liveness_ms),
-        config.max_message_bytes,
-    ));
-    for (name, address, role) in std::mem::take(&mut recovered.participants) {
-        if let Err(err) = registry.enroll(name.clone(), &address, registry::Role::from_wire(role), false) {
-            tracing::warn!(participant = %name, error = %err, "ignoring a stored participant");
-        }
+    if config.group().is_some() {
+        return group::serve(config, listener, disk, shutdown).await;
     }
-    let ring = recovered.ring.take();
-    let members_before: Vec<_> =
-        registry.list().into_iter().filter(|p| p.role == registry::Role::Member).map(|p| p.name).collect();
-    let handle = runtime::start(config.clone(), store, registry, disk, recovered);
-    let membership = membership::Membership::start(handle.clone(), ring, members_before).await?;
-    let (stopping, stop_streams) = tokio::sync::watch::channel(false);
-    tokio::spawn(runtime::prune_ended(handle.clone(), stop_streams.clone()));
-    let service = service::Service::new(handle.clone(), membership, stop_streams);
-    let limit = config.max_message_bytes * 2;
-    let routes = Routes::new(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))
-        .add_service(RegistryServer::new(service).max_decoding_message_size(limit));
-    let (routes, health) =
-        decree_runtime::serve::with_discovery(routes, SERVICES).await.map_err(CoordinatorError::Config)?;
+    let log = decree_runtime::Log::open(&config.data_dir).map_err(store::StoreError::from)?;
+    if decree_replica::log_store::holds_replica(&log).map_err(store::StoreError::from)? {
+        return Err(CoordinatorError::Config(format!(
+            "--data-dir {} holds a replica of a coordinator group: start it with its --replica-id and --replicas",
+            config.data_dir.display()
+        )));
+    }
+    let (store, recovered) = DecisionLog::open_on(decree_replica::Store::Local(log)).await?;
+    let config = std::sync::Arc::new(config);
+    let running =
+        start(config.clone(), store, recovered, disk, runtime::Failure::Process, listener.local_addr().ok())
+            .await?;
+    let Running { handle, service, stopping } = running;
+    let (routes, health) = decree_runtime::serve::with_discovery(routes(service, &config), SERVICES)
+        .await
+        .map_err(CoordinatorError::Config)?;
     let grace = config.shutdown_grace();
     let graceful = async move {
         shutdown.await;
@@ -149,6 +136,16 @@ pub async fn serve(
             }
         }
     };
+    serve_routes(&config, routes, listener, graceful).await
+}
+
+/// Serves `routes` on `listener` until `graceful` is done.
+async fn serve_routes(
+    config: &Config,
+    routes: Routes,
+    listener: TcpListener,
+    graceful: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
     tonic::transport::Server::builder()
         .layer(decree_runtime::metrics::CountRequests)
         .max_concurrent_streams(config.process.max_concurrent_streams)
@@ -157,6 +154,61 @@ pub async fn serve(
         .serve_with_incoming_shutdown(decree_runtime::serve::incoming(listener), graceful)
         .await?;
     Ok(())
+}
+
+/// The Coordinator and Registry services of `service`.
+fn routes(service: service::Service, config: &Config) -> Routes {
+    let limit = config.max_message_bytes * 2;
+    Routes::new(CoordinatorServer::new(service.clone()).max_decoding_message_size(limit))
+        .add_service(RegistryServer::new(service).max_decoding_message_size(limit))
+}
+
+/// A coordinator recovered and running: its actor, handlers, and what ends
+/// the streams they serve.
+struct Running {
+    handle: runtime::Handle,
+    service: service::Service,
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+/// Starts the coordinator over the log `store` just opened: the registry and
+/// ring from it, the actor redriving what was unfinished, the ring's
+/// migration task, the pruner of ended outcomes, and the handlers.
+async fn start(
+    config: std::sync::Arc<Config>,
+    store: DecisionLog,
+    mut recovered: store::Recovered,
+    disk: std::sync::Arc<decree_runtime::disk::DiskGuard>,
+    failure: runtime::Failure,
+    address: Option<std::net::SocketAddr>,
+) -> Result<Running, CoordinatorError> {
+    tracing::info!(
+        coordinator = format_args!("{:08x}", recovered.coordinator_id),
+        incarnation = recovered.incarnation,
+        unfinished = recovered.unfinished.len(),
+        records_read = recovered.records_read,
+        horizon = %recovered.horizon.map(|h| h.to_string()).unwrap_or_else(|| "none".into()),
+        address = %address.map(|a| a.to_string()).unwrap_or_default(),
+        "coordinator starting"
+    );
+    let registry = std::sync::Arc::new(registry::Registry::new(
+        std::time::Duration::from_millis(config.liveness_ms),
+        config.max_message_bytes,
+    ));
+    for (name, address, role) in std::mem::take(&mut recovered.participants) {
+        if let Err(err) = registry.enroll(name.clone(), &address, registry::Role::from_wire(role), false) {
+            tracing::warn!(participant = %name, error = %err, "ignoring a stored participant");
+        }
+    }
+    let ring = recovered.ring.take();
+    let members_before: Vec<_> =
+        registry.list().into_iter().filter(|p| p.role == registry::Role::Member).map(|p| p.name).collect();
+    let handle = runtime::start(config.clone(), store, registry, disk, recovered, failure);
+    let membership = membership::Membership::start(handle.clone(), ring, members_before).await?;
+    let (stopping, stop_streams) = tokio::sync::watch::channel(false);
+    tokio::spawn(runtime::prune_ended(handle.clone(), stop_streams.clone()));
+    let service = service::Service::new(handle.clone(), membership, stop_streams);
+    Ok(Running { handle, service, stopping })
 }
 
 /// The gRPC services the coordinator serves, as health checks name them.

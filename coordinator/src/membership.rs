@@ -379,7 +379,7 @@ impl Membership {
         match self.handle.commit(txid, self.handle.config.prepare_timeout(), span).await {
             Ok(Decided::Committed) => Ok((keys, bytes)),
             Ok(Decided::Aborted { reason, .. }) => Err(format!("batch {txid} aborted: {reason}")),
-            Ok(Decided::Unknown { reason }) => Err(format!("batch {txid} outcome unknown: {reason}")),
+            Ok(Decided::Unknown { reason, .. }) => Err(format!("batch {txid} outcome unknown: {reason}")),
             Err(err) => Err(format!("batch {txid}: {err}")),
         }
     }

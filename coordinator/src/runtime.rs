@@ -57,6 +57,8 @@ pub(crate) enum Request {
         branches: Vec<(ParticipantName, Vec<u8>)>,
         timeout: Duration,
         span: Span,
+        /// Hears the txid once it is issued.
+        announce: Option<oneshot::Sender<TxId>>,
         reply: Decision,
         refused: oneshot::Sender<CoordinatorError>,
     },
@@ -116,6 +118,18 @@ pub struct Handle {
     pub incarnation: u64,
     /// The sequence of the next txid to be issued (the actor advances it).
     next_sequence: Arc<AtomicU64>,
+    /// What a failed storage write ends.
+    failure: Failure,
+    /// Turns true when this replica stops leading (a group only).
+    deposed: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// What a failed storage write ends: the process (a single coordinator) or
+/// this replica's term as its group's leader (the reason goes to the group).
+#[derive(Clone)]
+pub(crate) enum Failure {
+    Process,
+    Term(mpsc::UnboundedSender<String>),
 }
 
 impl Handle {
@@ -130,8 +144,29 @@ impl Handle {
         branches: Vec<(ParticipantName, Vec<u8>)>,
         timeout: Duration,
         span: Span,
+        announce: Option<oneshot::Sender<TxId>>,
     ) -> Result<(TxId, Decided), CoordinatorError> {
-        self.decide(|reply, refused| Request::Transact { branches, timeout, span, reply, refused }).await
+        self.decide(|reply, refused| Request::Transact { branches, timeout, span, announce, reply, refused })
+            .await
+    }
+
+    /// A storage write failed: a single coordinator stops at once; a
+    /// group's leader ends its term (the group's log is the truth, and the
+    /// next leader, maybe this replica again, recovers from it).
+    pub(crate) fn failed(&self, err: CoordinatorError) {
+        match &self.failure {
+            Failure::Process => fatal(&err),
+            Failure::Term(ended) => {
+                warn!(error = %err, "a replicated write failed: this term as leader ends");
+                let _ = ended.send(err.to_string());
+            }
+        }
+    }
+
+    /// This replica no longer leads its group: every transaction waiting
+    /// for its answer hears "unknown, ask the leader", and the actor stops.
+    pub(crate) fn depose(&self) {
+        let _ = self.deposed.send(true);
     }
 
     /// Sends a request that ends in a decision, or is refused before it starts.
@@ -249,6 +284,7 @@ pub(crate) fn start(
     registry: Arc<Registry>,
     disk: Arc<decree_runtime::disk::DiskGuard>,
     recovered: crate::store::Recovered,
+    failure: Failure,
 ) -> Handle {
     let crate::store::Recovered { coordinator_id, incarnation, unfinished, one_phase_in_doubt, .. } =
         recovered;
@@ -258,6 +294,13 @@ pub(crate) fn start(
         std::num::NonZeroU32::new(config.retry_budget_per_s).expect("validated: greater than 0"),
     ));
     let next_sequence = Arc::new(AtomicU64::new(1));
+    // A group's leader records every one-phase question first: its clients
+    // hear txids before the answer, and may ask the next leader.
+    let engine = match failure {
+        Failure::Process => Engine::new(),
+        Failure::Term(_) => Engine::recording_every_one_phase(),
+    };
+    let (deposed, deposition) = tokio::sync::watch::channel(false);
     let handle = Handle {
         requests,
         events,
@@ -269,9 +312,11 @@ pub(crate) fn start(
         coordinator_id,
         incarnation,
         next_sequence,
+        failure,
+        deposed: Arc::new(deposed),
     };
     let mut actor = Actor {
-        engine: Engine::new(),
+        engine,
         handle: handle.clone(),
         replies: HashMap::new(),
         started: HashMap::new(),
@@ -300,7 +345,7 @@ pub(crate) fn start(
             warn!(%txid, error = %err, "recovery: skipping duplicate one-phase record");
         }
     }
-    tokio::spawn(actor.run(request_rx, event_rx));
+    tokio::spawn(actor.run(request_rx, event_rx, deposition));
     handle
 }
 
@@ -309,12 +354,18 @@ impl Actor {
         mut self,
         mut requests: mpsc::Receiver<Request>,
         mut events: mpsc::UnboundedReceiver<Event>,
+        mut deposed: tokio::sync::watch::Receiver<bool>,
     ) {
         let commands = self.engine.take_commands();
         self.execute(commands).await;
         loop {
             tokio::select! {
                 biased;
+                // Its sender is in `self.handle`: this resolves only on a deposition.
+                _ = deposed.wait_for(|deposed| *deposed) => {
+                    self.abdicate();
+                    return;
+                }
                 Some(event) = events.recv() => {
                     let refused = matches!(event, Event::CommitRefused { .. });
                     if let Err(err) = self.engine.on_event(event) {
@@ -342,6 +393,22 @@ impl Actor {
         }
     }
 
+    /// Answers every transaction waiting here "unknown: ask the leader".
+    /// Whatever the group's log holds of them is the truth the next leader
+    /// answers `GetOutcome` from: a COMMIT decision it holds is redriven,
+    /// a one-phase question is asked again, and a txid it holds nothing of
+    /// did not commit and now cannot (this replica can no longer write).
+    fn abdicate(&mut self) {
+        let count = self.replies.len();
+        for (txid, reply) in self.replies.drain() {
+            let reason = "the coordinator that ran it stopped leading its group before it was decided \
+                          here; ask the leader (GetOutcome)"
+                .to_owned();
+            let _ = reply.send((txid, Decided::Unknown { code: decree_proto::Reason::NotLeader, reason }));
+        }
+        info!(waiting = count, "no longer the leader: transactions in flight are answered unknown");
+    }
+
     fn next_txid(&mut self) -> TxId {
         // Only the actor issues txids; the pruner reads where the sequence stands.
         let sequence = self.handle.next_sequence.fetch_add(1, Ordering::Relaxed);
@@ -363,12 +430,15 @@ impl Actor {
 
     fn on_request(&mut self, request: Request) {
         match request {
-            Request::Transact { branches, timeout, span, reply, refused } => {
+            Request::Transact { branches, timeout, span, announce, reply, refused } => {
                 if let Err(err) = self.admit() {
                     let _ = refused.send(err);
                     return;
                 }
                 let txid = self.next_txid();
+                if let Some(announce) = announce {
+                    let _ = announce.send(txid);
+                }
                 span.record("txid", tracing::field::display(txid));
                 debug!(parent: &span, %txid, participants = branches.len(), "transaction starts");
                 self.engine.on_event(Event::Transact { txid, branches, timeout }).expect("fresh txid");
@@ -446,10 +516,11 @@ impl Actor {
                 }
                 Command::LogDecision { txid, participants } => {
                     crash::point(crash::COORDINATOR_DECISION_BEFORE_LOG);
-                    let (store, events) = (self.handle.store.clone(), self.handle.events.clone());
+                    let (store, events, handle) =
+                        (self.handle.store.clone(), self.handle.events.clone(), self.handle.clone());
                     tokio::spawn(async move {
                         if let Err(err) = store.log_decision(txid, &participants).await {
-                            fatal(&err.into());
+                            return handle.failed(err.into());
                         }
                         crash::point(crash::COORDINATOR_DECISION_AFTER_LOG);
                         debug!(%txid, "decision COMMIT durable");
@@ -457,36 +528,37 @@ impl Actor {
                     });
                 }
                 Command::LogOnePhaseCommit { txid, participant, in_doubt } => {
-                    let store = self.handle.store.clone();
+                    let (store, handle) = (self.handle.store.clone(), self.handle.clone());
                     tokio::spawn(async move {
                         if let Err(err) = store.log_one_phase_commit(txid, &participant, in_doubt).await {
-                            fatal(&err.into());
+                            handle.failed(err.into());
                         }
                     });
                 }
                 Command::LogOnePhaseInDoubt { txid, participant } => {
-                    let (store, events) = (self.handle.store.clone(), self.handle.events.clone());
+                    let (store, events, handle) =
+                        (self.handle.store.clone(), self.handle.events.clone(), self.handle.clone());
                     tokio::spawn(async move {
                         if let Err(err) = store.log_one_phase_in_doubt(txid, &participant).await {
-                            fatal(&err.into());
+                            return handle.failed(err.into());
                         }
                         let _ = events.send(Event::OnePhaseInDoubtLogged { txid });
                     });
                 }
                 Command::LogOnePhaseAborted { txid } => {
-                    let store = self.handle.store.clone();
+                    let (store, handle) = (self.handle.store.clone(), self.handle.clone());
                     tokio::spawn(async move {
                         if let Err(err) = store.log_one_phase_aborted(txid).await {
-                            fatal(&err.into());
+                            handle.failed(err.into());
                         }
                     });
                 }
                 Command::LogOnePhaseForgotten { txid } => {
                     warn!(%txid, "the participant forgot this one-phase outcome before it was learned: it is FORGOTTEN");
-                    let store = self.handle.store.clone();
+                    let (store, handle) = (self.handle.store.clone(), self.handle.clone());
                     tokio::spawn(async move {
                         if let Err(err) = store.log_one_phase_forgotten(txid).await {
-                            fatal(&err.into());
+                            handle.failed(err.into());
                         }
                     });
                 }
@@ -525,10 +597,10 @@ impl Actor {
                             .record(started.at.elapsed().as_secs_f64());
                     }
                     debug!(%txid, "every participant acked; ending");
-                    let store = self.handle.store.clone();
+                    let (store, handle) = (self.handle.store.clone(), self.handle.clone());
                     tokio::spawn(async move {
                         if let Err(err) = store.log_end(txid).await {
-                            fatal(&err.into());
+                            handle.failed(err.into());
                         }
                     });
                 }
@@ -544,7 +616,7 @@ impl Actor {
                             metrics::counter!(ABORTS, "reason" => code.label()).increment(1);
                             "aborted"
                         }
-                        Decided::Unknown { reason } => {
+                        Decided::Unknown { reason, .. } => {
                             warn!(%txid, %reason, "outcome unknown to the client");
                             "unknown"
                         }
@@ -674,7 +746,7 @@ pub(crate) async fn prune_ended(handle: Handle, mut stop: tokio::sync::watch::Re
                 debug!(%horizon, "ended outcomes below the horizon forgotten");
             }
             Ok(false) => {}
-            Err(err) => fatal(&err.into()),
+            Err(err) => return handle.failed(err.into()),
         }
         if ended - compacted_at >= compact_every {
             compacted_at = ended;

@@ -37,15 +37,17 @@ impl Service {
     }
 
     /// One one-shot transaction: decided, or refused before it started.
+    /// `announce` hears the txid as soon as it is issued.
     async fn run_transact(
         &self,
         request: v1::TransactRequest,
         span: tracing::Span,
+        announce: Option<tokio::sync::oneshot::Sender<TxId>>,
     ) -> Result<Response<v1::TransactResponse>, Status> {
         let timeout = self.timeout(request.timeout_ms, self.handle.config.prepare_timeout());
         let branches = self.branches(request.branches)?;
         let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
-        let (txid, decided) = self.handle.transact(branches, timeout, span).await?;
+        let (txid, decided) = self.handle.transact(branches, timeout, span, announce).await?;
         decided_response(txid, decided, participants, request.pending_outcome)
     }
 
@@ -108,10 +110,8 @@ fn decided_response(
     let (outcome, code, reason) = match decided {
         Decided::Committed => (Outcome::Committed, decree_proto::Reason::Unspecified, String::new()),
         Decided::Aborted { code, reason } => (Outcome::Aborted, code, reason),
-        Decided::Unknown { reason } if pending_outcome => {
-            (Outcome::Pending, decree_proto::Reason::ParticipantUnreachable, reason)
-        }
-        Decided::Unknown { reason } => {
+        Decided::Unknown { code, reason } if pending_outcome => (Outcome::Pending, code, reason),
+        Decided::Unknown { reason, .. } => {
             let mut status =
                 Status::unknown(format!("outcome of {txid} unknown: {reason}; ask GetOutcome later"));
             if let Ok(value) = txid.to_string().parse() {
@@ -144,7 +144,7 @@ impl Coordinator for Service {
         request: Request<v1::TransactRequest>,
     ) -> Result<Response<v1::TransactResponse>, Status> {
         let span = transaction_span(request.metadata());
-        self.run_transact(request.into_inner(), span).await
+        self.run_transact(request.into_inner(), span, None).await
     }
 
     type TransactStreamStream = decree_runtime::serve::Answers<v1::TransactStreamAnswer>;
@@ -160,13 +160,28 @@ impl Coordinator for Service {
             request.into_inner(),
             self.stopping.clone(),
             self.handle.config.process.max_concurrent_streams as usize,
-            move |message: v1::TransactStreamRequest| {
+            move |message: v1::TransactStreamRequest, early: decree_runtime::serve::Early<_>| {
                 let span = tracing::info_span!("transaction", txid = tracing::field::Empty);
                 decree_runtime::trace::adopt_context(&span, &message.trace_context);
                 let service = service.clone();
                 async move {
                     let id = message.id;
-                    match service.run_transact(message.request.unwrap_or_default(), span).await {
+                    let request = message.request.unwrap_or_default();
+                    let announce = request.announce_txid.then(|| {
+                        let (started, txid) = tokio::sync::oneshot::channel::<TxId>();
+                        tokio::spawn(async move {
+                            if let Ok(txid) = txid.await {
+                                early.send(v1::TransactStreamAnswer {
+                                    id,
+                                    txid: txid.to_string(),
+                                    started: true,
+                                    ..Default::default()
+                                });
+                            }
+                        });
+                        started
+                    });
+                    match service.run_transact(request, span, announce).await {
                         Ok(response) => v1::TransactStreamAnswer {
                             id,
                             response: Some(response.into_inner()),
@@ -184,6 +199,7 @@ impl Coordinator for Service {
                                 .unwrap_or_default()
                                 .to_owned(),
                             reason_code: decree_proto::Reason::of_status(&status).to_wire(),
+                            started: false,
                         },
                     }
                 }

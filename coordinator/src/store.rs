@@ -183,10 +183,19 @@ pub enum Recorded {
     Absent,
 }
 
-/// The decision log, over any [`Storage`]: RocksDB in the server, memory in
-/// the simulator and the conformance cases.
+/// Whether `log` holds a coordinator's decision log (its identity record).
+pub fn holds_decisions(log: &impl Storage) -> Result<bool, StoreError> {
+    Ok(log.get(META_KEY)?.is_some())
+}
+
+/// What a coordinator process writes its decision log to: its own RocksDB
+/// log, or (a group's replica) that log replicated through the group.
+pub type Backing = decree_replica::Store<Log>;
+
+/// The decision log, over any [`Storage`]: RocksDB in the server (its own, or
+/// replicated by its group), memory in the simulator and the conformance cases.
 #[derive(Clone)]
-pub struct DecisionLog<S = Log> {
+pub struct DecisionLog<S = Backing> {
     log: S,
     coordinator_id: u32,
     /// Outcomes below it are forgotten; raised before the records go.
@@ -223,10 +232,10 @@ fn txid_of(prefix: &[u8], key: &[u8]) -> Result<TxId, StoreError> {
         .ok_or_else(|| corrupt(key, RecordError::Truncated { len: key.len() }))
 }
 
-impl DecisionLog<Log> {
+impl DecisionLog<Backing> {
     /// Opens the RocksDB log in `dir`: see [`DecisionLog::open_on`].
     pub async fn open(dir: &Path) -> Result<(DecisionLog, Recovered), StoreError> {
-        DecisionLog::open_on(Log::open(dir)?).await
+        DecisionLog::open_on(decree_replica::Store::Local(Log::open(dir)?)).await
     }
 }
 

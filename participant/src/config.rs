@@ -33,7 +33,8 @@ pub struct Config {
     /// Directory of the participant's durable log and data (created if missing).
     #[arg(long, env = "DECREE_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// The coordinator's URL, e.g. http://127.0.0.1:7000.
+    /// The coordinator's URL, e.g. http://127.0.0.1:7000; for a coordinator
+    /// group, every replica's, separated by commas (requests follow the leader).
     #[arg(long, env = "DECREE_COORDINATOR")]
     pub coordinator: String,
     /// The name this participant enrolls under: 1-64 of [A-Za-z0-9_.-].
@@ -130,9 +131,14 @@ impl Config {
     /// Checks every value; the message names the option.
     pub fn validate(&self) -> Result<(), String> {
         self.name.parse::<decree_proto::ParticipantName>().map_err(|e| format!("--name: {e}"))?;
-        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+        let each_url = self
+            .coordinator
+            .split(',')
+            .map(str::trim)
+            .all(|u| u.starts_with("http://") || u.starts_with("https://"));
+        if !each_url {
             return Err(format!(
-                "--coordinator {:?}: expected a URL like http://127.0.0.1:7000",
+                "--coordinator {:?}: expected a URL like http://127.0.0.1:7000 (or several, comma-separated)",
                 self.coordinator
             ));
         }

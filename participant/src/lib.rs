@@ -101,7 +101,6 @@ use decree_proto::v1::participant_server::ParticipantServer;
 use decree_proto::v1::registry_client::RegistryClient;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::Endpoint;
 
 pub use config::{Backend, Config};
 pub use decree_runtime::{Log, Write};
@@ -178,11 +177,9 @@ async fn serve_with(
         .map_err(|e| ParticipantError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
     let local = listener.local_addr().map_err(|e| ParticipantError::Config(e.to_string()))?;
     let address = config.advertise_url.clone().unwrap_or_else(|| format!("http://{local}"));
-    let coordinator_channel = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| ParticipantError::Config(format!("--coordinator: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .connect_lazy();
+    // The coordinator, or every replica of its group: requests follow the leader.
+    let coordinator_channel = decree_client::Coordinators::new(&config.coordinator)
+        .map_err(|e| ParticipantError::Config(format!("--coordinator: {e}")))?;
 
     let disk = decree_runtime::disk::DiskGuard::new(&config.data_dir, config.process.disk_reserve_mb)
         .map_err(|e| ParticipantError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;

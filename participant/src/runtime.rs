@@ -7,13 +7,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use decree_client::Coordinators;
 use decree_proto::v1::coordinator_client::CoordinatorClient;
 use decree_proto::v1::registry_client::RegistryClient;
 use decree_proto::{v1, TxId};
 use decree_runtime::backoff::{Backoff, Jitter};
 use decree_runtime::crash;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::engine::{Ack, Command, Engine, Event, InDoubt, LockEntry, LockStats, Outcome, Vote};
@@ -596,7 +596,7 @@ fn fatal(err: &dyn std::fmt::Display) -> ! {
 /// A branch that voted YES is only ever decided by the coordinator's answer.
 pub(crate) async fn resolve_in_doubt(
     handle: Handle,
-    mut coordinator: CoordinatorClient<Channel>,
+    mut coordinator: CoordinatorClient<Coordinators>,
     recovered: usize,
     in_doubt_after: Duration,
     interval: Duration,
@@ -663,7 +663,7 @@ pub(crate) async fn resolve_in_doubt(
 /// coordinator incarnation it learns of.
 pub(crate) async fn stay_enrolled(
     handle: Handle,
-    mut registry: RegistryClient<Channel>,
+    mut registry: RegistryClient<Coordinators>,
     name: String,
     address: String,
     (role, join): (crate::config::Role, bool),

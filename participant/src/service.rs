@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use decree_client::Coordinators;
 use decree_proto::v1::coordinator_client::CoordinatorClient;
 use decree_proto::v1::kv_server::Kv;
 use decree_proto::v1::participant_server::Participant;
 use decree_proto::{v1, InvalidInput, KvOp, TxId};
 use prost::Message;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -42,7 +42,7 @@ pub struct ParticipantService {
     /// Most Prepares of one PrepareStream handled at once.
     max_in_progress: usize,
     /// Asked before a heuristic decision: refused while it answers.
-    coordinator: CoordinatorClient<Channel>,
+    coordinator: CoordinatorClient<Coordinators>,
 }
 
 impl ParticipantService {
@@ -73,7 +73,7 @@ impl ParticipantService {
         name: String,
         stopping: tokio::sync::watch::Receiver<bool>,
         max_in_progress: usize,
-        coordinator: CoordinatorClient<Channel>,
+        coordinator: CoordinatorClient<Coordinators>,
     ) -> Self {
         ParticipantService { handle, resource, name, stopping, max_in_progress, coordinator }
     }
@@ -146,7 +146,7 @@ impl Participant for ParticipantService {
             request.into_inner(),
             self.stopping.clone(),
             self.max_in_progress,
-            move |request: v1::PrepareRequest| {
+            move |request: v1::PrepareRequest, _early| {
                 let span = tracing::info_span!("prepare", txid = %request.txid, participant = %service.name);
                 decree_runtime::trace::adopt_context(&span, &request.trace_context);
                 let service = service.clone();
@@ -341,7 +341,7 @@ impl Reads {
 pub struct KvService {
     reads: Reads,
     handle: Handle,
-    coordinator: CoordinatorClient<Channel>,
+    coordinator: CoordinatorClient<Coordinators>,
     name: String,
     /// This run of the process, named in every Enlist: a branch begun by an
     /// earlier run (whose work a restart lost) cannot be joined again.
@@ -352,7 +352,7 @@ impl KvService {
     pub(crate) fn new(
         reads: Reads,
         handle: Handle,
-        coordinator: CoordinatorClient<Channel>,
+        coordinator: CoordinatorClient<Coordinators>,
         name: String,
     ) -> Self {
         KvService { reads, handle, coordinator, name, run: rand::random::<u64>() | 1 }

@@ -51,6 +51,11 @@ pub const TXID_METADATA: &str = "decree-txid";
 /// (disk full, overload, shutdown).
 pub const REASON_METADATA: &str = "decree-reason";
 
+/// The metadata key of a coordinator group's leader URL, on the
+/// `REASON_NOT_LEADER` refusal a follower answers with (absent when the
+/// follower knows no leader).
+pub const LEADER_METADATA: &str = "decree-leader";
+
 /// The encoded `FileDescriptorSet` of decree.v1, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decree_descriptor.bin"));
 

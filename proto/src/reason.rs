@@ -24,6 +24,8 @@ pub enum Reason {
     WrongOwner,
     /// The key is moving between owners: ask again in a moment.
     Migrating,
+    /// A replica of a coordinator group that does not lead it: nothing was done; ask the leader.
+    NotLeader,
 }
 
 impl Reason {
@@ -45,6 +47,7 @@ impl Reason {
             Reason::InProgress => "in_progress",
             Reason::WrongOwner => "wrong_owner",
             Reason::Migrating => "migrating",
+            Reason::NotLeader => "not_leader",
         }
     }
 }
@@ -67,6 +70,7 @@ impl From<Reason> for v1::Reason {
             Reason::InProgress => v1::Reason::InProgress,
             Reason::WrongOwner => v1::Reason::WrongOwner,
             Reason::Migrating => v1::Reason::Migrating,
+            Reason::NotLeader => v1::Reason::NotLeader,
         }
     }
 }
@@ -89,6 +93,7 @@ impl From<v1::Reason> for Reason {
             v1::Reason::InProgress => Reason::InProgress,
             v1::Reason::WrongOwner => Reason::WrongOwner,
             v1::Reason::Migrating => Reason::Migrating,
+            v1::Reason::NotLeader => Reason::NotLeader,
         }
     }
 }

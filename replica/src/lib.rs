@@ -102,10 +102,19 @@ pub enum ReplicaError {
     Transport(#[from] tonic::transport::Error),
     #[error("invalid group: {0}")]
     Invalid(String),
+    /// A membership change asked of a replica that does not lead the group.
+    #[error("replica {id} is not the leader{}", leader_url.as_deref().map(|u| format!("; the leader is at {u}")).unwrap_or_default())]
+    NotLeader { id: NodeId, leader_url: Option<String> },
 }
 
+/// Entries a replica may lag behind the leader and count as up to date.
+const CAUGHT_UP: u64 = 100;
+
+/// How long a replica being added has to catch up before it would vote.
+const CATCH_UP: Duration = Duration::from_secs(30);
+
 /// How a group elects and keeps a leader.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timing {
     pub heartbeat: Duration,
     /// Elections start after a random time in `[election_min, election_max]` without a leader.
@@ -129,7 +138,9 @@ pub struct Replica<S: Storage> {
     pub id: NodeId,
     pub raft: Raft,
     storage: Replicated<S>,
-    server: tokio::task::JoinHandle<()>,
+    /// Its own server, when [`Replica::start`] runs one (a coordinator
+    /// serves [`Replica::service`] beside its other services instead).
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<S: Storage> Replica<S> {
@@ -142,6 +153,17 @@ impl<S: Storage> Replica<S> {
         listener: TcpListener,
         timing: &Timing,
     ) -> Result<Replica<S>, ReplicaError> {
+        let mut replica = Replica::open(id, store, timing).await?;
+        replica.server = Some(network::serve(replica.raft.clone(), listener));
+        Ok(replica)
+    }
+
+    /// Opens replica `id` over `store` without a server of its own: the
+    /// caller serves [`Replica::service`] for the other replicas to reach it.
+    pub async fn open(id: NodeId, store: S, timing: &Timing) -> Result<Replica<S>, ReplicaError> {
+        if id == 0 {
+            return Err(ReplicaError::Invalid("replica ids start at 1".into()));
+        }
         let config = openraft::Config {
             cluster_name: "decree".into(),
             heartbeat_interval: timing.heartbeat.as_millis() as u64,
@@ -155,9 +177,19 @@ impl<S: Storage> Replica<S> {
         let raft = Raft::new(id, config, network::Network, log, machine)
             .await
             .map_err(|e| ReplicaError::Raft(e.to_string()))?;
-        let server = network::serve(raft.clone(), listener);
         let storage = Replicated { raft: raft.clone(), data: store };
-        Ok(Replica { id, raft, storage, server })
+        Ok(Replica { id, raft, storage, server: None })
+    }
+
+    /// The `decree.v1.Replica` service the other replicas send this one's Raft messages to.
+    pub fn service(&self) -> network::Server {
+        network::service(self.raft.clone())
+    }
+
+    /// Whether this replica is part of a group yet (bootstrapped, or has
+    /// heard from a leader that added it).
+    pub async fn is_initialized(&self) -> Result<bool, ReplicaError> {
+        self.raft.is_initialized().await.map_err(|e| ReplicaError::Raft(e.to_string()))
     }
 
     /// Makes this replica and `members` (id and address of each, this one
@@ -170,9 +202,201 @@ impl<S: Storage> Replica<S> {
                 self.id
             )));
         }
+        if self.is_initialized().await? {
+            return Err(ReplicaError::Invalid(format!(
+                "replica {} is part of a group already (its data directory holds the group's log): \
+                 a group is bootstrapped once",
+                self.id
+            )));
+        }
         let nodes: BTreeMap<NodeId, BasicNode> =
             members.into_iter().map(|(id, addr)| (id, BasicNode::new(addr))).collect();
         self.raft.initialize(nodes).await.map_err(|e| ReplicaError::Raft(e.to_string()))
+    }
+
+    /// Adds replica `id` at `address`: a learner until it has caught up,
+    /// then a voter. Only the leader can; answered once the new membership
+    /// is committed.
+    pub async fn add(&self, id: NodeId, address: String) -> Result<(), ReplicaError> {
+        if id == 0 {
+            return Err(ReplicaError::Invalid("replica ids start at 1".into()));
+        }
+        let view = self.raft.metrics().borrow().membership_config.clone();
+        let membership = view.membership();
+        if let Some(node) = membership.get_node(&id) {
+            if membership.voter_ids().any(|v| v == id) {
+                return Err(ReplicaError::Invalid(format!(
+                    "replica {id} is a member already (at {})",
+                    node.addr
+                )));
+            }
+        }
+        if let Some((other, _)) = membership.nodes().find(|(other, n)| **other != id && n.addr == address) {
+            return Err(ReplicaError::Invalid(format!("{address} is replica {other}'s address")));
+        }
+        self.leading()?;
+        self.raft
+            .add_learner(id, BasicNode::new(address.clone()), false)
+            .await
+            .map_err(|e| self.refused(e))?;
+        // A voter that cannot keep up would stall every write: it votes once it has caught up.
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        while !self.caught_up(id) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(ReplicaError::Invalid(format!(
+                    "replica {id} at {address} has not caught up within {CATCH_UP:?} (is it running, with an \
+                     empty data directory?); it stays a learner until removed"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let voters: std::collections::BTreeSet<NodeId> = [id].into();
+        self.raft
+            .change_membership(openraft::ChangeMembers::AddVoterIds(voters), false)
+            .await
+            .map_err(|e| self.refused(e))?;
+        Ok(())
+    }
+
+    /// Removes replica `id` from the group. The last voter cannot be removed.
+    pub async fn remove(&self, id: NodeId) -> Result<(), ReplicaError> {
+        let view = self.raft.metrics().borrow().membership_config.clone();
+        let voters: std::collections::BTreeSet<NodeId> = view.membership().voter_ids().collect();
+        let learner = view.membership().learner_ids().any(|l| l == id);
+        if !voters.contains(&id) && !learner {
+            return Err(ReplicaError::Invalid(format!(
+                "replica {id} is not a member (members: {})",
+                voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if voters.len() == 1 && voters.contains(&id) {
+            return Err(ReplicaError::Invalid(format!(
+                "replica {id} is the last voter: a group cannot remove its last replica"
+            )));
+        }
+        self.leading()?;
+        // The new membership must have a majority that is up: else the change
+        // (and every write after it) waits for replicas that are down.
+        // Up: holds an entry written now, within a moment.
+        let staying: Vec<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
+        let probe = self
+            .raft
+            .client_write(Batch { writes: Vec::new() })
+            .await
+            .map_err(|e| ReplicaError::Raft(e.to_string()))?
+            .log_id
+            .index;
+        let holds = |v: NodeId| {
+            let metrics = self.raft.metrics().borrow().clone();
+            v == self.id
+                || metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&v).cloned())
+                    .flatten()
+                    .is_some_and(|m| m.index >= probe)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut up = staying.iter().filter(|v| holds(**v)).count();
+        while up <= staying.len() / 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            up = staying.iter().filter(|v| holds(**v)).count();
+        }
+        if !learner && up <= staying.len() / 2 {
+            return Err(ReplicaError::Invalid(format!(
+                "removing replica {id} would leave voters {staying:?} of which only {up} are up to date: \
+                 not a majority; bring the others back first"
+            )));
+        }
+        let change = if learner {
+            openraft::ChangeMembers::RemoveNodes([id].into())
+        } else {
+            openraft::ChangeMembers::RemoveVoters([id].into())
+        };
+        self.raft.change_membership(change, false).await.map_err(|e| self.refused(e))?;
+        Ok(())
+    }
+
+    /// Refuses with the leader's URL unless this replica leads.
+    fn leading(&self) -> Result<(), ReplicaError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state == openraft::ServerState::Leader && metrics.current_leader == Some(self.id) {
+            return Ok(());
+        }
+        Err(ReplicaError::NotLeader { id: self.id, leader_url: self.leader_url() })
+    }
+
+    /// Whether the leader (this replica) has replicated to `id` all but
+    /// [`CAUGHT_UP`] entries of its log.
+    fn caught_up(&self, id: NodeId) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let last = metrics.last_log_index.unwrap_or(0);
+        let matched = metrics.replication.as_ref().and_then(|r| r.get(&id).cloned()).flatten();
+        matched.is_some_and(|m| last.saturating_sub(m.index) <= CAUGHT_UP)
+    }
+
+    /// A membership change's error: a typed "not the leader" where it is one.
+    fn refused(
+        &self,
+        err: openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, BasicNode>>,
+    ) -> ReplicaError {
+        use openraft::error::ClientWriteError;
+        match err.api_error() {
+            Some(ClientWriteError::ForwardToLeader(forward)) => ReplicaError::NotLeader {
+                id: self.id,
+                leader_url: forward.leader_node.as_ref().map(|n| url(&n.addr)),
+            },
+            _ => ReplicaError::Raft(err.to_string()),
+        }
+    }
+
+    /// The URL of the leader this replica knows of.
+    pub fn leader_url(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics.membership_config.membership().get_node(&leader).map(|n| url(&n.addr))
+    }
+
+    /// This replica's view of the group, as `decree.v1.Group` answers it.
+    pub fn status(&self) -> decree_proto::v1::GroupStatus {
+        use openraft::ServerState;
+        let metrics = self.raft.metrics().borrow().clone();
+        let role = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let membership = metrics.membership_config.membership();
+        let last = metrics.last_log_index.unwrap_or(0);
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = replication.get(id).map(|m| m.map(|l| l.index).unwrap_or(0));
+                decree_proto::v1::GroupMember {
+                    id: *id,
+                    address: node.addr.clone(),
+                    voter: voters.contains(id),
+                    replication_known: matched.is_some(),
+                    matched_index: matched.unwrap_or(0),
+                    lag: matched.map(|m| last.saturating_sub(m)).unwrap_or(0),
+                }
+            })
+            .collect();
+        decree_proto::v1::GroupStatus {
+            replica_id: self.id,
+            role: role.into(),
+            term: metrics.current_term,
+            leader_id: metrics.current_leader.unwrap_or(0),
+            leader_url: self.leader_url().unwrap_or_default(),
+            last_log_index: last,
+            applied_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            leader_changes: 0,
+        }
     }
 
     /// The leader this replica knows of, if any.
@@ -206,7 +430,65 @@ impl<S: Storage> Replica<S> {
     /// Stops this replica (its Raft node and its server).
     pub async fn shutdown(self) {
         let _ = self.raft.shutdown().await;
-        self.server.abort();
+        if let Some(server) = self.server {
+            server.abort();
+        }
+    }
+}
+
+/// The URL clients reach a replica at, from its `host:port`.
+pub fn url(address: &str) -> String {
+    format!("http://{address}")
+}
+
+/// A coordinator's storage: its own log, or its group's replicated one.
+#[derive(Clone)]
+pub enum Store<S> {
+    Local(S),
+    Replicated(Replicated<S>),
+}
+
+impl<S: Storage> Storage for Store<S> {
+    fn write_with(
+        &self,
+        writes: Vec<Write>,
+        durability: Durability,
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
+        let store = self.clone();
+        async move {
+            match store {
+                Store::Local(log) => log.write_with(writes, durability).await,
+                Store::Replicated(group) => group.write_with(writes, durability).await,
+            }
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+        match self {
+            Store::Local(log) => log.get(key),
+            Store::Replicated(group) => group.get(key),
+        }
+    }
+
+    fn scan_range(&self, from: &[u8], to: &[u8]) -> Result<decree_runtime::log::Entries, LogError> {
+        match self {
+            Store::Local(log) => log.scan_range(from, to),
+            Store::Replicated(group) => group.scan_range(from, to),
+        }
+    }
+
+    fn compact(&self, from: &[u8], to: &[u8]) {
+        match self {
+            Store::Local(log) => log.compact(from, to),
+            Store::Replicated(group) => group.compact(from, to),
+        }
+    }
+
+    fn stats(&self) -> &LogStats {
+        match self {
+            Store::Local(log) => log.stats(),
+            Store::Replicated(group) => group.stats(),
+        }
     }
 }
 

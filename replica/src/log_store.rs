@@ -51,6 +51,14 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("openraft's types serialize")
 }
 
+/// Whether `store` holds a replica's state: a vote, or log entries (present
+/// or purged). A store without is a replica that never joined a group.
+pub fn holds_replica(store: &impl Storage) -> Result<bool, LogError> {
+    Ok(store.get(VOTE)?.is_some()
+        || store.get(PURGED)?.is_some()
+        || !store.scan_range(LOG, LOG_END)?.is_empty())
+}
+
 /// The log of one replica. Clones share the store and the cached last log id.
 #[derive(Clone)]
 pub struct LogStore<S> {
@@ -178,6 +186,7 @@ impl<S: Storage> RaftLogStorage<TypeConfig> for LogStore<S> {
         let written = self.store.write(writes, true).await;
         if written.is_ok() {
             self.set_last(last);
+            decree_runtime::crash::point(decree_runtime::crash::RAFT_AFTER_APPEND);
         }
         // Durable (synced) before openraft hears it is: only then may this replica's
         // acknowledgement count towards a majority.

@@ -113,7 +113,7 @@ impl RaftNetwork<TypeConfig> for Connection {
 }
 
 /// The server side: hands each message to this replica's Raft node.
-struct Service {
+pub struct Service {
     raft: Raft,
 }
 
@@ -139,12 +139,18 @@ impl ReplicaRpc for Service {
     }
 }
 
+/// The `decree.v1.Replica` service of one replica.
+pub type Server = ReplicaServer<Service>;
+
+/// The service the other replicas reach `raft` by, to serve beside others.
+pub fn service(raft: Raft) -> Server {
+    ReplicaServer::new(Service { raft }).max_decoding_message_size(64 << 20)
+}
+
 /// Serves the other replicas on `listener` until the task is aborted.
 pub fn serve(raft: Raft, listener: TcpListener) -> tokio::task::JoinHandle<()> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
-        .add_service(ReplicaServer::new(Service { raft }).max_decoding_message_size(64 << 20))
-        .serve_with_incoming(incoming);
+    let server = tonic::transport::Server::builder().add_service(service(raft)).serve_with_incoming(incoming);
     tokio::spawn(async move {
         if let Err(err) = server.await {
             tracing::warn!(error = %err, "the replica server stopped");

@@ -117,6 +117,7 @@ impl<S: Storage> RaftStateMachine<TypeConfig> for StateMachine<S> {
         I::IntoIter: OptionalSend,
     {
         let mut applied = self.applied()?;
+        decree_runtime::crash::point(decree_runtime::crash::RAFT_AFTER_COMMIT_BEFORE_APPLY);
         let mut writes = Vec::new();
         let mut answers = Vec::new();
         for entry in entries {

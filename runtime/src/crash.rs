@@ -72,6 +72,17 @@ pub const MIGRATION_BATCH_AFTER_DECISION: &str = "migration.batch.after_decision
 /// Participant: a migration batch's fence is up here, its keys not locked yet.
 pub const MIGRATION_OUT_AFTER_FENCE: &str = "migration.out.after_fence";
 
+/// The points of a coordinator group's replicated log, beside [`ALL`] (the
+/// simulator has no group; the real-process group tests reach them).
+pub const GROUP: &[&str] = &[RAFT_AFTER_APPEND, RAFT_AFTER_COMMIT_BEFORE_APPLY];
+
+/// Replica: entries are synced in its log, the consensus library not told yet
+/// (so this replica's copy has not counted towards a majority).
+pub const RAFT_AFTER_APPEND: &str = "coordinator.raft.after_append";
+/// Replica: entries are committed (a majority holds them), not applied to
+/// its state yet.
+pub const RAFT_AFTER_COMMIT_BEFORE_APPLY: &str = "coordinator.raft.after_commit_before_apply";
+
 /// The environment variable that arms crash points.
 pub const ENV: &str = "DECREE_CRASH_AT";
 
@@ -80,10 +91,15 @@ static ARMED: OnceLock<BTreeSet<&'static str>> = OnceLock::new();
 
 #[derive(Debug, thiserror::Error)]
 pub enum CrashPointError {
-    #[error("unknown crash point {0:?}; known points: {known}", known = ALL.join(", "))]
+    #[error("unknown crash point {0:?}; known points: {known}", known = known().collect::<Vec<_>>().join(", "))]
     Unknown(String),
     #[error("crash points were already armed in this process")]
     AlreadyArmed,
+}
+
+/// Every point a process can arm.
+fn known() -> impl Iterator<Item = &'static str> {
+    ALL.iter().chain(GROUP).copied()
 }
 
 /// Parses a comma-separated list of crash point names.
@@ -92,10 +108,7 @@ pub fn parse(list: &str) -> Result<BTreeSet<&'static str>, CrashPointError> {
         .map(str::trim)
         .filter(|name| !name.is_empty())
         .map(|name| {
-            ALL.iter()
-                .copied()
-                .find(|known| *known == name)
-                .ok_or_else(|| CrashPointError::Unknown(name.to_owned()))
+            known().find(|known| *known == name).ok_or_else(|| CrashPointError::Unknown(name.to_owned()))
         })
         .collect()
 }
@@ -146,6 +159,7 @@ mod tests {
     fn every_design_name_parses_and_unknown_names_are_refused() {
         assert_eq!(ALL.len(), 16);
         assert_eq!(parse(&ALL.join(",")).unwrap().len(), 16);
+        assert_eq!(parse(&GROUP.join(",")).unwrap().len(), 2, "a group's points are armed like the others");
         assert!(PROTOCOL.iter().all(|p| !p.starts_with("migration.")), "{PROTOCOL:?}");
         assert!(ALL[PROTOCOL.len()..].iter().all(|p| p.starts_with("migration.")));
         assert!(parse("coordinator.decision.after_log, participant.prepare.before_log").is_ok());

@@ -277,7 +277,8 @@ pub type Answers<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T
 /// flow control holds the sender back, as `--max-concurrent-streams` does for
 /// unary calls. Reading stops when `stopping` turns true (shutdown): what was
 /// read is answered, then the stream ends, and what was not read was not
-/// started. `name` labels [`crate::metrics::STREAM_MESSAGES`].
+/// started. `name` labels [`crate::metrics::STREAM_MESSAGES`]. A handler may
+/// send answers ahead of its last one on the [`Early`] it is given.
 pub fn serve_stream<Req, Ans, F, Fut>(
     name: &'static str,
     mut incoming: tonic::Streaming<Req>,
@@ -288,7 +289,7 @@ pub fn serve_stream<Req, Ans, F, Fut>(
 where
     Req: Send + 'static,
     Ans: Send + 'static,
-    F: Fn(Req) -> Fut + Send + 'static,
+    F: Fn(Req, Early<Ans>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Ans> + Send + 'static,
 {
     let (answers, stream) = tokio::sync::mpsc::unbounded_channel();
@@ -309,7 +310,7 @@ where
             };
             let Ok(Some((message, permit))) = next else { break };
             metrics::counter!(crate::metrics::STREAM_MESSAGES, "stream" => name).increment(1);
-            let answer = handle(message);
+            let answer = handle(message, Early(answers.clone()));
             let answers = answers.clone();
             tokio::spawn(async move {
                 let _ = answers.send(Ok(answer.await));
@@ -319,6 +320,16 @@ where
         // The stream ends once every answer in progress is sent.
     });
     Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(stream))
+}
+
+/// Where a stream's handler sends an answer ahead of its last one (a
+/// transaction's txid before its outcome).
+pub struct Early<Ans>(tokio::sync::mpsc::UnboundedSender<Result<Ans, tonic::Status>>);
+
+impl<Ans> Early<Ans> {
+    pub fn send(&self, answer: Ans) {
+        let _ = self.0.send(Ok(answer));
+    }
 }
 
 /// Resolves once `stopping` is true (or its sender is gone).

@@ -22,17 +22,7 @@ enum Expect {
 }
 
 fn options() -> Options {
-    let mut options = Options::new(3);
-    // The same keys go to several participants by name: KV stores as named services.
-    options.services = true;
-    // Quick deadlines and redelivery keep each case short.
-    options.coordinator_args =
-        ["--prepare-timeout-ms", "1500", "--commit-timeout-ms", "500", "--redelivery-cap-ms", "300"]
-            .map(String::from)
-            .to_vec();
-    options.participant_args =
-        ["--in-doubt-after-ms", "300", "--heartbeat-ms", "200"].map(String::from).to_vec();
-    options
+    common::quick_options()
 }
 
 /// Runs a marked transfer across every participant; `Err` if the client got no answer.

@@ -6,6 +6,20 @@ use std::process::Command;
 
 use decree_tests::decree_binary;
 
+/// Three named KV services (the same keys go to several participants by
+/// name) and quick deadlines and redelivery, which keep each case short.
+pub fn quick_options() -> decree_tests::Options {
+    let mut options = decree_tests::Options::new(3);
+    options.services = true;
+    options.coordinator_args =
+        ["--prepare-timeout-ms", "1500", "--commit-timeout-ms", "500", "--redelivery-cap-ms", "300"]
+            .map(String::from)
+            .to_vec();
+    options.participant_args =
+        ["--in-doubt-after-ms", "300", "--heartbeat-ms", "200"].map(String::from).to_vec();
+    options
+}
+
 /// Installs a test log subscriber once (RUST_LOG, default info).
 pub fn init() {
     let _ = tracing_subscriber::fmt()

@@ -1,0 +1,394 @@
+//! A coordinator group of three replicas, as real processes: the leader
+//! SIGKILLed under load, a follower SIGKILLed, two of three down, every
+//! coordinator and replica crash point on the leader and on a follower, a
+//! wiped replica rejoining, and the bad input a group refuses. After each,
+//! the invariants of TESTING.md: every transfer at all of its participants
+//! or at none (I1), what clients were told agrees with the data (I2), no
+//! money created or lost (I5), nothing in doubt and no lock held (I6).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use decree_client::{Client, Outcome};
+use decree_runtime::crash;
+use decree_tests::{check, Cluster, NodeId, Options};
+use tokio::sync::Mutex;
+use tracing::info;
+
+const ACCOUNTS: usize = 8;
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Three replicas, three named KV services, quick deadlines.
+fn options() -> Options {
+    Options { coordinators: 3, ..common::quick_options() }
+}
+
+/// What one client was told of each of its transfers (`None`: no answer).
+type Told = Vec<(String, Vec<String>, Option<Outcome>)>;
+
+/// `clients` clients running marked transfers over every participant until `stop`.
+fn load(cluster: &Cluster, clients: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Told>> {
+    let (url, names) = (cluster.coordinator_url(), cluster.participant_names());
+    (0..clients)
+        .map(|c| {
+            let (url, names, stop) = (url.clone(), names.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = Client::connect(&url).await.expect("the group answers");
+                let mut told = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let tag = format!("c{c}-{i}");
+                    let transfer = check::marked_transfer(&tag, &names, i % ACCOUNTS, 1 + (i % 7) as i64);
+                    let answer = client.transact_branches(transfer).await;
+                    if let Err(err) = &answer {
+                        info!(%tag, error = %err, "no outcome");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    told.push((tag, names.clone(), answer.ok().map(|r| r.outcome)));
+                    i += 1;
+                }
+                told
+            })
+        })
+        .collect()
+}
+
+/// Waits for every client, then checks I1, I2, I5 and I6 with everything
+/// back; returns (committed, aborted, unknown).
+async fn verify(cluster: &Cluster, clients: Vec<tokio::task::JoinHandle<Told>>) -> (usize, usize, usize) {
+    let mut told = Vec::new();
+    for client in clients {
+        told.extend(client.await.unwrap());
+    }
+    cluster.wait_enrolled(SETTLE).await.unwrap();
+    cluster.wait_settled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let (mut committed, mut aborted, mut unknown) = (0, 0, 0);
+    for (tag, names, outcome) in &told {
+        let everywhere = check::all_or_nothing(&client, tag, names).await.unwrap();
+        match outcome {
+            Some(Outcome::Committed) => {
+                committed += 1;
+                assert!(everywhere, "{tag} was reported committed but is missing");
+            }
+            Some(_) => {
+                aborted += 1;
+                assert!(!everywhere, "{tag} was reported aborted but is present");
+            }
+            None => unknown += 1,
+        }
+    }
+    let names = cluster.participant_names();
+    assert_eq!(check::balance_sum(&client, &names, ACCOUNTS).await.unwrap(), 0, "money created or lost");
+    check::unlocked(&client, &names, &(0..ACCOUNTS).map(check::balance_key).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    (committed, aborted, unknown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_twice_under_load_fails_over_and_every_transfer_ends_whole() {
+    common::init();
+    let cluster = Cluster::start(options()).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&cluster, 4, stop.clone());
+    let cluster = Arc::new(Mutex::new(cluster));
+    for round in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut group = cluster.lock().await;
+        let leader = group.leader(SETTLE).await.unwrap();
+        info!(round, ?leader, "SIGKILL the leader");
+        group.kill(leader);
+        let next = group.leader(SETTLE).await.unwrap();
+        assert_ne!(next, leader, "a new leader coordinates");
+        group.restart(leader).unwrap();
+        group.wait_serving(leader, SETTLE).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let cluster = cluster.lock().await;
+    let (committed, aborted, unknown) = verify(&cluster, clients).await;
+    println!("leader killed twice: {committed} committed, {aborted} aborted, {unknown} without an outcome");
+    assert!(committed > 0, "nothing committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_killed_under_load_changes_nothing_for_clients() {
+    common::init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    let follower = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&cluster, 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    cluster.kill(follower);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.restart(follower).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (committed, _, unknown) = verify(&cluster, clients).await;
+    assert!(committed > 0, "nothing committed");
+    assert_eq!(unknown, 0, "a follower's loss left clients without an outcome");
+    assert_eq!(cluster.leader(SETTLE).await.unwrap(), leader, "the leader kept leading");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_down_stop_every_commit_and_one_back_resumes() {
+    common::init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let names = cluster.participant_names();
+    let first = client.transact_branches(check::marked_transfer("before", &names, 0, 5)).await.unwrap();
+    assert_eq!(first.outcome, Outcome::Committed);
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    let followers: Vec<NodeId> = cluster.replicas().into_iter().filter(|r| *r != leader).collect();
+    cluster.kill(followers[0]);
+    cluster.kill(followers[1]);
+    // The leader alone cannot make a decision durable: the transfer gets no
+    // COMMIT (its client waits, or hears no outcome), and nothing is applied.
+    let stuck = {
+        let client = client.clone();
+        let names = names.clone();
+        tokio::spawn(
+            async move { client.transact_branches(check::marked_transfer("alone", &names, 1, 5)).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!stuck.is_finished(), "a transfer was decided without a majority: {:?}", stuck.await);
+    assert_eq!(check::markers(&client, "alone", &names).await.unwrap(), 0, "applied without a majority");
+    cluster.restart(followers[0]).unwrap();
+    let answer = stuck.await.unwrap();
+    info!(?answer, "the transfer held up by the lost majority");
+    let next = cluster.client().await.unwrap();
+    let after = next.transact_branches(check::marked_transfer("after", &names, 2, 5)).await.unwrap();
+    assert_eq!(after.outcome, Outcome::Committed, "progress once a majority is back");
+    cluster.restart(followers[1]).unwrap();
+    cluster.wait_settled(SETTLE).await.unwrap();
+    let everywhere = check::all_or_nothing(&next, "alone", &names).await.unwrap();
+    match answer {
+        Ok(result) => assert_eq!(everywhere, result.outcome == Outcome::Committed, "told {result:?}"),
+        Err(err) => info!(%err, everywhere, "its client heard no outcome; it is whole either way"),
+    }
+    assert_eq!(check::balance_sum(&next, &names, ACCOUNTS).await.unwrap(), 0);
+}
+
+/// One crash point armed at one replica's first start; transfers run until
+/// it fires, then it comes back, and every transfer is whole. `early`: the
+/// point fires before the group has formed (the bootstrapping replica's
+/// first append or apply is the group's first membership entry), so the
+/// group forms once it is back, and the transfers run after.
+async fn crash_case(point: &str, replica: &str, early: bool) {
+    info!(point, replica, "--- case");
+    let mut options = options();
+    options.crash_at_for = vec![(replica.to_owned(), point.to_owned())];
+    options.wait = !early;
+    let mut cluster = match Cluster::start(options).await {
+        Ok(cluster) => cluster,
+        Err(err) => panic!("{point} at {replica}: the group did not start: {err}"),
+    };
+    let index = replica.trim_start_matches('c').parse::<usize>().unwrap() - 1;
+    let victim = NodeId::Replica(index);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    if !early {
+        clients = load(&cluster, 2, stop.clone());
+    }
+    let died = cluster.wait_exit(victim, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart(victim).unwrap();
+    cluster.wait_serving(victim, SETTLE).await.unwrap();
+    if early {
+        cluster.wait_enrolled(SETTLE).await.unwrap();
+        clients = load(&cluster, 2, stop.clone());
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (committed, aborted, unknown) = verify(&cluster, clients).await;
+    println!(
+        "{point} at {replica}: {} ; {committed} committed, {aborted} aborted, {unknown} without an outcome",
+        if died.is_ok() { "fired" } else { "not reached" }
+    );
+    assert!(died.is_ok(), "{point} armed at {replica} was never reached");
+    assert!(committed > 0, "{point} at {replica}: nothing committed");
+}
+
+/// Every coordinator crash point, on the first leader (c1 bootstraps the
+/// group and leads first): the next leader recovers what it decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_coordinator_crash_point_on_the_leader_ends_whole() {
+    common::init();
+    let points = crash::PROTOCOL.iter().filter(|p| p.starts_with("coordinator.") && !p.contains("recovery"));
+    for point in points {
+        crash_case(point, "c1", false).await;
+    }
+}
+
+/// The replicated log's own crash points, on the leader and on a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replicated_logs_crash_points_on_leader_and_follower_end_whole() {
+    common::init();
+    for point in crash::GROUP {
+        // c1 bootstraps: its first append (and apply) is the group's first entry.
+        crash_case(point, "c1", true).await;
+        crash_case(point, "c2", false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_is_removed_and_added_back_and_catches_up() {
+    common::init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let names = cluster.participant_names();
+    for i in 0..5 {
+        let tag = format!("w{i}");
+        let answer = client.transact_branches(check::marked_transfer(&tag, &names, i, 3)).await.unwrap();
+        assert_eq!(answer.outcome, Outcome::Committed);
+    }
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    let victim = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
+    let NodeId::Replica(index) = victim else { unreachable!() };
+    let id = (index + 1).to_string();
+    cluster.kill(victim);
+    std::fs::remove_dir_all(cluster.dir().join(format!("c{id}"))).unwrap();
+    let url = cluster.coordinator_url();
+    let decree = |args: &[&str]| {
+        let out = std::process::Command::new(decree_tests::decree_binary())
+            .args(args)
+            .args(["--coordinator", &url])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = decree(&["coordinators", "remove", &id]);
+    assert_eq!(code, Some(0), "{out}");
+    cluster.restart(victim).unwrap();
+    cluster.wait_serving(victim, SETTLE).await.unwrap();
+    let address = cluster.url_of(victim).trim_start_matches("http://").to_owned();
+    let (code, out) = decree(&["coordinators", "add", &id, &address]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = decree(&["coordinators", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let view: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let members = view["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{out}");
+    assert!(members.iter().all(|m| m["voter"] == true), "{out}");
+    // The wiped replica holds the whole log again: it can lead.
+    decree_tests::poll(SETTLE, "the wiped replica to catch up", || {
+        let (code, out) = decree(&["coordinators", "--json"]);
+        async move {
+            let view: serde_json::Value = serde_json::from_str(out.trim()).ok()?;
+            let caught_up = view["members"].as_array()?.iter().all(|m| m["lag"].as_u64().unwrap_or(0) == 0);
+            (code == Some(0) && caught_up).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    cluster.kill(leader);
+    let next = Client::connect(&url).await.unwrap();
+    let answer = next.transact_branches(check::marked_transfer("after", &names, 6, 3)).await.unwrap();
+    assert_eq!(answer.outcome, Outcome::Committed);
+    for i in 0..5 {
+        assert!(check::all_or_nothing(&next, &format!("w{i}"), &names).await.unwrap(), "w{i} lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_group_input_is_refused_with_a_clear_error_and_changes_nothing() {
+    common::init();
+    let mut cluster = Cluster::start(options()).await.unwrap();
+    let url = cluster.coordinator_url();
+    let dir = cluster.dir().to_path_buf();
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new(decree_tests::decree_binary()).args(&args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let coordinator = |extra: &[&str], data: &std::path::Path| {
+        let mut args: Vec<String> =
+            ["coordinator", "--listen", "127.0.0.1:0", "--data-dir"].map(String::from).to_vec();
+        args.push(data.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        run(args)
+    };
+    let fresh = dir.join("fresh");
+    for (extra, want) in [
+        (
+            vec!["--replica-id", "4", "--replicas", "1=127.0.0.1:1,2=127.0.0.1:2"],
+            "does not list this replica",
+        ),
+        (vec!["--replica-id", "1", "--replicas", "1=127.0.0.1:0,1=127.0.0.1:9"], "listed twice"),
+        (vec!["--replica-id", "1", "--replicas", "1=127.0.0.1:0,2=127.0.0.1:0"], "listed twice"),
+        (vec!["--replica-id", "1", "--replicas", "1=nohost"], "ID=HOST:PORT"),
+        (vec!["--replicas", "1=127.0.0.1:0"], "needs --replica-id"),
+        (vec!["--bootstrap"], "needs --replica-id"),
+    ] {
+        let (code, err) = coordinator(&extra, &fresh);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert!(!fresh.exists(), "{extra:?} created its data directory");
+    }
+    // A bootstrap on a replica that has data: refused, its log untouched.
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    let follower = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
+    let NodeId::Replica(index) = follower else { unreachable!() };
+    cluster.kill(follower);
+    let port = cluster.url_of(follower).rsplit(':').next().unwrap().to_owned();
+    let replicas = url
+        .split(',')
+        .enumerate()
+        .map(|(i, u)| format!("{}={}", i + 1, u.trim_start_matches("http://")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let data = dir.join(format!("c{}", index + 1));
+    let mut args: Vec<String> = ["coordinator", "--listen"].map(String::from).to_vec();
+    args.extend([format!("127.0.0.1:{port}"), "--data-dir".into(), data.display().to_string()]);
+    args.extend([
+        "--replica-id".into(),
+        (index + 1).to_string(),
+        "--replicas".into(),
+        replicas,
+        "--bootstrap".into(),
+    ]);
+    let (code, err) = run(args);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("--bootstrap refused"), "{err}");
+    // A single coordinator on a replica's data directory: refused.
+    let (code, err) = coordinator(&[], &data);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("holds a replica of a coordinator group"), "{err}");
+    cluster.restart(follower).unwrap();
+    cluster.wait_serving(follower, SETTLE).await.unwrap();
+    // Removing a replica that is not a member, the last one, or the leader
+    // while a majority would not remain: refused, the group unchanged.
+    let decree = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(["--coordinator".into(), url.clone()]);
+        run(all)
+    };
+    let (code, err) = decree(&["coordinators", "remove", "9"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a member"), "{err}");
+    let (code, err) = decree(&["coordinators", "add", "0", "127.0.0.1:1"]);
+    assert_eq!(code, Some(2), "{err}");
+    let other = cluster.replicas().into_iter().find(|r| *r != leader && *r != follower).unwrap();
+    cluster.kill(other);
+    let NodeId::Replica(leader_index) = leader else { unreachable!() };
+    let (code, err) = decree(&["coordinators", "remove", &(index + 1).to_string()]);
+    assert_eq!(code, Some(2), "removing a live follower while the other is down: {err}");
+    assert!(err.contains("not a majority"), "{err}");
+    let (code, out) = decree(&["coordinators", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    cluster.restart(other).unwrap();
+    let client = cluster.client().await.unwrap();
+    let names = cluster.participant_names();
+    let answer = client.transact_branches(check::marked_transfer("still", &names, 0, 1)).await.unwrap();
+    assert_eq!(answer.outcome, Outcome::Committed, "the group works as before (leader {leader_index})");
+}
