@@ -42,6 +42,18 @@ pub struct BenchArgs {
     /// Participants of the local cluster (and PostgreSQL servers of the baseline).
     #[arg(long, default_value_t = 3)]
     pub(crate) participants: usize,
+    /// Replicas of the local coordinator: more than 1 runs a coordinator group, measured
+    /// beside a single coordinator (rounds alternate), with the ratio.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) coordinators: usize,
+    /// Then, with a group: kill -9 its leader this many times under the load (restarting it
+    /// each time) and report each failover's gap (kill to the next commit) and the
+    /// transactions whose clients heard no outcome.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) kill_leader: usize,
+    /// Time between leader kills.
+    #[arg(long, default_value = "3s", value_parser = decree_runtime::args::parse_duration)]
+    pub(crate) kill_every: Duration,
     /// Closed loop: this many clients, each starting a transaction when its last one ended.
     #[arg(long, default_value_t = 64)]
     pub(crate) concurrency: usize,
@@ -120,8 +132,9 @@ pub(crate) struct Run {
     /// RPCs plus messages on streams.
     pub(crate) messages: Option<f64>,
     pub(crate) rss_mib: BTreeMap<String, f64>,
-    /// Per process: fsyncs, log writes, gRPC requests received, stream messages received.
-    pub(crate) per_process: BTreeMap<String, [f64; 4]>,
+    /// Per process: fsyncs, log writes, gRPC requests received, stream
+    /// messages received, CPU seconds (user + system, from /proc).
+    pub(crate) per_process: BTreeMap<String, [f64; 5]>,
 }
 
 impl Run {
@@ -139,8 +152,8 @@ impl Run {
         self.rpcs = sum(self.rpcs, other.rpcs);
         self.messages = sum(self.messages, other.messages);
         for (name, counts) in other.per_process {
-            let mine = self.per_process.entry(name).or_insert([0.0; 4]);
-            for i in 0..4 {
+            let mine = self.per_process.entry(name).or_insert([0.0; 5]);
+            for i in 0..5 {
                 mine[i] += counts[i];
             }
         }
@@ -148,6 +161,16 @@ impl Run {
             let peak = self.rss_mib.entry(name).or_insert(0.0);
             *peak = peak.max(mib);
         }
+    }
+
+    /// CPU per committed transaction summed over every process measured
+    /// (the local cluster's and this client's), in microseconds.
+    fn cpu_us_per_tx(&self) -> Option<f64> {
+        if self.per_process.is_empty() {
+            return None;
+        }
+        let cpu: f64 = self.per_process.values().map(|counts| counts[4]).sum();
+        Some(cpu * 1e6 / self.committed.max(1) as f64)
     }
 
     fn tx_per_s(&self) -> f64 {
@@ -175,9 +198,11 @@ impl Run {
             "messages_per_tx": per_tx(self.messages).map(round),
             "floor_ms": round(floor_ms),
             "rss_mib": self.rss_mib.iter().map(|(k, v)| (k.clone(), json!(round(*v)))).collect::<serde_json::Map<_, _>>(),
-            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs, streamed])| {
+            "cpu_us_per_tx": self.cpu_us_per_tx().map(round),
+            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs, streamed, cpu])| {
                 let n = self.committed.max(1) as f64;
                 (k.clone(), json!({
+                    "cpu_us_per_tx": round(cpu * 1e6 / n),
                     "fsyncs_per_tx": round(fsyncs / n),
                     "log_writes_per_fsync": round(writes / fsyncs.max(1.0)),
                     "rpcs_received_per_tx": round(rpcs / n),
@@ -212,6 +237,17 @@ pub(crate) fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The CPU time (user + system) process `pid` ("self": this one) has used, in seconds.
+pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Past the command name (which may hold spaces): state is the first field.
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system; no memory is touched.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / per_second.max(1.0))
+}
+
 /// Sums a counter over a Prometheus text page (all label sets).
 fn counter(page: &str, name: &str) -> f64 {
     page.lines()
@@ -241,26 +277,41 @@ pub(crate) struct Local {
 
 impl Local {
     pub(crate) async fn start(args: &BenchArgs) -> Result<Local, String> {
+        Local::start_with(args, 1).await
+    }
+
+    /// A local cluster whose coordinator has `coordinators` replicas.
+    pub(crate) async fn start_with(args: &BenchArgs, coordinators: usize) -> Result<Local, String> {
         let binary = std::env::current_exe().map_err(|e| e.to_string())?;
         // Members that --scale-at adds start outside the ring.
         let extra = crate::scale::extra_members(args);
         let mut options = Options::new(args.participants + extra);
+        options.coordinators = coordinators;
         options.join_first = Some(args.participants);
         options.binary = Some(binary);
         options.keep_dir = args.keep;
         let mut ports = Vec::new();
-        for _ in 0..=args.participants + extra {
+        for _ in 0..args.participants + extra + coordinators {
             ports.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
         }
         let addr = |i: usize| format!("127.0.0.1:{}", ports[i].local_addr().map(|a| a.port()).unwrap_or(0));
-        let mut metrics = vec![("coordinator".to_owned(), NodeId::Coordinator, addr(0))];
-        options.coordinator_args = vec!["--metrics-listen".into(), addr(0)];
-        options.coordinator_args.extend(args.coordinator_flags.iter().cloned());
+        let mut metrics = Vec::new();
+        options.coordinator_args = args.coordinator_flags.clone();
+        if coordinators == 1 {
+            metrics.push(("coordinator".to_owned(), NodeId::Coordinator, addr(0)));
+            options.coordinator_args.extend(["--metrics-listen".into(), addr(0)]);
+        }
+        for r in (0..coordinators).filter(|_| coordinators > 1) {
+            let name = format!("c{}", r + 1);
+            options.participant_args_for.push((name.clone(), vec!["--metrics-listen".into(), addr(r)]));
+            metrics.push((name, NodeId::Replica(r), addr(r)));
+        }
         options.participant_args = args.participant_flags.clone();
         for i in 1..=args.participants + extra {
             let name = format!("p{i}");
-            options.participant_args_for.push((name.clone(), vec!["--metrics-listen".into(), addr(i)]));
-            metrics.push((name, NodeId::Participant(i - 1), addr(i)));
+            let at = addr(coordinators - 1 + i);
+            options.participant_args_for.push((name.clone(), vec!["--metrics-listen".into(), at.clone()]));
+            metrics.push((name, NodeId::Participant(i - 1), at));
         }
         drop(ports);
         let cluster = Cluster::start(options).await.map_err(|e| e.to_string())?;
@@ -268,15 +319,23 @@ impl Local {
     }
 
     /// Per process: (fsyncs, log write requests, gRPC requests received, stream messages received).
-    async fn counters(&self) -> Result<BTreeMap<String, [f64; 4]>, String> {
+    async fn counters(&self) -> Result<BTreeMap<String, [f64; 5]>, String> {
         let mut out = BTreeMap::new();
-        for (name, _, addr) in &self.metrics {
-            let page = scrape(addr).await?;
+        let client = cpu_seconds("self").unwrap_or(0.0);
+        out.insert("client".to_owned(), [0.0, 0.0, 0.0, 0.0, client]);
+        for (name, id, addr) in &self.metrics {
+            let page = match scrape(addr).await {
+                Ok(page) => page,
+                // A group's replica that is down (killed) has no page.
+                Err(_) if matches!(id, NodeId::Replica(_)) => continue,
+                Err(err) => return Err(err),
+            };
             let counts = [
                 counter(&page, decree_runtime::metrics::LOG_FSYNCS),
                 counter(&page, decree_runtime::metrics::LOG_WRITES),
                 counter(&page, decree_runtime::metrics::GRPC_REQUESTS),
                 counter(&page, decree_runtime::metrics::STREAM_MESSAGES),
+                self.cluster.pid(*id).and_then(|pid| cpu_seconds(&pid.to_string())).unwrap_or(0.0),
             ];
             out.insert(name.clone(), counts);
         }
@@ -545,10 +604,10 @@ async fn decree_round(args: &BenchArgs, client: &Client, local: Option<&Local>) 
     bar.finish_and_clear();
     if let (Some(local), Some(before)) = (local, before) {
         let after = local.counters().await?;
-        let mut totals = [0.0; 4];
+        let mut totals = [0.0; 5];
         for (name, counts) in &after {
-            let delta: [f64; 4] = std::array::from_fn(|i| counts[i] - before.get(name).map_or(0.0, |b| b[i]));
-            for i in 0..4 {
+            let delta: [f64; 5] = std::array::from_fn(|i| counts[i] - before.get(name).map_or(0.0, |b| b[i]));
+            for i in 0..5 {
                 totals[i] += delta[i];
             }
             run.per_process.insert(name.clone(), delta);
@@ -583,12 +642,40 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
             println!("{text}");
         }
     };
-    let local = match &args.coordinator {
+    if args.coordinators == 0 || (args.kill_leader > 0 && args.coordinators < 3) {
+        return Err("--coordinators must be at least 1, and 3 or more with --kill-leader".into());
+    }
+    let group = args.coordinators > 1;
+    if group && (args.coordinator.is_some() || !args.scale_at.is_empty()) {
+        return Err("--coordinators starts local clusters: drop --coordinator and --scale-at".into());
+    }
+    let mut local = match &args.coordinator {
         Some(_) => None,
+        None if group => {
+            say(format!(
+                "decree bench: starting a group of {} coordinators and {} participants ...",
+                args.coordinators, args.participants
+            ));
+            Some(Local::start_with(&args, args.coordinators).await?)
+        }
         None => {
             say(format!("decree bench: starting a coordinator and {} participants ...", args.participants));
             Some(Local::start(&args).await?)
         }
+    };
+    // Beside a group, a single coordinator over the same participants' setup, in the same run.
+    let single = match group {
+        true => {
+            say(format!("  and, beside it, a single coordinator and {} participants ...", args.participants));
+            let single = Local::start(&args).await?;
+            let client =
+                Client::connect(&single.cluster.coordinator_url()).await.map_err(|e| e.to_string())?;
+            if args.workload == Workload::Bank {
+                seed_accounts(&client, args.accounts).await?;
+            }
+            Some((single, client))
+        }
+        false => None,
     };
     let url = match (&args.coordinator, &local) {
         (Some(url), _) => url.clone(),
@@ -634,9 +721,14 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let (mut ours, mut theirs) = (Run::default(), Run::default());
+    let (mut ours, mut theirs, mut alone) = (Run::default(), Run::default(), Run::default());
     for round in 1..=args.rounds {
-        say(format!("round {round}/{}: decree ...", args.rounds));
+        if let Some((single, single_client)) = &single {
+            say(format!("round {round}/{}: decree, single coordinator ...", args.rounds));
+            alone.absorb(decree_round(&args, single_client, Some(single)).await?);
+        }
+        let what = if group { format!("a group of {}", args.coordinators) } else { "decree".into() };
+        say(format!("round {round}/{}: {what} ...", args.rounds));
         ours.absorb(decree_round(&args, &client, local.as_ref()).await?);
         if let Some(peer) = baseline.as_mut() {
             say(format!("round {round}/{}: PostgreSQL 2PC ...", args.rounds));
@@ -645,11 +737,34 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
             bar.finish_and_clear();
         }
     }
+    let failovers = match local.as_mut() {
+        Some(local) if args.kill_leader > 0 => {
+            say(format!(
+                "failover: killing the leader {} times, every {:?}, under the load ...",
+                args.kill_leader, args.kill_every
+            ));
+            Some(crate::failover::run(&args, local, &client, &say).await?)
+        }
+        _ => None,
+    };
     if args.workload == Workload::Bank {
         check_balances(&args, &client).await?;
+        if let Some((_, single_client)) = &single {
+            check_balances(&args, single_client).await?;
+        }
         say("balances: sum 0, as seeded".into());
     }
     let mut out = ours.to_json(floor_ms);
+    if group {
+        out["coordinators"] = json!(args.coordinators);
+        // A decision is durable once a follower holds it too: one round trip more.
+        out["group_floor_ms"] = json!(round(2.0 * fsync_ms + 3.0 * rtt_ms));
+        out["single"] = alone.to_json(floor_ms);
+        out["group_vs_single"] = json!(round(ours.tx_per_s() / alone.tx_per_s().max(1e-9)));
+    }
+    if let Some(failovers) = failovers {
+        out["failover"] = failovers;
+    }
     out["workload"] = json!(format!("{:?}", args.workload).to_lowercase());
     out["participants"] = json!(args.participants);
     out["concurrency"] = json!(if args.rate.is_some() { Value::Null } else { json!(args.concurrency) });
@@ -709,9 +824,27 @@ fn print_table(out: &Value) {
         if !rss.is_empty() {
             println!("  peak RSS       {}", rss.join(", "));
         }
+        if let Some(per) = v["per_process"].as_object().filter(|_| !v["cpu_us_per_tx"].is_null()) {
+            let each: Vec<String> = per.iter().map(|(k, p)| format!("{k} {}", p["cpu_us_per_tx"])).collect();
+            println!("  CPU per tx     {} µs in all ({})", v["cpu_us_per_tx"], each.join(", "));
+        }
     };
     println!();
-    row("decree", out);
+    match out.get("coordinators") {
+        Some(n) => {
+            row(&format!("decree, a group of {n} coordinators"), out);
+            row("decree, a single coordinator", &out["single"]);
+            println!("ratio            group / single = {}", out["group_vs_single"]);
+            println!("group floor      {} ms (2 x fsync p50 + 3 x round trip p50)", out["group_floor_ms"]);
+        }
+        None => row("decree", out),
+    }
+    if let Some(failover) = out.get("failover") {
+        println!(
+            "failover         {} leader kills: gap to the next commit p50 {} ms, p99 {} ms, max {} ms; {} transactions without an outcome",
+            failover["kills"], failover["gap_p50_ms"], failover["gap_p99_ms"], failover["gap_max_ms"], failover["unknown"]
+        );
+    }
     if let Some(baseline) = out.get("baseline") {
         row("PostgreSQL 2PC (client-side)", baseline);
         println!("ratio            decree / PostgreSQL = {}", out["ratio"]);

@@ -8,6 +8,8 @@
 //! point `coordinator.decision.after_log`) and restarted while it runs. With
 //! `--elastic`, the ring grows from 3 to 5 members and shrinks back to 3 while
 //! it runs, with the coordinator SIGKILLed during one of the migrations.
+//! With `--ha`, the coordinator is a group of three replicas and its leader
+//! is SIGKILLed twice while the transfers run; each failover is printed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +46,10 @@ pub struct DemoArgs {
     /// with the coordinator killed during a migration; every balance is read after each step.
     #[arg(long)]
     elastic: bool,
+    /// Run the coordinator as a group of three replicas and SIGKILL its leader twice while
+    /// the transfers run: each failover's time to a new leader, branches in doubt, all decided.
+    #[arg(long, conflicts_with_all = ["chaos", "elastic"])]
+    ha: bool,
     /// Seed of the chaos schedule (default: random; printed).
     #[arg(long, env = "DECREE_SEED")]
     seed: Option<u64>,
@@ -82,6 +88,9 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     let participants = if args.elastic { ELASTIC_MEMBERS } else { args.participants };
     let mut options = Options::new(participants);
     options.binary = Some(binary);
+    if args.ha {
+        options.coordinators = 3;
+    }
     options.keep_dir = args.keep;
     // Short deadlines keep the demo moving when chaos takes a process away.
     options.coordinator_args =
@@ -92,7 +101,12 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         options.join_first = Some(3);
         options.coordinator_args.extend(["--migration-batch-keys".into(), "32".into()]);
     }
-    println!("decree demo: starting a coordinator and {participants} participants ...");
+    match args.ha {
+        true => {
+            println!("decree demo: starting a group of 3 coordinators and {participants} participants ...")
+        }
+        false => println!("decree demo: starting a coordinator and {participants} participants ..."),
+    }
     let cluster = Cluster::start(options).await.map_err(|e| e.to_string())?;
     println!("  directory {}", cluster.dir().display());
     let client = cluster.client().await.map_err(|e| e.to_string())?;
@@ -116,7 +130,7 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     let cluster = Arc::new(Mutex::new(cluster));
     let chaos_log = Arc::new(std::sync::Mutex::new(ChaosLog::default()));
     // With --chaos (or --elastic) the transfers go on until the schedule is over.
-    let chaos_over = Arc::new(std::sync::atomic::AtomicBool::new(!args.chaos && !args.elastic));
+    let chaos_over = Arc::new(std::sync::atomic::AtomicBool::new(!args.chaos && !args.elastic && !args.ha));
     let accounts: Vec<String> = (0..args.accounts).map(account).collect();
     let elastic = args.elastic.then(|| {
         let schedule = elastic_schedule(cluster.clone(), accounts.clone(), bar_for_schedule());
@@ -128,7 +142,16 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         })
     });
 
-    if args.chaos || args.elastic {
+    let ha = args.ha.then(|| {
+        let schedule = crate::failover::demo_schedule(cluster.clone(), bar_for_schedule());
+        let over = chaos_over.clone();
+        tokio::spawn(async move {
+            let report = schedule.await;
+            over.store(true, std::sync::atomic::Ordering::Relaxed);
+            report
+        })
+    });
+    if args.chaos || args.elastic || args.ha {
         println!(
             "running transfers with {} concurrent clients until the chaos is over ...",
             args.concurrency
@@ -224,6 +247,10 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         Some(task) => Some(task.await.map_err(|e| e.to_string())??),
         None => None,
     };
+    let ha_report = match ha {
+        Some(task) => Some(task.await.map_err(|e| e.to_string())??),
+        None => None,
+    };
 
     let cluster = cluster.lock().await;
     let settle_started = Instant::now();
@@ -271,6 +298,9 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     if let Some(report) = &chaos_report {
         println!("  chaos          {report}");
     }
+    if let Some(report) = &ha_report {
+        println!("  failovers      {report}");
+    }
     if let Some(report) = &elastic_report {
         println!("  ring           {}", report.summary);
         println!(
@@ -297,8 +327,13 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     let ok = sum == expected && unreadable == 0 && in_doubt_ok && reads_ok;
     println!();
     if ok {
-        let reads =
-            if elastic_report.is_some() { "; every committed value was readable at every step" } else { "" };
+        let reads = if elastic_report.is_some() {
+            "; every committed value was readable at every step"
+        } else if ha_report.is_some() {
+            "; the group decided every transaction across both failovers"
+        } else {
+            ""
+        };
         println!("verdict: OK — every transfer was all-or-nothing; the sum of balances is unchanged{reads}");
     } else {
         println!("verdict: FAILED — sum {sum} (expected {expected}), {unreadable} unreadable balances, in doubt: {}", !in_doubt_ok);
@@ -365,7 +400,7 @@ async fn chaos_schedule(cluster: Arc<Mutex<Cluster>>, seed: u64, log: SharedLog,
 }
 
 /// Prints above the progress bar, or plainly when there is no terminal to draw on.
-fn say(bar: &ProgressBar, message: impl Into<String>) {
+pub(crate) fn say(bar: &ProgressBar, message: impl Into<String>) {
     let message = message.into();
     if bar.is_hidden() {
         println!("{message}");

@@ -8,6 +8,7 @@ mod bench;
 mod bench_pg;
 mod coordinators;
 mod demo;
+mod failover;
 mod ring;
 mod scale;
 mod soak;

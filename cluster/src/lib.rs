@@ -79,7 +79,8 @@ pub struct Options {
     pub coordinator_args: Vec<String>,
     /// Extra flags for every participant.
     pub participant_args: Vec<String>,
-    /// Extra flags for one participant, by name ("p2": the second).
+    /// Extra flags for one participant, by name ("p2": the second), or for
+    /// one replica of a coordinator group ("c2").
     pub participant_args_for: Vec<(String, Vec<String>)>,
     /// Another program for one participant, by name, in place of `decree
     /// participant`: a service built on the participant library that takes
@@ -392,6 +393,9 @@ impl Cluster {
                     args.push("--bootstrap".to_owned());
                 }
                 args.extend(self.options.coordinator_args.iter().cloned());
+                let name = &self.coordinators[index].name;
+                let own = self.options.participant_args_for.iter().filter(|(n, _)| n == name);
+                args.extend(own.flat_map(|(_, a)| a.iter().cloned()));
                 args
             }
             NodeId::Coordinator | NodeId::Replica(_) => self.options.coordinator_args.clone(),

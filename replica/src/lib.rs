@@ -35,6 +35,7 @@ use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+pub mod codec;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
@@ -63,19 +64,35 @@ pub struct Batch {
 /// One change of a [`Batch`], as [`Write`] but serializable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
-    SingleDelete { key: Vec<u8> },
-    DeleteRange { from: Vec<u8>, to: Vec<u8> },
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    SingleDelete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    DeleteRange {
+        #[serde(with = "serde_bytes")]
+        from: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        to: Vec<u8>,
+    },
 }
 
-impl From<&Write> for Change {
-    fn from(write: &Write) -> Change {
+impl From<Write> for Change {
+    fn from(write: Write) -> Change {
         match write {
-            Write::Put { key, value } => Change::Put { key: key.clone(), value: value.clone() },
-            Write::Delete { key } => Change::Delete { key: key.clone() },
-            Write::SingleDelete { key } => Change::SingleDelete { key: key.clone() },
-            Write::DeleteRange { from, to } => Change::DeleteRange { from: from.clone(), to: to.clone() },
+            Write::Put { key, value } => Change::Put { key, value },
+            Write::Delete { key } => Change::Delete { key },
+            Write::SingleDelete { key } => Change::SingleDelete { key },
+            Write::DeleteRange { from, to } => Change::DeleteRange { from, to },
         }
     }
 }
@@ -177,7 +194,7 @@ impl<S: Storage> Replica<S> {
         let raft = Raft::new(id, config, network::Network, log, machine)
             .await
             .map_err(|e| ReplicaError::Raft(e.to_string()))?;
-        let storage = Replicated { raft: raft.clone(), data: store };
+        let storage = Replicated::new(raft.clone(), store);
         Ok(Replica { id, raft, storage, server: None })
     }
 
@@ -494,10 +511,72 @@ impl<S: Storage> Storage for Store<S> {
 
 /// A [`Storage`] whose writes are replicated through the group's Raft log
 /// and whose reads are of this replica's applied state.
+///
+/// Writes are proposed in call order by one task that gathers every write
+/// waiting while earlier entries are being replicated into one entry (one
+/// atomic batch holding each write's batch whole, in order), with at most
+/// [`IN_FLIGHT`] entries in flight: group commit over consensus, as the
+/// local log shares its fsyncs.
 #[derive(Clone)]
 pub struct Replicated<S> {
-    raft: Raft,
     data: S,
+    proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
+}
+
+/// One write waiting to be proposed.
+struct Proposal {
+    writes: Vec<Write>,
+    done: tokio::sync::oneshot::Sender<Result<(), LogError>>,
+}
+
+/// Entries proposed and not yet committed, at most.
+const IN_FLIGHT: usize = 2;
+
+/// Most writes gathered into one entry.
+const MOST_GATHERED: usize = 4096;
+
+impl<S: Storage> Replicated<S> {
+    fn new(raft: Raft, data: S) -> Replicated<S> {
+        let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(propose(raft, queue));
+        Replicated { data, proposals }
+    }
+}
+
+/// Proposes what `queue` brings, gathered (see [`Replicated`]), until every sender is gone.
+async fn propose(raft: Raft, mut queue: tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut gathered = vec![first];
+        let mut count = gathered[0].writes.len();
+        while count < MOST_GATHERED {
+            let Ok(next) = queue.try_recv() else { break };
+            count += next.writes.len();
+            gathered.push(next);
+        }
+        let mut writes = Vec::with_capacity(count);
+        let mut waiting = Vec::with_capacity(gathered.len());
+        for proposal in gathered {
+            writes.extend(proposal.writes.into_iter().map(Change::from));
+            waiting.push(proposal.done);
+        }
+        let answer = raft.client_write_ff(Batch { writes }).await;
+        tokio::spawn(async move {
+            let result = match answer {
+                Ok(committed) => match committed.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(err)) => Err(err.to_string()),
+                    Err(_) => Err("the Raft node stopped".to_owned()),
+                },
+                Err(fatal) => Err(fatal.to_string()),
+            };
+            for done in waiting {
+                let _ = done.send(result.clone().map_err(LogError::Replication));
+            }
+            drop(slot);
+        });
+    }
 }
 
 impl<S: Storage> Storage for Replicated<S> {
@@ -508,9 +587,13 @@ impl<S: Storage> Storage for Replicated<S> {
         writes: Vec<Write>,
         _durability: Durability,
     ) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
-        let raft = self.raft.clone();
-        let batch = Batch { writes: writes.iter().map(Change::from).collect() };
-        async move { raft.client_write(batch).await.map(drop).map_err(|e| LogError::Replication(e.to_string())) }
+        // Queued now, so proposals keep the order of the calls.
+        let (done, committed) = tokio::sync::oneshot::channel();
+        let queued = self.proposals.send(Proposal { writes, done });
+        async move {
+            queued.map_err(|_| LogError::Replication("the replica stopped".into()))?;
+            committed.await.map_err(|_| LogError::Replication("the replica stopped".into()))?
+        }
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {

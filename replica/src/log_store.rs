@@ -44,11 +44,11 @@ fn write_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError<NodeId>> {
-    serde_json::from_slice(bytes).map_err(read_error)
+    crate::codec::decode(bytes).map_err(read_error)
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("openraft's types serialize")
+    crate::codec::encode(value)
 }
 
 /// Whether `store` holds a replica's state: a vote, or log entries (present
@@ -73,7 +73,7 @@ impl<S: Storage> LogStore<S> {
     pub fn open(store: S) -> Result<LogStore<S>, LogError> {
         let last = match store.scan_range(LOG, LOG_END)?.last() {
             Some((_, bytes)) => Some(
-                serde_json::from_slice::<Entry<TypeConfig>>(bytes)
+                crate::codec::decode::<Entry<TypeConfig>>(bytes)
                     .map_err(|e| LogError::Rocks(format!("corrupt raft log entry: {e}")))?
                     .log_id,
             ),

@@ -1,5 +1,5 @@
 //! The `decree.v1.Replica` gRPC service: openraft's messages between the
-//! replicas of a group, each serialized by openraft (JSON) in a
+//! replicas of a group, each serialized (MessagePack, [`crate::codec`]) in a
 //! `RaftMessage`, and its answers likewise.
 
 use std::time::Duration;
@@ -47,7 +47,7 @@ pub struct Connection {
 }
 
 fn encode<T: Serialize>(value: &T) -> RaftMessage {
-    RaftMessage { body: serde_json::to_vec(value).expect("openraft's types serialize") }
+    RaftMessage { body: crate::codec::encode(value) }
 }
 
 impl Connection {
@@ -78,7 +78,7 @@ impl Connection {
             Err(elapsed) => return Err(RPCError::Network(NetworkError::new(&elapsed))),
         };
         let result: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&answer.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            crate::codec::decode(&answer.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -118,7 +118,7 @@ pub struct Service {
 }
 
 fn decode<T: DeserializeOwned>(message: RaftMessage) -> Result<T, Status> {
-    serde_json::from_slice(&message.body).map_err(|e| Status::invalid_argument(format!("raft message: {e}")))
+    crate::codec::decode(&message.body).map_err(|e| Status::invalid_argument(format!("raft message: {e}")))
 }
 
 #[tonic::async_trait]

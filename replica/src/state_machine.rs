@@ -58,21 +58,21 @@ impl<S: Storage> StateMachine<S> {
 
     fn applied(&self) -> Result<Applied, StorageError<NodeId>> {
         match self.store.get(APPLIED).map_err(io)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(io),
+            Some(bytes) => crate::codec::decode(&bytes).map_err(io),
             None => Ok(Applied::default()),
         }
     }
 
     fn snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError<NodeId>> {
         match self.store.get(SNAPSHOT).map_err(io)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(io),
+            Some(bytes) => crate::codec::decode(&bytes).map(Some).map_err(io),
             None => Ok(None),
         }
     }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("openraft's types serialize")
+    crate::codec::encode(value)
 }
 
 impl<S: Storage> RaftSnapshotBuilder<TypeConfig> for StateMachine<S> {
@@ -156,7 +156,7 @@ impl<S: Storage> RaftStateMachine<TypeConfig> for StateMachine<S> {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
-        let stored: StoredSnapshot = serde_json::from_slice(&bytes)
+        let stored: StoredSnapshot = crate::codec::decode(&bytes)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let applied = Applied { log_id: meta.last_log_id, membership: meta.last_membership.clone() };
         let mut writes = vec![Write::delete_range(b"".to_vec(), DATA_END.to_vec())];

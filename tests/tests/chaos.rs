@@ -27,6 +27,17 @@ const ACCOUNTS: usize = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_stay_atomic_under_random_kills() {
+    chaos(1).await;
+}
+
+/// The same against a coordinator group of three: the victims are its
+/// replicas (the leader half the time) and the participants, one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_stay_atomic_under_random_kills_of_a_coordinator_group() {
+    chaos(3).await;
+}
+
+async fn chaos(coordinators: usize) {
     common::init();
     let seed: u64 =
         std::env::var("DECREE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
@@ -35,6 +46,7 @@ async fn transfers_stay_atomic_under_random_kills() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let mut options = Options::new(3);
+    options.coordinators = coordinators;
     options.coordinator_args =
         ["--prepare-timeout-ms", "1000", "--commit-timeout-ms", "500", "--redelivery-cap-ms", "300"]
             .map(String::from)
@@ -113,7 +125,10 @@ async fn transfers_stay_atomic_under_random_kills() {
     while started.elapsed() < CHAOS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
         let victim = match rng.random_range(0..=names.len()) {
-            0 => NodeId::Coordinator,
+            0 if coordinators == 1 => NodeId::Coordinator,
+            // The leader half the time, else a replica at random.
+            0 if rng.random_bool(0.5) => cluster.lock().await.leader(Duration::from_secs(30)).await.unwrap(),
+            0 => NodeId::Replica(rng.random_range(0..coordinators)),
             i => NodeId::Participant(i - 1),
         };
         info!(?victim, "SIGKILL");
@@ -151,7 +166,7 @@ async fn transfers_stay_atomic_under_random_kills() {
     }
     info!(kills, committed, aborted, unknown, "chaos done");
     println!(
-        "chaos: {kills} kills, {committed} committed, {aborted} aborted, {unknown} unknown to the client"
+        "chaos ({coordinators} coordinator replicas): {kills} kills, {committed} committed, {aborted} aborted, {unknown} unknown to the client"
     );
     assert!(committed > 0, "seed {seed}: nothing committed at all");
     assert_eq!(
