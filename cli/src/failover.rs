@@ -36,7 +36,8 @@ pub(crate) async fn run(
     let commits = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
     let load = {
         let (args, txn, commits) = (args.clone(), txn.clone(), commits.clone());
-        let duration = args.kill_every * (args.kill_leader as u32 + 1);
+        // Long enough for every kill, each waiting for the group to be whole again.
+        let duration = (args.kill_every + Duration::from_secs(2)) * (args.kill_leader as u32 + 1);
         tokio::spawn(async move {
             drive(&args, duration, &ProgressBar::hidden(), move |worker, seq| {
                 let (txn, commits) = (txn.clone(), commits.clone());
@@ -55,8 +56,9 @@ pub(crate) async fn run(
     };
     let mut gaps = histogram();
     let mut each = Vec::new();
+    let mut next = started + args.kill_every;
     for kill in 1..=args.kill_leader {
-        tokio::time::sleep_until((started + args.kill_every * kill as u32).into()).await;
+        tokio::time::sleep_until(next.into()).await;
         let leader = local.cluster.leader(GIVE_UP).await.map_err(|e| e.to_string())?;
         let at = started.elapsed().as_micros() as u64;
         local.cluster.kill(leader);
@@ -88,6 +90,9 @@ pub(crate) async fn run(
         ));
         local.cluster.restart(leader).map_err(|e| e.to_string())?;
         local.cluster.wait_serving(leader, GIVE_UP).await.map_err(|e| e.to_string())?;
+        // Each kill finds the group whole: three replicas, none behind.
+        whole(local).await?;
+        next = (started + args.kill_every * (kill as u32 + 1)).max(Instant::now() + Duration::from_secs(1));
     }
     let run = load.await.map_err(|e| e.to_string())?;
     let ms = |q: f64| round(gaps.value_at_quantile(q) as f64 / 1000.0);
@@ -101,6 +106,28 @@ pub(crate) async fn run(
         "aborted": run.aborted,
         "unknown": run.errors,
     }))
+}
+
+/// Waits until the group has three replicas again and none lags its leader.
+async fn whole(local: &Local) -> Result<(), String> {
+    use decree_client::v1;
+    decree_cluster::poll(GIVE_UP, "the group whole again", || async {
+        let leader = local.cluster.leader(GIVE_UP).await.ok()?;
+        let channel = tonic::transport::Endpoint::from_shared(local.cluster.url_of(leader))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let status =
+            v1::group_client::GroupClient::new(channel).get_group(v1::GetGroupRequest {}).await.ok()?;
+        let members = &status.get_ref().members;
+        let caught_up = members.iter().all(|m| {
+            m.voter && if m.replication_known { m.lag <= 100 } else { m.id == status.get_ref().replica_id }
+        });
+        (members.len() >= 3 && caught_up).then_some(())
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// `decree demo --ha`: kills the group's leader twice while the demo's

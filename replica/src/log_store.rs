@@ -35,6 +35,10 @@ fn entry_key(index: u64) -> Vec<u8> {
     [LOG, &index.to_be_bytes()].concat()
 }
 
+fn corrupt(e: impl std::fmt::Display) -> LogError {
+    LogError::Rocks(format!("corrupt raft log record: {e}"))
+}
+
 fn read_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::read_logs(&e).into()
 }
@@ -70,14 +74,38 @@ pub struct LogStore<S> {
 
 impl<S: Storage> LogStore<S> {
     /// The log found in `store` (empty the first time).
+    ///
+    /// The entries are contiguous (appends extend them, truncation removes a
+    /// suffix, purge a prefix), so the last one is found by point lookups,
+    /// doubling then halving from the first: a long log opens as fast as a
+    /// short one.
     pub fn open(store: S) -> Result<LogStore<S>, LogError> {
-        let last = match store.scan_range(LOG, LOG_END)?.last() {
-            Some((_, bytes)) => Some(
-                crate::codec::decode::<Entry<TypeConfig>>(bytes)
-                    .map_err(|e| LogError::Rocks(format!("corrupt raft log entry: {e}")))?
-                    .log_id,
-            ),
+        let purged: Option<LogId<NodeId>> = match store.get(PURGED)? {
+            Some(bytes) => Some(crate::codec::decode(&bytes).map_err(corrupt)?),
             None => None,
+        };
+        let exists = |index: u64| store.get(&entry_key(index)).map(|v| v.is_some());
+        let mut at = purged.map_or(0, |p| p.index + 1);
+        let last = if exists(at)? {
+            let mut step = 1u64;
+            while exists(at + step)? {
+                at += step;
+                step *= 2;
+            }
+            // The last entry is in [at, at + step).
+            let (mut low, mut high) = (at, at + step);
+            while high - low > 1 {
+                let middle = low + (high - low) / 2;
+                if exists(middle)? {
+                    low = middle;
+                } else {
+                    high = middle;
+                }
+            }
+            let bytes = store.get(&entry_key(low))?.expect("found above");
+            Some(crate::codec::decode::<Entry<TypeConfig>>(&bytes).map_err(corrupt)?.log_id)
+        } else {
+            None
         };
         Ok(LogStore { store, last: Arc::new(Mutex::new(last)) })
     }
@@ -215,5 +243,44 @@ impl<S: Storage> RaftLogStorage<TypeConfig> for LogStore<S> {
             self.set_last(None);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+
+    fn id(index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    async fn put_entries(store: &decree_runtime::MemLog, indexes: std::ops::RangeInclusive<u64>) {
+        let writes = indexes
+            .map(|i| Write::put(entry_key(i), encode(&Entry::<TypeConfig>::new_blank(id(i)))))
+            .collect();
+        store.write(writes, true).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn open_finds_the_last_entry_of_any_log_by_lookups() {
+        let empty = decree_runtime::MemLog::new();
+        assert_eq!(LogStore::open(empty).unwrap().last(), None);
+        for last in [0u64, 1, 2, 7, 8, 1000, 1023, 1024] {
+            let store = decree_runtime::MemLog::new();
+            put_entries(&store, 0..=last).await;
+            assert_eq!(LogStore::open(store).unwrap().last(), Some(id(last)), "entries 0..={last}");
+        }
+        // Purged up to 500: the entries start at 501.
+        let store = decree_runtime::MemLog::new();
+        put_entries(&store, 501..=777).await;
+        store.write(vec![Write::put(PURGED, encode(&id(500)))], true).await.unwrap();
+        assert_eq!(LogStore::open(store).unwrap().last(), Some(id(777)));
+        // Purged up to the last: no entry left.
+        let store = decree_runtime::MemLog::new();
+        store.write(vec![Write::put(PURGED, encode(&id(9)))], true).await.unwrap();
+        assert_eq!(LogStore::open(store).unwrap().last(), None);
     }
 }

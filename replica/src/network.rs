@@ -32,7 +32,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
         let client = Endpoint::from_shared(format!("http://{}", node.addr))
             .map(|endpoint| {
-                ReplicaClient::new(endpoint.connect_timeout(Duration::from_secs(1)).connect_lazy())
+                let endpoint = endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true);
+                ReplicaClient::new(endpoint.connect_lazy())
             })
             .ok();
         Connection { target, client }
