@@ -20,8 +20,8 @@ pub(crate) struct CoordinatorsArgs {
 
 #[derive(clap::Subcommand)]
 enum Action {
-    /// Add replica ID, started at ADDRESS (HOST:PORT) with an empty data directory and the
-    /// group's --replicas: it catches up, then votes.
+    /// Add replica ID, started at ADDRESS (HOST:PORT) with an empty data directory and
+    /// --replicas naming the group's replicas and itself: it catches up, then votes.
     Add { id: u64, address: String },
     /// Remove replica ID from the group (it may then be stopped). The last one cannot be removed.
     Remove { id: u64 },

@@ -275,10 +275,10 @@ impl Term {
     /// Answers what is in flight "unknown, ask the leader", ends the open
     /// transaction streams and stops everything the term started.
     async fn stop(mut self) {
-        self.handle.depose();
+        self.handle.depose(std::time::Duration::from_secs(2)).await;
         let _ = self.stopping.send(true);
-        // The actor answers at once; give the answers a moment to go out.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Give the answers a moment to go out on their streams.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }

@@ -57,8 +57,8 @@ pub(crate) enum Request {
         branches: Vec<(ParticipantName, Vec<u8>)>,
         timeout: Duration,
         span: Span,
-        /// Hears the txid once it is issued.
-        announce: Option<oneshot::Sender<TxId>>,
+        /// Its txid, issued already (and announced to its client): [`Handle::issue_txid`].
+        txid: Option<TxId>,
         reply: Decision,
         refused: oneshot::Sender<CoordinatorError>,
     },
@@ -122,6 +122,8 @@ pub struct Handle {
     failure: Failure,
     /// Turns true when this replica stops leading (a group only).
     deposed: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Notified once the actor has answered its waiting transactions and stopped.
+    abdicated: Arc<tokio::sync::Notify>,
 }
 
 /// What a failed storage write ends: the process (a single coordinator) or
@@ -144,10 +146,20 @@ impl Handle {
         branches: Vec<(ParticipantName, Vec<u8>)>,
         timeout: Duration,
         span: Span,
-        announce: Option<oneshot::Sender<TxId>>,
+        txid: Option<TxId>,
     ) -> Result<(TxId, Decided), CoordinatorError> {
-        self.decide(|reply, refused| Request::Transact { branches, timeout, span, announce, reply, refused })
+        self.decide(|reply, refused| Request::Transact { branches, timeout, span, txid, reply, refused })
             .await
+    }
+
+    /// A new txid, never issued before. The actor issues them, and a
+    /// TransactStream handler does for a transaction whose client asked to
+    /// hear its txid first (issued as soon as the request is read, so the
+    /// client knows it before anything of the transaction happens). The
+    /// pruner reads where the sequence stands.
+    pub(crate) fn issue_txid(&self) -> TxId {
+        let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        TxId::new(self.coordinator_id, self.incarnation, sequence)
     }
 
     /// A storage write failed: a single coordinator stops at once; a
@@ -164,9 +176,13 @@ impl Handle {
     }
 
     /// This replica no longer leads its group: every transaction waiting
-    /// for its answer hears "unknown, ask the leader", and the actor stops.
-    pub(crate) fn depose(&self) {
+    /// for its answer hears "unknown, ask the leader", and the actor stops;
+    /// returns once it has (or after `wait`).
+    pub(crate) async fn depose(&self, wait: Duration) {
         let _ = self.deposed.send(true);
+        if tokio::time::timeout(wait, self.abdicated.notified()).await.is_err() {
+            warn!(?wait, "the actor did not stop in time; its waiting transactions hear nothing");
+        }
     }
 
     /// Sends a request that ends in a decision, or is refused before it starts.
@@ -314,6 +330,7 @@ pub(crate) fn start(
         next_sequence,
         failure,
         deposed: Arc::new(deposed),
+        abdicated: Arc::default(),
     };
     let mut actor = Actor {
         engine,
@@ -364,6 +381,7 @@ impl Actor {
                 // Its sender is in `self.handle`: this resolves only on a deposition.
                 _ = deposed.wait_for(|deposed| *deposed) => {
                     self.abdicate();
+                    self.handle.abdicated.notify_one();
                     return;
                 }
                 Some(event) = events.recv() => {
@@ -410,9 +428,7 @@ impl Actor {
     }
 
     fn next_txid(&mut self) -> TxId {
-        // Only the actor issues txids; the pruner reads where the sequence stands.
-        let sequence = self.handle.next_sequence.fetch_add(1, Ordering::Relaxed);
-        TxId::new(self.handle.coordinator_id, self.handle.incarnation, sequence)
+        self.handle.issue_txid()
     }
 
     fn admit(&self) -> Result<(), CoordinatorError> {
@@ -430,15 +446,12 @@ impl Actor {
 
     fn on_request(&mut self, request: Request) {
         match request {
-            Request::Transact { branches, timeout, span, announce, reply, refused } => {
+            Request::Transact { branches, timeout, span, txid, reply, refused } => {
                 if let Err(err) = self.admit() {
                     let _ = refused.send(err);
                     return;
                 }
-                let txid = self.next_txid();
-                if let Some(announce) = announce {
-                    let _ = announce.send(txid);
-                }
+                let txid = txid.unwrap_or_else(|| self.next_txid());
                 span.record("txid", tracing::field::display(txid));
                 debug!(parent: &span, %txid, participants = branches.len(), "transaction starts");
                 self.engine.on_event(Event::Transact { txid, branches, timeout }).expect("fresh txid");

@@ -37,17 +37,17 @@ impl Service {
     }
 
     /// One one-shot transaction: decided, or refused before it started.
-    /// `announce` hears the txid as soon as it is issued.
+    /// `txid`: issued (and announced) already.
     async fn run_transact(
         &self,
         request: v1::TransactRequest,
         span: tracing::Span,
-        announce: Option<tokio::sync::oneshot::Sender<TxId>>,
+        txid: Option<TxId>,
     ) -> Result<Response<v1::TransactResponse>, Status> {
         let timeout = self.timeout(request.timeout_ms, self.handle.config.prepare_timeout());
         let branches = self.branches(request.branches)?;
         let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
-        let (txid, decided) = self.handle.transact(branches, timeout, span, announce).await?;
+        let (txid, decided) = self.handle.transact(branches, timeout, span, txid).await?;
         decided_response(txid, decided, participants, request.pending_outcome)
     }
 
@@ -167,21 +167,18 @@ impl Coordinator for Service {
                 async move {
                     let id = message.id;
                     let request = message.request.unwrap_or_default();
-                    let announce = request.announce_txid.then(|| {
-                        let (started, txid) = tokio::sync::oneshot::channel::<TxId>();
-                        tokio::spawn(async move {
-                            if let Ok(txid) = txid.await {
-                                early.send(v1::TransactStreamAnswer {
-                                    id,
-                                    txid: txid.to_string(),
-                                    started: true,
-                                    ..Default::default()
-                                });
-                            }
+                    // Its txid, told before anything of it happens: a client
+                    // that loses this coordinator can ask the next one.
+                    let txid = request.announce_txid.then(|| service.handle.issue_txid());
+                    if let Some(txid) = txid {
+                        early.send(v1::TransactStreamAnswer {
+                            id,
+                            txid: txid.to_string(),
+                            started: true,
+                            ..Default::default()
                         });
-                        started
-                    });
-                    match service.run_transact(request, span, announce).await {
+                    }
+                    match service.run_transact(request, span, txid).await {
                         Ok(response) => v1::TransactStreamAnswer {
                             id,
                             response: Some(response.into_inner()),
