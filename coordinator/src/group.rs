@@ -232,7 +232,7 @@ struct Term {
     routes: Routes,
     stopping: tokio::sync::watch::Sender<bool>,
     /// A replicated write failed: why.
-    ended: tokio::sync::mpsc::UnboundedReceiver<String>,
+    ended: tokio::sync::mpsc::Receiver<String>,
 }
 
 impl Term {
@@ -247,7 +247,8 @@ impl Term {
             .enable_all()
             .build()
             .map_err(|e| CoordinatorError::Config(format!("a runtime for the term: {e}")))?;
-        let (failed, ended) = tokio::sync::mpsc::unbounded_channel();
+        // The first failed write ends the term; later ones need not queue.
+        let (failed, ended) = tokio::sync::mpsc::channel(1);
         let opened = runtime.spawn({
             let config = config.clone();
             async move {

@@ -131,7 +131,7 @@ pub struct Handle {
 #[derive(Clone)]
 pub(crate) enum Failure {
     Process,
-    Term(mpsc::UnboundedSender<String>),
+    Term(mpsc::Sender<String>),
 }
 
 impl Handle {
@@ -170,7 +170,8 @@ impl Handle {
             Failure::Process => fatal(&err),
             Failure::Term(ended) => {
                 warn!(error = %err, "a replicated write failed: this term as leader ends");
-                let _ = ended.send(err.to_string());
+                // Full: the term is ending already.
+                let _ = ended.try_send(err.to_string());
             }
         }
     }

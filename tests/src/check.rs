@@ -114,3 +114,28 @@ pub async fn unlocked(client: &Client, participants: &[String], keys: &[String])
     }
     Ok(())
 }
+
+/// What clients were told of marked transfers: tag, participants, outcome (`None`: no answer).
+pub type Told = Vec<(String, Vec<String>, Option<decree_client::Outcome>)>;
+
+/// I1 and I2 over `told`: every transfer is at all of its participants or at
+/// none, every one reported committed is present and every one reported
+/// aborted is absent. Returns (committed, aborted, without an outcome).
+pub async fn told_agrees(client: &Client, told: &Told) -> Result<(usize, usize, usize)> {
+    let (mut committed, mut aborted, mut unknown) = (0, 0, 0);
+    for (tag, participants, outcome) in told {
+        let everywhere = all_or_nothing(client, tag, participants).await?;
+        match outcome {
+            Some(decree_client::Outcome::Committed) if !everywhere => {
+                return Err(HarnessError::Other(format!("{tag} was reported committed but is missing")))
+            }
+            Some(decree_client::Outcome::Committed) => committed += 1,
+            Some(_) if everywhere => {
+                return Err(HarnessError::Other(format!("{tag} was reported aborted but is present")))
+            }
+            Some(_) => aborted += 1,
+            None => unknown += 1,
+        }
+    }
+    Ok((committed, aborted, unknown))
+}

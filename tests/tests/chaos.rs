@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use decree_client::{Outcome, Reason};
+use decree_client::Reason;
 use decree_tests::{check, Cluster, NodeId, Options};
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
@@ -148,22 +148,8 @@ async fn chaos(coordinators: usize) {
     cluster.wait_enrolled(Duration::from_secs(30)).await.unwrap();
     cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
     let client = cluster.client().await.unwrap();
-    let (mut committed, mut aborted, mut unknown) = (0, 0, 0);
-    for (tag, chosen, told) in &results {
-        let everywhere =
-            check::all_or_nothing(&client, tag, chosen).await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        match told {
-            Some(Outcome::Committed) => {
-                committed += 1;
-                assert!(everywhere, "seed {seed}: {tag} was reported committed but is missing");
-            }
-            Some(_) => {
-                aborted += 1;
-                assert!(!everywhere, "seed {seed}: {tag} was reported aborted but is present");
-            }
-            None => unknown += 1,
-        }
-    }
+    let (committed, aborted, unknown) =
+        check::told_agrees(&client, &results).await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     info!(kills, committed, aborted, unknown, "chaos done");
     println!(
         "chaos ({coordinators} coordinator replicas): {kills} kills, {committed} committed, {aborted} aborted, {unknown} unknown to the client"
