@@ -76,7 +76,9 @@ impl ClientError {
 /// True when a one-shot transaction was refused before it started: by a
 /// replica that does not lead, or on a stream that ended before sending it.
 fn not_started(status: &tonic::Status) -> bool {
-    leader::is_not_leader(status) || multiplex::not_sent(status)
+    leader::is_not_leader(status)
+        || multiplex::not_sent(status)
+        || Reason::of_status(status) == Reason::TxidRefused
 }
 
 /// Maps a Transact or Commit failure, keeping the txid of an unknown outcome.
@@ -452,7 +454,7 @@ impl Client {
     pub async fn transact_branches(&self, branches: Vec<v1::Branch>) -> Result<TxnResult, ClientError> {
         let group = self.coordinators.len() > 1;
         let request =
-            v1::TransactRequest { branches, timeout_ms: 0, pending_outcome: true, announce_txid: group };
+            v1::TransactRequest { branches, timeout_ms: 0, pending_outcome: true, announce_txid: false };
         let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
         let mut attempt = 0;
         let response = loop {

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod engine;
 mod group;
+pub mod lease;
 mod membership;
 pub mod migration;
 mod phase_one;
@@ -52,6 +53,8 @@ pub enum CoordinatorError {
     Engine(#[from] EngineError),
     #[error("txid {txid} was not issued by this coordinator ({coordinator_id:08x})")]
     ForeignTxid { txid: TxId, coordinator_id: u32 },
+    #[error("txid {txid} refused, the transaction did not start: {why}")]
+    TxidRefused { txid: TxId, why: String },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     /// Fatal: the process stops rather than retry.
@@ -75,6 +78,9 @@ impl From<CoordinatorError> for tonic::Status {
             }
             CoordinatorError::Engine(_) | CoordinatorError::ForeignTxid { .. } => {
                 Status::failed_precondition(message)
+            }
+            CoordinatorError::TxidRefused { .. } => {
+                decree_proto::Reason::TxidRefused.on_status(Status::failed_precondition(message))
             }
             CoordinatorError::ShuttingDown => {
                 decree_proto::Reason::ShuttingDown.on_status(Status::unavailable(message))

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use decree_proto::v1;
 use decree_proto::v1::participant_client::ParticipantClient;
-use decree_proto::{ParticipantName, TxId};
+use decree_proto::{InvalidInput, ParticipantName, TxId};
 use decree_runtime::backoff::RetryBudget;
 use decree_runtime::crash;
 use decree_runtime::trace;
@@ -162,6 +162,18 @@ impl Handle {
         TxId::new(self.coordinator_id, self.incarnation, sequence)
     }
 
+    /// `count` new txids, never issued before, for a TransactStream's lease:
+    /// the first of them (the rest follow it in sequence).
+    pub(crate) fn lease_txids(&self, count: u32) -> TxId {
+        let sequence = self.next_sequence.fetch_add(u64::from(count), Ordering::Relaxed);
+        TxId::new(self.coordinator_id, self.incarnation, sequence)
+    }
+
+    /// True when `txid` is one this coordinator issues now (its current incarnation).
+    pub(crate) fn issues(&self, txid: TxId) -> bool {
+        txid.coordinator == self.coordinator_id && txid.incarnation == self.incarnation
+    }
+
     /// A storage write failed: a single coordinator stops at once; a
     /// group's leader ends its term (the group's log is the truth, and the
     /// next leader, maybe this replica again, recovers from it).
@@ -251,6 +263,14 @@ impl Handle {
         if txid.coordinator != self.coordinator_id {
             return Err(CoordinatorError::ForeignTxid { txid, coordinator_id: self.coordinator_id });
         }
+        if self.issues(txid) && txid.sequence >= self.next_sequence.load(Ordering::Relaxed) {
+            // No answer would hold: ABORTED now, and later it may commit.
+            return Err(InvalidInput::Field {
+                field: "txid",
+                why: format!("{txid} has not been issued yet"),
+            }
+            .into());
+        }
         let known = self.ask(|reply| Request::Known { txid, reply }).await?;
         let mut failed = None;
         let outcome = wire::outcome_of(known, || {
@@ -291,6 +311,10 @@ struct Actor {
     shutting_down: bool,
     /// Answered once nothing is deciding or in phase two.
     draining: Option<oneshot::Sender<()>>,
+    /// No transaction starts under a txid of this incarnation at or below
+    /// this sequence: an outcome query found nothing of one of them here
+    /// (and answers from the log, ABORTED if it holds nothing).
+    fenced: u64,
 }
 
 /// Starts the actor with what was found at start: the decisions to redrive
@@ -350,6 +374,7 @@ pub(crate) fn start(
         ),
         shutting_down: false,
         draining: None,
+        fenced: 0,
     };
     for (txid, participants) in unfinished {
         info!(%txid, participants = ?participants.iter().map(|p| p.as_str()).collect::<Vec<_>>(), "recovery: redriving committed transaction");
@@ -452,10 +477,24 @@ impl Actor {
                     let _ = refused.send(err);
                     return;
                 }
-                let txid = txid.unwrap_or_else(|| self.next_txid());
+                let txid = match txid {
+                    None => self.next_txid(),
+                    Some(txid) if txid.sequence <= self.fenced => {
+                        let _ = refused.send(CoordinatorError::TxidRefused {
+                            txid,
+                            why: "an outcome query answered for it before it started".into(),
+                        });
+                        return;
+                    }
+                    Some(txid) => txid,
+                };
                 span.record("txid", tracing::field::display(txid));
                 debug!(parent: &span, %txid, participants = branches.len(), "transaction starts");
-                self.engine.on_event(Event::Transact { txid, branches, timeout }).expect("fresh txid");
+                if let Err(err) = self.engine.on_event(Event::Transact { txid, branches, timeout }) {
+                    // Only a txid the client named can be known already.
+                    let _ = refused.send(CoordinatorError::TxidRefused { txid, why: err.to_string() });
+                    return;
+                }
                 self.started.insert(txid, Started { at: Instant::now(), span });
                 self.replies.insert(txid, reply);
             }
@@ -486,7 +525,15 @@ impl Actor {
                 let _ = reply.send(self.engine.enlist(txid, participant, run).map_err(Into::into));
             }
             Request::Known { txid, reply } => {
-                let _ = reply.send(self.engine.known(txid));
+                let known = self.engine.known(txid);
+                if known.is_none() && self.handle.issues(txid) {
+                    // The answer comes from the log (ABORTED if it holds
+                    // nothing): a txid issued, or leased, and not started yet
+                    // must never start now.
+                    // (`outcome` asks only of txids issued already.)
+                    self.fenced = self.fenced.max(txid.sequence);
+                }
+                let _ = reply.send(known);
             }
             Request::Retry { txid, reply } => {
                 let _ = reply.send(self.engine.retry(txid));
@@ -740,8 +787,14 @@ pub const PRUNES: &str = "decree_outcome_prunes_total";
 /// compaction next reaches it.
 pub(crate) async fn prune_ended(handle: Handle, mut stop: tokio::sync::watch::Receiver<bool>) {
     let config = &handle.config;
-    let next =
-        || TxId::new(handle.coordinator_id, handle.incarnation, handle.next_sequence.load(Ordering::Relaxed));
+    // Where the issued sequence stood a lease's life ago: a leased txid may
+    // start until its lease expires, and the horizon must not pass it.
+    let issued = || handle.next_sequence.load(Ordering::Relaxed);
+    let mut trailing = crate::lease::Trailing::new(Instant::now(), issued());
+    let mut next = || {
+        let sequence = trailing.note(Instant::now(), issued());
+        TxId::new(handle.coordinator_id, handle.incarnation, sequence)
+    };
     let mut window = Window::new(config.retention(), Instant::now(), next(), handle.store.ended());
     let compact_every = config.retain_ended.max(100_000);
     let mut compacted_at = handle.store.ended();

@@ -2,7 +2,8 @@
 //! encode. Nothing else happens here.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use decree_proto::v1::coordinator_server::Coordinator;
 use decree_proto::v1::registry_server::Registry;
@@ -11,6 +12,7 @@ use decree_proto::{InvalidInput, ParticipantName, TxId};
 use tonic::{Request, Response, Status};
 
 use crate::engine::Decided;
+use crate::lease::{self, StreamLeases};
 use crate::membership::Change;
 use crate::registry::Role;
 use crate::runtime::Handle;
@@ -154,6 +156,7 @@ impl Coordinator for Service {
         request: Request<tonic::Streaming<v1::TransactStreamRequest>>,
     ) -> Result<Response<Self::TransactStreamStream>, Status> {
         let service = self.clone();
+        let leases = Arc::new(Mutex::new(StreamLeases::default()));
         // Each as its own Transact would be; what is not read when the coordinator stops was not started.
         let answers = decree_runtime::serve::serve_stream(
             "transact",
@@ -163,42 +166,40 @@ impl Coordinator for Service {
             move |message: v1::TransactStreamRequest, early: decree_runtime::serve::Early<_>| {
                 let span = tracing::info_span!("transaction", txid = tracing::field::Empty);
                 decree_runtime::trace::adopt_context(&span, &message.trace_context);
+                let id = message.id;
+                // Leases are granted and taken here, as the stream is read, so in order.
+                let named = match (&message.request, message.lease_txids) {
+                    (None, count) if count > 0 => Named::Lease(service.lease(&leases, count)),
+                    _ if message.txid.is_empty() => Named::Issued,
+                    _ => match service.take_leased(&leases, &message.txid) {
+                        Ok(txid) => Named::Leased(txid),
+                        Err(err) => Named::Refused(err.into()),
+                    },
+                };
                 let service = service.clone();
                 async move {
-                    let id = message.id;
                     let request = message.request.unwrap_or_default();
-                    // Its txid, told before anything of it happens: a client
-                    // that loses this coordinator can ask the next one.
-                    let txid = request.announce_txid.then(|| service.handle.issue_txid());
-                    if let Some(txid) = txid {
-                        early.send(v1::TransactStreamAnswer {
-                            id,
-                            txid: txid.to_string(),
-                            started: true,
-                            ..Default::default()
-                        });
-                    }
-                    match service.run_transact(request, span, txid).await {
-                        Ok(response) => v1::TransactStreamAnswer {
-                            id,
-                            response: Some(response.into_inner()),
-                            ..Default::default()
-                        },
-                        Err(status) => v1::TransactStreamAnswer {
-                            id,
-                            response: None,
-                            code: status.code() as i32,
-                            message: status.message().to_owned(),
-                            txid: status
-                                .metadata()
-                                .get(decree_proto::TXID_METADATA)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_owned(),
-                            reason_code: decree_proto::Reason::of_status(&status).to_wire(),
-                            started: false,
-                        },
-                    }
+                    let txid = match named {
+                        Named::Lease(lease) => {
+                            return v1::TransactStreamAnswer { id, lease: Some(lease), ..Default::default() }
+                        }
+                        Named::Refused(status) => return stream_answer(id, Err(status)),
+                        Named::Leased(txid) => Some(txid),
+                        // Its txid, told before anything of it happens: a client
+                        // that loses this coordinator can ask the next one.
+                        Named::Issued if request.announce_txid => {
+                            let txid = service.handle.issue_txid();
+                            early.send(v1::TransactStreamAnswer {
+                                id,
+                                txid: txid.to_string(),
+                                started: true,
+                                ..Default::default()
+                            });
+                            Some(txid)
+                        }
+                        Named::Issued => None,
+                    };
+                    stream_answer(id, service.run_transact(request, span, txid).await)
                 }
             },
         );
@@ -368,5 +369,67 @@ impl Registry for Service {
         };
         let routing = self.membership.change(change).await?;
         Ok(Response::new(v1::ChangeRingResponse { routing: Some(routing.to_wire()) }))
+    }
+}
+
+/// Under which txid a streamed transaction runs, decided as it is read.
+enum Named {
+    /// Not a transaction: a lease of txids, granted.
+    Lease(v1::TxidLease),
+    /// One this coordinator issues (and announces, if asked).
+    Issued,
+    /// One leased on this stream, taken.
+    Leased(TxId),
+    /// One it may not use: not started.
+    Refused(Status),
+}
+
+impl Service {
+    /// Grants `count` txids (at most [`lease::MOST`]) to this stream.
+    fn lease(&self, leases: &Mutex<StreamLeases>, count: u32) -> v1::TxidLease {
+        let count = count.min(lease::MOST);
+        let first = self.handle.lease_txids(count);
+        leases.lock().unwrap_or_else(|p| p.into_inner()).grant(first.sequence, count, Instant::now());
+        v1::TxidLease { first: first.to_string(), count, valid_ms: lease::LIFE.as_millis() as u32 }
+    }
+
+    /// The leased txid `text` names, taken for a transaction, or why not.
+    fn take_leased(&self, leases: &Mutex<StreamLeases>, text: &str) -> Result<TxId, CoordinatorError> {
+        let txid: TxId = text.parse()?;
+        if !self.handle.issues(txid) {
+            return Err(CoordinatorError::TxidRefused {
+                txid,
+                why: "not leased by this coordinator's current incarnation".into(),
+            });
+        }
+        let taken = leases.lock().unwrap_or_else(|p| p.into_inner()).take(txid.sequence, Instant::now());
+        taken.map(|()| txid).map_err(|why| CoordinatorError::TxidRefused { txid, why })
+    }
+}
+
+/// A streamed transaction's answer, as its own Transact would have ended.
+fn stream_answer(
+    id: u64,
+    result: Result<Response<v1::TransactResponse>, Status>,
+) -> v1::TransactStreamAnswer {
+    match result {
+        Ok(response) => {
+            v1::TransactStreamAnswer { id, response: Some(response.into_inner()), ..Default::default() }
+        }
+        Err(status) => v1::TransactStreamAnswer {
+            id,
+            response: None,
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            txid: status
+                .metadata()
+                .get(decree_proto::TXID_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            reason_code: decree_proto::Reason::of_status(&status).to_wire(),
+            started: false,
+            lease: None,
+        },
     }
 }

@@ -26,6 +26,8 @@ pub enum Reason {
     Migrating,
     /// A replica of a coordinator group that does not lead it: nothing was done; ask the leader.
     NotLeader,
+    /// A TransactStream named a txid it may not use: not started; send it again under another.
+    TxidRefused,
 }
 
 impl Reason {
@@ -48,6 +50,7 @@ impl Reason {
             Reason::WrongOwner => "wrong_owner",
             Reason::Migrating => "migrating",
             Reason::NotLeader => "not_leader",
+            Reason::TxidRefused => "txid_refused",
         }
     }
 }
@@ -71,6 +74,7 @@ impl From<Reason> for v1::Reason {
             Reason::WrongOwner => v1::Reason::WrongOwner,
             Reason::Migrating => v1::Reason::Migrating,
             Reason::NotLeader => v1::Reason::NotLeader,
+            Reason::TxidRefused => v1::Reason::TxidRefused,
         }
     }
 }
@@ -94,6 +98,7 @@ impl From<v1::Reason> for Reason {
             v1::Reason::WrongOwner => Reason::WrongOwner,
             v1::Reason::Migrating => Reason::Migrating,
             v1::Reason::NotLeader => Reason::NotLeader,
+            v1::Reason::TxidRefused => Reason::TxidRefused,
         }
     }
 }

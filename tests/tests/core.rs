@@ -378,3 +378,72 @@ async fn back_to_back_transactions_on_the_same_keys_wait_for_phase_two_instead_o
     assert_eq!(values["a"].as_deref(), Some(&b"-300"[..]));
     assert_eq!(values["b"].as_deref(), Some(&b"300"[..]));
 }
+
+/// A TransactStream's leased txids: each usable once, in order, while its
+/// lease holds; an outcome query of one not used yet answers ABORTED and
+/// fences it, so it can never start and contradict that answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_txids_are_used_once_and_an_outcome_query_fences_an_unused_one() {
+    init();
+    let cluster = Cluster::start(common::quick_options()).await.unwrap();
+    let names = cluster.participant_names();
+    let mut coordinator =
+        v1::coordinator_client::CoordinatorClient::connect(cluster.coordinator_url()).await.unwrap();
+    let (send, outbound) = tokio::sync::mpsc::unbounded_channel::<v1::TransactStreamRequest>();
+    let mut answers = coordinator
+        .transact_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let ask = |id: u64, txid: String, lease_txids: u32| {
+        let request = (lease_txids == 0).then(|| v1::TransactRequest {
+            branches: check::marked_transfer(&format!("lease-{id}"), &names, 0, 1),
+            ..Default::default()
+        });
+        send.send(v1::TransactStreamRequest { id, request, txid, lease_txids, ..Default::default() })
+            .unwrap();
+    };
+    ask(0, String::new(), 8);
+    let lease = answers.message().await.unwrap().unwrap().lease.expect("a lease");
+    assert_eq!(lease.count, 8);
+    assert!(lease.valid_ms > 0);
+    let first: decree_proto::TxId = lease.first.parse().unwrap();
+    let nth = |n: u64| {
+        decree_proto::TxId::new(first.coordinator, first.incarnation, first.sequence + n).to_string()
+    };
+
+    info!("--- asked before it is used, a leased txid is aborted, and fenced");
+    let outcome = |txid: String| {
+        let mut coordinator = coordinator.clone();
+        async move { coordinator.get_outcome(v1::GetOutcomeRequest { txid }).await }
+    };
+    let asked = outcome(nth(0)).await.unwrap().into_inner();
+    assert_eq!(asked.outcome, v1::Outcome::Aborted as i32);
+    ask(1, nth(0), 0);
+    let refused = answers.message().await.unwrap().unwrap();
+    assert_eq!((refused.id, refused.code), (1, tonic::Code::FailedPrecondition as i32), "{refused:?}");
+    assert_eq!(Reason::from_wire(refused.reason_code), Reason::TxidRefused, "{refused:?}");
+    assert_eq!(
+        outcome(nth(0)).await.unwrap().into_inner().outcome,
+        v1::Outcome::Aborted as i32,
+        "the answer holds"
+    );
+
+    info!("--- the next one commits under its leased txid; used again, or not leased, it is refused");
+    ask(2, nth(1), 0);
+    let answer = answers.message().await.unwrap().unwrap();
+    let response = answer.response.clone().unwrap_or_else(|| panic!("{answer:?}"));
+    assert_eq!((answer.id, response.txid.as_str()), (2, nth(1).as_str()));
+    assert_eq!(response.outcome, v1::Outcome::Committed as i32);
+    for (id, txid) in [(3, nth(1)), (4, nth(8)), (5, "00000001-99-5".to_string())] {
+        ask(id, txid.clone(), 0);
+        let refused = answers.message().await.unwrap().unwrap();
+        assert_eq!(refused.id, id);
+        assert_eq!(Reason::from_wire(refused.reason_code), Reason::TxidRefused, "{txid}: {refused:?}");
+    }
+    assert_eq!(outcome(nth(1)).await.unwrap().into_inner().outcome, v1::Outcome::Committed as i32);
+    let status = outcome(nth(1_000_000)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "a txid not issued yet: {status:?}");
+    let client = cluster.client().await.unwrap();
+    assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0, "one transfer, whole");
+}
