@@ -78,11 +78,11 @@ pub struct Config {
     #[arg(long, env = "DECREE_BOOTSTRAP")]
     pub bootstrap: bool,
     /// A group's leader heartbeat interval.
-    #[arg(long, env = "DECREE_HEARTBEAT_MS", default_value_t = 100)]
+    #[arg(long, env = "DECREE_HEARTBEAT_MS", default_value_t = 50)]
     pub heartbeat_ms: u64,
     /// A follower that hears no leader for a random time between this and
     /// twice this starts an election.
-    #[arg(long, env = "DECREE_ELECTION_TIMEOUT_MS", default_value_t = 500)]
+    #[arg(long, env = "DECREE_ELECTION_TIMEOUT_MS", default_value_t = 250)]
     pub election_timeout_ms: u64,
     #[command(flatten)]
     #[serde(flatten)]
@@ -127,8 +127,8 @@ impl Config {
             replica_id: None,
             replicas: Vec::new(),
             bootstrap: false,
-            heartbeat_ms: 100,
-            election_timeout_ms: 500,
+            heartbeat_ms: 50,
+            election_timeout_ms: 250,
             process: decree_runtime::serve::ProcessOptions::default(),
         }
     }
