@@ -102,6 +102,9 @@ pub(crate) enum Request {
     },
 }
 
+/// How far beyond the issued sequence an outcome query may ask (and fence).
+const FAR_AHEAD: u64 = 1 << 32;
+
 /// What handlers hold: a way to the actor and to the shared read-only state.
 #[derive(Clone)]
 pub struct Handle {
@@ -263,11 +266,11 @@ impl Handle {
         if txid.coordinator != self.coordinator_id {
             return Err(CoordinatorError::ForeignTxid { txid, coordinator_id: self.coordinator_id });
         }
-        if self.issues(txid) && txid.sequence >= self.next_sequence.load(Ordering::Relaxed) {
-            // No answer would hold: ABORTED now, and later it may commit.
+        if self.issues(txid) && txid.sequence >= self.next_sequence.load(Ordering::Relaxed) + FAR_AHEAD {
+            // Not a txid anyone was given: fencing it would burn the sequence space.
             return Err(InvalidInput::Field {
                 field: "txid",
-                why: format!("{txid} has not been issued yet"),
+                why: format!("{txid} is far beyond any txid issued"),
             }
             .into());
         }
@@ -530,8 +533,9 @@ impl Actor {
                     // The answer comes from the log (ABORTED if it holds
                     // nothing): a txid issued, or leased, and not started yet
                     // must never start now.
-                    // (`outcome` asks only of txids issued already.)
+                    // One not issued yet never will be: the sequence moves past it.
                     self.fenced = self.fenced.max(txid.sequence);
+                    self.handle.next_sequence.fetch_max(txid.sequence + 1, Ordering::Relaxed);
                 }
                 let _ = reply.send(known);
             }

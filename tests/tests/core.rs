@@ -442,8 +442,15 @@ async fn leased_txids_are_used_once_and_an_outcome_query_fences_an_unused_one() 
         assert_eq!(Reason::from_wire(refused.reason_code), Reason::TxidRefused, "{txid}: {refused:?}");
     }
     assert_eq!(outcome(nth(1)).await.unwrap().into_inner().outcome, v1::Outcome::Committed as i32);
-    let status = outcome(nth(1_000_000)).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "a txid not issued yet: {status:?}");
+    info!("--- asked before it is issued, a txid is aborted, and the sequence moves past it");
+    let ahead = outcome(nth(1_000_000)).await.unwrap().into_inner();
+    assert_eq!(ahead.outcome, v1::Outcome::Aborted as i32);
+    ask(0, String::new(), 8);
+    let later = answers.message().await.unwrap().unwrap().lease.expect("a lease");
+    let later: decree_proto::TxId = later.first.parse().unwrap();
+    assert!(later.sequence > first.sequence + 1_000_000, "{later} is issued after the fenced one");
+    let status = outcome(nth(1 << 40)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "far beyond any txid issued: {status:?}");
     let client = cluster.client().await.unwrap();
     assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0, "one transfer, whole");
 }
