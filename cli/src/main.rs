@@ -45,8 +45,9 @@ enum Cmd {
     /// A coordinator group: members, leader, term, log positions and lag; `coordinators add|remove`
     /// change its membership (operator).
     Coordinators(coordinators::CoordinatorsArgs),
-    /// The enrolled participants: role, state, share of the keyspace.
-    Participants(ListArgs),
+    /// The enrolled participants: role, state, share of the keyspace; `participants move` gives a
+    /// name to a new address (operator).
+    Participants(ParticipantsArgs),
     /// The ring: epoch, members, shares, migration in progress; `ring add|remove|weight` change it (operator).
     Ring(ring::RingArgs),
     /// Branches prepared and undecided at any participant.
@@ -127,6 +128,32 @@ struct ResolveArgs {
     participant: Vec<String>,
     #[command(flatten)]
     target: Target,
+}
+
+#[derive(clap::Args)]
+struct ParticipantsArgs {
+    #[command(subcommand)]
+    action: Option<ParticipantsAction>,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(clap::Subcommand)]
+enum ParticipantsAction {
+    /// Give a participant's name to a new address, even while the process at the old one runs (its
+    /// heartbeats stop counting); recorded and logged. Start the participant there next.
+    Move {
+        name: String,
+        /// The new address, e.g. http://10.0.0.7:7001.
+        #[arg(long)]
+        address: String,
+        /// Why (logged with the move).
+        #[arg(long, required = true)]
+        reason: String,
+        /// Who moves it (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -274,8 +301,18 @@ async fn status(args: StatusArgs) -> Result<i32, Failure> {
 /// a script can act on as committed or aborted.
 const FORGOTTEN_EXIT: i32 = 3;
 
-async fn participants(args: ListArgs) -> Result<(), Failure> {
+async fn participants(args: ParticipantsArgs) -> Result<(), Failure> {
     let client = Client::connect(&args.target.coordinator).await?;
+    if let Some(ParticipantsAction::Move { name, address, reason, operator }) = args.action {
+        let operator = operator.unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+        let previous = client.move_participant(&name, &address, &operator, &reason).await?;
+        if args.target.json {
+            println!("{}", json!({ "name": name, "address": address, "previous": previous }));
+        } else {
+            println!("{name} moved from {previous} to {address}");
+        }
+        return Ok(());
+    }
     let listed = client.participants().await?;
     if args.target.json {
         let list: Vec<_> = listed

@@ -595,6 +595,32 @@ impl Client {
         Ok(routing)
     }
 
+    /// Operator: moves participant `name` to `address` (its machine replaced
+    /// while the old process may still run), recorded and logged with
+    /// `operator` and `reason`. Answers the address it had.
+    pub async fn move_participant(
+        &self,
+        name: &str,
+        address: &str,
+        operator: &str,
+        reason: &str,
+    ) -> Result<String, ClientError> {
+        let request = v1::MoveParticipantRequest {
+            name: name.into(),
+            address: address.into(),
+            operator: operator.into(),
+            reason: reason.into(),
+        };
+        let response = self
+            .ask(&self.registry, true, |mut c| {
+                let request = request.clone();
+                async move { c.move_participant(request).await }
+            })
+            .await?;
+        let _ = self.refresh().await;
+        Ok(response.previous)
+    }
+
     /// Redelivers phase two of `txid` now: the participants asked again, and
     /// the coordinator's outcome.
     pub async fn retry(&self, txid: &str) -> Result<(Vec<String>, Outcome), ClientError> {

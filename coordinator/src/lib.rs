@@ -66,6 +66,8 @@ pub enum CoordinatorError {
     Transport(#[from] tonic::transport::Error),
 }
 
+impl decree_runtime::serve::Exit for CoordinatorError {}
+
 impl From<CoordinatorError> for tonic::Status {
     fn from(err: CoordinatorError) -> Self {
         use tonic::Status;

@@ -40,6 +40,24 @@ struct Member {
     channel: Channel,
     client: ParticipantClient<Channel>,
     last_seen: Option<Instant>,
+    /// Until when the name is held by `address` against enrollment from
+    /// another: one liveness window after its holder was last heard from, its
+    /// record loaded, or an operator moved it.
+    held_until: Instant,
+}
+
+/// Why an enrollment was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error(
+        "{name} is held by a live participant at {holder} (heard from {heard}); a second process cannot take \
+         its name: stop the one at {holder}, or move the name (decree participants move {name} --address {address})"
+    )]
+    Taken { name: ParticipantName, holder: String, address: String, heard: String, held_for: Duration },
+    #[error("{0} never enrolled")]
+    Unknown(ParticipantName),
 }
 
 /// One HTTP/2 channel per participant, shared by every transaction.
@@ -58,6 +76,35 @@ pub struct Listed {
     pub up: bool,
 }
 
+/// Enrollments refused because a live participant holds the name.
+pub const ENROLLMENTS_REFUSED: &str = "decree_enrollments_refused_total";
+
+impl From<EnrollError> for tonic::Status {
+    fn from(err: EnrollError) -> Self {
+        let message = err.to_string();
+        match err {
+            EnrollError::Invalid(_) => tonic::Status::invalid_argument(message),
+            EnrollError::Unknown(_) => tonic::Status::not_found(message),
+            EnrollError::Taken { held_for, .. } => {
+                let mut status = tonic::Status::already_exists(message);
+                if let Ok(value) = held_for.as_millis().to_string().parse() {
+                    status.metadata_mut().insert(decree_proto::HELD_METADATA, value);
+                }
+                status
+            }
+        }
+    }
+}
+
+/// A participant's address, checked.
+pub(crate) fn endpoint(address: &str) -> Result<Endpoint, InvalidInput> {
+    let bad = |why: &str| InvalidInput::Field { field: "address", why: format!("{address:?}: {why}") };
+    if !(address.starts_with("http://") || address.starts_with("https://")) || address.len() > 256 {
+        return Err(bad("expected a URL like http://127.0.0.1:7001"));
+    }
+    Endpoint::from_shared(address.to_owned()).map_err(|e| bad(&e.to_string()))
+}
+
 impl Registry {
     pub fn new(liveness: Duration, max_message_bytes: usize) -> Self {
         Registry { members: Mutex::new(BTreeMap::new()), liveness, max_message_bytes }
@@ -68,7 +115,11 @@ impl Registry {
         self.members.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds or updates a participant. `seen` is false for entries loaded from disk.
+    /// Adds or updates a participant. `seen` is false for entries loaded from
+    /// disk, which hold their name for one liveness window from now (so a
+    /// stranger cannot take it in the moments after a restart, before its
+    /// holder is heard from again). A live holder's name is not taken from
+    /// another address: [`EnrollError::Taken`], and nothing changes.
     /// Must run inside a tokio runtime (the channel connects lazily in the background).
     pub fn enroll(
         &self,
@@ -76,43 +127,80 @@ impl Registry {
         address: &str,
         role: Role,
         seen: bool,
-    ) -> Result<(), InvalidInput> {
-        let bad = |why: &str| InvalidInput::Field { field: "address", why: format!("{address:?}: {why}") };
-        if !(address.starts_with("http://") || address.starts_with("https://")) || address.len() > 256 {
-            return Err(bad("expected a URL like http://127.0.0.1:7001"));
-        }
-        let endpoint = Endpoint::from_shared(address.to_owned()).map_err(|e| bad(&e.to_string()))?;
+    ) -> Result<(), EnrollError> {
+        let endpoint = endpoint(address)?;
         let mut members = self.members();
-        let last_seen = seen.then(Instant::now);
+        let now = Instant::now();
+        let last_seen = seen.then_some(now);
         match members.get_mut(&name) {
             Some(member) if member.address == address => {
                 member.last_seen = last_seen.or(member.last_seen);
+                member.held_until = member.held_until.max(now + self.liveness);
                 member.role = role;
             }
+            Some(member) if member.held_until > now => {
+                let heard = match member.last_seen {
+                    Some(seen) => format!("{} ms ago", now.duration_since(seen).as_millis()),
+                    None => "not yet since the coordinator started".to_owned(),
+                };
+                return Err(EnrollError::Taken {
+                    holder: member.address.clone(),
+                    address: address.to_owned(),
+                    heard,
+                    held_for: member.held_until - now,
+                    name,
+                });
+            }
             _ => {
-                let channel = endpoint
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .connect_lazy();
-                let client = ParticipantClient::new(channel.clone())
-                    .max_decoding_message_size(self.max_message_bytes * 2)
-                    .max_encoding_message_size(self.max_message_bytes * 2);
-                members
-                    .insert(name, Member { address: address.to_owned(), role, channel, client, last_seen });
+                let member = self.member(endpoint, address, role, last_seen, now + self.liveness);
+                members.insert(name, member);
             }
         }
         Ok(())
     }
 
-    /// Records a heartbeat; false if the participant is unknown.
-    pub fn heartbeat(&self, name: &ParticipantName) -> bool {
+    /// An operator's move of `name` to `address`, whether or not its holder
+    /// is live: the new address holds it from now. Answers the old address.
+    pub fn relocate(&self, name: &ParticipantName, address: &str) -> Result<String, EnrollError> {
+        let endpoint = endpoint(address)?;
+        let mut members = self.members();
+        let Some(old) = members.get(name) else { return Err(EnrollError::Unknown(name.clone())) };
+        let (previous, role) = (old.address.clone(), old.role);
+        let now = Instant::now();
+        members.insert(name.clone(), self.member(endpoint, address, role, None, now + self.liveness));
+        Ok(previous)
+    }
+
+    fn member(
+        &self,
+        endpoint: Endpoint,
+        address: &str,
+        role: Role,
+        last_seen: Option<Instant>,
+        held_until: Instant,
+    ) -> Member {
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .connect_lazy();
+        let client = ParticipantClient::new(channel.clone())
+            .max_decoding_message_size(self.max_message_bytes * 2)
+            .max_encoding_message_size(self.max_message_bytes * 2);
+        Member { address: address.to_owned(), role, channel, client, last_seen, held_until }
+    }
+
+    /// Records a heartbeat; false if the participant is unknown, or `address`
+    /// (when given) no longer holds its name, which then refreshes nothing.
+    pub fn heartbeat(&self, name: &ParticipantName, address: &str) -> bool {
         match self.members().get_mut(name) {
-            Some(member) => {
-                member.last_seen = Some(Instant::now());
+            Some(member) if address.is_empty() || member.address == address => {
+                let now = Instant::now();
+                member.last_seen = Some(now);
+                member.held_until = member.held_until.max(now + self.liveness);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -148,5 +236,79 @@ impl Registry {
                 up: m.last_seen.is_some_and(|seen| now.duration_since(seen) <= self.liveness),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(n: &str) -> ParticipantName {
+        n.parse().unwrap()
+    }
+
+    const A: &str = "http://127.0.0.1:7001";
+    const B: &str = "http://127.0.0.1:7002";
+
+    fn address_of(registry: &Registry, n: &str) -> String {
+        registry.list().into_iter().find(|p| p.name.as_str() == n).unwrap().address
+    }
+
+    #[tokio::test]
+    async fn a_live_holders_name_is_not_taken_from_another_address() {
+        let registry = Registry::new(Duration::from_secs(60), 1 << 20);
+        registry.enroll(name("p1"), A, Role::Member, true).unwrap();
+        // Again from its own address: fine.
+        registry.enroll(name("p1"), A, Role::Member, true).unwrap();
+        match registry.enroll(name("p1"), B, Role::Service, true) {
+            Err(EnrollError::Taken { holder, held_for, .. }) => {
+                assert_eq!(holder, A);
+                assert!(held_for > Duration::from_secs(50), "{held_for:?}");
+            }
+            other => panic!("expected Taken, got {other:?}"),
+        }
+        assert_eq!(address_of(&registry, "p1"), A, "nothing changed");
+        assert_eq!(registry.status(&name("p1")), Some((Role::Member, true)));
+        // Its heartbeats count; the newcomer's do not.
+        assert!(registry.heartbeat(&name("p1"), A));
+        assert!(!registry.heartbeat(&name("p1"), B));
+        assert!(registry.heartbeat(&name("p1"), ""), "a heartbeat without an address is not checked");
+    }
+
+    #[tokio::test]
+    async fn a_loaded_record_holds_its_name_for_a_window_and_a_silent_holder_lets_it_go() {
+        let liveness = Duration::from_millis(40);
+        let registry = Registry::new(liveness, 1 << 20);
+        registry.enroll(name("p1"), A, Role::Member, false).unwrap();
+        assert_eq!(registry.status(&name("p1")), Some((Role::Member, false)), "loaded: not heard from");
+        assert!(matches!(registry.enroll(name("p1"), B, Role::Member, true), Err(EnrollError::Taken { .. })));
+        std::thread::sleep(liveness * 2);
+        registry.enroll(name("p1"), B, Role::Member, true).unwrap();
+        assert_eq!(address_of(&registry, "p1"), B);
+        // The old holder, back, is now the newcomer.
+        assert!(!registry.heartbeat(&name("p1"), A));
+        assert!(matches!(registry.enroll(name("p1"), A, Role::Member, true), Err(EnrollError::Taken { .. })));
+    }
+
+    #[tokio::test]
+    async fn an_operator_moves_a_live_holders_name() {
+        let registry = Registry::new(Duration::from_secs(60), 1 << 20);
+        registry.enroll(name("p1"), A, Role::Service, true).unwrap();
+        assert_eq!(registry.relocate(&name("p1"), B).unwrap(), A);
+        assert_eq!(address_of(&registry, "p1"), B);
+        assert_eq!(
+            registry.status(&name("p1")),
+            Some((Role::Service, false)),
+            "role kept; not heard from yet"
+        );
+        assert!(!registry.heartbeat(&name("p1"), A), "the old process's heartbeats stop counting");
+        assert!(matches!(
+            registry.enroll(name("p1"), A, Role::Service, true),
+            Err(EnrollError::Taken { .. })
+        ));
+        registry.enroll(name("p1"), B, Role::Service, true).unwrap();
+        assert!(matches!(registry.relocate(&name("p9"), B), Err(EnrollError::Unknown(_))));
+        assert!(matches!(registry.relocate(&name("p1"), "ftp://x"), Err(EnrollError::Invalid(_))));
+        assert_eq!(address_of(&registry, "p1"), B, "a refused move changes nothing");
     }
 }

@@ -295,10 +295,13 @@ impl Registry for Service {
                 "{name} is in the ring: it holds keys, so it cannot enroll as a service (decree ring remove {name} first)"
             )));
         }
-        self.handle
-            .registry
-            .enroll(name.clone(), &request.address, role, true)
-            .map_err(CoordinatorError::from)?;
+        if let Err(err) = self.handle.registry.enroll(name.clone(), &request.address, role, true) {
+            if let crate::registry::EnrollError::Taken { holder, .. } = &err {
+                metrics::counter!(crate::registry::ENROLLMENTS_REFUSED).increment(1);
+                tracing::warn!(participant = %name, %holder, address = %request.address, "enrollment refused: a live participant holds the name");
+            }
+            return Err(err.into());
+        }
         self.handle
             .store
             .save_participant(&name, &request.address, role.to_wire())
@@ -320,9 +323,33 @@ impl Registry for Service {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
-        let name: ParticipantName = request.into_inner().name.parse().map_err(CoordinatorError::from)?;
-        let known = self.handle.registry.heartbeat(&name);
+        let request = request.into_inner();
+        let name: ParticipantName = request.name.parse().map_err(CoordinatorError::from)?;
+        let known = self.handle.registry.heartbeat(&name, &request.address);
         Ok(Response::new(v1::HeartbeatResponse { known, coordinator_incarnation: self.handle.incarnation }))
+    }
+
+    async fn move_participant(
+        &self,
+        request: Request<v1::MoveParticipantRequest>,
+    ) -> Result<Response<v1::MoveParticipantResponse>, Status> {
+        let request = request.into_inner();
+        let name: ParticipantName = request.name.parse().map_err(CoordinatorError::from)?;
+        let (operator, reason) = (audit("operator", &request.operator)?, audit("reason", &request.reason)?);
+        let role = match self.handle.registry.status(&name) {
+            Some((role, _)) => role,
+            None => return Err(crate::registry::EnrollError::Unknown(name).into()),
+        };
+        // Durable first: a move that is answered survives a restart.
+        crate::registry::endpoint(&request.address).map_err(CoordinatorError::from)?;
+        self.handle
+            .store
+            .save_participant(&name, &request.address, role.to_wire())
+            .await
+            .map_err(CoordinatorError::from)?;
+        let previous = self.handle.registry.relocate(&name, &request.address)?;
+        tracing::warn!(participant = %name, %previous, address = %request.address, %operator, %reason, "participant moved by an operator");
+        Ok(Response::new(v1::MoveParticipantResponse { previous }))
     }
 
     async fn list_participants(
@@ -431,5 +458,19 @@ fn stream_answer(
             started: false,
             lease: None,
         },
+    }
+}
+
+/// An audited move's `operator` or `reason`: given, and short enough to log.
+fn audit<'a>(field: &'static str, value: &'a str) -> Result<&'a str, CoordinatorError> {
+    match value.trim() {
+        "" => {
+            Err(InvalidInput::Field { field, why: "a move of a participant needs one (it is logged)".into() }
+                .into())
+        }
+        v if v.len() > 1024 => {
+            Err(InvalidInput::Field { field, why: "longer than 1024 bytes".into() }.into())
+        }
+        v => Ok(v),
     }
 }

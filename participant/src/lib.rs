@@ -121,6 +121,18 @@ pub enum ParticipantError {
     Resource(String),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Another live participant holds this name at the coordinator (exit 2).
+    #[error("enrollment refused: {0}")]
+    NameTaken(String),
+}
+
+impl decree_runtime::serve::Exit for ParticipantError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ParticipantError::NameTaken(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Serves a [`Resource`] as a decree participant: the builder the KV and
@@ -220,6 +232,9 @@ async fn serve_with(
         disk,
     );
     let (incarnation, learned_incarnation) = tokio::sync::watch::channel(0);
+    // Set when the coordinator refuses this name for good: the server stops.
+    let (taken, mut name_taken) = tokio::sync::watch::channel(None::<String>);
+    let refusal = taken.subscribe();
     // Background work lives as long as the server: when this function returns,
     // dropping the set aborts it, and with it the last handles to the actor,
     // which then ends and closes the log. Nothing is left running.
@@ -239,7 +254,7 @@ async fn serve_with(
         address,
         (config.role(), config.join),
         config.heartbeat(),
-        incarnation,
+        (incarnation, taken),
     ));
     let limit = config.max_message_bytes * 2;
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
@@ -268,7 +283,10 @@ async fn serve_with(
     let (routes, health) =
         decree_runtime::serve::with_discovery(routes, services).await.map_err(ParticipantError::Config)?;
     let graceful = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            _ = name_taken.wait_for(Option::is_some) => {}
+        }
         tracing::info!("shutting down: finishing requests in flight");
         let _ = stopping.send(true);
         decree_runtime::serve::not_serving(&health, services).await;
@@ -285,6 +303,9 @@ async fn serve_with(
     // close, so that a process that exits next never tears down under it.
     if tokio::time::timeout(LOG_CLOSE_WAIT, log_closed).await.is_err() {
         tracing::warn!("the log is still open after {LOG_CLOSE_WAIT:?}: something keeps a handle to it");
+    }
+    if let Some(refused) = refusal.borrow().clone() {
+        return Err(ParticipantError::NameTaken(refused));
     }
     Ok(())
 }

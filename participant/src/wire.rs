@@ -104,8 +104,8 @@ pub fn enroll_request(name: &str, address: &str, role: Role, join: bool) -> v1::
     v1::EnrollRequest { name: name.to_owned(), address: address.to_owned(), role: role as i32, join }
 }
 
-pub fn heartbeat_request(name: &str) -> v1::HeartbeatRequest {
-    v1::HeartbeatRequest { name: name.to_owned() }
+pub fn heartbeat_request(name: &str, address: &str) -> v1::HeartbeatRequest {
+    v1::HeartbeatRequest { name: name.to_owned(), address: address.to_owned() }
 }
 
 /// What a branch in doubt takes from the coordinator's answer to GetOutcome:

@@ -51,6 +51,10 @@ pub const TXID_METADATA: &str = "decree-txid";
 /// (disk full, overload, shutdown).
 pub const REASON_METADATA: &str = "decree-reason";
 
+/// The metadata key on an `ALREADY_EXISTS` refusal of Enroll: milliseconds
+/// until the name's live holder's claim lapses if it is not heard from again.
+pub const HELD_METADATA: &str = "decree-held-ms";
+
 /// The metadata key of a coordinator group's leader URL, on the
 /// `REASON_NOT_LEADER` refusal a follower answers with (absent when the
 /// follower knows no leader).

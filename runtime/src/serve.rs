@@ -172,6 +172,15 @@ impl ProcessOptions {
 /// binds `listen`, and serves until SIGINT or SIGTERM (`serve` gets the
 /// listener). Returns the exit code: 0 after a clean stop, 2 for a bad
 /// configuration, 1 for anything else. `what` starts every message.
+/// A server's error, and the code its process exits with: 1 unless the
+/// error says otherwise (2 for a refusal the operator must act on, as for bad
+/// arguments).
+pub trait Exit: std::fmt::Display {
+    fn exit_code(&self) -> i32 {
+        1
+    }
+}
+
 pub async fn run_process<F, Fut, E>(
     what: &str,
     config: &impl serde::Serialize,
@@ -183,7 +192,7 @@ pub async fn run_process<F, Fut, E>(
 where
     F: FnOnce(tokio::net::TcpListener) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    E: Exit,
 {
     if let Err(err) = valid {
         eprintln!("{what}: {err}");
@@ -212,7 +221,7 @@ where
         Ok(()) => 0,
         Err(err) => {
             eprintln!("{what}: {err}");
-            1
+            err.exit_code()
         }
     };
     crate::trace::shutdown();

@@ -140,9 +140,16 @@ async fn a_prepared_branch_locks_its_keys_and_a_conflicting_transaction_votes_no
         .unwrap();
     assert_eq!(result.outcome, Outcome::Aborted);
     assert_eq!(result.code, Reason::LockConflict, "{}", result.reason);
-    let values = client.get(&["hot".into(), "cold".into()]).await.unwrap();
-    assert_eq!(values["hot"].as_deref(), Some(&b"0"[..]));
+    let values = client.get(&["cold".into()]).await.unwrap();
     assert_eq!(values["cold"], None, "the other branch was rolled back");
+    info!("--- a read of 'hot' is refused while the branch that voted YES holds it (it may have committed)");
+    match client.get(&["hot".into()]).await {
+        Err(decree_client::ClientError::Status(status)) => {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert_eq!(Reason::of_status(&status), Reason::InDoubt, "{status:?}");
+        }
+        other => panic!("a read of a key in doubt must be refused, got {other:?}"),
+    }
 
     let listed = client.in_doubt().await.unwrap().0;
     assert_eq!(listed.len(), 1);
@@ -453,4 +460,110 @@ async fn leased_txids_are_used_once_and_an_outcome_query_fences_an_unused_one() 
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "far beyond any txid issued: {status:?}");
     let client = cluster.client().await.unwrap();
     assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0, "one transfer, whole");
+}
+
+/// A free port on 127.0.0.1 (released at once: the process started next binds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A participant name held by a live participant is not taken by a second
+/// process from another address (it exits 2, and keys keep going to the
+/// holder); an operator's `decree participants move` gives the name to a new
+/// address, and the old process, displaced while running, stops with exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_participants_name_is_not_taken_and_an_operator_moves_it() {
+    init();
+    let mut options = Options::new(2);
+    options.participant_args = s(&["--heartbeat-ms", "200"]);
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let url = cluster.coordinator_url();
+    let client = cluster.client().await.unwrap();
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let puts = keys.iter().map(|k| KvOp::Put { key: k.clone(), value: b"1".to_vec() }).collect();
+    assert_eq!(client.transact(puts).await.unwrap().outcome, Outcome::Committed);
+    let address_of = |listed: &[decree_client::ParticipantInfo]| {
+        listed.iter().find(|p| p.name == "p1").map(|p| p.address.clone()).unwrap()
+    };
+    let holder = address_of(&client.participants().await.unwrap());
+    assert_eq!(holder, cluster.url_of(cluster.participant("p1")));
+
+    info!("--- a second process named p1 is refused and exits 2; nothing changed");
+    let impostor = cluster.dir().join("impostor");
+    let port = free_port();
+    let run = decree_async(s(&[
+        "participant",
+        "--name",
+        "p1",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        impostor.to_str().unwrap(),
+        "--coordinator",
+        &url,
+        "--heartbeat-ms",
+        "200",
+    ]))
+    .await;
+    assert_eq!(run.code, 2, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("held by a live participant at"), "{}", run.stderr);
+    assert!(run.stderr.contains("decree participants move p1"), "{}", run.stderr);
+    let listed = client.participants().await.unwrap();
+    assert_eq!(address_of(&listed), holder, "the name stayed with its holder");
+    assert!(listed.iter().all(|p| p.state == "up"), "{listed:?}");
+    let values = client.get(&keys).await.unwrap();
+    assert!(values.values().all(|v| v.as_deref() == Some(&b"1"[..])), "every committed value still reads");
+    let bump = keys.iter().map(|k| KvOp::Put { key: k.clone(), value: b"2".to_vec() }).collect();
+    assert_eq!(client.transact(bump).await.unwrap().outcome, Outcome::Committed);
+    let values = client.get(&keys).await.unwrap();
+    assert!(values.values().all(|v| v.as_deref() == Some(&b"2"[..])));
+
+    info!("--- a move without a reason is refused; one of a name never enrolled is NOT_FOUND");
+    let target = format!("http://127.0.0.1:{}", free_port());
+    let moving = |name: &str, reason: &str| {
+        let args =
+            ["participants", "move", name, "--address", &target, "--reason", reason, "--coordinator", &url];
+        decree_async(s(&[&args[..], &["--json"]].concat()))
+    };
+    let run = moving("p1", " ").await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("reason"), "{}", run.stderr);
+    let run = moving("p9", "r").await;
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("p9 never enrolled"), "{}", run.stderr);
+    assert_eq!(address_of(&client.participants().await.unwrap()), holder);
+
+    info!("--- the operator moves p1; the process started there enrolls; the old one stops with exit 2");
+    let run = moving("p1", "machine replaced").await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.json()["previous"], holder.as_str());
+    let moved = cluster.dir().join("moved");
+    let listen = target.trim_start_matches("http://").to_owned();
+    let mut new_holder = tokio::process::Command::new(decree_tests::decree_binary())
+        .args([
+            "participant",
+            "--name",
+            "p1",
+            "--listen",
+            &listen,
+            "--coordinator",
+            &url,
+            "--heartbeat-ms",
+            "200",
+        ])
+        .arg("--data-dir")
+        .arg(&moved)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let old = cluster.participant("p1");
+    let status = cluster.wait_exit(old, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(status.code(), Some(2), "the displaced p1: {}", cluster.log_of(old));
+    assert!(cluster.log_of(old).contains("another live participant holds it"), "{}", cluster.log_of(old));
+    let listed = client.participants().await.unwrap();
+    assert_eq!(address_of(&listed), target);
+    assert!(listed.iter().all(|p| p.state == "up"), "the new p1 is heard from: {listed:?}");
+    assert!(new_holder.try_wait().unwrap().is_none(), "the new p1 keeps running");
+    assert!(cluster.log_of(NodeId::Coordinator).contains("participant moved by an operator"));
+    let _ = new_holder.kill().await;
 }

@@ -103,6 +103,13 @@ impl Registry for UnaryOnly {
         unimplemented()
     }
 
+    async fn move_participant(
+        &self,
+        _: Request<v1::MoveParticipantRequest>,
+    ) -> Result<Response<v1::MoveParticipantResponse>, Status> {
+        unimplemented()
+    }
+
     async fn list_participants(
         &self,
         _: Request<v1::ListParticipantsRequest>,
