@@ -49,7 +49,7 @@ mod tombstones;
 mod waits;
 
 pub use locks::{may_wait_for, LockEntry, LockStats};
-use locks::{LockTable, Waiter, Wanted};
+use locks::{LockTable, ReadGate, Waiter, Wanted};
 
 pub use tombstones::Retention as TombstoneRetention;
 
@@ -268,9 +268,17 @@ pub enum Command {
         txid: TxId,
         after: Duration,
     },
-    /// The read may go ahead: none of its keys is locked (or it waited as long as it may).
+    /// The read may go ahead: none of its keys is locked (or it waited as long
+    /// as it may, and what holds them cannot have committed).
     Read {
         read: u64,
+    },
+    /// The read is refused ([`decree_proto::Reason::InDoubt`]): a key it waited
+    /// for is still held by a branch that voted YES (or is voting), whose
+    /// transaction may have committed, so the value here may be stale.
+    RefuseRead {
+        read: u64,
+        reason: String,
     },
     /// Feed back [`Event::ReadWaitExpired`] after `after`.
     ArmReadWait {
@@ -574,17 +582,16 @@ impl Engine {
                 self.branches.insert(txid, Branch::Prepared { keys, redo, since: at });
             }
             Event::RecoveredTombstone { txid, outcome } => self.remember(txid, outcome),
-            Event::ReadRequested { read, keys } => {
-                if self.locks.read(read, keys) {
-                    self.commands.push(Command::Read { read });
-                } else {
-                    self.commands.push(Command::ArmReadWait { read, after: self.locks.read_wait });
+            Event::ReadRequested { read, keys } => match self.locks.read(read, keys) {
+                ReadGate::Go => self.commands.push(Command::Read { read }),
+                ReadGate::Waits => {
+                    self.commands.push(Command::ArmReadWait { read, after: self.locks.read_wait })
                 }
-            }
+                ReadGate::Locked(keys) => self.read_locked(read, &keys),
+            },
             Event::ReadWaitExpired { read } => {
-                // Still locked (a branch in doubt): read what is committed here.
-                if self.locks.read_expired(read) {
-                    self.commands.push(Command::Read { read });
+                if let Some(keys) = self.locks.read_expired(read) {
+                    self.read_locked(read, &keys);
                 }
             }
             Event::LockWaitExpired { txid } => {
@@ -870,6 +877,33 @@ impl Engine {
                     self.remember(txid, Outcome::Aborted);
                 }
             },
+        }
+    }
+
+    /// A read whose keys are still locked once it may wait no longer: what is
+    /// committed here is the value unless a holder voted YES (or is voting):
+    /// its transaction may have committed elsewhere already, and a client told
+    /// so must not read the value from before it (the read is refused).
+    /// Interactive work not yet prepared, or a branch aborting, cannot have
+    /// changed the value.
+    fn read_locked(&mut self, read: u64, keys: &[String]) {
+        let in_doubt = keys.iter().find_map(|key| {
+            let holder = self.locks.holder(key)?;
+            let may_commit = match self.branches.get(&holder)? {
+                Branch::Logging { .. } | Branch::Prepared { .. } | Branch::Committing { .. } => true,
+                Branch::Active { .. } | Branch::Validating { .. } | Branch::Aborting { .. } => false,
+            };
+            may_commit.then_some((key, holder))
+        });
+        match in_doubt {
+            Some((key, holder)) => self.commands.push(Command::RefuseRead {
+                read,
+                reason: format!(
+                    "key {key:?} is locked by {holder}, prepared here and not decided yet (its coordinator has \
+                     not answered): its value may have changed already; read again later"
+                ),
+            }),
+            None => self.commands.push(Command::Read { read }),
         }
     }
 

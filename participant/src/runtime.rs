@@ -88,10 +88,11 @@ pub(crate) enum Request {
         txid: TxId,
         reply: oneshot::Sender<bool>,
     },
-    /// Answered when none of `keys` is locked (or the read wait ran out).
+    /// Answered when none of `keys` is locked (or the read wait ran out:
+    /// `Err` if a branch in doubt still holds one).
     Read {
         keys: Vec<String>,
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
 }
 
@@ -199,8 +200,9 @@ impl Handle {
         self.ask(|reply| Request::InDoubt { reply }).await
     }
 
-    /// Waits until none of `keys` is locked, within the read wait.
-    pub(crate) async fn until_unlocked(&self, keys: Vec<String>) -> Result<(), ShuttingDown> {
+    /// Waits until none of `keys` is locked, within the read wait; `Err` with
+    /// why when one is still held, after it, by a branch in doubt.
+    pub(crate) async fn until_unlocked(&self, keys: Vec<String>) -> Result<Result<(), String>, ShuttingDown> {
         self.ask(|reply| Request::Read { keys, reply }).await
     }
 
@@ -219,7 +221,7 @@ struct Actor {
     votes: HashMap<TxId, Vec<oneshot::Sender<Vote>>>,
     commit_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
     abort_waiters: HashMap<TxId, Vec<oneshot::Sender<Ack>>>,
-    readers: HashMap<u64, oneshot::Sender<()>>,
+    readers: HashMap<u64, oneshot::Sender<Result<(), String>>>,
     next_read: u64,
     works: HashMap<u64, oneshot::Sender<Result<Granted, Refused>>>,
     next_work: u64,
@@ -481,7 +483,12 @@ impl Actor {
                 }
                 Command::Read { read } => {
                     if let Some(reply) = self.readers.remove(&read) {
-                        let _ = reply.send(());
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Command::RefuseRead { read, reason } => {
+                    if let Some(reply) = self.readers.remove(&read) {
+                        let _ = reply.send(Err(reason));
                     }
                 }
                 Command::ArmReadWait { read, after } => {
@@ -658,9 +665,17 @@ pub(crate) async fn resolve_in_doubt(
     }
 }
 
+/// Longest a participant refused its name waits for the holder's claim to lapse.
+const LONGEST_NAME_WAIT: Duration = Duration::from_secs(60);
+
 /// Enrolls with the coordinator, then heartbeats; enrolls again whenever the
 /// coordinator does not know this participant. Tells the engine each
 /// coordinator incarnation it learns of.
+///
+/// A name held by another live participant is waited for once, until the
+/// holder's claim lapses (it may be this participant's own earlier process, on
+/// another address, not yet seen to be down); refused again, the holder is
+/// alive, and the refusal goes to `taken` (the server stops: exit 2).
 pub(crate) async fn stay_enrolled(
     handle: Handle,
     mut registry: RegistryClient<Coordinators>,
@@ -668,7 +683,7 @@ pub(crate) async fn stay_enrolled(
     address: String,
     (role, join): (crate::config::Role, bool),
     heartbeat: Duration,
-    incarnation: watch::Sender<u64>,
+    (incarnation, taken): (watch::Sender<u64>, watch::Sender<Option<String>>),
 ) {
     let learn = |handle: &Handle, seen: u64| {
         handle.event(Event::CoordinatorIncarnation { incarnation: seen });
@@ -686,6 +701,7 @@ pub(crate) async fn stay_enrolled(
     };
     let mut attempt = 0;
     let mut enrolled = false;
+    let mut waited_for_name = false;
     loop {
         if !enrolled {
             let request = crate::wire::enroll_request(&name, &address, role, join);
@@ -701,6 +717,31 @@ pub(crate) async fn stay_enrolled(
                     });
                     enrolled = true;
                     attempt = 0;
+                    waited_for_name = false;
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
+                    let held = status
+                        .metadata()
+                        .get(decree_proto::HELD_METADATA)
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .map(Duration::from_millis)
+                        .filter(|held| *held <= LONGEST_NAME_WAIT);
+                    match held {
+                        Some(held) if !waited_for_name => {
+                            warn!(error = status.message(), wait = ?held, "the name is held: waiting once for its holder's claim to lapse");
+                            waited_for_name = true;
+                            tokio::time::sleep(held + heartbeat.min(Duration::from_millis(250))).await;
+                        }
+                        _ => {
+                            tracing::error!(
+                                error = status.message(),
+                                "the coordinator refused this name: another live participant holds it"
+                            );
+                            let _ = taken.send(Some(status.message().to_owned()));
+                            return;
+                        }
+                    }
+                    continue;
                 }
                 Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
                     warn!(error = status.message(), "the coordinator refused enrollment");
@@ -715,7 +756,7 @@ pub(crate) async fn stay_enrolled(
             }
         }
         tokio::time::sleep(heartbeat).await;
-        let request = crate::wire::heartbeat_request(&name);
+        let request = crate::wire::heartbeat_request(&name, &address);
         match tokio::time::timeout(Duration::from_secs(2), registry.heartbeat(request)).await {
             Ok(Ok(response)) => {
                 let response = response.into_inner();

@@ -390,7 +390,9 @@ impl Kv for KvService {
             KvOp::check_key(key)?;
         }
         // A locked key is being changed by a branch: wait for its decision to be applied.
-        self.handle.until_unlocked(keys.clone()).await?;
+        if let Err(reason) = self.handle.until_unlocked(keys.clone()).await? {
+            return Err(decree_proto::Reason::InDoubt.on_status(Status::unavailable(reason)));
+        }
         let Reads::Rocks(store) = &self.reads else {
             let values = self.reads.get(keys).await?;
             return Ok(Response::new(v1::GetResponse { values, redirect: None }));

@@ -28,6 +28,8 @@ pub enum Reason {
     NotLeader,
     /// A TransactStream named a txid it may not use: not started; send it again under another.
     TxidRefused,
+    /// A read of a key a branch in doubt holds: its value may be stale here; read again later.
+    InDoubt,
 }
 
 impl Reason {
@@ -51,6 +53,7 @@ impl Reason {
             Reason::Migrating => "migrating",
             Reason::NotLeader => "not_leader",
             Reason::TxidRefused => "txid_refused",
+            Reason::InDoubt => "in_doubt",
         }
     }
 }
@@ -75,6 +78,7 @@ impl From<Reason> for v1::Reason {
             Reason::Migrating => v1::Reason::Migrating,
             Reason::NotLeader => v1::Reason::NotLeader,
             Reason::TxidRefused => v1::Reason::TxidRefused,
+            Reason::InDoubt => v1::Reason::InDoubt,
         }
     }
 }
@@ -99,6 +103,7 @@ impl From<v1::Reason> for Reason {
             v1::Reason::Migrating => Reason::Migrating,
             v1::Reason::NotLeader => Reason::NotLeader,
             v1::Reason::TxidRefused => Reason::TxidRefused,
+            v1::Reason::InDoubt => Reason::InDoubt,
         }
     }
 }

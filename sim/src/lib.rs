@@ -88,7 +88,9 @@ pub enum Mutation {
     SkipRedelivery,
     /// An old owner's OUT step reads what leaves but does not delete it.
     KeepMovedKeys,
-    /// A new owner's IN step takes no fence: it serves keys before they arrive.
+    /// A new owner's IN step takes no fence: it serves keys before they arrive
+    /// (and reads of keys in doubt are answered, as before participants refused
+    /// them, which would mask it).
     NoFenceAtNewOwner,
     /// The coordinator moves its cursor once the IN steps answer, before the batch commits.
     CursorBeforeCommit,

@@ -699,6 +699,23 @@ impl Participant {
                 self.schedule(ctx, after.as_micros() as Time, Work::Engine(Event::ReadWaitExpired { read }));
             }
             Command::Read { read } => self.read(ctx, read),
+            // The planted missing fence is masked by this refusal (the arriving keys are
+            // locked by the prepared IN step): with the bug planted, reads are answered
+            // as they were before the refusal, so the simulator still shows the fence's window.
+            Command::RefuseRead { read, .. } if ctx.mutated(Mutation::NoFenceAtNewOwner) => {
+                self.read(ctx, read)
+            }
+            Command::RefuseRead { read, .. } => {
+                // Refused: the client reads again later (as a redirect makes it).
+                let node = self.node();
+                let Some(process) = self.process.as_mut() else { return };
+                let Some((client, rpc, keys)) = process.reads.remove(&read) else { return };
+                ctx.send(
+                    node,
+                    client,
+                    Msg::Got(rpc, Vec::new(), Some((decree_proto::Reason::InDoubt, keys))),
+                );
+            }
             Command::WorkGranted { work, so_far, first } => {
                 let Some(pending) = process.works.get_mut(&work) else { return };
                 pending.so_far = so_far;

@@ -48,6 +48,29 @@ pub async fn markers(client: &Client, tag: &str, participants: &[String]) -> Res
     Ok(present)
 }
 
+/// Nothing of `tag` is applied at `participants`: at each the marker is
+/// absent, or its read is refused because a branch in doubt holds it
+/// (`REASON_IN_DOUBT`: prepared, not applied, and not served). Returns how
+/// many refused.
+pub async fn unapplied(client: &Client, tag: &str, participants: &[String]) -> Result<usize> {
+    let mut in_doubt = 0;
+    for participant in participants {
+        match client.get_at(participant, vec![format!("marker-{tag}")]).await {
+            Ok(values) if values.first().is_some_and(Option::is_some) => {
+                return Err(HarnessError::Other(format!("{tag} is applied at {participant}")))
+            }
+            Ok(_) => {}
+            Err(decree_client::ClientError::Status(status))
+                if decree_client::Reason::of_status(&status) == decree_client::Reason::InDoubt =>
+            {
+                in_doubt += 1
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(in_doubt)
+}
+
 /// I1: the transaction is at every participant or at none. Returns whether it is everywhere.
 pub async fn all_or_nothing(client: &Client, tag: &str, participants: &[String]) -> Result<bool> {
     match markers(client, tag, participants).await? {

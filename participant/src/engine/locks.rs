@@ -71,6 +71,14 @@ pub fn may_wait_for(txid: TxId, work: bool, other: TxId, other_is_work: bool) ->
     }
 }
 
+/// What becomes of a read ([`LockTable::read`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ReadGate {
+    Go,
+    Waits,
+    Locked(Vec<String>),
+}
+
 #[derive(Debug, Default)]
 pub(super) struct LockTable {
     held: HashMap<String, TxId>,
@@ -251,18 +259,28 @@ impl LockTable {
         dying.into_iter().map(|txid| (txid, self.waiting.remove(&txid).expect("listed above"))).collect()
     }
 
-    /// A read of `keys`: true if it may go at once; else it waits (up to `read_wait`).
-    pub fn read(&mut self, read: u64, keys: Vec<String>) -> bool {
-        if self.read_wait.is_zero() || keys.iter().all(|k| !self.held.contains_key(k)) {
-            return true;
+    /// A read of `keys`: [`ReadGate::Go`] if none is locked; else it waits,
+    /// up to `read_wait` ([`ReadGate::Waits`]), or with no wait at all is
+    /// [`ReadGate::Locked`] now (what holds them decides whether it may go).
+    pub fn read(&mut self, read: u64, keys: Vec<String>) -> ReadGate {
+        if keys.iter().all(|k| !self.held.contains_key(k)) {
+            ReadGate::Go
+        } else if self.read_wait.is_zero() {
+            ReadGate::Locked(keys)
+        } else {
+            self.readers.insert(read, keys);
+            ReadGate::Waits
         }
-        self.readers.insert(read, keys);
-        false
     }
 
-    /// A read's wait ran out: true if it was still waiting (it goes now).
-    pub fn read_expired(&mut self, read: u64) -> bool {
-        self.readers.remove(&read).is_some()
+    /// A read's wait ran out: its keys if it was still waiting.
+    pub fn read_expired(&mut self, read: u64) -> Option<Vec<String>> {
+        self.readers.remove(&read)
+    }
+
+    /// Who holds `key`'s lock.
+    pub fn holder(&self, key: &str) -> Option<TxId> {
+        self.held.get(key).copied()
     }
 }
 
@@ -298,11 +316,15 @@ mod tests {
     fn a_read_waits_for_its_keys_and_goes_when_they_are_released() {
         let mut table = LockTable::new(Duration::ZERO, Duration::from_millis(10));
         table.take(tx(1), &keys(&["a"]));
-        assert!(!table.read(7, keys(&["a", "b"])));
-        assert!(table.read(8, keys(&["b"])), "an unlocked key is read at once");
+        assert_eq!(table.read(7, keys(&["a", "b"])), ReadGate::Waits);
+        assert_eq!(table.read(8, keys(&["b"])), ReadGate::Go, "an unlocked key is read at once");
         assert_eq!(table.ready_reads(), Vec::<u64>::new());
         table.release(tx(1), &keys(&["a"]));
         assert_eq!(table.ready_reads(), vec![7]);
-        assert!(!table.read_expired(7), "gone already");
+        assert_eq!(table.read_expired(7), None, "gone already");
+        table.take(tx(2), &keys(&["a"]));
+        let mut no_wait = LockTable::new(Duration::ZERO, Duration::ZERO);
+        no_wait.take(tx(2), &keys(&["a"]));
+        assert_eq!(no_wait.read(9, keys(&["a"])), ReadGate::Locked(keys(&["a"])), "no wait: decided now");
     }
 }

@@ -513,17 +513,47 @@ mod read_wait {
         assert_eq!(event(&mut engine, Event::ReadWaitExpired { read: 7 }), vec![], "a stale timer");
     }
 
+    /// The branch voted YES: its transaction may have committed, so the value
+    /// committed here may be stale; the read is refused, not answered with it.
     #[test]
-    fn a_read_blocked_by_a_branch_in_doubt_reads_what_is_committed_after_the_wait() {
+    fn a_read_blocked_by_a_branch_in_doubt_is_refused_after_the_wait() {
+        for wait in [READ_WAIT, Duration::ZERO] {
+            let mut engine = Engine::with_waits(Duration::ZERO, wait);
+            let t = tx(1);
+            event(
+                &mut engine,
+                Event::Recovered { txid: t, keys: keys(&["a"]), redo: vec![], at: Instant::now() },
+            );
+            let mut commands = event(&mut engine, Event::ReadRequested { read: 1, keys: keys(&["b", "a"]) });
+            if !wait.is_zero() {
+                assert_eq!(commands, vec![Command::ArmReadWait { read: 1, after: wait }]);
+                commands = event(&mut engine, Event::ReadWaitExpired { read: 1 });
+            }
+            match commands.as_slice() {
+                [Command::RefuseRead { read: 1, reason }] => {
+                    assert!(
+                        reason.contains("\"a\" is locked by") && reason.contains("read again"),
+                        "{reason}"
+                    )
+                }
+                other => panic!("wait {wait:?}: expected the read refused, got {other:?}"),
+            }
+            assert_eq!(engine.in_doubt().len(), 1, "the read changed nothing");
+        }
+    }
+
+    /// Interactive work not yet prepared cannot have committed: a read that
+    /// waited for it reads what is committed here.
+    #[test]
+    fn a_read_blocked_by_work_not_yet_prepared_reads_what_is_committed_after_the_wait() {
         let mut engine = Engine::with_waits(Duration::ZERO, READ_WAIT);
         let t = tx(1);
-        event(
-            &mut engine,
-            Event::Recovered { txid: t, keys: keys(&["a"]), redo: vec![], at: Instant::now() },
+        event(&mut engine, Event::WorkRequested { txid: t, work: 1, keys: keys(&["a"]), at: Instant::now() });
+        assert_eq!(
+            event(&mut engine, Event::ReadRequested { read: 2, keys: keys(&["a"]) }),
+            vec![Command::ArmReadWait { read: 2, after: READ_WAIT }]
         );
-        event(&mut engine, Event::ReadRequested { read: 1, keys: keys(&["a"]) });
-        assert_eq!(event(&mut engine, Event::ReadWaitExpired { read: 1 }), vec![Command::Read { read: 1 }]);
-        assert_eq!(engine.in_doubt().len(), 1, "the read changed nothing");
+        assert_eq!(event(&mut engine, Event::ReadWaitExpired { read: 2 }), vec![Command::Read { read: 2 }]);
     }
 }
 
