@@ -14,7 +14,10 @@
 //! This crate ships inside the `decree` binary: it holds no test assertions
 //! (the invariant checks live in the `decree-tests` crate).
 
+pub mod faults;
 pub mod postgres;
+
+pub use faults::{Fault, FaultProxy};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -96,6 +99,13 @@ pub struct Options {
     /// store that takes any key addressed to it by name, in no ring. For
     /// tests that send the same keys to several participants by name.
     pub services: bool,
+    /// Every link between the coordinator and a participant, both ways, goes
+    /// through a [`FaultProxy`] of its own ([`Cluster::link`]), and so may
+    /// clients ([`Cluster::proxied_url`]). A single coordinator only.
+    pub faults: bool,
+    /// Environment variables for one node, by name ("coordinator", "p2",
+    /// "c1"), e.g. an `LD_PRELOAD` that injects faults.
+    pub env_for: Vec<(String, String, String)>,
 }
 
 impl Options {
@@ -115,6 +125,8 @@ impl Options {
             join: true,
             join_first: None,
             services: false,
+            faults: false,
+            env_for: Vec::new(),
         }
     }
 }
@@ -149,6 +161,24 @@ pub struct Cluster {
     participants: Vec<Node>,
     /// A group's first replica bootstraps it at its first start only.
     bootstrapped: bool,
+    /// With [`Options::faults`]: per participant, the links to it and from it;
+    /// and the clients' link to the coordinator.
+    links: Vec<(FaultProxy, FaultProxy)>,
+    client_link: Option<FaultProxy>,
+}
+
+/// A link of a cluster started with [`Options::faults`]; requests flow the way
+/// it names, answers back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// The coordinator to participant `i` (Prepares, Commits, Aborts), and
+    /// clients reading from it by the address it enrolled with.
+    ToParticipant(usize),
+    /// Participant `i` to the coordinator (enrollment, heartbeats, outcome
+    /// queries of branches in doubt).
+    FromParticipant(usize),
+    /// Clients connected by [`Cluster::proxied_url`] to the coordinator.
+    Client,
 }
 
 impl Cluster {
@@ -168,6 +198,13 @@ impl Cluster {
 
     async fn start_in(dir: Option<tempfile::TempDir>, path: PathBuf, options: Options) -> Result<Cluster> {
         let replicas = options.coordinators.max(1);
+        // The proxies' ports first, held: the nodes' free ports cannot be among them.
+        let mut proxy_ports = Vec::new();
+        if options.faults {
+            for _ in 0..options.participants * 2 + 1 {
+                proxy_ports.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+            }
+        }
         let mut ports = free_ports(options.participants + replicas)?.into_iter();
         let mut node = |name: &str| -> Result<Node> {
             Ok(Node {
@@ -185,7 +222,30 @@ impl Cluster {
         };
         let participants =
             (1..=options.participants).map(|i| node(&format!("p{i}"))).collect::<Result<Vec<_>>>()?;
-        let mut cluster = Cluster { dir, path, options, coordinators, participants, bootstrapped: false };
+        if options.faults && replicas > 1 {
+            return Err(HarnessError::Other("Options::faults: a single coordinator only".into()));
+        }
+        let (mut links, mut client_link) = (Vec::new(), None);
+        if options.faults {
+            let coordinator = std::net::SocketAddr::from(([127, 0, 0, 1], coordinators[0].port));
+            let mut proxy_ports = proxy_ports.into_iter();
+            let mut next = || proxy_ports.next().expect("one port per proxy");
+            for p in &participants {
+                let to = FaultProxy::on(next(), std::net::SocketAddr::from(([127, 0, 0, 1], p.port)))?;
+                links.push((to, FaultProxy::on(next(), coordinator)?));
+            }
+            client_link = Some(FaultProxy::on(next(), coordinator)?);
+        }
+        let mut cluster = Cluster {
+            dir,
+            path,
+            options,
+            coordinators,
+            participants,
+            bootstrapped: false,
+            links,
+            client_link,
+        };
         for (name, points) in cluster.options.crash_at_for.clone() {
             let node = cluster
                 .coordinators
@@ -268,6 +328,35 @@ impl Cluster {
         let urls: Vec<String> =
             self.coordinators.iter().map(|c| format!("http://127.0.0.1:{}", c.port)).collect();
         urls.join(",")
+    }
+
+    /// The proxy of `link` (the cluster started with [`Options::faults`]).
+    pub fn link(&self, link: Link) -> &FaultProxy {
+        assert!(self.options.faults, "links have proxies only with Options::faults");
+        match link {
+            Link::ToParticipant(i) => &self.links[i].0,
+            Link::FromParticipant(i) => &self.links[i].1,
+            Link::Client => self.client_link.as_ref().expect("faults: a client link"),
+        }
+    }
+
+    /// Every link of the cluster (none without [`Options::faults`]).
+    pub fn links(&self) -> Vec<Link> {
+        let each = (0..self.links.len()).flat_map(|i| [Link::ToParticipant(i), Link::FromParticipant(i)]);
+        each.chain(self.client_link.iter().map(|_| Link::Client)).collect()
+    }
+
+    /// Lifts every fault.
+    pub fn heal_all(&self) {
+        for link in self.links() {
+            self.link(link).heal();
+        }
+    }
+
+    /// The coordinator's URL through [`Link::Client`]'s proxy (with
+    /// [`Options::faults`]), for clients whose link a test breaks.
+    pub fn proxied_url(&self) -> String {
+        self.link(Link::Client).url()
     }
 
     /// The ids of the coordinator group's replicas (one for a single coordinator).
@@ -405,8 +494,15 @@ impl Cluster {
                 if self.joins(i) {
                     args.push("--join".into());
                 }
+                if let Some((to, _)) = self.links.get(i) {
+                    args.extend(["--advertise-url".to_owned(), to.url()]);
+                }
                 args
             }
+        };
+        let coordinator_url = match id {
+            NodeId::Participant(i) => self.links.get(i).map_or(coordinator_url, |(_, from)| from.url()),
+            _ => coordinator_url,
         };
         let program = match id {
             NodeId::Coordinator | NodeId::Replica(_) => None,
@@ -415,6 +511,11 @@ impl Cluster {
                 self.options.participant_program_for.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone())
             }
         };
+        let name = self.node_ref(id).name.clone();
+        let env: Vec<(String, String)> = (self.options.env_for.iter())
+            .filter(|(n, _, _)| *n == name)
+            .map(|(_, k, v)| (k.clone(), v.clone()))
+            .collect();
         let node = self.node(id);
         assert!(node.child.is_none(), "{} is already running", node.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
@@ -442,6 +543,7 @@ impl Cluster {
         if let Some(points) = &node.crash_at {
             command.env("DECREE_CRASH_AT", points);
         }
+        command.envs(env);
         node.child = Some(command.spawn()?);
         Ok(())
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decree_client::Reason;
-use decree_tests::{check, Cluster, NodeId, Options};
+use decree_tests::{check, Cluster, Fault, NodeId, Options};
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
 use tracing::info;
@@ -27,17 +27,46 @@ const ACCOUNTS: usize = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_stay_atomic_under_random_kills() {
-    chaos(1).await;
+    chaos(1, Disruption::Kills).await;
 }
 
 /// The same against a coordinator group of three: the victims are its
 /// replicas (the leader half the time) and the participants, one at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_stay_atomic_under_random_kills_of_a_coordinator_group() {
-    chaos(3).await;
+    chaos(3, Disruption::Kills).await;
 }
 
-async fn chaos(coordinators: usize) {
+/// Network chaos: every link (coordinator to each participant, each
+/// participant to the coordinator, the clients to the coordinator) behind a
+/// fault proxy; random faults (cut, blackhole, delay, one way lost) on random
+/// links for random spells, nothing killed. After healing, the same
+/// invariants, and every process still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_stay_atomic_under_random_network_faults() {
+    chaos(1, Disruption::Network).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disruption {
+    Kills,
+    Network,
+}
+
+/// A random fault for a link.
+fn random_fault(rng: &mut impl Rng) -> Fault {
+    let delay = Duration::from_millis(rng.random_range(20..400));
+    match rng.random_range(0..6) {
+        0 => Fault::Cut,
+        1 => Fault::Blackhole,
+        2 => Fault::Delay(delay),
+        3 => Fault::DelayAnswers(delay),
+        4 => Fault::DropAnswers,
+        _ => Fault::DropRequests,
+    }
+}
+
+async fn chaos(coordinators: usize, disruption: Disruption) {
     common::init();
     let seed: u64 =
         std::env::var("DECREE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
@@ -55,8 +84,10 @@ async fn chaos(coordinators: usize) {
         ["--in-doubt-after-ms", "300", "--heartbeat-ms", "200"].map(String::from).to_vec();
     // The same keys go to several participants by name: KV stores as named services.
     options.services = true;
+    options.faults = disruption == Disruption::Network;
     let cluster = Cluster::start(options).await.unwrap();
-    let url = cluster.coordinator_url();
+    let url =
+        if disruption == Disruption::Network { cluster.proxied_url() } else { cluster.coordinator_url() };
     let names = cluster.participant_names();
     let cluster = Arc::new(Mutex::new(cluster));
     let stop = Arc::new(AtomicBool::new(false));
@@ -122,7 +153,18 @@ async fn chaos(coordinators: usize) {
     info!("--- chaos for {CHAOS:?}");
     let started = Instant::now();
     let mut kills = 0;
-    while started.elapsed() < CHAOS {
+    while disruption == Disruption::Network && started.elapsed() < CHAOS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
+        let links = cluster.lock().await.links();
+        let link = links[rng.random_range(0..links.len())];
+        let fault = random_fault(&mut rng);
+        info!(?link, ?fault, "network fault");
+        cluster.lock().await.link(link).set(fault);
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
+        cluster.lock().await.link(link).heal();
+    }
+    while disruption == Disruption::Kills && started.elapsed() < CHAOS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
         let victim = match rng.random_range(0..=names.len()) {
             0 if coordinators == 1 => NodeId::Coordinator,
@@ -144,7 +186,13 @@ async fn chaos(coordinators: usize) {
     }
 
     info!("--- everything back; waiting until nothing is in doubt");
-    let cluster = cluster.lock().await;
+    let mut cluster = cluster.lock().await;
+    cluster.heal_all();
+    for node in std::iter::once(NodeId::Coordinator).chain((0..names.len()).map(NodeId::Participant)) {
+        if disruption == Disruption::Network {
+            assert!(cluster.is_running(node), "seed {seed}: {node:?} stopped under network faults");
+        }
+    }
     cluster.wait_enrolled(Duration::from_secs(30)).await.unwrap();
     cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
     let client = cluster.client().await.unwrap();
@@ -152,7 +200,7 @@ async fn chaos(coordinators: usize) {
         check::told_agrees(&client, &results).await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     info!(kills, committed, aborted, unknown, "chaos done");
     println!(
-        "chaos ({coordinators} coordinator replicas): {kills} kills, {committed} committed, {aborted} aborted, {unknown} unknown to the client"
+        "chaos ({coordinators} coordinator replicas, {disruption:?}): {kills} kills or faults, {committed} committed, {aborted} aborted, {unknown} unknown to the client"
     );
     assert!(committed > 0, "seed {seed}: nothing committed at all");
     assert_eq!(
