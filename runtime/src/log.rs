@@ -13,6 +13,11 @@
 //! - A failed write poisons the log: every later call fails with
 //!   [`LogError::Poisoned`]. A failed fsync is never retried (the kernel may
 //!   have dropped the dirty pages); the process must stop.
+//! - Corruption is an error, never a missing record: a record whose checksum
+//!   fails in the middle of the write-ahead log refuses the open (RocksDB's
+//!   `TolerateCorruptedTailRecords`: only a torn last write, which was never
+//!   acknowledged as synced, is dropped), and one in a table file fails the
+//!   read that meets it; both errors name the file.
 //!
 //! - [`Durability::SyncedSoon`] is as durable as a synced write when the call
 //!   returns; it only lets the writer wait up to [`SOON`] for other writes to
@@ -190,8 +195,15 @@ impl Log {
         options.set_max_total_wal_size(64 * 1024 * 1024);
         options.set_max_log_file_size(4 * 1024 * 1024);
         options.set_keep_log_file_num(3);
+        // The default (point in time) stops replaying the WAL at a corrupted
+        // record and opens without what follows: synced records lost in silence.
+        options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+        options.set_paranoid_checks(true);
         let (closed_tx, closed) = tokio::sync::watch::channel(());
-        let db = Arc::new(Database { db: DB::open(&options, path)?, _closed: closed_tx });
+        let db = DB::open(&options, path).map_err(|err| {
+            LogError::Rocks(format!("cannot open the log in {}: {}", path.display(), err.into_string()))
+        })?;
+        let db = Arc::new(Database { db, _closed: closed_tx });
         let stats = Arc::new(LogStats::default());
         let (queue, requests) = mpsc::sync_channel(QUEUE_LIMIT);
         let writer_db = Arc::clone(&db);
@@ -436,6 +448,73 @@ mod tests {
         .unwrap();
         let keys: Vec<_> = log.scan_prefix(b"b/").unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![b"b/1".to_vec(), b"b/2".to_vec()]);
+    }
+
+    /// Flips a byte at `at` (a fraction of its length) of the one file in
+    /// `dir` whose name ends with `suffix`; returns its path.
+    fn flip(dir: &Path, suffix: &str, at: f64) -> std::path::PathBuf {
+        let files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(suffix) && std::fs::metadata(p).unwrap().len() > 0)
+            .collect();
+        assert_eq!(files.len(), 1, "one {suffix} file in {}: {files:?}", dir.display());
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        let i = (bytes.len() as f64 * at) as usize;
+        bytes[i] ^= 0x5a;
+        std::fs::write(&files[0], bytes).unwrap();
+        files[0].clone()
+    }
+
+    /// Writes 100 synced records, then waits for the log to close.
+    async fn hundred_records(path: &Path, compact: bool) {
+        let log = Log::open(path).unwrap();
+        let closed = log.closed();
+        for i in 0..100u32 {
+            let key = format!("key-{i:03}");
+            log.write(vec![Write::put(key.as_str(), "a value long enough to fill a record")], true)
+                .await
+                .unwrap();
+        }
+        if compact {
+            log.compact(b"key-", b"key.");
+        }
+        drop(log);
+        closed.await;
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_record_in_the_middle_of_the_wal_refuses_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        hundred_records(dir.path(), false).await;
+        let wal = flip(dir.path(), ".log", 0.5);
+        let err = Log::open(dir.path()).err().expect("a corrupted WAL must not open");
+        let message = err.to_string();
+        assert!(message.contains("Corruption"), "{message}");
+        assert!(message.contains(&dir.path().display().to_string()), "names the directory: {message}");
+        assert!(wal.exists(), "nothing was repaired or dropped: {}", wal.display());
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_record_in_a_table_file_is_an_error_never_an_absent_record() {
+        let dir = tempfile::tempdir().unwrap();
+        hundred_records(dir.path(), true).await;
+        let table = flip(dir.path(), ".sst", 0.1);
+        let name = table.file_name().unwrap().to_string_lossy().into_owned();
+        let failed = match Log::open(dir.path()) {
+            Err(err) => err.to_string(),
+            Ok(log) => {
+                let scan = log.scan_prefix(b"key-").expect_err("a scan over the corrupted block");
+                let read =
+                    (0..100u32).map(|i| log.get(format!("key-{i:03}").as_bytes())).find(Result::is_err);
+                assert!(read.is_some(), "some read meets the corrupted block and fails");
+                scan.to_string()
+            }
+        };
+        assert!(
+            failed.contains("Corruption") && failed.contains(&name),
+            "names the table file {name}: {failed}"
+        );
     }
 
     async fn reopen(path: &Path) -> Log {

@@ -6,6 +6,10 @@
 //! The disk is a tmpfs with a size limit, which takes root to mount; CI runs
 //! as root. Run as another user, the test says it cannot and passes nothing off
 //! as checked.
+//!
+//! And the disk failing: an fsync that fails (an `LD_PRELOAD` shim, built
+//! here with the C compiler) stops the process, never retried and trusted;
+//! a corrupted write-ahead log refuses to start, naming it.
 
 mod common;
 
@@ -189,4 +193,146 @@ async fn a_full_disk_refuses_new_work_finishes_what_was_admitted_and_resumes_whe
     assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0, "money created or lost");
     check::unlocked(&client, &names, &[check::balance_key(0)]).await.unwrap();
     drop(cluster);
+}
+
+/// An `LD_PRELOAD` shim whose `fsync` and `fdatasync` fail with EIO while
+/// the file `$DECREE_FAIL_FSYNC_FLAG` exists; built with the machine's C
+/// compiler into `dir`.
+fn fsync_shim(dir: &Path) -> PathBuf {
+    let source = dir.join("failing_fsync.c");
+    std::fs::write(
+        &source,
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+static int failing(void) {
+    const char *flag = getenv("DECREE_FAIL_FSYNC_FLAG");
+    return flag && access(flag, F_OK) == 0;
+}
+int fsync(int fd) {
+    if (failing()) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    return real(fd);
+}
+int fdatasync(int fd) {
+    if (failing()) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    return real(fd);
+}
+"#,
+    )
+    .unwrap();
+    let shim = dir.join("failing_fsync.so");
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&compiler)
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&shim)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("the C compiler ({compiler}) builds the fsync shim: {e}"));
+    assert!(status.success(), "build the fsync shim");
+    shim
+}
+
+/// A failed fsync is never retried and trusted: the process whose fsync
+/// failed (a participant preparing, then the coordinator logging a decision)
+/// stops at once with exit 70, and nothing half-commits: restarted on its
+/// data directory, every transfer is at all of its participants or none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_process_and_nothing_half_commits() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let shim = fsync_shim(dir.path());
+    // A flag of its own for each victim: its fsyncs fail while it exists.
+    let flag = |node: &str| dir.path().join(format!("fail-fsync-{node}"));
+    let mut options = common::quick_options();
+    for node in ["coordinator", "p2"] {
+        options.env_for.push((node.into(), "LD_PRELOAD".into(), shim.display().to_string()));
+        options.env_for.push((
+            node.into(),
+            "DECREE_FAIL_FSYNC_FLAG".into(),
+            flag(node).display().to_string(),
+        ));
+    }
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let names = cluster.participant_names();
+    let pair = names[..2].to_vec();
+    let mut told: check::Told = Vec::new();
+    let client = cluster.client().await.unwrap();
+    let result = client.transact_branches(check::marked_transfer("before", &pair, 0, 3)).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "the shim passes fsyncs while the flag is absent");
+    told.push(("before".into(), pair.clone(), Some(result.outcome)));
+
+    for (victim, name) in [(NodeId::Participant(1), "p2"), (NodeId::Coordinator, "coordinator")] {
+        info!(?victim, "--- its fsyncs fail from now on");
+        let (flag, tag) = (flag(name), format!("{name}-fsync"));
+        std::fs::write(&flag, b"").unwrap();
+        let client = cluster.client().await.unwrap();
+        let answer = client.transact_branches(check::marked_transfer(&tag, &pair, 0, 5)).await;
+        let status = cluster.wait_exit(victim, SETTLE).await.unwrap();
+        assert_eq!(
+            status.code(),
+            Some(70),
+            "{victim:?} stops on a failed fsync:\n{}",
+            cluster.log_of(victim)
+        );
+        assert!(cluster.log_of(victim).contains("fatal storage error"), "{}", cluster.log_of(victim));
+        if let Ok(result) = &answer {
+            // A participant's failed prepare record is no YES: the transaction cannot have committed.
+            assert!(victim == NodeId::Coordinator || result.outcome == Outcome::Aborted, "{result:?}");
+        }
+        told.push((tag, pair.clone(), answer.ok().map(|r| r.outcome)));
+        std::fs::remove_file(&flag).unwrap();
+        cluster.restart(victim).unwrap();
+        cluster.wait_back(victim).await.unwrap();
+    }
+
+    cluster.wait_settled(SETTLE).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let (committed, _, _) = check::told_agrees(&client, &told).await.unwrap();
+    assert!(committed >= 1);
+    assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0, "money created or lost");
+    check::unlocked(&client, &pair, &[check::balance_key(0)]).await.unwrap();
+    let result = client.transact_branches(check::marked_transfer("after", &pair, 0, 1)).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "both run again on their data");
+}
+
+/// A flipped byte in the middle of a participant's write-ahead log: it refuses
+/// to start with a message naming its log and the corruption, rather than
+/// starting without the records after it (RocksDB's default recovery would
+/// stop replaying there and open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_log_refuses_to_start_and_says_where() {
+    init();
+    let mut cluster = Cluster::start(common::quick_options()).await.unwrap();
+    let names = cluster.participant_names();
+    let client = cluster.client().await.unwrap();
+    for i in 0..20 {
+        let result = client.transact_branches(check::marked_transfer(&format!("t{i}"), &names, 0, 1)).await;
+        assert_eq!(result.unwrap().outcome, Outcome::Committed);
+    }
+    let p1 = NodeId::Participant(0);
+    cluster.kill(p1);
+    let data = cluster.dir().join("p1");
+    let wal = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .expect("a write-ahead log");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    assert!(bytes.len() > 4096, "{} holds the records: {} bytes", wal.display(), bytes.len());
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&wal, bytes).unwrap();
+
+    cluster.restart(p1).unwrap();
+    let status = cluster.wait_exit(p1, SETTLE).await.unwrap();
+    let log = cluster.log_of(p1);
+    assert_eq!(status.code(), Some(1), "refuses to start: {log}");
+    assert!(log.contains("Corruption"), "{log}");
+    assert!(log.contains(&data.display().to_string()), "names its data directory: {log}");
 }
