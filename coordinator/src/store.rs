@@ -771,10 +771,15 @@ mod tests {
             let window = store.log.scan_prefix(COMMITTED).unwrap().len() as u64;
             assert!(window <= RETAIN, "the window on disk holds {window} outcomes, bound {RETAIN}");
         }
-        let (_, recovered) = reopen(&testing::rocks(dir.path())).await;
+        let (store, recovered) = reopen(&testing::rocks(dir.path())).await;
         assert_eq!(recovered.unfinished.len(), undecided.len());
         // meta, horizon, the undecided decisions: nothing of the million ended ones.
         assert_eq!(recovered.records_read, 2 + undecided.len() as u64);
+        // The slowest test ends last: its process exits next, which must not be
+        // while RocksDB is closing (it aborts).
+        let closed = store.log.closed();
+        drop(store);
+        closed.await;
     }
 
     async fn a_corrupt_decision_refuses_to_start<S: Storage>(open: &impl Fn() -> S) {
