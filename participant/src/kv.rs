@@ -517,3 +517,56 @@ mod tests {
         }
     }
 }
+
+/// Hostile payloads: whatever bytes a stranger sends as a branch, decoding
+/// and validating them answers (a refusal, or ops checked like any others),
+/// never panics, and a huge length prefix allocates nothing.
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use decree_runtime::MemLog;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes_are_answered_never_a_panic(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let store = KvStore::new(MemLog::new());
+            let _ = batch(&payload);
+            let _ = store.validate(&payload);
+        }
+
+        /// Well-formed messages with arbitrary field values: keys of any
+        /// length and content, values, deltas, kinds beyond the enum.
+        #[test]
+        fn any_field_values_are_checked(
+            fields in proptest::collection::vec(
+                (any::<i32>(), ".{0,40}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)), any::<i64>()),
+                0..16,
+            )
+        ) {
+            let wire: Vec<v1::KvOp> = fields
+                .into_iter()
+                .map(|(kind, key, value, delta)| v1::KvOp { kind, key, value, delta })
+                .collect();
+            let payload = v1::KvBatch { ops: wire, migration: None }.encode_to_vec();
+            let store = KvStore::new(MemLog::new());
+            if let Ok(checked) = ops(&payload) {
+                for op in &checked {
+                    prop_assert!(KvOp::check_key(op.key()).is_ok(), "an accepted op has a valid key");
+                }
+            }
+            let _ = store.validate(&payload);
+        }
+    }
+
+    #[test]
+    fn a_four_gib_length_prefix_is_refused_without_allocating_it() {
+        // Field 1 (ops), length-delimited, length 0xFFFF_FFFF, then nothing.
+        let payload = [0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        let refused = batch(&payload).expect_err("a length past the buffer");
+        assert!(refused.contains("invalid KV payload"), "{refused}");
+        assert!(matches!(KvStore::new(MemLog::new()).validate(&payload), Validated::Refused { .. }));
+    }
+}

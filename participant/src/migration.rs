@@ -23,8 +23,18 @@ pub fn refused(refusal: Refusal) -> Status {
     refusal.code.on_status(status)
 }
 
+/// A routing from the wire within bounds (a hostile one would make the ring
+/// allocate without limit): INVALID_ARGUMENT, and nothing done.
+fn checked(routing: &Option<v1::Routing>) -> Result<(), Status> {
+    match routing.as_ref().map(Routing::check_wire) {
+        Some(Err(why)) => Err(Status::invalid_argument(format!("routing: {why}"))),
+        _ => Ok(()),
+    }
+}
+
 /// The routing of a step: a migration must be under way in it.
 pub fn step_routing(step: &v1::MigrationStep) -> Result<Routing, Status> {
+    checked(&step.routing)?;
     let routing = step.routing.as_ref().map(Routing::from_wire);
     match routing {
         Some(routing) if routing.migration.is_some() => Ok(routing),
@@ -34,6 +44,7 @@ pub fn step_routing(step: &v1::MigrationStep) -> Result<Routing, Status> {
 
 /// The routing a ScanMoving asks about: a migration must be under way in it.
 pub fn scan_routing(request: &v1::ScanMovingRequest) -> Result<Routing, Status> {
+    checked(&request.routing)?;
     let routing = request.routing.as_ref().map(Routing::from_wire);
     routing
         .filter(|r| r.migration.is_some())
@@ -250,4 +261,26 @@ where
     };
     handle.work_done(txid, Some(out_done(&values, &step, &granted.so_far)));
     Ok(v1::ExecuteResponse { values })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ScanMoving or a step whose ring asks for billions of points is
+    /// refused before any ring is built.
+    #[test]
+    fn a_hostile_ring_is_refused_before_it_is_built() {
+        let huge = v1::RingDescriptor {
+            members: vec![v1::RingMember { name: "p1".into(), weight: 64 }],
+            vnodes: u32::MAX,
+        };
+        let small = decree_proto::ring::Ring::new(["p1"]).to_wire();
+        let routing = v1::Routing { current: Some(small), target: Some(huge), ..Default::default() };
+        let scan = v1::ScanMovingRequest { routing: Some(routing.clone()), after: String::new(), limit: 1 };
+        let refused = scan_routing(&scan).expect_err("a hostile scan");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        let step = v1::MigrationStep { routing: Some(routing), ..Default::default() };
+        assert_eq!(step_routing(&step).expect_err("a hostile step").code(), tonic::Code::InvalidArgument);
+    }
 }

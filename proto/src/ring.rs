@@ -28,6 +28,14 @@ pub const LEGACY_VNODES: u32 = 128;
 /// Largest weight a member may have.
 pub const MAX_WEIGHT: u32 = 64;
 
+/// Most points per unit of weight a ring from the wire may ask for.
+pub const MAX_VNODES: u32 = 16_384;
+
+/// Most points a ring from the wire may have (64 members of weight 64 at
+/// [`VNODES`]; about 128 MiB): a hostile ring cannot make its reader allocate
+/// more.
+pub const MAX_POINTS: u64 = 1 << 23;
+
 /// FNV-1a (64-bit) followed by MurmurHash3's fmix64.
 pub fn hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -73,7 +81,7 @@ impl Ring {
             .zip(&weights)
             .enumerate()
             .flat_map(|(i, (name, weight))| {
-                (0..weight * vnodes).map(move |v| (hash(format!("{name}#{v}").as_bytes()), i))
+                (0..weight.saturating_mul(vnodes)).map(move |v| (hash(format!("{name}#{v}").as_bytes()), i))
             })
             .collect();
         // Ties (astronomically rare) go to the smaller name, deterministically.
@@ -153,6 +161,22 @@ impl Ring {
         let vnodes = if ring.vnodes == 0 { VNODES } else { ring.vnodes };
         Ring::weighted(ring.members.iter().map(|m| (m.name.clone(), m.weight)), vnodes)
     }
+
+    /// Whether a ring from a peer is within bounds ([`MAX_VNODES`],
+    /// [`MAX_POINTS`]): check before [`Ring::from_wire`] on what a stranger
+    /// may have sent.
+    pub fn check_wire(ring: &v1::RingDescriptor) -> Result<(), String> {
+        let vnodes = if ring.vnodes == 0 { VNODES } else { ring.vnodes };
+        if vnodes > MAX_VNODES {
+            return Err(format!("a ring of {vnodes} points per weight (at most {MAX_VNODES})"));
+        }
+        let weights: u64 = ring.members.iter().map(|m| u64::from(m.weight.clamp(1, MAX_WEIGHT))).sum();
+        let points = weights.saturating_mul(u64::from(vnodes));
+        if points > MAX_POINTS {
+            return Err(format!("a ring of {points} points (at most {MAX_POINTS})"));
+        }
+        Ok(())
+    }
 }
 
 /// How far a migration has gone: keys that sort before it have moved.
@@ -227,6 +251,11 @@ impl Routing {
         v1::Routing { epoch: self.epoch, current: Some(self.current.to_wire()), target, cursor, cursor_end }
     }
 
+    /// [`Ring::check_wire`] for both rings of a routing from a peer.
+    pub fn check_wire(routing: &v1::Routing) -> Result<(), String> {
+        routing.current.iter().chain(&routing.target).try_for_each(Ring::check_wire)
+    }
+
     pub fn from_wire(routing: &v1::Routing) -> Routing {
         let current = routing.current.as_ref().map(Ring::from_wire).unwrap_or_default();
         let migration = routing.target.as_ref().map(|target| Move {
@@ -240,6 +269,33 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wire(members: usize, weight: u32, vnodes: u32) -> v1::RingDescriptor {
+        let members = (0..members).map(|i| v1::RingMember { name: format!("p{i}"), weight }).collect();
+        v1::RingDescriptor { members, vnodes }
+    }
+
+    /// A ring a stranger sends cannot make its reader allocate without bound;
+    /// every ring this version makes passes.
+    #[test]
+    fn rings_from_the_wire_are_bounded() {
+        assert_eq!(Ring::check_wire(&Ring::new(["p1", "p2", "p3"]).to_wire()), Ok(()));
+        assert_eq!(Ring::check_wire(&wire(64, MAX_WEIGHT, VNODES)), Ok(()), "the largest ring allowed");
+        assert_eq!(Ring::check_wire(&wire(1, 1, 0)), Ok(()), "0: the default");
+        for (hostile, what) in [
+            (wire(1, 1, u32::MAX), "points per weight"),
+            (wire(9, MAX_WEIGHT, MAX_VNODES), "points"),
+            (wire(65, MAX_WEIGHT, VNODES), "points"),
+            (wire(200_000, 1, VNODES), "points"),
+        ] {
+            let refused = Ring::check_wire(&hostile).expect_err(what);
+            assert!(refused.contains(what), "{refused}");
+            let routing = v1::Routing { target: Some(hostile), ..Default::default() };
+            assert!(Routing::check_wire(&routing).is_err(), "a routing's target is checked too");
+        }
+        // Unchecked, a weight times the vnodes saturates instead of wrapping.
+        assert_eq!(MAX_WEIGHT.saturating_mul(u32::MAX), u32::MAX);
+    }
 
     #[test]
     fn hash_matches_the_documented_function() {

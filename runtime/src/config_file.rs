@@ -71,6 +71,26 @@ mod tests {
         list.iter().map(OsString::from).collect()
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 500, ..Default::default() })]
+
+        /// Whatever a configuration file holds (random text, or TOML-looking
+        /// lines of random keys and values), reading it answers: options or
+        /// an error naming the file, never a panic.
+        #[test]
+        fn any_file_is_read_or_refused_never_a_panic(
+            text in "(\\PC{0,40}\n){0,6}|([a-z_-]{1,12} = (\\PC{0,12}|[0-9]{1,25}|\\[.{0,20}\\]|\\{.{0,12}\\})\n){0,6}"
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, &text).unwrap();
+            let path = path.display().to_string();
+            if let Err(err) = apply(args(&["decree", "coordinator", "--config", &path]), 2) {
+                proptest::prop_assert!(err.contains(&path), "{err}");
+            }
+        }
+    }
+
     #[test]
     fn file_options_go_before_the_command_line_and_never_replace_a_flag() {
         let dir = tempfile::tempdir().unwrap();
