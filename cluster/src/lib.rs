@@ -144,10 +144,34 @@ fn free_port() -> Result<u16> {
     Ok(free_ports(1)?[0])
 }
 
+/// Where node ports are chosen: below Linux's ephemeral range (32768 up),
+/// so that between choosing a port and the node binding it, no outgoing
+/// connection (which takes its local port from that range) or listener on
+/// port 0 (a fault proxy's) can take it.
+const NODE_PORTS: std::ops::Range<u32> = 20_000..32_000;
+
 /// `n` distinct free ports: every listener is held until all are chosen, so
-/// the system cannot hand the same port out twice.
+/// the same port is never handed out twice.
 fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+    let mut listeners = Vec::with_capacity(n);
+    // A start that differs per process and per call: parallel clusters rarely probe the same ports.
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let mut probe = seed ^ std::process::id().wrapping_mul(2_654_435_761);
+    let span = NODE_PORTS.end - NODE_PORTS.start;
+    for _ in 0..span {
+        if listeners.len() == n {
+            break;
+        }
+        probe = probe.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let port = (NODE_PORTS.start + (probe >> 8) % span) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(listener);
+        }
+    }
+    while listeners.len() < n {
+        listeners.push(TcpListener::bind("127.0.0.1:0")?);
+    }
     listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
