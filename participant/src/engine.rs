@@ -278,7 +278,9 @@ pub enum Command {
     /// transaction may have committed, so the value here may be stale.
     RefuseRead {
         read: u64,
-        reason: String,
+        /// The key still held, and the branch holding it.
+        key: String,
+        holder: TxId,
     },
     /// Feed back [`Event::ReadWaitExpired`] after `after`.
     ArmReadWait {
@@ -896,13 +898,7 @@ impl Engine {
             may_commit.then_some((key, holder))
         });
         match in_doubt {
-            Some((key, holder)) => self.commands.push(Command::RefuseRead {
-                read,
-                reason: format!(
-                    "key {key:?} is locked by {holder}, prepared here and not decided yet (its coordinator has \
-                     not answered): its value may have changed already; read again later"
-                ),
-            }),
+            Some((key, holder)) => self.commands.push(Command::RefuseRead { read, key: key.clone(), holder }),
             None => self.commands.push(Command::Read { read }),
         }
     }

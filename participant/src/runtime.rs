@@ -486,9 +486,12 @@ impl Actor {
                         let _ = reply.send(Ok(()));
                     }
                 }
-                Command::RefuseRead { read, reason } => {
+                Command::RefuseRead { read, key, holder } => {
                     if let Some(reply) = self.readers.remove(&read) {
-                        let _ = reply.send(Err(reason));
+                        let _ = reply.send(Err(format!(
+                            "key {key:?} is locked by {holder}, prepared here and not decided yet (its coordinator \
+                             has not answered): its value may have changed already; read again later"
+                        )));
                     }
                 }
                 Command::ArmReadWait { read, after } => {
