@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// Keep the cluster's directory afterwards.
     #[arg(long)]
     pub(crate) keep: bool,
+    /// Run the local cluster over mutual TLS with a role policy (a development CA), measured
+    /// beside the same cluster in plaintext (rounds alternate), with the ratio.
+    #[arg(long, conflicts_with_all = ["coordinator", "scale_at", "soak", "kill_leader"])]
+    pub(crate) tls: bool,
     /// Soak instead: run the load this long (`20m`, `1h`) on a local cluster,
     /// report every --soak-report throughput, p99, RSS and data size of every
     /// process, then kill -9 the coordinator and p1 and time their restarts.
@@ -277,11 +281,16 @@ pub(crate) struct Local {
 
 impl Local {
     pub(crate) async fn start(args: &BenchArgs) -> Result<Local, String> {
-        Local::start_with(args, 1).await
+        Local::start_with(args, 1, None).await
     }
 
-    /// A local cluster whose coordinator has `coordinators` replicas.
-    pub(crate) async fn start_with(args: &BenchArgs, coordinators: usize) -> Result<Local, String> {
+    /// A local cluster whose coordinator has `coordinators` replicas, over
+    /// mutual TLS with the PKI in `tls` if given.
+    pub(crate) async fn start_with(
+        args: &BenchArgs,
+        coordinators: usize,
+        tls: Option<&std::path::Path>,
+    ) -> Result<Local, String> {
         let binary = std::env::current_exe().map_err(|e| e.to_string())?;
         // Members that --scale-at adds start outside the ring.
         let extra = crate::scale::extra_members(args);
@@ -290,6 +299,7 @@ impl Local {
         options.join_first = Some(args.participants);
         options.binary = Some(binary);
         options.keep_dir = args.keep;
+        options.tls = tls.map(std::path::Path::to_path_buf);
         let mut ports = Vec::new();
         for _ in 0..args.participants + extra + coordinators {
             ports.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
@@ -649,6 +659,25 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
     if group && (args.coordinator.is_some() || !args.scale_at.is_empty()) {
         return Err("--coordinators starts local clusters: drop --coordinator and --scale-at".into());
     }
+    // With --tls, the plaintext cluster first, and its client: the channels
+    // it opens before the TLS cluster installs this process's certificate
+    // stay plaintext (the bank workload opens no new ones).
+    let plaintext = match args.tls && !group {
+        true => {
+            say(format!(
+                "decree bench: starting a plaintext coordinator and {} participants ...",
+                args.participants
+            ));
+            Some(seeded(&args, None).await?)
+        }
+        false => None,
+    };
+    let pki = match args.tls {
+        true => Some(
+            tempfile::Builder::new().prefix("decree-bench-certs-").tempdir().map_err(|e| e.to_string())?,
+        ),
+        false => None,
+    };
     let mut local = match &args.coordinator {
         Some(_) => None,
         None if group => {
@@ -656,7 +685,14 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
                 "decree bench: starting a group of {} coordinators and {} participants ...",
                 args.coordinators, args.participants
             ));
-            Some(Local::start_with(&args, args.coordinators).await?)
+            Some(Local::start_with(&args, args.coordinators, pki.as_ref().map(|d| d.path())).await?)
+        }
+        None if plaintext.is_some() => {
+            say(format!(
+                "  and, beside it, the same over mutual TLS with a role policy ({} participants) ...",
+                args.participants
+            ));
+            Some(Local::start_with(&args, 1, pki.as_ref().map(|d| d.path())).await?)
         }
         None => {
             say(format!("decree bench: starting a coordinator and {} participants ...", args.participants));
@@ -667,13 +703,7 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
     let single = match group {
         true => {
             say(format!("  and, beside it, a single coordinator and {} participants ...", args.participants));
-            let single = Local::start(&args).await?;
-            let client =
-                Client::connect(&single.cluster.coordinator_url()).await.map_err(|e| e.to_string())?;
-            if args.workload == Workload::Bank {
-                seed_accounts(&client, args.accounts).await?;
-            }
-            Some((single, client))
+            Some(seeded(&args, pki.as_ref().map(|d| d.path())).await?)
         }
         false => None,
     };
@@ -722,12 +752,21 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         None => None,
     };
     let (mut ours, mut theirs, mut alone) = (Run::default(), Run::default(), Run::default());
+    let mut plain = Run::default();
     for round in 1..=args.rounds {
         if let Some((single, single_client)) = &single {
             say(format!("round {round}/{}: decree, single coordinator ...", args.rounds));
             alone.absorb(decree_round(&args, single_client, Some(single)).await?);
         }
-        let what = if group { format!("a group of {}", args.coordinators) } else { "decree".into() };
+        if let Some((local, client)) = &plaintext {
+            say(format!("round {round}/{}: decree, plaintext ...", args.rounds));
+            plain.absorb(decree_round(&args, client, Some(local)).await?);
+        }
+        let what = match (group, args.tls) {
+            (true, _) => format!("a group of {}", args.coordinators),
+            (false, true) => "decree over mutual TLS".into(),
+            (false, false) => "decree".into(),
+        };
         say(format!("round {round}/{}: {what} ...", args.rounds));
         ours.absorb(decree_round(&args, &client, local.as_ref()).await?);
         if let Some(peer) = baseline.as_mut() {
@@ -752,6 +791,9 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         if let Some((_, single_client)) = &single {
             check_balances(&args, single_client).await?;
         }
+        if let Some((_, client)) = &plaintext {
+            check_balances(&args, client).await?;
+        }
         say("balances: sum 0, as seeded".into());
     }
     let mut out = ours.to_json(floor_ms);
@@ -764,6 +806,13 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
     }
     if let Some(failovers) = failovers {
         out["failover"] = failovers;
+    }
+    if args.tls {
+        out["tls"] = json!(true);
+    }
+    if plaintext.is_some() {
+        out["plaintext"] = plain.to_json(floor_ms);
+        out["tls_vs_plaintext"] = json!(round(ours.tx_per_s() / plain.tx_per_s().max(1e-9)));
     }
     out["workload"] = json!(format!("{:?}", args.workload).to_lowercase());
     out["participants"] = json!(args.participants);
@@ -781,6 +830,17 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         print_table(&out);
     }
     Ok(())
+}
+
+/// A cluster with a single coordinator measured beside the one under test,
+/// its client connected and its accounts seeded.
+async fn seeded(args: &BenchArgs, tls: Option<&std::path::Path>) -> Result<(Local, Client), String> {
+    let local = Local::start_with(args, 1, tls).await?;
+    let client = Client::connect(&local.cluster.coordinator_url()).await.map_err(|e| e.to_string())?;
+    if args.workload == Workload::Bank {
+        seed_accounts(&client, args.accounts).await?;
+    }
+    Ok((local, client))
 }
 
 /// The bank's balances sum to 0 (each transfer moves one unit).
@@ -836,6 +896,11 @@ fn print_table(out: &Value) {
             row("decree, a single coordinator", &out["single"]);
             println!("ratio            group / single = {}", out["group_vs_single"]);
             println!("group floor      {} ms (2 x fsync p50 + 3 x round trip p50)", out["group_floor_ms"]);
+        }
+        None if out.get("plaintext").is_some() => {
+            row("decree over mutual TLS, every RPC checked against a role policy", out);
+            row("decree in plaintext", &out["plaintext"]);
+            println!("ratio            TLS / plaintext = {}", out["tls_vs_plaintext"]);
         }
         None => row("decree", out),
     }

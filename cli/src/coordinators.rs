@@ -18,6 +18,12 @@ pub(crate) struct CoordinatorsArgs {
     target: Target,
 }
 
+impl CoordinatorsArgs {
+    pub fn tls(&self) -> &decree_tls::TlsArgs {
+        &self.target.tls
+    }
+}
+
 #[derive(clap::Subcommand)]
 enum Action {
     /// Add replica ID, started at ADDRESS (HOST:PORT) with an empty data directory and
@@ -113,15 +119,16 @@ async fn show(coordinators: &Coordinators, json: bool) -> Result<(), Failure> {
 }
 
 fn decree_replica_url(address: &str) -> String {
-    format!("http://{address}")
+    let scheme = if decree_tls::installed().is_some() { "https" } else { "http" };
+    format!("{scheme}://{address}")
 }
 
 async fn view(url: &str) -> Result<v1::GroupStatus, tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
         .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(2))
-        .connect_lazy();
+        .timeout(Duration::from_secs(2));
+    let channel = decree_tls::channel(channel);
     Ok(GroupClient::new(channel).get_group(v1::GetGroupRequest {}).await?.into_inner())
 }
 

@@ -56,6 +56,10 @@ pub struct DemoArgs {
     /// Keep the cluster's directory (data and logs) afterwards.
     #[arg(long)]
     keep: bool,
+    /// Mutual TLS on every connection, each process with a certificate of its own from a fresh
+    /// development CA, and every RPC checked against a role policy.
+    #[arg(long)]
+    tls: bool,
 }
 
 fn account(i: usize) -> String {
@@ -92,6 +96,15 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         options.coordinators = 3;
     }
     options.keep_dir = args.keep;
+    let pki = match args.tls {
+        true => {
+            let dir =
+                tempfile::Builder::new().prefix("decree-demo-certs-").tempdir().map_err(|e| e.to_string())?;
+            options.tls = Some(dir.path().to_owned());
+            Some(dir)
+        }
+        false => None,
+    };
     // Short deadlines keep the demo moving when chaos takes a process away.
     options.coordinator_args =
         vec!["--prepare-timeout-ms".into(), "1000".into(), "--commit-timeout-ms".into(), "500".into()];
@@ -109,6 +122,14 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     }
     let cluster = Cluster::start(options).await.map_err(|e| e.to_string())?;
     println!("  directory {}", cluster.dir().display());
+    if let Some(pki) = &pki {
+        println!(
+            "  mutual TLS: each process has its own certificate; CA and role policy in {} \
+             (this demo speaks as `harness`: client, operator, observer)",
+            pki.path().display()
+        );
+        println!("  a plaintext client: {}", plaintext_refused(&cluster).await);
+    }
     let client = cluster.client().await.map_err(|e| e.to_string())?;
     for p in client.participants().await.map_err(|e| e.to_string())? {
         println!("  participant {} at {} ({})", p.name, p.address, p.state);
@@ -340,8 +361,29 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     }
     if args.keep {
         println!("kept {}", cluster.dir().display());
+        if let Some(pki) = pki {
+            println!("kept {}", pki.keep().display());
+        }
     }
     Ok(ok)
+}
+
+/// What a client without TLS hears from the cluster's coordinator.
+async fn plaintext_refused(cluster: &Cluster) -> String {
+    use decree_client::v1::registry_client::RegistryClient;
+    let url =
+        cluster.coordinator_url().split(',').next().unwrap_or_default().replacen("https://", "http://", 1);
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url) else { return "no URL".into() };
+    let asked = async {
+        let mut registry = RegistryClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+        let asked = registry.list_participants(decree_client::v1::ListParticipantsRequest {}).await;
+        asked.map_err(|status| status.message().to_owned())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), asked).await {
+        Ok(Ok(_)) => "answered (it should not have been)".into(),
+        Ok(Err(err)) => format!("refused ({err}: the server speaks TLS only)"),
+        Err(_) => "refused (no answer)".into(),
+    }
 }
 
 /// What the chaos schedule did.

@@ -113,11 +113,8 @@ async fn whole(local: &Local) -> Result<(), String> {
     use decree_client::v1;
     decree_cluster::poll(GIVE_UP, "the group whole again", || async {
         let leader = local.cluster.leader(GIVE_UP).await.ok()?;
-        let channel = tonic::transport::Endpoint::from_shared(local.cluster.url_of(leader))
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
+        let endpoint = tonic::transport::Endpoint::from_shared(local.cluster.url_of(leader)).ok()?;
+        let channel = decree_tls::connect(endpoint).await.ok()?;
         let status =
             v1::group_client::GroupClient::new(channel).get_group(v1::GetGroupRequest {}).await.ok()?;
         let members = &status.get_ref().members;

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_pg;
+mod certs;
 mod coordinators;
 mod demo;
 mod failover;
@@ -64,6 +65,9 @@ enum Cmd {
     Locks(InDoubtArgs),
     /// A local cluster, a bank workload, and a verdict.
     Demo(demo::DemoArgs),
+    /// A development CA, certificates for a local cluster's identities, and the policy giving
+    /// each its role (mutual TLS: --tls-cert, --tls-key, --tls-ca, --policy).
+    Certs(certs::CertsArgs),
     /// Throughput and latency of a local cluster (or --coordinator), beside the floor and, with
     /// --baseline postgres, client-side 2PC over PostgreSQL.
     Bench(bench::BenchArgs),
@@ -71,6 +75,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 pub(crate) struct Target {
+    #[command(flatten)]
+    pub(crate) tls: decree_tls::TlsArgs,
     /// The coordinator's URL; for a coordinator group, its replicas' URLs separated by commas
     /// (requests follow the leader).
     #[arg(long, global = true, env = "DECREE_COORDINATOR", default_value = "http://127.0.0.1:7000")]
@@ -205,6 +211,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(tls) = cli.command.tls() {
+        if let Err(err) = tls.install() {
+            eprintln!("decree: {err}");
+            std::process::exit(2);
+        }
+    }
     let code = runtime.block_on(async move {
         match cli.command {
             Cmd::Coordinator(config) => decree_coordinator::run(config).await,
@@ -214,6 +226,7 @@ fn main() {
                 txn::run(args, order).await
             }
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Certs(args) => report("certs", certs::run(args)),
             Cmd::Bench(args) => bench::run(args).await,
             Cmd::Get(args) => report("get", get(args).await),
             Cmd::Status(args) => report("status", status(args).await),
@@ -229,6 +242,28 @@ fn main() {
         }
     });
     std::process::exit(code);
+}
+
+impl Cmd {
+    /// The TLS material a client command speaks with (servers, the demo and
+    /// the bench set up their own).
+    fn tls(&self) -> Option<&decree_tls::TlsArgs> {
+        match self {
+            Cmd::Coordinator(_) | Cmd::Participant(_) | Cmd::Demo(_) | Cmd::Bench(_) | Cmd::Certs(_) => None,
+            Cmd::Txn(args) => Some(args.tls()),
+            Cmd::Get(GetArgs { target, .. })
+            | Cmd::Status(StatusArgs { target, .. })
+            | Cmd::Retry(StatusArgs { target, .. })
+            | Cmd::InDoubt(InDoubtArgs { target, .. })
+            | Cmd::Heuristics(InDoubtArgs { target, .. })
+            | Cmd::Locks(InDoubtArgs { target, .. })
+            | Cmd::Resolve(ResolveArgs { target, .. })
+            | Cmd::Participants(ParticipantsArgs { target, .. })
+            | Cmd::Stuck(ListArgs { target, .. }) => Some(&target.tls),
+            Cmd::Ring(args) => Some(args.tls()),
+            Cmd::Coordinators(args) => Some(args.tls()),
+        }
+    }
 }
 
 fn report(command: &str, result: Result<impl Into<ExitCode>, Failure>) -> i32 {
@@ -336,8 +371,13 @@ async fn participants(args: ParticipantsArgs) -> Result<(), Failure> {
 
 async fn in_doubt(args: InDoubtArgs) -> Result<(), Failure> {
     let (branches, unreachable) = if args.participant.is_empty() {
-        let client = Client::connect(&args.target.coordinator).await.map_err(|err| {
-            Failure(format!("{err} (while the coordinator is down, ask participants with --participant URL)"))
+        let client = Client::connect(&args.target.coordinator).await.map_err(|err| match &err {
+            decree_client::ClientError::Status(status) if status.code() == tonic::Code::PermissionDenied => {
+                Failure(err.to_string())
+            }
+            _ => Failure(format!(
+                "{err} (while the coordinator is down, ask participants with --participant URL)"
+            )),
         })?;
         client.in_doubt().await?
     } else {

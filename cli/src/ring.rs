@@ -16,6 +16,12 @@ pub(crate) struct RingArgs {
     target: Target,
 }
 
+impl RingArgs {
+    pub fn tls(&self) -> &decree_tls::TlsArgs {
+        &self.target.tls
+    }
+}
+
 #[derive(clap::Subcommand)]
 enum RingAction {
     /// Add an enrolled member participant to the ring; its share of the keys moves to it.

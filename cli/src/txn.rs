@@ -11,6 +11,8 @@ pub struct TxnArgs {
     /// The coordinator's URL.
     #[arg(long, env = "DECREE_COORDINATOR", default_value = "http://127.0.0.1:7000")]
     coordinator: String,
+    #[command(flatten)]
+    tls: decree_tls::TlsArgs,
     /// Set K to V.
     #[arg(long, value_name = "K=V")]
     put: Vec<String>,
@@ -26,6 +28,12 @@ pub struct TxnArgs {
     /// Print {"txid", "outcome", "reason", "participants"} as JSON.
     #[arg(long)]
     json: bool,
+}
+
+impl TxnArgs {
+    pub fn tls(&self) -> &decree_tls::TlsArgs {
+        &self.tls
+    }
 }
 
 const KINDS: [&str; 4] = ["put", "add", "delete", "expect"];

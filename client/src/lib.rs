@@ -103,6 +103,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::DeadlineExceeded => "deadline exceeded",
         tonic::Code::Unimplemented => "unimplemented",
         tonic::Code::Aborted => "aborted",
+        tonic::Code::PermissionDenied => "permission denied",
         _ => "error",
     }
 }
@@ -211,16 +212,24 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) fn channel(url: &str) -> Result<Channel, ClientError> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| ClientError::Url { url: url.into(), why: e.to_string() })?;
+    if url.starts_with("https://") && decree_tls::installed().is_none() {
+        return Err(ClientError::Url {
+            url: url.into(),
+            why: "an https URL needs this process's TLS material (--tls-cert, --tls-key, --tls-ca)".into(),
+        });
+    }
     // Keep-alive pings find a dead connection under a long-lived stream
-    // (TransactStream) before a transaction waits on it.
-    Ok(endpoint
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(RPC_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+    // (TransactStream) before a transaction waits on it. Mutual TLS when the
+    // process has its material installed (decree_tls::install).
+    Ok(decree_tls::channel(
+        endpoint
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(RPC_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true),
+    ))
 }
 
 /// Encodes KV operations as a KV participant's branch payload.

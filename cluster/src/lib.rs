@@ -106,6 +106,12 @@ pub struct Options {
     /// Environment variables for one node, by name ("coordinator", "p2",
     /// "c1"), e.g. an `LD_PRELOAD` that injects faults.
     pub env_for: Vec<(String, String, String)>,
+    /// Mutual TLS everywhere, with the certificates and policy in this
+    /// directory (made by [`dev_pki`] if absent): each node speaks as its
+    /// own identity (a group's replicas as `coordinator`), and this process
+    /// as `harness` (client, operator and observer), installed for every
+    /// channel it opens. One directory per test process.
+    pub tls: Option<PathBuf>,
 }
 
 impl Options {
@@ -127,8 +133,45 @@ impl Options {
             services: false,
             faults: false,
             env_for: Vec::new(),
+            tls: None,
         }
     }
+}
+
+/// The identities [`dev_pki`] makes: a coordinator (a group's replicas share
+/// it), participants p1 to p8, `client`, `operator` and `observer` (one role
+/// each, for tests that act as them), and `harness`, the test process itself.
+pub const PKI_PARTICIPANTS: usize = 8;
+
+/// Makes (once per directory) a development CA, a certificate for each
+/// identity a cluster may need, and the policy giving each its role (see
+/// [`Options::tls`]).
+pub fn dev_pki(dir: &Path) -> Result<()> {
+    use decree_tls::certs;
+    if certs::cert_path(dir, "harness").exists() {
+        return Ok(());
+    }
+    let mut identities = vec![certs::Identity::parse("coordinator")];
+    identities.extend((1..=PKI_PARTICIPANTS).map(|i| certs::Identity::parse(&format!("p{i}"))));
+    identities.extend(["client", "operator", "observer"].map(certs::Identity::parse));
+    identities.push(certs::Identity::parse("harness=client+operator+observer"));
+    let identities =
+        identities.into_iter().collect::<std::result::Result<Vec<_>, _>>().map_err(HarnessError::Other)?;
+    certs::make(dir, &identities).map_err(HarnessError::Other)?;
+    Ok(())
+}
+
+/// The PKI of this test process: one directory for every TLS cluster it
+/// starts (the process has one identity), removed at exit only by the OS's
+/// temporary-file cleaning; made at the first call.
+pub fn shared_pki() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("decree-pki-{}", std::process::id()));
+        dev_pki(&dir).expect("a development PKI");
+        dir
+    })
+    .clone()
 }
 
 /// The `decree` binary: `$DECREE_BIN`, else `decree` next to the running
@@ -222,6 +265,19 @@ impl Cluster {
 
     async fn start_in(dir: Option<tempfile::TempDir>, path: PathBuf, options: Options) -> Result<Cluster> {
         let replicas = options.coordinators.max(1);
+        if let Some(pki) = &options.tls {
+            if options.participants > PKI_PARTICIPANTS {
+                return Err(HarnessError::Other(format!(
+                    "Options::tls: at most {PKI_PARTICIPANTS} participants"
+                )));
+            }
+            dev_pki(pki)?;
+            let files = decree_tls::certs::files(pki, "harness");
+            decree_tls::install(
+                decree_tls::Tls::load(files).map_err(|e| HarnessError::Other(e.to_string()))?,
+            )
+            .map_err(HarnessError::Other)?;
+        }
         // The proxies' ports first, held: the nodes' free ports cannot be among them.
         let mut proxy_ports = Vec::new();
         if options.faults {
@@ -349,9 +405,14 @@ impl Cluster {
 
     /// The coordinator's URL; a group's replicas' URLs, separated by commas.
     pub fn coordinator_url(&self) -> String {
-        let urls: Vec<String> =
-            self.coordinators.iter().map(|c| format!("http://127.0.0.1:{}", c.port)).collect();
+        let urls: Vec<String> = self.coordinators.iter().map(|c| self.url_at(c.port)).collect();
         urls.join(",")
+    }
+
+    /// The URL of a node's port: https with [`Options::tls`].
+    fn url_at(&self, port: u16) -> String {
+        let scheme = if self.options.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{port}")
     }
 
     /// The proxy of `link` (the cluster started with [`Options::faults`]).
@@ -397,9 +458,11 @@ impl Cluster {
         }
         poll(timeout, "a leader that coordinates", || async {
             for (i, node) in self.coordinators.iter().enumerate() {
-                let url = format!("http://127.0.0.1:{}", node.port);
+                let url = self.url_at(node.port);
                 let Some(channel) = tonic::transport::Endpoint::from_shared(url).ok() else { continue };
-                let Ok(channel) = channel.connect_timeout(Duration::from_millis(300)).connect().await else {
+                let Ok(channel) =
+                    decree_tls::connect(channel.connect_timeout(Duration::from_millis(300))).await
+                else {
                     continue;
                 };
                 let status = v1::group_client::GroupClient::new(channel.clone())
@@ -536,10 +599,26 @@ impl Cluster {
             }
         };
         let name = self.node_ref(id).name.clone();
-        let env: Vec<(String, String)> = (self.options.env_for.iter())
-            .filter(|(n, _, _)| *n == name)
-            .map(|(_, k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut env: Vec<(String, String)> = Vec::new();
+        if let Some(pki) = &self.options.tls {
+            let identity = match id {
+                NodeId::Participant(_) => name.as_str(),
+                _ => "coordinator",
+            };
+            let files = decree_tls::certs::files(pki, identity);
+            let path = |p: &Path| p.display().to_string();
+            env.extend([
+                ("DECREE_TLS_CERT".to_owned(), path(&files.cert)),
+                ("DECREE_TLS_KEY".to_owned(), path(&files.key)),
+                ("DECREE_TLS_CA".to_owned(), path(&files.ca)),
+                ("DECREE_POLICY".to_owned(), path(&decree_tls::certs::policy_path(pki))),
+            ]);
+        }
+        env.extend(
+            (self.options.env_for.iter())
+                .filter(|(n, _, _)| *n == name)
+                .map(|(_, k, v)| (k.clone(), v.clone())),
+        );
         let node = self.node(id);
         assert!(node.child.is_none(), "{} is already running", node.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
@@ -617,7 +696,7 @@ impl Cluster {
 
     /// The URL a node serves gRPC at.
     pub fn url_of(&self, id: NodeId) -> String {
-        format!("http://127.0.0.1:{}", self.node_ref(id).port)
+        self.url_at(self.node_ref(id).port)
     }
 
     /// Waits until the node's process answers gRPC on its port (it has
@@ -626,7 +705,8 @@ impl Cluster {
         use decree_client::v1;
         let url = self.url_of(id);
         poll(timeout, &format!("{url} to serve"), || async {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone()).ok()?.connect().await.ok()?;
+            let channel =
+                decree_tls::connect(tonic::transport::Endpoint::from_shared(url.clone()).ok()?).await.ok()?;
             match id {
                 // A replica serves the group's view whether or not it leads.
                 NodeId::Coordinator | NodeId::Replica(_) if self.group() => {

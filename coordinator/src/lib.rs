@@ -156,6 +156,7 @@ async fn serve_routes(
 ) -> Result<(), CoordinatorError> {
     tonic::transport::Server::builder()
         .layer(decree_runtime::metrics::CountRequests)
+        .layer(decree_tls::policy::Authorize)
         .max_concurrent_streams(config.process.max_concurrent_streams)
         .tcp_nodelay(true)
         .add_routes(routes)

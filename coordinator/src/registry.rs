@@ -179,11 +179,12 @@ impl Registry {
         last_seen: Option<Instant>,
         held_until: Instant,
     ) -> Member {
-        let channel = endpoint
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .connect_lazy();
+        let channel = decree_tls::channel(
+            endpoint
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10)),
+        );
         let client = ParticipantClient::new(channel.clone())
             .max_decoding_message_size(self.max_message_bytes * 2)
             .max_encoding_message_size(self.max_message_bytes * 2);

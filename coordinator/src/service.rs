@@ -287,6 +287,9 @@ impl Registry for Service {
         &self,
         request: Request<v1::EnrollRequest>,
     ) -> Result<Response<v1::EnrollResponse>, Status> {
+        if let Some(caller) = decree_tls::policy::caller(&request) {
+            caller.may_be(&request.get_ref().name)?;
+        }
         let request = request.into_inner();
         let name: ParticipantName = request.name.parse().map_err(CoordinatorError::from)?;
         let role = Role::from_wire(request.role);
@@ -323,6 +326,9 @@ impl Registry for Service {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        if let Some(caller) = decree_tls::policy::caller(&request) {
+            caller.may_be(&request.get_ref().name)?;
+        }
         let request = request.into_inner();
         let name: ParticipantName = request.name.parse().map_err(CoordinatorError::from)?;
         let known = self.handle.registry.heartbeat(&name, &request.address);
@@ -333,9 +339,11 @@ impl Registry for Service {
         &self,
         request: Request<v1::MoveParticipantRequest>,
     ) -> Result<Response<v1::MoveParticipantResponse>, Status> {
+        let caller = decree_tls::policy::caller(&request).cloned();
         let request = request.into_inner();
         let name: ParticipantName = request.name.parse().map_err(CoordinatorError::from)?;
-        let (operator, reason) = (audit("operator", &request.operator)?, audit("reason", &request.reason)?);
+        let operator = decree_tls::policy::operator_of(caller.as_ref(), request.operator.trim());
+        let (operator, reason) = (audit("operator", &operator)?, audit("reason", &request.reason)?);
         let role = match self.handle.registry.status(&name) {
             Some((role, _)) => role,
             None => return Err(crate::registry::EnrollError::Unknown(name).into()),

@@ -121,15 +121,16 @@ pub enum ParticipantError {
     Resource(String),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// Another live participant holds this name at the coordinator (exit 2).
+    /// Another live participant holds this name at the coordinator, or the
+    /// coordinator's policy does not let this identity enroll as it (exit 2).
     #[error("enrollment refused: {0}")]
-    NameTaken(String),
+    Refused(String),
 }
 
 impl decree_runtime::serve::Exit for ParticipantError {
     fn exit_code(&self) -> i32 {
         match self {
-            ParticipantError::NameTaken(_) => 2,
+            ParticipantError::Refused(_) => 2,
             _ => 1,
         }
     }
@@ -188,7 +189,8 @@ async fn serve_with(
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| ParticipantError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;
     let local = listener.local_addr().map_err(|e| ParticipantError::Config(e.to_string()))?;
-    let address = config.advertise_url.clone().unwrap_or_else(|| format!("http://{local}"));
+    let scheme = if decree_tls::installed().is_some() { "https" } else { "http" };
+    let address = config.advertise_url.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     // The coordinator, or every replica of its group: requests follow the leader.
     let coordinator_channel = decree_client::Coordinators::new(&config.coordinator)
         .map_err(|e| ParticipantError::Config(format!("--coordinator: {e}")))?;
@@ -293,6 +295,7 @@ async fn serve_with(
     };
     tonic::transport::Server::builder()
         .layer(decree_runtime::metrics::CountRequests)
+        .layer(decree_tls::policy::Authorize)
         .max_concurrent_streams(config.process.max_concurrent_streams)
         .tcp_nodelay(true)
         .add_routes(routes)
@@ -305,7 +308,7 @@ async fn serve_with(
         tracing::warn!("the log is still open after {LOG_CLOSE_WAIT:?}: something keeps a handle to it");
     }
     if let Some(refused) = refusal.borrow().clone() {
-        return Err(ParticipantError::NameTaken(refused));
+        return Err(ParticipantError::Refused(refused));
     }
     Ok(())
 }

@@ -746,6 +746,14 @@ pub(crate) async fn stay_enrolled(
                     }
                     continue;
                 }
+                Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
+                    tracing::error!(
+                        error = status.message(),
+                        "the coordinator's policy refused this enrollment"
+                    );
+                    let _ = taken.send(Some(status.message().to_owned()));
+                    return;
+                }
                 Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
                     warn!(error = status.message(), "the coordinator refused enrollment");
                 }

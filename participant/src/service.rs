@@ -247,7 +247,9 @@ impl Participant for ParticipantService {
         &self,
         request: Request<v1::ResolveRequest>,
     ) -> Result<Response<v1::ResolveResponse>, Status> {
-        let request = request.into_inner();
+        let caller = decree_tls::policy::caller(&request).cloned();
+        let mut request = request.into_inner();
+        request.operator = decree_tls::policy::operator_of(caller.as_ref(), &request.operator);
         let txid = txid(&request.txid)?;
         if request.reason.trim().is_empty() {
             return Err(InvalidInput::Field {

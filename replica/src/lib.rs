@@ -453,9 +453,11 @@ impl<S: Storage> Replica<S> {
     }
 }
 
-/// The URL clients reach a replica at, from its `host:port`.
+/// The URL clients reach a replica at, from its `host:port` (https once
+/// the process speaks TLS).
 pub fn url(address: &str) -> String {
-    format!("http://{address}")
+    let scheme = if decree_tls::installed().is_some() { "https" } else { "http" };
+    format!("{scheme}://{address}")
 }
 
 /// A coordinator's storage: its own log, or its group's replicated one.

@@ -33,7 +33,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         let client = Endpoint::from_shared(format!("http://{}", node.addr))
             .map(|endpoint| {
                 let endpoint = endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true);
-                ReplicaClient::new(endpoint.connect_lazy())
+                ReplicaClient::new(decree_tls::channel(endpoint))
             })
             .ok();
         Connection { target, client }
@@ -150,8 +150,11 @@ pub fn service(raft: Raft) -> Server {
 
 /// Serves the other replicas on `listener` until the task is aborted.
 pub fn serve(raft: Raft, listener: TcpListener) -> tokio::task::JoinHandle<()> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder().add_service(service(raft)).serve_with_incoming(incoming);
+    let incoming = decree_runtime::serve::incoming(listener);
+    let server = tonic::transport::Server::builder()
+        .layer(decree_tls::policy::Authorize)
+        .add_service(service(raft))
+        .serve_with_incoming(incoming);
     tokio::spawn(async move {
         if let Err(err) = server.await {
             tracing::warn!(error = %err, "the replica server stopped");

@@ -69,19 +69,13 @@ pub fn print_config(config: &impl serde::Serialize) -> i32 {
     }
 }
 
-/// The connections a server accepts on `listener`, with `TCP_NODELAY` set on
-/// each: small RPC replies must not wait for Nagle's algorithm (a 40 ms stall
-/// against delayed ACKs). A server handed its connections cannot set it itself.
+/// The connections a server accepts on `listener`: mutual TLS once the
+/// process has its TLS material, plaintext otherwise; `TCP_NODELAY` set on
+/// each (see [`decree_tls::incoming`]).
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-        accepted.inspect(|stream| {
-            // Best effort: a socket that refuses still works, just slower.
-            let _ = stream.set_nodelay(true);
-        })
-    })
+) -> impl tokio_stream::Stream<Item = std::io::Result<decree_tls::Conn>> {
+    decree_tls::incoming(listener)
 }
 
 /// The options every decree server process takes (flattened into each
@@ -124,6 +118,14 @@ pub struct ProcessOptions {
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub tls: decree_tls::TlsArgs,
+    /// A policy file (TOML) giving each identity its roles; every RPC is checked against it
+    /// (needs --tls-cert, --tls-key and --tls-ca). Reloaded on SIGHUP or change.
+    #[arg(long, env = "DECREE_POLICY", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<std::path::PathBuf>,
 }
 
 impl Default for ProcessOptions {
@@ -138,6 +140,8 @@ impl Default for ProcessOptions {
             disk_reserve_mb: 64,
             config: None,
             print_config: false,
+            tls: decree_tls::TlsArgs::default(),
+            policy: None,
         }
     }
 }
@@ -162,6 +166,11 @@ impl ProcessOptions {
         }
         if let Some(list) = &self.crash_at {
             crate::crash::parse(list).map_err(|e| format!("--crash-at: {e}"))?;
+        }
+        if self.tls.files()?.is_none() && self.policy.is_some() {
+            return Err(
+                "--policy needs --tls-cert, --tls-key and --tls-ca: identities come from certificates".into(),
+            );
         }
         Ok(())
     }
@@ -207,6 +216,10 @@ where
         return 2;
     }
     if let Err(err) = crate::crash::arm(process.crash_at.as_deref()) {
+        eprintln!("{what}: {err}");
+        return 2;
+    }
+    if let Err(err) = decree_tls::setup_server(what, &process.tls, process.policy.as_deref()) {
         eprintln!("{what}: {err}");
         return 2;
     }

@@ -1,0 +1,321 @@
+//! Mutual TLS and roles between real processes: every node of these clusters
+//! speaks TLS with a certificate of its own from one development CA, and
+//! checks every RPC against the role policy beside it. This process speaks
+//! as `harness` (client, operator, observer); the `decree` commands a test
+//! runs speak as whichever identity the test gives them.
+//!
+//! The process has one identity, so every test here shares one PKI
+//! ([`decree_tests::shared_pki`]) and this binary starts no plaintext cluster.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{init, metric, scrape, Run};
+use decree_client::{Client, KvOp, Outcome};
+use decree_tests::{decree_binary, poll, shared_pki, Cluster, Options};
+use decree_tls::certs;
+
+/// A TLS cluster of `participants` KV members.
+fn options(participants: usize) -> Options {
+    let mut options = Options::new(participants);
+    options.tls = Some(shared_pki());
+    options
+}
+
+/// Runs `decree <args>` speaking as `identity` (its certificate and key from
+/// `pki`, the CA of the shared PKI).
+async fn decree_as(pki: &Path, identity: &str, args: &[&str]) -> Run {
+    let files = certs::files(pki, identity);
+    let ca = certs::ca_path(&shared_pki());
+    let mut command = std::process::Command::new(decree_binary());
+    command
+        .args(args)
+        .env_remove("DECREE_POLICY")
+        .env("DECREE_TLS_CERT", &files.cert)
+        .env("DECREE_TLS_KEY", &files.key)
+        .env("DECREE_TLS_CA", ca);
+    let output = tokio::task::spawn_blocking(move || command.output().expect("decree runs")).await.unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn log_of(cluster: &Cluster, node: &str) -> String {
+    std::fs::read_to_string(cluster.dir().join(format!("{node}.log"))).unwrap_or_default()
+}
+
+async fn value(client: &Client, key: &str) -> Option<String> {
+    let values = client.get(&[key.to_owned()]).await.unwrap();
+    values.get(key).cloned().flatten().map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+fn put(key: &str, value: &str) -> KvOp {
+    KvOp::Put { key: key.into(), value: value.as_bytes().to_vec() }
+}
+
+/// Over TLS a cluster commits as it does in plaintext; each identity reaches
+/// the methods its role allows and is refused the others with
+/// PERMISSION_DENIED naming the role it lacks, counted, logged with the
+/// identity, and changing nothing; a peer without a certificate, or with one
+/// from another CA, does not get past the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_reaches_its_methods_and_no_others() {
+    init();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let mut options = options(2);
+    options.coordinator_args = vec!["--metrics-listen".into(), metrics.clone()];
+    let cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let url = cluster.coordinator_url();
+    assert!(url.starts_with("https://"), "{url}");
+    let pki = shared_pki();
+
+    // This process (client role among others) commits and reads.
+    let result = client.transact(vec![put("k-a", "1"), put("k-b", "1")]).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+    assert_eq!(value(&client, "k-a").await.as_deref(), Some("1"));
+
+    // The client role: transactions and reads, nothing an operator does.
+    let run = decree_as(&pki, "client", &["txn", "--coordinator", &url, "--put", "k-a=2"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = decree_as(&pki, "client", &["get", "k-a", "--coordinator", &url]).await;
+    assert_eq!((run.code, run.stdout.trim()), (0, "k-a=2"), "{}", run.stderr);
+    let run = decree_as(&pki, "client", &["ring", "remove", "p2", "--coordinator", &url]).await;
+    assert_eq!(run.code, 2, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("client (roles: client)") && run.stderr.contains("needs the operator role"),
+        "{}",
+        run.stderr
+    );
+
+    // The observer lists; it may not write.
+    let run = decree_as(&pki, "observer", &["participants", "--coordinator", &url]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("p1") && run.stdout.contains("p2"), "{}", run.stdout);
+    let run = decree_as(&pki, "observer", &["txn", "--coordinator", &url, "--put", "k-a=3"]).await;
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("observer") && run.stderr.contains("needs the client role"),
+        "{}",
+        run.stderr
+    );
+
+    // A participant's certificate is not a client's, nor an operator's.
+    let run = decree_as(&pki, "p1", &["txn", "--coordinator", &url, "--put", "k-a=4"]).await;
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(run.stderr.contains("p1 (roles: participant)"), "{}", run.stderr);
+    let p1 = cluster.url_of(decree_tests::NodeId::Participant(0));
+    let resolve = ["resolve", "--participant", &p1, "--commit", "--reason", "test", "00000001-1-1"];
+    let run = decree_as(&pki, "p1", &resolve).await;
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(run.stderr.contains("needs the operator role"), "{}", run.stderr);
+
+    // The operator reaches the operator's methods (the ring, through the coordinator).
+    let run = decree_as(&pki, "operator", &["ring", "--coordinator", &url]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = decree_as(&pki, "operator", &["stuck", "--coordinator", &url]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    // Refused calls changed nothing, and were counted and logged with the identity.
+    assert_eq!(value(&client, "k-a").await.as_deref(), Some("2"));
+    assert_eq!(client.ring_status().await.unwrap().members.len(), 2);
+    let page = scrape(&metrics).await;
+    assert!(metric(&page, decree_tls::policy::DENIED) >= 3.0, "{page}");
+    let log = log_of(&cluster, "coordinator");
+    assert!(log.contains("refused: observer") && log.contains("identity=\"observer\""), "{log}");
+
+    // No certificate: the handshake fails, nothing is asked.
+    let plain = tonic::transport::Endpoint::from_shared(url.replacen("https://", "http://", 1)).unwrap();
+    let asked = async {
+        let channel = plain.connect().await.map_err(|e| e.to_string())?;
+        let mut registry = decree_client::v1::registry_client::RegistryClient::new(channel);
+        registry
+            .list_participants(decree_client::v1::ListParticipantsRequest {})
+            .await
+            .map_err(|e| e.to_string())
+    };
+    assert!(tokio::time::timeout(Duration::from_secs(10), asked).await.map_or(true, |r| r.is_err()));
+    // A certificate from another CA, for a name the policy knows: refused at the handshake too.
+    let stranger = tempfile::tempdir().unwrap();
+    certs::make(stranger.path(), &[certs::Identity::parse("client").unwrap()]).unwrap();
+    let run = decree_as(stranger.path(), "client", &["txn", "--coordinator", &url, "--put", "k-a=5"]).await;
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert_eq!(value(&client, "k-a").await.as_deref(), Some("2"));
+    let refused = metric(&scrape(&metrics).await, decree_tls::HANDSHAKES_REFUSED);
+    assert!(refused >= 2.0, "handshakes refused: {refused}");
+    assert!(log_of(&cluster, "coordinator").contains("TLS handshake refused"));
+}
+
+/// A participant enrolls under the name its certificate gives, and no other:
+/// p3's certificate claiming p2 is refused with PERMISSION_DENIED and the
+/// process exits 2, leaving the registry as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_enrolls_under_its_own_name_only() {
+    init();
+    let cluster = Cluster::start(options(1)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let pki = shared_pki();
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let files = certs::files(&pki, "p3");
+    let mut impostor = std::process::Command::new(decree_binary());
+    impostor
+        .args(["participant", "--name", "p2", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data.path().join("p2"))
+        .args(["--coordinator", &cluster.coordinator_url()])
+        .env("DECREE_TLS_CERT", &files.cert)
+        .env("DECREE_TLS_KEY", &files.key)
+        .env("DECREE_TLS_CA", &files.ca)
+        .env("DECREE_POLICY", certs::policy_path(&pki))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(data.path().join("impostor.log")).unwrap());
+    let mut impostor = impostor.spawn().unwrap();
+    let exited = poll(Duration::from_secs(30), "the impostor to exit", || {
+        let status = impostor.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    if exited.is_err() {
+        let _ = impostor.kill();
+    }
+    let stderr = std::fs::read_to_string(data.path().join("impostor.log")).unwrap();
+    assert_eq!(exited.ok().and_then(|status| status.code()), Some(2), "{stderr}");
+    assert!(stderr.contains("p3 may not act as participant \"p2\""), "{stderr}");
+    let names: Vec<String> = client.participants().await.unwrap().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, vec!["p1".to_owned()]);
+}
+
+/// Copies `identity`'s certificate and key into `dir` (for a node whose
+/// files a test replaces), and the shared policy.
+fn own_copy(dir: &Path, identity: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let shared = certs::files(&shared_pki(), identity);
+    let (cert, key, policy) = (dir.join("node.crt"), dir.join("node.key"), dir.join("policy.toml"));
+    std::fs::copy(&shared.cert, &cert).unwrap();
+    std::fs::copy(&shared.key, &key).unwrap();
+    std::fs::copy(certs::policy_path(&shared_pki()), &policy).unwrap();
+    (cert, key, policy)
+}
+
+/// Replaces `path` whole (a rename: a watcher never reads it half written).
+fn replace(path: &Path, bytes: &[u8]) {
+    let temporary = path.with_extension("new");
+    std::fs::write(&temporary, bytes).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+/// The coordinator's certificate is replaced by a new one (another key, a
+/// shorter validity) and its policy rewritten while transfers run: both are
+/// reloaded without a single transfer failing; new connections get the new
+/// certificate; a policy change takes effect at once; a broken file is
+/// refused and the material in use stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_and_policy_reload_without_dropping_a_transaction() {
+    init();
+    let own = tempfile::tempdir().unwrap();
+    let (cert, key, policy) = own_copy(own.path(), "coordinator");
+    let mut options = options(2);
+    for (variable, path) in [("DECREE_TLS_CERT", &cert), ("DECREE_TLS_KEY", &key), ("DECREE_POLICY", &policy)]
+    {
+        options.env_for.push(("coordinator".into(), variable.into(), path.display().to_string()));
+    }
+    let cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let url = cluster.coordinator_url();
+    let pki = shared_pki();
+
+    // Transfers all along: every one must end committed or aborted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut committed, mut failed) = (0u64, Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let ops = vec![
+                    KvOp::Add { key: format!("acct-{}", i % 7), delta: -1 },
+                    KvOp::Add { key: format!("acct-{}", (i + 3) % 7), delta: 1 },
+                ];
+                match client.transact(ops).await {
+                    Ok(result) if result.outcome == Outcome::Committed => committed += 1,
+                    Ok(result) if result.outcome == Outcome::Aborted => {}
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (committed, failed)
+        })
+    };
+
+    let started = log_of(&cluster, "coordinator");
+    let validity = |line: &str| {
+        let after = line.split_once("valid until ")?.1;
+        Some(after.split_once("+00:00")?.0.to_owned())
+    };
+    let refusals = |log: &str| log.matches("tls not reloaded").count();
+    let first = started.lines().find(|l| l.contains("speaks mutual TLS as identity coordinator")).unwrap();
+    let first_validity = validity(first).unwrap();
+
+    // A new certificate from the same CA: another key, valid one day.
+    let issued = tempfile::tempdir().unwrap();
+    std::fs::copy(certs::ca_path(&pki), certs::ca_path(issued.path())).unwrap();
+    std::fs::copy(pki.join("ca.key"), issued.path().join("ca.key")).unwrap();
+    certs::make_valid_for(issued.path(), &[certs::Identity::parse("coordinator").unwrap()], 1).unwrap();
+    let new = certs::files(issued.path(), "coordinator");
+    replace(&key, &std::fs::read(&new.key).unwrap());
+    replace(&cert, &std::fs::read(&new.cert).unwrap());
+    let reloaded = poll(Duration::from_secs(15), "the new certificate in use", || async {
+        let log = log_of(&cluster, "coordinator");
+        let line = log.lines().rev().find(|l| l.contains("tls reloaded"))?.to_owned();
+        (validity(&line)? != first_validity).then_some(line)
+    })
+    .await
+    .unwrap();
+    assert!(reloaded.contains("identity coordinator"), "{reloaded}");
+    // A new connection verifies the new certificate.
+    let run = decree_as(&pki, "client", &["txn", "--coordinator", &url, "--put", "after-reload=1"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    // A broken certificate is refused; the one in use stays, and new connections still succeed.
+    let refused_before = refusals(&log_of(&cluster, "coordinator"));
+    replace(&cert, b"not a certificate");
+    poll(Duration::from_secs(15), "the broken certificate refused", || async {
+        (refusals(&log_of(&cluster, "coordinator")) > refused_before).then_some(())
+    })
+    .await
+    .unwrap();
+    let run = decree_as(&pki, "client", &["txn", "--coordinator", &url, "--put", "after-broken=1"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    // The policy: the observer loses its role, then gets it back.
+    let run = decree_as(&pki, "observer", &["stuck", "--coordinator", &url]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let text = std::fs::read_to_string(&policy).unwrap();
+    replace(&policy, text.replace("observer = [\"observer\"]", "observer = []").as_bytes());
+    poll(Duration::from_secs(15), "the observer refused", || async {
+        let run = decree_as(&pki, "observer", &["stuck", "--coordinator", &url]).await;
+        (run.code != 0 && run.stderr.contains("observer (no role)")).then_some(())
+    })
+    .await
+    .unwrap();
+    replace(&policy, text.as_bytes());
+    poll(Duration::from_secs(15), "the observer allowed again", || async {
+        (decree_as(&pki, "observer", &["stuck", "--coordinator", &url]).await.code == 0).then_some(())
+    })
+    .await
+    .unwrap();
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (committed, failed) = load.await.unwrap();
+    assert!(failed.is_empty(), "transfers that failed across the reloads: {failed:?}");
+    assert!(committed > 20, "only {committed} transfers committed");
+    let keys: Vec<String> = (0..7).map(|i| format!("acct-{i}")).collect();
+    let balances = client.get(&keys).await.unwrap();
+    let sum: i64 =
+        balances.values().flatten().map(|v| String::from_utf8_lossy(v).parse::<i64>().unwrap()).sum();
+    assert_eq!(sum, 0, "{balances:?}");
+}

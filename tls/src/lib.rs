@@ -1,0 +1,333 @@
+//! Who may talk to a decree process, and what they may do.
+//!
+//! - [`Tls`]: this process's certificate, key and trusted CA, loaded with
+//!   rustls and reloaded on SIGHUP or when the files change; connections
+//!   already open keep the session they have, new ones get the new material.
+//! - [`incoming`] and [`channel`]: every connection a server accepts and every
+//!   connection a process opens is mutual TLS once [`install`]ed, plaintext
+//!   otherwise. A server learns each peer's identity at the handshake
+//!   ([`Peer`]): the first DNS name among its certificate's subject
+//!   alternative names.
+//! - [`policy`]: which roles each identity has, and the role each RPC needs,
+//!   checked for every request by the [`policy::Authorize`] layer.
+//! - [`certs`] (feature `certs`): a development CA and certificates for a
+//!   local cluster, as `decree certs` writes them.
+//!
+//! One process has one identity: [`install`] sets it for every channel the
+//! process opens (the SDK's included) and every server it runs.
+
+#[cfg(feature = "certs")]
+pub mod certs;
+pub mod policy;
+mod transport;
+mod watch;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub use transport::{channel, connect, incoming, Conn, Peer};
+
+/// TLS handshakes a server refused (no certificate, one the CA did not sign, expired, ...).
+pub const HANDSHAKES_REFUSED: &str = "decree_tls_handshakes_refused_total";
+/// Reloads of the TLS material or the policy, by `what` and `result` (`ok`, `error`).
+pub const RELOADS: &str = "decree_tls_reloads_total";
+/// When this process's certificate expires (Unix seconds).
+pub const CERT_EXPIRES: &str = "decree_tls_certificate_expiry_seconds";
+
+/// The flags (and environment variables, and `--config` keys) that give a
+/// process its TLS material: all three, or none for plaintext.
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize)]
+pub struct TlsArgs {
+    /// This process's certificate chain (PEM). Its first DNS name is the process's identity. With
+    /// --tls-key and --tls-ca every connection in and out is mutual TLS; reloaded on SIGHUP or change.
+    #[arg(long, global = true, env = "DECREE_TLS_CERT", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "DECREE_TLS_KEY", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) a peer's certificate must chain to, in both directions.
+    #[arg(long, global = true, env = "DECREE_TLS_CA", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The three files, `None` for plaintext; some but not all is refused.
+    pub fn files(&self) -> Result<Option<TlsFiles>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => {
+                Ok(Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() }))
+            }
+            _ => Err("--tls-cert, --tls-key and --tls-ca go together: give all three, or none for plaintext"
+                .into()),
+        }
+    }
+
+    /// For a short-lived command (the CLI): loads the material and installs
+    /// it for every channel this process opens. Nothing to do without files.
+    pub fn install(&self) -> Result<(), String> {
+        match self.files()? {
+            None => Ok(()),
+            Some(files) => install(Tls::load(files).map_err(|e| e.to_string())?),
+        }
+    }
+}
+
+/// Where a process's TLS material lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn paths(&self) -> Vec<PathBuf> {
+        vec![self.cert.clone(), self.key.clone(), self.ca.clone()]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {what}", path.display())]
+    Invalid { path: PathBuf, what: String },
+    #[error("the key {} does not go with the certificate {}: {what}", key.display(), cert.display())]
+    Mismatch { cert: PathBuf, key: PathBuf, what: String },
+}
+
+/// The material in use: rustls configurations for both directions, and what
+/// the process's own certificate says.
+struct Material {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    identity: Option<String>,
+    expires: Option<i64>,
+}
+
+/// A process's TLS material, reloadable.
+pub struct Tls {
+    files: TlsFiles,
+    current: RwLock<Arc<Material>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("files", &self.files).field("identity", &self.identity()).finish()
+    }
+}
+
+impl Tls {
+    /// Reads and checks the three files: a certificate, a key that goes with
+    /// it, and at least one CA certificate.
+    pub fn load(files: TlsFiles) -> Result<Arc<Tls>, TlsError> {
+        let material = Arc::new(load(&files)?);
+        Ok(Arc::new(Tls { files, current: RwLock::new(material) }))
+    }
+
+    /// Reads the files again; on any error the material in use stays.
+    pub fn reload(&self) -> Result<String, TlsError> {
+        let material = Arc::new(load(&self.files)?);
+        let described = describe(&material);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = material;
+        Ok(described)
+    }
+
+    /// This process's identity: the first DNS name of its certificate.
+    pub fn identity(&self) -> Option<String> {
+        self.material().identity.clone()
+    }
+
+    /// The files, as given.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    fn material(&self) -> Arc<Material> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.material().server.clone()
+    }
+
+    pub(crate) fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.material().client.clone()
+    }
+
+    /// Reloads on SIGHUP and whenever one of the files changes (checked every
+    /// second), for as long as the process runs; a reload that fails is
+    /// logged and the material in use stays.
+    pub fn watch(self: &Arc<Self>) {
+        let tls = self.clone();
+        watch::spawn("tls", self.files.paths(), move || {
+            let described = tls.reload().map_err(|e| e.to_string())?;
+            record_expiry(&tls.material());
+            Ok(described)
+        });
+    }
+}
+
+fn describe(material: &Material) -> String {
+    let identity = material.identity.as_deref().unwrap_or("(no DNS name: no identity)");
+    match material.expires {
+        Some(expires) => format!("identity {identity}, certificate valid until {}", unix_to_text(expires)),
+        None => format!("identity {identity}"),
+    }
+}
+
+fn record_expiry(material: &Material) {
+    if let Some(expires) = material.expires {
+        metrics::gauge!(CERT_EXPIRES).set(expires as f64);
+    }
+}
+
+fn unix_to_text(seconds: i64) -> String {
+    x509_parser::time::ASN1Time::from_timestamp(seconds)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| format!("{seconds} (Unix seconds)"))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let text = read(path)?;
+    let invalid = |what: String| TlsError::Invalid { path: path.to_owned(), what };
+    let certs = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid("holds no certificate (expected -----BEGIN CERTIFICATE-----)".into()));
+    }
+    Ok(certs)
+}
+
+fn load(files: &TlsFiles) -> Result<Material, TlsError> {
+    let chain = certificates(&files.cert)?;
+    let key_text = read(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_text).map_err(|e| TlsError::Invalid {
+        path: files.key.clone(),
+        what: format!("no private key in it ({e})"),
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certificates(&files.ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Invalid { path: files.ca.clone(), what: format!("not a CA: {e}") })?;
+    }
+    let roots = Arc::new(roots);
+    let rustls_error = |path: &Path| {
+        let path = path.to_owned();
+        move |e: rustls::Error| TlsError::Invalid { path, what: e.to_string() }
+    };
+    let mismatch = |e: rustls::Error| TlsError::Mismatch {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        what: e.to_string(),
+    };
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Invalid { path: files.ca.clone(), what: e.to_string() })?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_error(&files.cert))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(mismatch)?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_error(&files.cert))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain.clone(), key)
+        .map_err(mismatch)?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let parsed = x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| TlsError::Invalid {
+        path: files.cert.clone(),
+        what: format!("cannot read the certificate: {e}"),
+    })?;
+    let expires = Some(parsed.1.validity().not_after.timestamp());
+    Ok(Material {
+        server: Arc::new(server),
+        client: Arc::new(client),
+        identity: identity_of(&chain[0]),
+        expires,
+    })
+}
+
+/// A certificate's identity: the first DNS name among its subject
+/// alternative names (`None` without one: such a peer has no roles).
+pub fn identity_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let names = cert.subject_alternative_name().ok()??;
+    names.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+        _ => None,
+    })
+}
+
+static INSTALLED: OnceLock<Arc<Tls>> = OnceLock::new();
+
+/// Makes `tls` the material of every server and channel of this process.
+/// Once per process: a second, different installation is refused.
+pub fn install(tls: Arc<Tls>) -> Result<(), String> {
+    let files = tls.files.clone();
+    let installed = INSTALLED.get_or_init(|| tls);
+    if installed.files != files {
+        return Err("this process already has its TLS material; one identity per process".into());
+    }
+    Ok(())
+}
+
+/// The material installed, if any (`None`: plaintext).
+pub fn installed() -> Option<&'static Arc<Tls>> {
+    INSTALLED.get()
+}
+
+/// For a server process: installs the material `args` name (and watches it),
+/// loads the policy `policy` names (and watches it), and says at start how
+/// the process can be reached. A policy needs TLS: identities come from
+/// certificates.
+pub fn setup_server(what: &str, args: &TlsArgs, policy: Option<&Path>) -> Result<(), String> {
+    let files = args.files()?;
+    if policy.is_some() && files.is_none() {
+        return Err(
+            "--policy needs --tls-cert, --tls-key and --tls-ca: identities come from certificates".into()
+        );
+    }
+    let Some(files) = files else {
+        tracing::warn!(
+            "{what} serves plaintext: anyone who can reach its port can do anything \
+             (give --tls-cert, --tls-key and --tls-ca for mutual TLS, and --policy for roles)"
+        );
+        return Ok(());
+    };
+    let tls = Tls::load(files).map_err(|e| e.to_string())?;
+    install(tls.clone())?;
+    record_expiry(&tls.material());
+    tls.watch();
+    match policy {
+        Some(path) => {
+            policy::install(path)?;
+            tracing::info!(policy = %path.display(), "{what} speaks mutual TLS as {}", describe(&tls.material()));
+        }
+        None => tracing::warn!(
+            "{what} speaks mutual TLS as {}; without --policy every peer the CA vouches for has every role",
+            describe(&tls.material())
+        ),
+    }
+    Ok(())
+}
