@@ -319,3 +319,59 @@ async fn certificates_and_policy_reload_without_dropping_a_transaction() {
         balances.values().flatten().map(|v| String::from_utf8_lossy(v).parse::<i64>().unwrap()).sum();
     assert_eq!(sum, 0, "{balances:?}");
 }
+
+/// An operator's certificate can decide a branch in doubt by hand while its
+/// coordinator is gone; a participant's or a client's cannot, and their
+/// refusals leave the branch in doubt. The decision is recorded under the
+/// operator certificate's identity, whatever name the command declares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_resolves_a_branch_in_doubt_and_no_other_role_can() {
+    init();
+    let mut options = options(2);
+    options.services = true;
+    options.participant_args =
+        ["--in-doubt-after-ms", "300", "--heartbeat-ms", "200"].map(String::from).to_vec();
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let names = cluster.participant_names();
+    let url = cluster.coordinator_url();
+    let urls: Vec<String> = (0..2).map(|i| cluster.url_of(decree_tests::NodeId::Participant(i))).collect();
+    cluster
+        .restart_armed(decree_tests::NodeId::Coordinator, "coordinator.decision.before_log")
+        .await
+        .unwrap();
+    let client = cluster.client().await.unwrap();
+    assert!(client
+        .transact_branches(decree_tests::check::marked_transfer("t1", &names, 0, 5))
+        .await
+        .is_err());
+    cluster.wait_exit(decree_tests::NodeId::Coordinator, Duration::from_secs(20)).await.unwrap();
+    let (in_doubt, _) = decree_client::in_doubt_at_urls(&urls).await.unwrap();
+    assert_eq!(in_doubt.len(), 2, "{in_doubt:?}");
+    let txid = in_doubt[0].txid.clone();
+
+    let resolve = common::abort_by_hand(&txid, &url, &urls);
+    let resolve: Vec<&str> = resolve.iter().map(String::as_str).collect();
+    let pki = shared_pki();
+    for who in ["p1", "client", "observer"] {
+        let run = decree_as(&pki, who, &resolve).await;
+        assert_eq!(run.code, 2, "{who}: {}", run.stdout);
+        assert!(run.stderr.contains("needs the operator role"), "{who}: {}", run.stderr);
+        let (still, _) = decree_client::in_doubt_at_urls(&urls).await.unwrap();
+        assert_eq!(still.len(), 2, "{who}'s refused resolve changed something: {still:?}");
+    }
+    let run = decree_as(&pki, "operator", &resolve).await;
+    assert_eq!(run.code, 0, "{} {}", run.stdout, run.stderr);
+    let (left, _) = decree_client::in_doubt_at_urls(&urls).await.unwrap();
+    assert!(left.is_empty(), "decided by hand: {left:?}");
+    let (heuristics, _) = decree_client::heuristics_at_urls(&urls).await.unwrap();
+    let recorded: Vec<&str> =
+        heuristics.iter().flat_map(|h| &h.heuristics).map(|h| h.operator.as_str()).collect();
+    assert_eq!(recorded, vec!["operator (declared \"alice\")"; 2]);
+
+    // The coordinator returns: it never logged a decision, so presumed abort agrees.
+    cluster.restart(decree_tests::NodeId::Coordinator).unwrap();
+    cluster.wait_back(decree_tests::NodeId::Coordinator).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    assert_eq!(client.status(&txid).await.unwrap(), Outcome::Aborted);
+    assert_eq!(decree_tests::check::markers(&client, "t1", &names).await.unwrap(), 0);
+}

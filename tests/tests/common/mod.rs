@@ -54,6 +54,28 @@ pub fn decree(args: &[&str]) -> Run {
     }
 }
 
+/// `decree resolve TXID --abort` as operator "alice" ("coordinator host
+/// lost"), asking `coordinator` first and deciding at every participant.
+pub fn abort_by_hand(txid: &str, coordinator: &str, participants: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "resolve",
+        txid,
+        "--abort",
+        "--reason",
+        "coordinator host lost",
+        "--operator",
+        "alice",
+        "--coordinator",
+        coordinator,
+    ]
+    .map(String::from)
+    .to_vec();
+    for url in participants {
+        args.extend(["--participant".to_owned(), url.clone()]);
+    }
+    args
+}
+
 /// Runs `decree` off the async threads.
 pub async fn decree_async(args: Vec<String>) -> Run {
     tokio::task::spawn_blocking(move || decree(&args.iter().map(String::as_str).collect::<Vec<_>>()))
