@@ -99,6 +99,9 @@ async fn show(coordinators: &Coordinators, json: bool) -> Result<(), Failure> {
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 return Err(Failure(format!("{url} is a single coordinator, not a group (no --replicas)")))
             }
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                return Err(Failure(format!("permission denied: {}", status.message())))
+            }
             Err(status) => errors.push(format!("{url}: {}", status.message())),
         }
     }

@@ -718,6 +718,48 @@ fn seed_requests(participant: &str) -> Vec<(&'static str, bool, Vec<u8>)> {
     ]
 }
 
+/// A valid first message of each stream, encoded.
+fn seed_streams(participant: &str) -> Vec<(&'static str, bool, Vec<u8>)> {
+    use prost::Message;
+    let put = decree_client::kv_payload(vec![KvOp::Put { key: "fuzz-key".into(), value: b"1".to_vec() }]);
+    let branch = v1::Branch { participant: participant.into(), payload: put.clone() };
+    let transact = v1::TransactRequest { branches: vec![branch], ..Default::default() };
+    vec![
+        (
+            "/decree.v1.Coordinator/TransactStream",
+            true,
+            v1::TransactStreamRequest { id: 1, request: Some(transact), ..Default::default() }
+                .encode_to_vec(),
+        ),
+        (
+            "/decree.v1.Participant/PrepareStream",
+            false,
+            v1::PrepareRequest { txid: "0000abcd-1-9".into(), payload: put, ..Default::default() }
+                .encode_to_vec(),
+        ),
+    ]
+}
+
+/// How a server answered a hostile call: a label for the tally, or why the
+/// answer shows something broke.
+fn judged(answer: Result<(), tonic::Status>) -> Result<String, String> {
+    let status = match answer {
+        Ok(()) => return Ok("Ok".into()),
+        Err(status) => status,
+    };
+    // What the decoder refuses is INTERNAL by gRPC's convention, and says so.
+    let undecodable = status.message().starts_with("failed to decode Protobuf message");
+    match status.code() {
+        tonic::Code::Internal if undecodable => Ok("undecodable".into()),
+        // A handler that panics resets its stream: the call ends CANCELLED (or
+        // UNKNOWN), which a server never answers on its own.
+        tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss | tonic::Code::Cancelled => {
+            Err(format!("{:?}: {}", status.code(), status.message()))
+        }
+        code => Ok(format!("{code:?}")),
+    }
+}
+
 /// A seed changed as a mutation fuzzer would: bytes flipped, replaced,
 /// inserted or removed, a tail cut, or a run of random bytes spliced in.
 fn mutate(seed: &[u8], rng: &mut impl rand::Rng) -> Vec<u8> {
@@ -783,24 +825,36 @@ async fn hostile_messages_to_every_rpc_are_answered_and_break_nothing() {
             let path_and_query = tonic::codegen::http::uri::PathAndQuery::from_static(path);
             let call = grpc.unary(tonic::Request::new(bytes.clone()), path_and_query, RawCodec);
             let answer = tokio::time::timeout(Duration::from_secs(10), call).await;
-            let (code, undecodable) = match answer {
-                Ok(Ok(_)) => (tonic::Code::Ok, false),
-                // What the decoder refuses is INTERNAL by gRPC's convention, and says so.
-                Ok(Err(status)) => {
-                    (status.code(), status.message().starts_with("failed to decode Protobuf message"))
-                }
-                Err(_) => panic!("{path}: no answer in 10 s to {bytes:?} (seed {seed})"),
-            };
-            let broke = match code {
-                tonic::Code::Internal => !undecodable,
-                // A handler that panics resets its stream: the call ends CANCELLED
-                // (or UNKNOWN), which a server never answers on its own.
-                tonic::Code::Unknown | tonic::Code::DataLoss | tonic::Code::Cancelled => true,
-                _ => false,
-            };
-            assert!(!broke, "{path}: {code:?} for {bytes:?} (seed {seed})");
-            let label = if undecodable { "undecodable".to_owned() } else { format!("{code:?}") };
+            let answer =
+                answer.unwrap_or_else(|_| panic!("{path}: no answer in 10 s to {bytes:?} (seed {seed})"));
+            let label = judged(answer.map(|_| ())).unwrap_or_else(|broke| {
+                panic!("{path}: {broke} for {bytes:?} (seed {seed})");
+            });
             *answered.entry(label).or_default() += 1;
+        }
+    }
+    // The two streams: a few mutated messages on one stream, read to its end.
+    for (path, to_coordinator, request) in seed_streams(&p1) {
+        let channel = if to_coordinator { coordinator.clone() } else { participant.clone() };
+        let mut grpc = tonic::client::Grpc::new(channel);
+        for _ in 0..cases / 4 {
+            let messages: Vec<Vec<u8>> = (0..4).map(|_| mutate(&request, &mut rng)).collect();
+            grpc.ready().await.unwrap();
+            let path_and_query = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+            let outgoing = tonic::Request::new(tokio_stream::iter(messages.clone()));
+            let call = grpc.streaming(outgoing, path_and_query, RawCodec);
+            let read = async {
+                let mut answers = call.await?.into_inner();
+                while answers.message().await?.is_some() {}
+                Ok(())
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(10), read).await;
+            let answer =
+                answer.unwrap_or_else(|_| panic!("{path}: no end in 10 s to {messages:?} (seed {seed})"));
+            let label = judged(answer).unwrap_or_else(|broke| {
+                panic!("{path}: {broke} for {messages:?} (seed {seed})");
+            });
+            *answered.entry(format!("stream {label}")).or_default() += 1;
         }
     }
     info!(?answered, "--- every message answered");

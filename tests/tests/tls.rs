@@ -280,6 +280,17 @@ async fn certificates_and_policy_reload_without_dropping_a_transaction() {
     let run = decree_as(&pki, "client", &["txn", "--coordinator", &url, "--put", "after-reload=1"]).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
 
+    // SIGHUP reloads too (the certificate and the policy).
+    let pid = cluster.pid(decree_tests::NodeId::Coordinator).unwrap();
+    // SAFETY: kill has no memory-safety preconditions; the pid is the cluster's child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
+    poll(Duration::from_secs(15), "a reload on SIGHUP", || async {
+        let log = log_of(&cluster, "coordinator");
+        (log.contains("tls reloaded (SIGHUP)") && log.contains("policy reloaded (SIGHUP)")).then_some(())
+    })
+    .await
+    .unwrap();
+
     // A broken certificate is refused; the one in use stays, and new connections still succeed.
     let refused_before = refusals(&log_of(&cluster, "coordinator"));
     replace(&cert, b"not a certificate");
@@ -374,4 +385,30 @@ async fn an_operator_resolves_a_branch_in_doubt_and_no_other_role_can() {
     let client = cluster.client().await.unwrap();
     assert_eq!(client.status(&txid).await.unwrap(), Outcome::Aborted);
     assert_eq!(decree_tests::check::markers(&client, "t1", &names).await.unwrap(), 0);
+}
+
+/// A coordinator group over mutual TLS: its replicas reach each other as
+/// the coordinator identity (Raft's messages checked against the policy
+/// like any RPC), elect a leader and replicate; clients and participants
+/// follow it; the group's view is an operator's and an observer's, not a
+/// client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_group_replicates_over_mutual_tls() {
+    init();
+    let mut options = options(2);
+    options.coordinators = 3;
+    let cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let result = client.transact(vec![put("g-a", "1"), put("g-b", "1")]).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+    let url = cluster.coordinator_url();
+    let pki = shared_pki();
+    let run = decree_as(&pki, "operator", &["coordinators", "--coordinator", &url, "--json"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let group = run.json();
+    assert_eq!(group["members"].as_array().map(Vec::len), Some(3), "{group}");
+    assert!(group["leader_url"].as_str().is_some_and(|u| u.starts_with("https://")), "{group}");
+    let run = decree_as(&pki, "client", &["coordinators", "--coordinator", &url]).await;
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(run.stderr.contains("needs one of the roles operator, observer"), "{}", run.stderr);
 }
