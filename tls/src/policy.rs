@@ -213,27 +213,43 @@ impl Policy {
     }
 
     /// Lets `identity` call `path`, or says why not (the roles it needs).
-    pub fn check(&self, path: &str, identity: Option<&str>) -> Result<Caller, String> {
+    pub fn check(&self, path: &str, identity: Option<&str>) -> Result<Caller, Denied> {
         let roles = self.roles(identity);
-        let who = identity.unwrap_or("a peer without identity");
-        let Some(needed) = needed(path) else {
-            return Err(format!("{path} is not a decree method: refused to {who}"));
-        };
+        let needed = needed(path).unwrap_or(&[]);
         if needed.iter().any(|role| roles.contains(role)) {
             return Ok(Caller { identity: identity.map(Arc::from), roles });
         }
-        let needed: Vec<&str> = needed.iter().map(|role| role.as_str()).collect();
-        let needed = match needed.as_slice() {
-            [one] => format!("the {one} role"),
-            many => format!("one of the roles {}", many.join(", ")),
-        };
-        let has: Vec<&str> = roles.iter().map(|role| role.as_str()).collect();
-        let has = if has.is_empty() { "no role".to_owned() } else { format!("roles: {}", has.join(", ")) };
-        Err(format!("{who} ({has}) may not call {path}: it needs {needed}"))
+        Err(Denied { identity: identity.map(str::to_owned), roles, method: path.to_owned(), needed })
     }
 
     fn describe(&self) -> String {
         format!("{} identities", self.identities.len())
+    }
+}
+
+/// A call the policy refused: who, with which roles, what, and the roles
+/// that would have let it through (none for a method decree does not have).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    pub identity: Option<String>,
+    pub roles: BTreeSet<Role>,
+    pub method: String,
+    pub needed: &'static [Role],
+}
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = self.identity.as_deref().unwrap_or("a peer without identity");
+        let path = &self.method;
+        let needed: Vec<&str> = self.needed.iter().map(|role| role.as_str()).collect();
+        let needed = match needed.as_slice() {
+            [] => return write!(f, "{path} is not a decree method: refused to {who}"),
+            [one] => format!("the {one} role"),
+            many => format!("one of the roles {}", many.join(", ")),
+        };
+        let has: Vec<&str> = self.roles.iter().map(|role| role.as_str()).collect();
+        let has = if has.is_empty() { "no role".to_owned() } else { format!("roles: {}", has.join(", ")) };
+        write!(f, "{who} ({has}) may not call {path}: it needs {needed}")
     }
 }
 
@@ -317,7 +333,7 @@ where
             Err(why) => {
                 metrics::counter!(DENIED, "method" => method_label(&path)).increment(1);
                 tracing::warn!(identity = identity.as_deref().unwrap_or(""), method = %path, "refused: {why}");
-                let status = tonic::Status::permission_denied(why);
+                let status = tonic::Status::permission_denied(why.to_string());
                 futures::future::Either::Right(std::future::ready(Ok(status.into_http())))
             }
         }
@@ -367,11 +383,18 @@ mod tests {
     fn a_refusal_names_the_identity_and_the_role_needed() {
         let policy = Policy::parse(POLICY).unwrap();
         let why = policy.check("/decree.v1.Participant/Resolve", Some("app")).unwrap_err();
+        assert_eq!(
+            (why.identity.as_deref(), why.roles.iter().copied().collect::<Vec<_>>(), why.needed),
+            (Some("app"), vec![Role::Client, Role::Observer], &[Role::Operator][..])
+        );
+        let why = why.to_string();
         assert!(
             why.contains("app") && why.contains("needs the operator role") && why.contains("client"),
             "{why}"
         );
         let why = Policy::default().check("/decree.v1.Coordinator/Transact", None).unwrap_err();
+        assert_eq!((why.identity.as_deref(), why.roles.len()), (None, 0));
+        let why = why.to_string();
         assert!(why.contains("a peer without identity (no role)"), "{why}");
     }
 
