@@ -6,6 +6,8 @@
 # Set CARGO_TARGET_DIR to keep builds between checkouts.
 
 CARGO ?= cargo
+TARGET_DIR = $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)
+VENV = $(if $(DECREE_VENV),$(DECREE_VENV),$(HOME)/.cache/decree/venv)
 
 # Ended outcomes and tombstones pruned all the time: the crash matrix and the
 # chaos test must hold with it (the servers read these environment variables).
@@ -21,6 +23,8 @@ test: prereqs test-prereqs
 	@bash scripts/ensure-python-grpc.sh
 	@bash scripts/ensure-postgres.sh
 	$(CARGO) build --release --workspace --bins --examples
+	@echo "decree: the Python SDK's own tests (sdk/python/tests), against the binaries just built"
+	DECREE_BIN=$(TARGET_DIR)/release/decree $(VENV)/bin/python -m pytest -q -p no:cacheprovider sdk/python/tests
 	$(CARGO) test --release --workspace
 	@echo "decree: the crash matrix and chaos again, pruning aggressively (every process reads these)"
 	$(AGGRESSIVE_RETENTION) $(CARGO) test --release -p decree-tests --test crash --test chaos

@@ -4,6 +4,9 @@
 //! takes part in a committed and an aborted transaction next to the KV
 //! participant. The Python environment comes from scripts/ensure-python-grpc.sh
 //! (`make test` runs it), or `$DECREE_PYTHON`.
+//!
+//! It stays the conformance check "written only from the .proto": it uses no
+//! SDK. The Python SDK (sdk/python) is proven in tests/tests/python_sdk.rs.
 
 mod common;
 

@@ -1,0 +1,108 @@
+"""A real decree cluster for the SDK's tests: one coordinator and two KV
+participants in the ring, from the `decree` binary ($DECREE_BIN, which
+`make test` sets), in a temporary directory."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import decree
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(HERE, "..", "examples")
+
+
+def decree_bin() -> str:
+    binary = os.environ.get("DECREE_BIN", "")
+    if not binary or not os.path.exists(binary):
+        pytest.fail("set DECREE_BIN to a built `decree` binary (make test does)", pytrace=False)
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, probe, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = probe()
+            if found:
+                return found
+        except decree.DecreeError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Cluster:
+    def __init__(self, root):
+        self.root = str(root)
+        self.procs = {}
+        self.url = f"http://127.0.0.1:{free_port()}"
+
+    def spawn(self, name, args, env=None):
+        log = open(os.path.join(self.root, f"{name}.log"), "ab")
+        self.procs[name] = subprocess.Popen(
+            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+        )
+
+    def start(self, participants=("p1", "p2")):
+        binary = decree_bin()
+        listen = self.url.removeprefix("http://")
+        self.spawn("coordinator", [binary, "coordinator", "--listen", listen, "--data-dir", f"{self.root}/c"])
+        for name in participants:
+            port = free_port()
+            self.spawn(
+                name,
+                [binary, "participant", "--coordinator", self.url, "--name", name, "--join",
+                 "--listen", f"127.0.0.1:{port}", "--data-dir", f"{self.root}/{name}"],
+            )
+
+        def ready():
+            with decree.connect(self.url) as c:
+                up = {p.name for p in c.participants() if p.state == "up"}
+                return set(participants) <= up and len(c.routing.members()) == len(participants)
+
+        wait_for("the ring to form", ready)
+        return self
+
+    def service(self, name, script):
+        """Starts an example service on the SDK as participant `name`."""
+        port = free_port()
+        self.spawn(
+            name,
+            [sys.executable, os.path.join(EXAMPLES, script), "--coordinator", self.url, "--name", name,
+             "--listen", f"127.0.0.1:{port}", "--data-dir", f"{self.root}/{name}", "--heartbeat-ms", "200"],
+        )
+
+        def up():
+            with decree.connect(self.url) as c:
+                return any(p.name == name and p.state == "up" for p in c.participants())
+
+        wait_for(f"{name} to enroll", up)
+        return f"{self.root}/{name}"
+
+    def log(self, name):
+        with open(os.path.join(self.root, f"{name}.log"), errors="replace") as f:
+            return f.read()
+
+    def stop(self):
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path).start()
+    yield c
+    c.stop()
