@@ -253,6 +253,19 @@ pub enum Known {
     Committing,
 }
 
+/// A transaction in memory, as an operator sees it ([`Engine::in_flight_view`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    pub txid: TxId,
+    /// "active" (interactive, before Commit), "preparing", "deciding" (the
+    /// decision being made durable), "committing" (phase two) or "resolving"
+    /// (a one-phase outcome being asked).
+    pub state: &'static str,
+    pub participants: Vec<ParticipantName>,
+    /// Those it waits for: votes while preparing, acks while committing.
+    pub waiting: Vec<ParticipantName>,
+}
+
 /// A committed branch whose redelivery stopped: see [`Event::CommitRefused`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stuck {
@@ -283,6 +296,27 @@ pub struct Engine {
     /// "unknown" at a failover can ask the next leader, which then knows to
     /// ask the participant instead of presuming abort.
     questions_first: bool,
+}
+
+fn view(txid: TxId, txn: &Txn) -> InFlight {
+    let (state, participants, waiting) = match txn {
+        Txn::Active { enlisted } => ("active", enlisted.keys().cloned().collect(), Vec::new()),
+        Txn::Recording { participant, .. } => {
+            ("preparing", vec![participant.clone()], vec![participant.clone()])
+        }
+        Txn::Preparing { order, waiting, .. } => {
+            ("preparing", order.clone(), waiting.iter().cloned().collect())
+        }
+        Txn::Logging { participants } => ("deciding", participants.clone(), Vec::new()),
+        Txn::Committing { unacked, .. } => {
+            let owing: Vec<ParticipantName> = unacked.keys().cloned().collect();
+            ("committing", owing.clone(), owing)
+        }
+        Txn::Resolving { participant, .. } => {
+            ("resolving", vec![participant.clone()], vec![participant.clone()])
+        }
+    };
+    InFlight { txid, state, participants, waiting }
 }
 
 impl Engine {
@@ -334,6 +368,18 @@ impl Engine {
             }
         }
         out.sort();
+        out
+    }
+
+    /// The participants of `txid` in memory (enlisted, voting or owing acks).
+    pub fn participants(&self, txid: TxId) -> Vec<ParticipantName> {
+        self.txns.get(&txid).map(|txn| view(txid, txn).participants).unwrap_or_default()
+    }
+
+    /// Every transaction in memory, by txid.
+    pub fn in_flight_view(&self) -> Vec<InFlight> {
+        let mut out: Vec<InFlight> = self.txns.iter().map(|(txid, txn)| view(*txid, txn)).collect();
+        out.sort_by_key(|t| t.txid);
         out
     }
 

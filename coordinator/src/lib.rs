@@ -23,6 +23,7 @@ mod registry;
 pub mod retention;
 mod runtime;
 mod service;
+pub mod stats;
 pub mod store;
 pub mod wire;
 

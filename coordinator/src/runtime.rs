@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use decree_proto::v1;
 use decree_proto::v1::participant_client::ParticipantClient;
-use decree_proto::{InvalidInput, ParticipantName, TxId};
+use decree_proto::{InvalidInput, ParticipantName, Reason, TxId};
 use decree_runtime::backoff::RetryBudget;
 use decree_runtime::crash;
 use decree_runtime::trace;
@@ -22,11 +22,12 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::config::Config;
-use crate::engine::{Command, Decided, Engine, Event, Known, Stuck};
+use crate::engine::{Command, Decided, Engine, Event, InFlight, Known, Stuck};
 use crate::phase_one::{self, Outgoing, Prepares};
 use crate::phase_two::{self, Deliveries, Due};
 use crate::registry::Registry;
 use crate::retention::Window;
+use crate::stats;
 use crate::store::{DecisionLog, Recorded};
 use crate::wire::{self, Unanswered};
 use crate::CoordinatorError;
@@ -95,6 +96,17 @@ pub(crate) enum Request {
     /// Committed branches whose redelivery stopped.
     ListStuck {
         reply: oneshot::Sender<Vec<Stuck>>,
+    },
+    /// Transactions in memory and the recent decisions.
+    ListTransactions {
+        txid: Option<TxId>,
+        limit: usize,
+        reply: oneshot::Sender<(Vec<InFlight>, Vec<stats::Decision>)>,
+    },
+    /// Decisions per second over the last `seconds`, the totals, and how many are in memory.
+    Stats {
+        seconds: u64,
+        reply: oneshot::Sender<(Vec<stats::Second>, stats::Totals, usize)>,
     },
     /// Refuse new transactions; answered when none is deciding or in phase two.
     Drain {
@@ -261,6 +273,23 @@ impl Handle {
         self.ask(|reply| Request::ListStuck { reply }).await
     }
 
+    /// Transactions in memory, and the last `limit` decisions (of `txid` only, when given).
+    pub(crate) async fn transactions(
+        &self,
+        txid: Option<TxId>,
+        limit: usize,
+    ) -> Result<(Vec<InFlight>, Vec<stats::Decision>), CoordinatorError> {
+        self.ask(|reply| Request::ListTransactions { txid, limit, reply }).await
+    }
+
+    /// Decisions per second over the last `seconds`, the totals since start, and how many are in memory.
+    pub(crate) async fn stats(
+        &self,
+        seconds: u64,
+    ) -> Result<(Vec<stats::Second>, stats::Totals, usize), CoordinatorError> {
+        self.ask(|reply| Request::Stats { seconds, reply }).await
+    }
+
     /// The outcome of `txid`: from memory if it is in flight, else from the log.
     pub(crate) async fn outcome(&self, txid: TxId) -> Result<v1::Outcome, CoordinatorError> {
         if txid.coordinator != self.coordinator_id {
@@ -297,6 +326,21 @@ impl Handle {
 struct Started {
     at: Instant,
     span: Span,
+    /// When it started, for the recent decisions.
+    unix_ms: u64,
+    participants: Vec<String>,
+}
+
+impl Started {
+    fn new(span: Span, participants: Vec<String>) -> Self {
+        Started { at: Instant::now(), span, unix_ms: unix_ms(), participants }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 struct Actor {
@@ -310,6 +354,8 @@ struct Actor {
     prepares: Prepares,
     /// Phase two's Commits, coalesced per participant.
     deliveries: Deliveries,
+    /// Decisions per second and the recent ones, for operators.
+    stats: stats::Stats,
     /// Refusing new transactions (graceful shutdown).
     shutting_down: bool,
     /// Answered once nothing is deciding or in phase two.
@@ -375,6 +421,7 @@ pub(crate) fn start(
             handle.events.clone(),
             handle.config.commit_timeout(),
         ),
+        stats: stats::Stats::default(),
         shutting_down: false,
         draining: None,
         fenced: 0,
@@ -493,12 +540,13 @@ impl Actor {
                 };
                 span.record("txid", tracing::field::display(txid));
                 debug!(parent: &span, %txid, participants = branches.len(), "transaction starts");
+                let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
                 if let Err(err) = self.engine.on_event(Event::Transact { txid, branches, timeout }) {
                     // Only a txid the client named can be known already.
                     let _ = refused.send(CoordinatorError::TxidRefused { txid, why: err.to_string() });
                     return;
                 }
-                self.started.insert(txid, Started { at: Instant::now(), span });
+                self.started.insert(txid, Started::new(span, participants));
                 self.replies.insert(txid, reply);
             }
             Request::Begin { timeout, reply } => {
@@ -510,11 +558,12 @@ impl Actor {
                 let _ = reply.send(result);
             }
             Request::Commit { txid, timeout, span, reply, refused } => {
+                let participants = self.engine.participants(txid).iter().map(ToString::to_string).collect();
                 match self.engine.on_event(Event::CommitRequested { txid, timeout }) {
                     Ok(()) => {
                         span.record("txid", tracing::field::display(txid));
                         self.replies.insert(txid, reply);
-                        self.started.insert(txid, Started { at: Instant::now(), span });
+                        self.started.insert(txid, Started::new(span, participants));
                     }
                     Err(err) => {
                         let _ = refused.send(err.into());
@@ -545,6 +594,19 @@ impl Actor {
             }
             Request::ListStuck { reply } => {
                 let _ = reply.send(self.engine.stuck());
+            }
+            Request::ListTransactions { txid, limit, reply } => {
+                let mut in_flight = self.engine.in_flight_view();
+                in_flight.retain(|t| txid.is_none_or(|id| t.txid == id));
+                let _ = reply.send((in_flight, self.stats.recent(txid, limit)));
+            }
+            Request::Stats { seconds, reply } => {
+                let now = unix_ms() / 1000;
+                let _ = reply.send((
+                    self.stats.seconds(now, seconds),
+                    self.stats.totals(),
+                    self.engine.in_flight(),
+                ));
             }
             Request::Drain { reply } => {
                 self.shutting_down = true;
@@ -689,13 +751,34 @@ impl Actor {
                     metrics::counter!(TRANSACTIONS, "outcome" => outcome).increment(1);
                     // Committed and still in memory: phase two is under way (one-phase ones are done).
                     let started = if outcome == "committed" && self.engine.known(txid).is_some() {
-                        self.started.get(&txid).map(|s| s.at)
+                        self.started.get(&txid).map(|s| (s.at, s.unix_ms, s.participants.clone()))
                     } else {
-                        self.started.remove(&txid).map(|s| s.at)
+                        self.started.remove(&txid).map(|s| (s.at, s.unix_ms, s.participants))
                     };
-                    if let Some(started) = started {
-                        metrics::histogram!(LATENCY, "phase" => "decide")
-                            .record(started.elapsed().as_secs_f64());
+                    if let Some((at, started_unix_ms, participants)) = started {
+                        let elapsed = at.elapsed();
+                        metrics::histogram!(LATENCY, "phase" => "decide").record(elapsed.as_secs_f64());
+                        let (ended, code, reason) = match &decided {
+                            Decided::Committed => {
+                                (stats::Ended::Committed, Reason::Unspecified, String::new())
+                            }
+                            Decided::Aborted { code, reason } => {
+                                (stats::Ended::Aborted, *code, reason.clone())
+                            }
+                            Decided::Unknown { code, reason } => {
+                                (stats::Ended::Unknown, *code, reason.clone())
+                            }
+                        };
+                        self.stats.record(stats::Decision {
+                            txid,
+                            ended,
+                            code,
+                            reason,
+                            participants,
+                            started_unix_ms,
+                            decided_unix_ms: unix_ms(),
+                            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                        });
                     }
                     if let Some(reply) = self.replies.remove(&txid) {
                         let _ = reply.send((txid, decided));

@@ -271,6 +271,79 @@ impl Coordinator for Service {
         Ok(Response::new(v1::ListStuckResponse { branches }))
     }
 
+    async fn list_transactions(
+        &self,
+        request: Request<v1::ListTransactionsRequest>,
+    ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
+        let request = request.into_inner();
+        let only = if request.txid.is_empty() { None } else { Some(txid(&request.txid)?) };
+        let limit = match request.limit {
+            0 => 100,
+            n => (n as usize).min(crate::stats::RECENT),
+        };
+        let (in_flight, recent) = self.handle.transactions(only, limit).await?;
+        let in_flight = in_flight
+            .into_iter()
+            .map(|t| v1::TransactionInfo {
+                txid: t.txid.to_string(),
+                state: t.state.into(),
+                participants: t.participants.iter().map(ToString::to_string).collect(),
+                waiting: t.waiting.iter().map(ToString::to_string).collect(),
+                ..Default::default()
+            })
+            .collect();
+        let recent = recent
+            .into_iter()
+            .map(|d| v1::TransactionInfo {
+                txid: d.txid.to_string(),
+                state: match d.ended {
+                    crate::stats::Ended::Committed => "committed",
+                    crate::stats::Ended::Aborted => "aborted",
+                    crate::stats::Ended::Unknown => "unknown",
+                }
+                .into(),
+                participants: d.participants,
+                waiting: Vec::new(),
+                reason: d.reason,
+                reason_code: d.code.to_wire(),
+                started_unix_ms: d.started_unix_ms,
+                decided_unix_ms: d.decided_unix_ms,
+                latency_us: d.latency_us,
+            })
+            .collect();
+        Ok(Response::new(v1::ListTransactionsResponse { in_flight, recent }))
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<v1::GetStatsRequest>,
+    ) -> Result<Response<v1::GetStatsResponse>, Status> {
+        let seconds = match request.into_inner().seconds {
+            0 => 60,
+            n => u64::from(n),
+        };
+        let (seconds, totals, in_flight) = self.handle.stats(seconds).await?;
+        let seconds = seconds
+            .into_iter()
+            .map(|s| v1::StatsSecond {
+                unix_s: s.unix_s,
+                committed: s.committed,
+                aborted: s.aborted,
+                unknown: s.unknown,
+                p50_ms: s.p50_ms,
+                p99_ms: s.p99_ms,
+                max_ms: s.max_ms,
+            })
+            .collect();
+        Ok(Response::new(v1::GetStatsResponse {
+            seconds,
+            committed: totals.committed,
+            aborted: totals.aborted,
+            unknown: totals.unknown,
+            in_flight: in_flight as u64,
+        }))
+    }
+
     async fn get_outcome(
         &self,
         request: Request<v1::GetOutcomeRequest>,

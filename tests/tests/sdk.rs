@@ -88,6 +88,20 @@ impl Coordinator for UnaryOnly {
     ) -> Result<Response<v1::ListStuckResponse>, Status> {
         unimplemented()
     }
+
+    async fn list_transactions(
+        &self,
+        _: Request<v1::ListTransactionsRequest>,
+    ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn get_stats(
+        &self,
+        _: Request<v1::GetStatsRequest>,
+    ) -> Result<Response<v1::GetStatsResponse>, Status> {
+        unimplemented()
+    }
 }
 
 #[tonic::async_trait]

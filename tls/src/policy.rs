@@ -89,6 +89,8 @@ const METHODS: &[(&str, &[Role])] = &[
     ("/decree.v1.Coordinator/GetOutcome", &[Client, Participant, Operator, Observer]),
     ("/decree.v1.Coordinator/Retry", &[Operator]),
     ("/decree.v1.Coordinator/ListStuck", &[Operator, Observer]),
+    ("/decree.v1.Coordinator/ListTransactions", &[Operator, Observer]),
+    ("/decree.v1.Coordinator/GetStats", &[Operator, Observer]),
     ("/decree.v1.Registry/Enroll", &[Participant]),
     ("/decree.v1.Registry/Heartbeat", &[Participant]),
     ("/decree.v1.Registry/MoveParticipant", &[Operator]),
