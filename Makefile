@@ -22,6 +22,7 @@ demo: prereqs
 test: prereqs test-prereqs
 	@bash scripts/ensure-python-grpc.sh
 	@bash scripts/ensure-postgres.sh
+	@bash scripts/ensure-chromium.sh
 	$(CARGO) build --release --workspace --bins --examples
 	@echo "decree: the Python SDK's own tests (sdk/python/tests), against the binaries just built"
 	DECREE_BIN=$(TARGET_DIR)/release/decree $(VENV)/bin/python -m pytest -q -p no:cacheprovider sdk/python/tests

@@ -94,5 +94,17 @@ printf '#!/bin/sh\nexit 0\n' >"$fake_venv/bin/python"
 chmod +x "$fake_venv/bin/python"
 expect 0 ready "a venv whose python imports grpc" env DECREE_VENV="$fake_venv" bash "$python" --check
 
+# --- Chromium (the console's browser test)
+chromium="$here/ensure-chromium.sh"
+browser=$(tree chromium)
+touch_in "$browser" usr/bin/chromium usr/bin/chromedriver
+chmod +x "$browser"/usr/bin/*
+expect 0 "found $browser/usr/bin/chromedriver" "chromium and chromedriver present" bash "$chromium" --check "$browser"
+driverless=$(tree chromium-only)
+touch_in "$driverless" usr/bin/chromium
+chmod +x "$driverless"/usr/bin/chromium
+expect 1 missing "chromium without chromium-driver" bash "$chromium" --check "$driverless"
+expect 1 missing "no chromium" bash "$chromium" --check "$(tree chromium-none)"
+
 echo "prereqs: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -60,6 +60,12 @@ pub struct DemoArgs {
     /// development CA, and every RPC checked against a role policy.
     #[arg(long)]
     tls: bool,
+    /// Where the operator's console is served while the demo runs (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    console_listen: std::net::SocketAddr,
+    /// After the verdict, keep the cluster and its console running until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
 }
 
 fn account(i: usize) -> String {
@@ -134,6 +140,7 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     for p in client.participants().await.map_err(|e| e.to_string())? {
         println!("  participant {} at {} ({})", p.name, p.address, p.state);
     }
+    console(&cluster, args.console_listen, args.keep_running).await;
 
     println!("seeding {} accounts with {} each ...", args.accounts, args.balance);
     for chunk in (0..args.accounts).collect::<Vec<_>>().chunks(50) {
@@ -358,6 +365,10 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         println!("verdict: OK — every transfer was all-or-nothing; the sum of balances is unchanged{reads}");
     } else {
         println!("verdict: FAILED — sum {sum} (expected {expected}), {unreadable} unreadable balances, in doubt: {}", !in_doubt_ok);
+    }
+    if args.keep_running {
+        println!("the cluster and its console keep running: Ctrl-C to stop");
+        decree_runtime::serve::shutdown_signal().await;
     }
     if args.keep {
         println!("kept {}", cluster.dir().display());
@@ -635,4 +646,24 @@ async fn elastic_schedule(
         steps: steps.len(),
         missing,
     })
+}
+
+/// Serves the operator's console over the demo's cluster from this process
+/// (so it outlives the coordinator's restarts), and prints its URL. A busy
+/// port is said, and the demo goes on without it.
+async fn console(cluster: &Cluster, listen: std::net::SocketAddr, keep_running: bool) {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            println!("  console        not started: {listen}: {err} (choose another with --console-listen)");
+            return;
+        }
+    };
+    let at = listener.local_addr().map_or(listen, |a| a);
+    let later = if keep_running { "" } else { " while the demo runs (--keep-running keeps it up after)" };
+    println!("  console        http://{at}/{later}");
+    let url = cluster.coordinator_url();
+    tokio::spawn(async move {
+        let _ = decree_console::serve(listener, &url, std::future::pending()).await;
+    });
 }

@@ -63,6 +63,10 @@ enum Cmd {
     Heuristics(InDoubtArgs),
     /// The lock table of every participant: locked keys, holders, waiters, counters.
     Locks(InDoubtArgs),
+    /// The operator's console in the browser (cluster, activity, transactions, in doubt, locks,
+    /// stuck branches and heuristics; retry and heuristic decisions), as the identity of its
+    /// --tls-cert: an observer's console sees, an operator's acts.
+    Console(ConsoleArgs),
     /// A local cluster, a bank workload, and a verdict.
     Demo(demo::DemoArgs),
     /// A development CA, certificates for a local cluster's identities, and the policy giving
@@ -84,6 +88,15 @@ pub(crate) struct Target {
     /// Print JSON.
     #[arg(long, global = true)]
     pub(crate) json: bool,
+}
+
+#[derive(clap::Args)]
+struct ConsoleArgs {
+    /// Where to serve the console (HTTP).
+    #[arg(long, env = "DECREE_CONSOLE_LISTEN", default_value = "127.0.0.1:7080")]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    target: Target,
 }
 
 #[derive(clap::Args)]
@@ -239,6 +252,7 @@ fn main() {
             Cmd::Resolve(args) => report("resolve", resolve(args).await),
             Cmd::Heuristics(args) => report("heuristics", heuristics(args).await),
             Cmd::InDoubt(args) => report("in-doubt", in_doubt(args).await),
+            Cmd::Console(args) => report("console", console(args).await),
         }
     });
     std::process::exit(code);
@@ -259,7 +273,8 @@ impl Cmd {
             | Cmd::Locks(InDoubtArgs { target, .. })
             | Cmd::Resolve(ResolveArgs { target, .. })
             | Cmd::Participants(ParticipantsArgs { target, .. })
-            | Cmd::Stuck(ListArgs { target, .. }) => Some(&target.tls),
+            | Cmd::Stuck(ListArgs { target, .. })
+            | Cmd::Console(ConsoleArgs { target, .. }) => Some(&target.tls),
             Cmd::Ring(args) => Some(args.tls()),
             Cmd::Coordinators(args) => Some(args.tls()),
         }
@@ -485,6 +500,17 @@ async fn stuck(args: ListArgs) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+async fn console(args: ConsoleArgs) -> Result<(), Failure> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| Failure(format!("--listen {}: {e}", args.listen)))?;
+    let at = listener.local_addr().map_err(|e| Failure(e.to_string()))?;
+    println!("decree console at http://{at}/ (coordinator {})", args.target.coordinator);
+    decree_console::serve(listener, &args.target.coordinator, decree_runtime::serve::shutdown_signal())
+        .await
+        .map_err(|e| Failure(format!("console: {e}")))
 }
 
 async fn resolve(args: ResolveArgs) -> Result<(), Failure> {

@@ -180,6 +180,8 @@ pub struct ParticipantInfo {
     /// Share of the keyspace under the current ring (0 when not in it).
     pub share: f64,
     pub in_ring: bool,
+    /// Since the coordinator last heard from it (`None`: not since it started).
+    pub heard_ago: Option<Duration>,
 }
 
 /// A ring change (see `decree ring`).
@@ -654,6 +656,47 @@ impl Client {
             .collect())
     }
 
+    /// Transactions in the coordinator's memory and its most recent
+    /// decisions (at most `limit`), newest first; of `txid` only, when given.
+    pub async fn transactions(
+        &self,
+        txid: Option<&str>,
+        limit: u32,
+    ) -> Result<v1::ListTransactionsResponse, ClientError> {
+        if let Some(txid) = txid {
+            txid.parse::<TxId>()?;
+        }
+        let request = v1::ListTransactionsRequest { txid: txid.unwrap_or_default().into(), limit };
+        Ok(self
+            .ask(&self.coordinator, true, |mut c| {
+                let request = request.clone();
+                async move { c.list_transactions(request).await }
+            })
+            .await?)
+    }
+
+    /// Decisions per second and their latency percentiles over the last
+    /// `seconds` (at most 300), and the totals since the coordinator started.
+    pub async fn stats(&self, seconds: u32) -> Result<v1::GetStatsResponse, ClientError> {
+        Ok(self
+            .ask(&self.coordinator, true, |mut c| async move {
+                c.get_stats(v1::GetStatsRequest { seconds }).await
+            })
+            .await?)
+    }
+
+    /// The coordinator group's view, from the replica this client asks
+    /// (FAILED_PRECONDITION from a single coordinator: it is not a group).
+    pub async fn group(&self) -> Result<v1::GroupStatus, ClientError> {
+        let mut group = v1::group_client::GroupClient::new(self.coordinators.clone());
+        Ok(group.get_group(v1::GetGroupRequest {}).await?.into_inner())
+    }
+
+    /// The address `participant` enrolled with, as this client last read the list.
+    pub fn participant_address(&self, participant: &str) -> Option<String> {
+        self.view().participants.get(participant).map(|(address, _)| address.clone())
+    }
+
     /// The coordinator's answer for `txid`.
     pub async fn status(&self, txid: &str) -> Result<Outcome, ClientError> {
         txid.parse::<TxId>()?;
@@ -681,6 +724,7 @@ impl Client {
                 },
                 share: p.share,
                 in_ring: p.in_ring,
+                heard_ago: (p.heard_ms_ago > 0).then(|| Duration::from_millis(p.heard_ms_ago)),
                 name: p.name,
                 address: p.address,
                 state: p.state,

@@ -11,6 +11,12 @@ pub struct Config {
     /// Address to serve gRPC on (Coordinator and Registry services).
     #[arg(long, env = "DECREE_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
+    /// Serve the operator's console (a web page) at http://ADDR/ (off unless given; plaintext
+    /// clusters only: under mutual TLS run `decree console` with an operator's or observer's
+    /// certificate).
+    #[arg(long, env = "DECREE_CONSOLE_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_listen: Option<SocketAddr>,
     /// Directory of the coordinator's durable log (created if missing).
     #[arg(long, env = "DECREE_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -108,6 +114,7 @@ impl Config {
     pub fn new(data_dir: PathBuf) -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            console_listen: None,
             data_dir,
             prepare_timeout_ms: 2_000,
             commit_timeout_ms: 2_000,

@@ -95,6 +95,36 @@ impl From<CoordinatorError> for tonic::Status {
     }
 }
 
+/// Serves the operator's console at `listen`, over this coordinator (a
+/// group's replicas, when it is one); it runs until the process ends.
+async fn start_console(
+    config: &Config,
+    listen: std::net::SocketAddr,
+    serving: Option<std::net::SocketAddr>,
+) -> Result<(), CoordinatorError> {
+    if config.process.tls.tls_cert.is_some() {
+        return Err(CoordinatorError::Config(
+            "--console-listen is for plaintext clusters: under mutual TLS, run `decree console` with an \
+             operator's or an observer's certificate (the console acts as that identity)"
+                .into(),
+        ));
+    }
+    let url = match config.group() {
+        Some(group) => group.replicas.values().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(","),
+        None => format!("http://{}", serving.unwrap_or(config.listen)),
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| CoordinatorError::Config(format!("--console-listen {listen}: {e}")))?;
+    tracing::info!(url = %format!("http://{}/", listener.local_addr().unwrap_or(listen)), "console");
+    tokio::spawn(async move {
+        if let Err(err) = decree_console::serve(listener, &url, std::future::pending()).await {
+            tracing::error!(error = %err, "the console stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Recovers from the data directory, then serves on `listener` until `shutdown`.
 pub async fn serve(
     config: Config,
@@ -104,6 +134,9 @@ pub async fn serve(
     config.validate().map_err(CoordinatorError::Config)?;
     if let Some(listen) = config.process.metrics_listen {
         decree_runtime::metrics::install(listen).map_err(CoordinatorError::Config)?;
+    }
+    if let Some(listen) = config.console_listen {
+        start_console(&config, listen, listener.local_addr().ok()).await?;
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CoordinatorError::Config(format!("--data-dir {}: {e}", config.data_dir.display())))?;

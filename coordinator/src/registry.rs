@@ -74,6 +74,8 @@ pub struct Listed {
     pub address: String,
     pub role: Role,
     pub up: bool,
+    /// Since it was last heard from (None: not since this coordinator started).
+    pub heard_ago: Option<std::time::Duration>,
 }
 
 /// Enrollments refused because a live participant holds the name.
@@ -235,6 +237,7 @@ impl Registry {
                 address: m.address.clone(),
                 role: m.role,
                 up: m.last_seen.is_some_and(|seen| now.duration_since(seen) <= self.liveness),
+                heard_ago: m.last_seen.map(|seen| now.duration_since(seen)),
             })
             .collect()
     }

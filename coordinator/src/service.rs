@@ -451,6 +451,9 @@ impl Registry for Service {
                 address: m.address,
                 state: if m.up { "up" } else { "down" }.to_owned(),
                 role: m.role.to_wire(),
+                heard_ms_ago: m
+                    .heard_ago
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
             })
             .collect();
         Ok(Response::new(v1::ListParticipantsResponse { participants }))

@@ -4,6 +4,9 @@
 
 use std::process::Command;
 
+pub mod standin;
+pub mod webdriver;
+
 use decree_tests::decree_binary;
 
 /// Three named KV services (the same keys go to several participants by
