@@ -412,3 +412,97 @@ async fn a_coordinator_group_replicates_over_mutual_tls() {
     assert_ne!(run.code, 0, "{}", run.stdout);
     assert!(run.stderr.contains("needs one of the roles operator, observer"), "{}", run.stderr);
 }
+
+/// `decree console` speaking as `identity`, on a port of its own; killed when dropped.
+struct ConsoleAs(std::process::Child, u16);
+
+impl Drop for ConsoleAs {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn console_as(pki: &Path, identity: &str, url: &str, log: &Path) -> ConsoleAs {
+    let files = certs::files(pki, identity);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = std::fs::File::create(log).unwrap();
+    let child = std::process::Command::new(decree_binary())
+        .args(["console", "--coordinator", url, "--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("DECREE_POLICY")
+        .env("DECREE_TLS_CERT", &files.cert)
+        .env("DECREE_TLS_KEY", &files.key)
+        .env("DECREE_TLS_CA", certs::ca_path(&shared_pki()))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    ConsoleAs(child, port)
+}
+
+/// The console acts as the identity it runs under: an observer's sees every
+/// page and is refused an operator's action (the refusal names the role); an
+/// operator's acts. The coordinator's own console is refused under TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_is_its_identity_an_observer_sees_and_an_operator_acts() {
+    use common::webdriver::http;
+    init();
+    let cluster = Cluster::start(options(1)).await.unwrap();
+    let url = cluster.coordinator_url();
+    let pki = shared_pki();
+    let client = cluster.client().await.unwrap();
+    let done = client.transact(vec![put("k-console", "1")]).await.unwrap();
+    assert_eq!(done.outcome, Outcome::Committed);
+    let observer = console_as(&pki, "observer", &url, &cluster.dir().join("console-observer.log"));
+    let operator = console_as(&pki, "operator", &url, &cluster.dir().join("console-operator.log"));
+
+    let page = poll(Duration::from_secs(20), "the observer's console", || async {
+        let (status, page) = http(observer.1, "GET", "/api/cluster", None).await.ok()?;
+        (status == 200).then_some(page)
+    })
+    .await
+    .unwrap();
+    assert_eq!(page["participants"][0]["name"], "p1", "{page}");
+    let (status, found) =
+        http(observer.1, "GET", &format!("/api/transactions?txid={}", done.txid), None).await.unwrap();
+    assert_eq!((status, found["outcome"].as_str()), (200, Some("committed")), "{found}");
+
+    let retry = serde_json::json!({ "txid": done.txid });
+    let (status, refused) = http(observer.1, "POST", "/api/retry", Some(retry.clone())).await.unwrap();
+    assert_eq!(status, 403, "{refused}");
+    let why = refused["error"].as_str().unwrap();
+    assert!(why.contains("permission denied") && why.contains("needs the operator role"), "{why}");
+
+    let answered = poll(Duration::from_secs(20), "the operator's console", || async {
+        let (status, answer) = http(operator.1, "POST", "/api/retry", Some(retry.clone())).await.ok()?;
+        (status == 200).then_some(answer)
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered["outcome"], "committed", "{answered}");
+
+    let files = certs::files(&pki, "coordinator");
+    let data = tempfile::tempdir().unwrap();
+    let run = decree_as(
+        &pki,
+        "coordinator",
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data.path().display().to_string(),
+            "--console-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &files.cert.display().to_string(),
+            "--tls-key",
+            &files.key.display().to_string(),
+            "--tls-ca",
+            &certs::ca_path(&pki).display().to_string(),
+        ],
+    )
+    .await;
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(run.stderr.contains("--console-listen is for plaintext clusters"), "{}", run.stderr);
+}

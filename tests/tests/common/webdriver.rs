@@ -40,6 +40,17 @@ fn free_port() -> u16 {
 
 /// One HTTP request to ChromeDriver; the `value` of its JSON answer, or its error.
 async fn call(port: u16, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+    let (status, json) = http(port, method, path, body).await?;
+    let value = json.get("value").cloned().unwrap_or(Value::Null);
+    if (200..300).contains(&status) {
+        Ok(value)
+    } else {
+        Err(value.get("message").and_then(Value::as_str).map_or_else(|| json.to_string(), str::to_owned))
+    }
+}
+
+/// One HTTP/1.1 request with a JSON body to 127.0.0.1:`port`: the status and the JSON answer.
+pub async fn http(port: u16, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
@@ -70,12 +81,8 @@ async fn call(port: u16, method: &str, path: &str, body: Option<Value>) -> Resul
         }
     };
     let json: Value = serde_json::from_str(&rest).map_err(|e| format!("{e}: {head} {rest:.200}"))?;
-    let value = json.get("value").cloned().unwrap_or(Value::Null);
-    if head.starts_with("HTTP/1.1 2") {
-        Ok(value)
-    } else {
-        Err(value.get("message").and_then(Value::as_str).unwrap_or(&rest).to_owned())
-    }
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or("no HTTP status")?;
+    Ok((status, json))
 }
 
 impl Driver {
