@@ -42,26 +42,31 @@ struct Console {
 
 type Shared = Arc<Console>;
 
-/// An error as the page shows it: the HTTP status and a message.
-struct Failure(StatusCode, String);
+/// An error as the page shows it: the HTTP status, the gRPC status code of
+/// the call that failed (when one did), and a message to read.
+struct Failure(StatusCode, Option<tonic::Code>, String);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let code = self.1.map(|c| format!("{c:?}"));
+        (self.0, Json(json!({ "error": self.2, "code": code }))).into_response()
     }
 }
 
 impl From<ClientError> for Failure {
     fn from(err: ClientError) -> Self {
         let message = err.to_string();
-        let status = match &err {
-            ClientError::Status(s) if s.code() == tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
-            ClientError::Status(s) if s.code() == tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-            ClientError::Status(s) if s.code() == tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
-            ClientError::Invalid(_) => StatusCode::BAD_REQUEST,
+        let code = match &err {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        };
+        let status = match (&err, code) {
+            (_, Some(tonic::Code::PermissionDenied)) => StatusCode::FORBIDDEN,
+            (_, Some(tonic::Code::InvalidArgument)) | (ClientError::Invalid(_), _) => StatusCode::BAD_REQUEST,
+            (_, Some(tonic::Code::FailedPrecondition)) => StatusCode::CONFLICT,
             _ => StatusCode::BAD_GATEWAY,
         };
-        Failure(status, message)
+        Failure(status, code, message)
     }
 }
 
@@ -83,9 +88,11 @@ impl Console {
 async fn within<T>(call: impl std::future::Future<Output = Result<T, ClientError>>) -> Result<T, Failure> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(result) => Ok(result?),
-        Err(_) => {
-            Err(Failure(StatusCode::GATEWAY_TIMEOUT, "no answer in time (unreachable, or held up)".into()))
-        }
+        Err(_) => Err(Failure(
+            StatusCode::GATEWAY_TIMEOUT,
+            None,
+            "no answer in time (unreachable, or held up)".into(),
+        )),
     }
 }
 
@@ -306,10 +313,14 @@ struct ResolveBody {
 async fn resolve(State(console): State<Shared>, Json(body): Json<ResolveBody>) -> Answer {
     let txid = body.txid.trim();
     if body.confirm.trim() != txid {
-        return Err(Failure(StatusCode::BAD_REQUEST, "the confirmation does not match the txid".into()));
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            None,
+            "the confirmation does not match the txid".into(),
+        ));
     }
     if body.reason.trim().is_empty() {
-        return Err(Failure(StatusCode::BAD_REQUEST, "a heuristic decision needs a reason".into()));
+        return Err(Failure(StatusCode::BAD_REQUEST, None, "a heuristic decision needs a reason".into()));
     }
     let client = console.client().await?;
     // The same rule as `decree resolve`: only when the coordinator cannot say.
@@ -320,11 +331,12 @@ async fn resolve(State(console): State<Shared>, Json(body): Json<ResolveBody>) -
         };
         return Err(Failure(
             StatusCode::CONFLICT,
+            None,
             format!("refused: the coordinator {why}; a heuristic decision is only for when it is gone"),
         ));
     }
     let url = client.participant_address(&body.participant).ok_or_else(|| {
-        Failure(StatusCode::BAD_REQUEST, format!("{} is not an enrolled participant", body.participant))
+        Failure(StatusCode::BAD_REQUEST, None, format!("{} is not an enrolled participant", body.participant))
     })?;
     let operator = body.operator.filter(|o| !o.trim().is_empty()).unwrap_or_else(|| "console".into());
     within(decree_client::resolve_at(&url, txid, body.commit, body.reason.trim(), &operator)).await?;

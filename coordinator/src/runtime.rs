@@ -751,7 +751,10 @@ impl Actor {
                     metrics::counter!(TRANSACTIONS, "outcome" => outcome).increment(1);
                     // Committed and still in memory: phase two is under way (one-phase ones are done).
                     let started = if outcome == "committed" && self.engine.known(txid).is_some() {
-                        self.started.get(&txid).map(|s| (s.at, s.unix_ms, s.participants.clone()))
+                        // Kept for its span while phase two runs; the participants are needed once.
+                        self.started
+                            .get_mut(&txid)
+                            .map(|s| (s.at, s.unix_ms, std::mem::take(&mut s.participants)))
                     } else {
                         self.started.remove(&txid).map(|s| (s.at, s.unix_ms, s.participants))
                     };

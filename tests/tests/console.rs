@@ -13,12 +13,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::standin::{stand_in, Answer};
 use common::webdriver::Driver;
-use common::{decree_async, init};
+use common::{decree_async, init, KillOnDrop};
 use decree_client::{kv_payload, v1, KvOp, Outcome};
 use decree_tests::{decree_binary, poll, Cluster, NodeId, Options};
 use serde_json::json;
@@ -35,16 +35,6 @@ fn artefacts() -> PathBuf {
         .unwrap_or_else(|| decree_binary().parent().unwrap().parent().unwrap().join("console-screenshots"));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// `decree console`, killed when dropped.
-struct ConsoleProcess(Child);
-
-impl Drop for ConsoleProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn cli(args: &[&str]) -> serde_json::Value {
@@ -70,7 +60,7 @@ async fn the_console_shows_what_the_cli_says_and_acts_for_the_operator() {
     info!("--- `decree console`, a process of its own (it outlives the coordinator)");
     let port = free_port();
     let log = std::fs::File::create(cluster.dir().join("console.log")).unwrap();
-    let _console = ConsoleProcess(
+    let _console = KillOnDrop(
         Command::new(decree_binary())
             .args(["console", "--coordinator", &url, "--listen", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())

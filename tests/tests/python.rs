@@ -11,39 +11,13 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::init;
+use common::{init, python, KillOnDrop};
 use decree_client::{kv_payload, v1, Client, KvOp, Outcome};
 use decree_tests::{poll, Cluster, Options};
 use tracing::info;
-
-fn python() -> PathBuf {
-    if let Some(python) = std::env::var_os("DECREE_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let venv = std::env::var_os("DECREE_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/decree/venv")
-    });
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/ensure-python-grpc.sh (make test does)",
-        python.display()
-    );
-    python
-}
-
-/// The Python participant process; killed when dropped.
-struct PyParticipant(Child);
-
-impl Drop for PyParticipant {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn state(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -61,7 +35,7 @@ async fn a_python_participant_commits_and_aborts_with_the_kv_participant() {
     let state_file = cluster.dir().join("py-state.json");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = std::fs::File::create(cluster.dir().join("py.log")).unwrap();
-    let _py = PyParticipant(
+    let _py = KillOnDrop(
         Command::new(python())
             .arg(root.join("tests/python/participant.py"))
             .args(["--proto".into(), root.join("proto").display().to_string()])

@@ -14,23 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::init;
+use common::{init, python};
 use decree_client::{in_doubt_at_urls, kv_payload, v1, Client, KvOp, Outcome, Ring, Routing};
 use decree_tests::{poll, Cluster, NodeId, Options};
 use tracing::info;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn python() -> PathBuf {
-    if let Some(python) = std::env::var_os("DECREE_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let venv = std::env::var_os("DECREE_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/decree/venv")
-    });
-    venv.join("bin/python")
 }
 
 /// Runs `python -c <code>` with `input` on stdin; its stdout.

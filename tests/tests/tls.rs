@@ -413,14 +413,10 @@ async fn a_coordinator_group_replicates_over_mutual_tls() {
     assert!(run.stderr.contains("needs one of the roles operator, observer"), "{}", run.stderr);
 }
 
-/// `decree console` speaking as `identity`, on a port of its own; killed when dropped.
-struct ConsoleAs(std::process::Child, u16);
-
-impl Drop for ConsoleAs {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `decree console` speaking as `identity`, and its port; killed when dropped.
+struct ConsoleAs {
+    _process: common::KillOnDrop,
+    port: u16,
 }
 
 fn console_as(pki: &Path, identity: &str, url: &str, log: &Path) -> ConsoleAs {
@@ -437,7 +433,7 @@ fn console_as(pki: &Path, identity: &str, url: &str, log: &Path) -> ConsoleAs {
         .stderr(log)
         .spawn()
         .unwrap();
-    ConsoleAs(child, port)
+    ConsoleAs { _process: common::KillOnDrop(child), port }
 }
 
 /// The console acts as the identity it runs under: an observer's sees every
@@ -457,24 +453,25 @@ async fn a_console_is_its_identity_an_observer_sees_and_an_operator_acts() {
     let operator = console_as(&pki, "operator", &url, &cluster.dir().join("console-operator.log"));
 
     let page = poll(Duration::from_secs(20), "the observer's console", || async {
-        let (status, page) = http(observer.1, "GET", "/api/cluster", None).await.ok()?;
+        let (status, page) = http(observer.port, "GET", "/api/cluster", None).await.ok()?;
         (status == 200).then_some(page)
     })
     .await
     .unwrap();
     assert_eq!(page["participants"][0]["name"], "p1", "{page}");
     let (status, found) =
-        http(observer.1, "GET", &format!("/api/transactions?txid={}", done.txid), None).await.unwrap();
+        http(observer.port, "GET", &format!("/api/transactions?txid={}", done.txid), None).await.unwrap();
     assert_eq!((status, found["outcome"].as_str()), (200, Some("committed")), "{found}");
 
     let retry = serde_json::json!({ "txid": done.txid });
-    let (status, refused) = http(observer.1, "POST", "/api/retry", Some(retry.clone())).await.unwrap();
+    let (status, refused) = http(observer.port, "POST", "/api/retry", Some(retry.clone())).await.unwrap();
     assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["code"], "PermissionDenied", "the refusal's gRPC code, as data");
     let why = refused["error"].as_str().unwrap();
     assert!(why.contains("permission denied") && why.contains("needs the operator role"), "{why}");
 
     let answered = poll(Duration::from_secs(20), "the operator's console", || async {
-        let (status, answer) = http(operator.1, "POST", "/api/retry", Some(retry.clone())).await.ok()?;
+        let (status, answer) = http(operator.port, "POST", "/api/retry", Some(retry.clone())).await.ok()?;
         (status == 200).then_some(answer)
     })
     .await

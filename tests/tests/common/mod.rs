@@ -2,7 +2,8 @@
 
 #![allow(dead_code)]
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Child, Command};
 
 pub mod standin;
 pub mod webdriver;
@@ -115,4 +116,33 @@ pub async fn serve_in_test(routes: tonic::service::Routes) -> String {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     url
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Python of the tests' virtualenv: `$DECREE_PYTHON`, else
+/// `$DECREE_VENV/bin/python` (default ~/.cache/decree/venv), which
+/// scripts/ensure-python-grpc.sh makes (`make test` runs it).
+pub fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("DECREE_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let venv = std::env::var_os("DECREE_VENV").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/decree/venv")
+    });
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/ensure-python-grpc.sh (make test does)",
+        python.display()
+    );
+    python
 }
