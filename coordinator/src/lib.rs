@@ -58,6 +58,9 @@ pub enum CoordinatorError {
     TxidRefused { txid: TxId, why: String },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// The actor stopped after it took the request, without answering.
+    #[error("the coordinator stopped before answering{}; the outcome is not known: ask GetOutcome", txid.map(|t| format!(" {t}")).unwrap_or_default())]
+    Abandoned { txid: Option<TxId> },
     /// Fatal: the process stops rather than retry.
     #[error("storage: {0}")]
     Storage(#[from] StoreError),
@@ -87,6 +90,13 @@ impl From<CoordinatorError> for tonic::Status {
             }
             CoordinatorError::ShuttingDown => {
                 decree_proto::Reason::ShuttingDown.on_status(Status::unavailable(message))
+            }
+            CoordinatorError::Abandoned { txid } => {
+                let mut status = Status::unknown(message);
+                if let Some(value) = txid.and_then(|t| t.to_string().parse().ok()) {
+                    status.metadata_mut().insert(decree_proto::TXID_METADATA, value);
+                }
+                status
             }
             CoordinatorError::Storage(_) | CoordinatorError::Config(_) | CoordinatorError::Transport(_) => {
                 Status::internal(message)

@@ -163,8 +163,15 @@ impl Handle {
         span: Span,
         txid: Option<TxId>,
     ) -> Result<(TxId, Decided), CoordinatorError> {
-        self.decide(|reply, refused| Request::Transact { branches, timeout, span, txid, reply, refused })
-            .await
+        self.decide(txid, |reply, refused| Request::Transact {
+            branches,
+            timeout,
+            span,
+            txid,
+            reply,
+            refused,
+        })
+        .await
     }
 
     /// A new txid, never issued before. The actor issues them, and a
@@ -213,9 +220,15 @@ impl Handle {
         }
     }
 
-    /// Sends a request that ends in a decision, or is refused before it starts.
+    /// Sends a request that ends in a decision, or is refused before it
+    /// starts. Once the actor has it, only its answer or its refusal says
+    /// what became of it: an actor gone without either (a group's term
+    /// stopped, its actor not answering in time) may have started it, so
+    /// that is "outcome unknown" (with `txid` when the caller named it),
+    /// never the "not started" of a refusal.
     async fn decide(
         &self,
+        txid: Option<TxId>,
         make: impl FnOnce(Decision, oneshot::Sender<CoordinatorError>) -> Request,
     ) -> Result<(TxId, Decided), CoordinatorError> {
         let (refused, refusal) = oneshot::channel();
@@ -224,7 +237,7 @@ impl Handle {
         tokio::select! {
             Ok(decided) = answer => Ok(decided),
             Ok(err) = refusal => Err(err),
-            else => Err(CoordinatorError::ShuttingDown),
+            else => Err(CoordinatorError::Abandoned { txid }),
         }
     }
 
@@ -238,8 +251,9 @@ impl Handle {
         timeout: Duration,
         span: Span,
     ) -> Result<Decided, CoordinatorError> {
-        let (_, decided) =
-            self.decide(|reply, refused| Request::Commit { txid, timeout, span, reply, refused }).await?;
+        let (_, decided) = self
+            .decide(Some(txid), |reply, refused| Request::Commit { txid, timeout, span, reply, refused })
+            .await?;
         Ok(decided)
     }
 

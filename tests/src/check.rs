@@ -143,21 +143,29 @@ pub type Told = Vec<(String, Vec<String>, Option<decree_client::Outcome>)>;
 
 /// I1 and I2 over `told`: every transfer is at all of its participants or at
 /// none, every one reported committed is present and every one reported
-/// aborted is absent. Returns (committed, aborted, without an outcome).
+/// aborted is absent. Returns (committed, aborted, without an outcome): a
+/// transfer whose client heard no outcome, or FORGOTTEN (its outcome was
+/// pruned before the client asked, after a failover), may be either.
 pub async fn told_agrees(client: &Client, told: &Told) -> Result<(usize, usize, usize)> {
+    use decree_client::Outcome;
     let (mut committed, mut aborted, mut unknown) = (0, 0, 0);
     for (tag, participants, outcome) in told {
         let everywhere = all_or_nothing(client, tag, participants).await?;
         match outcome {
-            Some(decree_client::Outcome::Committed) if !everywhere => {
+            Some(Outcome::Committed) if !everywhere => {
                 return Err(HarnessError::Other(format!("{tag} was reported committed but is missing")))
             }
-            Some(decree_client::Outcome::Committed) => committed += 1,
-            Some(_) if everywhere => {
+            Some(Outcome::Committed) => committed += 1,
+            Some(Outcome::Aborted) if everywhere => {
                 return Err(HarnessError::Other(format!("{tag} was reported aborted but is present")))
             }
-            Some(_) => aborted += 1,
-            None => unknown += 1,
+            Some(Outcome::Aborted) => aborted += 1,
+            Some(Outcome::Pending) => {
+                return Err(HarnessError::Other(format!(
+                    "{tag} was answered PENDING: a final outcome was due"
+                )))
+            }
+            Some(Outcome::Forgotten) | None => unknown += 1,
         }
     }
     Ok((committed, aborted, unknown))
