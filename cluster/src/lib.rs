@@ -452,12 +452,21 @@ impl Cluster {
     /// The replica that leads the group now, once it coordinates (serves the
     /// registry); a single coordinator is its own leader.
     pub async fn leader(&self, timeout: Duration) -> Result<NodeId> {
+        self.leader_other_than(None, timeout).await
+    }
+
+    /// Like [`Cluster::leader`], a replica other than `old` (a leader cut
+    /// off from the others still believes it leads).
+    pub async fn leader_other_than(&self, old: Option<NodeId>, timeout: Duration) -> Result<NodeId> {
         use decree_client::v1;
         if !self.group() {
             return Ok(NodeId::Coordinator);
         }
         poll(timeout, "a leader that coordinates", || async {
             for (i, node) in self.coordinators.iter().enumerate() {
+                if old == Some(NodeId::Replica(i)) {
+                    continue;
+                }
                 let url = self.url_at(node.port);
                 let Some(channel) = tonic::transport::Endpoint::from_shared(url).ok() else { continue };
                 let Ok(channel) =

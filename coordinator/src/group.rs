@@ -25,6 +25,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use decree_proto::v1;
 use decree_proto::v1::coordinator_server::CoordinatorServer;
@@ -157,7 +158,11 @@ async fn lead(
             }
             continue;
         };
-        let started = match replica.ensure_linearizable().await {
+        let confirmed = match replica.ensure_linearizable().await {
+            Ok(()) => replica.apply_own_log(group.timing.election_max).await,
+            Err(err) => Err(err),
+        };
+        let started = match confirmed {
             Ok(()) => Term::start(config.clone(), replica.clone(), disk.clone()).await,
             Err(err) => Err(CoordinatorError::Config(err.to_string())),
         };
@@ -165,7 +170,7 @@ async fn lead(
             Ok(running) => running,
             Err(err) => {
                 warn!(term, error = %err, "could not start coordinating as leader; trying again");
-                tokio::time::sleep(group.timing.heartbeat).await;
+                tokio::time::sleep(group.timing.election_min).await;
                 continue;
             }
         };
@@ -173,6 +178,8 @@ async fn lead(
         front.set(Some(running.routes.clone()));
         health.set_service_status(LEADER_HEALTH, tonic_health::ServingStatus::Serving).await;
         metrics::gauge!(LEADING).set(1.0);
+        let mut lease = Lease::new(group.timing.election_max * 2);
+        let mut tick = tokio::time::interval(group.timing.heartbeat);
         let why = loop {
             tokio::select! {
                 changed = metrics.changed() => {
@@ -184,6 +191,15 @@ async fn lead(
                     if now.current_term != term || now.state != openraft::ServerState::Leader {
                         break format!("term {} leader {:?}", now.current_term, now.current_leader);
                     }
+                    lease.observe(now.millis_since_quorum_ack);
+                }
+                _ = tick.tick() => {
+                    if let Some(silent) = lease.lapsed() {
+                        break format!(
+                            "no majority has acknowledged this leader for {} ms: cut off from the others?",
+                            silent.as_millis()
+                        );
+                    }
                 }
                 Some(why) = running.ended.recv() => break why,
             }
@@ -193,6 +209,43 @@ async fn lead(
         metrics::gauge!(LEADING).set(0.0);
         info!(term, %why, "no longer leading: this term's coordinator stops");
         running.stop().await;
+    }
+}
+
+/// A leader's check that a majority still hears it (Raft's CheckQuorum,
+/// which openraft 0.9 leaves to the application). A leader cut off from the
+/// others keeps believing it leads until it hears of a newer term, and its
+/// decisions wait forever for a majority; so once no majority has
+/// acknowledged it for `lapse` (twice the longest election timeout: the
+/// others have elected a leader by then), it stops coordinating: its
+/// clients' transactions end as "outcome unknown" and are resolved by the
+/// new leader, and they find that leader, rather than waiting on a replica
+/// that can decide nothing. Safety never depends on this: a decision needs
+/// a majority either way.
+struct Lease {
+    lapse: Duration,
+    /// When the last acknowledgement was, as of the last observation.
+    acked: Instant,
+}
+
+impl Lease {
+    /// A term just confirmed by a majority (its start reads linearizably).
+    fn new(lapse: Duration) -> Lease {
+        Lease { lapse, acked: Instant::now() }
+    }
+
+    /// openraft's `millis_since_quorum_ack` as just reported.
+    fn observe(&mut self, millis_since_quorum_ack: Option<u64>) {
+        if let Some(ms) = millis_since_quorum_ack {
+            let now = Instant::now();
+            self.acked = now.checked_sub(Duration::from_millis(ms)).unwrap_or(now - self.lapse * 2);
+        }
+    }
+
+    /// How long no majority has acknowledged, once that is longer than the lapse.
+    fn lapsed(&self) -> Option<Duration> {
+        let silent = self.acked.elapsed();
+        (silent > self.lapse).then_some(silent)
     }
 }
 
@@ -302,7 +355,10 @@ impl Front {
 
 /// The refusal of a replica that does not lead: nothing was done.
 fn not_leader(replica: &Replica<Log>) -> Status {
-    let url = replica.leader_url();
+    // A leader whose majority went silent is not coordinating: it names no
+    // leader (not itself), and clients try the other replicas.
+    let leading = replica.raft.metrics().borrow().current_leader == Some(replica.id);
+    let url = replica.leader_url().filter(|_| !leading);
     let message = match &url {
         Some(url) => format!("replica {} is not the group's leader; the leader is at {url}", replica.id),
         None => format!("replica {} is not the group's leader, and no leader is known yet", replica.id),

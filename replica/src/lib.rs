@@ -444,6 +444,21 @@ impl<S: Storage> Replica<S> {
         self.raft.ensure_linearizable().await.map(drop).map_err(|e| ReplicaError::Raft(e.to_string()))
     }
 
+    /// Waits up to `timeout` until every entry in this replica's own log is
+    /// applied. A leader whose coordinator stopped within its term (its
+    /// majority went silent) may hold entries of that coordinator not yet
+    /// committed; they can still commit, so the next coordinator of the term
+    /// starts only once they are applied and it sees them.
+    pub async fn apply_own_log(&self, timeout: Duration) -> Result<(), ReplicaError> {
+        let last = self.raft.metrics().borrow().last_log_index;
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(last, "this replica's own log applied")
+            .await
+            .map(drop)
+            .map_err(|e| ReplicaError::Raft(e.to_string()))
+    }
+
     /// Stops this replica (its Raft node and its server).
     pub async fn shutdown(self) {
         let _ = self.raft.shutdown().await;

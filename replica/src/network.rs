@@ -2,6 +2,9 @@
 //! replicas of a group, each serialized (MessagePack, [`crate::codec`]) in a
 //! `RaftMessage`, and its answers likewise.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use decree_proto::v1::replica_client::ReplicaClient;
@@ -21,6 +24,40 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::{NodeId, Raft, TypeConfig};
+
+/// Names a file whose existence cuts this replica off from the others: a
+/// test's network partition that leaves clients and participants reaching
+/// it. While the file exists, every Raft message this replica would send
+/// fails as unreachable and every one it receives is refused, both ways
+/// lost as in a partition; removed, messages flow again. Checked every
+/// [`PARTITION_POLL`]; unset, a message costs one relaxed load.
+pub const PARTITION_FILE_ENV: &str = "DECREE_PARTITION_FILE";
+const PARTITION_POLL: Duration = Duration::from_millis(10);
+
+/// Whether [`PARTITION_FILE_ENV`]'s file exists now.
+fn partitioned() -> bool {
+    static CUT: OnceLock<Option<&'static AtomicBool>> = OnceLock::new();
+    let cut = CUT.get_or_init(|| {
+        let path = PathBuf::from(std::env::var_os(PARTITION_FILE_ENV)?);
+        let cut: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(path.exists())));
+        std::thread::Builder::new()
+            .name("partition-watch".into())
+            .spawn(move || loop {
+                let now = path.exists();
+                if cut.swap(now, Ordering::Relaxed) != now {
+                    tracing::warn!(partitioned = now, file = %path.display(), "this replica's Raft messages are {}", if now { "cut off" } else { "flowing again" });
+                }
+                std::thread::sleep(PARTITION_POLL);
+            })
+            .ok()?;
+        Some(cut)
+    });
+    cut.is_some_and(|cut| cut.load(Ordering::Relaxed))
+}
+
+fn partition_error() -> std::io::Error {
+    std::io::Error::other(format!("partitioned from the other replicas ({PARTITION_FILE_ENV})"))
+}
 
 /// Connects to the other replicas by the addresses in the membership.
 #[derive(Debug, Default, Clone)]
@@ -66,6 +103,9 @@ impl Connection {
         F: FnOnce(ReplicaClient<Channel>, RaftMessage) -> Fut,
         Fut: std::future::Future<Output = Result<Response<RaftMessage>, Status>>,
     {
+        if partitioned() {
+            return Err(RPCError::Unreachable(Unreachable::new(&partition_error())));
+        }
         let Some(client) = self.client.clone() else {
             let why = std::io::Error::other(format!("replica {}: its address does not parse", self.target));
             return Err(RPCError::Unreachable(Unreachable::new(&why)));
@@ -118,24 +158,28 @@ pub struct Service {
     raft: Raft,
 }
 
-fn decode<T: DeserializeOwned>(message: RaftMessage) -> Result<T, Status> {
+/// A message from another replica, decoded; refused while partitioned.
+fn receive<T: DeserializeOwned>(message: RaftMessage) -> Result<T, Status> {
+    if partitioned() {
+        return Err(Status::unavailable(partition_error().to_string()));
+    }
     crate::codec::decode(&message.body).map_err(|e| Status::invalid_argument(format!("raft message: {e}")))
 }
 
 #[tonic::async_trait]
 impl ReplicaRpc for Service {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(request.into_inner())?;
+        let rpc: AppendEntriesRequest<TypeConfig> = receive(request.into_inner())?;
         Ok(Response::new(encode(&self.raft.append_entries(rpc).await)))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let rpc: VoteRequest<NodeId> = decode(request.into_inner())?;
+        let rpc: VoteRequest<NodeId> = receive(request.into_inner())?;
         Ok(Response::new(encode(&self.raft.vote(rpc).await)))
     }
 
     async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode(request.into_inner())?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = receive(request.into_inner())?;
         Ok(Response::new(encode(&self.raft.install_snapshot(rpc).await)))
     }
 }

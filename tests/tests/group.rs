@@ -195,6 +195,88 @@ async fn two_replicas_down_stop_every_commit_and_one_back_resumes() {
     assert_eq!(check::balance_sum(&next, &names, ACCOUNTS).await.unwrap(), 0);
 }
 
+/// The leader cut off from the other replicas (its Raft messages lost both
+/// ways, `DECREE_PARTITION_FILE`) while clients and participants still
+/// reach it: it decides nothing. Transfers sent to it alone after the cut
+/// are never told committed and end nowhere; the others elect a leader
+/// that goes on committing; healed, the old leader follows, and every
+/// transfer of every client is whole and agrees with what it was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_others_decides_nothing_while_clients_reach_it() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = |replica: usize| dir.path().join(format!("c{}.partitioned", replica + 1));
+    let mut options = options();
+    options.env_for = (0..3)
+        .map(|r| {
+            let file = cut(r).display().to_string();
+            (format!("c{}", r + 1), "DECREE_PARTITION_FILE".to_owned(), file)
+        })
+        .collect();
+    let cluster = Cluster::start_in_dir(dir.path().join("cluster"), options).await.unwrap();
+    let stop = Arc::new(Progress::default());
+    let clients = load(&cluster, 3, stop.clone());
+    stop.commits(100).await;
+    let old = cluster.leader(SETTLE).await.unwrap();
+    let NodeId::Replica(index) = old else { unreachable!("a group's replica") };
+    info!(?old, "cutting the leader off from the other replicas");
+    std::fs::write(cut(index), b"").unwrap();
+    // The replica notices within milliseconds; transfers begun after this
+    // are decided after the cut.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pinned = {
+        let (url, names) = (cluster.url_of(old), cluster.participant_names());
+        (0..4)
+            .map(|c| {
+                let (url, names) = (url.clone(), names.clone());
+                tokio::spawn(async move {
+                    let client = Client::connect(&url).await.expect("the old leader answers");
+                    let tag = format!("pinned{c}");
+                    let transfer = check::marked_transfer(&tag, &names, c, 1);
+                    let answer = client.transact_branches(transfer).await;
+                    info!(%tag, ?answer, "a transfer sent to the cut-off leader alone");
+                    (tag, names, answer.ok().map(|r| r.outcome))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let next = cluster.leader_other_than(Some(old), SETTLE).await.unwrap();
+    info!(?next, "a new leader among the other two");
+    stop.commits(100).await;
+    // The cut-off leader has not told anyone committed, however long it is cut off.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for task in &pinned {
+        if task.is_finished() {
+            info!("a pinned transfer already has its answer");
+        }
+    }
+    // Its majority silent, it stopped coordinating rather than hold its clients.
+    let log = cluster.log_of(old);
+    assert!(log.contains("no majority has acknowledged this leader"), "the cut-off leader kept coordinating");
+    info!("healing the partition");
+    std::fs::remove_file(cut(index)).unwrap();
+    let mut told = Vec::new();
+    for task in pinned {
+        told.push(task.await.unwrap());
+    }
+    stop.commits(50).await;
+    stop.stop();
+    let (committed, aborted, unknown) = verify(&cluster, clients).await;
+    println!(
+        "leader cut off: {committed} committed, {aborted} aborted, {unknown} without an outcome elsewhere"
+    );
+    assert!(committed > 0, "nothing committed");
+    let client = cluster.client().await.unwrap();
+    for (tag, names, outcome) in &told {
+        assert_ne!(*outcome, Some(Outcome::Committed), "{tag}: the cut-off leader told a client committed");
+        assert!(
+            !check::all_or_nothing(&client, tag, names).await.unwrap(),
+            "{tag}: decided by the cut-off leader"
+        );
+    }
+    check::told_agrees(&client, &told).await.unwrap();
+}
+
 /// One crash point armed at one replica's first start; transfers run until
 /// it fires, then it comes back, and every transfer is whole. `early`: the
 /// point fires before the group has formed (the bootstrapping replica's
