@@ -55,8 +55,8 @@ pub const SOON: Duration = Duration::from_millis(1);
 
 /// Under load, a synced group waits up to [`BUSY_WAIT`] to gather
 /// [`BUSY_GROUP`] writes for its fsync: only when writes arrive fast enough
-/// to fill it in that time (at least `BUSY_GROUP / BUSY_WAIT` per second,
-/// measured over the previous cycle). Then the process is saturated and the
+/// to fill it in that time (the last `BUSY_GROUP` came within `BUSY_WAIT`:
+/// [`Arrivals`]). Then the process is saturated and the
 /// wait costs no throughput; at lower rates nothing waits.
 const BUSY_GROUP: usize = 16;
 const BUSY_WAIT: Duration = Duration::from_millis(4);
@@ -304,9 +304,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStats) {
     let poisoned = AtomicBool::new(false);
     let mut group = Vec::with_capacity(64);
-    let mut busy = false;
-    let mut cycle_start = Instant::now();
-    let mut arrivals = 0.0;
+    let mut recent = Arrivals::default();
     while let Ok(first) = requests.recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -315,6 +313,8 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
                 Err(_) => break,
             }
         }
+        let gathered = group.len();
+        recent.note(Instant::now(), gathered);
         let urgent = |group: &[Request]| group.iter().any(|r| r.durability == Durability::Synced);
         if !urgent(&group) && group.iter().any(|r| r.durability == Durability::SyncedSoon) {
             // Only writes that may wait: give others up to SOON to share the fsync.
@@ -326,7 +326,7 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
                     Err(_) => break,
                 }
             }
-        } else if urgent(&group) && busy {
+        } else if urgent(&group) && recent.busy(Instant::now()) {
             // Writes arrive fast enough: wait for company to share the fsync.
             let deadline = Instant::now() + BUSY_WAIT;
             while group.len() < BUSY_GROUP {
@@ -337,12 +337,7 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
                 }
             }
         }
-        // The arrival rate, smoothed over cycles, decides whether the next group waits.
-        let now = Instant::now();
-        let rate = group.len() as f64 / now.duration_since(cycle_start).as_secs_f64().max(1e-6);
-        arrivals = 0.8 * arrivals + 0.2 * rate;
-        busy = arrivals * BUSY_WAIT.as_secs_f64() >= BUSY_GROUP as f64;
-        cycle_start = now;
+        recent.note(Instant::now(), group.len() - gathered);
         let result = if poisoned.load(Ordering::Relaxed) {
             Err(LogError::Poisoned)
         } else {
@@ -357,6 +352,32 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
             // A caller that stopped waiting does not stop the write.
             let _ = request.done.send(result.clone());
         }
+    }
+}
+
+/// When the writer saw the last [`BUSY_GROUP`] requests arrive: the load is
+/// busy when all of them came within [`BUSY_WAIT`], so a group waiting that
+/// long would likely fill. (A rate smoothed over cycles was fooled by two
+/// writes in quick succession at low load, and a lone client's fsync then
+/// waited the whole window for company that never came.)
+#[derive(Default)]
+struct Arrivals {
+    seen: std::collections::VecDeque<Instant>,
+}
+
+impl Arrivals {
+    fn note(&mut self, now: Instant, count: usize) {
+        for _ in 0..count.min(BUSY_GROUP) {
+            if self.seen.len() == BUSY_GROUP {
+                self.seen.pop_front();
+            }
+            self.seen.push_back(now);
+        }
+    }
+
+    fn busy(&self, now: Instant) -> bool {
+        self.seen.len() == BUSY_GROUP
+            && self.seen.front().is_some_and(|oldest| now.duration_since(*oldest) <= BUSY_WAIT)
     }
 }
 
@@ -392,6 +413,36 @@ fn write_group(db: &DB, group: &[Request], stats: &LogStats) -> Result<(), LogEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_only_when_the_last_group_worth_came_within_the_wait() {
+        let start = Instant::now();
+        let at = |us: u64| start + Duration::from_micros(us);
+        let mut recent = Arrivals::default();
+        // A lone client: two writes in quick succession, then a pause.
+        recent.note(at(0), 1);
+        recent.note(at(20), 1);
+        assert!(!recent.busy(at(30)), "two quick writes are not a busy load");
+        // One write every 600 µs (1,700 a second): 16 take 9 ms, never busy.
+        let mut recent = Arrivals::default();
+        for i in 0..100 {
+            recent.note(at(i * 600), 1);
+            assert!(!recent.busy(at(i * 600)), "at write {i}");
+        }
+        // One every 100 µs (10,000 a second): busy once 16 came within 4 ms.
+        let mut recent = Arrivals::default();
+        for i in 0..16 {
+            assert!(!recent.busy(at(i * 100)), "only {i} seen");
+            recent.note(at(i * 100), 1);
+        }
+        assert!(recent.busy(at(1_600)));
+        // The load stops: no longer busy once the window has passed.
+        assert!(!recent.busy(at(1_500 + 4_001)));
+        // A group of 16 gathered at once came fast enough.
+        let mut recent = Arrivals::default();
+        recent.note(at(0), 40);
+        assert!(recent.busy(at(10)));
+    }
 
     #[tokio::test]
     async fn writes_survive_reopen() {
