@@ -2,8 +2,9 @@
 //! workload as client-side two-phase commit over N PostgreSQL 15 servers it
 //! starts itself. Account i lives on server i mod N. A transfer runs
 //! `BEGIN; UPDATE ...; PREPARE TRANSACTION` on each server it touches (in
-//! parallel), then `COMMIT PREPARED` on each; both accounts on one server take
-//! one prepared transaction there. Row-lock waits are bounded (`lock_timeout`
+//! parallel), then `COMMIT PREPARED` on each; a transfer whose accounts are
+//! both on one server is a plain `BEGIN; UPDATE ...; COMMIT` there, as decree
+//! commits a one-participant transfer in one phase. Row-lock waits are bounded (`lock_timeout`
 //! 100 ms, like decree's lock wait) since PostgreSQL cannot see a deadlock
 //! across servers; a transfer that times out is rolled back and counts as
 //! aborted. fsyncs are PostgreSQL's WAL syncs (`pg_stat_wal.wal_sync`);
@@ -156,16 +157,26 @@ fn transfer(
                     }
                 }
             }
+            if let [(server, updates)] = parts.as_slice() {
+                // One server touched: a plain local transaction, as decree
+                // commits a one-participant transfer in one phase.
+                let mut sql = updates_sql(updates);
+                sql.push_str("COMMIT");
+                statements.fetch_add(1, Ordering::Relaxed);
+                return match row[*server].batch_execute(&sql).await {
+                    Ok(()) => Done::Committed,
+                    Err(_) => {
+                        statements.fetch_add(1, Ordering::Relaxed);
+                        let _ = row[*server].batch_execute("ROLLBACK").await;
+                        Done::Aborted
+                    }
+                };
+            }
             let gid = format!("bench-{worker}-{seq}");
             let prepare = |server: usize, updates: Vec<(i32, i64)>| {
                 let (client, gid, statements) = (&row[server], gid.clone(), statements.clone());
                 async move {
-                    let mut sql = String::from("BEGIN;");
-                    for (id, delta) in &updates {
-                        sql.push_str(&format!(
-                            "UPDATE accounts SET balance = balance + {delta} WHERE id = {id};"
-                        ));
-                    }
+                    let mut sql = updates_sql(&updates);
                     sql.push_str(&format!("PREPARE TRANSACTION '{gid}'"));
                     statements.fetch_add(1, Ordering::Relaxed);
                     match client.batch_execute(&sql).await {
@@ -195,4 +206,13 @@ fn transfer(
             }
         })
     }
+}
+
+/// `BEGIN;` and one UPDATE per account: a transaction left open.
+fn updates_sql(updates: &[(i32, i64)]) -> String {
+    let mut sql = String::from("BEGIN;");
+    for (id, delta) in updates {
+        sql.push_str(&format!("UPDATE accounts SET balance = balance + {delta} WHERE id = {id};"));
+    }
+    sql
 }
