@@ -97,25 +97,12 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The ledger example as a participant program the harness can start, kill
 /// and restart with crash points (it takes the participant flags).
-fn ledger_program(dir: &Path) -> PathBuf {
-    let script = dir.join("ledger.sh");
-    let body = format!(
-        "#!/bin/sh\nexec {} {} \"$@\"\n",
-        python().display(),
-        root().join("sdk/python/examples/ledger.py").display()
-    );
-    std::fs::write(&script, body).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    script
-}
-
 /// p1: a KV participant; p2: the ledger on the Python SDK; p3, when
 /// `participants` is 3: another KV participant.
 async fn ledger_cluster(scripts: &Path, participants: usize) -> Cluster {
     let mut options = common::quick_options();
     options.participants = participants;
-    options.participant_program_for = vec![("p2".into(), ledger_program(scripts))];
+    options.participant_program_for = vec![("p2".into(), common::ledger_program(scripts))];
     Cluster::start(options).await.unwrap()
 }
 

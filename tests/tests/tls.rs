@@ -503,3 +503,72 @@ async fn a_console_is_its_identity_an_observer_sees_and_an_operator_acts() {
     assert_ne!(run.code, 0, "{}", run.stdout);
     assert!(run.stderr.contains("--console-listen is for plaintext clusters"), "{}", run.stderr);
 }
+
+/// The Python SDK under mutual TLS and the policy: its participant framework
+/// (the ledger example, as p2, with the certificate and policy the harness
+/// gives every node) serves only the CA's peers and each method only to the
+/// roles the policy names; in one transaction with a KV participant it
+/// commits; and a Python client speaks https as the harness's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_sdk_participant_and_client_speak_mutual_tls_under_the_policy() {
+    use decree_client::{kv_payload, v1};
+    init();
+    let scripts = tempfile::tempdir().unwrap();
+    let ledger = common::ledger_program(scripts.path());
+    let mut options = options(2);
+    options.participant_program_for = vec![("p2".into(), ledger)];
+    let cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+
+    let ops = vec![
+        KvOp::Put { key: "marker-tls".into(), value: b"1".to_vec() },
+        KvOp::Add { key: "balance".into(), delta: -10 },
+    ];
+    let branches = vec![
+        v1::Branch { participant: "p1".into(), payload: kv_payload(ops) },
+        v1::Branch { participant: "p2".into(), payload: br#"{"changes": {"acct": 10}}"#.to_vec() },
+    ];
+    let done = client.transact_branches(branches).await.unwrap();
+    assert_eq!(done.outcome, Outcome::Committed, "{}", done.reason);
+
+    // The harness is client, operator and observer, not coordinator: the
+    // ledger refuses it Prepare, before its handler runs, and lists its
+    // in-doubt branches for it.
+    let url = cluster.url_of(decree_tests::NodeId::Participant(1));
+    assert!(url.starts_with("https://"), "{url}");
+    let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).unwrap();
+    let channel = decree_tls::connect(endpoint).await.unwrap();
+    let mut ledger = v1::participant_client::ParticipantClient::new(channel);
+    let refused = ledger.prepare(v1::PrepareRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("needs the role coordinator"), "{}", refused.message());
+    let listed = ledger.list_in_doubt(v1::ListInDoubtRequest::default()).await.unwrap().into_inner();
+    assert!(listed.branches.is_empty(), "{listed:?}");
+
+    // A Python client over https, as the harness's identity.
+    let files = certs::files(&shared_pki(), "harness");
+    let code = "import decree, sys\n\
+                with decree.connect(sys.argv[1]) as c:\n\
+                \x20   r = c.transact(put={'py-tls': 'yes'})\n\
+                \x20   assert r.committed, r.reason\n\
+                \x20   print(c.get('py-tls').decode(), c.status(sys.argv[2]).value)\n";
+    let out = std::process::Command::new(common::python())
+        .args(["-c", code, &cluster.coordinator_url(), &done.txid])
+        .env("DECREE_TLS_CERT", &files.cert)
+        .env("DECREE_TLS_KEY", &files.key)
+        .env("DECREE_TLS_CA", &files.ca)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yes committed");
+    // And without an identity it cannot connect to an https URL.
+    let out = std::process::Command::new(common::python())
+        .args(["-c", "import decree, sys\ndecree.connect(sys.argv[1])", &cluster.coordinator_url()])
+        .env_remove("DECREE_TLS_CERT")
+        .env_remove("DECREE_TLS_KEY")
+        .env_remove("DECREE_TLS_CA")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is https: give tls="), "{out:?}");
+}

@@ -21,6 +21,7 @@ from decree.client import (
 )
 from decree.participant import READ_ONLY, Ready, Refused, Service
 from decree.ring import Ring, Routing, hash64
+from decree.tls import Policy, Tls, TlsError
 
 __all__ = [
     "Aborted",
@@ -29,6 +30,7 @@ __all__ = [
     "Outcome",
     "OutcomeUnknown",
     "Participant",
+    "Policy",
     "READ_ONLY",
     "Ready",
     "Refused",
@@ -37,6 +39,8 @@ __all__ = [
     "Routing",
     "RpcError",
     "Service",
+    "Tls",
+    "TlsError",
     "Transaction",
     "add",
     "connect",

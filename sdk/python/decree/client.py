@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import grpc
 
 from decree.ring import Routing
+from decree.tls import Tls, TlsError
 from decree.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, kv_pb2, kv_pb2_grpc
 from decree.v1 import registry_pb2, registry_pb2_grpc
 
@@ -132,12 +133,30 @@ def check_key(key: str) -> None:
         raise ValueError(f"a key is 1 to {KEY_MAX_BYTES} bytes of UTF-8, not {size}: {key[:64]!r}")
 
 
+def _tls_for(urls: Sequence[str]) -> Optional[Tls]:
+    """The environment's TLS identity when any of ``urls`` is https."""
+    if not any(u.startswith("https://") for u in urls):
+        return None
+    try:
+        return Tls.from_env()
+    except TlsError as err:
+        raise DecreeError(str(err)) from None
+
+
+def _channel(url: str, tls: Optional[Tls]) -> grpc.Channel:
+    """A channel to ``url``: TLS for ``https://`` (which needs ``tls``), plaintext otherwise."""
+    target = _target(url)
+    if url.strip().startswith("https://"):
+        if tls is None:
+            raise DecreeError(f"{url} is https: give tls= or set DECREE_TLS_CERT, DECREE_TLS_KEY and DECREE_TLS_CA")
+        return grpc.secure_channel(target, tls.channel_credentials())
+    return grpc.insecure_channel(target)
+
+
 def _target(url: str) -> str:
     """``host:port`` of a URL like ``http://127.0.0.1:7000`` (or of a bare ``host:port``)."""
     url = url.strip()
-    if url.startswith("https://"):
-        raise DecreeError(f"{url}: TLS is not supported by this client yet (use the Rust SDK or the CLI)")
-    url = url.removeprefix("http://").rstrip("/")
+    url = url.removeprefix("https://").removeprefix("http://").rstrip("/")
     if not url or "/" in url:
         raise DecreeError(f"{url!r} is not a coordinator URL like http://127.0.0.1:7000")
     return url
@@ -231,13 +250,15 @@ class Coordinators:
     """The coordinator, or the replicas of a coordinator group, and the one
     believed to lead: requests follow the leader."""
 
-    def __init__(self, url: str) -> None:
-        self.urls = [_target(u) for u in url.split(",") if u.strip()]
+    def __init__(self, url: str, tls: Optional[Tls] = None) -> None:
+        given = [u.strip() for u in url.split(",") if u.strip()]
+        self.urls = [_target(u) for u in given]
         if not self.urls:
             raise DecreeError("no coordinator URL given")
         self._lock = threading.Lock()
         self._leader = 0
-        self.channels = [grpc.insecure_channel(u) for u in self.urls]
+        self.tls = tls if tls is not None else _tls_for(given)
+        self.channels = [_channel(u, self.tls) for u in given]
 
     def close(self) -> None:
         for channel in self.channels:
@@ -272,8 +293,8 @@ class Coordinators:
 class Client:
     """A client of one coordinator (``url``) or of a group (URLs separated by commas)."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
-        self._group = Coordinators(url)
+    def __init__(self, url: str, *, timeout: float = 30.0, tls: Optional[Tls] = None) -> None:
+        self._group = Coordinators(url, tls)
         self._timeout = timeout
         self._lock = threading.Lock()
         self._view = _View()
@@ -317,7 +338,7 @@ class Client:
                 if kept and kept[0] == p.address:
                     channels[p.name] = kept
                 else:
-                    channels[p.name] = (p.address, grpc.insecure_channel(_target(p.address)))
+                    channels[p.name] = (p.address, _channel(p.address, self._group.tls))
             self._view = _View(routing=Routing.from_wire(ring.routing), channels=channels)
 
     def _kv(self, participant: str) -> kv_pb2_grpc.KvStub:
@@ -643,6 +664,8 @@ class Transaction:
         )
 
 
-def connect(url: str, *, timeout: float = 30.0) -> Client:
-    """Connects to the coordinator at ``url`` (a group: its replicas' URLs separated by commas)."""
-    return Client(url, timeout=timeout)
+def connect(url: str, *, timeout: float = 30.0, tls: Optional[Tls] = None) -> Client:
+    """Connects to the coordinator at ``url`` (a group: its replicas' URLs
+    separated by commas). ``https://`` URLs speak mutual TLS as ``tls``, or
+    as the identity in DECREE_TLS_CERT, DECREE_TLS_KEY and DECREE_TLS_CA."""
+    return Client(url, timeout=timeout, tls=tls)

@@ -49,6 +49,7 @@ import grpc
 
 from decree import crash
 from decree.client import Coordinators, DecreeError
+from decree.tls import ENV_CA, ENV_CERT, ENV_KEY, ENV_POLICY, Authorize, Policy, Tls, TlsError
 from decree.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 from decree.v1 import registry_pb2, registry_pb2_grpc
 
@@ -579,6 +580,11 @@ class Options:
     resolve_interval: float = 0.5
     tombstones: int = TOMBSTONES
     tombstone_age: float = TOMBSTONE_AGE
+    #: Mutual TLS: served only to peers its CA vouches for, and speaking to
+    #: the coordinator as this identity (its URLs then are https).
+    tls: Optional[Tls] = None
+    #: With ``tls``: the roles each caller needs (docs/security.md).
+    policy: Optional[Policy] = None
 
 
 class Participant:
@@ -587,14 +593,21 @@ class Participant:
     def __init__(self, service: Service, options: Options) -> None:
         self.options = options
         self.engine = Engine(service, options.data_dir, options.name, options.tombstones, options.tombstone_age)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        if options.policy is not None and options.tls is None:
+            raise DecreeError("a policy needs mutual TLS: its roles are given to certificate identities")
+        interceptors = [Authorize(options.policy)] if options.policy is not None else []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=interceptors)
         participant_pb2_grpc.add_ParticipantServicer_to_server(_Servicer(self.engine), self.server)
-        self.port = self.server.add_insecure_port(options.listen)
+        if options.tls is not None:
+            self.port = self.server.add_secure_port(options.listen, options.tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(options.listen)
         if self.port == 0:
             raise DecreeError(f"cannot listen on {options.listen}")
         host = options.listen.rsplit(":", 1)[0]
-        self.url = options.advertise_url or f"http://{host}:{self.port}"
-        self.coordinators = Coordinators(options.coordinator)
+        scheme = "https" if options.tls is not None else "http"
+        self.url = options.advertise_url or f"{scheme}://{host}:{self.port}"
+        self.coordinators = Coordinators(options.coordinator, options.tls)
         self.stopping = threading.Event()
         self._enrolled = threading.Event()
 
@@ -687,7 +700,25 @@ def options_from_args(argv: Optional[Sequence[str]] = None) -> Options:
     parser.add_argument(
         "--tombstone-age-ms", type=int, default=int(os.environ.get("DECREE_TOMBSTONE_AGE_MS", TOMBSTONE_AGE * 1000))
     )
+    parser.add_argument("--tls-cert", default=os.environ.get(ENV_CERT, ""), help=f"PEM certificate (${ENV_CERT})")
+    parser.add_argument("--tls-key", default=os.environ.get(ENV_KEY, ""), help=f"PEM key (${ENV_KEY})")
+    parser.add_argument("--tls-ca", default=os.environ.get(ENV_CA, ""), help=f"PEM CA (${ENV_CA})")
+    parser.add_argument("--policy", default=os.environ.get(ENV_POLICY, ""), help=f"role policy, TOML (${ENV_POLICY})")
     args = parser.parse_args(argv)
+    tls, policy = None, None
+    files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    try:
+        if any(files.values()):
+            missing = [flag for flag, path in files.items() if not path]
+            if missing:
+                parser.error(f"mutual TLS needs {', '.join(missing)} too")
+            tls = Tls.load(args.tls_cert, args.tls_key, args.tls_ca)
+        if args.policy:
+            if tls is None:
+                parser.error("--policy needs mutual TLS (--tls-cert, --tls-key, --tls-ca)")
+            policy = Policy.read(args.policy)
+    except TlsError as err:
+        parser.error(str(err))
     try:
         crash.arm(crash.parse(",".join(filter(None, [os.environ.get(crash.ENV, ""), args.crash_at]))))
     except ValueError as err:
@@ -703,6 +734,8 @@ def options_from_args(argv: Optional[Sequence[str]] = None) -> Options:
         resolve_interval=args.resolve_interval_ms / 1000,
         tombstones=args.tombstones,
         tombstone_age=args.tombstone_age_ms / 1000,
+        tls=tls,
+        policy=policy,
     )
 
 

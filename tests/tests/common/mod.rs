@@ -146,3 +146,19 @@ pub fn python() -> PathBuf {
     );
     python
 }
+
+/// A script that runs the Python SDK's ledger example (sdk/python/examples)
+/// with the venv's Python, written into `dir`: a participant program.
+pub fn ledger_program(dir: &std::path::Path) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let script = dir.join("ledger.sh");
+    let body = format!(
+        "#!/bin/sh\nexec {} {} \"$@\"\n",
+        python().display(),
+        root.join("sdk/python/examples/ledger.py").display()
+    );
+    std::fs::write(&script, body).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
