@@ -541,7 +541,13 @@ async fn a_python_sdk_participant_and_client_speak_mutual_tls_under_the_policy()
     let mut ledger = v1::participant_client::ParticipantClient::new(channel);
     let refused = ledger.prepare(v1::PrepareRequest::default()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("needs the role coordinator"), "{}", refused.message());
+    assert!(
+        refused
+            .message()
+            .contains("may not call /decree.v1.Participant/Prepare: it needs the coordinator role"),
+        "{}",
+        refused.message()
+    );
     let listed = ledger.list_in_doubt(v1::ListInDoubtRequest::default()).await.unwrap().into_inner();
     assert!(listed.branches.is_empty(), "{listed:?}");
 

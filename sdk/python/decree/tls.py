@@ -154,9 +154,11 @@ class Policy:
         if needed & roles:
             return None
         who = identity or "a peer without identity"
-        held = ", ".join(sorted(roles)) or "no role"
-        wants = " or ".join(sorted(needed)) or "a method no role may call"
-        return f"{who} ({held}) may not call {method}: it needs the role {wants}"
+        if not needed:
+            return f"{method} is not a decree method: refused to {who}"
+        wants = f"the {next(iter(needed))} role" if len(needed) == 1 else f"one of the roles {', '.join(sorted(needed))}"
+        held = f"roles: {', '.join(sorted(roles))}" if roles else "no role"
+        return f"{who} ({held}) may not call {method}: it needs {wants}"
 
 
 def _identity(context: grpc.ServicerContext) -> Optional[str]:

@@ -22,7 +22,8 @@ def test_each_role_reaches_its_participant_methods_and_no_others():
     assert policy.refusal("/decree.v1.Participant/Resolve", "alice") is None
     assert policy.refusal("/decree.v1.Participant/ListInDoubt", "dashboard") is None
     why = policy.refusal("/decree.v1.Participant/Prepare", "alice")
-    assert why == "alice (client, operator) may not call /decree.v1.Participant/Prepare: it needs the role coordinator"
+    # Worded as the Rust servers word it.
+    assert why == "alice (roles: client, operator) may not call /decree.v1.Participant/Prepare: it needs the coordinator role"
     assert policy.refusal("/decree.v1.Participant/Resolve", "dashboard") is not None
     # Anyone the CA vouches for holds the "*" roles, and nothing more.
     assert policy.roles("stranger") == frozenset({"client"})
