@@ -327,9 +327,12 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
                 }
             }
         } else if urgent(&group) && recent.busy(Instant::now()) {
-            // Writes arrive fast enough: wait for company to share the fsync.
+            // Writes arrive fast enough: wait for company to share the fsync,
+            // as many as recent groups held (the writers in flight come back
+            // about once a cycle; fewer than BUSY_GROUP of them never fill it).
             let deadline = Instant::now() + BUSY_WAIT;
-            while group.len() < BUSY_GROUP {
+            let company = recent.company();
+            while group.len() < company {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match requests.recv_timeout(left) {
                     Ok(next) => group.push(next),
@@ -338,6 +341,7 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
             }
         }
         recent.note(Instant::now(), group.len() - gathered);
+        recent.grouped(group.len());
         let result = if poisoned.load(Ordering::Relaxed) {
             Err(LogError::Poisoned)
         } else {
@@ -363,9 +367,26 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
 #[derive(Default)]
 struct Arrivals {
     seen: std::collections::VecDeque<Instant>,
+    /// The sizes of the last [`GROUPS`] groups written.
+    groups: [usize; GROUPS],
+    next: usize,
 }
 
+/// How many recent groups [`Arrivals::company`] looks back on.
+const GROUPS: usize = 4;
+
 impl Arrivals {
+    fn grouped(&mut self, size: usize) {
+        self.groups[self.next % GROUPS] = size;
+        self.next += 1;
+    }
+
+    /// How large a busy group waits to grow: the largest of the recent
+    /// groups, at most [`BUSY_GROUP`].
+    fn company(&self) -> usize {
+        self.groups.iter().copied().max().unwrap_or(0).clamp(2, BUSY_GROUP)
+    }
+
     fn note(&mut self, now: Instant, count: usize) {
         for _ in 0..count.min(BUSY_GROUP) {
             if self.seen.len() == BUSY_GROUP {
@@ -442,6 +463,22 @@ mod tests {
         let mut recent = Arrivals::default();
         recent.note(at(0), 40);
         assert!(recent.busy(at(10)));
+    }
+
+    #[test]
+    fn a_busy_group_waits_for_as_many_as_recent_groups_held() {
+        let mut recent = Arrivals::default();
+        assert_eq!(recent.company(), 2, "at least one more");
+        for size in [6, 9, 7, 8] {
+            recent.grouped(size);
+        }
+        assert_eq!(recent.company(), 9, "the largest of the last four");
+        for size in [3, 3, 3, 3] {
+            recent.grouped(size);
+        }
+        assert_eq!(recent.company(), 3, "the 9 is four groups back");
+        recent.grouped(40);
+        assert_eq!(recent.company(), BUSY_GROUP, "never more than a full group");
     }
 
     #[tokio::test]
