@@ -39,6 +39,30 @@ fn run_python(code: &str, input: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The Python participant framework checks the same roles per method as
+/// the Rust servers: its table (decree.tls.METHODS) names every method of
+/// the Participant service in the .proto, each with the roles the Rust
+/// policy gives it, so the two cannot drift apart.
+#[test]
+fn the_python_policy_table_gives_every_participant_method_the_rust_roles() {
+    let code = "import json\n\
+                from decree.tls import METHODS\n\
+                from decree.v1 import participant_pb2\n\
+                service = participant_pb2.DESCRIPTOR.services_by_name['Participant']\n\
+                paths = ['/decree.v1.Participant/' + m.name for m in service.methods]\n\
+                print(json.dumps({p: sorted(METHODS.get(p, [])) for p in paths + sorted(METHODS)}))\n";
+    let table: std::collections::BTreeMap<String, Vec<String>> =
+        serde_json::from_str(&run_python(code, "")).unwrap();
+    assert!(table.len() >= 9, "the Participant service's methods: {table:?}");
+    for (path, roles) in &table {
+        let rust = decree_tls::policy::needed(path)
+            .unwrap_or_else(|| panic!("{path}: not a method the Rust policy knows"));
+        let mut rust: Vec<String> = rust.iter().map(|r| r.as_str().to_owned()).collect();
+        rust.sort();
+        assert_eq!(*roles, rust, "{path}: the Python SDK's roles differ from the Rust servers'");
+    }
+}
+
 fn keys() -> Vec<String> {
     (0..10_000).map(|i| format!("key-{i}-{}", i * 7919 % 1000)).collect()
 }
