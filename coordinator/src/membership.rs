@@ -266,10 +266,16 @@ impl Membership {
         for name in members(routing) {
             let channel = self.channel(&name)?;
             let request = v1::AbortRequest { txid: txid.to_string(), typed_ack: true };
-            tokio::time::timeout(STEP_TIMEOUT, ParticipantClient::new(channel).abort(request))
+            let answer = tokio::time::timeout(STEP_TIMEOUT, ParticipantClient::new(channel).abort(request))
                 .await
                 .map_err(|_| format!("{name} did not answer the abort of batch {txid}"))?
-                .map_err(|s| format!("{name} refused the abort of batch {txid}: {}", s.message()))?;
+                .map(|r| {
+                    let r = r.into_inner();
+                    crate::wire::acked(r.ack, r.reason_code, r.reason)
+                })
+                .map_err(crate::wire::Unanswered::Refused);
+            crate::wire::abort_ended(answer)
+                .map_err(|why| format!("{name} did not end batch {txid}'s branch: {why}"))?;
         }
         info!(%txid, "aborted a migration batch left by an earlier start");
         self.save(|r| r.batch.clear()).await

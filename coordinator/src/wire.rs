@@ -168,6 +168,20 @@ pub fn one_phase_found(answer: Result<Acked, Unanswered>) -> OnePhaseFound {
     }
 }
 
+/// Whether an Abort of a transaction that has no COMMIT decision (a
+/// migration batch an earlier start left undecided) ended its branch at the
+/// participant: done, or forgotten, in either version's words (the
+/// participant decided the branch long ago and, no decision being made,
+/// can only have aborted it). Anything else: ask again later.
+pub fn abort_ended(answer: Result<Acked, Unanswered>) -> Result<(), String> {
+    match answer {
+        Ok(Acked::Done | Acked::Forgotten { .. }) => Ok(()),
+        Err(Unanswered::Refused(status)) if status.code() == tonic::Code::OutOfRange => Ok(()),
+        Ok(Acked::Refused { reason, .. }) => Err(reason),
+        Err(unanswered) => Err(unanswered.to_string()),
+    }
+}
+
 /// GetOutcome's answer: from memory if the transaction is in flight, else
 /// from what the log says.
 pub fn outcome_of(known: Option<Known>, recorded: impl FnOnce() -> Recorded) -> v1::Outcome {
@@ -197,5 +211,18 @@ mod tests {
         assert_eq!(one_phase_found(decided), OnePhaseFound::Committed);
         assert_eq!(one_phase_found(Ok(Acked::Done)), OnePhaseFound::Aborted);
         assert_eq!(one_phase_found(Err(Unanswered::Deadline)), OnePhaseFound::Unreachable);
+    }
+
+    #[test]
+    fn an_undecided_batch_is_ended_where_its_abort_is_done_or_forgotten_in_either_version() {
+        assert_eq!(abort_ended(Ok(Acked::Done)), Ok(()));
+        assert_eq!(abort_ended(Ok(Acked::Forgotten { reason: "below the horizon".into() })), Ok(()));
+        let untyped = Err(Unanswered::Refused(tonic::Status::out_of_range("below the horizon")));
+        assert_eq!(abort_ended(untyped), Ok(()));
+        let refused = Ok(Acked::Refused { code: Reason::Unspecified, reason: "no".into() });
+        assert_eq!(abort_ended(refused), Err("no".to_owned()));
+        assert!(abort_ended(Err(Unanswered::Deadline)).is_err());
+        let down = Err(Unanswered::Refused(tonic::Status::unavailable("connection refused")));
+        assert!(abort_ended(down).is_err());
     }
 }
