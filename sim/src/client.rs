@@ -100,11 +100,32 @@ pub fn counter(c: usize) -> String {
 #[derive(Debug)]
 enum Phase {
     Idle,
-    Transacting { rpc: u64, transfer: Transfer },
-    Beginning { rpc: u64, transfer: Transfer },
-    Executing { rpc: u64, txid: TxId, transfer: Transfer, step: usize },
-    Committing { rpc: u64, txid: TxId, transfer: Transfer },
-    Polling { rpc: Option<u64>, txid: TxId, tag: String },
+    /// `txid`: announced by a group's leader, once it is.
+    Transacting {
+        rpc: u64,
+        transfer: Transfer,
+        txid: Option<TxId>,
+    },
+    Beginning {
+        rpc: u64,
+        transfer: Transfer,
+    },
+    Executing {
+        rpc: u64,
+        txid: TxId,
+        transfer: Transfer,
+        step: usize,
+    },
+    Committing {
+        rpc: u64,
+        txid: TxId,
+        transfer: Transfer,
+    },
+    Polling {
+        rpc: Option<u64>,
+        txid: TxId,
+        tag: String,
+    },
     Done,
 }
 
@@ -285,7 +306,7 @@ impl Client {
                 })
                 .collect();
             ctx.send(self.node(), Node::Coordinator, Msg::Transact(rpc, branches));
-            self.phase = Phase::Transacting { rpc, transfer };
+            self.phase = Phase::Transacting { rpc, transfer, txid: None };
         }
         self.schedule(ctx, PATIENCE, Work::Deadline(rpc));
     }
@@ -300,7 +321,12 @@ impl Client {
             return;
         }
         match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::Transacting { rpc: r, transfer } if r == rpc => {
+            Phase::Transacting { rpc: r, transfer, txid: Some(txid) } if r == rpc => {
+                // Announced: its outcome is asked, not guessed.
+                self.phase = Phase::Polling { rpc: None, txid, tag: transfer.tag };
+                self.schedule(ctx, POLL, Work::Poll);
+            }
+            Phase::Transacting { rpc: r, transfer, txid: None } if r == rpc => {
                 // Unknown, and no txid to ask about: try the transfer again, as a new transaction.
                 ctx.stats.unknown += 1;
                 self.left += 1;
@@ -352,7 +378,12 @@ impl Client {
             msg => msg,
         };
         match (std::mem::replace(&mut self.phase, Phase::Idle), msg) {
-            (Phase::Transacting { rpc, transfer }, Msg::Decided(r, answer)) if r == rpc => match answer {
+            (Phase::Transacting { rpc, transfer, txid: None }, Msg::Announced(r, txid)) if r == rpc => {
+                let index = self.index;
+                ctx.trace(|| format!("client{index}: {} is {txid}", transfer.tag));
+                self.phase = Phase::Transacting { rpc, transfer, txid: Some(txid) };
+            }
+            (Phase::Transacting { rpc, transfer, .. }, Msg::Decided(r, answer)) if r == rpc => match answer {
                 Ok((_, Decided::Committed)) => self.finish(ctx, &transfer.tag, Some(Reported::Committed)),
                 Ok((_, Decided::Aborted { .. })) => self.finish(ctx, &transfer.tag, Some(Reported::Aborted)),
                 Ok((txid, Decided::Unknown { .. })) => {

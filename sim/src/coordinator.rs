@@ -2,6 +2,24 @@
 //! driven as `coordinator/src/runtime.rs` drives them: each command becomes
 //! a message, a disk write on the node's FIFO disk, or a timer, and each
 //! answer goes back to the engine through the same `wire` conversions.
+//!
+//! As a **group** (a third of the seeds), it is the leader of a replicated
+//! coordinator, as `coordinator/src/group.rs` runs one: its engine records
+//! every one-phase question first, it names each one-shot transaction's
+//! txid to its client at once (`announce_txid`), and each write is durable
+//! only once a follower holds it too (the leader's fsync, and a follower's
+//! a round trip away), whatever durability the store asked for. Losing the
+//! leader (its process, its machine, or a crash point) is a failover, not
+//! a restart on the same disk: the next leader's state holds every write
+//! the old one saw finish and, of those still replicating, a prefix the
+//! seed picks (Raft's next leader commits some prefix of the old leader's
+//! log, perhaps none of its unanswered entries); the rest are gone. It
+//! takes over after an election (the restart's delay) with a new
+//! incarnation, recovering as a restarted coordinator does. A deposed
+//! leader that keeps running cut off from the group is not modelled here:
+//! its writes never finish, so it decides nothing, and the real-process
+//! test `a_leader_cut_off_from_the_others_decides_nothing_while_clients_reach_it`
+//! checks that.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -121,7 +139,10 @@ struct Process {
 }
 
 pub struct Coordinator {
+    /// The decision log; a group's replicated state, which no failover loses.
     disk: MemLog,
+    /// The leader of a coordinator group (see the module).
+    group: bool,
     process: Option<Process>,
     epoch: u64,
     participants: Vec<ParticipantName>,
@@ -149,9 +170,11 @@ impl Coordinator {
         retention: Retention,
         initial: Routing,
         batch_keys: u32,
+        group: bool,
     ) -> Coordinator {
         let mut coordinator = Coordinator {
             disk: MemLog::new(),
+            group,
             process: None,
             epoch: 0,
             participants: (0..participants).map(name).collect(),
@@ -199,8 +222,13 @@ impl Coordinator {
         let routing = Arc::new(record.routing.as_ref().map(Routing::from_wire).unwrap_or_default());
         let next = TxId::new(recovered.coordinator_id, recovered.incarnation, 1);
         let window = Window::new(self.retention.coordinator, self.instant(ctx.now), next, store.ended());
+        let engine = if self.group && !ctx.mutated(Mutation::NoQuestionFirst) {
+            Engine::recording_every_one_phase()
+        } else {
+            Engine::new()
+        };
         let mut process = Process {
-            engine: Engine::new(),
+            engine,
             store,
             id: recovered.coordinator_id,
             incarnation: recovered.incarnation,
@@ -232,6 +260,9 @@ impl Coordinator {
     }
 
     pub fn crash(&mut self, ctx: &mut Ctx, machine: bool) {
+        if self.group {
+            return self.fail_over(ctx);
+        }
         self.process = None;
         self.epoch += 1;
         self.disk = if machine {
@@ -240,6 +271,45 @@ impl Coordinator {
         } else {
             self.disk.crash_process()
         };
+    }
+
+    /// The group's leader is lost (see the module): of its writes still
+    /// replicating, in the order it proposed them, the next leader holds a
+    /// prefix the seed picks. A ring record ends the prefix (the migration
+    /// task that wrote it is gone: the next leader resumes from what is
+    /// recorded).
+    fn fail_over(&mut self, ctx: &mut Ctx) {
+        let Some(process) = self.process.take() else { return };
+        let epoch = self.epoch;
+        self.epoch += 1;
+        let replicating: Vec<(Time, u64)> = ctx
+            .queue
+            .iter()
+            .filter(|(_, item)| matches!(item, Item::Coordinator { epoch: e, work: Work::Disk(_) } if *e == epoch))
+            .map(|(at, _)| *at)
+            .collect();
+        let in_flight: Vec<Disk> = replicating
+            .into_iter()
+            .filter_map(|at| match ctx.queue.remove(&at) {
+                Some(Item::Coordinator { work: Work::Disk(disk), .. }) => Some(disk),
+                _ => None,
+            })
+            .collect();
+        let held = ctx.rng().random_range(0..=in_flight.len());
+        let mut kept = 0;
+        for disk in in_flight.iter().take(held) {
+            if !land(ctx, &process.store, disk) {
+                break;
+            }
+            kept += 1;
+        }
+        let dropped = in_flight.len() - kept;
+        ctx.stats.leader_changes += 1;
+        ctx.stats.replicating_kept += kept as u64;
+        ctx.stats.replicating_lost += dropped as u64;
+        ctx.trace(|| {
+            format!("coord: leader lost; the next holds {kept} of its {} writes replicating", in_flight.len())
+        });
     }
 
     pub fn restart(&mut self, ctx: &mut Ctx) {
@@ -323,10 +393,15 @@ impl Coordinator {
         }
     }
 
-    /// Queues a write on the node's disk: FIFO, like the log's writer thread.
+    /// Queues a write on the node's disk: FIFO, like the log's writer thread
+    /// (a group's: proposed in order, done once replicated).
     fn write(&mut self, ctx: &mut Ctx, disk: Disk, synced: bool) {
         let Some(process) = self.process.as_mut() else { return };
-        let after = ctx.disk_write(&mut process.disk_free, synced);
+        let after = if self.group {
+            ctx.replicated_write(&mut process.disk_free)
+        } else {
+            ctx.disk_write(&mut process.disk_free, synced)
+        };
         ctx.schedule(after, Item::Coordinator { epoch: self.epoch, work: Work::Disk(disk) });
     }
 
@@ -507,11 +582,8 @@ impl Coordinator {
             Call::Abort => return,
             Call::Resolve { txid } => Event::OnePhaseResolved { txid, found: wire::one_phase_found(answer) },
             Call::Ring => {
-                let answer = answer.map(|_| ring::Answer::None).map_err(|e| match e {
-                    Unanswered::Deadline => "no answer in time".to_owned(),
-                    Unanswered::Refused(status) => status.message().to_owned(),
-                    Unanswered::NotEnrolled => "not enrolled".to_owned(),
-                });
+                // An Abort of a batch left undecided, or a call that went unanswered.
+                let answer = wire::abort_ended(answer).map(|()| ring::Answer::None);
                 return self.ring_step(ctx, rpc, answer);
             }
         };
@@ -581,6 +653,9 @@ impl Coordinator {
                 }
                 let txid = TxId::new(process.id, process.incarnation, process.next_sequence);
                 process.next_sequence += 1;
+                if self.group {
+                    ctx.send(Node::Coordinator, from, Msg::Announced(rpc, txid));
+                }
                 process.replies.insert(txid, (from, rpc));
                 let timeout = Duration::from_micros(PREPARE_TIMEOUT);
                 self.feed(ctx, Event::Transact { txid, branches, timeout });
@@ -612,4 +687,26 @@ impl Coordinator {
             other => ctx.trace(|| format!("coord ignores {other}")),
         }
     }
+}
+
+/// A write the next leader holds, landed in the replicated state as its
+/// [`Coordinator::disk_done`] would write it, without the engine that asked
+/// for it (gone with the old leader). A ring record is not landed: false.
+fn land(ctx: &mut Ctx, store: &DecisionLog<MemLog>, disk: &Disk) -> bool {
+    let written = match disk {
+        Disk::Decision { txid, participants } => {
+            ctx.ghost.decision_durable(ctx.now, *txid);
+            now_or_never(store.log_decision(*txid, participants))
+        }
+        Disk::OnePhase { txid, participant, in_doubt } => {
+            now_or_never(store.log_one_phase_commit(*txid, participant, *in_doubt))
+        }
+        Disk::InDoubt { txid, participant } => now_or_never(store.log_one_phase_in_doubt(*txid, participant)),
+        Disk::OnePhaseAborted { txid } => now_or_never(store.log_one_phase_aborted(*txid)),
+        Disk::OnePhaseForgotten { txid } => now_or_never(store.log_one_phase_forgotten(*txid)),
+        Disk::End { txid } => now_or_never(store.log_end(*txid)),
+        Disk::Ring { .. } => return false,
+    };
+    written.expect("memory");
+    true
 }

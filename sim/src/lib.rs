@@ -86,6 +86,11 @@ pub enum Mutation {
     PresumeCommit,
     /// The coordinator never redelivers a Commit that failed.
     SkipRedelivery,
+    /// A group's leader sends a one-shot one-phase Prepare before its
+    /// question is recorded (as a single coordinator may, whose client has
+    /// no txid to ask about): after a failover its client, asking, hears
+    /// ABORTED for a branch that committed.
+    NoQuestionFirst,
     /// An old owner's OUT step reads what leaves but does not delete it.
     KeepMovedKeys,
     /// A new owner's IN step takes no fence: it serves keys before they arrive
@@ -99,7 +104,7 @@ pub enum Mutation {
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 11] = [
+    pub const ALL: [Mutation; 12] = [
         Mutation::CommitBeforeDurable,
         Mutation::YesBeforeDurable,
         Mutation::AckBeforeDurable,
@@ -107,6 +112,7 @@ impl Mutation {
         Mutation::FailedVoteIsYes,
         Mutation::PresumeCommit,
         Mutation::SkipRedelivery,
+        Mutation::NoQuestionFirst,
         Mutation::KeepMovedKeys,
         Mutation::NoFenceAtNewOwner,
         Mutation::CursorBeforeCommit,
@@ -122,6 +128,7 @@ impl Mutation {
             Mutation::FailedVoteIsYes => "failed-vote-is-yes",
             Mutation::PresumeCommit => "presume-commit",
             Mutation::SkipRedelivery => "skip-redelivery",
+            Mutation::NoQuestionFirst => "no-question-first",
             Mutation::KeepMovedKeys => "keep-moved-keys",
             Mutation::NoFenceAtNewOwner => "no-fence-at-new-owner",
             Mutation::CursorBeforeCommit => "cursor-before-commit",
@@ -171,6 +178,12 @@ pub struct Stats {
     pub partitioned: u64,
     pub process_crashes: u64,
     pub machine_crashes: u64,
+    /// A coordinator group's runs: leaders lost, and of their writes still
+    /// replicating, those the next leader held and those it did not.
+    pub group: bool,
+    pub leader_changes: u64,
+    pub replicating_kept: u64,
+    pub replicating_lost: u64,
     /// Ring changes recorded, migrations finished, batches committed, keys
     /// they moved, batches that failed (and were tried again).
     pub ring_changes: u64,
@@ -302,6 +315,17 @@ impl Ctx {
         *disk_free - self.now
     }
 
+    /// A write of a group's leader, as [`Ctx::disk_write`]: done once the
+    /// leader's fsync and the faster of two followers' (each a round trip of
+    /// 0.1-1 ms away) are.
+    fn replicated_write(&mut self, disk_free: &mut Time) -> Time {
+        let own = self.rng.random_range(200..4_000);
+        let mut follower = || self.rng.random_range(100..1_000) + self.rng.random_range(200..4_000);
+        let quorum = own.max(follower().min(follower()));
+        *disk_free = (*disk_free).max(self.now) + quorum;
+        *disk_free - self.now
+    }
+
     pub fn mutated(&self, mutation: Mutation) -> bool {
         self.mutation == Some(mutation)
     }
@@ -396,6 +420,8 @@ pub fn run(options: &Options) -> Report {
     let batch_keys = rng.random_range(1..=12u32);
     let clients = rng.random_range(1..=3usize);
     let faults_end = rng.random_range(5..=30) * SECOND;
+    // A third of the seeds run a coordinator group's leader (see `coordinator`).
+    let group = options.seed % 3 == 2;
     let crash_odds = faults.crashes;
     let mut ctx = Ctx {
         now: 0,
@@ -405,7 +431,7 @@ pub fn run(options: &Options) -> Report {
         next_rpc: 0,
         mutation: options.mutation,
         ghost: check::Ghost::new(options.effects_only),
-        stats: Stats { faults_end, ..Stats::default() },
+        stats: Stats { faults_end, group, ..Stats::default() },
         keep_trace: options.trace,
         trace: Vec::new(),
         hasher: std::collections::hash_map::DefaultHasher::new(),
@@ -419,15 +445,17 @@ pub fn run(options: &Options) -> Report {
     };
     ctx.trace(|| {
         format!(
-            "seed {} participants {participants} (ring of {members}, {changes} changes, batches of \
+            "seed {} {} participants {participants} (ring of {members}, {changes} changes, batches of \
              {batch_keys}) clients {clients} faults {faults:?}",
-            options.seed
+            options.seed,
+            if group { "group" } else { "single" }
         )
     });
     let retention = check::Retention::choose(&mut ctx.rng);
     let ring = Ring::weighted((0..members).map(|p| (coordinator::name(p).to_string(), 1)), SIM_VNODES);
     let routing = Routing { epoch: 1, current: ring, migration: None };
-    let coordinator = Coordinator::start(&mut ctx, participants, retention, routing.clone(), batch_keys);
+    let coordinator =
+        Coordinator::start(&mut ctx, participants, retention, routing.clone(), batch_keys, group);
     let participants: Vec<Participant> = (0..participants)
         .map(|p| Participant::start(&mut ctx, p, retention, (p < members).then_some(&routing)))
         .collect();

@@ -42,6 +42,10 @@ pub enum Msg {
     AbortTxn(u64, TxId),
     // Coordinator to client.
     Began(u64, Result<TxId, String>),
+    /// A group's leader names a one-shot transaction's txid the moment it
+    /// issues it (`announce_txid`), before deciding: its client can ask
+    /// `GetOutcome` whatever becomes of the leader.
+    Announced(u64, TxId),
     Decided(u64, Result<(TxId, Decided), String>),
     // Client to participant, and back.
     Execute(u64, TxId, Vec<KvOp>),
@@ -140,6 +144,7 @@ impl std::fmt::Display for Msg {
             Msg::CommitTxn(rpc, txid) => write!(f, "#{rpc} Commit(txn) {txid}"),
             Msg::AbortTxn(rpc, txid) => write!(f, "#{rpc} Abort(txn) {txid}"),
             Msg::Began(rpc, txid) => write!(f, "#{rpc} began {txid:?}"),
+            Msg::Announced(rpc, txid) => write!(f, "#{rpc} txid {txid}"),
             Msg::Decided(rpc, decided) => match decided {
                 Ok((txid, decided)) => write!(f, "#{rpc} decided {txid} {decided:?}"),
                 Err(error) => write!(f, "#{rpc} refused {error:?}"),

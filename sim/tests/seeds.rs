@@ -57,6 +57,10 @@ fn covers_every_fault(stats: &[Stats]) {
         ("keys moved", total(|s| s.moved_keys)),
         ("failed migration batches", total(|s| s.batch_failures)),
         ("reads redirected", total(|s| s.redirects)),
+        ("runs of a coordinator group", total(|s| s.group as u64)),
+        ("group leaders lost", total(|s| s.leader_changes)),
+        ("writes replicating that the next leader held", total(|s| s.replicating_kept)),
+        ("writes replicating that the next leader lost", total(|s| s.replicating_lost)),
     ] {
         assert!(count > 0, "no {kind} in {} seeds", stats.len());
     }
@@ -117,7 +121,7 @@ fn every_planted_bug_is_caught() {
 #[test]
 fn a_new_owner_without_its_fence_is_caught() {
     let mutation = Mutation::NoFenceAtNewOwner;
-    assert!(caught(mutation, 3_000).is_some(), "{} went unnoticed for 3000 seeds", mutation.name());
+    assert!(caught(mutation, 8_000).is_some(), "{} went unnoticed for 8000 seeds", mutation.name());
 }
 
 fn caught(mutation: Mutation, seeds: u64) -> Option<u64> {
