@@ -86,8 +86,10 @@ impl Prepares {
             timeout: self.timeout,
             unary: unary.clone(),
         };
-        tokio::spawn(stream.run(drained));
-        let _ = queue.send(outgoing);
+        // The first Prepare goes with the stream, not through its queue: the
+        // stream may end (UNIMPLEMENTED, say) and close the queue before a
+        // send here, which would drop that Prepare unanswered.
+        tokio::spawn(stream.run(outgoing, drained));
         self.links.insert(participant.clone(), Link { queue, unary });
     }
 }
@@ -101,9 +103,9 @@ struct Stream {
 }
 
 impl Stream {
-    async fn run(self, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+    async fn run(self, first: Outgoing, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
         let Some(mut client) = self.client.clone() else {
-            return self.fail_all(&mut queue, HashSet::new(), "not enrolled");
+            return self.fail_all(&mut queue, [first.txid].into(), "not enrolled");
         };
         let (wire, outbound) = mpsc::unbounded_channel::<v1::PrepareRequest>();
         let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
@@ -113,7 +115,8 @@ impl Stream {
                 info!(participant = %self.participant, "no PrepareStream: sending one Prepare per branch");
                 self.unary.store(true, Ordering::Relaxed);
                 queue.close();
-                while let Ok(outgoing) = queue.try_recv() {
+                let queued = std::iter::from_fn(|| queue.try_recv().ok());
+                for outgoing in std::iter::once(first).chain(queued) {
                     let participant = self.participant.clone();
                     tokio::spawn(prepare_one(
                         self.client.clone(),
@@ -125,26 +128,28 @@ impl Stream {
                 }
                 return;
             }
-            Ok(Err(status)) => return self.fail_all(&mut queue, HashSet::new(), status.message()),
-            Err(_) => return self.fail_all(&mut queue, HashSet::new(), "no answer before the deadline"),
+            Ok(Err(status)) => return self.fail_all(&mut queue, [first.txid].into(), status.message()),
+            Err(_) => return self.fail_all(&mut queue, [first.txid].into(), "no answer before the deadline"),
         };
         let mut pending = HashSet::new();
-        let ended = loop {
-            tokio::select! {
-                outgoing = queue.recv() => {
-                    // The actor keeps the queue's sender while the stream is in use.
-                    let Some(Outgoing { txid, mut request, span }) = outgoing else { return };
-                    request.trace_context = trace::context_of(&span);
-                    pending.insert(txid);
-                    if wire.send(request).is_err() {
-                        break "the stream closed".to_owned();
+        let ended = if !carry(&wire, &mut pending, first) {
+            "the stream closed".to_owned()
+        } else {
+            loop {
+                tokio::select! {
+                    outgoing = queue.recv() => {
+                        // The actor keeps the queue's sender while the stream is in use.
+                        let Some(outgoing) = outgoing else { return };
+                        if !carry(&wire, &mut pending, outgoing) {
+                            break "the stream closed".to_owned();
+                        }
                     }
+                    answer = answers.message() => match answer {
+                        Ok(Some(answer)) => self.answered(&mut pending, answer),
+                        Ok(None) => break "the participant ended the stream".to_owned(),
+                        Err(status) => break status.message().to_owned(),
+                    },
                 }
-                answer = answers.message() => match answer {
-                    Ok(Some(answer)) => self.answered(&mut pending, answer),
-                    Ok(None) => break "the participant ended the stream".to_owned(),
-                    Err(status) => break status.message().to_owned(),
-                },
             }
         };
         debug!(participant = %self.participant, reason = %ended, unanswered = pending.len(), "prepare stream ended");
@@ -175,6 +180,19 @@ impl Stream {
             let _ = self.events.send(Event::Voted { txid, participant: self.participant.clone(), vote });
         }
     }
+}
+
+/// Puts a Prepare on the stream, its txid among those awaiting an answer;
+/// false if the stream has closed.
+fn carry(
+    wire: &mpsc::UnboundedSender<v1::PrepareRequest>,
+    pending: &mut HashSet<TxId>,
+    outgoing: Outgoing,
+) -> bool {
+    let Outgoing { txid, mut request, span } = outgoing;
+    request.trace_context = trace::context_of(&span);
+    pending.insert(txid);
+    wire.send(request).is_ok()
 }
 
 /// One unary Prepare RPC; its vote comes back as [`Event::Voted`].
