@@ -31,7 +31,10 @@ async fn transfers_stay_atomic_under_random_kills() {
 }
 
 /// The same against a coordinator group of three: the victims are its
-/// replicas (the leader half the time) and the participants, one at a time.
+/// replicas (the leader half the time) and the participants, one at a time;
+/// one disruption in four instead cuts a replica (the leader half the time)
+/// off from the other two for 0.2-2 s, its Raft messages lost both ways
+/// (`DECREE_PARTITION_FILE`) while clients and participants still reach it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_stay_atomic_under_random_kills_of_a_coordinator_group() {
     chaos(3, Disruption::Kills).await;
@@ -85,6 +88,16 @@ async fn chaos(coordinators: usize, disruption: Disruption) {
     // The same keys go to several participants by name: KV stores as named services.
     options.services = true;
     options.faults = disruption == Disruption::Network;
+    // A group's replica is cut off from the others while its file exists.
+    let cuts_dir = tempfile::tempdir().unwrap();
+    let cut_file = |replica: usize| cuts_dir.path().join(format!("c{}.partitioned", replica + 1));
+    if coordinators > 1 {
+        options.env_for = (0..coordinators)
+            .map(|r| {
+                (format!("c{}", r + 1), "DECREE_PARTITION_FILE".to_owned(), cut_file(r).display().to_string())
+            })
+            .collect();
+    }
     let cluster = Cluster::start(options).await.unwrap();
     let url =
         if disruption == Disruption::Network { cluster.proxied_url() } else { cluster.coordinator_url() };
@@ -153,6 +166,7 @@ async fn chaos(coordinators: usize, disruption: Disruption) {
     info!("--- chaos for {CHAOS:?}");
     let started = Instant::now();
     let mut kills = 0;
+    let mut cuts = 0;
     while disruption == Disruption::Network && started.elapsed() < CHAOS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
         let links = cluster.lock().await.links();
@@ -166,6 +180,23 @@ async fn chaos(coordinators: usize, disruption: Disruption) {
     }
     while disruption == Disruption::Kills && started.elapsed() < CHAOS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
+        if coordinators > 1 && rng.random_bool(0.25) {
+            let replica = if rng.random_bool(0.5) {
+                match cluster.lock().await.leader(Duration::from_secs(30)).await.unwrap() {
+                    NodeId::Replica(r) => r,
+                    other => unreachable!("a group's leader is a replica, not {other:?}"),
+                }
+            } else {
+                rng.random_range(0..coordinators)
+            };
+            let spell = Duration::from_millis(rng.random_range(200..2000));
+            info!(replica, ?spell, "cutting a replica off from the others");
+            std::fs::write(cut_file(replica), b"").unwrap();
+            cuts += 1;
+            tokio::time::sleep(spell).await;
+            std::fs::remove_file(cut_file(replica)).unwrap();
+            continue;
+        }
         let victim = match rng.random_range(0..=names.len()) {
             0 if coordinators == 1 => NodeId::Coordinator,
             // The leader half the time, else a replica at random.
@@ -198,9 +229,9 @@ async fn chaos(coordinators: usize, disruption: Disruption) {
     let client = cluster.client().await.unwrap();
     let (committed, aborted, unknown) =
         check::told_agrees(&client, &results).await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-    info!(kills, committed, aborted, unknown, "chaos done");
+    info!(kills, cuts, committed, aborted, unknown, "chaos done");
     println!(
-        "chaos ({coordinators} coordinator replicas, {disruption:?}): {kills} kills or faults, {committed} committed, {aborted} aborted, {unknown} unknown to the client"
+        "chaos ({coordinators} coordinator replicas, {disruption:?}): {kills} kills or faults, {cuts} replicas cut off, {committed} committed, {aborted} aborted, {unknown} unknown to the client"
     );
     assert!(committed > 0, "seed {seed}: nothing committed at all");
     assert_eq!(

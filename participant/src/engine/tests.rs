@@ -347,12 +347,21 @@ fn recovered_branches_lock_again_and_wait_for_the_coordinator() {
     assert!(engine.in_doubt().is_empty());
 }
 
+/// The tombstones remembered so far made old enough for the bounds to evict them.
+fn age(engine: &mut Engine) {
+    let start = Instant::now();
+    event(engine, Event::ForgetOld { now: start });
+    event(engine, Event::ForgetOld { now: start + super::tombstones::MIN_AGE });
+}
+
 #[test]
 fn tombstones_are_bounded() {
     let mut engine = Engine::new();
     for seq in 1..=(TOMBSTONES as u64 + 10) {
         engine.on_event(Event::RecoveredTombstone { txid: tx(seq), outcome: Outcome::Aborted });
     }
+    assert_eq!(engine.outcome(tx(1)), Some(Outcome::Aborted), "kept until it is old enough to go");
+    age(&mut engine);
     assert_eq!(engine.outcome(tx(1)), None);
     assert_eq!(engine.outcome(tx(TOMBSTONES as u64 + 10)), Some(Outcome::Aborted));
 }
@@ -888,6 +897,7 @@ fn a_message_for_a_forgotten_txid_is_refused_as_stale_never_taken_for_new() {
     for s in 1..=4 {
         aborted(&mut engine, tx(s));
     }
+    age(&mut engine);
     assert_eq!(engine.tombstone_count(), 2);
     let reason = |t: TxId| {
         format!(

@@ -4,12 +4,24 @@
 //! A tombstone is what makes a late message harmless: a Prepare after the
 //! Abort votes NO instead of locking keys for a transaction that is over, a
 //! repeated one-phase Prepare or Abort hears "committed". Tombstones are
-//! evicted oldest first, beyond `max` or older than `max_age`; the highest
+//! evicted oldest first, beyond `max` or older than `max_age`, but never
+//! before they are [`MIN_AGE`] old; the highest
 //! evicted txid of each coordinator becomes its *horizon*, and a txid at or
 //! below the horizon that this participant does not know is **forgotten**:
 //! the engine refuses work for it as stale, never takes it for new. The
 //! horizon only rises; it is made durable with the deletion of the evicted
 //! tombstones' records, so after a restart the same txids are still refused.
+//!
+//! Why a least age: txids do not reach a participant in the order they were
+//! issued. A group's leader leases blocks of txids to client streams, and a
+//! stream may start a txid of its block up to a lease's life (2 s) after the
+//! block was granted, while other streams' higher txids are decided. A
+//! horizon raised past a txid that can still start would refuse it as stale
+//! (seen: with 50 tombstones and four clients, most transactions of a group
+//! were refused so). A tombstone is at least as young as the lease of its
+//! txid, and every lower txid's lease was granted before that one: once the
+//! tombstone is [`MIN_AGE`] old (a lease's life, a Prepare's deadline and a
+//! margin), no txid below it can start any more.
 //!
 //! Pure: time arrives as arguments.
 
@@ -19,6 +31,9 @@ use std::time::{Duration, Instant};
 use decree_proto::TxId;
 
 use super::Outcome;
+
+/// The least age of a tombstone before either bound may evict it (see the module).
+pub const MIN_AGE: Duration = Duration::from_secs(5);
 
 /// How many decided txids are remembered, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +56,11 @@ pub(crate) struct Tombstones {
     order: VecDeque<TxId>,
     /// Tombstones ever inserted: `inserted - order.len()` have been evicted.
     inserted: u64,
-    /// (when, `inserted` then), for the age bound.
+    /// (when, `inserted` then), for the age bounds.
     checkpoints: VecDeque<(Instant, u64)>,
+    /// Tombstones inserted at least [`MIN_AGE`] ago (by the last checkpoint
+    /// that old): the count bound evicts no further.
+    old_enough: u64,
     /// The highest forgotten txid of each coordinator.
     horizons: HashMap<u32, TxId>,
     /// Horizons moved since they were last taken (to be made durable).
@@ -58,14 +76,19 @@ impl Tombstones {
         self.outcomes.get(txid)
     }
 
-    /// Remembers `txid`'s outcome; evicts the oldest beyond the count bound.
+    /// Remembers `txid`'s outcome; evicts the oldest beyond the count bound
+    /// (those at least [`MIN_AGE`] old).
     pub(crate) fn remember(&mut self, txid: TxId, outcome: Outcome) {
         if self.outcomes.insert(txid, outcome).is_none() {
             self.order.push_back(txid);
             self.inserted += 1;
-            while self.order.len() > self.retention.max {
-                self.evict_oldest();
-            }
+            self.evict_beyond_count();
+        }
+    }
+
+    fn evict_beyond_count(&mut self) {
+        while self.order.len() > self.retention.max && self.forgotten_count() < self.old_enough {
+            self.evict_oldest();
         }
     }
 
@@ -83,17 +106,26 @@ impl Tombstones {
         self.raise(horizon);
     }
 
-    /// Evicts what is older than the age bound, by `now`.
+    /// Evicts what is older than the age bound, and what is beyond the count
+    /// bound and old enough, by `now`.
     pub(crate) fn age_out(&mut self, now: Instant) {
         self.checkpoints.push_back((now, self.inserted));
-        let Some(cutoff) = now.checked_sub(self.retention.max_age) else { return };
-        // The newest checkpoint at least max_age old: everything inserted before it is older.
-        let Some(index) = self.checkpoints.iter().rposition(|(at, _)| *at <= cutoff) else { return };
-        let (_, inserted_then) = self.checkpoints[index];
-        self.checkpoints.drain(..index);
-        while self.inserted - (self.order.len() as u64) < inserted_then {
-            self.evict_oldest();
+        // The newest checkpoint at least `age` old: everything inserted before it is older.
+        let before = |checkpoints: &VecDeque<(Instant, u64)>, age: Duration| {
+            let cutoff = now.checked_sub(age)?;
+            checkpoints.iter().rposition(|(at, _)| *at <= cutoff)
+        };
+        if let Some(index) = before(&self.checkpoints, MIN_AGE) {
+            self.old_enough = self.old_enough.max(self.checkpoints[index].1);
         }
+        if let Some(index) = before(&self.checkpoints, self.retention.max_age.max(MIN_AGE)) {
+            let (_, inserted_then) = self.checkpoints[index];
+            self.checkpoints.drain(..index);
+            while self.forgotten_count() < inserted_then {
+                self.evict_oldest();
+            }
+        }
+        self.evict_beyond_count();
     }
 
     /// Each coordinator's horizon, if any moved since the last call.
@@ -139,12 +171,22 @@ mod tests {
         TxId::new(coordinator, 1, sequence)
     }
 
+    /// Tombstones remembered so far made [`MIN_AGE`] old.
+    fn aged(tombstones: &mut Tombstones) {
+        let start = Instant::now();
+        tombstones.age_out(start);
+        tombstones.age_out(start + MIN_AGE);
+    }
+
     #[test]
     fn beyond_the_count_the_oldest_are_forgotten_below_a_horizon() {
         let mut tombstones = Tombstones::new(Retention { max: 3, max_age: Duration::from_secs(3600) });
         for s in 1..=5 {
             tombstones.remember(t(1, s), Outcome::Committed);
         }
+        assert_eq!(tombstones.len(), 5, "none is old enough to go yet");
+        assert_eq!(tombstones.forgotten(t(1, 1)), None);
+        aged(&mut tombstones);
         assert_eq!(tombstones.len(), 3);
         assert_eq!(tombstones.forgotten(t(1, 1)), Some(t(1, 2)));
         assert_eq!(tombstones.forgotten(t(1, 2)), Some(t(1, 2)));
@@ -162,11 +204,13 @@ mod tests {
         for s in [5, 6, 7] {
             tombstones.remember(t(1, s), Outcome::Aborted);
         }
+        aged(&mut tombstones);
         // A transaction older than the horizon decided late: known while kept.
         tombstones.remember(t(1, 3), Outcome::Committed);
         assert_eq!(tombstones.forgotten(t(1, 3)), None);
         tombstones.remember(t(1, 8), Outcome::Committed);
         tombstones.remember(t(1, 9), Outcome::Committed);
+        aged(&mut tombstones);
         assert_eq!(tombstones.forgotten(t(1, 3)), Some(t(1, 7)), "the horizon never moves back");
     }
 
@@ -189,6 +233,38 @@ mod tests {
         tombstones.age_out(start + Duration::from_secs(16));
         assert_eq!(tombstones.len(), 0);
         assert_eq!(tombstones.forgotten(t(1, 6)), Some(t(1, 6)));
+    }
+
+    /// The lease case: a stream's lower txids start after other streams'
+    /// higher ones are decided and counted out; none is refused as stale
+    /// while it is younger than a lease's life and a Prepare's deadline.
+    #[test]
+    fn the_count_bound_never_forgets_a_tombstone_younger_than_the_least_age() {
+        let start = Instant::now();
+        let mut tombstones = Tombstones::new(Retention { max: 2, max_age: Duration::from_secs(3600) });
+        tombstones.age_out(start);
+        for s in 1025..=1030 {
+            tombstones.remember(t(1, s), Outcome::Committed);
+        }
+        tombstones.age_out(start + MIN_AGE / 2);
+        assert_eq!(tombstones.len(), 6, "over the count, but young");
+        assert_eq!(tombstones.forgotten(t(1, 21)), None, "a leased txid below them is still new");
+        tombstones.age_out(start + MIN_AGE / 2 + MIN_AGE);
+        assert_eq!(tombstones.len(), 2, "old enough: the count bound applies");
+        assert_eq!(tombstones.forgotten(t(1, 21)), Some(t(1, 1028)));
+    }
+
+    #[test]
+    fn a_short_age_bound_waits_for_the_least_age_too() {
+        let start = Instant::now();
+        let mut tombstones = Tombstones::new(Retention { max: 1_000, max_age: Duration::from_millis(100) });
+        tombstones.age_out(start);
+        tombstones.remember(t(1, 9), Outcome::Aborted);
+        tombstones.age_out(start + Duration::from_millis(10));
+        tombstones.age_out(start + Duration::from_secs(1));
+        assert_eq!(tombstones.len(), 1, "older than max_age, younger than MIN_AGE");
+        tombstones.age_out(start + Duration::from_millis(10) + MIN_AGE);
+        assert_eq!(tombstones.len(), 0);
     }
 
     #[test]

@@ -58,6 +58,11 @@ log = logging.getLogger("decree.participant")
 #: Most decided txids remembered (tombstones), and for how long (seconds).
 TOMBSTONES = 100_000
 TOMBSTONE_AGE = 3600.0
+#: Seconds a tombstone is kept whatever the bounds say: a coordinator group
+#: leases txids to client streams, and a lower leased txid may still start
+#: (for a lease's life, 2 s) after higher ones are decided; a horizon above
+#: it would refuse it as stale. The Rust participant keeps the same least age.
+MIN_AGE = 5.0
 
 
 # -- what a service implements ------------------------------------------------
@@ -267,10 +272,12 @@ class Engine:
         with self.lock, self._txn() as db:
             total = db.execute("SELECT COUNT(*) FROM decree_decided").fetchone()[0]
             over = max(total - self.tombstones, 0)
+            # Never one younger than MIN_AGE: a lower txid leased by a group may still start.
+            now = time.time()
             old = db.execute(
-                "SELECT seq, txid FROM decree_decided WHERE seq IN "
-                "(SELECT seq FROM decree_decided ORDER BY seq LIMIT ?) OR at < ? ORDER BY seq",
-                (over, time.time() - self.tombstone_age),
+                "SELECT seq, txid FROM decree_decided WHERE at < ? AND (seq IN "
+                "(SELECT seq FROM decree_decided ORDER BY seq LIMIT ?) OR at < ?) ORDER BY seq",
+                (now - MIN_AGE, over, now - self.tombstone_age),
             ).fetchall()
             highest: Dict[str, Tuple[int, int]] = {}
             for _, text in old:
