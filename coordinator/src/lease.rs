@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// How long a lease is usable after it was granted.
-pub const LIFE: Duration = Duration::from_secs(2);
+pub const LIFE: Duration = decree_proto::TXID_LEASE_LIFE;
 /// The most txids one lease holds.
 pub const MOST: u32 = 4096;
 /// Leases a stream holds at once; granting another drops the oldest.

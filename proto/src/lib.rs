@@ -13,7 +13,7 @@ mod txid;
 
 pub use kv::{KvOp, KEY_MAX_BYTES};
 pub use reason::Reason;
-pub use txid::{ParticipantName, TxId};
+pub use txid::{ParticipantName, TxId, TXID_LEASE_LIFE};
 
 /// Generated code for the `decree.v1` package.
 #[allow(clippy::all, missing_docs)]

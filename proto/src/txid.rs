@@ -5,6 +5,12 @@ use std::str::FromStr;
 
 use crate::InvalidInput;
 
+/// How long a block of txids leased to a client stream (a coordinator
+/// group's `TransactStream`) may be used after it was granted. Shared: the
+/// coordinator expires leases by it, and participants keep every tombstone
+/// longer than it (a leased txid may start after higher ones are decided).
+pub const TXID_LEASE_LIFE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A transaction id, unique across coordinator restarts: the coordinator's id,
 /// its incarnation (bumped durably at every start) and a sequence number
 /// within the incarnation.

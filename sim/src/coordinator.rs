@@ -362,10 +362,12 @@ impl Coordinator {
 
     fn disk_done(&mut self, ctx: &mut Ctx, disk: Disk) {
         let Some(process) = self.process.as_mut() else { return };
+        if let Disk::Ring { record, synced, then } = disk {
+            return self.ring_written(ctx, *record, synced, then);
+        }
+        land(ctx, &process.store, &disk);
         match disk {
-            Disk::Decision { txid, participants } => {
-                now_or_never(process.store.log_decision(txid, &participants)).expect("memory");
-                ctx.ghost.decision_durable(ctx.now, txid);
+            Disk::Decision { txid, .. } => {
                 if ctx.mutated(Mutation::CommitBeforeDurable) {
                     return; // the engine heard already
                 }
@@ -374,22 +376,8 @@ impl Coordinator {
                 }
                 self.feed(ctx, Event::DecisionLogged { txid });
             }
-            Disk::OnePhase { txid, participant, in_doubt } => {
-                now_or_never(process.store.log_one_phase_commit(txid, &participant, in_doubt))
-                    .expect("memory");
-            }
-            Disk::InDoubt { txid, participant } => {
-                now_or_never(process.store.log_one_phase_in_doubt(txid, &participant)).expect("memory");
-                self.feed(ctx, Event::OnePhaseInDoubtLogged { txid });
-            }
-            Disk::OnePhaseAborted { txid } => {
-                now_or_never(process.store.log_one_phase_aborted(txid)).expect("memory");
-            }
-            Disk::OnePhaseForgotten { txid } => {
-                now_or_never(process.store.log_one_phase_forgotten(txid)).expect("memory");
-            }
-            Disk::End { txid } => now_or_never(process.store.log_end(txid)).expect("memory"),
-            Disk::Ring { record, synced, then } => self.ring_written(ctx, *record, synced, then),
+            Disk::InDoubt { txid, .. } => self.feed(ctx, Event::OnePhaseInDoubtLogged { txid }),
+            _ => {}
         }
     }
 
@@ -689,9 +677,9 @@ impl Coordinator {
     }
 }
 
-/// A write the next leader holds, landed in the replicated state as its
-/// [`Coordinator::disk_done`] would write it, without the engine that asked
-/// for it (gone with the old leader). A ring record is not landed: false.
+/// Lands a finished write in the decision log (what [`Coordinator::disk_done`]
+/// does before it tells the engine, and what a group's next leader holds of
+/// its predecessor's writes). A ring record is not landed here: false.
 fn land(ctx: &mut Ctx, store: &DecisionLog<MemLog>, disk: &Disk) -> bool {
     let written = match disk {
         Disk::Decision { txid, participants } => {

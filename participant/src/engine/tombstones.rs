@@ -32,8 +32,9 @@ use decree_proto::TxId;
 
 use super::Outcome;
 
-/// The least age of a tombstone before either bound may evict it (see the module).
-pub const MIN_AGE: Duration = Duration::from_secs(5);
+/// The least age of a tombstone before either bound may evict it (see the
+/// module): a lease's life, a Prepare's deadline (2 s by default) and a second's margin.
+pub const MIN_AGE: Duration = Duration::from_secs(decree_proto::TXID_LEASE_LIFE.as_secs() + 2 + 1);
 
 /// How many decided txids are remembered, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
