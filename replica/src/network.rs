@@ -73,7 +73,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 ReplicaClient::new(decree_tls::channel(endpoint))
             })
             .ok();
-        Connection { target, client }
+        Connection { target, client, appends: None, streams: true }
     }
 }
 
@@ -82,6 +82,34 @@ pub struct Connection {
     target: NodeId,
     /// `None`: its address does not parse (every call is unreachable).
     client: Option<ReplicaClient<Channel>>,
+    /// The open `AppendEntriesStream`, if any.
+    appends: Option<Appends>,
+    /// Whether the other replica serves `AppendEntriesStream` (false once it
+    /// answered UNIMPLEMENTED: every append is then a call of its own).
+    streams: bool,
+}
+
+/// One `AppendEntriesStream`: openraft replicates to a follower one request
+/// at a time, so each request is answered by the stream's next answer.
+///
+/// Why a stream: every append (and every heartbeat and commit-index update)
+/// as its own call costs each side a new HTTP/2 stream, its headers and
+/// trailers, and a task; on the stream a request is one message each way.
+struct Appends {
+    requests: tokio::sync::mpsc::Sender<RaftMessage>,
+    answers: tonic::Streaming<RaftMessage>,
+    /// A request was sent whose answer has not been read: the call was given
+    /// up (its future dropped on a timeout), and its answer would be taken
+    /// for the next request's. Such a stream is closed, never reused.
+    owed: bool,
+}
+
+/// Which of the other replica's calls.
+#[derive(Clone, Copy)]
+enum Call {
+    Append,
+    Vote,
+    Snapshot,
 }
 
 fn encode<T: Serialize>(value: &T) -> RaftMessage {
@@ -89,19 +117,17 @@ fn encode<T: Serialize>(value: &T) -> RaftMessage {
 }
 
 impl Connection {
-    /// Sends `request` with `call` and reads the remote replica's result.
-    async fn call<Req, Resp, E, F, Fut>(
+    /// Sends `request` as `call` and reads the remote replica's result.
+    async fn call<Req, Resp, E>(
         &mut self,
+        call: Call,
         request: &Req,
         option: &RPCOption,
-        call: F,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
-        F: FnOnce(ReplicaClient<Channel>, RaftMessage) -> Fut,
-        Fut: std::future::Future<Output = Result<Response<RaftMessage>, Status>>,
     {
         if partitioned() {
             return Err(RPCError::Unreachable(Unreachable::new(&partition_error())));
@@ -110,8 +136,16 @@ impl Connection {
             let why = std::io::Error::other(format!("replica {}: its address does not parse", self.target));
             return Err(RPCError::Unreachable(Unreachable::new(&why)));
         };
-        let answer = match tokio::time::timeout(option.hard_ttl(), call(client, encode(request))).await {
-            Ok(Ok(answer)) => answer.into_inner(),
+        let message = encode(request);
+        let sent = async {
+            match call {
+                Call::Append => self.append(client, message).await,
+                Call::Vote => client.clone().vote(message).await.map(Response::into_inner),
+                Call::Snapshot => client.clone().install_snapshot(message).await.map(Response::into_inner),
+            }
+        };
+        let answer = match tokio::time::timeout(option.hard_ttl(), sent).await {
+            Ok(Ok(answer)) => answer,
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)))
             }
@@ -122,6 +156,58 @@ impl Connection {
             crate::codec::decode(&answer.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+
+    /// One append on the open stream (opened first if there is none, or if
+    /// the last was left owing an answer); a call of its own if the other
+    /// replica has no stream. Any failure closes the stream.
+    async fn append(
+        &mut self,
+        mut client: ReplicaClient<Channel>,
+        message: RaftMessage,
+    ) -> Result<RaftMessage, Status> {
+        if !self.streams {
+            return client.append_entries(message).await.map(Response::into_inner);
+        }
+        if self.appends.as_ref().is_some_and(|appends| appends.owed) {
+            self.appends = None;
+        }
+        let appends = match &mut self.appends {
+            Some(appends) => appends,
+            None => {
+                let (requests, queue) = tokio::sync::mpsc::channel(1);
+                let stream = tokio_stream::wrappers::ReceiverStream::new(queue);
+                match client.append_entries_stream(stream).await {
+                    Ok(answers) => {
+                        self.appends.insert(Appends { requests, answers: answers.into_inner(), owed: false })
+                    }
+                    Err(status) if status.code() == tonic::Code::Unimplemented => {
+                        self.streams = false;
+                        return client.append_entries(message).await.map(Response::into_inner);
+                    }
+                    Err(status) => return Err(status),
+                }
+            }
+        };
+        appends.owed = true;
+        let answer = match appends.requests.send(message).await {
+            Ok(()) => appends.answers.message().await,
+            Err(_) => Err(Status::unavailable("the append stream is closed")),
+        };
+        match answer {
+            Ok(Some(answer)) => {
+                appends.owed = false;
+                Ok(answer)
+            }
+            Ok(None) => {
+                self.appends = None;
+                Err(Status::unavailable(format!("replica {} ended the append stream", self.target)))
+            }
+            Err(status) => {
+                self.appends = None;
+                Err(status)
+            }
+        }
+    }
 }
 
 impl RaftNetwork<TypeConfig> for Connection {
@@ -130,7 +216,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, |mut c, m| async move { c.append_entries(m).await }).await
+        self.call(Call::Append, &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -141,7 +227,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(&rpc, &option, |mut c, m| async move { c.install_snapshot(m).await }).await
+        self.call(Call::Snapshot, &rpc, &option).await
     }
 
     async fn vote(
@@ -149,7 +235,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, |mut c, m| async move { c.vote(m).await }).await
+        self.call(Call::Vote, &rpc, &option).await
     }
 }
 
@@ -171,6 +257,27 @@ impl ReplicaRpc for Service {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = receive(request.into_inner())?;
         Ok(Response::new(encode(&self.raft.append_entries(rpc).await)))
+    }
+
+    type AppendEntriesStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send + 'static>>;
+
+    /// Each request answered in turn, as `append_entries` answers one; a
+    /// request refused (partitioned, undecodable) ends the stream with its status.
+    async fn append_entries_stream(
+        &self,
+        request: Request<tonic::Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        use futures::StreamExt;
+        let raft = self.raft.clone();
+        let answers = request.into_inner().then(move |message| {
+            let raft = raft.clone();
+            async move {
+                let rpc: AppendEntriesRequest<TypeConfig> = receive(message?)?;
+                Ok(encode(&raft.append_entries(rpc).await))
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
