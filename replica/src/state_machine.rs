@@ -4,13 +4,19 @@
 //! Each apply writes the entries' batches and the last applied log id (with
 //! the membership) in **one** batch, unsynced: the Raft log is the durable
 //! copy, and a state machine that lost its tail in a machine crash has lost
-//! its applied id with it, so openraft applies those entries again. A
+//! its applied id with it, so openraft applies those entries again. The
+//! apply is written at once on its own thread
+//! ([`Storage::write_buffered_now`]), not queued behind the log's appends:
+//! its keys are never the log's, and a leader may apply an entry a majority
+//! of followers holds before its own append of it is synced, so a machine
+//! crash can leave the applied id past the log's last entry; openraft mends
+//! that on start by purging the log up to the applied id (those entries are
+//! committed, held by the majority). A
 //! snapshot (the data and that record) is written synced, since the log
 //! entries it replaces are purged after it.
 
 use std::io::Cursor;
 
-use decree_runtime::log::Durability;
 use decree_runtime::{Storage, Write};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -135,10 +141,8 @@ impl<S: Storage> RaftStateMachine<TypeConfig> for StateMachine<S> {
             return Ok(answers);
         }
         writes.push(Write::put(APPLIED, encode(&applied)));
-        self.store
-            .write_with(writes, Durability::Buffered)
-            .await
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        // Now, on this task's thread: the apply's keys are never the log's.
+        self.store.write_buffered_now(writes).await.map_err(|e| StorageIOError::write_state_machine(&e))?;
         Ok(answers)
     }
 

@@ -2,7 +2,8 @@
 //! at every replica, a follower refuses writes, the loss of the leader elects
 //! another that holds everything committed, a replica that restarts on its
 //! store finds its log and vote again, a machine crash loses nothing a replica
-//! acknowledged, and two replicas down of three stop every write without
+//! acknowledged, a replica whose log lost a tail it had applied starts and
+//! follows on, and two replicas down of three stop every write without
 //! changing anything.
 
 use std::time::Duration;
@@ -101,5 +102,42 @@ async fn two_replicas_down_of_three_stop_every_write_and_change_nothing() {
     let confirmed =
         tokio::time::timeout(Duration::from_secs(2), group.replica(id).ensure_linearizable()).await;
     assert!(!matches!(confirmed, Ok(Ok(()))), "a lone replica confirmed that it leads");
+    group.shutdown().await;
+}
+
+/// A leader applies an entry a majority of followers holds, at once, perhaps
+/// before its own append of it is synced (the apply does not queue behind the
+/// log's appends): a machine crash can then keep the applied id and lose the
+/// log's tail. Such a replica starts (the entries up to the applied id are
+/// committed at the others), keeps what it applied and follows on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_log_lost_entries_it_had_applied_starts_and_follows_on() {
+    use decree_replica::log_store::LogStore;
+    use openraft::RaftLogReader;
+    let mut group = Group::start(3).await;
+    let first = group.leader().await;
+    for i in 0..10 {
+        group.replica(first).storage().write(put(&format!("d/{i}")), true).await.unwrap();
+    }
+    let store = group.nodes[&first].store.clone();
+    group.stop(first).await;
+    // Its log loses its last three entries; its state machine keeps them applied.
+    let entries = LogStore::open(store.clone()).unwrap().try_get_log_entries(..).await.unwrap();
+    let last = entries.last().expect("entries").log_id.index;
+    let key = |index: u64| [b"\xferaft/log/".as_slice(), &index.to_be_bytes()].concat();
+    store.write(vec![Write::delete_range(key(last - 2), key(last + 1))], true).await.unwrap();
+    let left = LogStore::open(store.clone()).unwrap().try_get_log_entries(..).await.unwrap();
+    assert_eq!(left.last().map(|e| e.log_id.index), Some(last - 3), "the tail is gone");
+    let second = group.leader().await;
+    group.replica(second).storage().write(put("d/after"), true).await.unwrap();
+    group.restart(first, store.clone()).await;
+    until_applied(&store, b"d/after", b"1").await;
+    for i in 0..10 {
+        assert_eq!(
+            store.get(format!("d/{i}").as_bytes()).unwrap().as_deref(),
+            Some(b"1".as_slice()),
+            "d/{i}"
+        );
+    }
     group.shutdown().await;
 }

@@ -159,6 +159,8 @@ pub struct LogStats {
 /// The database, and a signal that it closed: the sender goes with it.
 struct Database {
     db: DB,
+    /// A write failed: every later one fails too (see [`LogError::Poisoned`]).
+    poisoned: AtomicBool,
     /// Dropped right after `db` (fields drop in order): receivers see it closed.
     _closed: tokio::sync::watch::Sender<()>,
 }
@@ -203,7 +205,7 @@ impl Log {
         let db = DB::open(&options, path).map_err(|err| {
             LogError::Rocks(format!("cannot open the log in {}: {}", path.display(), err.into_string()))
         })?;
-        let db = Arc::new(Database { db, _closed: closed_tx });
+        let db = Arc::new(Database { db, poisoned: AtomicBool::new(false), _closed: closed_tx });
         let stats = Arc::new(LogStats::default());
         let (queue, requests) = mpsc::sync_channel(QUEUE_LIMIT);
         let writer_db = Arc::clone(&db);
@@ -237,6 +239,13 @@ impl Log {
             Err(mpsc::TrySendError::Disconnected(_)) => return Err(LogError::Closed),
         }
         finished.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Writes `writes` atomically, buffered, now on the calling thread
+    /// (blocking it for RocksDB's memtable insert and WAL append, no fsync)
+    /// instead of through the writer thread: see [`Storage::write_buffered_now`].
+    pub fn write_buffered_now(&self, writes: &[Write]) -> Result<(), LogError> {
+        write_batches(&self.db, [(writes, Durability::Buffered)], &self.stats)
     }
 
     /// Reads one key.
@@ -302,7 +311,6 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStats) {
-    let poisoned = AtomicBool::new(false);
     let mut group = Vec::with_capacity(64);
     let mut recent = Arrivals::default();
     while let Ok(first) = requests.recv() {
@@ -342,16 +350,7 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
         }
         recent.note(Instant::now(), group.len() - gathered);
         recent.grouped(group.len());
-        let result = if poisoned.load(Ordering::Relaxed) {
-            Err(LogError::Poisoned)
-        } else {
-            let result = write_group(db, &group, stats);
-            if let Err(err) = &result {
-                tracing::error!(error = %err, "log write failed; the log is poisoned");
-                poisoned.store(true, Ordering::Relaxed);
-            }
-            result
-        };
+        let result = write_batches(db, group.iter().map(|r| (&r.writes[..], r.durability)), stats);
         for request in group.drain(..) {
             // A caller that stopped waiting does not stop the write.
             let _ = request.done.send(result.clone());
@@ -402,12 +401,36 @@ impl Arrivals {
     }
 }
 
-fn write_group(db: &DB, group: &[Request], stats: &LogStats) -> Result<(), LogError> {
+/// Writes the requests' batches as one, synced if any asks for more than
+/// [`Durability::Buffered`]. The first failure poisons the database.
+fn write_batches<'a>(
+    db: &Database,
+    requests: impl IntoIterator<Item = (&'a [Write], Durability)>,
+    stats: &LogStats,
+) -> Result<(), LogError> {
+    if db.poisoned.load(Ordering::Relaxed) {
+        return Err(LogError::Poisoned);
+    }
+    let result = write_group(db, requests, stats);
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "log write failed; the log is poisoned");
+        db.poisoned.store(true, Ordering::Relaxed);
+    }
+    result
+}
+
+fn write_group<'a>(
+    db: &DB,
+    requests: impl IntoIterator<Item = (&'a [Write], Durability)>,
+    stats: &LogStats,
+) -> Result<(), LogError> {
     let mut batch = WriteBatch::default();
     let mut sync = false;
-    for request in group {
-        sync |= request.durability != Durability::Buffered;
-        for write in &request.writes {
+    let mut count = 0u64;
+    for (writes, durability) in requests {
+        count += 1;
+        sync |= durability != Durability::Buffered;
+        for write in writes {
             match write {
                 Write::Put { key, value } => batch.put(key, value),
                 Write::Delete { key } => batch.delete(key),
@@ -420,10 +443,10 @@ fn write_group(db: &DB, group: &[Request], stats: &LogStats) -> Result<(), LogEr
     options.set_sync(sync);
     db.write_opt(batch, &options)?;
     stats.batches.fetch_add(1, Ordering::Relaxed);
-    stats.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
+    stats.requests.fetch_add(count, Ordering::Relaxed);
     metrics::counter!(crate::metrics::LOG_BATCHES).increment(1);
-    metrics::counter!(crate::metrics::LOG_WRITES).increment(group.len() as u64);
-    metrics::histogram!(crate::metrics::LOG_BATCH_SIZE).record(group.len() as f64);
+    metrics::counter!(crate::metrics::LOG_WRITES).increment(count);
+    metrics::histogram!(crate::metrics::LOG_BATCH_SIZE).record(count as f64);
     if sync {
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::LOG_FSYNCS).increment(1);
@@ -536,6 +559,25 @@ mod tests {
         .unwrap();
         let keys: Vec<_> = log.scan_prefix(b"b/").unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![b"b/1".to_vec(), b"b/2".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_buffered_write_now_is_read_at_once_and_kept_with_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        let closed = log.closed();
+        log.write_buffered_now(&[Write::put("applied", "7"), Write::put("data", "x")]).unwrap();
+        assert_eq!(log.get(b"data").unwrap(), Some(b"x".to_vec()), "read as soon as it returns");
+        assert_eq!(log.stats().batches.load(Ordering::Relaxed), 1);
+        assert_eq!(log.stats().fsyncs.load(Ordering::Relaxed), 0, "buffered: no fsync of its own");
+        log.write(vec![Write::put("log", "entry")], true).await.unwrap();
+        assert_eq!(log.stats().fsyncs.load(Ordering::Relaxed), 1);
+        drop(log);
+        closed.await;
+        let log = Log::open(dir.path()).unwrap();
+        assert_eq!(log.get(b"applied").unwrap(), Some(b"7".to_vec()));
+        assert_eq!(log.get(b"data").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(log.get(b"log").unwrap(), Some(b"entry".to_vec()));
     }
 
     /// Flips a byte at `at` (a fraction of its length) of the one file in

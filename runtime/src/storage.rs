@@ -50,6 +50,22 @@ pub trait Storage: Clone + Send + Sync + 'static {
         self.write_with(writes, if sync { Durability::Synced } else { Durability::Buffered })
     }
 
+    /// Writes `writes` as one atomic batch with [`Durability::Buffered`],
+    /// at once on the calling thread where the store allows (the RocksDB log
+    /// does: no hop to its writer thread and back).
+    ///
+    /// # Correctness
+    ///
+    /// As [`Storage::write_with`] with [`Durability::Buffered`], except for
+    /// order: the batch may apply before batches of earlier `write_with`
+    /// calls that have not resolved yet (and may survive a machine crash that
+    /// loses them). Only for a caller none of whose keys such a write touches
+    /// and who awaits each of its own writes: a Raft state machine's apply,
+    /// whose keys the log's appends never touch.
+    fn write_buffered_now(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), LogError>> + Send {
+        self.write_with(writes, Durability::Buffered)
+    }
+
     /// The value of `key`: what the last batch that wrote it left.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError>;
 
@@ -76,6 +92,11 @@ impl Storage for Log {
         durability: Durability,
     ) -> impl Future<Output = Result<(), LogError>> + Send {
         Log::write_with(self, writes, durability)
+    }
+
+    fn write_buffered_now(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), LogError>> + Send {
+        let written = Log::write_buffered_now(self, &writes);
+        std::future::ready(written)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
