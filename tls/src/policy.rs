@@ -110,6 +110,7 @@ const METHODS: &[(&str, &[Role])] = &[
     ("/decree.v1.Kv/Execute", &[Client, Coordinator]),
     ("/decree.v1.Kv/ScanMoving", &[Coordinator]),
     ("/decree.v1.Replica/AppendEntries", &[Coordinator]),
+    ("/decree.v1.Replica/AppendEntriesStream", &[Coordinator]),
     ("/decree.v1.Replica/Vote", &[Coordinator]),
     ("/decree.v1.Replica/InstallSnapshot", &[Coordinator]),
     ("/decree.v1.Group/GetGroup", &[Operator, Observer]),
