@@ -36,7 +36,7 @@ fn entry_key(index: u64) -> Vec<u8> {
 }
 
 fn corrupt(e: impl std::fmt::Display) -> LogError {
-    LogError::Rocks(format!("corrupt raft log record: {e}"))
+    LogError::Corrupt(format!("a raft log record: {e}"))
 }
 
 fn read_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {

@@ -120,6 +120,10 @@ impl Write {
 pub enum LogError {
     #[error("rocksdb: {0}")]
     Rocks(String),
+    /// A record or file of the log failed its checksum or does not decode:
+    /// never read as absent, never repaired in silence.
+    #[error("the log is corrupted: {0}")]
+    Corrupt(String),
     #[error("the log failed earlier and accepts no more writes")]
     Poisoned,
     #[error("the log writer has stopped")]
@@ -132,7 +136,10 @@ pub enum LogError {
 
 impl From<rocksdb::Error> for LogError {
     fn from(err: rocksdb::Error) -> Self {
-        LogError::Rocks(err.into_string())
+        match err.kind() {
+            rocksdb::ErrorKind::Corruption => LogError::Corrupt(err.into_string()),
+            _ => LogError::Rocks(err.into_string()),
+        }
     }
 }
 
@@ -203,7 +210,11 @@ impl Log {
         options.set_paranoid_checks(true);
         let (closed_tx, closed) = tokio::sync::watch::channel(());
         let db = DB::open(&options, path).map_err(|err| {
-            LogError::Rocks(format!("cannot open the log in {}: {}", path.display(), err.into_string()))
+            let why = format!("cannot open the log in {}: {}", path.display(), err.clone().into_string());
+            match LogError::from(err) {
+                LogError::Corrupt(_) => LogError::Corrupt(why),
+                _ => LogError::Rocks(why),
+            }
         })?;
         let db = Arc::new(Database { db, poisoned: AtomicBool::new(false), _closed: closed_tx });
         let stats = Arc::new(LogStats::default());
@@ -620,7 +631,7 @@ mod tests {
         let wal = flip(dir.path(), ".log", 0.5);
         let err = Log::open(dir.path()).err().expect("a corrupted WAL must not open");
         let message = err.to_string();
-        assert!(message.contains("Corruption"), "{message}");
+        assert!(matches!(err, LogError::Corrupt(_)), "{message}");
         assert!(message.contains(&dir.path().display().to_string()), "names the directory: {message}");
         assert!(wal.exists(), "nothing was repaired or dropped: {}", wal.display());
     }
@@ -632,19 +643,20 @@ mod tests {
         let table = flip(dir.path(), ".sst", 0.1);
         let name = table.file_name().unwrap().to_string_lossy().into_owned();
         let failed = match Log::open(dir.path()) {
-            Err(err) => err.to_string(),
+            Err(err) => err,
             Ok(log) => {
                 let scan = log.scan_prefix(b"key-").expect_err("a scan over the corrupted block");
                 let read =
                     (0..100u32).map(|i| log.get(format!("key-{i:03}").as_bytes())).find(Result::is_err);
-                assert!(read.is_some(), "some read meets the corrupted block and fails");
-                scan.to_string()
+                assert!(
+                    matches!(read, Some(Err(LogError::Corrupt(_)))),
+                    "some read meets the corrupted block and fails: {read:?}"
+                );
+                scan
             }
         };
-        assert!(
-            failed.contains("Corruption") && failed.contains(&name),
-            "names the table file {name}: {failed}"
-        );
+        assert!(matches!(failed, LogError::Corrupt(_)), "{failed}");
+        assert!(failed.to_string().contains(&name), "names the table file {name}: {failed}");
     }
 
     async fn reopen(path: &Path) -> Log {
