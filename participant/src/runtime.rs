@@ -439,7 +439,7 @@ impl Actor {
                         (self.store.clone(), self.events.clone(), self.resource.clone());
                     tokio::spawn(async move {
                         until_done("abort", txid, || resource.abort(txid)).await;
-                        if let Err(err) = store.log_abort(txid).await {
+                        if let Err(err) = store.log_abort(txid, prepared).await {
                             fatal(&err);
                         }
                         debug!(%txid, prepared, "branch aborted");

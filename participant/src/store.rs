@@ -10,9 +10,12 @@
 //!   tombstone and the removal of the prepared record in **one synced batch**:
 //!   a branch is applied exactly once, and a crash leaves it either prepared
 //!   (redo not applied) or committed (applied), never half.
-//! - [`BranchLog::log_abort`] is **not synced**: if it is lost, the prepared
-//!   record comes back at start and the coordinator answers ABORTED again
-//!   (presumed abort).
+//! - [`BranchLog::log_abort`] of a prepared branch is **not synced**: if it
+//!   is lost, the prepared record comes back at start and the coordinator
+//!   answers ABORTED again (presumed abort). Of a branch never prepared here
+//!   (an Abort before or instead of its Prepare) it is **synced soon**: the
+//!   tombstone alone then keeps a late Prepare out, and its ack tells a
+//!   coordinator asking about a one-phase branch that it never commits.
 //! - [`BranchLog::forget_tombstones`] deletes the tombstones at or below each
 //!   coordinator's new horizon with one range delete, in the batch that makes
 //!   that horizon durable (`w/<coordinator>`), **not synced**: a lost batch
@@ -290,13 +293,19 @@ impl<S: Storage> BranchLog<S> {
         Ok(())
     }
 
-    /// Drops the prepared record and records the abort (not synced).
-    pub async fn log_abort(&self, txid: TxId) -> Result<(), StoreError> {
+    /// Drops the prepared record and records the abort. Not synced if the
+    /// branch was `prepared`: lost, the prepared record comes back and the
+    /// coordinator answers ABORTED again. Synced soon (sharing an fsync)
+    /// if not: then the tombstone alone keeps a late Prepare out, and the
+    /// ack tells the coordinator asking about a one-phase branch that it
+    /// never commits.
+    pub async fn log_abort(&self, txid: TxId, prepared: bool) -> Result<(), StoreError> {
         let writes = vec![
             Write::delete(key(PREPARED, txid)),
             Write::put(key(TOMBSTONE, txid), record::encode(&TombstoneRecord { committed: false })),
         ];
-        self.log.write(writes, false).await?;
+        let durability = if prepared { Durability::Buffered } else { Durability::SyncedSoon };
+        self.log.write_with(writes, durability).await?;
         Ok(())
     }
 }
@@ -342,7 +351,7 @@ mod tests {
                 log.log_prepared(t, &["k".to_string()], b"redo").await.unwrap();
             }
             log.log_commit(t1, vec![Write::put("k/k", "v")], false).await.unwrap();
-            log.log_abort(t2).await.unwrap();
+            log.log_abort(t2, true).await.unwrap();
         }
         let log = reopen(open);
         let loaded = log.load().await.unwrap();
@@ -359,8 +368,8 @@ mod tests {
         {
             let log = reopen(open);
             for s in 1..=10 {
-                log.log_abort(a(s)).await.unwrap();
-                log.log_abort(b(s)).await.unwrap();
+                log.log_abort(a(s), true).await.unwrap();
+                log.log_abort(b(s), true).await.unwrap();
             }
             log.log_prepared(a(3), &["k".into()], b"redo").await.unwrap();
             log.forget_tombstones(&[a(6), b(2)]).await.unwrap();
@@ -395,7 +404,7 @@ mod tests {
                         tokio::spawn(async move {
                             for i in 0..per {
                                 let s = 1 + round * WRITERS * per + w * per + i;
-                                log.log_abort(t(s)).await.unwrap();
+                                log.log_abort(t(s), true).await.unwrap();
                             }
                         })
                     })
@@ -439,11 +448,23 @@ mod tests {
         let (t1, t2) = (TxId::new(1, 1, 1), TxId::new(1, 1, 2));
         now_or_never(log.log_prepared(t1, &["a".into()], b"redo")).unwrap();
         now_or_never(log.log_prepared(t2, &["b".into()], b"redo")).unwrap();
-        now_or_never(log.log_abort(t2)).unwrap();
+        now_or_never(log.log_abort(t2, true)).unwrap();
         let log = BranchLog::open_on(disk.crash_machine(0), "http://c");
         let loaded = now_or_never(log.load()).unwrap();
         let prepared: Vec<TxId> = loaded.prepared.iter().map(|b| b.txid).collect();
         assert_eq!(prepared, [t1, t2], "the lost abort leaves t2 prepared: it asks, presumed abort answers");
         assert!(loaded.tombstones.is_empty(), "and no half of it survived");
+    }
+
+    #[test]
+    fn a_machine_crash_keeps_the_abort_of_a_txid_never_prepared_here() {
+        use decree_runtime::storage::now_or_never;
+        let disk = decree_runtime::MemLog::new();
+        let log = BranchLog::open_on(disk.clone(), "http://c");
+        let t = TxId::new(1, 1, 7);
+        now_or_never(log.log_abort(t, false)).unwrap();
+        let log = BranchLog::open_on(disk.crash_machine(0), "http://c");
+        let loaded = now_or_never(log.load()).unwrap();
+        assert_eq!(loaded.tombstones, [(t, Outcome::Aborted)], "a late Prepare of it still votes NO");
     }
 }

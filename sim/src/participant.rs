@@ -51,7 +51,7 @@ pub enum Work {
 pub enum Disk {
     Prepared { txid: TxId, keys: Vec<String>, redo: Vec<u8> },
     Commit { txid: TxId, redo: Vec<u8>, one_phase: bool },
-    Abort { txid: TxId },
+    Abort { txid: TxId, prepared: bool },
     Forget { horizons: Vec<TxId> },
 }
 
@@ -615,9 +615,9 @@ impl Participant {
                 }
                 self.feed(ctx, Event::CommitLogged { txid });
             }
-            Disk::Abort { txid } => {
+            Disk::Abort { txid, prepared } => {
                 now_or_never(process.kv.abort(txid)).expect("memory");
-                now_or_never(process.store.log_abort(txid)).expect("memory");
+                now_or_never(process.store.log_abort(txid, prepared)).expect("memory");
                 self.feed(ctx, Event::AbortLogged { txid });
             }
             Disk::Forget { horizons } => {
@@ -676,7 +676,8 @@ impl Participant {
                     return;
                 }
                 ctx.ghost.deciding_abort(ctx.now, self.index, txid, prepared);
-                self.write(ctx, Disk::Abort { txid }, false);
+                // Synced unless prepared: see `BranchLog::log_abort`.
+                self.write(ctx, Disk::Abort { txid, prepared }, !prepared);
             }
             Command::ForgetTombstones { horizons, .. } => self.write(ctx, Disk::Forget { horizons }, false),
             Command::Vote { txid, vote } => {
