@@ -206,11 +206,13 @@ enum Txn {
     /// Interactive, before Commit: participants enlist.
     /// Each enlisted participant with the run it enlisted from (0: not said).
     Active { enlisted: BTreeMap<ParticipantName, u64> },
-    /// One-phase, and its client knows the txid and may ask `GetOutcome`
-    /// before any answer (interactive, or announced by a group's leader),
-    /// so the question is recorded ([`Command::LogOnePhaseInDoubt`]) before
-    /// the Prepare (carrying `payload`) goes.
-    Recording { participant: ParticipantName, payload: Vec<u8>, timeout: Duration, interactive: bool },
+    /// Interactive and one-phase: its client knows the txid from Begin and
+    /// may ask `GetOutcome` before any answer, so the question is recorded
+    /// ([`Command::LogOnePhaseInDoubt`]) before the Prepare (carrying
+    /// `payload`) goes. (A group's leader, whose one-shot clients hear
+    /// their txids first too, asks every participant instead about a txid
+    /// it holds nothing of: see `Handle::outcome`.)
+    Recording { participant: ParticipantName, payload: Vec<u8>, timeout: Duration },
     /// Waiting for votes from `waiting`. `recorded`: one-phase, and its
     /// question is on disk (interactive).
     Preparing {
@@ -291,11 +293,6 @@ pub enum EngineError {
 pub struct Engine {
     txns: HashMap<TxId, Txn>,
     commands: Vec<Command>,
-    /// Record every one-phase question before its Prepare, not only an
-    /// interactive one's: a group's leader does, so that a client told
-    /// "unknown" at a failover can ask the next leader, which then knows to
-    /// ask the participant instead of presuming abort.
-    questions_first: bool,
 }
 
 fn view(txid: TxId, txn: &Txn) -> InFlight {
@@ -322,12 +319,6 @@ fn view(txid: TxId, txn: &Txn) -> InFlight {
 impl Engine {
     pub fn new() -> Self {
         Engine::default()
-    }
-
-    /// An engine that records every one-phase question before its Prepare
-    /// (see [`Engine`]): for the leader of a coordinator group.
-    pub fn recording_every_one_phase() -> Self {
-        Engine { questions_first: true, ..Engine::default() }
     }
 
     /// Commands queued by events so far, oldest first.
@@ -558,12 +549,11 @@ impl Engine {
                     });
                 }
                 Some(Txn::Recording { .. }) => {
-                    let Some(Txn::Recording { participant, payload, timeout, interactive }) =
-                        self.txns.remove(&txid)
+                    let Some(Txn::Recording { participant, payload, timeout }) = self.txns.remove(&txid)
                     else {
                         unreachable!()
                     };
-                    self.send_prepares(txid, vec![(participant, payload)], timeout, interactive, true);
+                    self.send_prepares(txid, vec![(participant, payload)], timeout, true, true);
                 }
                 _ => {}
             },
@@ -616,10 +606,10 @@ impl Engine {
             self.commands.push(Command::Reply { txid, decided: Decided::Committed });
             return;
         }
-        if (interactive || self.questions_first) && branches.len() == 1 {
+        if interactive && branches.len() == 1 {
             let (participant, payload) = branches.into_iter().next().expect("one branch");
             self.commands.push(Command::LogOnePhaseInDoubt { txid, participant: participant.clone() });
-            self.txns.insert(txid, Txn::Recording { participant, payload, timeout, interactive });
+            self.txns.insert(txid, Txn::Recording { participant, payload, timeout });
             return;
         }
         self.send_prepares(txid, branches, timeout, interactive, false);

@@ -60,6 +60,31 @@ pub enum EnrollError {
     Unknown(ParticipantName),
 }
 
+/// Refused if a live participant at another address holds `name`.
+fn taken(
+    members: &BTreeMap<ParticipantName, Member>,
+    name: &ParticipantName,
+    address: &str,
+    now: Instant,
+) -> Result<(), EnrollError> {
+    match members.get(name) {
+        Some(member) if member.address != address && member.held_until > now => {
+            let heard = match member.last_seen {
+                Some(seen) => format!("{} ms ago", now.duration_since(seen).as_millis()),
+                None => "not yet since the coordinator started".to_owned(),
+            };
+            Err(EnrollError::Taken {
+                holder: member.address.clone(),
+                address: address.to_owned(),
+                heard,
+                held_for: member.held_until - now,
+                name: name.clone(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// One HTTP/2 channel per participant, shared by every transaction.
 pub struct Registry {
     members: Mutex<BTreeMap<ParticipantName, Member>>,
@@ -134,24 +159,12 @@ impl Registry {
         let mut members = self.members();
         let now = Instant::now();
         let last_seen = seen.then_some(now);
+        taken(&members, &name, address, now)?;
         match members.get_mut(&name) {
             Some(member) if member.address == address => {
                 member.last_seen = last_seen.or(member.last_seen);
                 member.held_until = member.held_until.max(now + self.liveness);
                 member.role = role;
-            }
-            Some(member) if member.held_until > now => {
-                let heard = match member.last_seen {
-                    Some(seen) => format!("{} ms ago", now.duration_since(seen).as_millis()),
-                    None => "not yet since the coordinator started".to_owned(),
-                };
-                return Err(EnrollError::Taken {
-                    holder: member.address.clone(),
-                    address: address.to_owned(),
-                    heard,
-                    held_for: member.held_until - now,
-                    name,
-                });
             }
             _ => {
                 let member = self.member(endpoint, address, role, last_seen, now + self.liveness);
@@ -159,6 +172,16 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Whether [`Registry::enroll`] would take `name` at `address` now,
+    /// changing nothing: checked before an enrollment is recorded, so that a
+    /// participant is reachable only once its record is durable (a group's
+    /// next leader asks every participant recorded about a txid it holds
+    /// nothing of, and must not miss the one that ran it).
+    pub fn may_enroll(&self, name: &ParticipantName, address: &str) -> Result<(), EnrollError> {
+        endpoint(address)?;
+        taken(&self.members(), name, address, Instant::now())
     }
 
     /// An operator's move of `name` to `address`, whether or not its holder

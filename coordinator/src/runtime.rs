@@ -325,10 +325,38 @@ impl Handle {
                 Recorded::Absent
             })
         });
-        match failed {
-            Some(err) => Err(err.into()),
-            None => Ok(outcome),
+        if let Some(err) = failed {
+            return Err(err.into());
         }
+        if known.is_none() && outcome == v1::Outcome::Aborted && matches!(self.failure, Failure::Term(_)) {
+            return Ok(self.ask_every_participant(txid).await);
+        }
+        Ok(outcome)
+    }
+
+    /// A group's leader holds nothing of `txid`: presumed abort cannot say
+    /// ABORTED yet, for a group records no question before a one-shot
+    /// one-phase Prepare (its client hears the txid first, so it may ask a
+    /// later leader, or this one in the moment between the branch's commit
+    /// and its note). Asks every participant ever enrolled to abort it and
+    /// answers from what they found ([`wire::outcome_asked`]): the one that
+    /// committed it refuses; the others ack, and vote NO on a late Prepare.
+    async fn ask_every_participant(&self, txid: TxId) -> v1::Outcome {
+        let timeout = self.config.commit_timeout();
+        let asks = self.registry.list().into_iter().map(|listed| {
+            let client = self.registry.client(&listed.name);
+            let request = wire::abort_request(txid);
+            async move {
+                let answer = call(client, timeout, |mut c| async move { c.abort(request).await }).await;
+                let found =
+                    wire::one_phase_found(answer.map(|r| wire::acked(r.ack, r.reason_code, r.reason)));
+                debug!(%txid, participant = %listed.name, ?found, "asked about a txid held nothing of");
+                found
+            }
+        });
+        let outcome = wire::outcome_asked(futures::future::join_all(asks).await);
+        info!(%txid, ?outcome, "outcome of a txid held nothing of, from its participants");
+        outcome
     }
 
     /// Tells the engine a participant enrolled, so owed Commits go out at once.
@@ -398,12 +426,7 @@ pub(crate) fn start(
         std::num::NonZeroU32::new(config.retry_budget_per_s).expect("validated: greater than 0"),
     ));
     let next_sequence = Arc::new(AtomicU64::new(1));
-    // A group's leader records every one-phase question first: its clients
-    // hear txids before the answer, and may ask the next leader.
-    let engine = match failure {
-        Failure::Process => Engine::new(),
-        Failure::Term(_) => Engine::recording_every_one_phase(),
-    };
+    let engine = Engine::new();
     let (deposed, deposition) = tokio::sync::watch::channel(false);
     let handle = Handle {
         requests,

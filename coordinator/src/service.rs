@@ -371,18 +371,21 @@ impl Registry for Service {
                 "{name} is in the ring: it holds keys, so it cannot enroll as a service (decree ring remove {name} first)"
             )));
         }
-        if let Err(err) = self.handle.registry.enroll(name.clone(), &request.address, role, true) {
+        let refused = |err: crate::registry::EnrollError| {
             if let crate::registry::EnrollError::Taken { holder, .. } = &err {
                 metrics::counter!(crate::registry::ENROLLMENTS_REFUSED).increment(1);
                 tracing::warn!(participant = %name, %holder, address = %request.address, "enrollment refused: a live participant holds the name");
             }
-            return Err(err.into());
-        }
+            Status::from(err)
+        };
+        // Recorded before it is reachable: see `Registry::may_enroll`.
+        self.handle.registry.may_enroll(&name, &request.address).map_err(refused)?;
         self.handle
             .store
             .save_participant(&name, &request.address, role.to_wire())
             .await
             .map_err(CoordinatorError::from)?;
+        self.handle.registry.enroll(name.clone(), &request.address, role, true).map_err(refused)?;
         tracing::info!(participant = %name, address = %request.address, ?role, join = request.join, "participant enrolled");
         self.handle.enrolled(name.clone());
         if request.join && role == Role::Member {

@@ -53,7 +53,10 @@
 //!   makes the horizon durable, and raises the in-memory horizon *before*
 //!   writing, so no reader ever sees a record gone while the horizon says it
 //!   should be there. A committed transaction is therefore never answered
-//!   ABORTED: it is COMMITTED (a record exists) or FORGOTTEN.
+//!   ABORTED: it is COMMITTED (a record exists) or FORGOTTEN. In a group
+//!   (whose one-shot clients know their txids before the answer, and where
+//!   no question precedes a one-shot one-phase Prepare) absence is not taken
+//!   for ABORTED: the leader asks every participant first (`Handle::outcome`).
 //! - A record that fails its checksum is an error, never "absent": the
 //!   coordinator refuses to start rather than abort a committed transaction.
 

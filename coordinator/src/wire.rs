@@ -168,6 +168,27 @@ pub fn one_phase_found(answer: Result<Acked, Unanswered>) -> OnePhaseFound {
     }
 }
 
+/// GetOutcome's answer at a group's leader for a txid it holds nothing of,
+/// from what each participant found when asked to abort it (a group records
+/// no question before a one-shot one-phase Prepare, so the txid may name a
+/// one-phase branch that committed): COMMITTED if one refused, its branch
+/// committed; ABORTED only if every one acked, none committed and none ever
+/// will (each now votes NO on a late Prepare); PENDING while one is
+/// unreachable (it may have committed: ask again); FORGOTTEN if one no longer
+/// remembers. No participants: ABORTED (no branch can have committed).
+pub fn outcome_asked(found: impl IntoIterator<Item = OnePhaseFound>) -> v1::Outcome {
+    let mut outcome = v1::Outcome::Aborted;
+    for found in found {
+        match found {
+            OnePhaseFound::Committed => return v1::Outcome::Committed,
+            OnePhaseFound::Unreachable => outcome = v1::Outcome::Pending,
+            OnePhaseFound::Forgotten if outcome == v1::Outcome::Aborted => outcome = v1::Outcome::Forgotten,
+            OnePhaseFound::Forgotten | OnePhaseFound::Aborted => {}
+        }
+    }
+    outcome
+}
+
 /// Whether an Abort of a transaction that has no COMMIT decision (a
 /// migration batch an earlier start left undecided) ended its branch at the
 /// participant: done, or forgotten, in either version's words (the
@@ -211,6 +232,19 @@ mod tests {
         assert_eq!(one_phase_found(decided), OnePhaseFound::Committed);
         assert_eq!(one_phase_found(Ok(Acked::Done)), OnePhaseFound::Aborted);
         assert_eq!(one_phase_found(Err(Unanswered::Deadline)), OnePhaseFound::Unreachable);
+    }
+
+    #[test]
+    fn a_txid_held_nothing_of_is_aborted_only_when_every_participant_says_so() {
+        use OnePhaseFound::*;
+        assert_eq!(outcome_asked([]), v1::Outcome::Aborted);
+        assert_eq!(outcome_asked([Aborted, Aborted, Aborted]), v1::Outcome::Aborted);
+        assert_eq!(outcome_asked([Aborted, Committed, Unreachable]), v1::Outcome::Committed);
+        assert_eq!(outcome_asked([Unreachable, Aborted, Committed]), v1::Outcome::Committed);
+        assert_eq!(outcome_asked([Aborted, Unreachable, Aborted]), v1::Outcome::Pending);
+        assert_eq!(outcome_asked([Forgotten, Unreachable]), v1::Outcome::Pending);
+        assert_eq!(outcome_asked([Unreachable, Forgotten]), v1::Outcome::Pending);
+        assert_eq!(outcome_asked([Aborted, Forgotten]), v1::Outcome::Forgotten);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! answer goes back to the engine through the same `wire` conversions.
 //!
 //! As a **group** (a third of the seeds), it is the leader of a replicated
-//! coordinator, as `coordinator/src/group.rs` runs one: its engine records
-//! every one-phase question first, it names each one-shot transaction's
-//! txid to its client at once (`announce_txid`), and each write is durable
+//! coordinator, as `coordinator/src/group.rs` runs one: it names each
+//! one-shot transaction's txid to its client at once (`announce_txid`), so
+//! `GetOutcome` of a txid it holds nothing of asks every participant (a
+//! one-phase branch may have committed), and each write is durable
 //! only once a follower holds it too (the leader's fsync, and a follower's
 //! a round trip away), whatever durability the store asked for. Losing the
 //! leader (its process, its machine, or a crash point) is a failover, not
@@ -96,6 +97,14 @@ pub enum Disk {
     },
 }
 
+/// The answer to `GetOutcome`, unless a planted bug changes it.
+fn presumed(ctx: &Ctx, outcome: v1::Outcome) -> v1::Outcome {
+    if ctx.mutated(Mutation::PresumeCommit) && outcome == v1::Outcome::Aborted {
+        return v1::Outcome::Committed;
+    }
+    outcome
+}
+
 /// A call in flight to a participant.
 #[derive(Debug)]
 enum Call {
@@ -111,6 +120,11 @@ enum Call {
     Abort,
     Resolve {
         txid: TxId,
+    },
+    /// An Abort asking about a txid a group's leader holds nothing of, for
+    /// the `GetOutcome` call `query` (see [`Asking`]).
+    Ask {
+        query: u64,
     },
     /// A call of the migration task.
     Ring,
@@ -136,6 +150,18 @@ struct Process {
     ring_write: bool,
     /// When each participant was last heard from (enroll or heartbeat).
     heard: BTreeMap<ParticipantName, Time>,
+    /// `GetOutcome` calls waiting for the participants' answers, by query.
+    asking: BTreeMap<u64, Asking>,
+}
+
+/// A group leader's `GetOutcome` of a txid it holds nothing of, as
+/// `Handle::outcome` answers one: every participant is asked to abort it.
+struct Asking {
+    /// The client and its call.
+    from: Node,
+    rpc: u64,
+    waiting: usize,
+    found: Vec<decree_coordinator::engine::OnePhaseFound>,
 }
 
 pub struct Coordinator {
@@ -222,13 +248,8 @@ impl Coordinator {
         let routing = Arc::new(record.routing.as_ref().map(Routing::from_wire).unwrap_or_default());
         let next = TxId::new(recovered.coordinator_id, recovered.incarnation, 1);
         let window = Window::new(self.retention.coordinator, self.instant(ctx.now), next, store.ended());
-        let engine = if self.group && !ctx.mutated(Mutation::NoQuestionFirst) {
-            Engine::recording_every_one_phase()
-        } else {
-            Engine::new()
-        };
         let mut process = Process {
-            engine,
+            engine: Engine::new(),
             store,
             id: recovered.coordinator_id,
             incarnation: recovered.incarnation,
@@ -242,6 +263,7 @@ impl Coordinator {
             driver: Driver::Idle,
             ring_write: false,
             heard: BTreeMap::new(),
+            asking: BTreeMap::new(),
         };
         for (txid, participants) in recovered.unfinished {
             process.engine.on_event(Event::Recovered { txid, participants }).expect("distinct decisions");
@@ -391,6 +413,22 @@ impl Coordinator {
             ctx.disk_write(&mut process.disk_free, synced)
         };
         ctx.schedule(after, Item::Coordinator { epoch: self.epoch, work: Work::Disk(disk) });
+    }
+
+    /// Asks every participant to abort `txid`, and answers the client's
+    /// `GetOutcome` call `rpc` once all have answered (see [`Asking`]).
+    fn ask_every_participant(&mut self, ctx: &mut Ctx, from: Node, rpc: u64, txid: TxId) {
+        let Some(process) = self.process.as_mut() else { return };
+        let query = ctx.rpc();
+        let asking = Asking { from, rpc, waiting: self.participants.len(), found: Vec::new() };
+        process.asking.insert(query, asking);
+        for participant in self.participants.clone() {
+            let call = Call::Ask { query };
+            self.call(ctx, participant, call, |rpc| Msg::Abort(rpc, txid, true), CALL_TIMEOUT);
+        }
+        if self.participants.is_empty() {
+            ctx.send(Node::Coordinator, from, Msg::Outcome(rpc, Ok(v1::Outcome::Aborted)));
+        }
     }
 
     fn call(
@@ -568,6 +606,17 @@ impl Coordinator {
                 wire::commit_event(txid, participant, answer)
             }
             Call::Abort => return,
+            Call::Ask { query } => {
+                let Some(asking) = process.asking.get_mut(&query) else { return };
+                asking.found.push(wire::one_phase_found(answer));
+                asking.waiting -= 1;
+                if asking.waiting == 0 {
+                    let Asking { from, rpc, found, .. } = process.asking.remove(&query).expect("just found");
+                    let outcome = presumed(ctx, wire::outcome_asked(found));
+                    ctx.send(Node::Coordinator, from, Msg::Outcome(rpc, Ok(outcome)));
+                }
+                return;
+            }
             Call::Resolve { txid } => Event::OnePhaseResolved { txid, found: wire::one_phase_found(answer) },
             Call::Ring => {
                 // An Abort of a batch left undecided, or a call that went unanswered.
@@ -600,11 +649,15 @@ impl Coordinator {
                 } else {
                     let known = process.engine.known(txid);
                     let store = &process.store;
-                    let mut outcome = wire::outcome_of(known, || store.recorded(txid).expect("memory"));
-                    if ctx.mutated(Mutation::PresumeCommit) && outcome == v1::Outcome::Aborted {
-                        outcome = v1::Outcome::Committed;
+                    let outcome = wire::outcome_of(known, || store.recorded(txid).expect("memory"));
+                    if self.group
+                        && known.is_none()
+                        && outcome == v1::Outcome::Aborted
+                        && !ctx.mutated(Mutation::PresumeAbortUnasked)
+                    {
+                        return self.ask_every_participant(ctx, from, rpc, txid);
                     }
-                    Ok(outcome)
+                    Ok(presumed(ctx, outcome))
                 };
                 ctx.send(Node::Coordinator, from, Msg::Outcome(rpc, answer));
             }

@@ -86,11 +86,12 @@ pub enum Mutation {
     PresumeCommit,
     /// The coordinator never redelivers a Commit that failed.
     SkipRedelivery,
-    /// A group's leader sends a one-shot one-phase Prepare before its
-    /// question is recorded (as a single coordinator may, whose client has
-    /// no txid to ask about): after a failover its client, asking, hears
-    /// ABORTED for a branch that committed.
-    NoQuestionFirst,
+    /// A group's leader answers `GetOutcome` ABORTED for a txid it holds
+    /// nothing of without asking the participants (as a single coordinator
+    /// may, whose one-shot clients have no txid to ask about): after a
+    /// failover a client, asking, hears ABORTED for a one-phase branch that
+    /// committed.
+    PresumeAbortUnasked,
     /// An old owner's OUT step reads what leaves but does not delete it.
     KeepMovedKeys,
     /// A new owner's IN step takes no fence: it serves keys before they arrive
@@ -112,7 +113,7 @@ impl Mutation {
         Mutation::FailedVoteIsYes,
         Mutation::PresumeCommit,
         Mutation::SkipRedelivery,
-        Mutation::NoQuestionFirst,
+        Mutation::PresumeAbortUnasked,
         Mutation::KeepMovedKeys,
         Mutation::NoFenceAtNewOwner,
         Mutation::CursorBeforeCommit,
@@ -128,7 +129,7 @@ impl Mutation {
             Mutation::FailedVoteIsYes => "failed-vote-is-yes",
             Mutation::PresumeCommit => "presume-commit",
             Mutation::SkipRedelivery => "skip-redelivery",
-            Mutation::NoQuestionFirst => "no-question-first",
+            Mutation::PresumeAbortUnasked => "presume-abort-unasked",
             Mutation::KeepMovedKeys => "keep-moved-keys",
             Mutation::NoFenceAtNewOwner => "no-fence-at-new-owner",
             Mutation::CursorBeforeCommit => "cursor-before-commit",

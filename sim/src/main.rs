@@ -27,7 +27,7 @@ struct Args {
     #[arg(long)]
     seed: Option<u64>,
     /// Plant a bug: commit-before-durable, yes-before-durable, ack-before-durable,
-    /// decide-alone, failed-vote-is-yes, presume-commit, skip-redelivery,
+    /// decide-alone, failed-vote-is-yes, presume-commit, skip-redelivery, presume-abort-unasked,
     /// keep-moved-keys, no-fence-at-new-owner, cursor-before-commit, reenlist-taken.
     #[arg(long, value_parser = |s: &str| s.parse::<Mutation>())]
     mutation: Option<Mutation>,

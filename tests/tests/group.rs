@@ -28,7 +28,10 @@ fn options() -> Options {
 
 use check::Told;
 
-/// `clients` clients running marked transfers over every participant until `stop`.
+/// `clients` clients running marked transfers until `stop`: two of three
+/// over every participant, one of three at one participant alone (a
+/// one-phase transaction, which a group records nothing of before it
+/// commits: see docs/ha.md).
 /// The load's switch, and how many of its transfers committed so far.
 #[derive(Default)]
 struct Progress {
@@ -63,7 +66,11 @@ fn load(cluster: &Cluster, clients: usize, stop: Arc<Progress>) -> Vec<tokio::ta
                 let mut i = 0;
                 while !stop.stop.load(Ordering::Relaxed) {
                     let tag = format!("c{c}-{i}");
-                    let transfer = check::marked_transfer(&tag, &names, i % ACCOUNTS, 1 + (i % 7) as i64);
+                    let over = match i % 3 {
+                        2 => vec![names[(c + i) % names.len()].clone()],
+                        _ => names.clone(),
+                    };
+                    let transfer = check::marked_transfer(&tag, &over, i % ACCOUNTS, 1 + (i % 7) as i64);
                     let answer = client.transact_branches(transfer).await;
                     match &answer {
                         Ok(result) if result.outcome == Outcome::Committed => {
@@ -76,7 +83,7 @@ fn load(cluster: &Cluster, clients: usize, stop: Arc<Progress>) -> Vec<tokio::ta
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
                     }
-                    told.push((tag, names.clone(), answer.ok().map(|r| r.outcome)));
+                    told.push((tag, over, answer.ok().map(|r| r.outcome)));
                     i += 1;
                 }
                 told
@@ -330,6 +337,39 @@ async fn every_coordinator_crash_point_on_the_leader_ends_whole() {
     for point in points {
         crash_case(point, "c1", false).await;
     }
+}
+
+/// A one-phase transfer whose branch committed and whose leader died before
+/// answering: the group holds nothing of it (no question is recorded before
+/// a one-shot one-phase Prepare), and its client, which knows the txid, asks
+/// the next leader, which asks the participants and answers COMMITTED,
+/// never ABORTED by presumption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_transfer_whose_leader_died_before_answering_is_told_committed_by_the_next() {
+    common::init();
+    let mut options = options();
+    options.crash_at_for = vec![("c1".to_owned(), crash::COORDINATOR_REPLY_BEFORE_CLIENT.to_owned())];
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let names = cluster.participant_names();
+    let client = Client::connect(&cluster.coordinator_url()).await.unwrap();
+    let one = vec![names[1].clone()];
+    let answer = client.transact_branches(check::marked_transfer("alone", &one, 0, 1)).await.unwrap();
+    cluster.wait_exit(NodeId::Replica(0), SETTLE).await.expect("the leader died before answering");
+    assert_eq!(answer.outcome, Outcome::Committed, "the next leader found the branch committed: {answer:?}");
+    assert_eq!(
+        check::markers(&client, "alone", &names).await.unwrap(),
+        1,
+        "committed at its one participant"
+    );
+    assert_eq!(client.status(&answer.txid).await.unwrap(), Outcome::Committed, "asked again, the same");
+    // A txid of the dead leader's that ran nowhere: ABORTED, once every participant says so.
+    let txid: decree_proto::TxId = answer.txid.parse().unwrap();
+    let unused =
+        decree_proto::TxId::new(txid.coordinator, txid.incarnation, txid.sequence + 1_000).to_string();
+    assert_eq!(client.status(&unused).await.unwrap(), Outcome::Aborted, "{unused} ran nowhere");
+    cluster.restart(NodeId::Replica(0)).unwrap();
+    cluster.wait_serving(NodeId::Replica(0), SETTLE).await.unwrap();
+    cluster.wait_settled(SETTLE).await.unwrap();
 }
 
 /// The replicated log's own crash points, on the leader and on a follower.

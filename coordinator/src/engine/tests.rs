@@ -243,43 +243,6 @@ fn a_single_participant_commits_in_one_phase_without_a_decision_record() {
 }
 
 #[test]
-fn a_groups_leader_records_a_one_shot_one_phase_question_before_its_prepare() {
-    let mut engine = Engine::recording_every_one_phase();
-    let t = tx(1);
-    engine
-        .on_event(Event::Transact { txid: t, branches: vec![(p("a"), vec![1])], timeout: TIMEOUT })
-        .unwrap();
-    assert_eq!(
-        engine.take_commands(),
-        vec![Command::LogOnePhaseInDoubt { txid: t, participant: p("a") }],
-        "nothing goes to the participant before the question is durable"
-    );
-    engine.on_event(Event::OnePhaseInDoubtLogged { txid: t }).unwrap();
-    assert_eq!(
-        engine.take_commands(),
-        vec![
-            Command::SendPrepare {
-                txid: t,
-                participant: p("a"),
-                payload: vec![1],
-                one_phase: true,
-                interactive: false
-            },
-            Command::ArmTimer { txid: t, kind: TimerKind::Prepare, after: TIMEOUT },
-        ]
-    );
-    assert_eq!(
-        vote(&mut engine, t, "a", VoteResult::Committed),
-        vec![
-            Command::LogOnePhaseCommit { txid: t, participant: p("a"), in_doubt: true },
-            Command::Reply { txid: t, decided: Decided::Committed },
-        ],
-        "the question is dropped with the outcome"
-    );
-    assert_eq!(engine.in_flight(), 0);
-}
-
-#[test]
 fn a_failed_one_phase_prepare_is_not_reported_aborted_before_asking() {
     let t = tx(1);
     let mut engine = engine_preparing(t, &["a"]);
