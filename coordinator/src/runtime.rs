@@ -528,7 +528,9 @@ impl Actor {
     /// Whatever the group's log holds of them is the truth the next leader
     /// answers `GetOutcome` from: a COMMIT decision it holds is redriven,
     /// a one-phase question is asked again, and a txid it holds nothing of
-    /// did not commit and now cannot (this replica can no longer write).
+    /// is asked of every participant: a two-phase one did not commit and now
+    /// cannot (this replica can no longer write), a one-shot one-phase one
+    /// committed or not at its participant, which says which.
     fn abdicate(&mut self) {
         let count = self.replies.len();
         for (txid, reply) in self.replies.drain() {
