@@ -101,6 +101,11 @@ pub struct BenchArgs {
     /// migration. A local cluster starts the members to add outside the ring.
     #[arg(long = "scale-at", value_parser = crate::scale::parse, value_name = "SECONDS:add=NAME")]
     pub(crate) scale_at: Vec<crate::scale::ScaleAt>,
+    /// Count every heap allocation of each process of the local cluster and of this client
+    /// (a counting allocator) and report allocations per committed transaction. Counting
+    /// costs CPU: take tx/s and CPU figures from a run without it.
+    #[arg(long, conflicts_with = "coordinator")]
+    pub(crate) count_allocations: bool,
     /// Extra flags for the local coordinator (repeatable), e.g. --coordinator-flag=--retain-ended=100000.
     #[arg(long = "coordinator-flag", value_name = "FLAG", allow_hyphen_values = true)]
     pub(crate) coordinator_flags: Vec<String>,
@@ -123,6 +128,10 @@ pub(crate) fn account(i: usize) -> String {
     format!("acct-{i:05}")
 }
 
+/// Counts kept per process ([`Run::per_process`]), and where allocations are.
+const COUNTS: usize = 6;
+const ALLOCS: usize = 5;
+
 /// What one system did in the measured window(s).
 #[derive(Default)]
 pub(crate) struct Run {
@@ -137,8 +146,9 @@ pub(crate) struct Run {
     pub(crate) messages: Option<f64>,
     pub(crate) rss_mib: BTreeMap<String, f64>,
     /// Per process: fsyncs, log writes, gRPC requests received, stream
-    /// messages received, CPU seconds (user + system, from /proc).
-    pub(crate) per_process: BTreeMap<String, [f64; 5]>,
+    /// messages received, CPU seconds (user + system, from /proc), heap
+    /// allocations (0 unless counted).
+    pub(crate) per_process: BTreeMap<String, [f64; COUNTS]>,
 }
 
 impl Run {
@@ -156,8 +166,8 @@ impl Run {
         self.rpcs = sum(self.rpcs, other.rpcs);
         self.messages = sum(self.messages, other.messages);
         for (name, counts) in other.per_process {
-            let mine = self.per_process.entry(name).or_insert([0.0; 5]);
-            for i in 0..5 {
+            let mine = self.per_process.entry(name).or_insert([0.0; COUNTS]);
+            for i in 0..COUNTS {
                 mine[i] += counts[i];
             }
         }
@@ -175,6 +185,13 @@ impl Run {
         }
         let cpu: f64 = self.per_process.values().map(|counts| counts[4]).sum();
         Some(cpu * 1e6 / self.committed.max(1) as f64)
+    }
+
+    /// Heap allocations per committed transaction summed over every
+    /// process, if they were counted (`--count-allocations`).
+    fn allocations_per_tx(&self) -> Option<f64> {
+        let counted: f64 = self.per_process.values().map(|counts| counts[ALLOCS]).sum();
+        (counted > 0.0).then(|| counted / self.committed.max(1) as f64)
     }
 
     fn tx_per_s(&self) -> f64 {
@@ -203,10 +220,12 @@ impl Run {
             "floor_ms": round(floor_ms),
             "rss_mib": self.rss_mib.iter().map(|(k, v)| (k.clone(), json!(round(*v)))).collect::<serde_json::Map<_, _>>(),
             "cpu_us_per_tx": self.cpu_us_per_tx().map(round),
-            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs, streamed, cpu])| {
+            "allocations_per_tx": self.allocations_per_tx().map(|a| a.round()),
+            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs, streamed, cpu, allocs])| {
                 let n = self.committed.max(1) as f64;
                 (k.clone(), json!({
                     "cpu_us_per_tx": round(cpu * 1e6 / n),
+                    "allocations_per_tx": (*allocs > 0.0).then(|| (allocs / n).round()),
                     "fsyncs_per_tx": round(fsyncs / n),
                     "log_writes_per_fsync": round(writes / fsyncs.max(1.0)),
                     "rpcs_received_per_tx": round(rpcs / n),
@@ -324,15 +343,22 @@ impl Local {
             metrics.push((name, NodeId::Participant(i - 1), at));
         }
         drop(ports);
+        if args.count_allocations {
+            crate::alloc::start();
+            for (name, _, _) in &metrics {
+                let (key, on) = (crate::alloc::COUNT_ALLOCATIONS.to_owned(), "1".to_owned());
+                options.env_for.push((name.clone(), key, on));
+            }
+        }
         let cluster = Cluster::start(options).await.map_err(|e| e.to_string())?;
         Ok(Local { cluster, metrics })
     }
 
-    /// Per process: (fsyncs, log write requests, gRPC requests received, stream messages received).
-    async fn counters(&self) -> Result<BTreeMap<String, [f64; 5]>, String> {
+    /// Per process: the counts of [`Run::per_process`].
+    async fn counters(&self) -> Result<BTreeMap<String, [f64; COUNTS]>, String> {
         let mut out = BTreeMap::new();
         let client = cpu_seconds("self").unwrap_or(0.0);
-        out.insert("client".to_owned(), [0.0, 0.0, 0.0, 0.0, client]);
+        out.insert("client".to_owned(), [0.0, 0.0, 0.0, 0.0, client, crate::alloc::counted() as f64]);
         for (name, id, addr) in &self.metrics {
             let page = match scrape(addr).await {
                 Ok(page) => page,
@@ -346,6 +372,7 @@ impl Local {
                 counter(&page, decree_runtime::metrics::GRPC_REQUESTS),
                 counter(&page, decree_runtime::metrics::STREAM_MESSAGES),
                 self.cluster.pid(*id).and_then(|pid| cpu_seconds(&pid.to_string())).unwrap_or(0.0),
+                counter(&page, crate::alloc::ALLOCATIONS),
             ];
             out.insert(name.clone(), counts);
         }
@@ -614,10 +641,11 @@ async fn decree_round(args: &BenchArgs, client: &Client, local: Option<&Local>) 
     bar.finish_and_clear();
     if let (Some(local), Some(before)) = (local, before) {
         let after = local.counters().await?;
-        let mut totals = [0.0; 5];
+        let mut totals = [0.0; COUNTS];
         for (name, counts) in &after {
-            let delta: [f64; 5] = std::array::from_fn(|i| counts[i] - before.get(name).map_or(0.0, |b| b[i]));
-            for i in 0..5 {
+            let delta: [f64; COUNTS] =
+                std::array::from_fn(|i| counts[i] - before.get(name).map_or(0.0, |b| b[i]));
+            for i in 0..COUNTS {
                 totals[i] += delta[i];
             }
             run.per_process.insert(name.clone(), delta);
@@ -887,6 +915,11 @@ fn print_table(out: &Value) {
         if let Some(per) = v["per_process"].as_object().filter(|_| !v["cpu_us_per_tx"].is_null()) {
             let each: Vec<String> = per.iter().map(|(k, p)| format!("{k} {}", p["cpu_us_per_tx"])).collect();
             println!("  CPU per tx     {} µs in all ({})", v["cpu_us_per_tx"], each.join(", "));
+        }
+        if let Some(per) = v["per_process"].as_object().filter(|_| !v["allocations_per_tx"].is_null()) {
+            let each: Vec<String> =
+                per.iter().map(|(k, p)| format!("{k} {}", p["allocations_per_tx"])).collect();
+            println!("  allocations    {} per tx in all ({})", v["allocations_per_tx"], each.join(", "));
         }
     };
     println!();

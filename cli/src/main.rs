@@ -4,6 +4,7 @@
 //! 1 aborted (`txn` only), 2 error or unknown outcome. The command-line
 //! contract is in the README; scripts depend on it.
 
+mod alloc;
 mod bench;
 mod bench_pg;
 mod certs;
@@ -16,9 +17,9 @@ mod soak;
 mod txn;
 
 /// mimalloc: glibc's allocator showed as ~12% of the CPU in a profile of the
-/// bank benchmark (docs/performance.md).
+/// bank benchmark (docs/performance.md); counting when asked (`alloc`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Counting<mimalloc::MiMalloc> = alloc::Counting(mimalloc::MiMalloc);
 
 use clap::{Parser, Subcommand};
 use decree_client::Client;
@@ -217,6 +218,7 @@ fn main() {
         });
     }
     let (cli, matches): (Cli, _) = decree_runtime::args::parse(args);
+    alloc::start_from_env();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
