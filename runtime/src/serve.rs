@@ -317,6 +317,8 @@ where
     let (answers, stream) = tokio::sync::mpsc::unbounded_channel();
     let in_progress = std::sync::Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
     tokio::spawn(async move {
+        // Looked up once: each `counter!` allocates a handle.
+        let messages = metrics::counter!(crate::metrics::STREAM_MESSAGES, "stream" => name);
         loop {
             let next = tokio::select! {
                 biased;
@@ -331,7 +333,7 @@ where
                 }
             };
             let Ok(Some((message, permit))) = next else { break };
-            metrics::counter!(crate::metrics::STREAM_MESSAGES, "stream" => name).increment(1);
+            messages.increment(1);
             let answer = handle(message, Early(answers.clone()));
             let answers = answers.clone();
             tokio::spawn(async move {
