@@ -942,6 +942,10 @@ fn print_table(out: &Value) {
             "failover         {} leader kills: gap to the next commit p50 {} ms, p99 {} ms, max {} ms; {} transactions without an outcome",
             failover["kills"], failover["gap_p50_ms"], failover["gap_p99_ms"], failover["gap_max_ms"], failover["unknown"]
         );
+        println!(
+            "election         a new leader coordinates after p50 {} ms, p99 {} ms",
+            failover["elected_p50_ms"], failover["elected_p99_ms"]
+        );
     }
     if let Some(baseline) = out.get("baseline") {
         row("PostgreSQL 2PC (client-side)", baseline);

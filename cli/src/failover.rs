@@ -54,38 +54,51 @@ pub(crate) async fn run(
             .await
         })
     };
-    let mut gaps = histogram();
-    let mut each = Vec::new();
+    let (mut gaps, mut elections) = (histogram(), histogram());
+    let (mut each, mut each_elected) = (Vec::new(), Vec::new());
     let mut next = started + args.kill_every;
     for kill in 1..=args.kill_leader {
         tokio::time::sleep_until(next.into()).await;
         let leader = local.cluster.leader(GIVE_UP).await.map_err(|e| e.to_string())?;
         let at = started.elapsed().as_micros() as u64;
         local.cluster.kill(leader);
+        // Beside the gap, the time until another replica leads and
+        // coordinates: the election's share of it, the rest being the
+        // clients finding that leader and its first commit.
+        let elected = async {
+            let next = local.cluster.leader_other_than(Some(leader), GIVE_UP).await;
+            next.map(|_| started.elapsed().as_micros() as u64 - at).map_err(|e| e.to_string())
+        };
         // The first commit of a transaction that started after the kill.
         let deadline = Instant::now() + GIVE_UP;
-        let first = loop {
-            let first = commits
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .filter(|(b, _)| *b > at)
-                .map(|(_, e)| *e)
-                .min();
-            if let Some(end) = first {
-                break end;
+        let first = async {
+            loop {
+                let first = commits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .filter(|(b, _)| *b > at)
+                    .map(|(_, e)| *e)
+                    .min();
+                if let Some(end) = first {
+                    break Ok(end);
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("no commit within {GIVE_UP:?} of killing the leader ({leader:?})"));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            if Instant::now() > deadline {
-                return Err(format!("no commit within {GIVE_UP:?} of killing the leader ({leader:?})"));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
         };
-        let gap_us = first - at;
+        let (elected_us, first) = tokio::join!(elected, first);
+        let (elected_us, gap_us) = (elected_us?, first? - at);
         let _ = gaps.record(gap_us.max(1));
+        let _ = elections.record(elected_us.max(1));
         each.push(round(gap_us as f64 / 1000.0));
+        each_elected.push(round(elected_us as f64 / 1000.0));
         say(format!(
-            "  kill {kill}/{}: {leader:?} killed; next commit after {:.0} ms",
+            "  kill {kill}/{}: {leader:?} killed; a new leader coordinates after {:.0} ms, next commit after {:.0} ms",
             args.kill_leader,
+            elected_us as f64 / 1000.0,
             gap_us as f64 / 1000.0
         ));
         local.cluster.restart(leader).map_err(|e| e.to_string())?;
@@ -95,13 +108,16 @@ pub(crate) async fn run(
         next = (started + args.kill_every * (kill as u32 + 1)).max(Instant::now() + Duration::from_secs(1));
     }
     let run = load.await.map_err(|e| e.to_string())?;
-    let ms = |q: f64| round(gaps.value_at_quantile(q) as f64 / 1000.0);
+    let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| round(h.value_at_quantile(q) as f64 / 1000.0);
     Ok(json!({
         "kills": args.kill_leader,
         "gaps_ms": each,
-        "gap_p50_ms": ms(0.5),
-        "gap_p99_ms": ms(0.99),
+        "gap_p50_ms": ms(&gaps, 0.5),
+        "gap_p99_ms": ms(&gaps, 0.99),
         "gap_max_ms": round(gaps.max() as f64 / 1000.0),
+        "elected_ms": each_elected,
+        "elected_p50_ms": ms(&elections, 0.5),
+        "elected_p99_ms": ms(&elections, 0.99),
         "committed": run.committed,
         "aborted": run.aborted,
         "unknown": run.errors,
