@@ -129,8 +129,9 @@ pub(crate) fn account(i: usize) -> String {
 }
 
 /// Counts kept per process ([`Run::per_process`]), and where allocations are.
-const COUNTS: usize = 6;
+const COUNTS: usize = 7;
 const ALLOCS: usize = 5;
+const LEADER_CHANGES: usize = 6;
 
 /// What one system did in the measured window(s).
 #[derive(Default)]
@@ -147,7 +148,8 @@ pub(crate) struct Run {
     pub(crate) rss_mib: BTreeMap<String, f64>,
     /// Per process: fsyncs, log writes, gRPC requests received, stream
     /// messages received, CPU seconds (user + system, from /proc), heap
-    /// allocations (0 unless counted).
+    /// allocations (0 unless counted), leader changes seen (a group's
+    /// replicas).
     pub(crate) per_process: BTreeMap<String, [f64; COUNTS]>,
 }
 
@@ -194,6 +196,14 @@ impl Run {
         (counted > 0.0).then(|| counted / self.committed.max(1) as f64)
     }
 
+    /// Leader changes in the measured window(s): the most any replica saw
+    /// (0 for a single coordinator; in a group without kills, elections
+    /// called because a busy machine delayed the heartbeats).
+    fn leader_changes(&self) -> Option<f64> {
+        let seen = self.per_process.values().map(|counts| counts[LEADER_CHANGES]);
+        (!self.per_process.is_empty()).then(|| seen.fold(0.0, f64::max))
+    }
+
     fn tx_per_s(&self) -> f64 {
         self.committed as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -221,7 +231,8 @@ impl Run {
             "rss_mib": self.rss_mib.iter().map(|(k, v)| (k.clone(), json!(round(*v)))).collect::<serde_json::Map<_, _>>(),
             "cpu_us_per_tx": self.cpu_us_per_tx().map(round),
             "allocations_per_tx": self.allocations_per_tx().map(|a| a.round()),
-            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs, streamed, cpu, allocs])| {
+            "leader_changes": self.leader_changes(),
+            "per_process": self.per_process.iter().map(|(k, [fsyncs, writes, rpcs, streamed, cpu, allocs, _])| {
                 let n = self.committed.max(1) as f64;
                 (k.clone(), json!({
                     "cpu_us_per_tx": round(cpu * 1e6 / n),
@@ -358,7 +369,7 @@ impl Local {
     async fn counters(&self) -> Result<BTreeMap<String, [f64; COUNTS]>, String> {
         let mut out = BTreeMap::new();
         let client = cpu_seconds("self").unwrap_or(0.0);
-        out.insert("client".to_owned(), [0.0, 0.0, 0.0, 0.0, client, crate::alloc::counted() as f64]);
+        out.insert("client".to_owned(), [0.0, 0.0, 0.0, 0.0, client, crate::alloc::counted() as f64, 0.0]);
         for (name, id, addr) in &self.metrics {
             let page = match scrape(addr).await {
                 Ok(page) => page,
@@ -373,6 +384,7 @@ impl Local {
                 counter(&page, decree_runtime::metrics::STREAM_MESSAGES),
                 self.cluster.pid(*id).and_then(|pid| cpu_seconds(&pid.to_string())).unwrap_or(0.0),
                 counter(&page, crate::alloc::ALLOCATIONS),
+                counter(&page, decree_coordinator::LEADER_CHANGES),
             ];
             out.insert(name.clone(), counts);
         }
@@ -929,6 +941,7 @@ fn print_table(out: &Value) {
             row("decree, a single coordinator", &out["single"]);
             println!("ratio            group / single = {}", out["group_vs_single"]);
             println!("group floor      {} ms (2 x fsync p50 + 3 x round trip p50)", out["group_floor_ms"]);
+            println!("leader changes   {} while measured (elections no kill called)", out["leader_changes"]);
         }
         None if out.get("plaintext").is_some() => {
             row("decree over mutual TLS, every RPC checked against a role policy", out);

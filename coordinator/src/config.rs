@@ -88,7 +88,7 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// A follower that hears no leader for a random time between this and
     /// twice this starts an election.
-    #[arg(long, env = "DECREE_ELECTION_TIMEOUT_MS", default_value_t = 250)]
+    #[arg(long, env = "DECREE_ELECTION_TIMEOUT_MS", default_value_t = 150)]
     pub election_timeout_ms: u64,
     #[command(flatten)]
     #[serde(flatten)]
@@ -135,7 +135,7 @@ impl Config {
             replicas: Vec::new(),
             bootstrap: false,
             heartbeat_ms: 50,
-            election_timeout_ms: 250,
+            election_timeout_ms: 150,
             process: decree_runtime::serve::ProcessOptions::default(),
         }
     }

@@ -37,6 +37,7 @@ use tonic::service::Routes;
 
 pub use config::Config;
 use engine::EngineError;
+pub use group::LEADER_CHANGES;
 pub use registry::Role;
 use store::{DecisionLog, StoreError};
 
