@@ -139,6 +139,11 @@ async fn view(url: &str) -> Result<v1::GroupStatus, tonic::Status> {
 /// it, with each member's own answer in `each`.
 fn print(status: &v1::GroupStatus, each: &[(u64, Option<v1::GroupStatus>)], json: bool) {
     let own = |id: u64| each.iter().find(|(m, _)| *m == id).and_then(|(_, s)| s.clone());
+    // A member whose data directory is not the one the group admitted (wiped
+    // or replaced): it refuses the group's messages until removed and added back.
+    let replaced = |m: &v1::GroupMember, own: &Option<v1::GroupStatus>| {
+        own.as_ref().is_some_and(|s| m.identity != 0 && s.identity != 0 && s.identity != m.identity)
+    };
     if json {
         let members: Vec<_> = status
             .members
@@ -155,6 +160,8 @@ fn print(status: &v1::GroupStatus, each: &[(u64, Option<v1::GroupStatus>)], json
                     "applied_index": own.as_ref().map(|s| s.applied_index),
                     "matched_index": m.replication_known.then_some(m.matched_index),
                     "lag": m.replication_known.then_some(m.lag),
+                    "identity": format!("{:016x}", m.identity),
+                    "replaced": replaced(m, &own),
                 })
             })
             .collect();
@@ -183,6 +190,7 @@ fn print(status: &v1::GroupStatus, each: &[(u64, Option<v1::GroupStatus>)], json
     for m in &status.members {
         let own = own(m.id);
         let role = match &own {
+            Some(_) if replaced(m, &own) => "replaced".to_owned(),
             Some(s) if m.voter => s.role.clone(),
             Some(_) => "learner".to_owned(),
             None if each.is_empty() => if m.voter { "voter" } else { "learner" }.to_owned(),
@@ -198,6 +206,14 @@ fn print(status: &v1::GroupStatus, each: &[(u64, Option<v1::GroupStatus>)], json
             cell(own.as_ref().map(|s| s.last_log_index)),
             cell(own.as_ref().map(|s| s.applied_index)),
             cell(m.replication_known.then_some(m.lag)),
+        );
+    }
+    for m in status.members.iter().filter(|m| replaced(m, &own(m.id))) {
+        println!(
+            "replica {id}'s data directory is not the one the group admitted (wiped or replaced): it takes no \
+             part until removed and added back: decree coordinators remove {id}; decree coordinators add {id} {addr}",
+            id = m.id,
+            addr = m.address
         );
     }
 }

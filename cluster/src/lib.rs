@@ -489,6 +489,18 @@ impl Cluster {
         .await
     }
 
+    /// Replica `id`'s own view of its group (`Group.GetGroup`): its role,
+    /// term, log position and the members as it sees them.
+    pub async fn group_status(&self, id: NodeId) -> Result<decree_client::v1::GroupStatus> {
+        use decree_client::v1;
+        let endpoint = tonic::transport::Endpoint::from_shared(self.url_of(id))
+            .map_err(|e| HarnessError::Other(e.to_string()))?
+            .connect_timeout(Duration::from_millis(300));
+        let channel = decree_tls::connect(endpoint).await.map_err(|e| HarnessError::Other(e.to_string()))?;
+        let status = v1::group_client::GroupClient::new(channel).get_group(v1::GetGroupRequest {}).await;
+        status.map(tonic::Response::into_inner).map_err(|e| HarnessError::Other(e.to_string()))
+    }
+
     /// A group: more than one coordinator replica.
     fn group(&self) -> bool {
         self.coordinators.len() > 1

@@ -251,7 +251,7 @@ impl Lease {
 
 /// Counts leader changes and exports the term and lag.
 fn observe(
-    now: &openraft::RaftMetrics<decree_replica::NodeId, openraft::BasicNode>,
+    now: &openraft::RaftMetrics<decree_replica::NodeId, decree_replica::Member>,
     leader: &mut Option<decree_replica::NodeId>,
     changes: &AtomicU64,
 ) {

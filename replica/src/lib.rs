@@ -14,7 +14,9 @@
 //!   is told they are durable;
 //! - [`state_machine`]: applies the replicated write batches to the data
 //!   `Storage`, with the last applied log id in the same batch; snapshots;
-//! - [`network`]: the `decree.v1.Replica` gRPC service between replicas;
+//! - [`network`]: the `decree.v1.Replica` gRPC service between replicas,
+//!   each message addressed to the identity of the data directory the group
+//!   admitted ([`Member`]: a wiped replica takes no part until re-added);
 //! - [`Replica`]: one member of a group (start, bootstrap, leadership).
 //!
 //! Keys: the replicated data keeps its own keys (below `0xfd`); the state
@@ -31,7 +33,6 @@ use std::time::Duration;
 
 use decree_runtime::log::{Durability, LogStats};
 use decree_runtime::{LogError, Storage, Write};
-use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -50,8 +51,30 @@ openraft::declare_raft_types!(
         D = Batch,
         R = (),
         NodeId = NodeId,
-        Node = BasicNode,
+        Node = Member,
 );
+
+/// A member of the group as its membership records it: where it is reached,
+/// and the identity of the data directory the group admitted it with.
+///
+/// Every Raft message to it names that identity, and a replica refuses
+/// messages meant for another identity ([`network`]): a replica whose data
+/// directory was wiped has a new identity, so it cannot vote again in a term
+/// it already voted in, nor count towards a majority for entries it lost,
+/// until it is removed and added back (admitted anew, with no vote to keep).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub addr: String,
+    /// 0: admitted before identities were recorded (not checked).
+    #[serde(default)]
+    pub identity: u64,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (identity {:016x})", self.addr, self.identity)
+    }
+}
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
@@ -130,6 +153,44 @@ const CAUGHT_UP: u64 = 100;
 /// How long a replica being added has to catch up before it would vote.
 const CATCH_UP: Duration = Duration::from_secs(30);
 
+/// How long a bootstrap waits for every other member to answer who it is.
+pub const BOOTSTRAP_WAIT: Duration = Duration::from_secs(60);
+
+/// How long adding a replica waits for it to answer who it is.
+const ADD_WAIT: Duration = Duration::from_secs(5);
+
+/// Asks the replica listed as `id` at `address` who it is, again until it
+/// answers or `wait` has passed; refused if it is another replica.
+async fn identify(
+    id: NodeId,
+    address: &str,
+    wait: Duration,
+) -> Result<decree_proto::v1::ReplicaIdentity, ReplicaError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match network::identify(address).await {
+            Ok(who) if who.replica_id == id => return Ok(who),
+            Ok(who) => {
+                return Err(ReplicaError::Invalid(format!(
+                    "{address} is replica {}, not replica {id}: the replicas' peer lists disagree",
+                    who.replica_id
+                )))
+            }
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                return Err(ReplicaError::Invalid(status.message().to_owned()))
+            }
+            Err(status) if tokio::time::Instant::now() >= deadline => {
+                return Err(ReplicaError::Invalid(format!(
+                    "replica {id} at {address} did not say who it is within {wait:?} ({}): is it running, \
+                     started with --replica-id {id}?",
+                    status.message()
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// How a group elects and keeps a leader.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timing {
@@ -153,6 +214,8 @@ impl Default for Timing {
 /// replicas reach it by, and its replicated storage.
 pub struct Replica<S: Storage> {
     pub id: NodeId,
+    /// The identity of its data directory ([`Member`], [`log_store::identity`]).
+    pub identity: u64,
     pub raft: Raft,
     storage: Replicated<S>,
     /// Its own server, when [`Replica::start`] runs one (a coordinator
@@ -171,7 +234,7 @@ impl<S: Storage> Replica<S> {
         timing: &Timing,
     ) -> Result<Replica<S>, ReplicaError> {
         let mut replica = Replica::open(id, store, timing).await?;
-        replica.server = Some(network::serve(replica.raft.clone(), listener));
+        replica.server = Some(network::serve(replica.raft.clone(), id, replica.identity, listener));
         Ok(replica)
     }
 
@@ -189,18 +252,19 @@ impl<S: Storage> Replica<S> {
             ..openraft::Config::default()
         };
         let config = Arc::new(config.validate().map_err(|e| ReplicaError::Invalid(e.to_string()))?);
+        let identity = log_store::identity(&store).await?;
         let log = log_store::LogStore::open(store.clone())?;
         let machine = state_machine::StateMachine::new(store.clone());
-        let raft = Raft::new(id, config, network::Network, log, machine)
+        let raft = Raft::new(id, config, network::Network { id }, log, machine)
             .await
             .map_err(|e| ReplicaError::Raft(e.to_string()))?;
         let storage = Replicated::new(raft.clone(), store);
-        Ok(Replica { id, raft, storage, server: None })
+        Ok(Replica { id, identity, raft, storage, server: None })
     }
 
     /// The `decree.v1.Replica` service the other replicas send this one's Raft messages to.
     pub fn service(&self) -> network::Server {
-        network::service(self.raft.clone())
+        network::service(self.raft.clone(), self.id, self.identity)
     }
 
     /// Whether this replica is part of a group yet (bootstrapped, or has
@@ -212,6 +276,12 @@ impl<S: Storage> Replica<S> {
     /// Makes this replica and `members` (id and address of each, this one
     /// included) a new group. Done once, on one replica; refused where a
     /// group exists already.
+    ///
+    /// Every other member must run: each is asked who it is (for up to
+    /// [`BOOTSTRAP_WAIT`], while they start), and the group records the
+    /// identity of each one's data directory. Refused, with nothing changed,
+    /// where an address reaches another replica than the one listed (the
+    /// peer lists disagree) or a replica that is part of a group already.
     pub async fn bootstrap(&self, members: BTreeMap<NodeId, String>) -> Result<(), ReplicaError> {
         if !members.contains_key(&self.id) {
             return Err(ReplicaError::Invalid(format!(
@@ -226,8 +296,22 @@ impl<S: Storage> Replica<S> {
                 self.id
             )));
         }
-        let nodes: BTreeMap<NodeId, BasicNode> =
-            members.into_iter().map(|(id, addr)| (id, BasicNode::new(addr))).collect();
+        let mut nodes = BTreeMap::new();
+        for (id, addr) in members {
+            let identity = if id == self.id {
+                self.identity
+            } else {
+                let who = identify(id, &addr, BOOTSTRAP_WAIT).await?;
+                if who.initialized {
+                    return Err(ReplicaError::Invalid(format!(
+                        "replica {id} at {addr} is part of a group already: a group is bootstrapped once, on \
+                         replicas that are not part of one"
+                    )));
+                }
+                who.identity
+            };
+            nodes.insert(id, Member { addr, identity });
+        }
         self.raft.initialize(nodes).await.map_err(|e| ReplicaError::Raft(e.to_string()))
     }
 
@@ -252,10 +336,20 @@ impl<S: Storage> Replica<S> {
             return Err(ReplicaError::Invalid(format!("{address} is replica {other}'s address")));
         }
         self.leading()?;
-        self.raft
-            .add_learner(id, BasicNode::new(address.clone()), false)
-            .await
-            .map_err(|e| self.refused(e))?;
+        let identity = identify(id, &address, ADD_WAIT).await?.identity;
+        let member = Member { addr: address.clone(), identity };
+        if membership.get_node(&id).is_some() {
+            // A learner already (an add that did not finish): openraft keeps
+            // a learner's record on a second add, so it is replaced, with the
+            // identity now at that address. A learner has no vote to lose.
+            let nodes = [(id, member)].into_iter().collect();
+            self.raft
+                .change_membership(openraft::ChangeMembers::SetNodes(nodes), false)
+                .await
+                .map_err(|e| self.refused(e))?;
+        } else {
+            self.raft.add_learner(id, member, false).await.map_err(|e| self.refused(e))?;
+        }
         // A voter that cannot keep up would stall every write: it votes once it has caught up.
         let deadline = tokio::time::Instant::now() + CATCH_UP;
         while !self.caught_up(id) {
@@ -355,7 +449,7 @@ impl<S: Storage> Replica<S> {
     /// A membership change's error: a typed "not the leader" where it is one.
     fn refused(
         &self,
-        err: openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, BasicNode>>,
+        err: openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, Member>>,
     ) -> ReplicaError {
         use openraft::error::ClientWriteError;
         match err.api_error() {
@@ -396,6 +490,7 @@ impl<S: Storage> Replica<S> {
                 decree_proto::v1::GroupMember {
                     id: *id,
                     address: node.addr.clone(),
+                    identity: node.identity,
                     voter: voters.contains(id),
                     replication_known: matched.is_some(),
                     matched_index: matched.unwrap_or(0),
@@ -413,6 +508,7 @@ impl<S: Storage> Replica<S> {
             applied_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
             members,
             leader_changes: 0,
+            identity: self.identity,
         }
     }
 

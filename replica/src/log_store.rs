@@ -28,6 +28,7 @@ const VOTE: &[u8] = b"\xferaft/vote";
 const COMMITTED: &[u8] = b"\xferaft/committed";
 const PURGED: &[u8] = b"\xferaft/purged";
 const LOG: &[u8] = b"\xferaft/log/";
+const IDENTITY: &[u8] = b"\xferaft/identity";
 /// Just past every log entry's key.
 const LOG_END: &[u8] = b"\xferaft/log0";
 
@@ -61,6 +62,26 @@ pub fn holds_replica(store: &impl Storage) -> Result<bool, LogError> {
     Ok(store.get(VOTE)?.is_some()
         || store.get(PURGED)?.is_some()
         || !store.scan_range(LOG, LOG_END)?.is_empty())
+}
+
+/// The identity of the replica `store` holds ([`crate::Member`]): drawn at
+/// random the first time, and synced before it is returned, so that a
+/// replica never answers with an identity it could lose. A wiped or
+/// replaced store draws another.
+pub async fn identity(store: &impl Storage) -> Result<u64, LogError> {
+    if let Some(bytes) = store.get(IDENTITY)? {
+        let bytes: [u8; 8] =
+            bytes.as_slice().try_into().map_err(|_| corrupt("the identity is not 8 bytes"))?;
+        return Ok(u64::from_be_bytes(bytes));
+    }
+    let identity = loop {
+        let drawn: u64 = rand::random();
+        if drawn != 0 {
+            break drawn;
+        }
+    };
+    store.write(vec![Write::put(IDENTITY.to_vec(), identity.to_be_bytes().to_vec())], true).await?;
+    Ok(identity)
 }
 
 /// The log of one replica. Clones share the store and the cached last log id.

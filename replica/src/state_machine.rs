@@ -20,12 +20,12 @@ use std::io::Cursor;
 use decree_runtime::{Storage, Write};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{NodeId, TypeConfig};
+use crate::{Member, NodeId, TypeConfig};
 
 /// The state machine's own record: what it applied last.
 const APPLIED: &[u8] = b"\xfdraft/applied";
@@ -37,12 +37,12 @@ const DATA_END: &[u8] = b"\xfe";
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Applied {
     log_id: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, BasicNode>,
+    membership: StoredMembership<NodeId, Member>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, BasicNode>,
+    meta: SnapshotMeta<NodeId, Member>,
     /// Every key and value of the data, [`APPLIED`] excluded.
     data: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -112,7 +112,7 @@ impl<S: Storage> RaftStateMachine<TypeConfig> for StateMachine<S> {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>), StorageError<NodeId>> {
         let applied = self.applied()?;
         Ok((applied.log_id, applied.membership))
     }
@@ -156,7 +156,7 @@ impl<S: Storage> RaftStateMachine<TypeConfig> for StateMachine<S> {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();

@@ -54,13 +54,23 @@ async fn node(id: NodeId, store: MemLog, addr: &str) -> Node {
 impl Group {
     /// `n` replicas, bootstrapped as one group by the first.
     pub async fn start(n: NodeId) -> Group {
+        let group = Group::unformed(n).await;
+        group.replica(1).bootstrap(group.members()).await.expect("bootstrap");
+        group
+    }
+
+    /// `n` replicas running, not yet a group.
+    pub async fn unformed(n: NodeId) -> Group {
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
             nodes.insert(id, node(id, MemLog::new(), "127.0.0.1:0").await);
         }
-        let members = nodes.iter().map(|(id, n)| (*id, n.addr.clone())).collect();
-        nodes[&1].replica.as_ref().expect("started").bootstrap(members).await.expect("bootstrap");
         Group { nodes }
+    }
+
+    /// Every member's id and address.
+    pub fn members(&self) -> BTreeMap<NodeId, String> {
+        self.nodes.iter().map(|(id, n)| (*id, n.addr.clone())).collect()
     }
 
     /// Replica `id`, which must run.

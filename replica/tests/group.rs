@@ -3,13 +3,15 @@
 //! another that holds everything committed, a replica that restarts on its
 //! store finds its log and vote again, a machine crash loses nothing a replica
 //! acknowledged, a replica whose log lost a tail it had applied starts and
-//! follows on, and two replicas down of three stop every write without
-//! changing anything.
+//! follows on, two replicas down of three stop every write without
+//! changing anything, a replica whose store was wiped takes no part until it
+//! is removed and added back, and a bootstrap whose peer list disagrees with
+//! the replicas is refused.
 
 use std::time::Duration;
 
 use decree_replica::testing::{until_applied, Group};
-use decree_runtime::{Storage, Write};
+use decree_runtime::{MemLog, Storage, Write};
 
 fn put(key: &str) -> Vec<Write> {
     vec![Write::put(key.as_bytes().to_vec(), b"1".to_vec())]
@@ -139,5 +141,96 @@ async fn a_replica_whose_log_lost_entries_it_had_applied_starts_and_follows_on()
             "d/{i}"
         );
     }
+    group.shutdown().await;
+}
+
+/// A wiped replica that rejoined under its old id would have forgotten its
+/// vote and the entries it acknowledged: with a replica that lacks those
+/// entries it would make a majority that elects a leader without them, and a
+/// committed write would be lost. The group admitted each replica with the
+/// identity of its store, and a wiped one refuses the group's messages (votes
+/// included) until it is removed and added back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_rejoining_under_its_old_id_takes_no_part_and_nothing_committed_is_lost() {
+    let mut group = Group::start(3).await;
+    let leader = group.leader().await;
+    let mut others = group.nodes.keys().copied().filter(|o| *o != leader);
+    let (behind, wiped) = (others.next().unwrap(), others.next().unwrap());
+    // Every replica holds the group's membership and d/0.
+    group.replica(leader).storage().write(put("d/0"), true).await.unwrap();
+    for node in group.nodes.values() {
+        until_applied(&node.store, b"d/0", b"1").await;
+    }
+    // `behind` is down while d/1 commits: the leader and `wiped` hold it.
+    group.stop(behind).await;
+    group.replica(leader).storage().write(put("d/1"), true).await.unwrap();
+    // `wiped` comes back on an empty store under its id, and the leader is lost.
+    group.stop(wiped).await;
+    group.restart(wiped, MemLog::new()).await;
+    group.stop(leader).await;
+    let store = group.nodes[&behind].store.clone();
+    group.restart(behind, store).await;
+    assert_eq!(group.nodes[&behind].store.get(b"d/1").unwrap(), None, "behind lacks d/1");
+    // `behind` could lead only with the wiped replica's vote: refused, so no
+    // leader in several election timeouts (200-400 ms each here).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in [behind, wiped] {
+        assert_eq!(group.replica(id).leader(), None, "replica {id} knows of a leader elected without d/1");
+    }
+    assert!(
+        !group.replica(wiped).is_initialized().await.unwrap(),
+        "the wiped replica took the group's messages"
+    );
+    // The old leader returns: the group leads again, with d/1.
+    let store = group.nodes[&leader].store.clone();
+    group.restart(leader, store).await;
+    // Its return may take an election or two (`behind` campaigned meanwhile, in later terms).
+    let deadline = tokio::time::Instant::now() + decree_replica::testing::WAIT;
+    let now = loop {
+        let now = group.leader().await;
+        assert_ne!(now, wiped);
+        if group.replica(now).storage().write(put("d/2"), true).await.is_ok() {
+            break now;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader took a write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for id in [leader, behind] {
+        until_applied(&group.nodes[&id].store, b"d/1", b"1").await;
+        until_applied(&group.nodes[&id].store, b"d/2", b"1").await;
+    }
+    assert_eq!(group.nodes[&wiped].store.get(b"d/1").unwrap(), None, "the wiped replica stays out");
+    // Removed and added back (admitted with its new identity), it catches up and votes.
+    group.replica(now).remove(wiped).await.unwrap();
+    let addr = group.nodes[&wiped].addr.clone();
+    group.replica(now).add(wiped, addr).await.unwrap();
+    until_applied(&group.nodes[&wiped].store, b"d/2", b"1").await;
+    until_applied(&group.nodes[&wiped].store, b"d/1", b"1").await;
+    let members = group.replica(now).status().members;
+    assert!(members.iter().all(|m| m.voter), "{members:?}");
+    let admitted = members.iter().find(|m| m.id == wiped).unwrap().identity;
+    assert_eq!(admitted, group.replica(wiped).identity, "admitted with its new identity");
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_whose_peer_list_disagrees_with_the_replicas_is_refused_and_changes_nothing() {
+    let group = Group::unformed(3).await;
+    let mut members = group.members();
+    // Replica 2's address is given as replica 3's, and the other way round.
+    let (two, three) = (members[&2].clone(), members[&3].clone());
+    members.insert(2, three);
+    members.insert(3, two);
+    let err = group.replica(1).bootstrap(members).await.unwrap_err().to_string();
+    assert!(err.contains("is replica 3, not replica 2"), "{err}");
+    for id in 1..=3 {
+        assert!(!group.replica(id).is_initialized().await.unwrap(), "replica {id} joined a group");
+    }
+    // With the right list the same replicas form a group.
+    group.replica(1).bootstrap(group.members()).await.unwrap();
+    group.leader().await;
+    // A second bootstrap, from a member of the group: refused.
+    let err = group.replica(1).bootstrap(group.members()).await.unwrap_err().to_string();
+    assert!(err.contains("part of a group already"), "{err}");
     group.shutdown().await;
 }

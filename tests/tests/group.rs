@@ -1,7 +1,8 @@
 //! A coordinator group of three replicas, as real processes: the leader
 //! SIGKILLed under load, a follower SIGKILLed, two of three down, every
 //! coordinator and replica crash point on the leader and on a follower, a
-//! wiped replica rejoining, and the bad input a group refuses. After each,
+//! wiped replica rejoining, partitions (the leader cut off from both
+//! others, from one, one way), and the bad input a group refuses. After each,
 //! the invariants of TESTING.md: every transfer at all of its participants
 //! or at none (I1), what clients were told agrees with the data (I2), no
 //! money created or lost (I5), nothing in doubt and no lock held (I6).
@@ -208,19 +209,29 @@ async fn two_replicas_down_stop_every_commit_and_one_back_resumes() {
 /// are never told committed and end nowhere; the others elect a leader
 /// that goes on committing; healed, the old leader follows, and every
 /// transfer of every client is whole and agrees with what it was told.
+/// The partition file of replica `index` (`DECREE_PARTITION_FILE`), in `dir`.
+fn partition_file(dir: &std::path::Path, index: usize) -> std::path::PathBuf {
+    dir.join(format!("c{}.partitioned", index + 1))
+}
+
+/// [`options`], each replica reading its partition file in `dir`.
+fn partitionable(dir: &std::path::Path) -> Options {
+    let mut options = options();
+    options.env_for = (0..3)
+        .map(|r| {
+            let file = partition_file(dir, r).display().to_string();
+            (format!("c{}", r + 1), "DECREE_PARTITION_FILE".to_owned(), file)
+        })
+        .collect();
+    options
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_the_others_decides_nothing_while_clients_reach_it() {
     common::init();
     let dir = tempfile::tempdir().unwrap();
-    let cut = |replica: usize| dir.path().join(format!("c{}.partitioned", replica + 1));
-    let mut options = options();
-    options.env_for = (0..3)
-        .map(|r| {
-            let file = cut(r).display().to_string();
-            (format!("c{}", r + 1), "DECREE_PARTITION_FILE".to_owned(), file)
-        })
-        .collect();
-    let cluster = Cluster::start_in_dir(dir.path().join("cluster"), options).await.unwrap();
+    let cut = |replica: usize| partition_file(dir.path(), replica);
+    let cluster = Cluster::start_in_dir(dir.path().join("cluster"), partitionable(dir.path())).await.unwrap();
     let stop = Arc::new(Progress::default());
     let clients = load(&cluster, 3, stop.clone());
     stop.commits(100).await;
@@ -282,6 +293,83 @@ async fn a_leader_cut_off_from_the_others_decides_nothing_while_clients_reach_it
         );
     }
     check::told_agrees(&client, &told).await.unwrap();
+}
+
+/// The replica index and 1-based id of a group member.
+fn index_of(id: NodeId) -> (usize, u64) {
+    let NodeId::Replica(index) = id else { unreachable!("a group's replica") };
+    (index, index as u64 + 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_between_two_replicas_or_one_way_leave_the_group_deciding_and_every_transfer_whole() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let cut =
+        |replica: usize, links: String| std::fs::write(partition_file(dir.path(), replica), links).unwrap();
+    let heal = |replica: usize| std::fs::remove_file(partition_file(dir.path(), replica)).unwrap();
+    let cluster = Cluster::start_in_dir(dir.path().join("cluster"), partitionable(dir.path())).await.unwrap();
+    let stop = Arc::new(Progress::default());
+    let clients = load(&cluster, 3, stop.clone());
+    stop.commits(100).await;
+
+    // The leader and one follower cannot reach each other; the third
+    // replica reaches both. The leader keeps its majority with the third;
+    // the cut-off follower's elections find no vote (the third hears its
+    // leader), so the group goes on deciding.
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    let follower = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
+    let ((l, l_id), (f, f_id)) = (index_of(leader), index_of(follower));
+    info!(?leader, ?follower, "cutting the leader and one follower off from each other");
+    let term = cluster.group_status(leader).await.unwrap().term;
+    cut(l, f_id.to_string());
+    cut(f, l_id.to_string());
+    let campaigned = campaign(&cluster, follower, term, &stop).await;
+    info!(leader = ?cluster.leader(SETTLE).await.unwrap(), "healing: every link flows");
+    heal(l);
+    heal(f);
+    stop.commits(50).await;
+
+    // One way: the leader's messages to a follower are lost, the
+    // follower's to the leader arrive. The follower hears no leader and
+    // asks for votes the others can hear; its log lacks what it missed, so
+    // it cannot win, and the group goes on deciding under some leader.
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    let follower = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
+    let ((l, _), (_, f_id)) = (index_of(leader), index_of(follower));
+    info!(?leader, ?follower, "losing the leader's messages to one follower, one way");
+    let term = cluster.group_status(leader).await.unwrap().term;
+    cut(l, format!(">{f_id}"));
+    let campaigned_one_way = campaign(&cluster, follower, term, &stop).await;
+    info!(leader = ?cluster.leader(SETTLE).await.unwrap(), "healing: every link flows");
+    heal(l);
+    stop.commits(50).await;
+    stop.stop();
+    let (committed, aborted, unknown) = verify(&cluster, clients).await;
+    println!(
+        "partial partitions: {committed} committed, {aborted} aborted, {unknown} without an outcome elsewhere; \
+         the cut-off follower's terms: {campaigned:?} (two-replica cut), {campaigned_one_way:?} (one way)"
+    );
+    assert!(committed >= 300, "{committed} committed");
+}
+
+/// While a partition keeps `follower` from hearing its leader (whose term
+/// was `term`): waits until it campaigned (its term passed `term`: the case
+/// is the one meant), then for 2 s more of its elections, then for 100 more
+/// commits, so the group decided with the follower campaigning. Returns the
+/// follower's term and the leader's term at the end.
+async fn campaign(cluster: &Cluster, follower: NodeId, term: u64, progress: &Progress) -> (u64, u64) {
+    decree_tests::poll(SETTLE, "the cut-off follower to campaign", || async {
+        let now = cluster.group_status(follower).await.ok()?.term;
+        (now > term).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    progress.commits(100).await;
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    let follower_term = cluster.group_status(follower).await.unwrap().term;
+    (follower_term, cluster.group_status(leader).await.unwrap().term)
 }
 
 /// One crash point armed at one replica's first start; transfers run until
@@ -412,10 +500,34 @@ async fn a_wiped_replica_is_removed_and_added_back_and_catches_up() {
             String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let (code, out) = decree(&["coordinators", "remove", &id]);
-    assert_eq!(code, Some(0), "{out}");
+    // Restarted on the empty directory under its old id, still a member: the
+    // group admitted another data directory, so it refuses the group's
+    // messages (it forgot its vote and log) while the others go on.
     cluster.restart(victim).unwrap();
     cluster.wait_serving(victim, SETTLE).await.unwrap();
+    for i in 5..8 {
+        let tag = format!("w{i}");
+        let answer = client.transact_branches(check::marked_transfer(&tag, &names, i, 3)).await.unwrap();
+        assert_eq!(answer.outcome, Outcome::Committed);
+    }
+    let (code, out) = decree(&["coordinators", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let view: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let wiped = view["members"].as_array().unwrap().iter().find(|m| m["id"] == index as u64 + 1).unwrap();
+    assert_eq!(wiped["replaced"], true, "{out}");
+    assert_eq!(wiped["last_log_index"], 0, "the wiped replica took entries: {out}");
+    let (code, table) = decree(&["coordinators"]);
+    assert_eq!(code, Some(0), "{table}");
+    assert!(table.contains(&format!("decree coordinators remove {id}")), "{table}");
+    // The leader's next message after its back-off meets the refusal.
+    let refused = decree_tests::poll(SETTLE, "the wiped replica to refuse the leader's messages", || {
+        let refused = cluster.log_of(victim).contains("refusing the group's Raft messages");
+        async move { refused.then_some(()) }
+    })
+    .await;
+    assert!(refused.is_ok(), "{}", cluster.log_of(victim));
+    let (code, out) = decree(&["coordinators", "remove", &id]);
+    assert_eq!(code, Some(0), "{out}");
     let address = cluster.url_of(victim).trim_start_matches("http://").to_owned();
     let (code, out) = decree(&["coordinators", "add", &id, &address]);
     assert_eq!(code, Some(0), "{out}");
@@ -441,7 +553,7 @@ async fn a_wiped_replica_is_removed_and_added_back_and_catches_up() {
     let next = Client::connect(&url).await.unwrap();
     let answer = next.transact_branches(check::marked_transfer("after", &names, 6, 3)).await.unwrap();
     assert_eq!(answer.outcome, Outcome::Committed);
-    for i in 0..5 {
+    for i in 0..8 {
         assert!(check::all_or_nothing(&next, &format!("w{i}"), &names).await.unwrap(), "w{i} lost");
     }
 }

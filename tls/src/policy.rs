@@ -113,6 +113,7 @@ const METHODS: &[(&str, &[Role])] = &[
     ("/decree.v1.Replica/AppendEntriesStream", &[Coordinator]),
     ("/decree.v1.Replica/Vote", &[Coordinator]),
     ("/decree.v1.Replica/InstallSnapshot", &[Coordinator]),
+    ("/decree.v1.Replica/Identify", &[Coordinator, Operator, Observer]),
     ("/decree.v1.Group/GetGroup", &[Operator, Observer]),
     ("/decree.v1.Group/AddReplica", &[Operator]),
     ("/decree.v1.Group/RemoveReplica", &[Operator]),
