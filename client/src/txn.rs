@@ -35,6 +35,79 @@ pub struct Transaction {
 }
 
 impl Client {
+    /// Commits the interactive transaction `txid`. A Commit refused by a
+    /// replica that does not lead is sent again, to the leader; one whose
+    /// coordinator was lost, restarted or stopped leading before it answered
+    /// is asked of the next (`GetOutcome`): decided, that is the answer;
+    /// still active there (a coordinator, and a group, knows every
+    /// interactive transaction begun, with its enlisted branches), it is
+    /// committed again; preparing or deciding, it is asked until it is
+    /// known, for up to [`crate::FAILOVER_WAIT`].
+    async fn commit_interactive(&self, txid: &str) -> Result<TxnResult, ClientError> {
+        let request = v1::CommitTransactionRequest { txid: txid.to_owned(), pending_outcome: true };
+        let deadline = tokio::time::Instant::now() + crate::FAILOVER_WAIT;
+        let mut attempt = 0;
+        // Why an earlier Commit's outcome is not known, once one's is not.
+        let mut unknown: Option<String> = None;
+        loop {
+            let why = match self.coordinator.clone().commit(request.clone()).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    let lost_leader = response.outcome == v1::Outcome::Pending as i32
+                        && Reason::from_wire(response.reason_code) == Reason::NotLeader;
+                    if !lost_leader {
+                        return TxnResult::from_wire(response);
+                    }
+                    Some(response.reason)
+                }
+                // Nothing was done: send it again.
+                Err(status) if crate::not_started(&status) => None,
+                // Not active here: an earlier Commit began it, whose outcome is asked.
+                Err(status) if status.code() == tonic::Code::FailedPrecondition && unknown.is_some() => {
+                    let why = unknown.unwrap_or_default();
+                    return self.resolve(txid.to_owned(), why, 0).await;
+                }
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::FailedPrecondition
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::ResourceExhausted
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    return Err(decided_error(status))
+                }
+                Err(status) => Some(status.message().to_owned()),
+            };
+            if let Some(why) = why {
+                // Pending (still active at the leader, or deciding), or no
+                // leader yet: Commit again, taken only if it is active.
+                if let Ok(outcome @ (Outcome::Committed | Outcome::Aborted | Outcome::Forgotten)) =
+                    self.status(txid).await
+                {
+                    return Ok(TxnResult {
+                        txid: txid.to_owned(),
+                        outcome,
+                        code: Reason::Unspecified,
+                        reason: format!("told by the coordinator after a failover or restart ({why})"),
+                        participants: Vec::new(),
+                    });
+                }
+                unknown = Some(why);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(match unknown {
+                    Some(reason) => ClientError::OutcomeUnknown { txid: txid.to_owned(), reason },
+                    None => ClientError::Status(tonic::Status::unavailable("no coordinator took the Commit")),
+                });
+            }
+            tokio::time::sleep(crate::failover_pause(attempt)).await;
+            attempt += 1;
+        }
+    }
+
     /// Begins an interactive transaction; the coordinator aborts it if it is
     /// not committed within its default idle timeout.
     pub async fn begin(&self) -> Result<Transaction, ClientError> {
@@ -166,15 +239,7 @@ impl Transaction {
                 participants: Vec::new(),
             });
         }
-        let response = self
-            .client
-            .coordinator
-            .clone()
-            .commit(v1::CommitTransactionRequest { txid: self.txid.clone(), pending_outcome: true })
-            .await
-            .map_err(decided_error)?
-            .into_inner();
-        let mut result = TxnResult::from_wire(response)?;
+        let mut result = self.client.commit_interactive(&self.txid).await?;
         if result.participants.is_empty() {
             // An interactive Commit's answer names no participants: the ones worked at.
             result.participants = self.touched.into_iter().collect();

@@ -81,7 +81,10 @@ pub enum TimerKind {
 pub enum Event {
     /// A one-shot transaction: prepare these branches now.
     Transact { txid: TxId, branches: Vec<(ParticipantName, Vec<u8>)>, timeout: Duration },
-    /// An interactive transaction begins; it aborts if not committed within `idle_timeout`.
+    /// An interactive transaction begins; it aborts if not committed within
+    /// `idle_timeout`. The runtime makes it durable before the client hears
+    /// the txid (as each new enlistment, [`Engine::enlist`]), and found at
+    /// start it comes back as [`Event::RecoveredActive`].
     Begin { txid: TxId, idle_timeout: Duration },
     /// The client asks to commit an interactive transaction.
     CommitRequested { txid: TxId, timeout: Duration },
@@ -115,6 +118,10 @@ pub enum Event {
     /// Found at start: a one-phase transaction whose client was told
     /// "unknown" and whose outcome was never learned.
     RecoveredOnePhase { txid: TxId, participant: ParticipantName },
+    /// Found at start (a restart, or a group's next leader): an interactive
+    /// transaction begun and not committed or aborted, with each participant
+    /// enlisted and its run; its idle timeout fires after `idle_remaining`.
+    RecoveredActive { txid: TxId, enlisted: BTreeMap<ParticipantName, u64>, idle_remaining: Duration },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +176,12 @@ pub enum Command {
     SendAbort {
         txid: TxId,
         participant: ParticipantName,
+    },
+    /// An interactive transaction left the active state (its Commit began,
+    /// or it aborted): drop the records of its Begin and Enlists (synced
+    /// soon; nothing waits for it).
+    ForgetActive {
+        txid: TxId,
     },
     /// Every participant acked: write the end record (not synced).
     LogEnd {
@@ -395,16 +408,25 @@ impl Engine {
     /// repeated Enlist from the same run is taken; one from another run means
     /// the participant restarted and lost the work of its first: refused
     /// (the participant then aborts its branch, and so the transaction).
-    pub fn enlist(&mut self, txid: TxId, participant: ParticipantName, run: u64) -> Result<(), EngineError> {
+    ///
+    /// True: the enlistment is new (or names its run for the first time)
+    /// and must be durable before the participant is answered, so that a
+    /// restart or the group's next leader prepares this branch too.
+    pub fn enlist(
+        &mut self,
+        txid: TxId,
+        participant: ParticipantName,
+        run: u64,
+    ) -> Result<bool, EngineError> {
         match self.txns.get_mut(&txid) {
             Some(Txn::Active { enlisted }) => match enlisted.get(&participant) {
                 Some(&before) if before != 0 && run != 0 && before != run => {
                     Err(EngineError::WorkLost { txid, participant })
                 }
-                Some(&before) if before != 0 => Ok(()),
+                Some(&before) if before != 0 || run == 0 => Ok(false),
                 _ => {
                     enlisted.insert(participant, run);
-                    Ok(())
+                    Ok(true)
                 }
             },
             _ => Err(EngineError::NotActive(txid)),
@@ -457,6 +479,7 @@ impl Engine {
             }
             Event::CommitRequested { txid, timeout } => match self.txns.remove(&txid) {
                 Some(Txn::Active { enlisted }) => {
+                    self.commands.push(Command::ForgetActive { txid });
                     let branches = enlisted.into_keys().map(|p| (p, Vec::new())).collect();
                     self.start_prepare(txid, branches, timeout, true);
                 }
@@ -468,6 +491,7 @@ impl Engine {
             },
             Event::AbortRequested { txid } => match self.txns.remove(&txid) {
                 Some(Txn::Active { enlisted }) => {
+                    self.commands.push(Command::ForgetActive { txid });
                     self.abort(
                         txid,
                         enlisted.into_keys(),
@@ -574,6 +598,13 @@ impl Engine {
                     durable: true,
                 };
                 self.txns.insert(txid, txn);
+            }
+            Event::RecoveredActive { txid, enlisted, idle_remaining } => {
+                if self.txns.contains_key(&txid) {
+                    return Err(EngineError::Duplicate(txid));
+                }
+                self.txns.insert(txid, Txn::Active { enlisted });
+                self.commands.push(Command::ArmTimer { txid, kind: TimerKind::Idle, after: idle_remaining });
             }
             Event::Recovered { txid, participants } => {
                 assert!(!participants.is_empty(), "a decision record names its participants");
@@ -740,6 +771,7 @@ impl Engine {
         match (self.txns.get(&txid), kind) {
             (Some(Txn::Active { .. }), TimerKind::Idle) => {
                 let Some(Txn::Active { enlisted }) = self.txns.remove(&txid) else { unreachable!() };
+                self.commands.push(Command::ForgetActive { txid });
                 self.abort(txid, enlisted.into_keys(), Reason::Timeout, "idle timeout before commit".into());
             }
             (Some(Txn::Preparing { order, recorded, .. }), TimerKind::Prepare) if order.len() == 1 => {

@@ -419,8 +419,9 @@ pub(crate) fn start(
     recovered: crate::store::Recovered,
     failure: Failure,
 ) -> Handle {
-    let crate::store::Recovered { coordinator_id, incarnation, unfinished, one_phase_in_doubt, .. } =
-        recovered;
+    let crate::store::Recovered {
+        coordinator_id, incarnation, unfinished, one_phase_in_doubt, active, ..
+    } = recovered;
     let (requests, request_rx) = mpsc::channel(config.process.request_queue);
     let (events, event_rx) = mpsc::unbounded_channel();
     let budget = Arc::new(RetryBudget::per_second(
@@ -475,6 +476,14 @@ pub(crate) fn start(
         info!(%txid, %participant, "recovery: asking a one-phase participant whether it committed");
         if let Err(err) = actor.engine.on_event(Event::RecoveredOnePhase { txid, participant }) {
             warn!(%txid, error = %err, "recovery: skipping duplicate one-phase record");
+        }
+    }
+    let now = unix_ms();
+    for crate::store::Active { txid, deadline_ms, enlisted } in active {
+        let idle_remaining = Duration::from_millis(deadline_ms.saturating_sub(now));
+        info!(%txid, enlisted = ?enlisted.keys().map(|p| p.as_str()).collect::<Vec<_>>(), ?idle_remaining, "recovery: an interactive transaction is active again");
+        if let Err(err) = actor.engine.on_event(Event::RecoveredActive { txid, enlisted, idle_remaining }) {
+            warn!(%txid, error = %err, "recovery: skipping an active transaction already known");
         }
     }
     tokio::spawn(actor.run(request_rx, event_rx, deposition));
@@ -618,12 +627,24 @@ impl Actor {
                 self.replies.insert(txid, reply);
             }
             Request::Begin { timeout, reply } => {
-                let result = self.admit().map(|()| {
-                    let txid = self.next_txid();
-                    self.engine.on_event(Event::Begin { txid, idle_timeout: timeout }).expect("fresh txid");
-                    txid
+                if let Err(err) = self.admit() {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                let txid = self.next_txid();
+                self.engine.on_event(Event::Begin { txid, idle_timeout: timeout }).expect("fresh txid");
+                // Durable before the client has the txid: a restart or the
+                // group's next leader knows it is active.
+                let deadline_ms =
+                    unix_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+                let (store, handle) = (self.handle.store.clone(), self.handle.clone());
+                tokio::spawn(async move {
+                    match store.log_begin(txid, deadline_ms).await {
+                        Ok(()) => drop(reply.send(Ok(txid))),
+                        // Unanswered: the client hears the coordinator stopped.
+                        Err(err) => handle.failed(err.into()),
+                    }
                 });
-                let _ = reply.send(result);
             }
             Request::Commit { txid, timeout, span, reply, refused } => {
                 let participants = self.engine.participants(txid).iter().map(ToString::to_string).collect();
@@ -642,7 +663,21 @@ impl Actor {
                 let _ = reply.send(self.engine.on_event(Event::AbortRequested { txid }).map_err(Into::into));
             }
             Request::Enlist { txid, participant, run, reply } => {
-                let _ = reply.send(self.engine.enlist(txid, participant, run).map_err(Into::into));
+                match self.engine.enlist(txid, participant.clone(), run) {
+                    // New: durable before the participant goes on with the
+                    // work, so every restart or next leader prepares it.
+                    Ok(true) => {
+                        let (store, handle) = (self.handle.store.clone(), self.handle.clone());
+                        tokio::spawn(async move {
+                            match store.log_enlist(txid, &participant, run).await {
+                                Ok(()) => drop(reply.send(Ok(()))),
+                                Err(err) => handle.failed(err.into()),
+                            }
+                        });
+                    }
+                    Ok(false) => drop(reply.send(Ok(()))),
+                    Err(err) => drop(reply.send(Err(err.into()))),
+                }
             }
             Request::Known { txid, reply } => {
                 let known = self.engine.known(txid);
@@ -738,6 +773,14 @@ impl Actor {
                             return handle.failed(err.into());
                         }
                         let _ = events.send(Event::OnePhaseInDoubtLogged { txid });
+                    });
+                }
+                Command::ForgetActive { txid } => {
+                    let (store, handle) = (self.handle.store.clone(), self.handle.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = store.forget_active(txid).await {
+                            handle.failed(err.into());
+                        }
                     });
                 }
                 Command::LogOnePhaseAborted { txid } => {

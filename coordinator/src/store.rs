@@ -14,8 +14,10 @@
 //! | `c/<txid>` (forgotten) | a one-phase outcome its participant forgot before it was learned: answers FORGOTTEN | synced soon, replacing `u/<txid>` |
 //! | `horizon` | the txid below which ended outcomes are forgotten | not synced, with the range delete it guards |
 //! | `r/<name>` | a participant's last address | not synced |
+//! | `a/<txid>` | an interactive transaction begun, not yet committed or aborted, with its idle deadline | synced, before Begin answers |
+//! | `a/<txid>/<name>` | a participant enlisted in it, with the run it enlisted from | synced, before Enlist answers |
 //!
-//! Start reads `meta`, `horizon`, `d/`, `u/` and `r/`: what is undecided, never the
+//! Start reads `meta`, `horizon`, `d/`, `u/`, `a/` and `r/`: what is undecided, never the
 //! history. `c/` is only read by [`DecisionLog::recorded`], one key at a time.
 //!
 //! # Correctness
@@ -57,6 +59,19 @@
 //!   (whose one-shot clients know their txids before the answer, and where
 //!   no question precedes a one-shot one-phase Prepare) absence is not taken
 //!   for ABORTED: the leader asks every participant first (`Handle::outcome`).
+//! - [`DecisionLog::log_begin`] and [`DecisionLog::log_enlist`] return only
+//!   after their `a/` record is **synced** (in a group: held by a majority),
+//!   and Begin and Enlist answer only then: a restarted coordinator, or a
+//!   group's next leader, knows every interactive transaction a client or a
+//!   participant was told is active, with each participant enlisted and its
+//!   run, so the client's Commit prepares every branch that holds its work
+//!   (a participant that lost it votes NO). The records go once the
+//!   transaction leaves the active state ([`DecisionLog::forget_active`],
+//!   synced soon): a start that still finds them skips those with a decision
+//!   (`d/`, `c/`, `u/`), and any other is active again: its client had been
+//!   told nothing (the Commit that was preparing decided nothing durable), so
+//!   committing it on a new Commit, or aborting it at its idle deadline, is
+//!   what the client may be told.
 //! - A record that fails its checksum is an error, never "absent": the
 //!   coordinator refuses to start rather than abort a committed transaction.
 
@@ -75,6 +90,7 @@ const COMMITTED: &[u8] = b"c/";
 const REGISTRY: &[u8] = b"r/";
 const ONE_PHASE_IN_DOUBT: &[u8] = b"u/";
 const RING_KEY: &[u8] = b"g/ring";
+const ACTIVE: &[u8] = b"a/";
 /// End records of the layout before the `c/` window (migrated at open).
 const OLD_END: &[u8] = b"e/";
 
@@ -103,6 +119,22 @@ struct CommittedRecord {
     /// before it was learned (answers FORGOTTEN).
     #[prost(bool, tag = "2")]
     forgotten: bool,
+}
+
+/// `a/<txid>`: an interactive transaction begun.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ActiveRecord {
+    /// When its idle timeout aborts it (unix ms).
+    #[prost(uint64, tag = "1")]
+    deadline_ms: u64,
+}
+
+/// `a/<txid>/<name>`: a participant enlisted.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EnlistedRecord {
+    /// The participant process's run (0: not said).
+    #[prost(uint64, tag = "1")]
+    run: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -161,6 +193,8 @@ pub struct Recovered {
     pub unfinished: Vec<(TxId, Vec<ParticipantName>)>,
     /// One-phase transactions whose outcome is not known yet: ask their participant.
     pub one_phase_in_doubt: Vec<(TxId, ParticipantName)>,
+    /// Interactive transactions begun and not yet committed or aborted.
+    pub active: Vec<Active>,
     /// Participants enrolled before, with their last address and role (decree.v1.Role).
     pub participants: Vec<(ParticipantName, String, i32)>,
     /// The ring, if one was ever recorded.
@@ -170,6 +204,16 @@ pub struct Recovered {
     /// Records read to start: a measure of start's work that does not depend
     /// on the machine (it grows with what is undecided, not with history).
     pub records_read: u64,
+}
+
+/// An interactive transaction the log holds as begun ([`DecisionLog::log_begin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Active {
+    pub txid: TxId,
+    /// When its idle timeout aborts it (unix ms).
+    pub deadline_ms: u64,
+    /// Each participant enlisted, with the run it enlisted from.
+    pub enlisted: std::collections::BTreeMap<ParticipantName, u64>,
 }
 
 /// What the log says of a txid that is not in memory.
@@ -219,6 +263,16 @@ pub fn committed_key(txid: TxId) -> Vec<u8> {
 
 fn txid_key(prefix: &[u8], txid: TxId) -> Vec<u8> {
     [prefix, &txid.to_key_bytes()].concat()
+}
+
+/// `a/<txid>/<name>`: below `a/<txid>`'s range end ([`active_end`]).
+fn enlisted_key(txid: TxId, participant: &ParticipantName) -> Vec<u8> {
+    [&txid_key(ACTIVE, txid)[..], b"/", participant.as_str().as_bytes()].concat()
+}
+
+/// Just past every `a/` key of `txid` (`/` + 1).
+fn active_end(txid: TxId) -> Vec<u8> {
+    [&txid_key(ACTIVE, txid)[..], b"0"].concat()
 }
 
 /// The first key of `prefix` for coordinator `id` (below every txid it issues).
@@ -293,6 +347,13 @@ impl<S: Storage> DecisionLog<S> {
                 .map_err(|_| corrupt(&key, RecordError::Decode("bad participant name".into())))?;
             one_phase_in_doubt.push((txid, participant));
         }
+        let (active, stale) = read_active(&log, &unfinished, &one_phase_in_doubt)?;
+        if !stale.is_empty() {
+            // Records that outlived their transaction's active state: gone
+            // now, so that they are not read at every start (not synced: if
+            // lost, the next start finds them stale again).
+            log.write(stale.into_iter().map(Write::delete).collect(), false).await?;
+        }
         let mut participants = Vec::new();
         for (key, value) in log.scan_prefix(REGISTRY)? {
             let name = std::str::from_utf8(&key[REGISTRY.len()..]).ok().and_then(|n| n.parse().ok());
@@ -317,6 +378,7 @@ impl<S: Storage> DecisionLog<S> {
             incarnation: meta.incarnation,
             unfinished,
             one_phase_in_doubt,
+            active,
             participants,
             ring,
             horizon,
@@ -332,6 +394,34 @@ impl<S: Storage> DecisionLog<S> {
             one_phase: false,
         };
         self.log.write(vec![Write::put(txid_key(DECISION, txid), record::encode(&decision))], true).await?;
+        Ok(())
+    }
+
+    /// Records the interactive transaction `txid` begun, aborted at
+    /// `deadline_ms` if not committed (synced).
+    pub async fn log_begin(&self, txid: TxId, deadline_ms: u64) -> Result<(), StoreError> {
+        let value = record::encode(&ActiveRecord { deadline_ms });
+        self.log.write(vec![Write::put(txid_key(ACTIVE, txid), value)], true).await?;
+        Ok(())
+    }
+
+    /// Records `participant`, in process run `run`, enlisted in `txid` (synced).
+    pub async fn log_enlist(
+        &self,
+        txid: TxId,
+        participant: &ParticipantName,
+        run: u64,
+    ) -> Result<(), StoreError> {
+        let value = record::encode(&EnlistedRecord { run });
+        self.log.write(vec![Write::put(enlisted_key(txid, participant), value)], true).await?;
+        Ok(())
+    }
+
+    /// `txid` is no longer active (its Commit began, or it aborted): its
+    /// `a/` records go, in one range delete, synced soon.
+    pub async fn forget_active(&self, txid: TxId) -> Result<(), StoreError> {
+        let writes = vec![Write::delete_range(txid_key(ACTIVE, txid), active_end(txid))];
+        self.log.write_with(writes, Durability::SyncedSoon).await?;
         Ok(())
     }
 
@@ -512,6 +602,57 @@ impl<S: Storage> DecisionLog<S> {
     }
 }
 
+/// The interactive transactions `log` holds as begun: each `a/<txid>`
+/// record with the `a/<txid>/<name>` records after it; and the keys of
+/// stale records. Those whose records outlived a decision (`unfinished`,
+/// `in_doubt`, an ended outcome) are not active, nor enlistments whose begin
+/// record went (an Enlist written after the transaction left the active state).
+fn read_active(
+    log: &impl Storage,
+    unfinished: &[(TxId, Vec<ParticipantName>)],
+    in_doubt: &[(TxId, ParticipantName)],
+) -> Result<(Vec<Active>, Vec<Vec<u8>>), StoreError> {
+    let decided = |txid: TxId| -> Result<bool, StoreError> {
+        Ok(unfinished.iter().any(|(t, _)| *t == txid)
+            || in_doubt.iter().any(|(t, _)| *t == txid)
+            || log.get(&txid_key(COMMITTED, txid))?.is_some())
+    };
+    let mut active: Vec<Active> = Vec::new();
+    let mut stale = Vec::new();
+    for (key, value) in log.scan_prefix(ACTIVE)? {
+        let rest = &key[ACTIVE.len()..];
+        let txid = rest.get(..20).and_then(TxId::from_key_bytes);
+        let txid = txid.ok_or_else(|| corrupt(&key, RecordError::Truncated { len: key.len() }))?;
+        match rest.get(20..) {
+            Some([]) => {
+                let record = record::decode::<ActiveRecord>(&value).map_err(|e| corrupt(&key, e))?;
+                if decided(txid)? {
+                    stale.push(key);
+                } else {
+                    active.push(Active {
+                        txid,
+                        deadline_ms: record.deadline_ms,
+                        enlisted: Default::default(),
+                    });
+                }
+            }
+            Some([b'/', name @ ..]) => {
+                let record = record::decode::<EnlistedRecord>(&value).map_err(|e| corrupt(&key, e))?;
+                let name = std::str::from_utf8(name).ok().and_then(|n| n.parse::<ParticipantName>().ok());
+                let name =
+                    name.ok_or_else(|| corrupt(&key, RecordError::Decode("bad participant name".into())))?;
+                // Its begin record sorts just before it.
+                match active.last_mut().filter(|a| a.txid == txid) {
+                    Some(last) => drop(last.enlisted.insert(name, record.run)),
+                    None => stale.push(key),
+                }
+            }
+            _ => return Err(corrupt(&key, RecordError::Decode("not an a/ key".into()))),
+        }
+    }
+    Ok((active, stale))
+}
+
 /// Moves the ended decisions of the layout before the `c/` window (a `d/`
 /// record kept beside an `e/` record) into the window, once. Bounded by what
 /// that layout kept (it pruned at every start).
@@ -581,7 +722,51 @@ mod tests {
         decisions_survive_a_restart_and_ended_ones_still_answer,
         the_ring_record_survives_a_restart,
         a_one_phase_outcome_its_participant_forgot_answers_forgotten_after_a_restart,
+        interactive_transactions_come_back_active_with_their_enlisted_until_they_leave_it,
     );
+
+    async fn interactive_transactions_come_back_active_with_their_enlisted_until_they_leave_it<S: Storage>(
+        open: &impl Fn() -> S,
+    ) {
+        let (t1, t2, t3, t4);
+        {
+            let (store, recovered) = reopen(open).await;
+            assert!(recovered.active.is_empty());
+            let id = recovered.coordinator_id;
+            (t1, t2, t3, t4) =
+                (TxId::new(id, 1, 1), TxId::new(id, 1, 2), TxId::new(id, 1, 3), TxId::new(id, 1, 4));
+            store.log_begin(t1, 1_000).await.unwrap();
+            store.log_enlist(t1, &p("a"), 7).await.unwrap();
+            store.log_enlist(t1, &p("b"), 3).await.unwrap();
+            store.log_begin(t2, 2_000).await.unwrap();
+            store.log_enlist(t2, &p("a"), 0).await.unwrap();
+            store.log_begin(t3, 3_000).await.unwrap();
+            store.log_enlist(t3, &p("a"), 1).await.unwrap();
+            // t2 aborted; t3's Commit decided before its records went; an
+            // Enlist of t4 written after it left the active state.
+            store.forget_active(t2).await.unwrap();
+            store.log_decision(t3, &[p("a")]).await.unwrap();
+            store.log_enlist(t4, &p("b"), 5).await.unwrap();
+        }
+        let expected = vec![Active {
+            txid: t1,
+            deadline_ms: 1_000,
+            enlisted: [(p("a"), 7), (p("b"), 3)].into_iter().collect(),
+        }];
+        {
+            let (store, recovered) = reopen(open).await;
+            assert_eq!(
+                recovered.active, expected,
+                "only t1 is active: t2 aborted, t3 decided, t4 never begun"
+            );
+            assert_eq!(recovered.unfinished, vec![(t3, vec![p("a")])]);
+            let keys = store.log.scan_prefix(ACTIVE).unwrap().len();
+            assert_eq!(keys, 3, "t1's three records; the stale ones went at start");
+            store.forget_active(t1).await.unwrap();
+        }
+        let (_, recovered) = reopen(open).await;
+        assert!(recovered.active.is_empty(), "{:?}", recovered.active);
+    }
 
     async fn a_one_phase_outcome_its_participant_forgot_answers_forgotten_after_a_restart<S: Storage>(
         open: &impl Fn() -> S,

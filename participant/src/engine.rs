@@ -23,10 +23,11 @@
 //! - Commit and Abort are idempotent; a Prepare for a decided txid votes NO
 //!   (or repeats the committed answer), and a Prepare from an older coordinator
 //!   incarnation votes NO (I8);
-//! - interactive work of an older coordinator incarnation is aborted as soon
-//!   as a newer one is heard of: that work was never prepared, and the
-//!   coordinator that could have committed it is gone, so its locks go now
-//!   rather than at the idle timeout;
+//! - interactive work of an older coordinator incarnation outlives a newer
+//!   one: the coordinator records every interactive transaction it begins
+//!   and each enlistment before answering, so its next incarnation (a
+//!   restart, a group's next leader) prepares or aborts the work; a
+//!   coordinator that lost it leaves it to the branch's idle timeout;
 //! - decided txids are remembered within a bound (count and age, see
 //!   [`tombstones`]); a txid below what was forgotten is refused as stale, never
 //!   taken for new, and an Abort for it is answered "forgotten", never "done".
@@ -470,7 +471,6 @@ impl Engine {
             Event::CoordinatorIncarnation { incarnation } => {
                 if incarnation > self.coordinator_incarnation {
                     self.coordinator_incarnation = incarnation;
-                    self.abort_superseded(incarnation);
                 }
             }
             Event::PrepareRequested { txid, keys, payload, one_phase, incarnation, interactive } => {

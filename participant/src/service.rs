@@ -360,23 +360,44 @@ impl KvService {
         KvService { reads, handle, coordinator, name, run: rand::random::<u64>() | 1 }
     }
 
-    /// Enlists this participant in `txid` with the coordinator.
+    /// Enlists this participant in `txid` with the coordinator: again, for
+    /// up to [`ENLIST_WAIT`], while a replica answers that it does not lead
+    /// or none answers (a group's failover: an Enlist is idempotent, and
+    /// the next leader knows the transaction); refused, the work is too.
     async fn enlist(&self, txid: TxId) -> Result<(), Status> {
         let request =
             v1::EnlistRequest { txid: txid.to_string(), participant: self.name.clone(), run: self.run };
-        let mut coordinator = self.coordinator.clone();
-        match tokio::time::timeout(ENLIST_TIMEOUT, coordinator.enlist(request)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => {
-                Err(Status::aborted(format!("the coordinator refused to enlist: {}", status.message())))
+        let deadline = tokio::time::Instant::now() + ENLIST_WAIT;
+        let mut pause = std::time::Duration::from_millis(20);
+        loop {
+            let mut coordinator = self.coordinator.clone();
+            let why = match tokio::time::timeout(ENLIST_TIMEOUT, coordinator.enlist(request.clone())).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(status))
+                    if decree_client::leader::is_not_leader(&status)
+                        || status.code() == tonic::Code::Unavailable =>
+                {
+                    status.message().to_owned()
+                }
+                Ok(Err(status)) => {
+                    let why = status.message();
+                    return Err(Status::aborted(format!("the coordinator refused to enlist: {why}")));
+                }
+                Err(_) => "the coordinator did not answer the enlistment".to_owned(),
+            };
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(Status::aborted(format!("could not enlist with the coordinator: {why}")));
             }
-            Err(_) => Err(Status::aborted("the coordinator did not answer the enlistment")),
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(200));
         }
     }
 }
 
-/// How long enlisting with the coordinator may take.
+/// How long one enlistment call may take.
 const ENLIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long enlisting may take in all, through a group's failover.
+const ENLIST_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most ops and reads in one Execute.
 const MAX_EXECUTE_OPS: usize = 10_000;
 

@@ -535,6 +535,7 @@ impl Coordinator {
                     CALL_TIMEOUT,
                 );
             }
+            Command::ForgetActive { .. } => {}
             Command::LogEnd { txid } => {
                 if ctx.crash_point(Node::Coordinator, crash::COORDINATOR_COMMIT_BEFORE_END) {
                     return;
@@ -681,7 +682,12 @@ impl Coordinator {
             }
             Msg::Enlist(rpc, txid, participant, run) => {
                 let run = if ctx.mutated(Mutation::ReenlistTaken) { 0 } else { run };
-                let result = process.engine.enlist(txid, participant, run).map_err(|e| e.to_string());
+                // Answered at once: the model keeps no `a/` records, so a
+                // restart or failover loses its interactive transactions
+                // (their branches abort). Their recovery is checked by the
+                // real-process tests, not here yet.
+                let result =
+                    process.engine.enlist(txid, participant, run).map(drop).map_err(|e| e.to_string());
                 ctx.send(Node::Coordinator, from, Msg::Enlisted(rpc, result));
             }
             Msg::Transact(rpc, branches) => {

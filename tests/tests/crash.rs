@@ -113,7 +113,8 @@ async fn coordinator_reply_before_client_commits() {
 
 /// The client of a one-shot transaction never learns its txid when the
 /// coordinator dies before answering; an interactive client has it from
-/// Begin, so `decree status` must tell it the outcome after the restart. With
+/// Begin, so its Commit, asked again, and `decree status` must tell it the
+/// outcome after the restart. With
 /// one participant this is the one-phase path, whose outcome the coordinator
 /// keeps only because it recorded the question before the Prepare.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +127,8 @@ async fn coordinator_reply_before_client_then_status_tells_the_interactive_clien
     let txid = tx.txid().to_owned();
     tx.put("a", "1").await.unwrap();
     tx.put("b", "2").await.unwrap();
-    assert!(tx.commit().await.is_err(), "the coordinator died before answering");
+    // The coordinator dies before answering: the SDK asks it again, once back.
+    let commit = tokio::spawn(tx.commit());
     cluster.wait_exit(NodeId::Coordinator, DIE).await.unwrap();
     assert!(cluster
         .log_of(NodeId::Coordinator)
@@ -135,6 +137,8 @@ async fn coordinator_reply_before_client_then_status_tells_the_interactive_clien
     info!("--- restart the coordinator: status tells the client what it was not told");
     cluster.restart(NodeId::Coordinator).unwrap();
     cluster.wait_back(NodeId::Coordinator).await.unwrap();
+    let answer = commit.await.unwrap().expect("the Commit's outcome, from the restarted coordinator");
+    assert_eq!(answer.outcome, Outcome::Committed, "{}", answer.reason);
     let client = cluster.client().await.unwrap();
     let outcome = decree_tests::poll(SETTLE, "the outcome to be known", || {
         let (client, txid) = (&client, &txid);

@@ -559,6 +559,58 @@ async fn a_wiped_replica_is_removed_and_added_back_and_catches_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_transactions_begun_under_one_leader_commit_abort_or_time_out_under_the_next() {
+    common::init();
+    // KV participants in the ring: interactive work is routed by key.
+    let mut cluster = Cluster::start(Options { services: false, ..options() }).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let names = cluster.participant_names();
+    // Keys by owner: `key(p, tag)` is a key participant p owns.
+    let key = |p: usize, tag: &str| client.key_at(&names[p], &format!("{tag}-")).unwrap();
+    // Begun and worked on at two participants under the first leader...
+    let mut committed = client.begin().await.unwrap();
+    committed.add(&key(0, "commit"), 5).await.unwrap();
+    committed.put(&key(1, "commit"), "x").await.unwrap();
+    let mut aborted = client.begin().await.unwrap();
+    aborted.put(&key(0, "abort"), "a").await.unwrap();
+    aborted.put(&key(1, "abort"), "a").await.unwrap();
+    let mut idle = client.begin_with_timeout(Duration::from_secs(4)).await.unwrap();
+    idle.put(&key(0, "idle"), "i").await.unwrap();
+    idle.put(&key(2, "idle"), "i").await.unwrap();
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    info!(?leader, "killing the leader with three interactive transactions active");
+    cluster.kill(leader);
+    // ... and under the next: more work, at a participant already enlisted
+    // and at one enlisting now, then the decisions.
+    committed.add(&key(0, "commit"), 2).await.expect("work at an enlisted participant after the failover");
+    committed.put(&key(2, "commit"), "y").await.expect("work enlisting with the next leader");
+    let result = committed.commit().await.expect("the Commit, sent to the next leader");
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+    aborted.abort().await.unwrap();
+    let owned: Vec<(usize, &str)> =
+        ["commit", "abort", "idle"].into_iter().flat_map(|tag| (0..3).map(move |p| (p, tag))).collect();
+    // The idle one's timeout fires at the next leader, which aborts its branches.
+    for (p, tag) in &owned {
+        check::unlocked(&client, &names[*p..=*p], &[key(*p, tag)]).await.unwrap();
+    }
+    let keys: Vec<String> = owned.iter().map(|(p, tag)| key(*p, tag)).collect();
+    let values = client.get(&keys).await.unwrap();
+    let at = |p: usize, tag: &str| values[&key(p, tag)].clone();
+    assert_eq!(at(0, "commit"), Some(b"7".to_vec()), "work before and after the failover");
+    assert_eq!(at(1, "commit"), Some(b"x".to_vec()));
+    assert_eq!(at(2, "commit"), Some(b"y".to_vec()), "work enlisted with the next leader");
+    for (p, tag) in [(0, "abort"), (1, "abort"), (0, "idle"), (2, "idle")] {
+        assert_eq!(at(p, tag), None, "{tag} at {}: an aborted transaction's work", names[p]);
+    }
+    assert!(cluster
+        .log_of(cluster.leader(SETTLE).await.unwrap())
+        .contains("an interactive transaction is active again"));
+    cluster.restart(leader).unwrap();
+    cluster.wait_serving(leader, SETTLE).await.unwrap();
+    cluster.wait_settled(SETTLE).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_group_input_is_refused_with_a_clear_error_and_changes_nothing() {
     common::init();
     let mut cluster = Cluster::start(options()).await.unwrap();

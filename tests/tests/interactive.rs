@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::init;
 use decree_client::{Client, ClientError, Outcome, Reason};
-use decree_tests::{Cluster, Options};
+use decree_tests::{Cluster, NodeId, Options};
 use tracing::info;
 
 /// Guards against a hang; never reached when things work.
@@ -62,6 +62,32 @@ async fn reads_see_own_writes_and_commit_or_abort_applies_all_or_nothing() {
     );
     assert_eq!(tx.get("a").await.unwrap(), Some(b"not a number".to_vec()));
     assert_eq!(tx.commit().await.unwrap().outcome, Outcome::Committed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_transaction_survives_a_coordinator_restart_and_commits_whole() {
+    init();
+    let mut cluster = Cluster::start(options(100)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let names = cluster.participant_names();
+    let key = |p: usize| client.key_at(&names[p], "restart-").unwrap();
+    let mut tx = client.begin().await.unwrap();
+    tx.put(&key(0), "1").await.unwrap();
+    tx.add(&key(1), 5).await.unwrap();
+    cluster.kill(NodeId::Coordinator);
+    cluster.restart(NodeId::Coordinator).unwrap();
+    cluster.wait_back(NodeId::Coordinator).await.unwrap();
+    // The restarted coordinator knows the transaction and both branches;
+    // work after the restart enlists a third participant with it.
+    tx.add(&key(1), 2).await.unwrap();
+    tx.put(&key(2), "3").await.unwrap();
+    let result = tx.commit().await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+    let values = client.get(&[key(0), key(1), key(2)]).await.unwrap();
+    assert_eq!(values[&key(0)], Some(b"1".to_vec()));
+    assert_eq!(values[&key(1)], Some(b"7".to_vec()), "work before and after the restart");
+    assert_eq!(values[&key(2)], Some(b"3".to_vec()));
+    assert!(cluster.log_of(NodeId::Coordinator).contains("an interactive transaction is active again"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

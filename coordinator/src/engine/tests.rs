@@ -405,7 +405,7 @@ fn an_interactive_one_phase_prepare_waits_for_its_record_and_a_restart_asks_agai
     engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
     assert_eq!(
         engine.take_commands(),
-        vec![Command::LogOnePhaseInDoubt { txid: t, participant: p("a") }],
+        vec![Command::ForgetActive { txid: t }, Command::LogOnePhaseInDoubt { txid: t, participant: p("a") }],
         "its client has the txid: a restart must not answer ABORTED for a branch that may commit"
     );
     assert_eq!(engine.known(t), Some(Known::Pending));
@@ -543,17 +543,81 @@ fn an_enlist_from_another_run_of_a_participant_is_refused_its_earlier_work_is_lo
     let t = tx(8);
     let mut engine = Engine::new();
     engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
-    engine.enlist(t, p("a"), 7).unwrap();
-    engine.enlist(t, p("a"), 7).expect("a repeated Enlist of the same run is taken");
+    assert_eq!(engine.enlist(t, p("a"), 7), Ok(true), "new: recorded before it is answered");
+    assert_eq!(
+        engine.enlist(t, p("a"), 7),
+        Ok(false),
+        "a repeated Enlist of the same run is taken, as recorded"
+    );
     assert_eq!(
         engine.enlist(t, p("a"), 9),
         Err(EngineError::WorkLost { txid: t, participant: p("a") }),
         "the participant restarted: the work of its first run is gone"
     );
-    engine.enlist(t, p("b"), 0).unwrap();
-    engine.enlist(t, p("b"), 0).expect("a participant that names no run: every Enlist is taken");
-    engine.enlist(t, p("b"), 3).expect("then naming one: taken, and remembered");
+    assert_eq!(engine.enlist(t, p("b"), 0), Ok(true));
+    assert_eq!(
+        engine.enlist(t, p("b"), 0),
+        Ok(false),
+        "a participant that names no run: every Enlist is taken"
+    );
+    assert_eq!(engine.enlist(t, p("b"), 3), Ok(true), "then naming one: taken, and recorded");
     assert!(engine.enlist(t, p("b"), 4).is_err());
+}
+
+#[test]
+fn an_interactive_transaction_found_at_start_is_active_with_its_enlisted_and_its_idle_deadline() {
+    let t = tx(8);
+    let mut engine = Engine::new();
+    let enlisted: BTreeMap<_, _> = [(p("a"), 7), (p("b"), 3)].into_iter().collect();
+    let idle_remaining = Duration::from_millis(1234);
+    engine.on_event(Event::RecoveredActive { txid: t, enlisted: enlisted.clone(), idle_remaining }).unwrap();
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::ArmTimer { txid: t, kind: TimerKind::Idle, after: idle_remaining }]
+    );
+    assert_eq!(engine.known(t), Some(Known::Pending), "GetOutcome: not ABORTED, its client may commit");
+    assert_eq!(
+        engine.on_event(Event::RecoveredActive { txid: t, enlisted, idle_remaining }),
+        Err(EngineError::Duplicate(t))
+    );
+    assert_eq!(engine.enlist(t, p("a"), 7), Ok(false), "the same run, as recorded");
+    assert_eq!(engine.enlist(t, p("a"), 8), Err(EngineError::WorkLost { txid: t, participant: p("a") }));
+    engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
+    let commands = engine.take_commands();
+    assert_eq!(commands[0], Command::ForgetActive { txid: t }, "{commands:?}");
+    let prepared: Vec<_> = commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::SendPrepare { participant, interactive: true, one_phase: false, .. } => {
+                Some(participant.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(prepared, vec![p("a"), p("b")], "every recorded branch is prepared: {commands:?}");
+}
+
+#[test]
+fn an_interactive_transaction_leaving_the_active_state_drops_its_records() {
+    for end in ["commit", "abort", "idle"] {
+        let t = tx(5);
+        let mut engine = Engine::new();
+        engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
+        engine.enlist(t, p("a"), 7).unwrap();
+        engine.enlist(t, p("b"), 7).unwrap();
+        engine.take_commands();
+        match end {
+            "commit" => engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap(),
+            "abort" => engine.on_event(Event::AbortRequested { txid: t }).unwrap(),
+            _ => engine.on_event(Event::TimerFired { txid: t, kind: TimerKind::Idle }).unwrap(),
+        }
+        let commands = engine.take_commands();
+        assert_eq!(
+            commands.iter().filter(|c| **c == Command::ForgetActive { txid: t }).count(),
+            1,
+            "{end}: {commands:?}"
+        );
+    }
 }
 
 #[test]
@@ -572,6 +636,7 @@ fn interactive_commit_prepares_the_enlisted_with_empty_payloads() {
     assert_eq!(
         engine.take_commands(),
         vec![
+            Command::ForgetActive { txid: t },
             Command::SendPrepare {
                 txid: t,
                 participant: p("a"),
@@ -607,6 +672,7 @@ fn interactive_idle_timeout_and_client_abort() {
     assert_eq!(
         engine.take_commands(),
         vec![
+            Command::ForgetActive { txid: t1 },
             Command::SendAbort { txid: t1, participant: p("a") },
             aborted(t1, Reason::Timeout, "idle timeout before commit")
         ]
@@ -615,6 +681,7 @@ fn interactive_idle_timeout_and_client_abort() {
     assert_eq!(
         engine.take_commands(),
         vec![
+            Command::ForgetActive { txid: t2 },
             Command::SendAbort { txid: t2, participant: p("a") },
             aborted(t2, Reason::ClientAborted, "aborted by the client")
         ]
@@ -633,7 +700,10 @@ fn an_interactive_transaction_with_no_work_commits_trivially() {
     engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
     engine.take_commands();
     engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
-    assert_eq!(engine.take_commands(), vec![Command::Reply { txid: t, decided: Decided::Committed }]);
+    assert_eq!(
+        engine.take_commands(),
+        vec![Command::ForgetActive { txid: t }, Command::Reply { txid: t, decided: Decided::Committed }]
+    );
 }
 
 #[test]

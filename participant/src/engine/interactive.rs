@@ -20,22 +20,6 @@ impl Engine {
         }
     }
 
-    /// Aborts every interactive branch not yet prepared whose coordinator
-    /// incarnation is older than `incarnation`: it can never commit (its
-    /// Prepare would be stale), and it may hold locks others wait for.
-    pub(super) fn abort_superseded(&mut self, incarnation: u64) {
-        let mut stale: Vec<TxId> = self
-            .branches
-            .iter()
-            .filter(|(txid, b)| txid.incarnation < incarnation && matches!(b, Branch::Active { .. }))
-            .map(|(txid, _)| *txid)
-            .collect();
-        stale.sort();
-        for txid in stale {
-            self.abort_active(txid);
-        }
-    }
-
     /// A newer request makes `txid`'s work moot (a migration batch that the
     /// coordinator has given up): aborts it if it is active. True if `txid`
     /// can no longer commit here (it was active, or has no branch); false if
@@ -87,11 +71,9 @@ impl Engine {
             self.commands.push(refuse(Reason::Stale, forgotten(txid, horizon), true));
             return;
         }
-        if txid.incarnation < self.coordinator_incarnation {
-            let reason = format!("transaction {txid} is from an earlier coordinator incarnation");
-            self.commands.push(refuse(Reason::Stale, reason, true));
-            return;
-        }
+        // A txid of an earlier coordinator incarnation is taken: the next
+        // incarnation knows every interactive transaction begun, and its
+        // Enlist (which the first work here waits for) refuses one it does not.
         if self.locks.waiter(txid).is_some() {
             // Its Prepare (or other work) waits for locks: one request at a time.
             let reason = "another request of this transaction is waiting for locks here".into();

@@ -576,25 +576,31 @@ mod interactive {
     }
 
     #[test]
-    fn work_of_an_older_incarnation_is_aborted_once_a_newer_one_is_heard_of() {
+    fn work_of_an_older_incarnation_outlives_a_newer_one_which_prepares_it() {
         let mut engine = engine();
         let (old, prepared_old) = (tx(1), tx(2));
         work(&mut engine, old, 1, &["a"]);
         done(&mut engine, old, b"w");
         super::prepared(&mut engine, prepared_old, &["p"]);
+        // The coordinator restarted, or its group changed leader: it knows
+        // every interactive transaction begun (its `a/` records), so the
+        // work waits for the Commit or Abort of the new incarnation.
         let commands = event(&mut engine, Event::CoordinatorIncarnation { incarnation: 3 });
-        assert_eq!(commands, vec![Command::LogAbort { txid: old, prepared: false }]);
-        assert_eq!(engine.outcome(old), Some(Outcome::Aborted), "its Prepare will vote NO");
+        assert_eq!(commands, vec![], "nothing aborted");
+        assert_eq!(engine.outcome(old), None);
+        assert_eq!(engine.locks().keys().collect::<Vec<_>>(), ["a", "p"], "both keep their locks");
+        let prepare = Event::PrepareRequested {
+            txid: old,
+            keys: vec![],
+            payload: vec![],
+            one_phase: false,
+            incarnation: 3,
+            interactive: true,
+        };
         assert_eq!(
-            engine.locks().keys().collect::<Vec<_>>(),
-            ["p"],
-            "a prepared branch waits for its decision"
-        );
-        let newer = TxId::new(0xabcd, 3, 1);
-        assert!(matches!(work(&mut engine, newer, 2, &["a"]).as_slice(), [Command::WorkGranted { .. }]));
-        assert!(
-            event(&mut engine, Event::CoordinatorIncarnation { incarnation: 3 }).is_empty(),
-            "heard again"
+            event(&mut engine, prepare),
+            vec![Command::Validate { txid: old, payload: b"w".to_vec() }],
+            "the new incarnation's Prepare takes the work"
         );
     }
 

@@ -290,6 +290,18 @@ class Coordinators:
                 attempt += 1
 
 
+#: Refusals of a Commit that asking again cannot change.
+_DECIDED = frozenset(
+    {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+
+
 class Client:
     """A client of one coordinator (``url``) or of a group (URLs separated by commas)."""
 
@@ -445,6 +457,45 @@ class Client:
                 return Result(result.txid, outcome, f"told by the group's leader after a failover ({result.reason})")
             time.sleep(0.1)
         raise OutcomeUnknown(result.txid, result.reason)
+
+    def _commit_interactive(self, txid: str) -> Result:
+        """Commits the interactive transaction ``txid``. One whose coordinator
+        was lost, restarted or stopped leading before it answered is asked of
+        the next (``GetOutcome``): decided, that is the answer; still active
+        there (a coordinator, and a group, knows every interactive transaction
+        begun, with its enlisted branches), it is committed again; preparing or
+        deciding, it is asked until it is known, for up to ``FAILOVER_WAIT``."""
+        request = coordinator_pb2.CommitTransactionRequest(txid=txid, pending_outcome=True)
+        deadline = time.monotonic() + FAILOVER_WAIT
+        unknown: Optional[str] = None
+        attempt = 0
+        while True:
+            try:
+                response = self._ask(
+                    "Commit", lambda ch: self._coordinator(ch).Commit(request, timeout=self._timeout), read=False
+                )
+                result = Result.from_wire(response)
+                if result.outcome is not Outcome.PENDING or result.code != "REASON_NOT_LEADER":
+                    return result
+                why = result.reason
+            except RpcError as err:
+                if err.code == grpc.StatusCode.FAILED_PRECONDITION and unknown is not None:
+                    # Not active any more: an earlier Commit began it; ask its outcome.
+                    return self._settled(Result(txid, Outcome.PENDING, unknown, "REASON_NOT_LEADER"))
+                if err.code in _DECIDED:
+                    raise
+                why = str(err)
+            try:
+                outcome = self.status(txid)
+            except RpcError:
+                outcome = Outcome.PENDING
+            if outcome is not Outcome.PENDING:
+                return Result(txid, outcome, f"told by the coordinator after a failover ({why})")
+            unknown = why
+            if time.monotonic() >= deadline:
+                raise OutcomeUnknown(txid, why)
+            time.sleep(min(0.02 * (2 ** min(attempt, 3)), 0.1))
+            attempt += 1
 
     def status(self, txid: str) -> Outcome:
         """The coordinator's outcome of ``txid``."""
@@ -639,13 +690,7 @@ class Transaction:
         if self._aborted:
             self.result = Result(self.txid, Outcome.ABORTED, self._aborted.reason, self._aborted.code)
             return self.result
-        request = coordinator_pb2.CommitTransactionRequest(txid=self.txid, pending_outcome=True)
-        response = self._client._ask(
-            "Commit",
-            lambda ch: self._client._coordinator(ch).Commit(request, timeout=self._client._timeout),
-            read=False,
-        )
-        self.result = self._client._settled(Result.from_wire(response))
+        self.result = self._client._commit_interactive(self.txid)
         return self.result
 
     def abort(self) -> None:

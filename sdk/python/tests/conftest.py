@@ -57,8 +57,7 @@ class Cluster:
 
     def start(self, participants=("p1", "p2")):
         binary = decree_bin()
-        listen = self.url.removeprefix("http://")
-        self.spawn("coordinator", [binary, "coordinator", "--listen", listen, "--data-dir", f"{self.root}/c"])
+        self.spawn_coordinator()
         for name in participants:
             port = free_port()
             self.spawn(
@@ -74,6 +73,23 @@ class Cluster:
 
         wait_for("the ring to form", ready)
         return self
+
+    def spawn_coordinator(self):
+        listen = self.url.removeprefix("http://")
+        self.spawn("coordinator", [decree_bin(), "coordinator", "--listen", listen, "--data-dir", f"{self.root}/c"])
+
+    def restart_coordinator(self):
+        """kill -9, then the coordinator again on its data directory; back once it lists the participants up."""
+        proc = self.procs.pop("coordinator")
+        proc.kill()
+        proc.wait()
+        self.spawn_coordinator()
+
+        def back():
+            with decree.connect(self.url) as c:
+                return all(p.state == "up" for p in c.participants())
+
+        wait_for("the coordinator to be back", back)
 
     def service(self, name, script):
         """Starts an example service on the SDK as participant `name`."""

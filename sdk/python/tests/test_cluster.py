@@ -77,6 +77,20 @@ def test_an_interactive_transaction_reads_its_own_writes_and_commits(cluster):
         assert c.get_many(["alice", "bob", "memo"]) == {"alice": b"70", "bob": b"30", "memo": b"rent"}
 
 
+def test_an_interactive_transaction_outlives_a_coordinator_restart(cluster):
+    with decree.connect(cluster.url) as c:
+        tx = c.begin()
+        tx.put("kept-a", "1")
+        tx.put("kept-b", "2")
+        cluster.restart_coordinator()
+        # The restarted coordinator knows the transaction: more work, then Commit.
+        tx.put("kept-c", "3")
+        result = tx.commit()
+        assert result.committed, result
+        assert c.get_many(["kept-a", "kept-b", "kept-c"]) == {"kept-a": b"1", "kept-b": b"2", "kept-c": b"3"}
+    assert "an interactive transaction is active again" in cluster.log("coordinator")
+
+
 def test_an_interactive_transaction_that_raises_is_aborted(cluster):
     with decree.connect(cluster.url) as c:
         assert c.transact(put={"x": "1"}).committed
