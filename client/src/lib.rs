@@ -273,6 +273,10 @@ fn reroute_pause(attempt: u32) -> Duration {
 /// tell the outcome of a transaction its predecessor was deciding.
 const FAILOVER_WAIT: Duration = Duration::from_secs(15);
 
+/// The most keys one `Kv.Get` carries: a participant takes at most 10,000,
+/// so [`Client::get`] of more sends several to one owner.
+const GET_KEYS: usize = 10_000;
+
 /// The pause before the `attempt`th try at the group's leader: 20 ms doubling
 /// to 100 ms, so a client finds a new leader within about 100 ms of its
 /// election (a try is one small RPC: cheap beside a failover's wait).
@@ -541,7 +545,10 @@ impl Client {
                 by_owner.entry(self.route(&key)?).or_default().push(key);
             }
             let mut redirect = None;
-            for (owner, keys) in by_owner {
+            let requests = by_owner.into_iter().flat_map(|(owner, keys)| {
+                keys.chunks(GET_KEYS).map(|c| (owner.clone(), c.to_vec())).collect::<Vec<_>>()
+            });
+            for (owner, keys) in requests {
                 let channel = self.channel_to(&owner)?;
                 let request = v1::GetRequest { keys: keys.clone(), ring_epoch: epoch };
                 match KvClient::new(channel).get(request).await {

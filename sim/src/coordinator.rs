@@ -2,6 +2,9 @@
 //! driven as `coordinator/src/runtime.rs` drives them: each command becomes
 //! a message, a disk write on the node's FIFO disk, or a timer, and each
 //! answer goes back to the engine through the same `wire` conversions.
+//! Begin and each new Enlist are answered once their `a/` record lands, as
+//! the runtime answers them once durable, so an interactive transaction
+//! outlives a restart or a failover with its enlisted branches.
 //!
 //! As a **group** (a third of the seeds), it is the leader of a replicated
 //! coordinator, as `coordinator/src/group.rs` runs one: it names each
@@ -87,6 +90,26 @@ pub enum Disk {
         txid: TxId,
     },
     End {
+        txid: TxId,
+    },
+    /// An interactive transaction begun (idle deadline in simulated ms);
+    /// Began goes to `to` once it lands.
+    Begin {
+        txid: TxId,
+        deadline_ms: u64,
+        to: Node,
+        rpc: u64,
+    },
+    /// A participant enlisted; Enlisted goes to `to` once it lands.
+    Enlist {
+        txid: TxId,
+        participant: ParticipantName,
+        run: u64,
+        to: Node,
+        rpc: u64,
+    },
+    /// An interactive transaction left the active state.
+    ForgetActive {
         txid: TxId,
     },
     /// The ring record, and what the migration task does once it is written.
@@ -268,6 +291,15 @@ impl Coordinator {
         for (txid, participants) in recovered.unfinished {
             process.engine.on_event(Event::Recovered { txid, participants }).expect("distinct decisions");
         }
+        for active in recovered.active {
+            let idle_remaining = Duration::from_micros((active.deadline_ms * MS).saturating_sub(ctx.now));
+            let (txid, enlisted) = (active.txid, active.enlisted);
+            if let Err(err) =
+                process.engine.on_event(Event::RecoveredActive { txid, enlisted, idle_remaining })
+            {
+                ctx.violation("recovery", format!("an active transaction found twice: {err}"));
+            }
+        }
         for (txid, participant) in recovered.one_phase_in_doubt {
             if let Err(err) = process.engine.on_event(Event::RecoveredOnePhase { txid, participant }) {
                 // Only a planted bug writes both a decision and a one-phase question for one txid.
@@ -399,6 +431,8 @@ impl Coordinator {
                 self.feed(ctx, Event::DecisionLogged { txid });
             }
             Disk::InDoubt { txid, .. } => self.feed(ctx, Event::OnePhaseInDoubtLogged { txid }),
+            Disk::Begin { txid, to, rpc, .. } => ctx.send(Node::Coordinator, to, Msg::Began(rpc, Ok(txid))),
+            Disk::Enlist { to, rpc, .. } => ctx.send(Node::Coordinator, to, Msg::Enlisted(rpc, Ok(()))),
             _ => {}
         }
     }
@@ -535,7 +569,7 @@ impl Coordinator {
                     CALL_TIMEOUT,
                 );
             }
-            Command::ForgetActive { .. } => {}
+            Command::ForgetActive { txid } => self.write(ctx, Disk::ForgetActive { txid }, false),
             Command::LogEnd { txid } => {
                 if ctx.crash_point(Node::Coordinator, crash::COORDINATOR_COMMIT_BEFORE_END) {
                     return;
@@ -682,13 +716,15 @@ impl Coordinator {
             }
             Msg::Enlist(rpc, txid, participant, run) => {
                 let run = if ctx.mutated(Mutation::ReenlistTaken) { 0 } else { run };
-                // Answered at once: the model keeps no `a/` records, so a
-                // restart or failover loses its interactive transactions
-                // (their branches abort). Their recovery is checked by the
-                // real-process tests, not here yet.
-                let result =
-                    process.engine.enlist(txid, participant, run).map(drop).map_err(|e| e.to_string());
-                ctx.send(Node::Coordinator, from, Msg::Enlisted(rpc, result));
+                match process.engine.enlist(txid, participant.clone(), run) {
+                    // New: answered once its record lands (a restart or the
+                    // next leader prepares the branch).
+                    Ok(true) if !ctx.mutated(Mutation::EnlistNotDurable) => {
+                        self.write(ctx, Disk::Enlist { txid, participant, run, to: from, rpc }, true)
+                    }
+                    Ok(_) => ctx.send(Node::Coordinator, from, Msg::Enlisted(rpc, Ok(()))),
+                    Err(err) => ctx.send(Node::Coordinator, from, Msg::Enlisted(rpc, Err(err.to_string()))),
+                }
             }
             Msg::Transact(rpc, branches) => {
                 let distinct: BTreeSet<&ParticipantName> = branches.iter().map(|(p, _)| p).collect();
@@ -714,7 +750,9 @@ impl Coordinator {
                     .engine
                     .on_event(Event::Begin { txid, idle_timeout: IDLE_TIMEOUT })
                     .expect("fresh txid");
-                ctx.send(Node::Coordinator, from, Msg::Began(rpc, Ok(txid)));
+                // Answered once its record lands.
+                let deadline_ms = (ctx.now + IDLE_TIMEOUT.as_micros() as Time) / MS;
+                self.write(ctx, Disk::Begin { txid, deadline_ms, to: from, rpc }, true);
                 self.execute(ctx);
             }
             Msg::CommitTxn(rpc, txid) => {
@@ -752,6 +790,11 @@ fn land(ctx: &mut Ctx, store: &DecisionLog<MemLog>, disk: &Disk) -> bool {
         Disk::OnePhaseAborted { txid } => now_or_never(store.log_one_phase_aborted(*txid)),
         Disk::OnePhaseForgotten { txid } => now_or_never(store.log_one_phase_forgotten(*txid)),
         Disk::End { txid } => now_or_never(store.log_end(*txid)),
+        Disk::Begin { txid, deadline_ms, .. } => now_or_never(store.log_begin(*txid, *deadline_ms)),
+        Disk::Enlist { txid, participant, run, .. } => {
+            now_or_never(store.log_enlist(*txid, participant, *run))
+        }
+        Disk::ForgetActive { txid } => now_or_never(store.forget_active(*txid)),
         Disk::Ring { .. } => return false,
     };
     written.expect("memory");

@@ -102,10 +102,13 @@ pub enum Mutation {
     CursorBeforeCommit,
     /// The coordinator takes an Enlist from another run of a participant (whose earlier work is lost).
     ReenlistTaken,
+    /// The coordinator answers a new Enlist without recording it: a restart
+    /// or the next leader commits the transaction without that branch.
+    EnlistNotDurable,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 12] = [
+    pub const ALL: [Mutation; 13] = [
         Mutation::CommitBeforeDurable,
         Mutation::YesBeforeDurable,
         Mutation::AckBeforeDurable,
@@ -118,6 +121,7 @@ impl Mutation {
         Mutation::NoFenceAtNewOwner,
         Mutation::CursorBeforeCommit,
         Mutation::ReenlistTaken,
+        Mutation::EnlistNotDurable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -134,6 +138,7 @@ impl Mutation {
             Mutation::NoFenceAtNewOwner => "no-fence-at-new-owner",
             Mutation::CursorBeforeCommit => "cursor-before-commit",
             Mutation::ReenlistTaken => "reenlist-taken",
+            Mutation::EnlistNotDurable => "enlist-not-durable",
         }
     }
 }

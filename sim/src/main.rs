@@ -28,7 +28,8 @@ struct Args {
     seed: Option<u64>,
     /// Plant a bug: commit-before-durable, yes-before-durable, ack-before-durable,
     /// decide-alone, failed-vote-is-yes, presume-commit, skip-redelivery, presume-abort-unasked,
-    /// keep-moved-keys, no-fence-at-new-owner, cursor-before-commit, reenlist-taken.
+    /// keep-moved-keys, no-fence-at-new-owner, cursor-before-commit, reenlist-taken,
+    /// enlist-not-durable.
     #[arg(long, value_parser = |s: &str| s.parse::<Mutation>())]
     mutation: Option<Mutation>,
     /// With --seed: print only the summary, not the trace.

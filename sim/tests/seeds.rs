@@ -109,7 +109,7 @@ fn every_planted_bug_is_caught() {
     // Two have narrow windows: the fence at a new owner has a test of its own below; a
     // repeated Enlist from another run is caught by the real-process test
     // `more_work_after_a_participant_restart_is_refused_and_nothing_of_the_transaction_commits`.
-    let narrow = [Mutation::NoFenceAtNewOwner, Mutation::ReenlistTaken];
+    let narrow = [Mutation::NoFenceAtNewOwner, Mutation::ReenlistTaken, Mutation::EnlistNotDurable];
     for mutation in Mutation::ALL.into_iter().filter(|m| !narrow.contains(m)) {
         assert!(caught(mutation, 200).is_some(), "{} went unnoticed for 200 seeds", mutation.name());
     }
@@ -122,6 +122,16 @@ fn every_planted_bug_is_caught() {
 fn a_new_owner_without_its_fence_is_caught() {
     let mutation = Mutation::NoFenceAtNewOwner;
     assert!(caught(mutation, 8_000).is_some(), "{} went unnoticed for 8000 seeds", mutation.name());
+}
+
+/// An Enlist answered before its record is durable: a restart or failover
+/// between a participant's first work and the Commit loses the branch, and
+/// the Commit commits without its work. The window (a crash in an
+/// interactive transaction's life, after an enlistment) is narrow.
+#[test]
+fn an_enlistment_answered_before_it_is_durable_is_caught() {
+    let mutation = Mutation::EnlistNotDurable;
+    assert!(caught(mutation, 4_000).is_some(), "{} went unnoticed for 4000 seeds", mutation.name());
 }
 
 fn caught(mutation: Mutation, seeds: u64) -> Option<u64> {
