@@ -305,9 +305,6 @@ fn index_of(id: NodeId) -> (usize, u64) {
 async fn partitions_between_two_replicas_or_one_way_leave_the_group_deciding_and_every_transfer_whole() {
     common::init();
     let dir = tempfile::tempdir().unwrap();
-    let cut =
-        |replica: usize, links: String| std::fs::write(partition_file(dir.path(), replica), links).unwrap();
-    let heal = |replica: usize| std::fs::remove_file(partition_file(dir.path(), replica)).unwrap();
     let cluster = Cluster::start_in_dir(dir.path().join("cluster"), partitionable(dir.path())).await.unwrap();
     let stop = Arc::new(Progress::default());
     let clients = load(&cluster, 3, stop.clone());
@@ -317,33 +314,15 @@ async fn partitions_between_two_replicas_or_one_way_leave_the_group_deciding_and
     // replica reaches both. The leader keeps its majority with the third;
     // the cut-off follower's elections find no vote (the third hears its
     // leader), so the group goes on deciding.
-    let leader = cluster.leader(SETTLE).await.unwrap();
-    let follower = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
-    let ((l, l_id), (f, f_id)) = (index_of(leader), index_of(follower));
-    info!(?leader, ?follower, "cutting the leader and one follower off from each other");
-    let term = cluster.group_status(leader).await.unwrap().term;
-    cut(l, f_id.to_string());
-    cut(f, l_id.to_string());
-    let campaigned = campaign(&cluster, follower, term, &stop).await;
-    info!(leader = ?cluster.leader(SETTLE).await.unwrap(), "healing: every link flows");
-    heal(l);
-    heal(f);
-    stop.commits(50).await;
-
+    let two_way =
+        |leader: u64, follower: u64| vec![(leader, follower.to_string()), (follower, leader.to_string())];
+    let campaigned = partitioned(&cluster, dir.path(), &stop, "cut from each other", two_way).await;
     // One way: the leader's messages to a follower are lost, the
     // follower's to the leader arrive. The follower hears no leader and
     // asks for votes the others can hear; its log lacks what it missed, so
     // it cannot win, and the group goes on deciding under some leader.
-    let leader = cluster.leader(SETTLE).await.unwrap();
-    let follower = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
-    let ((l, _), (_, f_id)) = (index_of(leader), index_of(follower));
-    info!(?leader, ?follower, "losing the leader's messages to one follower, one way");
-    let term = cluster.group_status(leader).await.unwrap().term;
-    cut(l, format!(">{f_id}"));
-    let campaigned_one_way = campaign(&cluster, follower, term, &stop).await;
-    info!(leader = ?cluster.leader(SETTLE).await.unwrap(), "healing: every link flows");
-    heal(l);
-    stop.commits(50).await;
+    let one_way = |leader: u64, follower: u64| vec![(leader, format!(">{follower}"))];
+    let campaigned_one_way = partitioned(&cluster, dir.path(), &stop, "one way", one_way).await;
     stop.stop();
     let (committed, aborted, unknown) = verify(&cluster, clients).await;
     println!(
@@ -351,6 +330,34 @@ async fn partitions_between_two_replicas_or_one_way_leave_the_group_deciding_and
          the cut-off follower's terms: {campaigned:?} (two-replica cut), {campaigned_one_way:?} (one way)"
     );
     assert!(committed >= 300, "{committed} committed");
+}
+
+/// Cuts the links `links(leader id, follower id)` names (each a replica id
+/// and what its partition file says) between the leader and a follower,
+/// holds them while the follower campaigns ([`campaign`]), heals them and
+/// waits for 50 more commits; returns what `campaign` does.
+async fn partitioned(
+    cluster: &Cluster,
+    dir: &std::path::Path,
+    progress: &Progress,
+    what: &str,
+    links: impl Fn(u64, u64) -> Vec<(u64, String)>,
+) -> (u64, u64) {
+    let leader = cluster.leader(SETTLE).await.unwrap();
+    let follower = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
+    info!(?leader, ?follower, "partitioning the leader and one follower: {what}");
+    let term = cluster.group_status(leader).await.unwrap().term;
+    let cuts = links(index_of(leader).1, index_of(follower).1);
+    for (id, spec) in &cuts {
+        std::fs::write(partition_file(dir, *id as usize - 1), spec).unwrap();
+    }
+    let campaigned = campaign(cluster, follower, term, progress).await;
+    info!(leader = ?cluster.leader(SETTLE).await.unwrap(), "healing: every link flows");
+    for (id, _) in &cuts {
+        std::fs::remove_file(partition_file(dir, *id as usize - 1)).unwrap();
+    }
+    progress.commits(50).await;
+    campaigned
 }
 
 /// While a partition keeps `follower` from hearing its leader (whose term
