@@ -293,18 +293,27 @@ pub async fn not_serving(reporter: &tonic_health::server::HealthReporter, servic
 pub type Answers<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
 
 /// Serves a bidirectional stream of independent requests (`TransactStream`,
-/// `PrepareStream`): each message read is handled by `handle` in a task of
-/// its own and answered as soon as that is done, in whatever order. At most
-/// `limit` are handled at once; beyond that the stream is not read, so HTTP/2
-/// flow control holds the sender back, as `--max-concurrent-streams` does for
-/// unary calls. Reading stops when `stopping` turns true (shutdown): what was
-/// read is answered, then the stream ends, and what was not read was not
-/// started. `name` labels [`crate::metrics::STREAM_MESSAGES`]. A handler may
-/// send answers ahead of its last one on the [`Early`] it is given.
+/// `PrepareStream`): each message read is handled by `handle` (called in the
+/// order the messages are read) and answered as soon as that is done, in
+/// whatever order. At most `limit` are handled at once; beyond that the stream
+/// is not read, so HTTP/2 flow control holds the sender back, as
+/// `--max-concurrent-streams` does for unary calls. Reading stops when
+/// `stopping` turns true (shutdown): what was read is answered, then the
+/// stream ends, and what was not read was not started. `name` labels
+/// [`crate::metrics::STREAM_MESSAGES`]. A handler may send answers ahead of
+/// its last one on the [`Early`] it is given.
+///
+/// The handlers run inside the answer stream itself, polled where the server
+/// polls the response: no task is spawned per message and no channel stands
+/// between a handler and its answer (each was a wake-up and a hand-off per
+/// message, docs/performance.md). A handler therefore only makes progress
+/// while its stream is served; one whose stream is dropped (the caller went
+/// away) is dropped with it, at an await: handlers hand their work to an
+/// actor and await its answer, so work once handed over goes on.
 pub fn serve_stream<Req, Ans, F, Fut>(
     name: &'static str,
-    mut incoming: tonic::Streaming<Req>,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
+    incoming: tonic::Streaming<Req>,
+    stopping: tokio::sync::watch::Receiver<bool>,
     limit: usize,
     handle: F,
 ) -> Answers<Ans>
@@ -314,45 +323,92 @@ where
     F: Fn(Req, Early<Ans>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Ans> + Send + 'static,
 {
-    let (answers, stream) = tokio::sync::mpsc::unbounded_channel();
-    let in_progress = std::sync::Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
-    tokio::spawn(async move {
+    let (early, ahead) = tokio::sync::mpsc::unbounded_channel();
+    Box::pin(Served {
+        incoming: Some(incoming),
+        stopping: Box::pin(async move {
+            let mut stopping = stopping;
+            stopped(&mut stopping).await
+        }),
+        limit: limit.max(1),
+        handle,
+        running: futures::stream::FuturesUnordered::new(),
+        early,
+        ahead,
         // Looked up once: each `counter!` allocates a handle.
-        let messages = metrics::counter!(crate::metrics::STREAM_MESSAGES, "stream" => name);
-        loop {
-            let next = tokio::select! {
-                biased;
-                () = stopped(&mut stopping) => break,
-                permit = in_progress.clone().acquire_owned() => {
-                    let permit = permit.expect("the semaphore is never closed");
-                    tokio::select! {
-                        biased;
-                        () = stopped(&mut stopping) => break,
-                        next = incoming.message() => next.map(|message| message.map(|m| (m, permit))),
-                    }
-                }
-            };
-            let Ok(Some((message, permit))) = next else { break };
-            messages.increment(1);
-            let answer = handle(message, Early(answers.clone()));
-            let answers = answers.clone();
-            tokio::spawn(async move {
-                let _ = answers.send(Ok(answer.await));
-                drop(permit);
-            });
+        messages: metrics::counter!(crate::metrics::STREAM_MESSAGES, "stream" => name),
+    })
+}
+
+/// The answer stream of [`serve_stream`]: reads requests while fewer than
+/// `limit` are in progress, runs their handlers, yields answers as they are
+/// ready.
+struct Served<Req, Ans, F, Fut> {
+    /// `None` once reading stopped (the caller closed its side, an error, or shutdown).
+    incoming: Option<tonic::Streaming<Req>>,
+    stopping: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    limit: usize,
+    handle: F,
+    running: futures::stream::FuturesUnordered<Fut>,
+    early: tokio::sync::mpsc::UnboundedSender<Ans>,
+    ahead: tokio::sync::mpsc::UnboundedReceiver<Ans>,
+    messages: metrics::Counter,
+}
+
+// Nothing is pinned in place: the futures are in `FuturesUnordered`, which
+// pins them itself, and the rest is moved freely.
+impl<Req, Ans, F, Fut> Unpin for Served<Req, Ans, F, Fut> {}
+
+impl<Req, Ans, F, Fut> tokio_stream::Stream for Served<Req, Ans, F, Fut>
+where
+    F: Fn(Req, Early<Ans>) -> Fut,
+    Fut: std::future::Future<Output = Ans>,
+{
+    type Item = Result<Ans, tonic::Status>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use futures::StreamExt as _;
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(Some(answer)) = this.ahead.poll_recv(cx) {
+            return Poll::Ready(Some(Ok(answer)));
         }
-        // The stream ends once every answer in progress is sent.
-    });
-    Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(stream))
+        if this.incoming.is_some() && std::future::Future::poll(this.stopping.as_mut(), cx).is_ready() {
+            this.incoming = None;
+        }
+        while let Some(incoming) = this.incoming.as_mut() {
+            if this.running.len() >= this.limit {
+                break;
+            }
+            match incoming.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(message))) => {
+                    this.messages.increment(1);
+                    this.running.push((this.handle)(message, Early(this.early.clone())));
+                }
+                // The caller closed its side, or the stream broke: what was read is still answered.
+                Poll::Ready(_) => this.incoming = None,
+                Poll::Pending => break,
+            }
+        }
+        match this.running.poll_next_unpin(cx) {
+            Poll::Ready(Some(answer)) => Poll::Ready(Some(Ok(answer))),
+            // Nothing in progress: over once nothing more can be read.
+            Poll::Ready(None) if this.incoming.is_none() => Poll::Ready(this.ahead.try_recv().ok().map(Ok)),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 /// Where a stream's handler sends an answer ahead of its last one (a
 /// transaction's txid before its outcome).
-pub struct Early<Ans>(tokio::sync::mpsc::UnboundedSender<Result<Ans, tonic::Status>>);
+pub struct Early<Ans>(tokio::sync::mpsc::UnboundedSender<Ans>);
 
 impl<Ans> Early<Ans> {
     pub fn send(&self, answer: Ans) {
-        let _ = self.0.send(Ok(answer));
+        let _ = self.0.send(answer);
     }
 }
 
