@@ -25,6 +25,7 @@ mod runtime;
 mod service;
 pub mod stats;
 pub mod store;
+mod timers;
 pub mod wire;
 
 use std::future::Future;

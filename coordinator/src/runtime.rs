@@ -29,6 +29,7 @@ use crate::registry::Registry;
 use crate::retention::Window;
 use crate::stats;
 use crate::store::{DecisionLog, Recorded};
+use crate::timers::Timers;
 use crate::wire::{self, Unanswered};
 use crate::CoordinatorError;
 
@@ -407,6 +408,8 @@ struct Actor {
     /// this sequence: an outcome query found nothing of one of them here
     /// (and answers from the log, ABORTED if it holds nothing).
     fenced: u64,
+    /// The engine's timers ([`Command::ArmTimer`]).
+    timers: Timers,
 }
 
 /// Starts the actor with what was found at start: the decisions to redrive
@@ -465,6 +468,7 @@ pub(crate) fn start(
         shutting_down: false,
         draining: None,
         fenced: 0,
+        timers: Timers::default(),
     };
     for (txid, participants) in unfinished {
         info!(%txid, participants = ?participants.iter().map(|p| p.as_str()).collect::<Vec<_>>(), "recovery: redriving committed transaction");
@@ -526,7 +530,18 @@ impl Actor {
         // allocates a handle (a fifth of this process's allocations when it
         // was set that way on every turn).
         let in_flight = metrics::gauge!(IN_FLIGHT);
+        // One sleep for every timer, reset to the earliest deadline left.
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+        let mut sleeping_until = None;
         loop {
+            if let Some(next) = self.timers.next() {
+                // Waking early is harmless (the next turn looks again); a reset only for an earlier deadline.
+                if sleeping_until.is_none_or(|at| next < at) {
+                    sleep.as_mut().reset(next);
+                    sleeping_until = Some(next);
+                }
+            }
             tokio::select! {
                 biased;
                 // Its sender is in `self.handle`: this resolves only on a deposition.
@@ -548,6 +563,13 @@ impl Actor {
                     Some(request) => self.on_request(request),
                     None => break,
                 },
+                () = &mut sleep, if sleeping_until.is_some() => sleeping_until = None,
+            }
+            let engine = &self.engine;
+            for (txid, kind) in
+                self.timers.expire(tokio::time::Instant::now(), |txid| engine.known(txid).is_some())
+            {
+                let _ = self.engine.on_event(Event::TimerFired { txid, kind });
             }
             let commands = self.engine.take_commands();
             if !commands.is_empty() {
@@ -900,11 +922,7 @@ impl Actor {
                     }
                 }
                 Command::ArmTimer { txid, kind, after } => {
-                    let events = self.handle.events.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(after).await;
-                        let _ = events.send(Event::TimerFired { txid, kind });
-                    });
+                    self.timers.arm(tokio::time::Instant::now() + after, txid, kind);
                 }
                 Command::ScheduleRedelivery { txid, participant, attempt } => {
                     metrics::counter!(REDELIVERIES).increment(1);
