@@ -768,10 +768,10 @@ impl Actor {
                 }
                 Command::LogDecision { txid, participants } => {
                     crash::point(crash::COORDINATOR_DECISION_BEFORE_LOG);
-                    let (store, events, handle) =
-                        (self.handle.store.clone(), self.handle.events.clone(), self.handle.clone());
-                    tokio::spawn(async move {
-                        if let Err(err) = store.log_decision(txid, &participants).await {
+                    let (events, handle) = (self.handle.events.clone(), self.handle.clone());
+                    // Called where the write finished (the log's writer thread): no task in between.
+                    self.handle.store.log_decision_then(txid, &participants, move |written| {
+                        if let Err(err) = written {
                             return handle.failed(err.into());
                         }
                         crash::point(crash::COORDINATOR_DECISION_AFTER_LOG);
@@ -856,9 +856,9 @@ impl Actor {
                         self.meters.complete.record(started.at.elapsed().as_secs_f64());
                     }
                     debug!(%txid, "every participant acked; ending");
-                    let (store, handle) = (self.handle.store.clone(), self.handle.clone());
-                    tokio::spawn(async move {
-                        if let Err(err) = store.log_end(txid).await {
+                    let handle = self.handle.clone();
+                    self.handle.store.log_end_then(txid, move |written| {
+                        if let Err(err) = written {
                             handle.failed(err.into());
                         }
                     });

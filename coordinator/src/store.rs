@@ -237,6 +237,26 @@ pub fn holds_decisions(log: &impl Storage) -> Result<bool, StoreError> {
 
 /// What a coordinator process writes its decision log to: its own RocksDB
 /// log, or (a group's replica) that log replicated through the group.
+/// The batch of [`DecisionLog::log_decision`]: the COMMIT decision with its participants.
+fn decision(txid: TxId, participants: &[ParticipantName]) -> Vec<Write> {
+    let decision = DecisionRecord {
+        participants: participants.iter().map(|p| p.to_string()).collect(),
+        one_phase: false,
+    };
+    vec![Write::put(txid_key(DECISION, txid), record::encode(&decision))]
+}
+
+/// The batch of [`DecisionLog::log_end`]: the decision moves to the ended outcomes, atomically.
+fn end(txid: TxId) -> Vec<Write> {
+    vec![
+        Write::single_delete(txid_key(DECISION, txid)),
+        Write::put(
+            txid_key(COMMITTED, txid),
+            record::encode(&CommittedRecord { one_phase: false, forgotten: false }),
+        ),
+    ]
+}
+
 pub type Backing = decree_replica::Store<Log>;
 
 /// The decision log, over any [`Storage`]: RocksDB in the server (its own, or
@@ -389,12 +409,22 @@ impl<S: Storage> DecisionLog<S> {
 
     /// Makes the COMMIT decision durable (synced).
     pub async fn log_decision(&self, txid: TxId, participants: &[ParticipantName]) -> Result<(), StoreError> {
-        let decision = DecisionRecord {
-            participants: participants.iter().map(|p| p.to_string()).collect(),
-            one_phase: false,
-        };
-        self.log.write(vec![Write::put(txid_key(DECISION, txid), record::encode(&decision))], true).await?;
+        self.log.write(decision(txid, participants), true).await?;
         Ok(())
+    }
+
+    /// [`Self::log_decision`], calling `then` once the record is synced (or
+    /// the write failed) instead of returning a future
+    /// ([`Storage::write_then`]).
+    pub fn log_decision_then(
+        &self,
+        txid: TxId,
+        participants: &[ParticipantName],
+        then: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        self.log.write_then(decision(txid, participants), Durability::Synced, move |written| {
+            then(written.map_err(StoreError::from))
+        });
     }
 
     /// Records the interactive transaction `txid` begun, aborted at
@@ -484,16 +514,21 @@ impl<S: Storage> DecisionLog<S> {
     /// Every participant acked: phase two is over. The decision leaves `d/`
     /// (a single delete: it was put once) and joins the window (not synced).
     pub async fn log_end(&self, txid: TxId) -> Result<(), StoreError> {
-        let writes = vec![
-            Write::single_delete(txid_key(DECISION, txid)),
-            Write::put(
-                txid_key(COMMITTED, txid),
-                record::encode(&CommittedRecord { one_phase: false, forgotten: false }),
-            ),
-        ];
-        self.log.write(writes, false).await?;
+        self.log.write(end(txid), false).await?;
         self.ended.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// [`Self::log_end`], calling `then` once it is written (or failed)
+    /// instead of returning a future ([`Storage::write_then`]).
+    pub fn log_end_then(&self, txid: TxId, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
+        let ended = self.ended.clone();
+        self.log.write_then(end(txid), Durability::Buffered, move |written| {
+            if written.is_ok() {
+                ended.fetch_add(1, Ordering::Relaxed);
+            }
+            then(written.map_err(StoreError::from))
+        });
     }
 
     /// What the log says of `txid`. `d/` is read before `c/`: [`Self::log_end`]

@@ -408,9 +408,10 @@ impl Actor {
                 }
                 Command::LogPrepared { txid, keys, redo } => {
                     crash::point(crash::PARTICIPANT_PREPARE_BEFORE_LOG);
-                    let (store, events) = (self.store.clone(), self.events.clone());
-                    tokio::spawn(async move {
-                        if let Err(err) = store.log_prepared(txid, &keys, &redo).await {
+                    let events = self.events.clone();
+                    // Called where the write finished (the log's writer thread): no task in between.
+                    self.store.log_prepared_then(txid, &keys, &redo, move |written| {
+                        if let Err(err) = written {
                             fatal(&err);
                         }
                         let _ = events.send(Event::PreparedLogged { txid, at: Instant::now() });

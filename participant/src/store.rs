@@ -235,13 +235,32 @@ impl<S: Storage> BranchLog<S> {
 
     /// Makes the prepared record durable (synced).
     pub async fn log_prepared(&self, txid: TxId, keys: &[String], redo: &[u8]) -> Result<(), StoreError> {
+        self.log.write(self.prepared(txid, keys, redo), true).await?;
+        Ok(())
+    }
+
+    /// [`Self::log_prepared`], calling `then` once the record is synced (or
+    /// the write failed) instead of returning a future ([`Storage::write_then`]).
+    pub fn log_prepared_then(
+        &self,
+        txid: TxId,
+        keys: &[String],
+        redo: &[u8],
+        then: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        let writes = self.prepared(txid, keys, redo);
+        self.log
+            .write_then(writes, Durability::Synced, move |written| then(written.map_err(StoreError::from)));
+    }
+
+    /// The batch of [`Self::log_prepared`].
+    fn prepared(&self, txid: TxId, keys: &[String], redo: &[u8]) -> Vec<Write> {
         let value = record::encode(&PreparedRecord {
             keys: keys.to_vec(),
             redo: redo.to_vec(),
             coordinator: self.coordinator.clone(),
         });
-        self.log.write(vec![Write::put(key(PREPARED, txid), value)], true).await?;
-        Ok(())
+        vec![Write::put(key(PREPARED, txid), value)]
     }
 
     /// Applies `writes` and records the commit in one synced batch. `urgent`

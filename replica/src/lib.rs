@@ -593,6 +593,18 @@ impl<S: Storage> Storage for Store<S> {
         }
     }
 
+    fn write_then(
+        &self,
+        writes: Vec<Write>,
+        durability: Durability,
+        then: impl FnOnce(Result<(), LogError>) + Send + 'static,
+    ) {
+        match self {
+            Store::Local(log) => log.write_then(writes, durability, then),
+            Store::Replicated(group) => group.write_then(writes, durability, then),
+        }
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
         match self {
             Store::Local(log) => log.get(key),
@@ -698,6 +710,22 @@ async fn propose(raft: Raft, mut queue: tokio::sync::mpsc::UnboundedReceiver<Pro
     }
 }
 
+impl<S> Replicated<S> {
+    /// Queues `writes` now, so proposals keep the order of the calls;
+    /// resolves once they are committed and applied.
+    fn queue(
+        &self,
+        writes: Vec<Write>,
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send + 'static {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        let queued = self.proposals.send(Proposal { writes, done });
+        async move {
+            queued.map_err(|_| LogError::Replication("the replica stopped".into()))?;
+            committed.await.map_err(|_| LogError::Replication("the replica stopped".into()))?
+        }
+    }
+}
+
 impl<S: Storage> Storage for Replicated<S> {
     /// Every write is durable at a majority when this returns, whatever
     /// `durability` asks: a replicated write has no weaker kind.
@@ -706,13 +734,19 @@ impl<S: Storage> Storage for Replicated<S> {
         writes: Vec<Write>,
         _durability: Durability,
     ) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
-        // Queued now, so proposals keep the order of the calls.
-        let (done, committed) = tokio::sync::oneshot::channel();
-        let queued = self.proposals.send(Proposal { writes, done });
-        async move {
-            queued.map_err(|_| LogError::Replication("the replica stopped".into()))?;
-            committed.await.map_err(|_| LogError::Replication("the replica stopped".into()))?
-        }
+        self.queue(writes)
+    }
+
+    fn write_then(
+        &self,
+        writes: Vec<Write>,
+        _durability: Durability,
+        then: impl FnOnce(Result<(), LogError>) + Send + 'static,
+    ) {
+        // Queued now, in call order, as `write_with` (durable at a majority
+        // whatever `durability` asks); the answer awaited by a task.
+        let committed = self.queue(writes);
+        tokio::spawn(async move { then(committed.await) });
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {

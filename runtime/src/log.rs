@@ -146,7 +146,25 @@ impl From<rocksdb::Error> for LogError {
 struct Request {
     writes: Vec<Write>,
     durability: Durability,
-    done: oneshot::Sender<Result<(), LogError>>,
+    done: Done,
+}
+
+/// Who hears that a request's batch is written.
+enum Done {
+    /// A caller awaiting [`Log::write_with`].
+    Wake(oneshot::Sender<Result<(), LogError>>),
+    /// [`Log::write_then`]'s callback, called on the writer thread.
+    Call(Box<dyn FnOnce(Result<(), LogError>) + Send>),
+}
+
+impl Done {
+    fn finish(self, result: Result<(), LogError>) {
+        match self {
+            // A caller that stopped waiting does not stop the write.
+            Done::Wake(waiting) => drop(waiting.send(result)),
+            Done::Call(then) => then(result),
+        }
+    }
 }
 
 /// Counters of the writer: machine-independent measures of cost.
@@ -260,7 +278,7 @@ impl Log {
     pub async fn write_with(&self, writes: Vec<Write>, durability: Durability) -> Result<(), LogError> {
         let (done, finished) = oneshot::channel();
         let queue = self.queue.clone();
-        let request = Request { writes, durability, done };
+        let request = Request { writes, durability, done: Done::Wake(done) };
         // `send` blocks only when the queue is full: do that off the async threads.
         match queue.try_send(request) {
             Ok(()) => {}
@@ -273,6 +291,33 @@ impl Log {
             Err(mpsc::TrySendError::Disconnected(_)) => return Err(LogError::Closed),
         }
         finished.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// [`Log::write_with`] without a future: the batch is queued now, in call
+    /// order, and `then` is called with the result on the writer's thread
+    /// once it is written as `durability` asks (see [`Storage::write_then`]:
+    /// no task to wake and no hand-off between the writer and the caller's
+    /// next step). `then` must not block.
+    pub fn write_then(
+        &self,
+        writes: Vec<Write>,
+        durability: Durability,
+        then: impl FnOnce(Result<(), LogError>) + Send + 'static,
+    ) {
+        let request = Request { writes, durability, done: Done::Call(Box::new(then)) };
+        match self.queue.try_send(request) {
+            Ok(()) => {}
+            // `send` blocks only when the queue is full: do that off the async threads.
+            Err(mpsc::TrySendError::Full(request)) => {
+                let queue = self.queue.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(mpsc::SendError(request)) = queue.send(request) {
+                        request.done.finish(Err(LogError::Closed));
+                    }
+                });
+            }
+            Err(mpsc::TrySendError::Disconnected(request)) => request.done.finish(Err(LogError::Closed)),
+        }
     }
 
     /// Writes `writes` atomically, buffered, now on the calling thread
@@ -386,8 +431,7 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
         recent.grouped(group.len());
         let result = write_batches(db, group.iter().map(|r| (&r.writes[..], r.durability)), stats);
         for request in group.drain(..) {
-            // A caller that stopped waiting does not stop the write.
-            let _ = request.done.send(result.clone());
+            request.done.finish(result.clone());
         }
     }
 }

@@ -50,6 +50,27 @@ pub trait Storage: Clone + Send + Sync + 'static {
         self.write_with(writes, if sync { Durability::Synced } else { Durability::Buffered })
     }
 
+    /// [`Storage::write_with`] without a future to await: the batch is
+    /// queued now (so batches keep the order of the calls, as with
+    /// `write_with`), and `then` is called with the result once the batch is
+    /// written, on whatever thread finished it (the RocksDB log's writer
+    /// thread; at once on the calling thread in memory). For a caller whose
+    /// next step is only to say so (an actor's event), which otherwise
+    /// awaited `write_with` in a task of its own.
+    ///
+    /// # Correctness
+    ///
+    /// As [`Storage::write_with`], with `then` in place of the future's
+    /// resolving: when `then` is called with `Ok`, the batch is as durable as
+    /// `durability` says; `then` is called exactly once, also when the write
+    /// fails (an `Err` means the caller must stop). `then` must not block.
+    fn write_then(
+        &self,
+        writes: Vec<Write>,
+        durability: Durability,
+        then: impl FnOnce(Result<(), LogError>) + Send + 'static,
+    );
+
     /// Writes `writes` as one atomic batch with [`Durability::Buffered`],
     /// at once on the calling thread where the store allows (the RocksDB log
     /// does: no hop to its writer thread and back).
@@ -92,6 +113,15 @@ impl Storage for Log {
         durability: Durability,
     ) -> impl Future<Output = Result<(), LogError>> + Send {
         Log::write_with(self, writes, durability)
+    }
+
+    fn write_then(
+        &self,
+        writes: Vec<Write>,
+        durability: Durability,
+        then: impl FnOnce(Result<(), LogError>) + Send + 'static,
+    ) {
+        Log::write_then(self, writes, durability, then);
     }
 
     fn write_buffered_now(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), LogError>> + Send {
@@ -272,6 +302,15 @@ impl Storage for MemLog {
         durability: Durability,
     ) -> impl Future<Output = Result<(), LogError>> + Send {
         std::future::ready(self.write_now(writes, durability))
+    }
+
+    fn write_then(
+        &self,
+        writes: Vec<Write>,
+        durability: Durability,
+        then: impl FnOnce(Result<(), LogError>) + Send + 'static,
+    ) {
+        then(self.write_now(writes, durability));
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
@@ -474,6 +513,42 @@ mod tests {
         assert!(crate::record::decode::<crate::record::TxIdRecord>(&stored).is_err());
     }
 
+    fn write_then_calls_back_once_per_batch_and_keeps_call_order<B: Backend>() {
+        let backend = B::fresh();
+        let s = backend.store();
+        let (told, heard) = std::sync::mpsc::channel();
+        block(async {
+            for n in 0..20u32 {
+                let durability = if n % 2 == 0 { Durability::Synced } else { Durability::Buffered };
+                let told = told.clone();
+                s.write_then(
+                    vec![Write::put("k", n.to_string()), Write::put(format!("n/{n:02}"), "")],
+                    durability,
+                    move |written| {
+                        told.send((n, written)).unwrap();
+                    },
+                );
+            }
+        });
+        drop(told);
+        let mut calls: Vec<(u32, Result<(), LogError>)> = heard.iter().collect();
+        calls.sort_by_key(|(n, _)| *n);
+        assert_eq!(calls.len(), 20, "one call back per batch");
+        for (n, (called, written)) in calls.into_iter().enumerate() {
+            assert_eq!(called as usize, n);
+            assert!(written.is_ok(), "batch {n}: {written:?}");
+        }
+        assert_eq!(
+            s.get(b"k").unwrap(),
+            Some(b"19".to_vec()),
+            "the batches applied in the order of the calls"
+        );
+        assert_eq!(s.scan_prefix(b"n/").unwrap().len(), 20);
+        drop(s);
+        let backend = backend.reopen();
+        assert_eq!(backend.store().get(b"n/18").unwrap(), Some(Vec::new()), "a synced batch survives");
+    }
+
     macro_rules! conformance {
         ($($case:ident),* $(,)?) => {
             mod rocksdb { $( #[test] fn $case() { super::$case::<super::Rocks>() } )* }
@@ -485,7 +560,8 @@ mod tests {
         round_trips,
         deletes_single_and_ranged,
         survives_a_clean_reopen,
-        corrupt_records_are_errors_not_absent
+        corrupt_records_are_errors_not_absent,
+        write_then_calls_back_once_per_batch_and_keeps_call_order
     );
 
     /// Writes numbered batches of `BATCH` keys each, alternately synced and
