@@ -261,6 +261,11 @@ impl<S: Storage> Resource for KvStore<S> {
         self.apply(redo)
     }
 
+    /// Validation and apply read the log and compute: nothing waits.
+    fn answers_at_once(&self) -> bool {
+        true
+    }
+
     fn committed(&self, txid: TxId, redo: &[u8]) {
         if let Some((step, _)) = Self::migration_of(redo) {
             self.ownership.applied(txid, &step);

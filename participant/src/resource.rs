@@ -53,6 +53,19 @@ pub trait Resource: Send + Sync + 'static {
     /// state the resource keeps in memory about the branch may change now.
     fn committed(&self, _txid: TxId, _redo: &[u8]) {}
 
+    /// True for a resource whose [`Resource::prepare`] and
+    /// [`Resource::commit`] never wait (no I/O of their own beyond reads of
+    /// the library's log, no lock held long; the KV store): the library then
+    /// calls them on its protocol actor's turn instead of in a task each, and
+    /// [`Resource::committed`] where the commit record was written (the log's
+    /// writer thread), which saves a task, a hand-off and a wake-up per
+    /// branch. A call that does wait all the same still works (it goes on in
+    /// a task), but holds up the actor until it first waits. The default,
+    /// false, runs each in a task of its own.
+    fn answers_at_once(&self) -> bool {
+        false
+    }
+
     /// At start, before serving, for each branch with a durable prepared
     /// record: its redo, for state the resource keeps in memory while a
     /// branch is in doubt.

@@ -401,8 +401,9 @@ impl Actor {
             match command {
                 Command::Validate { txid, payload } => {
                     let (resource, events) = (self.resource.clone(), self.events.clone());
-                    tokio::spawn(async move {
-                        let result = resource.prepare(txid, &payload).await;
+                    let at_once = resource.answers_at_once();
+                    let validating = async move { resource.prepare(txid, &payload).await };
+                    now_or_in_task(at_once, validating, move |result| {
                         let _ = events.send(Event::Validated { txid, result });
                     });
                 }
@@ -423,16 +424,39 @@ impl Actor {
                     }
                     let (store, events, resource) =
                         (self.store.clone(), self.events.clone(), self.resource.clone());
-                    tokio::spawn(async move {
-                        let writes = until_done("commit", txid, || resource.commit(txid, &redo)).await;
-                        if let Err(err) = store.log_commit(txid, writes, one_phase).await {
-                            fatal(&err);
+                    let at_once = resource.answers_at_once();
+                    let applying = {
+                        let resource = resource.clone();
+                        async move {
+                            let writes = until_done("commit", txid, || resource.commit(txid, &redo)).await;
+                            (writes, redo)
                         }
+                    };
+                    let done = move |redo: Vec<u8>| {
                         resource.committed(txid, &redo);
                         crash::point(crash::PARTICIPANT_COMMIT_AFTER_APPLY);
                         debug!(%txid, one_phase, "branch committed");
                         let _ = events.send(Event::CommitLogged { txid });
-                    });
+                    };
+                    if at_once {
+                        // The commit record's write calls back where it finished: no task in between.
+                        now_or_in_task(true, applying, move |(writes, redo)| {
+                            store.log_commit_then(txid, writes, one_phase, move |written| {
+                                if let Err(err) = written {
+                                    fatal(&err);
+                                }
+                                done(redo);
+                            });
+                        });
+                    } else {
+                        tokio::spawn(async move {
+                            let (writes, redo) = applying.await;
+                            if let Err(err) = store.log_commit(txid, writes, one_phase).await {
+                                fatal(&err);
+                            }
+                            done(redo);
+                        });
+                    }
                 }
                 Command::LogAbort { txid, prepared } => {
                     crash::point(crash::PARTICIPANT_ABORT_BEFORE_APPLY);
@@ -573,6 +597,25 @@ impl Actor {
 
 /// Runs a resource's phase-two step until it succeeds: the decision is made,
 /// so the branch stays locked and the step is retried with capped backoff.
+/// Runs `work` and hands its output to `then`: at once, on the caller's
+/// turn, when `at_once` and `work` finishes without waiting (a resource that
+/// [`Resource::answers_at_once`]); otherwise in a task of its own, as it goes
+/// on from where it first waited.
+fn now_or_in_task<T: Send + 'static>(
+    at_once: bool,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+    then: impl FnOnce(T) + Send + 'static,
+) {
+    let mut work = Box::pin(work);
+    if at_once {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(out) = work.as_mut().poll(&mut cx) {
+            return then(out);
+        }
+    }
+    tokio::spawn(async move { then(work.await) });
+}
+
 async fn until_done<T, F, Fut>(what: &str, txid: TxId, mut step: F) -> T
 where
     F: FnMut() -> Fut,

@@ -273,11 +273,22 @@ impl<S: Storage> BranchLog<S> {
         mut writes: Vec<Write>,
         urgent: bool,
     ) -> Result<(), StoreError> {
-        writes.push(Write::delete(key(PREPARED, txid)));
-        writes.push(Write::put(key(TOMBSTONE, txid), record::encode(&TombstoneRecord { committed: true })));
-        let durability = if urgent { Durability::Synced } else { Durability::SyncedSoon };
+        let durability = commit(txid, &mut writes, urgent);
         self.log.write_with(writes, durability).await?;
         Ok(())
+    }
+
+    /// [`Self::log_commit`], calling `then` once the batch is synced (or the
+    /// write failed) instead of returning a future ([`Storage::write_then`]).
+    pub fn log_commit_then(
+        &self,
+        txid: TxId,
+        mut writes: Vec<Write>,
+        urgent: bool,
+        then: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        let durability = commit(txid, &mut writes, urgent);
+        self.log.write_then(writes, durability, move |written| then(written.map_err(StoreError::from)));
     }
 
     /// Every heuristic decision recorded here, in txid order.
@@ -326,6 +337,18 @@ impl<S: Storage> BranchLog<S> {
         let durability = if prepared { Durability::Buffered } else { Durability::SyncedSoon };
         self.log.write_with(writes, durability).await?;
         Ok(())
+    }
+}
+
+/// Completes the batch of [`BranchLog::log_commit`] (the prepared record
+/// goes, the committed tombstone comes) and says how durable it must be.
+fn commit(txid: TxId, writes: &mut Vec<Write>, urgent: bool) -> Durability {
+    writes.push(Write::delete(key(PREPARED, txid)));
+    writes.push(Write::put(key(TOMBSTONE, txid), record::encode(&TombstoneRecord { committed: true })));
+    if urgent {
+        Durability::Synced
+    } else {
+        Durability::SyncedSoon
     }
 }
 
