@@ -674,9 +674,16 @@ impl<S: Storage> Replicated<S> {
     }
 }
 
+/// Seconds from an entry's proposal until a majority holds it and this
+/// replica applied it: the replicated log's commit latency, on the leader
+/// (`decree_group_commit_seconds`).
+pub const COMMIT_SECONDS: &str = "decree_group_commit_seconds";
+
 /// Proposes what `queue` brings, gathered (see [`Replicated`]), until every sender is gone.
 async fn propose(raft: Raft, mut queue: tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    // Looked up once: each `histogram!` allocates a handle.
+    let commit_seconds = metrics::histogram!(COMMIT_SECONDS);
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let mut gathered = vec![first];
@@ -692,7 +699,9 @@ async fn propose(raft: Raft, mut queue: tokio::sync::mpsc::UnboundedReceiver<Pro
             writes.extend(proposal.writes.into_iter().map(Change::from));
             waiting.push(proposal.done);
         }
+        let proposed = std::time::Instant::now();
         let answer = raft.client_write_ff(Batch { writes }).await;
+        let commit_seconds = commit_seconds.clone();
         tokio::spawn(async move {
             let result = match answer {
                 Ok(committed) => match committed.await {
@@ -702,6 +711,9 @@ async fn propose(raft: Raft, mut queue: tokio::sync::mpsc::UnboundedReceiver<Pro
                 },
                 Err(fatal) => Err(fatal.to_string()),
             };
+            if result.is_ok() {
+                commit_seconds.record(proposed.elapsed().as_secs_f64());
+            }
             for done in waiting {
                 let _ = done.send(result.clone().map_err(LogError::Replication));
             }

@@ -143,9 +143,23 @@ async fn the_leader_killed_twice_under_load_fails_over_and_every_transfer_ends_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_killed_under_load_changes_nothing_for_clients() {
     common::init();
-    let mut cluster = Cluster::start(options()).await.unwrap();
+    let mut options = options();
+    // Each replica's metrics, to read the group's own on the leader and a follower.
+    let metrics: Vec<String> = (0..3)
+        .map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            format!("127.0.0.1:{port}")
+        })
+        .collect();
+    for (r, addr) in metrics.iter().enumerate() {
+        options
+            .participant_args_for
+            .push((format!("c{}", r + 1), vec!["--metrics-listen".into(), addr.clone()]));
+    }
+    let mut cluster = Cluster::start(options).await.unwrap();
     let leader = cluster.leader(SETTLE).await.unwrap();
     let follower = cluster.replicas().into_iter().find(|r| *r != leader).unwrap();
+    let other = cluster.replicas().into_iter().find(|r| *r != leader && *r != follower).unwrap();
     let stop = Arc::new(Progress::default());
     let clients = load(&cluster, 4, stop.clone());
     stop.commits(100).await;
@@ -160,6 +174,26 @@ async fn a_follower_killed_under_load_changes_nothing_for_clients() {
     assert!(committed > 0, "nothing committed");
     assert_eq!(unknown, 0, "a follower's loss left clients without an outcome");
     assert_eq!(cluster.leader(SETTLE).await.unwrap(), leader, "the leader kept leading");
+
+    info!("--- the group's metrics: the leader's and a follower's (the one never killed)");
+    let page = |id: NodeId| common::scrape(&metrics[index_of(id).0]);
+    let (on_leader, on_follower) = (page(leader).await, page(other).await);
+    let metric = common::metric;
+    assert_eq!(metric(&on_leader, "decree_group_leader "), 1.0, "the leader says it leads");
+    assert_eq!(metric(&on_follower, "decree_group_leader "), 0.0, "a follower says it does not");
+    for page in [&on_leader, &on_follower] {
+        assert!(metric(page, "decree_group_term ") >= 1.0, "a term is reported:\n{page}");
+    }
+    assert!(
+        metric(&on_leader, "decree_group_commit_seconds_count") >= 1.0,
+        "the leader measures its replicated writes' commit latency:\n{on_leader}"
+    );
+    assert!(metric(&on_leader, "decree_group_commit_seconds_sum") > 0.0);
+    assert_eq!(metric(&on_follower, "decree_group_commit_seconds_count"), 0.0, "a follower proposes nothing");
+    assert!(
+        on_leader.lines().any(|l| l.starts_with("decree_group_lag_entries{")),
+        "the leader reports its followers' lag:\n{on_leader}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
