@@ -277,37 +277,31 @@ impl Log {
     /// Writes `writes` atomically with the given durability.
     pub async fn write_with(&self, writes: Vec<Write>, durability: Durability) -> Result<(), LogError> {
         let (done, finished) = oneshot::channel();
-        let queue = self.queue.clone();
-        let request = Request { writes, durability, done: Done::Wake(done) };
-        // `send` blocks only when the queue is full: do that off the async threads.
-        match queue.try_send(request) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(request)) => {
-                tokio::task::spawn_blocking(move || queue.send(request))
-                    .await
-                    .map_err(|_| LogError::Closed)?
-                    .map_err(|_| LogError::Closed)?;
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(LogError::Closed),
-        }
+        self.enqueue(Request { writes, durability, done: Done::Wake(done) });
         finished.await.map_err(|_| LogError::Closed)?
     }
 
-    /// [`Log::write_with`] without a future: the batch is queued now, in call
-    /// order, and `then` is called with the result on the writer's thread
-    /// once it is written as `durability` asks (see [`Storage::write_then`]:
-    /// no task to wake and no hand-off between the writer and the caller's
-    /// next step). `then` must not block.
+    /// [`Log::write_with`] without a future: the batch is queued now and
+    /// `then` is called with the result on the writer's thread once it is
+    /// written as `durability` asks (see [`Storage::write_then`]: no task to
+    /// wake and no hand-off between the writer and the caller's next step).
+    /// `then` must not block.
     pub fn write_then(
         &self,
         writes: Vec<Write>,
         durability: Durability,
         then: impl FnOnce(Result<(), LogError>) + Send + 'static,
     ) {
-        let request = Request { writes, durability, done: Done::Call(Box::new(then)) };
+        self.enqueue(Request { writes, durability, done: Done::Call(Box::new(then)) });
+    }
+
+    /// Hands `request` to the writer thread: at once, or, while its queue is
+    /// full (65,536 writes waiting), from a blocking task, since `send`
+    /// blocks (and a later request may then go first). A request that cannot
+    /// be queued (the writer is gone) is finished with [`LogError::Closed`].
+    fn enqueue(&self, request: Request) {
         match self.queue.try_send(request) {
             Ok(()) => {}
-            // `send` blocks only when the queue is full: do that off the async threads.
             Err(mpsc::TrySendError::Full(request)) => {
                 let queue = self.queue.clone();
                 tokio::task::spawn_blocking(move || {

@@ -51,8 +51,11 @@ pub trait Storage: Clone + Send + Sync + 'static {
     }
 
     /// [`Storage::write_with`] without a future to await: the batch is
-    /// queued now (so batches keep the order of the calls, as with
-    /// `write_with`), and `then` is called with the result once the batch is
+    /// queued now, so batches keep the order of the calls (except that while
+    /// the RocksDB log's queue is full, 65,536 writes waiting, a call may be
+    /// overtaken by a later one: a caller that needs one write before
+    /// another issues the second once the first is done, as every caller
+    /// here does), and `then` is called with the result once the batch is
     /// written, on whatever thread finished it (the RocksDB log's writer
     /// thread; at once on the calling thread in memory). For a caller whose
     /// next step is only to say so (an actor's event), which otherwise
