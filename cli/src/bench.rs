@@ -303,6 +303,19 @@ async fn scrape(addr: &str) -> Result<String, String> {
     Ok(page)
 }
 
+/// The worker threads of each process of a local cluster under load, and of
+/// this client: its share of the machine's cores (none given when each may
+/// have them all, or when `DECREE_WORKER_THREADS` says). Five processes on
+/// two cores with a worker per core each spent 14 % more CPU per transaction
+/// (docs/performance.md).
+pub(crate) fn share_of_cores(args: &BenchArgs) -> Option<u16> {
+    if args.coordinator.is_some() || std::env::var_os("DECREE_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let processes = args.participants + crate::scale::extra_members(args) + args.coordinators + 1;
+    decree_runtime::args::share_of_cores(processes)
+}
+
 /// The local cluster and where its metrics are.
 pub(crate) struct Local {
     pub(crate) cluster: Cluster,
@@ -347,6 +360,16 @@ impl Local {
             metrics.push((name, NodeId::Replica(r), addr(r)));
         }
         options.participant_args = args.participant_flags.clone();
+        if let Some(n) = share_of_cores(args) {
+            let own = |flags: &[String]| flags.iter().any(|f| f.starts_with("--worker-threads"));
+            let flag = ["--worker-threads".to_owned(), n.to_string()];
+            if !own(&args.coordinator_flags) {
+                options.coordinator_args.extend(flag.clone());
+            }
+            if !own(&args.participant_flags) {
+                options.participant_args.extend(flag);
+            }
+        }
         for i in 1..=args.participants + extra {
             let name = format!("p{i}");
             let at = addr(coordinators - 1 + i);
@@ -860,6 +883,7 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
     out["rate"] = json!(args.rate);
     out["fsync_p50_ms"] = json!(round(fsync_ms));
     out["rtt_p50_ms"] = json!(round(rtt_ms));
+    out["worker_threads"] = json!(share_of_cores(&args));
     if baseline.is_some() {
         out["baseline"] = theirs.to_json(floor_ms);
         out["ratio"] = json!(round(ours.tx_per_s() / theirs.tx_per_s().max(1e-9)));
@@ -968,6 +992,9 @@ fn print_table(out: &Value) {
         "floor            {} ms (2 x fsync p50 {} ms + 2 x round trip p50 {} ms)",
         out["floor_ms"], out["fsync_p50_ms"], out["rtt_p50_ms"]
     );
+    if let Some(n) = out["worker_threads"].as_u64() {
+        println!("threads          {n} worker(s) per process: the local cluster and this client share the machine's cores");
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ use serde_json::json;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    #[command(flatten)]
+    threads: decree_runtime::args::Threads,
 }
 
 #[derive(Subcommand)]
@@ -219,7 +221,12 @@ fn main() {
     }
     let (cli, matches): (Cli, _) = decree_runtime::args::parse(args);
     alloc::start_from_env();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut threads = cli.threads.clone();
+    if let Cmd::Bench(args) = &cli.command {
+        // A local cluster's processes share this machine with the bench.
+        threads.worker_threads = threads.worker_threads.or_else(|| bench::share_of_cores(args));
+    }
+    let runtime = match threads.runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("decree: cannot start the runtime: {err}");

@@ -310,6 +310,8 @@ fn config_file_then_environment_then_flags_and_bad_values_exit_2_naming_the_opti
         ("--max-concurrent-streams", "0"),
         ("--log-format", "xml"),
         ("--prepare-timeout-ms", "-5"),
+        ("--worker-threads", "0"),
+        ("--worker-threads", "-1"),
     ] {
         let (code, _, stderr) = run(&[], &[flag, bad]);
         assert_eq!(code, Some(2), "{flag} {bad}");
