@@ -651,7 +651,27 @@ pub struct Replicated<S> {
 /// One write waiting to be proposed.
 struct Proposal {
     writes: Vec<Write>,
-    done: tokio::sync::oneshot::Sender<Result<(), LogError>>,
+    done: Done,
+}
+
+/// Who hears that a proposal's entry committed (or failed).
+enum Done {
+    /// A caller awaiting it (`write_with`).
+    Wake(tokio::sync::oneshot::Sender<Result<(), LogError>>),
+    /// Called by the task that awaited the entry's commit, in call order
+    /// (`write_then`): no task of its own per write, no wake in between.
+    Call(Box<dyn FnOnce(Result<(), LogError>) + Send>),
+}
+
+impl Done {
+    fn finish(self, result: Result<(), LogError>) {
+        match self {
+            Done::Wake(caller) => {
+                let _ = caller.send(result);
+            }
+            Done::Call(then) => then(result),
+        }
+    }
 }
 
 /// Entries proposed and not yet committed, at most. One: every write that
@@ -715,7 +735,7 @@ async fn propose(raft: Raft, mut queue: tokio::sync::mpsc::UnboundedReceiver<Pro
                 commit_seconds.record(proposed.elapsed().as_secs_f64());
             }
             for done in waiting {
-                let _ = done.send(result.clone().map_err(LogError::Replication));
+                done.finish(result.clone().map_err(LogError::Replication));
             }
             drop(slot);
         });
@@ -730,7 +750,7 @@ impl<S> Replicated<S> {
         writes: Vec<Write>,
     ) -> impl std::future::Future<Output = Result<(), LogError>> + Send + 'static {
         let (done, committed) = tokio::sync::oneshot::channel();
-        let queued = self.proposals.send(Proposal { writes, done });
+        let queued = self.proposals.send(Proposal { writes, done: Done::Wake(done) });
         async move {
             queued.map_err(|_| LogError::Replication("the replica stopped".into()))?;
             committed.await.map_err(|_| LogError::Replication("the replica stopped".into()))?
@@ -756,9 +776,12 @@ impl<S: Storage> Storage for Replicated<S> {
         then: impl FnOnce(Result<(), LogError>) + Send + 'static,
     ) {
         // Queued now, in call order, as `write_with` (durable at a majority
-        // whatever `durability` asks); the answer awaited by a task.
-        let committed = self.queue(writes);
-        tokio::spawn(async move { then(committed.await) });
+        // whatever `durability` asks); `then` is called by the task that
+        // awaits the entry's commit.
+        let proposal = Proposal { writes, done: Done::Call(Box::new(then)) };
+        if let Err(tokio::sync::mpsc::error::SendError(proposal)) = self.proposals.send(proposal) {
+            proposal.done.finish(Err(LogError::Replication("the replica stopped".into())));
+        }
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {

@@ -36,6 +36,46 @@ async fn a_write_through_the_leader_is_at_every_replica_and_a_follower_refuses_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_then_calls_back_once_per_write_in_call_order_once_committed_and_a_follower_refuses() {
+    let group = Group::start(3).await;
+    let id = group.leader().await;
+    let storage = group.replica(id).storage();
+    let (calls, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..200 {
+        let calls = calls.clone();
+        let key = format!("t/{i:03}");
+        let check = storage.clone();
+        storage.write_then(put(&key), decree_runtime::Durability::Buffered, move |written| {
+            // Committed and applied when called: the write reads back here.
+            let applied = check.get(key.as_bytes()).unwrap().is_some();
+            let _ = calls.send((i, written.is_ok(), applied));
+        });
+    }
+    for expected in 0..200 {
+        let (i, ok, applied) =
+            tokio::time::timeout(Duration::from_secs(10), heard.recv()).await.unwrap().unwrap();
+        assert_eq!((i, ok, applied), (expected, true, true), "called once each, in call order");
+    }
+    for node in group.nodes.values() {
+        until_applied(&node.store, b"t/199", b"1").await;
+    }
+    let follower = group.nodes.keys().copied().find(|f| *f != id).unwrap();
+    let (refused, answer) = tokio::sync::oneshot::channel();
+    group.replica(follower).storage().write_then(
+        put("y"),
+        decree_runtime::Durability::Synced,
+        move |written| {
+            let _ = refused.send(written.is_err());
+        },
+    );
+    assert!(answer.await.unwrap(), "a follower cannot decide: the callback hears an error");
+    assert_eq!(group.nodes[&follower].store.get(b"y").unwrap(), None, "nothing changed");
+    drop(calls);
+    assert!(heard.recv().await.is_none(), "no call twice");
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_leader_elects_one_that_holds_everything_committed() {
     let mut group = Group::start(3).await;
     let first = group.leader().await;
