@@ -57,9 +57,7 @@ pub const SOON: Duration = Duration::from_millis(1);
 /// [`BUSY_GROUP`] writes for its fsync: only when writes arrive fast enough
 /// to fill it in that time (the last `BUSY_GROUP` came within `BUSY_WAIT`:
 /// [`Arrivals`]). Then the process is saturated and the
-/// wait costs no throughput; at lower rates nothing waits. The writer sleeps
-/// through the time the company should take at the recent rate instead of
-/// being woken by each arrival.
+/// wait costs no throughput; at lower rates nothing waits.
 const BUSY_GROUP: usize = 16;
 const BUSY_WAIT: Duration = Duration::from_millis(4);
 
@@ -415,15 +413,6 @@ fn run_writer(db: &Database, requests: &mpsc::Receiver<Request>, stats: &LogStat
             // about once a cycle; fewer than BUSY_GROUP of them never fill it).
             let deadline = Instant::now() + BUSY_WAIT;
             let company = recent.company();
-            // Asleep for as long as the company should take to come, rather
-            // than woken by each arrival (a context switch apiece); then what
-            // came joins, and any still missing is waited for as before.
-            let missing = company.saturating_sub(group.len());
-            if let Some(expected) = recent.time_for(missing).filter(|t| missing > 1 && !t.is_zero()) {
-                std::thread::sleep(expected.min(BUSY_WAIT));
-                let room = MAX_GROUP - group.len();
-                group.extend(std::iter::from_fn(|| requests.try_recv().ok()).take(room));
-            }
             while group.len() < company {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match requests.recv_timeout(left) {
@@ -476,13 +465,6 @@ impl Arrivals {
             }
             self.seen.push_back(now);
         }
-    }
-
-    /// How long `count` more arrivals take at the recent rate.
-    fn time_for(&self, count: usize) -> Option<Duration> {
-        let (first, last) = (self.seen.front()?, self.seen.back()?);
-        let gaps = u32::try_from(self.seen.len().checked_sub(1)?).ok().filter(|&g| g > 0)?;
-        Some(last.duration_since(*first) / gaps * u32::try_from(count).unwrap_or(u32::MAX))
     }
 
     fn busy(&self, now: Instant) -> bool {
@@ -592,26 +574,6 @@ mod tests {
         assert_eq!(recent.company(), 3, "the 9 is four groups back");
         recent.grouped(40);
         assert_eq!(recent.company(), BUSY_GROUP, "never more than a full group");
-    }
-
-    #[test]
-    fn the_company_a_busy_group_sleeps_for_comes_at_the_recent_rate() {
-        let start = Instant::now();
-        let at = |us: u64| start + Duration::from_micros(us);
-        let mut recent = Arrivals::default();
-        assert_eq!(recent.time_for(4), None, "no arrivals, no rate");
-        recent.note(at(0), 1);
-        assert_eq!(recent.time_for(4), None, "one arrival, no rate");
-        for i in 1..40 {
-            recent.note(at(i * 100), 1);
-        }
-        // The last 16 came 100 µs apart: 5 more take 500 µs.
-        assert_eq!(recent.time_for(5), Some(Duration::from_micros(500)));
-        assert_eq!(recent.time_for(0), Some(Duration::ZERO));
-        // A group gathered at once: no time between them.
-        let mut recent = Arrivals::default();
-        recent.note(at(0), 16);
-        assert_eq!(recent.time_for(3), Some(Duration::ZERO));
     }
 
     #[tokio::test]
