@@ -306,7 +306,7 @@ async fn scrape(addr: &str) -> Result<String, String> {
 /// The worker threads of each process of a local cluster under load, and of
 /// this client: its share of the machine's cores (none given when each may
 /// have them all, or when `DECREE_WORKER_THREADS` says). Five processes on
-/// two cores with a worker per core each spent 14 % more CPU per transaction
+/// two cores with a worker per core each spent 137 µs per transaction, not 113
 /// (docs/performance.md).
 pub(crate) fn share_of_cores(args: &BenchArgs) -> Option<u16> {
     if args.coordinator.is_some() || std::env::var_os("DECREE_WORKER_THREADS").is_some() {

@@ -31,7 +31,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
-use decree_runtime::log::{Durability, LogStats};
+use decree_runtime::log::{Done, Durability, LogStats};
 use decree_runtime::{LogError, Storage, Write};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -651,27 +651,9 @@ pub struct Replicated<S> {
 /// One write waiting to be proposed.
 struct Proposal {
     writes: Vec<Write>,
+    /// Called back (`write_then`) by the task that awaited the entry's
+    /// commit, in call order, or woken (`write_with`).
     done: Done,
-}
-
-/// Who hears that a proposal's entry committed (or failed).
-enum Done {
-    /// A caller awaiting it (`write_with`).
-    Wake(tokio::sync::oneshot::Sender<Result<(), LogError>>),
-    /// Called by the task that awaited the entry's commit, in call order
-    /// (`write_then`): no task of its own per write, no wake in between.
-    Call(Box<dyn FnOnce(Result<(), LogError>) + Send>),
-}
-
-impl Done {
-    fn finish(self, result: Result<(), LogError>) {
-        match self {
-            Done::Wake(caller) => {
-                let _ = caller.send(result);
-            }
-            Done::Call(then) => then(result),
-        }
-    }
 }
 
 /// Entries proposed and not yet committed, at most. One: every write that

@@ -149,16 +149,19 @@ struct Request {
     done: Done,
 }
 
-/// Who hears that a request's batch is written.
-enum Done {
-    /// A caller awaiting [`Log::write_with`].
+/// Who hears that a write is done: here a request's batch written; in a
+/// replicated store (`decree-replica`) its entry committed and applied.
+pub enum Done {
+    /// A caller awaiting it ([`Log::write_with`]).
     Wake(oneshot::Sender<Result<(), LogError>>),
-    /// [`Log::write_then`]'s callback, called on the writer thread.
+    /// A callback ([`Log::write_then`]), called where the write finished
+    /// (here on the writer thread).
     Call(Box<dyn FnOnce(Result<(), LogError>) + Send>),
 }
 
 impl Done {
-    fn finish(self, result: Result<(), LogError>) {
+    /// Tells whoever hears it; a caller that stopped waiting changes nothing.
+    pub fn finish(self, result: Result<(), LogError>) {
         match self {
             // A caller that stopped waiting does not stop the write.
             Done::Wake(waiting) => drop(waiting.send(result)),
