@@ -10,9 +10,9 @@
 //! through the group, so its txids are new) and starts a coordinator on it,
 //! exactly as a restarted single coordinator does: the unfinished decisions
 //! are redriven, the one-phase questions asked again. That coordinator (its
-//! *term*) runs on a runtime of its own, so that when the leadership goes
-//! (another leader, or a replicated write that failed) everything it started
-//! stops with it: the transactions it was deciding are answered "unknown,
+//! *term*) ties every task it starts, and every request it serves, to the
+//! term (`tasks`), so that when the leadership goes (another leader, or a
+//! replicated write that failed) everything it started stops with it: the transactions it was deciding are answered "unknown,
 //! ask the leader", and nothing it does afterwards can be written.
 //!
 //! A request to a replica without a term is answered UNAVAILABLE with
@@ -44,6 +44,7 @@ use crate::config::{Config, GroupConfig};
 use crate::runtime::Failure;
 use crate::service::Service;
 use crate::store::DecisionLog;
+use crate::tasks;
 use crate::{CoordinatorError, Running, SERVICES};
 
 /// The health-check name that is SERVING on the group's leader only.
@@ -112,7 +113,8 @@ pub(crate) async fn serve(
         address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "coordinator replica starting"
     );
-    let leading = tokio::spawn(lead(config.clone(), group, replica.clone(), front, disk, health, changes));
+    let leading =
+        crate::tasks::spawn(lead(config.clone(), group, replica.clone(), front, disk, health, changes));
     let graceful = async move {
         shutdown.await;
         info!("shutting down: this replica leaves its term, if it leads");
@@ -175,7 +177,7 @@ async fn lead(
             }
         };
         info!(term, incarnation = running.handle.incarnation, "leading the group: coordinating");
-        front.set(Some(running.routes.clone()));
+        front.set(Some((running.routes.clone(), running.tasks.scope())));
         health.set_service_status(LEADER_HEALTH, tonic_health::ServingStatus::Serving).await;
         metrics::gauge!(LEADING).set(1.0);
         let mut lease = Lease::new(group.timing.election_max * 2);
@@ -277,10 +279,10 @@ fn fatal_raft(err: impl std::fmt::Display) -> ! {
     std::process::exit(70)
 }
 
-/// One term as leader: a coordinator over the replicated log, on a runtime
-/// of its own.
+/// One term as leader: a coordinator over the replicated log, its tasks
+/// tied to the term ([`tasks::Term`]), so that they all stop when it ends.
 struct Term {
-    runtime: Option<tokio::runtime::Runtime>,
+    tasks: tasks::Term,
     handle: crate::runtime::Handle,
     routes: Routes,
     stopping: tokio::sync::watch::Sender<bool>,
@@ -294,18 +296,13 @@ impl Term {
         replica: Arc<Replica<Log>>,
         disk: Arc<decree_runtime::disk::DiskGuard>,
     ) -> Result<Term, CoordinatorError> {
-        // One worker: beside the process's own runtime (the Raft node, the
-        // servers), a second worker here only added parked threads to wake on
-        // two cores (leader 121-124 -> 106-107 µs per transaction, bench C=64).
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("decree-term")
-            .enable_all()
-            .build()
-            .map_err(|e| CoordinatorError::Config(format!("a runtime for the term: {e}")))?;
+        let tasks = tasks::Term::new();
         // The first failed write ends the term; later ones need not queue.
         let (failed, ended) = tokio::sync::mpsc::channel(1);
-        let opened = runtime.spawn({
+        // A task of the term's, so that a panic in the start is an error
+        // here; on any failure `tasks` is dropped, and whatever the start
+        // began stops.
+        let opened = tasks.scope().spawn({
             let config = config.clone();
             async move {
                 let store = decree_replica::Store::Replicated(replica.storage());
@@ -314,31 +311,23 @@ impl Term {
             }
         });
         let running = match opened.await {
-            Ok(Ok(running)) => running,
-            Ok(Err(err)) => {
-                runtime.shutdown_background();
-                return Err(err);
-            }
-            Err(err) => {
-                runtime.shutdown_background();
-                return Err(CoordinatorError::Config(format!("the term's start: {err}")));
-            }
+            Ok(Some(started)) => started?,
+            Ok(None) => return Err(CoordinatorError::Config("the term ended while it started".into())),
+            Err(err) => return Err(CoordinatorError::Config(format!("the term's start: {err}"))),
         };
         let Running { handle, service, stopping } = running;
         let routes = crate::routes(service, &config);
-        Ok(Term { runtime: Some(runtime), handle, routes, stopping, ended })
+        Ok(Term { tasks, handle, routes, stopping, ended })
     }
 
     /// Answers what is in flight "unknown, ask the leader", ends the open
     /// transaction streams and stops everything the term started.
-    async fn stop(mut self) {
+    async fn stop(self) {
         self.handle.depose(std::time::Duration::from_secs(2)).await;
         let _ = self.stopping.send(true);
         // Give the answers a moment to go out on their streams.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
+        self.tasks.end();
     }
 }
 
@@ -346,13 +335,13 @@ impl Term {
 /// it leads, else a refusal naming the leader.
 #[derive(Clone)]
 struct Front {
-    term: Arc<RwLock<Option<Routes>>>,
+    term: Arc<RwLock<Option<(Routes, tasks::Scope)>>>,
     replica: Arc<Replica<Log>>,
 }
 
 impl Front {
-    fn set(&self, routes: Option<Routes>) {
-        *self.term.write().unwrap_or_else(|p| p.into_inner()) = routes;
+    fn set(&self, term: Option<(Routes, tasks::Scope)>) {
+        *self.term.write().unwrap_or_else(|p| p.into_inner()) = term;
     }
 }
 
@@ -407,11 +396,12 @@ impl<N> tower::Service<http::Request<Body>> for Named<N> {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let term = self.front.term.read().unwrap_or_else(|p| p.into_inner()).clone();
         match term {
-            Some(mut routes) => Box::pin(async move {
+            // Within the term: what the handler spawns stops with it.
+            Some((mut routes, scope)) => Box::pin(scope.within(async move {
                 std::future::poll_fn(|cx| tower::Service::<http::Request<Body>>::poll_ready(&mut routes, cx))
                     .await?;
                 tower::Service::call(&mut routes, request).await
-            }),
+            })),
             None => {
                 let status = not_leader(&self.front.replica);
                 Box::pin(std::future::ready(Ok(status.into_http())))

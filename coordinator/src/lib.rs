@@ -25,6 +25,7 @@ mod runtime;
 mod service;
 pub mod stats;
 pub mod store;
+mod tasks;
 mod timers;
 pub mod wire;
 
@@ -129,7 +130,7 @@ async fn start_console(
         .await
         .map_err(|e| CoordinatorError::Config(format!("--console-listen {listen}: {e}")))?;
     tracing::info!(url = %format!("http://{}/", listener.local_addr().unwrap_or(listen)), "console");
-    tokio::spawn(async move {
+    crate::tasks::spawn(async move {
         if let Err(err) = decree_console::serve(listener, &url, std::future::pending()).await {
             tracing::error!(error = %err, "the console stopped");
         }
@@ -261,7 +262,7 @@ async fn start(
     let handle = runtime::start(config.clone(), store, registry, disk, recovered, failure);
     let membership = membership::Membership::start(handle.clone(), ring, members_before).await?;
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
-    tokio::spawn(runtime::prune_ended(handle.clone(), stop_streams.clone()));
+    crate::tasks::spawn(runtime::prune_ended(handle.clone(), stop_streams.clone()));
     let service = service::Service::new(handle.clone(), membership, stop_streams);
     Ok(Running { handle, service, stopping })
 }

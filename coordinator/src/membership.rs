@@ -92,7 +92,7 @@ impl Membership {
             handle,
             wake: Notify::new(),
         });
-        tokio::spawn(membership.clone().drive());
+        crate::tasks::spawn(membership.clone().drive());
         Ok(membership)
     }
 

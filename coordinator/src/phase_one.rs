@@ -61,7 +61,7 @@ impl Prepares {
         let unary = self.links.get(participant).map(|link| link.unary.clone()).unwrap_or_default();
         if unary.load(Ordering::Relaxed) {
             let client = self.registry.client(participant);
-            tokio::spawn(prepare_one(
+            crate::tasks::spawn(prepare_one(
                 client,
                 self.timeout,
                 participant.clone(),
@@ -89,7 +89,7 @@ impl Prepares {
         // The first Prepare goes with the stream, not through its queue: the
         // stream may end (UNIMPLEMENTED, say) and close the queue before a
         // send here, which would drop that Prepare unanswered.
-        tokio::spawn(stream.run(outgoing, drained));
+        crate::tasks::spawn(stream.run(outgoing, drained));
         self.links.insert(participant.clone(), Link { queue, unary });
     }
 }
@@ -118,7 +118,7 @@ impl Stream {
                 let queued = std::iter::from_fn(|| queue.try_recv().ok());
                 for outgoing in std::iter::once(first).chain(queued) {
                     let participant = self.participant.clone();
-                    tokio::spawn(prepare_one(
+                    crate::tasks::spawn(prepare_one(
                         self.client.clone(),
                         self.timeout,
                         participant,

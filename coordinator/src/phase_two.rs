@@ -66,7 +66,7 @@ impl Deliveries {
                 timeout: self.timeout,
                 batching: Arc::new(AtomicBool::new(true)),
             };
-            tokio::spawn(sender.drain(due));
+            crate::tasks::spawn(sender.drain(due));
             queue
         });
         // The task ends only when this sender is dropped.
@@ -98,7 +98,7 @@ impl Sender {
                 }
             }
             let sender = self.clone();
-            tokio::spawn(async move {
+            crate::tasks::spawn(async move {
                 sender.send(batch).await;
                 drop(permit);
             });

@@ -490,7 +490,7 @@ pub(crate) fn start(
             warn!(%txid, error = %err, "recovery: skipping an active transaction already known");
         }
     }
-    tokio::spawn(actor.run(request_rx, event_rx, deposition));
+    crate::tasks::spawn(actor.run(request_rx, event_rx, deposition));
     handle
 }
 
@@ -660,7 +660,7 @@ impl Actor {
                 let deadline_ms =
                     unix_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
                 let (store, handle) = (self.handle.store.clone(), self.handle.clone());
-                tokio::spawn(async move {
+                crate::tasks::spawn(async move {
                     match store.log_begin(txid, deadline_ms).await {
                         Ok(()) => drop(reply.send(Ok(txid))),
                         // Unanswered: the client hears the coordinator stopped.
@@ -690,7 +690,7 @@ impl Actor {
                     // work, so every restart or next leader prepares it.
                     Ok(true) => {
                         let (store, handle) = (self.handle.store.clone(), self.handle.clone());
-                        tokio::spawn(async move {
+                        crate::tasks::spawn(async move {
                             match store.log_enlist(txid, &participant, run).await {
                                 Ok(()) => drop(reply.send(Ok(()))),
                                 Err(err) => handle.failed(err.into()),
@@ -781,7 +781,7 @@ impl Actor {
                 }
                 Command::LogOnePhaseCommit { txid, participant, in_doubt } => {
                     let (store, handle) = (self.handle.store.clone(), self.handle.clone());
-                    tokio::spawn(async move {
+                    crate::tasks::spawn(async move {
                         if let Err(err) = store.log_one_phase_commit(txid, &participant, in_doubt).await {
                             handle.failed(err.into());
                         }
@@ -790,7 +790,7 @@ impl Actor {
                 Command::LogOnePhaseInDoubt { txid, participant } => {
                     let (store, events, handle) =
                         (self.handle.store.clone(), self.handle.events.clone(), self.handle.clone());
-                    tokio::spawn(async move {
+                    crate::tasks::spawn(async move {
                         if let Err(err) = store.log_one_phase_in_doubt(txid, &participant).await {
                             return handle.failed(err.into());
                         }
@@ -799,7 +799,7 @@ impl Actor {
                 }
                 Command::ForgetActive { txid } => {
                     let (store, handle) = (self.handle.store.clone(), self.handle.clone());
-                    tokio::spawn(async move {
+                    crate::tasks::spawn(async move {
                         if let Err(err) = store.forget_active(txid).await {
                             handle.failed(err.into());
                         }
@@ -807,7 +807,7 @@ impl Actor {
                 }
                 Command::LogOnePhaseAborted { txid } => {
                     let (store, handle) = (self.handle.store.clone(), self.handle.clone());
-                    tokio::spawn(async move {
+                    crate::tasks::spawn(async move {
                         if let Err(err) = store.log_one_phase_aborted(txid).await {
                             handle.failed(err.into());
                         }
@@ -816,7 +816,7 @@ impl Actor {
                 Command::LogOnePhaseForgotten { txid } => {
                     warn!(%txid, "the participant forgot this one-phase outcome before it was learned: it is FORGOTTEN");
                     let (store, handle) = (self.handle.store.clone(), self.handle.clone());
-                    tokio::spawn(async move {
+                    crate::tasks::spawn(async move {
                         if let Err(err) = store.log_one_phase_forgotten(txid).await {
                             handle.failed(err.into());
                         }
@@ -845,10 +845,10 @@ impl Actor {
                     first_commit &= recovery;
                 }
                 Command::SendAbort { txid, participant } => {
-                    tokio::spawn(self.send_abort(txid, participant));
+                    crate::tasks::spawn(self.send_abort(txid, participant));
                 }
                 Command::ResolveOnePhase { txid, participant } => {
-                    tokio::spawn(self.resolve_one_phase(txid, participant));
+                    crate::tasks::spawn(self.resolve_one_phase(txid, participant));
                 }
                 Command::LogEnd { txid } => {
                     crash::point(crash::COORDINATOR_COMMIT_BEFORE_END);
@@ -933,7 +933,7 @@ impl Actor {
                     };
                     debug!(%txid, %participant, attempt, delay_ms = delay.as_millis() as u64, "commit redelivery scheduled");
                     let (events, budget) = (self.handle.events.clone(), self.handle.budget.clone());
-                    tokio::spawn(async move {
+                    crate::tasks::spawn(async move {
                         tokio::time::sleep(delay).await;
                         if !budget.try_take(&participant) {
                             metrics::counter!(REDELIVERIES_PACED).increment(1);

@@ -390,7 +390,7 @@ impl Registry for Service {
         self.handle.enrolled(name.clone());
         if request.join && role == Role::Member {
             let membership = self.membership.clone();
-            tokio::spawn(async move { membership.join(name).await });
+            crate::tasks::spawn(async move { membership.join(name).await });
         }
         Ok(Response::new(v1::EnrollResponse {
             coordinator_incarnation: self.handle.incarnation,

@@ -967,6 +967,7 @@ mod tests {
                 let tasks: Vec<_> = (0..WRITERS)
                     .map(|w| {
                         let store = store.clone();
+                        #[allow(clippy::disallowed_methods)] // a test, of no term
                         tokio::spawn(async move {
                             let n = per_writer / rounds;
                             for i in 0..n {
