@@ -1,4 +1,4 @@
-//! Routing a key through the consistent-hash ring (128 virtual nodes per participant).
+//! Routing a key through the consistent-hash ring ([`decree_proto::ring::VNODES`] virtual nodes per participant).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use decree_client::Ring;

@@ -57,6 +57,48 @@ pub struct Ring {
     names: Vec<String>,
     weights: Vec<u32>,
     vnodes: u32,
+    /// Where to look for a hash: see [`Buckets`].
+    buckets: Buckets,
+}
+
+/// An index over the sorted points, so that a lookup reads a few cache lines
+/// rather than binary-searching all of them (a 3-member ring has 6,144
+/// points, 96 KiB: a search was ~13 dependent cache misses, and routing was
+/// a quarter of a client's CPU). The hash space is cut into `2^bits` equal
+/// buckets, about one per point; `first[b]` is the index of the first point
+/// at or after bucket `b`'s start (`first[2^bits]` = the number of points).
+/// The first point at or after a hash in bucket `b` is then among
+/// `first[b]..=first[b + 1]`: every point of a later bucket is larger.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Buckets {
+    bits: u32,
+    first: Vec<u32>,
+}
+
+impl Buckets {
+    fn over(points: &[(u64, usize)]) -> Buckets {
+        // At most 2^16 buckets (256 KiB) for the largest rings allowed.
+        let bits = points.len().next_power_of_two().trailing_zeros().clamp(1, 16);
+        let count = 1usize << bits;
+        let mut first = Vec::with_capacity(count + 1);
+        let mut at = 0;
+        for b in 0..count {
+            let start = (b as u64) << (64 - bits);
+            while at < points.len() && points[at].0 < start {
+                at += 1;
+            }
+            first.push(at as u32);
+        }
+        first.push(points.len() as u32);
+        Buckets { bits, first }
+    }
+
+    /// The index of the first of `points` at or after `h` (`points.len()` if none).
+    fn find(&self, points: &[(u64, usize)], h: u64) -> usize {
+        let b = (h >> (64 - self.bits)) as usize;
+        let (lo, hi) = (self.first[b] as usize, self.first[b + 1] as usize);
+        lo + points[lo..hi].partition_point(|(point, _)| *point < h)
+    }
 }
 
 impl Ring {
@@ -86,7 +128,8 @@ impl Ring {
             .collect();
         // Ties (astronomically rare) go to the smaller name, deterministically.
         points.sort_unstable();
-        Ring { points, names, weights, vnodes }
+        let buckets = Buckets::over(&points);
+        Ring { points, names, weights, vnodes, buckets }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -121,7 +164,7 @@ impl Ring {
             return None;
         }
         let h = hash(key.as_bytes());
-        let at = self.points.partition_point(|(point, _)| *point < h);
+        let at = self.buckets.find(&self.points, h);
         let (_, owner) = self.points[at % self.points.len()];
         Some(&self.names[owner])
     }
@@ -269,6 +312,57 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The owner's index by searching every point, as routing did before the
+    /// bucket index: the reference the index must agree with.
+    fn searched(ring: &Ring, h: u64) -> usize {
+        ring.points.partition_point(|(point, _)| *point < h)
+    }
+
+    fn rings() -> Vec<Ring> {
+        let weighted = [("a".to_owned(), 1), ("b".to_owned(), 3), ("c".to_owned(), 64)];
+        vec![
+            Ring::weighted([("solo".to_owned(), 1)], 1),
+            Ring::weighted([("x".to_owned(), 1), ("y".to_owned(), 1)], 3),
+            Ring::new(["p1", "p2", "p3"]),
+            Ring::weighted(weighted, LEGACY_VNODES),
+            Ring::new((0..10).map(|i| format!("member-{i}"))),
+        ]
+    }
+
+    /// Every hash finds the point a search of all points finds: at each point,
+    /// just before and after it, at the ends of the hash space and at random.
+    #[test]
+    fn the_bucket_index_finds_what_a_search_of_every_point_finds() {
+        for ring in rings() {
+            let mut hashes = vec![0, 1, u64::MAX, u64::MAX - 1, 1 << 63];
+            for (point, _) in &ring.points {
+                hashes.extend([*point, point.wrapping_sub(1), point.wrapping_add(1)]);
+            }
+            for b in 0..=(1u64 << ring.buckets.bits).min(1 << 12) {
+                let start = b.checked_shl(64 - ring.buckets.bits).unwrap_or(0);
+                hashes.extend([start, start.wrapping_sub(1)]);
+            }
+            hashes.extend((0..20_000u64).map(|i| hash(&i.to_le_bytes())));
+            for h in hashes {
+                assert_eq!(
+                    ring.buckets.find(&ring.points, h),
+                    searched(&ring, h),
+                    "hash {h:#x}, {} points",
+                    ring.points.len()
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_hash_is_found_as_a_search_finds_it(h in proptest::prelude::any::<u64>()) {
+            for ring in rings() {
+                proptest::prop_assert_eq!(ring.buckets.find(&ring.points, h), searched(&ring, h));
+            }
+        }
+    }
 
     fn wire(members: usize, weight: u32, vnodes: u32) -> v1::RingDescriptor {
         let members = (0..members).map(|i| v1::RingMember { name: format!("p{i}"), weight }).collect();
