@@ -33,6 +33,8 @@ REASON_METADATA = "decree-reason"
 TXID_METADATA = "decree-txid"
 LEADER_METADATA = "decree-leader"
 KEY_MAX_BYTES = 1024
+# The most keys one Kv.Get carries (a participant refuses more).
+GET_KEYS = 10_000
 
 #: How many times a request sent to a stale owner or a moving key is sent again.
 REROUTES = 60
@@ -537,7 +539,14 @@ class Client:
                 by_owner.setdefault(self.route(key), []).append(key)
             left = []
             redirect: Optional[Exception] = None
-            for owner, owned in by_owner.items():
+            # A participant takes at most GET_KEYS keys per Get: more to one
+            # owner go as several.
+            asks = [
+                (owner, owned[i : i + GET_KEYS])
+                for owner, owned in by_owner.items()
+                for i in range(0, len(owned), GET_KEYS)
+            ]
+            for owner, owned in asks:
                 try:
                     response = self._kv(owner).Get(
                         kv_pb2.GetRequest(keys=owned, ring_epoch=epoch), timeout=self._timeout

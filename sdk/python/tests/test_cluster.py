@@ -27,6 +27,19 @@ def test_a_transaction_commits_and_its_values_read_back(cluster):
         assert set(result.participants) <= {"p1", "p2"}
 
 
+def test_more_keys_than_one_get_carries_are_read_in_several(cluster):
+    with decree.connect(cluster.url) as c:
+        assert c.transact(put={"many-0": "first", "many-24999": "last"}).committed
+        keys = [f"many-{i}" for i in range(25_000)]
+        owners = [c.route(k) for k in keys]
+        # Some owner gets more than one Get's worth (10,000) of these.
+        assert max(owners.count(p) for p in set(owners)) > decree.client.GET_KEYS
+        values = c.get_many(keys)
+        assert len(values) == len(keys)
+        assert values["many-0"] == b"first" and values["many-24999"] == b"last"
+        assert sum(v is not None for v in values.values()) == 2
+
+
 def test_keys_go_where_the_ring_says(cluster):
     with decree.connect(cluster.url) as c:
         keys = [f"k{i}" for i in range(40)]
