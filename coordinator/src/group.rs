@@ -12,8 +12,9 @@
 //! are redriven, the one-phase questions asked again. That coordinator (its
 //! *term*) ties every task it starts, and every request it serves, to the
 //! term (`tasks`), so that when the leadership goes (another leader, or a
-//! replicated write that failed) everything it started stops with it: the transactions it was deciding are answered "unknown,
-//! ask the leader", and nothing it does afterwards can be written.
+//! replicated write that failed) everything it started stops with it: the
+//! transactions it was deciding are answered "unknown, ask the leader", and
+//! nothing it does afterwards can be written.
 //!
 //! A request to a replica without a term is answered UNAVAILABLE with
 //! `REASON_NOT_LEADER` and the leader's URL (`decree-leader`), having done
