@@ -98,9 +98,9 @@ mod tests {
 
     use super::*;
 
-    /// A task that counts ticks forever, and spawns another that does.
-    async fn ticking(ticks: Arc<AtomicUsize>) {
-        let nested = ticks.clone();
+    /// A task that counts its ticks in `outer` forever, and spawns another
+    /// that counts its own in `nested`.
+    async fn ticking(outer: Arc<AtomicUsize>, nested: Arc<AtomicUsize>) {
         spawn(async move {
             loop {
                 nested.fetch_add(1, Ordering::SeqCst);
@@ -108,39 +108,47 @@ mod tests {
             }
         });
         loop {
-            ticks.fetch_add(1, Ordering::SeqCst);
+            outer.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
-    async fn settled(ticks: &AtomicUsize) -> usize {
-        // Tasks still mid-poll finish that poll; give them a few turns.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
+    /// Waits (10 s at most) until `ticks` has counted `more` beyond `from`.
+    async fn ticked(ticks: &AtomicUsize, from: usize, more: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while ticks.load(Ordering::SeqCst) < from + more {
+            assert!(tokio::time::Instant::now() < deadline, "no progress in 10 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        ticks.load(Ordering::SeqCst)
+    }
+
+    fn count() -> Arc<AtomicUsize> {
+        Arc::new(AtomicUsize::new(0))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_terms_tasks_and_theirs_stop_when_it_ends_and_no_others() {
-        let (mine, other) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (mine, my_nested, other, other_nested) = (count(), count(), count(), count());
         let term = Term::new();
-        let handle = term.scope().spawn(ticking(mine.clone()));
-        let outside = spawn(ticking(other.clone()));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(mine.load(Ordering::SeqCst) >= 2, "the term's tasks ran");
+        let handle = term.scope().spawn(ticking(mine.clone(), my_nested.clone()));
+        let outside = spawn(ticking(other.clone(), other_nested.clone()));
+        ticked(&mine, 0, 2).await;
+        ticked(&my_nested, 0, 2).await;
         term.end();
         assert_eq!(handle.await.unwrap(), None, "the term's task was stopped, not finished");
-        let stopped = settled(&mine).await;
-        let before = other.load(Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // A nested task mid-poll when the term ended finishes that poll: let
+        // the runtime take a few turns before reading where they stopped.
+        ticked(&other, other.load(Ordering::SeqCst), 5).await;
+        let stopped = (mine.load(Ordering::SeqCst), my_nested.load(Ordering::SeqCst));
+        // The window in which nothing of the ended term may run: twenty more
+        // ticks of each task of no term.
+        ticked(&other, other.load(Ordering::SeqCst), 20).await;
+        ticked(&other_nested, other_nested.load(Ordering::SeqCst), 20).await;
         assert_eq!(
-            mine.load(Ordering::SeqCst),
+            (mine.load(Ordering::SeqCst), my_nested.load(Ordering::SeqCst)),
             stopped,
             "nothing of the ended term runs on, nested tasks included"
         );
-        assert!(other.load(Ordering::SeqCst) > before, "a task of no term runs on");
         outside.abort();
     }
 
