@@ -116,7 +116,7 @@ pub enum Disk {
     Ring {
         record: Box<RingRecord>,
         synced: bool,
-        then: ring::Then,
+        then: Box<ring::Then>,
     },
 }
 
@@ -417,7 +417,7 @@ impl Coordinator {
     fn disk_done(&mut self, ctx: &mut Ctx, disk: Disk) {
         let Some(process) = self.process.as_mut() else { return };
         if let Disk::Ring { record, synced, then } = disk {
-            return self.ring_written(ctx, *record, synced, then);
+            return self.ring_written(ctx, *record, synced, *then);
         }
         land(ctx, &process.store, &disk);
         match disk {

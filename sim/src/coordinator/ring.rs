@@ -157,7 +157,7 @@ impl Coordinator {
         if matches!(process.driver, Driver::Idle) {
             process.driver = Driver::Waiting;
         }
-        self.write(ctx, Disk::Ring { record: Box::new(record), synced, then }, synced);
+        self.write(ctx, Disk::Ring { record: Box::new(record), synced, then: Box::new(then) }, synced);
     }
 
     pub(super) fn ring_written(&mut self, ctx: &mut Ctx, record: RingRecord, synced: bool, then: Then) {
