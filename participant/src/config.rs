@@ -25,6 +25,9 @@ pub enum Role {
     Service,
 }
 
+/// Largest --kv-cache-mib: 1 TiB.
+const MAX_KV_CACHE_MIB: u64 = 1 << 20;
+
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct Config {
     /// Address to serve gRPC on (Participant and Kv services).
@@ -93,6 +96,11 @@ pub struct Config {
     /// postgres://user@127.0.0.1:5432/db (the server needs max_prepared_transactions > 0).
     #[arg(long, env = "DECREE_PG_URL")]
     pub pg_url: Option<String>,
+    /// MiB of committed values the KV store keeps in memory in front of its
+    /// log, least recently used out first (--backend kv); 0: none, every read
+    /// goes to the log.
+    #[arg(long, env = "DECREE_KV_CACHE_MIB", default_value_t = (crate::kv::CACHE_BYTES >> 20) as u64)]
+    pub kv_cache_mib: u64,
     /// The table of --backend postgres (created if missing).
     #[arg(long, env = "DECREE_PG_TABLE", default_value = crate::postgres::DEFAULT_TABLE)]
     pub pg_table: String,
@@ -123,6 +131,7 @@ impl Config {
             join: false,
             backend: Backend::Kv,
             pg_url: None,
+            kv_cache_mib: (crate::kv::CACHE_BYTES >> 20) as u64,
             pg_table: crate::postgres::DEFAULT_TABLE.to_owned(),
             process: decree_runtime::serve::ProcessOptions::default(),
         }
@@ -165,6 +174,9 @@ impl Config {
         if self.read_wait_ms > 60_000 {
             return Err("--read-wait-ms must be at most 60000".into());
         }
+        if self.kv_cache_mib > MAX_KV_CACHE_MIB {
+            return Err(format!("--kv-cache-mib must be at most {MAX_KV_CACHE_MIB}"));
+        }
         if !(1024..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err("--max-message-bytes must be between 1024 and 268435456".into());
         }
@@ -193,6 +205,10 @@ impl Config {
             Backend::Kv => Role::Member,
             Backend::Postgres => Role::Service,
         })
+    }
+
+    pub fn kv_cache_bytes(&self) -> usize {
+        (self.kv_cache_mib.min(MAX_KV_CACHE_MIB) as usize) << 20
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -4,12 +4,14 @@
 //! a [`v1::KvBatch`]; its redo is the final value of each written key.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use decree_proto::v1;
 use decree_proto::{KvOp, TxId};
 use decree_runtime::{record, Log, LogError, Storage, Write};
 use prost::Message;
 
+use crate::cache::{Cache, CacheStats};
 use crate::engine::Validated;
 use crate::membership::Ownership;
 use crate::resource::Resource;
@@ -39,23 +41,34 @@ fn data_key(key: &str) -> Vec<u8> {
     [DATA, key.as_bytes()].concat()
 }
 
+/// Bytes of committed values a store caches unless told otherwise (see [`crate::cache`]).
+pub const CACHE_BYTES: usize = 64 << 20;
+
 /// The KV store over a participant's log (any [`Storage`]).
 #[derive(Clone)]
 pub struct KvStore<S = Log> {
     log: S,
     ownership: Ownership,
+    /// Shared by the store's clones: the resource and the Kv service read through one cache.
+    cache: Arc<Cache>,
 }
 
 impl<S: Storage> KvStore<S> {
     /// A store that takes every key sent to it (in no ring).
     pub fn new(log: S) -> Self {
-        KvStore { log, ownership: Ownership::default() }
+        KvStore { log, ownership: Ownership::default(), cache: Arc::new(Cache::new(CACHE_BYTES)) }
     }
 
     /// The store of ring member `name`: it serves the keys its recorded ring gives it.
     pub fn member(log: S, name: &str) -> Result<Self, String> {
         let ownership = Ownership::load(&log, name)?;
-        Ok(KvStore { log, ownership })
+        Ok(KvStore { log, ownership, cache: Arc::new(Cache::new(CACHE_BYTES)) })
+    }
+
+    /// The store with a cache of at most `bytes` of committed values (0: none).
+    /// Call before the store is cloned or used: its clones share the cache.
+    pub fn with_cache(self, bytes: usize) -> Self {
+        KvStore { cache: Arc::new(Cache::new(bytes)), ..self }
     }
 
     pub fn ownership(&self) -> &Ownership {
@@ -64,7 +77,12 @@ impl<S: Storage> KvStore<S> {
 
     /// The committed value of `key`.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LogError> {
-        self.log.get(&data_key(key))
+        self.cache.read(key, || self.log.get(&data_key(key)))
+    }
+
+    /// What the cache of committed values holds and has answered.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     /// Every key from `after` on with its value's size, in key order.
@@ -233,9 +251,13 @@ impl<S: Storage> KvStore<S> {
     /// A migration batch's routing and range start, from its redo.
     fn migration_of(redo: &[u8]) -> Option<(Routing, String)> {
         let redo: KvRedo = record::decode(redo).ok()?;
-        let lo = redo.migration.as_ref()?.lo.clone();
-        Some((migration_routing(&redo.migration)?, lo))
+        migration_step(&redo)
     }
+}
+
+fn migration_step(redo: &KvRedo) -> Option<(Routing, String)> {
+    let lo = redo.migration.as_ref()?.lo.clone();
+    Some((migration_routing(&redo.migration)?, lo))
 }
 
 fn migration_routing(step: &Option<v1::MigrationStep>) -> Option<Routing> {
@@ -266,10 +288,21 @@ impl<S: Storage> Resource for KvStore<S> {
         true
     }
 
+    /// Called once the commit's writes are in the log, before its keys'
+    /// locks go: the cache answers them from here on.
     fn committed(&self, txid: TxId, redo: &[u8]) {
-        if let Some((step, _)) = Self::migration_of(redo) {
+        let redo: KvRedo = match record::decode(redo) {
+            Ok(redo) => redo,
+            Err(_) => {
+                // Not one of ours (apply refused it, so nothing was written): cache nothing stale.
+                self.cache.clear();
+                return;
+            }
+        };
+        if let Some((step, _)) = migration_step(&redo) {
             self.ownership.applied(txid, &step);
         }
+        self.cache.wrote(redo.writes.into_iter().map(|w| (w.key, w.value)));
     }
 
     async fn abort(&self, txid: TxId) -> Result<(), String> {
@@ -312,10 +345,12 @@ mod tests {
         (dir, KvStore::new(log))
     }
 
+    /// Validates and commits `ops` as the runtime does: the writes to the log, then `committed`.
     async fn commit(store: &KvStore, ops: Vec<KvOp>) -> Validated {
         let validated = store.validate(&payload(ops));
         if let Validated::Ready { redo } = &validated {
             store.log.write(store.apply(redo).unwrap(), false).await.unwrap();
+            store.committed(TxId::new(7, 1, 1), redo);
         }
         validated
     }

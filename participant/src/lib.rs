@@ -79,6 +79,7 @@
 //!
 //! The protocol: docs/protocol.md. Recovery: docs/recovery.md.
 
+pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod kv;
@@ -258,6 +259,9 @@ async fn serve_with(
         config.heartbeat(),
         (incarnation, taken),
     ));
+    if let Some(service::Reads::Rocks(store)) = &kv {
+        background.spawn(report_cache(store.clone()));
+    }
     let limit = config.max_message_bytes * 2;
     let (stopping, stop_streams) = tokio::sync::watch::channel(false);
     let participant = service::ParticipantService::new(
@@ -313,6 +317,26 @@ async fn serve_with(
     Ok(())
 }
 
+/// Reads answered from the KV store's cache of committed values, as a counter.
+pub const KV_CACHE_HITS: &str = "decree_kv_cache_hits_total";
+/// Reads the cache did not hold (read from the log).
+pub const KV_CACHE_MISSES: &str = "decree_kv_cache_misses_total";
+/// Bytes the cache holds (keys, values and per-entry overhead).
+pub const KV_CACHE_BYTES: &str = "decree_kv_cache_bytes";
+
+/// Publishes the KV cache's figures every second (counting each read as it
+/// happens would cost every read a metrics lookup).
+async fn report_cache(store: KvStore) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let stats = store.cache_stats();
+        metrics::counter!(KV_CACHE_HITS).absolute(stats.hits);
+        metrics::counter!(KV_CACHE_MISSES).absolute(stats.misses);
+        metrics::gauge!(KV_CACHE_BYTES).set(stats.bytes as f64);
+    }
+}
+
 /// How long a returning server waits for its log to close.
 const LOG_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -329,9 +353,11 @@ pub async fn serve(
 ) -> Result<(), ParticipantError> {
     match config.backend {
         Backend::Kv => {
-            let name = config.name.clone();
+            let (name, cache_bytes) = (config.name.clone(), config.kv_cache_bytes());
             let make = |log: &Log| {
-                let kv = KvStore::member(log.clone(), &name).map_err(ParticipantError::Resource)?;
+                let kv = KvStore::member(log.clone(), &name)
+                    .map_err(ParticipantError::Resource)?
+                    .with_cache(cache_bytes);
                 Ok((Arc::new(kv.clone()) as Arc<dyn Resource>, Some(service::Reads::Rocks(kv))))
             };
             serve_with(config, make, listener, shutdown).await

@@ -51,6 +51,9 @@ pub trait Resource: Send + Sync + 'static {
 
     /// Phase two's commit of `txid` is durable (its writes are in the log):
     /// state the resource keeps in memory about the branch may change now.
+    /// Called before the branch's locks are released (for every commit, also
+    /// that of a branch recovered after a restart), so a cache of committed values
+    /// updated here is never read stale by a transaction that locks the keys next.
     fn committed(&self, _txid: TxId, _redo: &[u8]) {}
 
     /// True for a resource whose [`Resource::prepare`] and

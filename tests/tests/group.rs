@@ -145,12 +145,7 @@ async fn a_follower_killed_under_load_changes_nothing_for_clients() {
     common::init();
     let mut options = options();
     // Each replica's metrics, to read the group's own on the leader and a follower.
-    let metrics: Vec<String> = (0..3)
-        .map(|_| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            format!("127.0.0.1:{port}")
-        })
-        .collect();
+    let metrics: Vec<String> = (0..3).map(|_| common::metrics_address()).collect();
     for (r, addr) in metrics.iter().enumerate() {
         options
             .participant_args_for

@@ -191,8 +191,7 @@ async fn votes_lost_one_way_abort_and_the_voter_still_ends_its_branch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_lost_one_way_are_redelivered_and_applied_exactly_once() {
     init();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let metrics = format!("127.0.0.1:{port}");
+    let metrics = common::metrics_address();
     let mut options = common::quick_options();
     options.faults = true;
     options.coordinator_args.extend(["--metrics-listen".to_owned(), metrics.clone()]);

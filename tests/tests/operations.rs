@@ -184,8 +184,7 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_the_load() {
     init();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::metrics_address();
     let mut options = Options::new(2);
     options.coordinator_args = vec!["--metrics-listen".into(), addr.clone()];
     let cluster = Cluster::start(options).await.unwrap();
@@ -349,8 +348,7 @@ fn durations_on_the_command_line_take_the_forms_people_type() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_in_doubt_gauges_rise_while_the_coordinator_is_away_and_fall_after() {
     init();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::metrics_address();
     let mut options = Options::new(2);
     options.participant_args = vec!["--resolve-interval-ms".into(), "50".into()];
     options.participant_args_for = vec![("p1".into(), vec!["--metrics-listen".into(), addr.clone()])];
@@ -869,4 +867,54 @@ async fn hostile_messages_to_every_rpc_are_answered_and_break_nothing() {
     assert_eq!(values["kept-2"].as_deref(), Some(&b"7"[..]));
     let after = client.transact(vec![KvOp::Add { key: "kept-2".into(), delta: 1 }]).await.unwrap();
     assert_eq!(after.outcome, Outcome::Committed, "{}", after.reason);
+}
+
+/// The KV store's cache of committed values: values read again are answered
+/// from memory, a commit's new value is what the next read sees, and after a
+/// restart (the cache empty) reads come from the log again; the figures show
+/// in the participant's metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_cache_answers_reads_sees_commits_and_shows_in_the_metrics() {
+    init();
+    let addr = common::metrics_address();
+    let mut options = Options::new(1);
+    options.participant_args_for = vec![("p1".into(), vec!["--metrics-listen".into(), addr.clone()])];
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let keys: Vec<String> = (0..10).map(|i| format!("cached{i}")).collect();
+    let puts = keys.iter().map(|key| KvOp::Put { key: key.clone(), value: b"1".to_vec() }).collect();
+    assert_eq!(client.transact(puts).await.unwrap().outcome, Outcome::Committed);
+    let read = |client: Client, keys: Vec<String>| async move {
+        let values = client.get(&keys).await.unwrap();
+        keys.iter().map(|k| String::from_utf8(values[k].clone().unwrap()).unwrap()).collect::<Vec<_>>()
+    };
+    for _ in 0..3 {
+        assert_eq!(read(client.clone(), keys.clone()).await, vec!["1"; 10]);
+    }
+    let add = vec![KvOp::Add { key: keys[0].clone(), delta: 5 }];
+    assert_eq!(client.transact(add).await.unwrap().outcome, Outcome::Committed);
+    let mut expected = vec!["1"; 10];
+    expected[0] = "6";
+    assert_eq!(read(client.clone(), keys.clone()).await, expected, "the commit's value, not the cached one");
+    // Thirty reads and the Add's validation of values the Puts wrote through.
+    let page = poll(Duration::from_secs(10), "the cache's figures", || async {
+        let page = scrape(&addr).await;
+        eprintln!("{}", page.lines().filter(|l| l.contains("kv_cache")).collect::<Vec<_>>().join(" | "));
+        (metric(&page, "decree_kv_cache_hits_total") >= 31.0).then_some(page)
+    })
+    .await
+    .unwrap();
+    assert!(metric(&page, "decree_kv_cache_bytes") > 0.0, "{page}");
+
+    info!("--- restarted, p1's cache is empty: the values come from its log");
+    cluster.restart(NodeId::Participant(0)).unwrap();
+    cluster.wait_back(NodeId::Participant(0)).await.unwrap();
+    assert_eq!(read(client.clone(), keys.clone()).await, expected);
+    let page = poll(Duration::from_secs(10), "the cache's figures after the restart", || async {
+        let page = scrape(&addr).await;
+        (metric(&page, "decree_kv_cache_misses_total") >= 10.0).then_some(page)
+    })
+    .await
+    .unwrap();
+    assert!(metric(&page, "decree_kv_cache_hits_total") < 31.0, "counted afresh: {page}");
 }

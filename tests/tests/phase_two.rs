@@ -19,8 +19,7 @@ use decree_tests::{poll, Cluster, Options};
 
 /// A cluster of one KV participant, whose coordinator serves metrics.
 async fn cluster_with_metrics(coordinator_args: &[&str]) -> (Cluster, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::metrics_address();
     let mut options = Options::new(1);
     options.coordinator_args = vec!["--metrics-listen".into(), addr.clone()];
     options.coordinator_args.extend(coordinator_args.iter().map(|a| a.to_string()));

@@ -95,6 +95,12 @@ pub fn metric(page: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// A local address nothing listens on now, for a node's `--metrics-listen`.
+pub fn metrics_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    format!("127.0.0.1:{port}")
+}
+
 /// The Prometheus page served at `addr`.
 pub async fn scrape(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
