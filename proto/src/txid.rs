@@ -52,8 +52,23 @@ impl TxId {
 }
 
 impl fmt::Display for TxId {
+    /// `{coordinator:08x}-{incarnation}-{sequence}`, put together by hand
+    /// rather than by `write!`: a txid is printed into every protocol message.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:08x}-{}-{}", self.coordinator, self.incarnation, self.sequence)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 8 + 2 * (1 + 20)];
+        for (i, digit) in out[..8].iter_mut().enumerate() {
+            *digit = HEX[(self.coordinator >> (28 - 4 * i)) as usize & 0xf];
+        }
+        let mut len = 8;
+        for part in [self.incarnation, self.sequence] {
+            let mut digits = itoa::Buffer::new();
+            let digits = digits.format(part).as_bytes();
+            out[len] = b'-';
+            out[len + 1..len + 1 + digits.len()].copy_from_slice(digits);
+            len += 1 + digits.len();
+        }
+        f.write_str(std::str::from_utf8(&out[..len]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -180,6 +195,13 @@ mod tests {
                 let id = TxId::new(coordinator, incarnation, sequence);
                 prop_assert_eq!(id.to_string().parse::<TxId>().unwrap(), id);
                 prop_assert_eq!(TxId::from_key_bytes(&id.to_key_bytes()), Some(id));
+            }
+
+            /// The text is the coordinator in eight hex digits, then the two numbers in decimal.
+            #[test]
+            fn the_text_is_hex_then_decimal(coordinator in any::<u32>(), incarnation in any::<u64>(), sequence in any::<u64>()) {
+                let id = TxId { coordinator, incarnation, sequence };
+                prop_assert_eq!(id.to_string(), format!("{coordinator:08x}-{incarnation}-{sequence}"));
             }
 
             /// Key bytes sort as txids do: range deletes and scans below a horizon rely on it.
