@@ -918,3 +918,42 @@ async fn the_kv_cache_answers_reads_sees_commits_and_shows_in_the_metrics() {
     .unwrap();
     assert!(metric(&page, "decree_kv_cache_hits_total") < 31.0, "counted afresh: {page}");
 }
+
+/// `--kv-cache-mib`: 64 by default, 0 turns the cache off, more than 1 TiB is
+/// refused, exit 2 naming the flag.
+#[test]
+fn the_kv_cache_size_is_a_flag_with_a_default_and_a_bound() {
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(decree_tests::decree_binary())
+            .args([
+                "participant",
+                "--data-dir",
+                "/tmp/d",
+                "--coordinator",
+                "http://127.0.0.1:1",
+                "--name",
+                "p1",
+            ])
+            .arg("--print-config")
+            .args(extra)
+            .env_remove("DECREE_KV_CACHE_MIB")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, printed, stderr) = run(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(printed.contains("kv_cache_mib = 64"), "{printed}");
+    let (code, printed, _) = run(&["--kv-cache-mib", "0"]);
+    assert_eq!(code, Some(0));
+    assert!(printed.contains("kv_cache_mib = 0"), "{printed}");
+    for bad in ["2000000", "-1", "lots"] {
+        let (code, _, stderr) = run(&["--kv-cache-mib", bad]);
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--kv-cache-mib"), "{bad}: {stderr}");
+    }
+}
