@@ -118,6 +118,15 @@ pub(crate) enum Request {
 /// How far beyond the issued sequence an outcome query may ask (and fence).
 const FAR_AHEAD: u64 = 1 << 32;
 
+/// Most events the actor takes in one turn before it executes their commands.
+const EVENTS_PER_TURN: usize = 256;
+
+/// How many of `commands` `message` picks for the transaction of the first it picks.
+fn first_fanout(commands: &[Command], message: impl Fn(&Command) -> Option<TxId>) -> usize {
+    let Some(first) = commands.iter().find_map(&message) else { return 0 };
+    commands.iter().filter(|c| message(c) == Some(first)).count()
+}
+
 /// What handlers hold: a way to the actor and to the shared read-only state.
 #[derive(Clone)]
 pub struct Handle {
@@ -551,12 +560,12 @@ impl Actor {
                     return;
                 }
                 Some(event) = events.recv() => {
-                    let refused = matches!(event, Event::CommitRefused { .. });
-                    if let Err(err) = self.engine.on_event(event) {
-                        debug!(error = %err, "event refused by the engine");
-                    }
-                    if refused {
-                        metrics::gauge!(STUCK).set(self.engine.stuck().len() as f64);
+                    self.on_event(event);
+                    // A burst (a CommitBatch's acks, one event each) is taken in one
+                    // turn: its commands are executed together, its end records in one write.
+                    for _ in 1..EVENTS_PER_TURN {
+                        let Ok(event) = events.try_recv() else { break };
+                        self.on_event(event);
                     }
                 }
                 request = requests.recv() => match request {
@@ -581,6 +590,16 @@ impl Actor {
                     let _ = reply.send(());
                 }
             }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let refused = matches!(event, Event::CommitRefused { .. });
+        if let Err(err) = self.engine.on_event(event) {
+            debug!(error = %err, "event refused by the engine");
+        }
+        if refused {
+            metrics::gauge!(STUCK).set(self.engine.stuck().len() as f64);
         }
     }
 
@@ -741,11 +760,21 @@ impl Actor {
     }
 
     async fn execute(&mut self, commands: Vec<Command>) {
-        let prepares = commands.iter().filter(|c| matches!(c, Command::SendPrepare { .. })).count();
-        let commits =
-            commands.iter().filter(|c| matches!(c, Command::SendCommit { recovery: false, .. })).count();
+        // A turn may carry several transactions' messages: a partial fan-out is
+        // the first transaction's, where it sends more than one.
+        let prepares = first_fanout(&commands, |c| match c {
+            Command::SendPrepare { txid, .. } => Some(*txid),
+            _ => None,
+        });
+        let commits = first_fanout(&commands, |c| match c {
+            Command::SendCommit { txid, recovery: false, .. } => Some(*txid),
+            _ => None,
+        });
         let mut first_prepare = true;
         let mut first_commit = true;
+        // The end records of the turn (a CommitBatch's acks end many
+        // transactions at once), written together after its other commands.
+        let mut ended = Vec::new();
         for command in commands {
             match command {
                 Command::SendPrepare { txid, participant, payload, one_phase, interactive } => {
@@ -856,12 +885,7 @@ impl Actor {
                         self.meters.complete.record(started.at.elapsed().as_secs_f64());
                     }
                     debug!(%txid, "every participant acked; ending");
-                    let handle = self.handle.clone();
-                    self.handle.store.log_end_then(txid, move |written| {
-                        if let Err(err) = written {
-                            handle.failed(err.into());
-                        }
-                    });
+                    ended.push(txid);
                 }
                 Command::Reply { txid, decided } => {
                     crash::point(crash::COORDINATOR_REPLY_BEFORE_CLIENT);
@@ -943,6 +967,14 @@ impl Actor {
                     });
                 }
             }
+        }
+        if !ended.is_empty() {
+            let handle = self.handle.clone();
+            self.handle.store.log_ends_then(&ended, move |written| {
+                if let Err(err) = written {
+                    handle.failed(err.into());
+                }
+            });
         }
     }
 
@@ -1076,4 +1108,36 @@ pub(crate) fn fatal(err: &CoordinatorError) -> ! {
     tracing::error!(error = %err, "fatal storage error; stopping");
     eprintln!("decree-coordinator: fatal storage error: {err}");
     std::process::exit(70)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepare(txid: TxId, participant: &str) -> Command {
+        Command::SendPrepare {
+            txid,
+            participant: participant.parse().unwrap(),
+            payload: Vec::new(),
+            one_phase: false,
+            interactive: false,
+        }
+    }
+
+    /// A turn's commands may hold several transactions' Prepares: the fan-out
+    /// the crash point splits is the first transaction's alone.
+    #[test]
+    fn the_first_fanout_counts_the_first_transactions_messages_only() {
+        let (a, b) = (TxId::new(1, 1, 1), TxId::new(1, 1, 2));
+        let pick = |c: &Command| match c {
+            Command::SendPrepare { txid, .. } => Some(*txid),
+            _ => None,
+        };
+        let reply = Command::Reply { txid: b, decided: Decided::Committed };
+        let one_then_two = [reply.clone(), prepare(a, "p1"), prepare(b, "p1"), prepare(b, "p2")];
+        assert_eq!(first_fanout(&one_then_two, pick), 1, "a's single Prepare is no fan-out");
+        let two_then_one = [prepare(b, "p1"), reply, prepare(a, "p1"), prepare(b, "p2")];
+        assert_eq!(first_fanout(&two_then_one, pick), 2);
+        assert_eq!(first_fanout(&[], pick), 0);
+    }
 }

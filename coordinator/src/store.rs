@@ -519,13 +519,15 @@ impl<S: Storage> DecisionLog<S> {
         Ok(())
     }
 
-    /// [`Self::log_end`], calling `then` once it is written (or failed)
-    /// instead of returning a future ([`Storage::write_then`]).
-    pub fn log_end_then(&self, txid: TxId, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
-        let ended = self.ended.clone();
-        self.log.write_then(end(txid), Durability::Buffered, move |written| {
+    /// [`Self::log_end`] for each of `txids` in one write, calling `then`
+    /// once it is written (or failed) instead of returning a future
+    /// ([`Storage::write_then`]).
+    pub fn log_ends_then(&self, txids: &[TxId], then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
+        let (ended, count) = (self.ended.clone(), txids.len() as u64);
+        let writes = txids.iter().flat_map(|txid| end(*txid)).collect();
+        self.log.write_then(writes, Durability::Buffered, move |written| {
             if written.is_ok() {
-                ended.fetch_add(1, Ordering::Relaxed);
+                ended.fetch_add(count, Ordering::Relaxed);
             }
             then(written.map_err(StoreError::from))
         });
@@ -1033,6 +1035,38 @@ mod tests {
         let (store, recovered) = reopen(open).await;
         assert!(recovered.unfinished.iter().any(|(txid, _)| *txid == t(2)), "a synced decision survives");
         assert!(store.is_committed(t(1)).unwrap(), "ended or not, t1 answers COMMITTED");
+    }
+
+    /// Several transactions' end records in one write: each leaves the
+    /// unfinished, each still answers COMMITTED, and the count of ended ones
+    /// grows by all of them; a machine crash before a sync redrives them all.
+    #[test]
+    fn ends_written_together_end_each_transaction() {
+        use decree_runtime::storage::now_or_never;
+        // Four decisions, then the ends of three in one write.
+        let three_ended = || {
+            let disk = decree_runtime::MemLog::new();
+            let (store, recovered) = now_or_never(DecisionLog::open_on(disk.clone())).unwrap();
+            let t = move |s| TxId::new(recovered.coordinator_id, recovered.incarnation, s);
+            for s in 1..=4 {
+                now_or_never(store.log_decision(t(s), &[p("a"), p("b")])).unwrap();
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            store.log_ends_then(&[t(1), t(2), t(4)], move |written| tx.send(written.is_ok()).unwrap());
+            assert!(rx.recv().unwrap());
+            assert_eq!(disk.unsynced_batches(), 1, "one buffered write for the three");
+            assert_eq!(store.ended.load(Ordering::Relaxed), 3);
+            (disk, t)
+        };
+        let (disk, t) = three_ended();
+        let (store, recovered) = now_or_never(DecisionLog::open_on(disk.crash_process())).unwrap();
+        assert_eq!(recovered.unfinished, vec![(t(3), vec![p("a"), p("b")])], "only t3 is still to finish");
+        for s in 1..=4 {
+            assert!(store.is_committed(t(s)).unwrap(), "t{s} answers COMMITTED");
+        }
+        let (disk, _) = three_ended();
+        let (_, recovered) = now_or_never(DecisionLog::open_on(disk.crash_machine(0))).unwrap();
+        assert_eq!(recovered.unfinished.len(), 4, "unsynced ends lost: all four redriven");
     }
 
     #[test]
