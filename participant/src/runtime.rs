@@ -34,6 +34,9 @@ pub const TOMBSTONE_PRUNES: &str = "decree_tombstone_prunes_total";
 /// no more than these, plus what was decided since).
 pub const TOMBSTONES: &str = "decree_tombstones";
 
+/// Most requests, and most events, the actor takes in one turn before it executes their commands.
+const PER_TURN: usize = 256;
+
 pub(crate) enum Request {
     Prepare {
         txid: TxId,
@@ -306,9 +309,23 @@ impl Actor {
         loop {
             tokio::select! {
                 biased;
-                Some(event) = events.recv() => self.engine.on_event(event),
+                Some(event) = events.recv() => {
+                    self.engine.on_event(event);
+                    for _ in 1..PER_TURN {
+                        let Ok(event) = events.try_recv() else { break };
+                        self.engine.on_event(event);
+                    }
+                }
                 request = requests.recv() => match request {
-                    Some(request) => self.on_request(request),
+                    // A burst (a CommitBatch's commits, a stream's Prepares) is taken in one
+                    // turn: its commands are executed together, its commit records in one write.
+                    Some(request) => {
+                        self.on_request(request);
+                        for _ in 1..PER_TURN {
+                            let Ok(request) = requests.try_recv() else { break };
+                            self.on_request(request);
+                        }
+                    }
                     None => break,
                 },
             }
@@ -397,6 +414,9 @@ impl Actor {
     }
 
     fn execute(&mut self, commands: Vec<Command>) {
+        // The commit records of branches applied on this turn, and what each does once durable.
+        let mut commits = Vec::new();
+        let mut dones: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
         for command in commands {
             match command {
                 Command::Validate { txid, payload } => {
@@ -439,15 +459,25 @@ impl Actor {
                         let _ = events.send(Event::CommitLogged { txid });
                     };
                     if at_once {
-                        // The commit record's write calls back where it finished: no task in between.
-                        now_or_in_task(true, applying, move |(writes, redo)| {
-                            store.log_commit_then(txid, writes, one_phase, move |written| {
-                                if let Err(err) = written {
-                                    fatal(&err);
-                                }
-                                done(redo);
-                            });
-                        });
+                        // Applied on this turn, its commit record joins the turn's
+                        // others in one write, which calls back where it finished.
+                        match poll_now(Box::pin(applying)) {
+                            Ok((writes, redo)) => {
+                                commits.push((txid, writes, one_phase));
+                                dones.push(Box::new(move || done(redo)));
+                            }
+                            Err(applying) => {
+                                tokio::spawn(async move {
+                                    let (writes, redo) = applying.await;
+                                    store.log_commit_then(txid, writes, one_phase, move |written| {
+                                        if let Err(err) = written {
+                                            fatal(&err);
+                                        }
+                                        done(redo);
+                                    });
+                                });
+                            }
+                        }
                     } else {
                         tokio::spawn(async move {
                             let (writes, redo) = applying.await;
@@ -592,6 +622,16 @@ impl Actor {
                 }
             }
         }
+        if !commits.is_empty() {
+            self.store.log_commits_then(commits, move |written| {
+                if let Err(err) = written {
+                    fatal(&err);
+                }
+                for done in dones {
+                    done();
+                }
+            });
+        }
     }
 }
 
@@ -608,12 +648,23 @@ fn now_or_in_task<T: Send + 'static>(
 ) {
     let mut work = Box::pin(work);
     if at_once {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(out) = work.as_mut().poll(&mut cx) {
-            return then(out);
+        match poll_now(work) {
+            Ok(out) => return then(out),
+            Err(waiting) => work = waiting,
         }
     }
     tokio::spawn(async move { then(work.await) });
+}
+
+/// `work`'s output if it finishes without waiting; else `work`, to go on in a task.
+fn poll_now<F: std::future::Future>(
+    mut work: std::pin::Pin<Box<F>>,
+) -> Result<F::Output, std::pin::Pin<Box<F>>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match work.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Ok(out),
+        std::task::Poll::Pending => Err(work),
+    }
 }
 
 async fn until_done<T, F, Fut>(what: &str, txid: TxId, mut step: F) -> T

@@ -291,6 +291,23 @@ impl<S: Storage> BranchLog<S> {
         self.log.write_then(writes, durability, move |written| then(written.map_err(StoreError::from)));
     }
 
+    /// [`Self::log_commit_then`] for several branches in one write (synced at
+    /// once if any of them is urgent), calling `then` once.
+    pub fn log_commits_then(
+        &self,
+        commits: Vec<(TxId, Vec<Write>, bool)>,
+        then: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        let (mut all, mut durability) = (Vec::new(), Durability::SyncedSoon);
+        for (txid, mut writes, urgent) in commits {
+            if commit(txid, &mut writes, urgent) == Durability::Synced {
+                durability = Durability::Synced;
+            }
+            all.append(&mut writes);
+        }
+        self.log.write_then(all, durability, move |written| then(written.map_err(StoreError::from)));
+    }
+
     /// Every heuristic decision recorded here, in txid order.
     pub fn heuristics(&self) -> Result<Vec<(TxId, HeuristicRecord)>, StoreError> {
         let mut out = Vec::new();
@@ -403,6 +420,34 @@ mod tests {
         );
         assert_eq!(loaded.tombstones, vec![(t1, Outcome::Committed), (t2, Outcome::Aborted)]);
         assert_eq!(log.log().get(b"k/k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// Several branches' commits in one write: each applied, its prepared
+    /// record gone and its tombstone there, the branch left out still prepared.
+    #[test]
+    fn commits_written_together_each_commit() {
+        use decree_runtime::storage::now_or_never;
+        let t = |s| TxId::new(1, 1, s);
+        let disk = decree_runtime::MemLog::new();
+        let log = BranchLog::open_on(disk.clone(), "http://c");
+        for s in 1..=4 {
+            now_or_never(log.log_prepared(t(s), &[format!("k{s}")], b"redo")).unwrap();
+        }
+        let commits = (1..=3).map(|s| (t(s), vec![Write::put(format!("k/k{s}"), "v")], s == 2)).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        log.log_commits_then(commits, move |written| tx.send(written.is_ok()).unwrap());
+        assert!(rx.recv().unwrap());
+        let log = BranchLog::open_on(disk.crash_process(), "http://c");
+        let loaded = now_or_never(log.load()).unwrap();
+        assert_eq!(loaded.prepared.iter().map(|b| b.txid).collect::<Vec<_>>(), vec![t(4)]);
+        assert_eq!(
+            loaded.tombstones,
+            vec![(t(1), Outcome::Committed), (t(2), Outcome::Committed), (t(3), Outcome::Committed)]
+        );
+        for s in 1..=4 {
+            let value = log.log().get(format!("k/k{s}").as_bytes()).unwrap();
+            assert_eq!(value, (s < 4).then(|| b"v".to_vec()), "k{s}");
+        }
     }
 
     async fn forgotten_tombstones_leave_the_disk_and_the_horizon_stays<S: Storage>(open: &impl Fn() -> S) {
