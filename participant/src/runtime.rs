@@ -415,8 +415,7 @@ impl Actor {
 
     fn execute(&mut self, commands: Vec<Command>) {
         // The commit records of branches applied on this turn, and what each does once durable.
-        let mut commits = Vec::new();
-        let mut dones: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+        let (mut commits, mut dones) = (Vec::new(), Vec::new());
         for command in commands {
             match command {
                 Command::Validate { txid, payload } => {
@@ -464,7 +463,7 @@ impl Actor {
                         match poll_now(Box::pin(applying)) {
                             Ok((writes, redo)) => {
                                 commits.push((txid, writes, one_phase));
-                                dones.push(Box::new(move || done(redo)));
+                                dones.push((done, redo));
                             }
                             Err(applying) => {
                                 tokio::spawn(async move {
@@ -627,8 +626,8 @@ impl Actor {
                 if let Err(err) = written {
                     fatal(&err);
                 }
-                for done in dones {
-                    done();
+                for (done, redo) in dones {
+                    done(redo);
                 }
             });
         }

@@ -283,12 +283,11 @@ impl<S: Storage> BranchLog<S> {
     pub fn log_commit_then(
         &self,
         txid: TxId,
-        mut writes: Vec<Write>,
+        writes: Vec<Write>,
         urgent: bool,
         then: impl FnOnce(Result<(), StoreError>) + Send + 'static,
     ) {
-        let durability = commit(txid, &mut writes, urgent);
-        self.log.write_then(writes, durability, move |written| then(written.map_err(StoreError::from)));
+        self.log_commits_then(vec![(txid, writes, urgent)], then);
     }
 
     /// [`Self::log_commit_then`] for several branches in one write (synced at
