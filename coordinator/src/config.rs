@@ -23,7 +23,8 @@ pub struct Config {
     /// Prepare deadline: votes not in by then abort the transaction.
     #[arg(long, env = "DECREE_PREPARE_TIMEOUT_MS", default_value_t = 2_000)]
     pub prepare_timeout_ms: u64,
-    /// Deadline of one Commit RPC before it counts as failed and is redelivered.
+    /// Deadline of a Commit (its RPC, or the message of the commit stream that
+    /// carried it) before it counts as failed and is redelivered.
     #[arg(long, env = "DECREE_COMMIT_TIMEOUT_MS", default_value_t = 2_000)]
     pub commit_timeout_ms: u64,
     /// An interactive transaction not committed within this idle time aborts.

@@ -25,6 +25,14 @@ const COORDINATOR_ASKED_FOR: std::time::Duration = std::time::Duration::from_sec
 /// Most commits one CommitBatch may carry.
 const MAX_COMMIT_BATCH: usize = 4096;
 
+/// The refusal of a batch of more than [`MAX_COMMIT_BATCH`] commits.
+fn too_many(request: &v1::CommitBatchRequest) -> Option<Status> {
+    (request.commits.len() > MAX_COMMIT_BATCH).then(|| {
+        let why = format!("at most {MAX_COMMIT_BATCH} commits per batch");
+        InvalidInput::Field { field: "commits", why }.into()
+    })
+}
+
 /// Most keys one Get may read.
 const MAX_GET_KEYS: usize = 10_000;
 
@@ -46,6 +54,27 @@ pub struct ParticipantService {
 }
 
 impl ParticipantService {
+    /// Phase two for many branches (a CommitBatch, or one message of a
+    /// CommitStream): each as its own Commit would be, all at once (the
+    /// engine group-commits them), answered in request order.
+    async fn commit_all(&self, request: v1::CommitBatchRequest) -> v1::CommitBatchResponse {
+        let v1::CommitBatchRequest { commits, typed_ack } = request;
+        let results = futures::future::join_all(commits.into_iter().map(|commit| {
+            let span = tracing::info_span!("commit", txid = %commit.txid, participant = %self.name);
+            decree_runtime::trace::adopt_context(&span, &commit.trace_context);
+            async move {
+                let answer = match txid(&commit.txid) {
+                    Ok(txid) => self.handle.commit(txid).await.map_err(Status::from),
+                    Err(status) => Err(status),
+                };
+                wire::commit_result(commit.txid, answer, typed_ack)
+            }
+            .instrument(span)
+        }))
+        .await;
+        v1::CommitBatchResponse { results }
+    }
+
     /// Phase one for one branch: validate, lock, make the prepared record durable, vote.
     async fn vote(&self, request: v1::PrepareRequest) -> Result<v1::PrepareResponse, Status> {
         let txid = txid(&request.txid)?;
@@ -191,26 +220,42 @@ impl Participant for ParticipantService {
         &self,
         request: Request<v1::CommitBatchRequest>,
     ) -> Result<Response<v1::CommitBatchResponse>, Status> {
-        let v1::CommitBatchRequest { commits, typed_ack } = request.into_inner();
-        if commits.len() > MAX_COMMIT_BATCH {
-            let why = format!("at most {MAX_COMMIT_BATCH} commits per batch");
-            return Err(InvalidInput::Field { field: "commits", why }.into());
+        let request = request.into_inner();
+        match too_many(&request) {
+            None => Ok(Response::new(self.commit_all(request).await)),
+            Some(status) => Err(status),
         }
-        // Each as its own Commit would be, all at once: the engine group-commits them.
-        let results = futures::future::join_all(commits.into_iter().map(|commit| {
-            let span = tracing::info_span!("commit", txid = %commit.txid, participant = %self.name);
-            decree_runtime::trace::adopt_context(&span, &commit.trace_context);
-            async move {
-                let answer = match txid(&commit.txid) {
-                    Ok(txid) => self.handle.commit(txid).await.map_err(Status::from),
-                    Err(status) => Err(status),
-                };
-                wire::commit_result(commit.txid, answer, typed_ack)
-            }
-            .instrument(span)
-        }))
-        .await;
-        Ok(Response::new(v1::CommitBatchResponse { results }))
+    }
+
+    type CommitStreamStream = decree_runtime::serve::Answers<v1::CommitBatchResponse>;
+
+    async fn commit_stream(
+        &self,
+        request: Request<tonic::Streaming<v1::CommitBatchRequest>>,
+    ) -> Result<Response<Self::CommitStreamStream>, Status> {
+        let service = self.clone();
+        // Each message as its own CommitBatch would be, concurrently: answered as each is durable.
+        let answers = decree_runtime::serve::serve_stream(
+            "commit",
+            request.into_inner(),
+            self.stopping.clone(),
+            self.max_in_progress,
+            move |request: v1::CommitBatchRequest, _early| {
+                let service = service.clone();
+                async move {
+                    match too_many(&request) {
+                        None => service.commit_all(request).await,
+                        // Refused as a whole: each commit answers the refusal, naming its txid.
+                        Some(status) => v1::CommitBatchResponse {
+                            results: (request.commits.into_iter())
+                                .map(|commit| wire::commit_result(commit.txid, Err(status.clone()), false))
+                                .collect(),
+                        },
+                    }
+                }
+            },
+        );
+        Ok(Response::new(answers))
     }
 
     async fn abort(&self, request: Request<v1::AbortRequest>) -> Result<Response<v1::AbortResponse>, Status> {

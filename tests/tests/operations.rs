@@ -737,6 +737,15 @@ fn seed_streams(participant: &str) -> Vec<(&'static str, bool, Vec<u8>)> {
             v1::PrepareRequest { txid: "0000abcd-1-9".into(), payload: put, ..Default::default() }
                 .encode_to_vec(),
         ),
+        (
+            "/decree.v1.Participant/CommitStream",
+            false,
+            v1::CommitBatchRequest {
+                commits: vec![v1::BatchedCommit { txid: "0000abcd-1-9".into(), ..Default::default() }],
+                typed_ack: true,
+            }
+            .encode_to_vec(),
+        ),
     ]
 }
 

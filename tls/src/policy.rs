@@ -101,6 +101,7 @@ const METHODS: &[(&str, &[Role])] = &[
     ("/decree.v1.Participant/PrepareStream", &[Coordinator]),
     ("/decree.v1.Participant/Commit", &[Coordinator]),
     ("/decree.v1.Participant/CommitBatch", &[Coordinator]),
+    ("/decree.v1.Participant/CommitStream", &[Coordinator]),
     ("/decree.v1.Participant/Abort", &[Coordinator]),
     ("/decree.v1.Participant/ListInDoubt", &[Operator, Observer]),
     ("/decree.v1.Participant/ListLocks", &[Operator, Observer]),

@@ -47,6 +47,7 @@ METHODS: Dict[str, FrozenSet[str]] = {
     "/decree.v1.Participant/PrepareStream": frozenset({"coordinator"}),
     "/decree.v1.Participant/Commit": frozenset({"coordinator"}),
     "/decree.v1.Participant/CommitBatch": frozenset({"coordinator"}),
+    "/decree.v1.Participant/CommitStream": frozenset({"coordinator"}),
     "/decree.v1.Participant/Abort": frozenset({"coordinator"}),
     "/decree.v1.Participant/ListInDoubt": frozenset({"operator", "observer"}),
     "/decree.v1.Participant/ListLocks": frozenset({"operator", "observer"}),
