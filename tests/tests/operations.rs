@@ -502,6 +502,51 @@ async fn a_heuristic_decision_is_refused_while_the_coordinator_knows_recorded_li
     assert!(run.stderr.contains("knows its outcome: committed"), "{}", run.stderr);
 }
 
+/// A batch of more commits than a participant takes (4,096) is refused as a
+/// whole, naming the bound, on both calls that carry batches: the CommitBatch
+/// call fails INVALID_ARGUMENT; on a CommitStream each commit of that message
+/// is answered INVALID_ARGUMENT, and the stream goes on to answer the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_commit_batch_is_refused_on_either_call_and_the_stream_goes_on() {
+    init();
+    let cluster = Cluster::start(Options::new(1)).await.unwrap();
+    let p1 = cluster.url_of(NodeId::Participant(0));
+    let channel = tonic::transport::Endpoint::from_shared(p1).unwrap().connect().await.unwrap();
+    let mut participant = v1::participant_client::ParticipantClient::new(channel);
+    let batch = |n: u64| v1::CommitBatchRequest {
+        commits: (1..=n)
+            .map(|s| v1::BatchedCommit {
+                txid: decree_client::TxId::new(77, 1, s).to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        typed_ack: true,
+    };
+    let bound = "at most 4096 commits per batch";
+
+    let status = participant.commit_batch(batch(4097)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains(bound), "{status:?}");
+
+    let (send, outbound) = tokio::sync::mpsc::unbounded_channel();
+    send.send(batch(4097)).unwrap();
+    let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
+    let mut answers = participant.commit_stream(outbound).await.unwrap().into_inner();
+    let refused = answers.message().await.unwrap().expect("an answer to the oversized message");
+    assert_eq!(refused.results.len(), 4097);
+    for result in &refused.results {
+        assert_eq!(result.code, tonic::Code::InvalidArgument as i32, "{result:?}");
+        assert!(result.message.contains(bound), "{result:?}");
+    }
+    // Commits of txids the participant never saw: done, without effect.
+    send.send(batch(2)).unwrap();
+    let next = answers.message().await.unwrap().expect("an answer to the next message");
+    let answered: Vec<(String, i32)> = next.results.into_iter().map(|r| (r.txid, r.code)).collect();
+    let want: Vec<(String, i32)> =
+        (1..=2).map(|s| (decree_client::TxId::new(77, 1, s).to_string(), 0)).collect();
+    assert_eq!(answered, want);
+}
+
 /// The rule "a hand-made decision is refused while the coordinator answers"
 /// is the participant's, not only the CLI's: a Resolve RPC sent straight to
 /// a participant is refused while its coordinator can answer for the txid,
