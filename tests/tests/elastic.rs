@@ -199,7 +199,7 @@ async fn ring_of(cluster: &Cluster) -> Routing {
 
 /// Waits until the migration in progress has moved some keys, and is not done.
 async fn until_migrating(cluster: &Cluster) {
-    decree_tests::poll(Duration::from_secs(30), "a migration in progress with keys moved", || async {
+    decree_tests::poll(Duration::from_secs(120), "a migration in progress with keys moved", || async {
         let client = cluster.client().await.ok()?;
         let ring = client.ring_status().await.ok()?;
         ring.migration.filter(|m| m.moved_keys > 0).map(|_| ())
