@@ -55,6 +55,8 @@ pub struct Refusal {
 pub struct Ownership {
     me: Arc<str>,
     state: Arc<Mutex<State>>,
+    /// Woken whenever a fence goes.
+    lifted: Arc<tokio::sync::Notify>,
 }
 
 impl Ownership {
@@ -69,7 +71,7 @@ impl Ownership {
             }
         };
         let state = State { routing, ..State::default() };
-        Ok(Ownership { me: me.into(), state: Arc::new(Mutex::new(state)) })
+        Ok(Ownership { me: me.into(), state: Arc::new(Mutex::new(state)), lifted: Default::default() })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -178,12 +180,19 @@ impl Ownership {
         self.state().fence.as_ref().map(|f| f.txid)
     }
 
+    /// Resolves once a fence goes after this call (the future is registered
+    /// when made: make it before looking at the fence, then await it).
+    pub fn fence_lifted(&self) -> tokio::sync::futures::Notified<'_> {
+        self.lifted.notified()
+    }
+
     /// The batch `txid` ended without committing here: its fence goes.
     pub fn release(&self, txid: TxId) {
         let mut state = self.state();
         if state.fence.as_ref().is_some_and(|f| f.txid == txid) {
             state.fence = None;
             state.generation += 1;
+            self.lifted.notify_waiters();
         }
     }
 
@@ -194,6 +203,7 @@ impl Ownership {
         state.routing = Some(advance(state.routing.take(), step));
         if state.fence.as_ref().is_some_and(|f| f.txid == txid) {
             state.fence = None;
+            self.lifted.notify_waiters();
         }
         state.generation += 1;
     }
@@ -300,6 +310,29 @@ mod tests {
         assert!(own.check(Some(txid(1)), &arriving).is_ok(), "the batch itself writes it");
         own.applied(txid(1), &batch);
         assert!(own.check(None, &arriving).is_ok(), "committed here: served");
+    }
+
+    /// A step waiting for an earlier batch's fence wakes when that batch
+    /// commits or ends here, not before, and not for another batch's end.
+    #[tokio::test]
+    async fn a_wait_for_the_fence_wakes_when_it_goes() {
+        let own = Ownership::load(&decree_runtime::MemLog::new(), "p1").unwrap();
+        let batch = step(Cursor::End);
+        for commits in [true, false] {
+            own.fence(txid(1), "", &batch).unwrap();
+            let lifted = own.fence_lifted();
+            tokio::pin!(lifted);
+            assert!(futures::poll!(lifted.as_mut()).is_pending(), "the fence is up");
+            own.release(txid(9));
+            assert!(futures::poll!(lifted.as_mut()).is_pending(), "another batch's end lifts nothing");
+            if commits {
+                own.applied(txid(1), &batch);
+            } else {
+                own.release(txid(1));
+            }
+            assert!(futures::poll!(lifted.as_mut()).is_ready(), "woken once the fence goes");
+            assert_eq!(own.fence_holder(), None);
+        }
     }
 
     #[test]

@@ -182,6 +182,11 @@ fn done(ops: Vec<KvOp>, step: &v1::MigrationStep, so_far: &[u8]) -> Vec<u8> {
     v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration }.encode_to_vec()
 }
 
+/// How long a step waits for the fence of an earlier batch prepared here
+/// (whose decision is on its way) to go, before it is refused. Below the
+/// coordinator's wait for a step.
+const FENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs one step of the batch `txid` here; `enlist` joins the batch's
 /// transaction at the coordinator on the first work.
 pub(crate) async fn step<F, Fut>(
@@ -201,11 +206,17 @@ where
     // range, present or not: at an old owner nothing is written behind the
     // batch's reads, at a new one nothing is served before the batch's
     // commit lands (a member joining has no ring state yet that would say so).
-    if let Err(refusal) = own.fence(txid, &step.lo, &routing) {
+    let deadline = tokio::time::Instant::now() + FENCE_WAIT;
+    loop {
+        let lifted = own.fence_lifted();
+        let Err(refusal) = own.fence(txid, &step.lo, &routing) else { break };
         match superseded(&own, txid) {
-            Some(holder) if handle.supersede(holder).await? => {
-                own.release(holder);
-                own.fence(txid, &step.lo, &routing).map_err(refused)?;
+            // An earlier batch of this coordinator that never prepared here: it can never commit.
+            Some(holder) if handle.supersede(holder).await? => own.release(holder),
+            // One prepared here: its decision is on its way (the batch before
+            // this one, its commit landing as this batch starts). Wait for it.
+            Some(_) if tokio::time::Instant::now() < deadline => {
+                let _ = tokio::time::timeout_at(deadline, lifted).await;
             }
             _ => return Err(refused(refusal)),
         }

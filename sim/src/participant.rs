@@ -480,7 +480,10 @@ impl Participant {
 
     /// A batch's step, as `decree_participant::migration::step` runs it: an
     /// OUT step puts up the fence (taking over from an older batch of the
-    /// same coordinator), then its keys are locked as the batch's work.
+    /// same coordinator), then its keys are locked as the batch's work. A
+    /// fence held by an older batch prepared here is refused at once (the
+    /// real step waits up to two seconds for its decision to land first:
+    /// that only spares the coordinator a retry, which is modelled here).
     fn step(&mut self, ctx: &mut Ctx, from: Node, rpc: u64, txid: TxId, step: v1::MigrationStep) {
         let at = self.instant(ctx.now);
         let node = self.node();
