@@ -131,7 +131,12 @@ impl Engine {
                 self.start_validating(txid, keys, work, one_phase);
             }
             Some(branch @ Branch::Active { busy: true, .. }) => {
+                // NO: the transaction aborts, and the coordinator tells only
+                // those that may hold a prepared branch, never a NO voter. So
+                // roll back here now, as every NO voter does: the keys go free
+                // (the work still running finds its branch gone).
                 self.branches.insert(txid, branch);
+                self.on_abort(txid, false);
                 self.commands
                     .push(no(Reason::InProgress, "work of this transaction is still running here".into()));
             }

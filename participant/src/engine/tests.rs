@@ -604,6 +604,41 @@ mod interactive {
         );
     }
 
+    /// The coordinator sends no Abort to a participant that voted NO: a
+    /// Prepare that finds work still running votes NO and rolls the branch
+    /// back itself, so its keys do not wait for an idle timeout.
+    #[test]
+    fn a_prepare_during_running_work_votes_no_and_frees_the_keys() {
+        let mut engine = engine();
+        let (running, waiting, other) = (tx(1), tx(2), tx(3));
+        work(&mut engine, running, 1, &["a"]);
+        // A second transaction's work waits behind `other`'s lock: busy too.
+        work(&mut engine, other, 2, &["b"]);
+        done(&mut engine, other, b"w");
+        work(&mut engine, waiting, 3, &["b"]);
+        for (txid, work_refused) in [(running, false), (waiting, true)] {
+            let prepare = Event::PrepareRequested {
+                txid,
+                keys: vec![],
+                payload: vec![],
+                one_phase: false,
+                incarnation: 2,
+                interactive: true,
+            };
+            let commands = event(&mut engine, prepare);
+            let vote = no(txid, Reason::InProgress, "work of this transaction is still running here");
+            assert_eq!(commands.last(), Some(&vote), "{commands:?}");
+            assert!(commands.contains(&Command::LogAbort { txid, prepared: false }), "{commands:?}");
+            let refused = commands.iter().any(|c| matches!(c, Command::WorkRefused { work: 3, .. }));
+            assert_eq!(refused, work_refused, "the waiting work hears it: {commands:?}");
+            assert_eq!(engine.outcome(txid), Some(Outcome::Aborted));
+        }
+        assert_eq!(engine.locks().keys().collect::<Vec<_>>(), ["b"], "only `other` holds a key");
+        done(&mut engine, running, b"late");
+        assert_eq!(engine.take_commands(), vec![], "the late work changes nothing");
+        assert_eq!(engine.locks().keys().collect::<Vec<_>>(), ["b"]);
+    }
+
     #[test]
     fn superseded_work_is_aborted_but_a_prepared_branch_is_left_to_its_decision() {
         let mut engine = engine();
