@@ -108,6 +108,30 @@ impl Client {
         }
     }
 
+    /// Aborts the interactive transaction `txid`, again while no coordinator
+    /// answers (one restarting, a group between leaders), for up to
+    /// [`crate::FAILOVER_WAIT`]: an abort repeated changes nothing, and one
+    /// that never arrives leaves the transaction's locks held until its idle
+    /// timeout.
+    async fn abort_interactive(&self, txid: &str) -> Result<(), ClientError> {
+        let request = v1::AbortTransactionRequest { txid: txid.to_owned() };
+        let deadline = tokio::time::Instant::now() + crate::FAILOVER_WAIT;
+        let mut attempt = 0;
+        loop {
+            match self.coordinator.clone().abort(request.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(status)
+                    if (crate::unanswered(&status) || crate::leader::is_not_leader(&status))
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(crate::failover_pause(attempt)).await;
+                    attempt += 1;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+    }
+
     /// Begins an interactive transaction; the coordinator aborts it if it is
     /// not committed within its default idle timeout.
     pub async fn begin(&self) -> Result<Transaction, ClientError> {
@@ -181,16 +205,15 @@ impl Transaction {
         if status.code() != tonic::Code::Aborted {
             return Err(status.into());
         }
-        // The branch is gone (a lost lock conflict): end the whole transaction now.
+        // The branch is gone (a lost lock conflict, or its enlistment failed):
+        // end the whole transaction now, so its other branches let go of their
+        // locks. The caller hears it at once; the abort reaches the coordinator
+        // as soon as one answers (it may be restarting).
         let reason = status.message().to_owned();
         let code = Reason::of_status(&status);
         self.aborted = Some((code, reason.clone()));
-        let _ = self
-            .client
-            .coordinator
-            .clone()
-            .abort(v1::AbortTransactionRequest { txid: self.txid.clone() })
-            .await;
+        let (client, txid) = (self.client.clone(), self.txid.clone());
+        tokio::spawn(async move { drop(client.abort_interactive(&txid).await) });
         Err(ClientError::Aborted { txid: self.txid.clone(), code, reason })
     }
 
@@ -252,7 +275,6 @@ impl Transaction {
         if self.aborted.is_some() {
             return Ok(());
         }
-        self.client.coordinator.clone().abort(v1::AbortTransactionRequest { txid: self.txid }).await?;
-        Ok(())
+        self.client.abort_interactive(&self.txid).await
     }
 }

@@ -407,8 +407,9 @@ impl KvService {
 
     /// Enlists this participant in `txid` with the coordinator: again, for
     /// up to [`ENLIST_WAIT`], while a replica answers that it does not lead
-    /// or none answers (a group's failover: an Enlist is idempotent, and
-    /// the next leader knows the transaction); refused, the work is too.
+    /// or none answers (a group's failover, a coordinator restarting or one
+    /// that died with the call: an Enlist is idempotent, and the next leader
+    /// or incarnation knows the transaction); refused, the work is too.
     async fn enlist(&self, txid: TxId) -> Result<(), Status> {
         let request =
             v1::EnlistRequest { txid: txid.to_string(), participant: self.name.clone(), run: self.run };
@@ -420,7 +421,7 @@ impl KvService {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(status))
                     if decree_client::leader::is_not_leader(&status)
-                        || status.code() == tonic::Code::Unavailable =>
+                        || decree_client::unanswered(&status) =>
                 {
                     status.message().to_owned()
                 }

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::init;
-use decree_client::{Client, ClientError, Outcome, Reason};
+use decree_client::{Client, ClientError, KvOp, Outcome, Reason};
 use decree_tests::{Cluster, NodeId, Options};
 use tracing::info;
 
@@ -88,6 +88,37 @@ async fn an_interactive_transaction_survives_a_coordinator_restart_and_commits_w
     assert_eq!(values[&key(1)], Some(b"7".to_vec()), "work before and after the restart");
     assert_eq!(values[&key(2)], Some(b"3".to_vec()));
     assert!(cluster.log_of(NodeId::Coordinator).contains("an interactive transaction is active again"));
+}
+
+/// An Abort sent while the coordinator is down is sent again until the
+/// restarted coordinator takes it, and the branches let go of their keys:
+/// they are not held until an idle timeout (here far longer than the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_sent_while_the_coordinator_restarts_reaches_it_and_frees_the_keys() {
+    init();
+    let mut options = options(100);
+    options.coordinator_args = vec!["--idle-timeout-ms".into(), "600000".into()];
+    let mut cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let names = cluster.participant_names();
+    let keys: Vec<String> = (0..2).map(|p| client.key_at(&names[p], "abort-").unwrap()).collect();
+    let mut tx = client.begin().await.unwrap();
+    tx.put(&keys[0], "1").await.unwrap();
+    tx.put(&keys[1], "1").await.unwrap();
+    cluster.kill(NodeId::Coordinator);
+    let abort = tokio::spawn(tx.abort());
+    cluster.restart(NodeId::Coordinator).unwrap();
+    cluster.wait_back(NodeId::Coordinator).await.unwrap();
+    tokio::time::timeout(HANG, abort).await.unwrap().unwrap().unwrap();
+    let ops: Vec<KvOp> = keys.iter().map(|k| KvOp::Put { key: k.clone(), value: b"2".to_vec() }).collect();
+    let freed = decree_tests::poll(HANG, "the aborted transaction's keys to be free", || async {
+        let result = client.transact(ops.clone()).await.ok()?;
+        (result.outcome == Outcome::Committed).then_some(())
+    })
+    .await;
+    freed.unwrap();
+    let values = client.get(&keys).await.unwrap();
+    assert!(values.values().all(|v| v.as_deref() == Some(&b"2"[..])), "{values:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
