@@ -292,6 +292,10 @@ class Coordinators:
                 attempt += 1
 
 
+#: No coordinator answered: none could be reached, or the call broke with it.
+#: Only calls that may be repeated (Abort) are sent again on these.
+_UNANSWERED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
+
 #: Refusals of a Commit that asking again cannot change.
 _DECIDED = frozenset(
     {
@@ -459,6 +463,33 @@ class Client:
                 return Result(result.txid, outcome, f"told by the group's leader after a failover ({result.reason})")
             time.sleep(0.1)
         raise OutcomeUnknown(result.txid, result.reason)
+
+    def _abort_interactive(self, txid: str) -> None:
+        """Aborts the interactive transaction ``txid``, again while no
+        coordinator answers (one restarting, a group between leaders), for up
+        to ``FAILOVER_WAIT``: an abort repeated changes nothing, and one that
+        never arrives leaves the transaction's locks held until its idle timeout."""
+        request = coordinator_pb2.AbortTransactionRequest(txid=txid)
+        deadline = time.monotonic() + FAILOVER_WAIT
+        attempt = 0
+        while True:
+            try:
+                self._ask("Abort", lambda ch: self._coordinator(ch).Abort(request, timeout=self._timeout), read=False)
+                return
+            except RpcError as err:
+                if err.code not in _UNANSWERED or time.monotonic() >= deadline:
+                    raise
+            time.sleep(min(0.02 * (2 ** min(attempt, 3)), 0.1))
+            attempt += 1
+
+    def _abort_in_background(self, txid: str) -> None:
+        def run() -> None:
+            try:
+                self._abort_interactive(txid)
+            except RpcError:
+                pass  # the coordinator's idle timeout ends it
+
+        threading.Thread(target=run, name=f"abort {txid}", daemon=True).start()
 
     def _commit_interactive(self, txid: str) -> Result:
         """Commits the interactive transaction ``txid``. One whose coordinator
@@ -654,18 +685,11 @@ class Transaction:
                     continue
                 if err.code() != grpc.StatusCode.ABORTED:
                     raise RpcError(f"Execute at {owner}", err) from None
-                # The branch is gone (a lost lock conflict): end the whole transaction now.
+                # The branch is gone (a lost lock conflict, or its enlistment failed): end the
+                # whole transaction now, so its other branches let go of their locks. The caller
+                # hears it at once; the abort reaches the coordinator once one answers.
                 self._aborted = Aborted(self.txid, err.details() or "", reason_name(code))
-                try:
-                    self._client._ask(
-                        "Abort",
-                        lambda ch: self._client._coordinator(ch).Abort(
-                            coordinator_pb2.AbortTransactionRequest(txid=self.txid), timeout=self._client._timeout
-                        ),
-                        read=False,
-                    )
-                except RpcError:
-                    pass  # the coordinator's idle timeout ends it
+                self._client._abort_in_background(self.txid)
                 raise self._aborted from None
 
     def get(self, key: str) -> Optional[bytes]:
@@ -709,13 +733,7 @@ class Transaction:
         self._done = True
         if self._aborted:
             return
-        self._client._ask(
-            "Abort",
-            lambda ch: self._client._coordinator(ch).Abort(
-                coordinator_pb2.AbortTransactionRequest(txid=self.txid), timeout=self._client._timeout
-            ),
-            read=False,
-        )
+        self._client._abort_interactive(self.txid)
 
 
 def connect(url: str, *, timeout: float = 30.0, tls: Optional[Tls] = None) -> Client:

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import os
+import threading
 
 import pytest
 
@@ -115,6 +116,24 @@ def test_an_interactive_transaction_that_raises_is_aborted(cluster):
         assert c.status(tx.txid) is decree.Outcome.ABORTED
         assert c.get("x") == b"1"
         assert c.transact(put={"x": "3"}).committed, "the key is unlocked"
+
+
+def test_an_abort_sent_while_the_coordinator_is_down_reaches_it_once_back(cluster):
+    with decree.connect(cluster.url) as c:
+        assert c.transact(put={"held": "1"}).committed
+        # An idle timeout far beyond the test: only the Abort can free the key in time.
+        tx = c.begin(timeout=600)
+        tx.put("held", "2")
+        proc = cluster.procs.pop("coordinator")
+        proc.kill()
+        proc.wait()
+        back = threading.Timer(0.3, cluster.spawn_coordinator)
+        back.start()
+        tx.abort()  # sent while the coordinator is down, again until it answers
+        back.join()
+        assert c.status(tx.txid) is decree.Outcome.ABORTED
+        wait_for("the key to be free", lambda: c.transact(put={"held": "3"}).committed)
+        assert c.get("held") == b"3"
 
 
 def test_participants_are_listed(cluster):
