@@ -415,6 +415,14 @@ async fn decree_retry_redelivers_phase_two_to_the_participants_that_owe_an_ack()
     cluster.wait_settled(Duration::from_secs(30)).await.unwrap();
     let client = cluster.client().await.unwrap();
     assert!(check::all_or_nothing(&client, "t1", &names).await.unwrap());
+    // p2 is settled once its commit is applied; the coordinator hears its ack just after.
+    let ended =
+        decree_tests::poll(Duration::from_secs(30), "phase two to end at the coordinator", || async {
+            let listed = client.transactions(Some(&result.txid), 0).await.ok()?;
+            listed.in_flight.is_empty().then_some(())
+        })
+        .await;
+    ended.unwrap();
 
     let run =
         common::decree_async(vec!["retry".into(), result.txid.clone(), "--coordinator".into(), url]).await;
