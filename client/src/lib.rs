@@ -342,14 +342,31 @@ impl Client {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let group = self.coordinators.len() > 1;
+        let lost = |status: &tonic::Status| read && group && status.code() == tonic::Code::Unavailable;
+        self.ask_again_while(client, lost, call).await
+    }
+
+    /// Sends one request to the coordinator (the group's leader), again
+    /// while a replica refuses it for not leading and while `again` says
+    /// so, for up to [`FAILOVER_WAIT`].
+    async fn ask_again_while<C, T, F, Fut>(
+        &self,
+        client: &C,
+        again: impl Fn(&tonic::Status) -> bool,
+        call: F,
+    ) -> Result<T, tonic::Status>
+    where
+        C: Clone,
+        F: Fn(C) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
         let mut attempt = 0;
         loop {
             match call(client.clone()).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status)
-                    if (leader::is_not_leader(&status)
-                        || (read && group && status.code() == tonic::Code::Unavailable))
+                    if (leader::is_not_leader(&status) || again(&status))
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(failover_pause(attempt)).await;

@@ -115,21 +115,12 @@ impl Client {
     /// timeout.
     async fn abort_interactive(&self, txid: &str) -> Result<(), ClientError> {
         let request = v1::AbortTransactionRequest { txid: txid.to_owned() };
-        let deadline = tokio::time::Instant::now() + crate::FAILOVER_WAIT;
-        let mut attempt = 0;
-        loop {
-            match self.coordinator.clone().abort(request.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(status)
-                    if (crate::unanswered(&status) || crate::leader::is_not_leader(&status))
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(crate::failover_pause(attempt)).await;
-                    attempt += 1;
-                }
-                Err(status) => return Err(status.into()),
-            }
-        }
+        self.ask_again_while(&self.coordinator, crate::unanswered, |mut c| {
+            let request = request.clone();
+            async move { c.abort(request).await }
+        })
+        .await?;
+        Ok(())
     }
 
     /// Begins an interactive transaction; the coordinator aborts it if it is

@@ -41,6 +41,10 @@ REROUTES = 60
 #: How long a request waits for a coordinator group to have a leader again.
 FAILOVER_WAIT = 15.0
 
+#: No coordinator answered: none could be reached, or the call broke with it.
+#: Only calls that may be repeated (Abort) are sent again on these.
+_UNANSWERED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
+
 
 class Outcome(str, enum.Enum):
     """A transaction's outcome, as the coordinator knows it."""
@@ -266,10 +270,12 @@ class Coordinators:
         for channel in self.channels:
             channel.close()
 
-    def ask(self, what: str, call: Callable[[grpc.Channel], T], *, read: bool) -> T:
+    def ask(self, what: str, call: Callable[[grpc.Channel], T], *, read: bool, repeatable: bool = False) -> T:
         """Sends one request to the coordinator (the group's leader): again, at
         the leader, while a replica refuses it for not leading (nothing was
-        done), and for a read to a group, while a replica cannot be reached."""
+        done); for a read to a group, while a replica cannot be reached; and
+        for a ``repeatable`` request (one sent twice changes nothing: Abort),
+        while no coordinator answers at all (one restarting, the call broken)."""
         group = len(self.urls) > 1
         deadline = time.monotonic() + FAILOVER_WAIT
         attempt = 0
@@ -279,7 +285,9 @@ class Coordinators:
                 return call(self.channels[index])
             except grpc.RpcError as err:
                 not_leader = reason_of(err) == common_pb2.REASON_NOT_LEADER
-                lost = read and group and err.code() == grpc.StatusCode.UNAVAILABLE
+                lost = (read and group and err.code() == grpc.StatusCode.UNAVAILABLE) or (
+                    repeatable and err.code() in _UNANSWERED
+                )
                 if not (not_leader or lost) or time.monotonic() > deadline:
                     raise RpcError(what, err) from None
                 hint = _metadata(err, LEADER_METADATA)
@@ -291,10 +299,6 @@ class Coordinators:
                 time.sleep(min(0.02 * (2 ** min(attempt, 4)), 0.25))
                 attempt += 1
 
-
-#: No coordinator answered: none could be reached, or the call broke with it.
-#: Only calls that may be repeated (Abort) are sent again on these.
-_UNANSWERED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
 
 #: Refusals of a Commit that asking again cannot change.
 _DECIDED = frozenset(
@@ -331,8 +335,8 @@ class Client:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _ask(self, what: str, call: Callable[[grpc.Channel], T], *, read: bool) -> T:
-        return self._group.ask(what, call, read=read)
+    def _ask(self, what: str, call: Callable[[grpc.Channel], T], *, read: bool, repeatable: bool = False) -> T:
+        return self._group.ask(what, call, read=read, repeatable=repeatable)
 
     def _coordinator(self, channel: grpc.Channel) -> coordinator_pb2_grpc.CoordinatorStub:
         return coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -470,17 +474,12 @@ class Client:
         to ``FAILOVER_WAIT``: an abort repeated changes nothing, and one that
         never arrives leaves the transaction's locks held until its idle timeout."""
         request = coordinator_pb2.AbortTransactionRequest(txid=txid)
-        deadline = time.monotonic() + FAILOVER_WAIT
-        attempt = 0
-        while True:
-            try:
-                self._ask("Abort", lambda ch: self._coordinator(ch).Abort(request, timeout=self._timeout), read=False)
-                return
-            except RpcError as err:
-                if err.code not in _UNANSWERED or time.monotonic() >= deadline:
-                    raise
-            time.sleep(min(0.02 * (2 ** min(attempt, 3)), 0.1))
-            attempt += 1
+        self._ask(
+            "Abort",
+            lambda ch: self._coordinator(ch).Abort(request, timeout=self._timeout),
+            read=False,
+            repeatable=True,
+        )
 
     def _abort_in_background(self, txid: str) -> None:
         def run() -> None:
