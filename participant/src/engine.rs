@@ -654,6 +654,11 @@ impl Engine {
                     no(Reason::AlreadyDecided, "transaction is being aborted here".into())
                 }
                 Branch::Active { .. } => {
+                    // NO, so the transaction aborts; the coordinator tells
+                    // only those that may hold a prepared branch, never a NO
+                    // voter: roll the interactive branch back here now, or
+                    // its keys stay locked until it idles out.
+                    self.on_abort(txid, false);
                     no(Reason::InProgress, "this transaction has interactive work here".into())
                 }
             };
@@ -676,6 +681,8 @@ impl Engine {
         }
         match self.locks.waiter(txid) {
             Some(waiter) if waiter.is_work() => {
+                // NO: roll back as above (the waiting work is refused).
+                self.on_abort(txid, false);
                 self.commands.push(no(
                     Reason::InProgress,
                     "interactive work of this transaction is waiting here".into(),

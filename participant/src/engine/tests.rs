@@ -640,6 +640,37 @@ mod interactive {
     }
 
     #[test]
+    fn a_one_shot_prepare_for_a_transaction_with_interactive_work_here_votes_no_and_frees_the_keys() {
+        let mut engine = engine();
+        let (active, waiting, other) = (tx(1), tx(2), tx(3));
+        work(&mut engine, active, 1, &["a"]);
+        done(&mut engine, active, b"w");
+        // A second transaction's work waits behind `other`'s lock.
+        work(&mut engine, other, 2, &["b"]);
+        done(&mut engine, other, b"w");
+        work(&mut engine, waiting, 3, &["b"]);
+        // A work has its (busy) branch from its arrival, waiting or not.
+        let why = "this transaction has interactive work here";
+        for (txid, work_refused) in [(active, false), (waiting, true)] {
+            let prepare = Event::PrepareRequested {
+                txid,
+                keys: vec!["c".into()],
+                payload: vec![],
+                one_phase: false,
+                incarnation: 2,
+                interactive: false,
+            };
+            let commands = event(&mut engine, prepare);
+            assert_eq!(commands.last(), Some(&no(txid, Reason::InProgress, why)), "{commands:?}");
+            assert!(commands.contains(&Command::LogAbort { txid, prepared: false }), "{commands:?}");
+            let refused = commands.iter().any(|c| matches!(c, Command::WorkRefused { work: 3, .. }));
+            assert_eq!(refused, work_refused, "the waiting work hears it: {commands:?}");
+            assert_eq!(engine.outcome(txid), Some(Outcome::Aborted));
+        }
+        assert_eq!(engine.locks().keys().collect::<Vec<_>>(), ["b"], "only `other` holds a key");
+    }
+
+    #[test]
     fn superseded_work_is_aborted_but_a_prepared_branch_is_left_to_its_decision() {
         let mut engine = engine();
         let (active, prepared) = (tx(1), tx(2));
