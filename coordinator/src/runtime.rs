@@ -995,11 +995,35 @@ impl Actor {
         let client = self.handle.registry.client(&participant);
         let timeout = self.handle.config.commit_timeout();
         let span = self.span_of(txid);
-        let request = traced(wire::abort_request(txid), &span);
+        let backoff = self.handle.config.redelivery();
+        let budget = self.handle.budget.clone();
+        let sent_in = span.clone();
         async move {
-            // Best effort: a participant that misses it asks, and presumed abort answers.
-            if let Err(error) = call(client, timeout, |mut c| async move { c.abort(request).await }).await {
-                debug!(%txid, %participant, %error, "abort not delivered");
+            // A prepared branch that misses it asks, and presumed abort
+            // answers; an active (unprepared) interactive branch never asks,
+            // and would hold its keys until its idle timeout. So the Abort
+            // goes again, paced as phase two's redeliveries and within the
+            // participant's retry budget, while the participant does not
+            // answer, for as long as a participant keeps an idle branch by
+            // default.
+            let until = tokio::time::Instant::now() + ABORT_REDELIVERY;
+            for attempt in 0.. {
+                let request = traced(wire::abort_request(txid), &sent_in);
+                let Err(error) = call(client.clone(), timeout, |mut c| async move { c.abort(request).await }).await
+                else {
+                    return;
+                };
+                let pause = backoff.delay(attempt, &mut rand::rng());
+                if !unanswered(&error) || tokio::time::Instant::now() + pause >= until {
+                    debug!(%txid, %participant, %error, "abort not delivered");
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                if !budget.try_take(&participant) {
+                    debug!(%txid, %participant, %error, "abort not delivered; the participant's retry budget is spent");
+                    return;
+                }
+                debug!(%txid, %participant, %error, "abort not delivered; sending it again");
             }
         }
         .instrument(span)
@@ -1082,6 +1106,27 @@ pub(crate) fn traced<T>(message: T, span: &Span) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     trace::inject(span, request.metadata_mut());
     request
+}
+
+/// How long an Abort that no participant answers is sent again: a
+/// participant's default `--idle-timeout-ms`, after which it has rolled an
+/// idle branch back by itself.
+const ABORT_REDELIVERY: Duration = Duration::from_secs(60);
+
+/// The participant did not answer (no reply in time, or the call broke):
+/// a message may be sent again. An answer, even a refusal, is final.
+fn unanswered(error: &Unanswered) -> bool {
+    match error {
+        Unanswered::Deadline => true,
+        Unanswered::Refused(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+        ),
+        Unanswered::NotEnrolled => false,
+    }
 }
 
 /// One RPC to a participant (looked up before, `None` if not enrolled), under `timeout`.

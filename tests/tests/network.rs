@@ -278,3 +278,43 @@ async fn a_client_cut_off_mid_transaction_learns_the_outcome_from_decree_status(
     let values = cluster.client().await.unwrap().get(&["cut-key".into()]).await.unwrap();
     assert_eq!(values["cut-key"].as_deref(), Some(&b"v"[..]));
 }
+
+/// An interactive transaction's branch holds a key at p1 (active, not
+/// prepared); the coordinator's link to p1 is cut when the client aborts, so
+/// its first Abort is lost. An active branch never asks for its outcome, so
+/// only a resent Abort frees the key before the participant's idle timeout
+/// (here far longer than the test): once healed, the key is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_lost_to_a_cut_link_is_sent_again_and_frees_an_active_branch() {
+    init();
+    let mut options = Options::new(2);
+    options.faults = true;
+    options.coordinator_args = common::quick_options().coordinator_args;
+    options.coordinator_args.extend(["--idle-timeout-ms", "600000"].map(String::from));
+    options.participant_args = ["--idle-timeout-ms", "600000"].map(String::from).to_vec();
+    let cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let names = cluster.participant_names();
+    let key = client.key_at(&names[0], "abort-").unwrap();
+    let mut tx = client.begin().await.unwrap();
+    tx.put(&key, "1").await.unwrap();
+    let txid = tx.txid().to_string();
+    // p1's lock table, asked on its own port, around the proxies.
+    let p1 = [cluster.url_of(NodeId::Participant(0))];
+    let holds = || async {
+        let (tables, _) = decree_client::locks_at_urls(&p1).await.unwrap();
+        tables.iter().flat_map(|t| &t.locks).any(|l| l.key == key && l.holder == txid)
+    };
+    assert!(holds().await, "the work locked the key");
+
+    info!("--- the coordinator's link to p1 is cut; the client aborts");
+    cluster.link(Link::ToParticipant(0)).set(Fault::Cut);
+    tokio::time::timeout(SETTLE, tx.abort()).await.unwrap().unwrap();
+    // The cut lasts past the Abort's deadline (500 ms): the first one is lost.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(holds().await, "no Abort reached p1 through the cut");
+
+    info!("--- healed: the Abort sent again reaches p1, which lets the key go");
+    cluster.heal_all();
+    check::unlocked(&client, &names[..1], std::slice::from_ref(&key)).await.unwrap();
+}
