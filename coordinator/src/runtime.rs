@@ -46,6 +46,8 @@ pub const ABORTS: &str = "decree_aborts_total";
 pub const LATENCY: &str = "decree_transaction_seconds";
 /// Commit redeliveries scheduled (a participant did not ack in time).
 pub const REDELIVERIES: &str = "decree_redeliveries_total";
+/// Aborts sent again because the participant did not answer the last one.
+pub const ABORTS_RESENT: &str = "decree_aborts_resent_total";
 /// Redeliveries that waited for their participant's retry budget.
 pub const REDELIVERIES_PACED: &str = "decree_redeliveries_paced_total";
 /// Committed branches whose redelivery stopped on a refusal retrying cannot
@@ -1024,6 +1026,7 @@ impl Actor {
                     return;
                 }
                 debug!(%txid, %participant, %error, "abort not delivered; sending it again");
+                metrics::counter!(ABORTS_RESENT).increment(1);
             }
         }
         .instrument(span)

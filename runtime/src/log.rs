@@ -405,7 +405,7 @@ fn run_writer(db: &Database, requests: &queue::Receiver, stats: &LogStats) {
     while requests.recv(&mut group, MAX_GROUP) {
         let gathered = group.len();
         recent.note(Instant::now(), gathered);
-        let urgent = group.iter().any(|r| r.durability == Durability::Synced);
+        let urgent = urgent(&group);
         let company = if urgent && recent.busy(Instant::now()) { recent.company() } else { MAX_GROUP };
         if !urgent && group.iter().any(|r| r.durability == Durability::SyncedSoon) {
             // Only writes that may wait: give others up to SOON to share the
@@ -424,6 +424,11 @@ fn run_writer(db: &Database, requests: &queue::Receiver, stats: &LogStats) {
             request.done.finish(result.clone());
         }
     }
+}
+
+/// Whether `group` holds a write that must be synced now.
+fn urgent(group: &[Request]) -> bool {
+    group.iter().any(|r| r.durability == Durability::Synced)
 }
 
 /// When the writer saw the last [`BUSY_GROUP`] requests arrive: the load is

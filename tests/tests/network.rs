@@ -287,10 +287,13 @@ async fn a_client_cut_off_mid_transaction_learns_the_outcome_from_decree_status(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_lost_to_a_cut_link_is_sent_again_and_frees_an_active_branch() {
     init();
+    let metrics = common::metrics_address();
     let mut options = Options::new(2);
     options.faults = true;
     options.coordinator_args = common::quick_options().coordinator_args;
-    options.coordinator_args.extend(["--idle-timeout-ms", "600000"].map(String::from));
+    options
+        .coordinator_args
+        .extend(["--idle-timeout-ms", "600000", "--metrics-listen", &metrics].map(String::from));
     options.participant_args = ["--idle-timeout-ms", "600000"].map(String::from).to_vec();
     let cluster = Cluster::start(options).await.unwrap();
     let client = cluster.client().await.unwrap();
@@ -310,8 +313,10 @@ async fn an_abort_lost_to_a_cut_link_is_sent_again_and_frees_an_active_branch() 
     info!("--- the coordinator's link to p1 is cut; the client aborts");
     cluster.link(Link::ToParticipant(0)).set(Fault::Cut);
     tokio::time::timeout(SETTLE, tx.abort()).await.unwrap().unwrap();
-    // The cut lasts past the Abort's deadline (500 ms): the first one is lost.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resent = || async { metric(&scrape(&metrics).await, "decree_aborts_resent_total") };
+    poll(SETTLE, "the Abort lost twice and sent again", || async { (resent().await >= 2.0).then_some(()) })
+        .await
+        .unwrap();
     assert!(holds().await, "no Abort reached p1 through the cut");
 
     info!("--- healed: the Abort sent again reaches p1, which lets the key go");

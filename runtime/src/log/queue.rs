@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::{Durability, LogError, Request};
+use super::{urgent, Durability, LogError, Request};
 
 /// Most requests queued before a sender must wait for room.
 const LIMIT: usize = 65_536;
@@ -175,7 +175,6 @@ impl Receiver {
         deadline: Instant,
     ) {
         let enough = enough.min(max);
-        let urgent = |group: &[Request]| group.iter().any(|r| r.durability == Durability::Synced);
         let mut state = lock(&self.0);
         loop {
             if stop_on_urgent {
