@@ -985,7 +985,7 @@ impl Actor {
     fn span_of(&self, txid: TxId) -> Span {
         match self.started.get(&txid) {
             Some(started) => started.span.clone(),
-            None => tracing::info_span!("transaction", %txid),
+            None => tracing::info_span!(target: trace::TXN, "transaction", %txid),
         }
     }
 

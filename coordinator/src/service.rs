@@ -134,7 +134,8 @@ fn decided_response(
 /// The span of a transaction's decision and phase two (its `txid` is recorded
 /// once assigned): a child of the client's trace when spans are exported.
 fn transaction_span(metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
-    let span = tracing::info_span!("transaction", txid = tracing::field::Empty);
+    let span =
+        tracing::info_span!(target: decree_runtime::trace::TXN, "transaction", txid = tracing::field::Empty);
     decree_runtime::trace::adopt(&span, metadata);
     span
 }
@@ -164,7 +165,7 @@ impl Coordinator for Service {
             self.stopping.clone(),
             self.handle.config.process.max_concurrent_streams as usize,
             move |message: v1::TransactStreamRequest, early: decree_runtime::serve::Early<_>| {
-                let span = tracing::info_span!("transaction", txid = tracing::field::Empty);
+                let span = tracing::info_span!(target: decree_runtime::trace::TXN, "transaction", txid = tracing::field::Empty);
                 decree_runtime::trace::adopt_context(&span, &message.trace_context);
                 let id = message.id;
                 // Leases are granted and taken here, as the stream is read, so in order.

@@ -60,7 +60,7 @@ impl ParticipantService {
     async fn commit_all(&self, request: v1::CommitBatchRequest) -> v1::CommitBatchResponse {
         let v1::CommitBatchRequest { commits, typed_ack } = request;
         let results = futures::future::join_all(commits.into_iter().map(|commit| {
-            let span = tracing::info_span!("commit", txid = %commit.txid, participant = %self.name);
+            let span = tracing::info_span!(target: decree_runtime::trace::TXN, "commit", txid = %commit.txid, participant = %self.name);
             decree_runtime::trace::adopt_context(&span, &commit.trace_context);
             async move {
                 let answer = match txid(&commit.txid) {
@@ -142,7 +142,7 @@ impl From<ShuttingDown> for Status {
 /// by txid, and a child of the caller's trace when spans are exported.
 macro_rules! txn_span {
     ($name:literal, $service:expr, $request:expr) => {{
-        let span = tracing::info_span!($name, txid = %$request.get_ref().txid, participant = %$service.name);
+        let span = tracing::info_span!(target: decree_runtime::trace::TXN, $name, txid = %$request.get_ref().txid, participant = %$service.name);
         decree_runtime::trace::adopt(&span, $request.metadata());
         span
     }};
@@ -176,7 +176,7 @@ impl Participant for ParticipantService {
             self.stopping.clone(),
             self.max_in_progress,
             move |request: v1::PrepareRequest, _early| {
-                let span = tracing::info_span!("prepare", txid = %request.txid, participant = %service.name);
+                let span = tracing::info_span!(target: decree_runtime::trace::TXN, "prepare", txid = %request.txid, participant = %service.name);
                 decree_runtime::trace::adopt_context(&span, &request.trace_context);
                 let service = service.clone();
                 async move {

@@ -1,9 +1,18 @@
-//! Logging and spans. Every span that belongs to a transaction carries its
-//! `txid` (so one grep of the logs finds a transaction in every process).
-//! With the `otel` feature and `--otlp-endpoint`, spans are also exported over
-//! OTLP, and the coordinator's RPCs carry W3C trace context (`traceparent`) in
-//! their metadata, so a participant's spans join the coordinator's trace: one
-//! trace shows a whole transaction.
+//! Logging and spans. Every log line about a transaction names its `txid`
+//! (so one grep of the logs finds a transaction in every process), and so
+//! does every span that belongs to one.
+//!
+//! Each transaction's work runs in spans of the target [`TXN`] (the
+//! coordinator's `transaction`; a participant's `prepare`, `commit`, `abort`,
+//! `execute`). They are made only when wanted: with the `otel` feature and
+//! `--otlp-endpoint` they are exported over OTLP, and the coordinator's RPCs
+//! carry W3C trace context (`traceparent`) in their metadata, so a
+//! participant's spans join the coordinator's trace: one trace shows a whole
+//! transaction. Otherwise they are off unless `RUST_LOG` names [`TXN`]
+//! (`RUST_LOG=info,decree::txn=info` puts each transaction's span on the
+//! lines logged inside it): a few spans per transaction in every process cost
+//! about 7 % of a busy cluster's CPU (docs/performance.md), for log lines that
+//! carry their txid anyway.
 
 use tonic::metadata::MetadataMap;
 use tracing_subscriber::layer::SubscriberExt;
@@ -15,12 +24,14 @@ use crate::serve::LogFormat;
 /// Whether this build can export spans (the `otel` feature).
 pub const EXPORT_BUILT: bool = cfg!(feature = "otel");
 
+/// The target of the spans a transaction's work runs in (see the module's text).
+pub const TXN: &str = "decree::txn";
+
 /// Installs the process's subscriber: log lines to stderr in `format`, filtered
 /// by `RUST_LOG` (default `info`), and, given an `otlp_endpoint`, span export
 /// under the service name `service`. Call [`shutdown`] before exiting.
 pub fn init(format: LogFormat, otlp_endpoint: Option<&str>, service: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = filter(std::env::var("RUST_LOG").ok().as_deref(), otlp_endpoint.is_some());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
     let fmt = match format {
         LogFormat::Text => fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).boxed(),
@@ -33,6 +44,23 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>, service: &str) -> Re
     // Already installed (a test running several servers in one process): keep it.
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(export).try_init();
     Ok(())
+}
+
+/// What `RUST_LOG` asks for (`info` if unset or unreadable), with the
+/// transactions' spans ([`TXN`]) on when `exporting` and off otherwise,
+/// unless `RUST_LOG` names them.
+fn filter(rust_log: Option<&str>, exporting: bool) -> tracing_subscriber::EnvFilter {
+    let asked = rust_log.and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok());
+    let names_txn = asked.is_some() && rust_log.is_some_and(|directives| directives.contains(TXN));
+    let filter = asked.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    if names_txn {
+        return filter;
+    }
+    let level = if exporting { "info" } else { "off" };
+    match format!("{TXN}={level}").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }
 
 /// Exports the spans not yet sent. A no-op without export.
@@ -176,5 +204,38 @@ mod export {
             let parent = TraceContextPropagator::new().extract(carrier);
             let _ = span.set_parent(parent);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// Whether a transaction's span, and another info span, are made under `filter`.
+    fn made(filter: tracing_subscriber::EnvFilter) -> (bool, bool) {
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(filter), || {
+            let txn = tracing::info_span!(target: TXN, "transaction", txid = "c0ffee00-1-1");
+            let other = tracing::info_span!("migration_batch");
+            (!txn.is_disabled(), !other.is_disabled())
+        })
+    }
+
+    #[test]
+    fn transaction_spans_are_made_only_when_exported_or_asked_for() {
+        assert_eq!(made(filter(None, false)), (false, true), "by default: off, other info spans on");
+        assert_eq!(made(filter(Some("info"), false)), (false, true), "RUST_LOG=info does not name them");
+        assert_eq!(made(filter(Some("debug"), false)), (false, true));
+        assert_eq!(made(filter(None, true)), (true, true), "exported");
+        assert_eq!(made(filter(Some("warn"), true)), (true, false), "exported, whatever the log level");
+        assert_eq!(made(filter(Some("info,decree::txn=info"), false)), (true, true), "asked for");
+        assert_eq!(made(filter(Some("warn,decree::txn=info"), false)), (true, false));
+        assert_eq!(
+            made(filter(Some("info,decree::txn=off"), true)),
+            (false, true),
+            "RUST_LOG has the last word"
+        );
+        assert_eq!(made(filter(Some("=)(not a filter"), false)), (false, true), "unreadable: info");
     }
 }
