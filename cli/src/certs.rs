@@ -1,5 +1,6 @@
 //! `decree certs`: a development CA, a certificate for each identity of a
-//! local cluster, and the policy that gives each its role.
+//! local cluster, and the policy that gives each its role; `--revoke` adds
+//! identities' certificates to the CA's revocation list.
 
 use std::path::PathBuf;
 
@@ -12,9 +13,13 @@ pub struct CertsArgs {
     /// The directory to write into (created); a CA already there signs the new certificates.
     #[arg(long, default_value = "decree-certs")]
     out: PathBuf,
-    /// Days the certificates are valid.
+    /// Days the certificates are valid (with --revoke: until the list's next-update date).
     #[arg(long, default_value_t = 365)]
     days: u32,
+    /// Revoke the certificate of this identity in --out instead (repeatable): the CA's revocation
+    /// list (--out/ca.crl, what --tls-crl takes) names it from then on; processes reload the list.
+    #[arg(long, value_name = "NAME", conflicts_with = "identities")]
+    revoke: Vec<String>,
     /// Identities, as NAME or NAME=ROLE[+ROLE...] (roles: participant, coordinator, client,
     /// operator, observer; without one it follows from the name: coordinator*, client*,
     /// operator*, observer*, else participant). Default: coordinator p1 p2 p3 client operator observer.
@@ -28,6 +33,9 @@ pub fn run(args: CertsArgs) -> Result<i32, Failure> {
     };
     if args.days == 0 {
         return Err(Failure("--days must be at least 1".into()));
+    }
+    if !args.revoke.is_empty() {
+        return revoke(&args);
     }
     let made = certs::make_valid_for(&args.out, &identities, args.days)?;
     let dir = args.out.display();
@@ -49,9 +57,12 @@ pub fn run(args: CertsArgs) -> Result<i32, Failure> {
         );
     }
     println!("  policy       {dir}/policy.toml");
+    println!("  revoked      {dir}/ca.crl  (decree certs --revoke NAME --out {dir})");
     println!();
     println!("mutual TLS for a local cluster (each process takes its own certificate and key):");
-    println!("  export DECREE_TLS_CA={dir}/ca.crt DECREE_POLICY={dir}/policy.toml");
+    println!(
+        "  export DECREE_TLS_CA={dir}/ca.crt DECREE_TLS_CRL={dir}/ca.crl DECREE_POLICY={dir}/policy.toml"
+    );
     let has = |name: &str| names.contains(&name);
     if has("coordinator") {
         println!(
@@ -72,5 +83,22 @@ pub fn run(args: CertsArgs) -> Result<i32, Failure> {
              --tls-key {dir}/client.key --put greeting=hello"
         );
     }
+    Ok(0)
+}
+
+fn revoke(args: &CertsArgs) -> Result<i32, Failure> {
+    let revoked = certs::revoke(&args.out, &args.revoke, args.days)?;
+    let dir = args.out.display();
+    for name in &args.revoke {
+        match revoked.added.contains(name) {
+            true => println!("decree certs: revoked {dir}/{name}.crt"),
+            false => println!("decree certs: {dir}/{name}.crt was revoked already"),
+        }
+    }
+    println!(
+        "  {dir}/ca.crl names {} certificate(s); processes started with --tls-crl {dir}/ca.crl \
+         refuse them at the next handshake (the list is reloaded on change or SIGHUP)",
+        revoked.listed
+    );
     Ok(0)
 }

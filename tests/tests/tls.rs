@@ -150,6 +150,60 @@ async fn each_role_reaches_its_methods_and_no_others() {
     assert!(log_of(&cluster, "coordinator").contains("TLS handshake refused"));
 }
 
+/// A certificate its CA revoked is refused at the handshake by a process
+/// given the CA's revocation list (`--tls-crl`), and the list, changed while
+/// the process runs, is taken up without a restart: the revoked client
+/// cannot commit and changes nothing while the others go on; revoking the
+/// operator's certificate then shuts it out too. Counted and logged as
+/// refused handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_and_a_new_revocation_is_taken_up_while_running() {
+    init();
+    // The shared CA's list, kept in this test's own directory.
+    let pki = shared_pki();
+    let own = tempfile::tempdir().unwrap();
+    for file in ["ca.crt", "ca.key", "client.crt", "operator.crt"] {
+        std::fs::copy(pki.join(file), own.path().join(file)).unwrap();
+    }
+    certs::revoke(own.path(), &["client".to_owned()], 30).unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let mut options = options(1);
+    options.coordinator_args = vec![
+        "--tls-crl".into(),
+        certs::crl_path(own.path()).display().to_string(),
+        "--metrics-listen".into(),
+        metrics.clone(),
+    ];
+    let cluster = Cluster::start(options).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let url = cluster.coordinator_url();
+    let result = client.transact(vec![put("r-a", "1")]).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+
+    let run = decree_as(&pki, "client", &["txn", "--coordinator", &url, "--put", "r-a=2"]).await;
+    assert_ne!(run.code, 0, "a revoked client committed: {}", run.stdout);
+    assert_eq!(value(&client, "r-a").await.as_deref(), Some("1"));
+    let run = decree_as(&pki, "operator", &["participants", "--coordinator", &url]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(log_of(&cluster, "coordinator").contains("1 certificate(s) revoked"));
+
+    certs::revoke(own.path(), &["operator".to_owned()], 30).unwrap();
+    poll(Duration::from_secs(15), "the operator's certificate refused once revoked", || async {
+        let run = decree_as(&pki, "operator", &["participants", "--coordinator", &url]).await;
+        (run.code != 0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(log_of(&cluster, "coordinator").contains("2 certificate(s) revoked"));
+    // The cluster's own traffic goes on.
+    let result = client.transact(vec![put("r-a", "3")]).await.unwrap();
+    assert_eq!(result.outcome, Outcome::Committed, "{}", result.reason);
+    let refused = metric(&scrape(&metrics).await, decree_tls::HANDSHAKES_REFUSED);
+    assert!(refused >= 2.0, "handshakes refused: {refused}");
+    let log = log_of(&cluster, "coordinator");
+    assert!(log.contains("TLS handshake refused") && log.to_lowercase().contains("revoked"), "{log}");
+}
+
 /// A participant enrolls under the name its certificate gives, and no other:
 /// p3's certificate claiming p2 is refused with PERMISSION_DENIED and the
 /// process exits 2, leaving the registry as it was.

@@ -4,15 +4,17 @@
 //! `localhost` and `127.0.0.1` (so a local URL verifies), and serves both as
 //! a server's and a client's certificate. The CA is kept in the directory
 //! and used again for names added later. A `policy.toml` beside them gives
-//! each identity its role.
+//! each identity its role, and the CA's revocation list (`ca.crl`, for
+//! `--tls-crl`) names the certificates [`revoke`]d.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
 };
+use rustls::pki_types::pem::PemObject;
 
 use crate::policy::Role;
 
@@ -78,9 +80,14 @@ pub fn policy_path(dir: &Path) -> PathBuf {
     dir.join("policy.toml")
 }
 
+/// The CA's revocation list in `dir` (what `--tls-crl` takes).
+pub fn crl_path(dir: &Path) -> PathBuf {
+    dir.join("ca.crl")
+}
+
 /// The TLS files of identity `name` in `dir`.
 pub fn files(dir: &Path, name: &str) -> crate::TlsFiles {
-    crate::TlsFiles { cert: cert_path(dir, name), key: key_path(dir, name), ca: ca_path(dir) }
+    crate::TlsFiles { cert: cert_path(dir, name), key: key_path(dir, name), ca: ca_path(dir), crl: None }
 }
 
 /// What [`make`] wrote.
@@ -118,6 +125,10 @@ pub fn make_valid_for(dir: &Path, identities: &[Identity], days: u32) -> Result<
         write(&ca_path(dir), cert.pem().as_bytes(), false)?;
         write(&ca_key_path, key.serialize_pem().as_bytes(), true)?;
         written.extend([ca_path(dir), ca_key_path.clone()]);
+        // An empty revocation list from the start: `--tls-crl` can name it before anything is revoked.
+        let issuer = Issuer::from_ca_cert_pem(&cert.pem(), &key).map_err(|e| fail("CA", &e))?;
+        write_crl(dir, &issuer, Vec::new(), 1, days)?;
+        written.push(crl_path(dir));
         key
     } else {
         let text = read(&ca_key_path)?;
@@ -143,6 +154,100 @@ pub fn make_valid_for(dir: &Path, identities: &[Identity], days: u32) -> Result<
     write_policy(&policy_path(dir), identities)?;
     written.push(policy_path(dir));
     Ok(Made { ca_created, written })
+}
+
+/// What [`revoke`] wrote.
+#[derive(Debug)]
+pub struct Revoked {
+    /// The names whose certificates it added to the list.
+    pub added: Vec<String>,
+    /// Certificates the list names now (those revoked before too).
+    pub listed: usize,
+}
+
+/// Revokes the certificates of `names` in `dir` (`NAME.crt`): writes the
+/// CA's revocation list (`ca.crl`) again, signed by the CA there, naming
+/// them beside every certificate it named before, under the next list
+/// number. Its next-update date is `days` away; a process does not hold
+/// the list to it (the list stays in force until it is replaced). A name
+/// whose certificate this CA did not sign is refused, and nothing is written.
+pub fn revoke(dir: &Path, names: &[String], days: u32) -> Result<Revoked, String> {
+    let ca_text = read(&ca_path(dir))?;
+    let ca_key_path = dir.join("ca.key");
+    let ca_key =
+        KeyPair::from_pem(&read(&ca_key_path)?).map_err(|e| format!("{}: {e}", ca_key_path.display()))?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca_text, ca_key).map_err(|e| format!("{}: {e}", ca_path(dir).display()))?;
+    let (mut revoked, number) = listed(&crl_path(dir))?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut added = Vec::new();
+    for name in names {
+        let path = cert_path(dir, name);
+        let (_, pem) = x509_parser::pem::parse_x509_pem(read(&path)?.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let cert = pem.parse_x509().map_err(|e| format!("{}: {e}", path.display()))?;
+        if !crate::signed_by(&ca_path(dir), &pem.contents).map_err(|e| e.to_string())? {
+            return Err(format!("{}: not signed by the CA in {}", path.display(), ca_path(dir).display()));
+        }
+        let serial = cert.raw_serial().to_vec();
+        if !revoked.iter().any(|(listed, _)| *listed == serial) {
+            revoked.push((serial, now));
+            added.push(name.clone());
+        }
+    }
+    let listed = revoked.len();
+    write_crl(dir, &issuer, revoked, number + 1, days)?;
+    Ok(Revoked { added, listed })
+}
+
+/// A revoked certificate's serial number and when it was revoked.
+type Entry = (Vec<u8>, time::OffsetDateTime);
+
+/// The serials (and revocation times) the list at `path` names, and its
+/// number; none and 0 if there is no list yet.
+fn listed(path: &Path) -> Result<(Vec<Entry>, u64), String> {
+    if !path.exists() {
+        return Ok((Vec::new(), 0));
+    }
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_slice(&text)
+        .map_err(|e| format!("{}: not a PEM revocation list: {e}", path.display()))?;
+    let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| format!("{}: {e}", path.display()))?;
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|r| (r.raw_serial().to_vec(), r.revocation_date.to_datetime()))
+        .collect();
+    let number = crl.crl_number().and_then(|n| n.to_u64_digits().first().copied()).unwrap_or(0);
+    Ok((revoked, number))
+}
+
+fn write_crl(
+    dir: &Path,
+    issuer: &Issuer<'_, impl rcgen::SigningKey>,
+    revoked: Vec<Entry>,
+    number: u64,
+    days: u32,
+) -> Result<(), String> {
+    let now = time::OffsetDateTime::now_utc();
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(days.max(1).into()),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .into_iter()
+            .map(|(serial, at)| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial),
+                revocation_time: at,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(issuer).map_err(|e| format!("cannot sign the revocation list: {e}"))?;
+    let pem = crl.pem().map_err(|e| format!("cannot write the revocation list: {e}"))?;
+    write(&crl_path(dir), pem.as_bytes(), false)
 }
 
 fn read(path: &Path) -> Result<String, String> {
@@ -214,6 +319,122 @@ mod tests {
         assert!(Identity::parse("x=admin").unwrap_err().contains("unknown role"));
         assert!(Identity::parse("a b").unwrap_err().contains("DNS label"));
         assert!(Identity::parse("").is_err());
+    }
+
+    /// Runs a TLS handshake in memory between `client` and `server`.
+    fn handshake(client: &crate::Tls, server: &crate::Tls) -> Result<(), String> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client.client_config(), name).map_err(|e| e.to_string())?;
+        let mut s = rustls::ServerConnection::new(server.server_config()).map_err(|e| e.to_string())?;
+        for _ in 0..10 {
+            let mut bytes = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut bytes).unwrap();
+            }
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                s.read_tls(&mut rest).unwrap();
+                s.process_new_packets().map_err(|e| format!("the server refused: {e}"))?;
+            }
+            let mut bytes = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut bytes).unwrap();
+            }
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                c.read_tls(&mut rest).unwrap();
+                c.process_new_packets().map_err(|e| format!("the client refused: {e}"))?;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err("the handshake did not end".into())
+    }
+
+    fn with_crl(dir: &Path, name: &str, crl: &Path) -> Result<std::sync::Arc<crate::Tls>, crate::TlsError> {
+        crate::Tls::load(crate::TlsFiles { crl: Some(crl.to_owned()), ..files(dir, name) })
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_at_the_handshake_in_both_directions() {
+        let dir = tempfile::tempdir().unwrap();
+        make(dir.path(), &default_identities()).unwrap();
+        let crl = crl_path(dir.path());
+        // The list the CA starts with revokes nothing.
+        let coordinator = with_crl(dir.path(), "coordinator", &crl).unwrap();
+        let client = with_crl(dir.path(), "client", &crl).unwrap();
+        handshake(&client, &coordinator).unwrap();
+        let revoked = revoke(dir.path(), &["client".to_owned()], 30).unwrap();
+        assert_eq!((revoked.added, revoked.listed), (vec!["client".to_owned()], 1));
+        assert!(coordinator.reload().unwrap().contains("1 certificate(s) revoked"));
+        // As a client of the coordinator, and as a server the coordinator calls.
+        let refused = handshake(&client, &coordinator).unwrap_err();
+        assert!(
+            refused.contains("server refused") && refused.to_lowercase().contains("revoked"),
+            "{refused}"
+        );
+        let refused = handshake(&coordinator, &client).unwrap_err();
+        assert!(
+            refused.contains("client refused") && refused.to_lowercase().contains("revoked"),
+            "{refused}"
+        );
+        // Another identity still gets in; and without the list the CA alone vouches for the client.
+        let operator = with_crl(dir.path(), "operator", &crl).unwrap();
+        handshake(&operator, &coordinator).unwrap();
+        let unlisted = crate::Tls::load(files(dir.path(), "coordinator")).unwrap();
+        handshake(&client, &unlisted).unwrap();
+        // Revoking again keeps what was listed, under the next number.
+        let again = revoke(dir.path(), &["client".to_owned(), "p1".to_owned()], 30).unwrap();
+        assert_eq!((again.added, again.listed), (vec!["p1".to_owned()], 2));
+        let (_, number) = listed(&crl).unwrap();
+        assert_eq!(number, 3, "made with 1, then 2, then 3");
+        coordinator.reload().unwrap();
+        assert!(handshake(&client, &coordinator).is_err());
+        handshake(&operator, &coordinator).unwrap();
+    }
+
+    #[test]
+    fn a_revocation_list_that_cannot_serve_is_refused_at_load_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        make(dir.path(), &default_identities()).unwrap();
+        let crl = crl_path(dir.path());
+        revoke(dir.path(), &["p2".to_owned()], 30).unwrap();
+        // This process's own certificate revoked: said at once, not at each peer's refusal.
+        let err = with_crl(dir.path(), "p2", &crl).unwrap_err().to_string();
+        assert!(err.contains("revokes this process's own certificate"), "{err}");
+        // Another CA's list: every peer's status would be unknown.
+        let other = tempfile::tempdir().unwrap();
+        make(other.path(), &[Identity::parse("client").unwrap()]).unwrap();
+        let err = with_crl(dir.path(), "p1", &crl_path(other.path())).unwrap_err().to_string();
+        assert!(err.contains("every peer would be refused"), "{err}");
+        // A certificate of another CA is not revoked here: refused, the list as it was.
+        std::fs::copy(cert_path(other.path(), "client"), cert_path(dir.path(), "stranger")).unwrap();
+        let before = std::fs::read(&crl).unwrap();
+        let err = revoke(dir.path(), &["stranger".to_owned()], 30);
+        assert!(err.as_ref().is_err_and(|e| e.contains("not signed by the CA")), "{err:?}");
+        assert_eq!(std::fs::read(&crl).unwrap(), before);
+        // Not a list at all; none in the file; a missing file.
+        let garbage = dir.path().join("garbage.crl");
+        std::fs::write(&garbage, "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n").unwrap();
+        assert!(with_crl(dir.path(), "p1", &garbage).is_err());
+        std::fs::write(&garbage, "nothing here").unwrap();
+        assert!(with_crl(dir.path(), "p1", &garbage).unwrap_err().to_string().contains("no revocation list"));
+        assert!(with_crl(dir.path(), "p1", &dir.path().join("absent.crl")).is_err());
+        // A reload that fails keeps the material in use: p2 is still refused, p3 still let in.
+        let p1 = with_crl(dir.path(), "p1", &crl).unwrap();
+        std::fs::copy(&garbage, &crl).unwrap();
+        assert!(p1.reload().is_err());
+        let p2 = crate::Tls::load(files(dir.path(), "p2")).unwrap();
+        assert!(handshake(&p2, &p1).unwrap_err().to_lowercase().contains("revoked"));
+        let p3 = crate::Tls::load(files(dir.path(), "p3")).unwrap();
+        handshake(&p3, &p1).unwrap();
+    }
+
+    #[test]
+    fn a_revocation_list_needs_the_rest_of_the_material() {
+        let args = crate::TlsArgs { tls_crl: Some("ca.crl".into()), ..Default::default() };
+        assert!(args.files().unwrap_err().contains("--tls-crl needs"));
     }
 
     #[test]

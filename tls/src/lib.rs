@@ -1,8 +1,9 @@
 //! Who may talk to a decree process, and what they may do.
 //!
-//! - [`Tls`]: this process's certificate, key and trusted CA, loaded with
-//!   rustls and reloaded on SIGHUP or when the files change; connections
-//!   already open keep the session they have, new ones get the new material.
+//! - [`Tls`]: this process's certificate, key and trusted CA (and, given one,
+//!   the CA's revocation list), loaded with rustls and reloaded on SIGHUP or
+//!   when the files change; connections already open keep the session they
+//!   have, new ones get the new material.
 //! - [`incoming`] and [`channel`]: every connection a server accepts and every
 //!   connection a process opens is mutual TLS once [`install`]ed, plaintext
 //!   otherwise. A server learns each peer's identity at the handshake
@@ -26,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
 pub use transport::{channel, connect, incoming, Conn, Peer};
 
@@ -54,15 +55,26 @@ pub struct TlsArgs {
     #[arg(long, global = true, env = "DECREE_TLS_CA", value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// Revocation lists (PEM CRLs) of the --tls-ca: a peer whose certificate one lists is refused at
+    /// the handshake, in both directions. Reloaded on SIGHUP or change (`decree certs --revoke`).
+    #[arg(long, global = true, env = "DECREE_TLS_CRL", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_crl: Option<PathBuf>,
 }
 
 impl TlsArgs {
-    /// The three files, `None` for plaintext; some but not all is refused.
+    /// The three files (and the revocation list, if given), `None` for
+    /// plaintext; some but not all three is refused, and so is a list without them.
     pub fn files(&self) -> Result<Option<TlsFiles>, String> {
+        let crl = self.tls_crl.clone();
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) if crl.is_some() => {
+                Err("--tls-crl needs --tls-cert, --tls-key and --tls-ca: it revokes certificates of that CA"
+                    .into())
+            }
             (None, None, None) => Ok(None),
             (Some(cert), Some(key), Some(ca)) => {
-                Ok(Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() }))
+                Ok(Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone(), crl }))
             }
             _ => Err("--tls-cert, --tls-key and --tls-ca go together: give all three, or none for plaintext"
                 .into()),
@@ -85,11 +97,15 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+    /// The CA's revocation lists, if any.
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
     fn paths(&self) -> Vec<PathBuf> {
-        vec![self.cert.clone(), self.key.clone(), self.ca.clone()]
+        let mut paths = vec![self.cert.clone(), self.key.clone(), self.ca.clone()];
+        paths.extend(self.crl.clone());
+        paths
     }
 }
 
@@ -101,6 +117,8 @@ pub enum TlsError {
     Invalid { path: PathBuf, what: String },
     #[error("the key {} does not go with the certificate {}: {what}", key.display(), cert.display())]
     Mismatch { cert: PathBuf, key: PathBuf, what: String },
+    #[error("{}: {what}", crl.display())]
+    Revocation { crl: PathBuf, what: String },
 }
 
 /// The material in use: rustls configurations for both directions, and what
@@ -110,6 +128,8 @@ struct Material {
     client: Arc<rustls::ClientConfig>,
     identity: Option<String>,
     expires: Option<i64>,
+    /// Certificates the revocation lists name, if lists were given.
+    revoked: Option<usize>,
 }
 
 /// A process's TLS material, reloadable.
@@ -177,10 +197,14 @@ impl Tls {
 
 fn describe(material: &Material) -> String {
     let identity = material.identity.as_deref().unwrap_or("(no DNS name: no identity)");
-    match material.expires {
+    let mut text = match material.expires {
         Some(expires) => format!("identity {identity}, certificate valid until {}", unix_to_text(expires)),
         None => format!("identity {identity}"),
+    };
+    if let Some(revoked) = material.revoked {
+        text.push_str(&format!(", {revoked} certificate(s) revoked"));
     }
+    text
 }
 
 fn record_expiry(material: &Material) {
@@ -204,15 +228,25 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let text = read(path)?;
     let invalid = |what: String| TlsError::Invalid { path: path.to_owned(), what };
-    let certs = CertificateDer::pem_slice_iter(&text)
+    pem_objects(path, "certificates", "CERTIFICATE", invalid)
+}
+
+/// The PEM blocks of one kind in `path`, at least one (`kind` and the
+/// block's `label` name them in an error).
+fn pem_objects<T: PemObject>(
+    path: &Path,
+    kind: &str,
+    label: &str,
+    invalid: impl Fn(String) -> TlsError,
+) -> Result<Vec<T>, TlsError> {
+    let objects = T::pem_slice_iter(&read(path)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(format!("not PEM certificates: {e}")))?;
-    if certs.is_empty() {
-        return Err(invalid("holds no certificate (expected -----BEGIN CERTIFICATE-----)".into()));
+        .map_err(|e| invalid(format!("not PEM {kind}: {e}")))?;
+    if objects.is_empty() {
+        return Err(invalid(format!("holds no {kind} (expected -----BEGIN {label}-----)")));
     }
-    Ok(certs)
+    Ok(objects)
 }
 
 fn load(files: &TlsFiles) -> Result<Material, TlsError> {
@@ -238,9 +272,31 @@ fn load(files: &TlsFiles) -> Result<Material, TlsError> {
         key: files.key.clone(),
         what: e.to_string(),
     };
+    let crls = match &files.crl {
+        Some(path) => revocation_lists(path)?,
+        None => Vec::new(),
+    };
+    let revoked = files.crl.as_ref().map(|_| revoked_count(&crls));
+    let verifier_error = |e: rustls::server::VerifierBuilderError| match &files.crl {
+        Some(crl) => TlsError::Revocation { crl: crl.clone(), what: e.to_string() },
+        None => TlsError::Invalid { path: files.ca.clone(), what: e.to_string() },
+    };
+    // Only a peer's own certificate is looked up in the lists (a chain's
+    // intermediates are not): its status must be known, so lists of
+    // another CA refuse every peer, which the check below finds first.
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .with_crls(crls.clone())
+        .only_check_end_entity_revocation()
         .build()
-        .map_err(|e| TlsError::Invalid { path: files.ca.clone(), what: e.to_string() })?;
+        .map_err(verifier_error)?;
+    if let Some(crl) = &files.crl {
+        check_own(&verifier, &roots, &chain, crl)?;
+    }
+    let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .build()
+        .map_err(verifier_error)?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(rustls_error(&files.cert))?
@@ -251,7 +307,7 @@ fn load(files: &TlsFiles) -> Result<Material, TlsError> {
     let mut client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(rustls_error(&files.cert))?
-        .with_root_certificates(roots)
+        .with_webpki_verifier(server_verifier)
         .with_client_auth_cert(chain.clone(), key)
         .map_err(mismatch)?;
     client.alpn_protocols = vec![b"h2".to_vec()];
@@ -265,7 +321,78 @@ fn load(files: &TlsFiles) -> Result<Material, TlsError> {
         client: Arc::new(client),
         identity: identity_of(&chain[0]),
         expires,
+        revoked,
     })
+}
+
+/// The revocation lists in `path` (PEM `X509 CRL` blocks, at least one).
+fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let invalid = |what: String| TlsError::Revocation { crl: path.to_owned(), what };
+    pem_objects(path, "revocation lists", "X509 CRL", invalid)
+}
+
+/// How many certificates `crls` revoke.
+fn revoked_count(crls: &[CertificateRevocationListDer<'_>]) -> usize {
+    crls.iter()
+        .filter_map(|crl| x509_parser::parse_x509_crl(crl).ok())
+        .map(|(_, crl)| crl.iter_revoked_certificates().count())
+        .sum()
+}
+
+/// This process's own certificate, checked as a peer would check it, with
+/// the lists and without: what fails only with them (the lists revoke it,
+/// or cannot speak for its CA, so that every peer would be refused) is
+/// refused here, with a clear error, before any peer is turned away.
+fn check_own(
+    with_lists: &Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    roots: &Arc<rustls::RootCertStore>,
+    chain: &[CertificateDer<'static>],
+    crl: &Path,
+) -> Result<(), TlsError> {
+    let now = UnixTime::now();
+    let Err(err) = with_lists.verify_client_cert(&chain[0], &chain[1..], now) else { return Ok(()) };
+    let without =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build();
+    if without.is_ok_and(|v| v.verify_client_cert(&chain[0], &chain[1..], now).is_err()) {
+        // Not the lists' business (expired, say): the handshake says so to the peer.
+        return Ok(());
+    }
+    let what = match err {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
+            "it revokes this process's own certificate".to_owned()
+        }
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownRevocationStatus) => {
+            "no list in it is signed by the CA that issued this process's certificate (--tls-ca): \
+             every peer would be refused"
+                .to_owned()
+        }
+        other => {
+            format!("every peer would be refused: this process's own certificate fails with it ({other})")
+        }
+    };
+    Err(TlsError::Revocation { crl: crl.to_owned(), what })
+}
+
+/// Whether the CA certificates in `ca` (PEM) signed `cert` (DER): its
+/// chain verifies to them, whatever else may be wrong with it (expired, say).
+#[cfg(feature = "certs")]
+pub(crate) fn signed_by(ca: &Path, cert: &[u8]) -> Result<bool, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca_cert in certificates(ca)? {
+        roots
+            .add(ca_cert)
+            .map_err(|e| TlsError::Invalid { path: ca.to_owned(), what: format!("not a CA: {e}") })?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Invalid { path: ca.to_owned(), what: e.to_string() })?;
+    let cert = CertificateDer::from(cert.to_vec());
+    Ok(!matches!(
+        verifier.verify_client_cert(&cert, &[], UnixTime::now()),
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadSignature | rustls::CertificateError::UnknownIssuer
+        ))
+    ))
 }
 
 /// A certificate's identity: the first DNS name among its subject
