@@ -634,6 +634,11 @@ impl Cluster {
                 ("DECREE_TLS_CA".to_owned(), path(&files.ca)),
                 ("DECREE_POLICY".to_owned(), path(&decree_tls::certs::policy_path(pki))),
             ]);
+            // The CA's revocation list (empty unless something was revoked): checked at every handshake.
+            let crl = decree_tls::certs::crl_path(pki);
+            if crl.exists() {
+                env.push(("DECREE_TLS_CRL".to_owned(), path(&crl)));
+            }
         }
         env.extend(
             (self.options.env_for.iter())

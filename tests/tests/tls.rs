@@ -584,6 +584,9 @@ async fn a_python_sdk_participant_and_client_speak_mutual_tls_under_the_policy()
     ];
     let done = client.transact_branches(branches).await.unwrap();
     assert_eq!(done.outcome, Outcome::Committed, "{}", done.reason);
+    // Phase two reaches the ledger after the client hears the outcome: until
+    // then its branch is (rightly) in doubt there.
+    cluster.wait_settled(Duration::from_secs(10)).await.unwrap();
 
     // The harness is client, operator and observer, not coordinator: the
     // ledger refuses it Prepare, before its handler runs, and lists its
