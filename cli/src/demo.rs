@@ -90,6 +90,19 @@ pub async fn run(args: DemoArgs) -> i32 {
     }
 }
 
+/// Worker threads for each of the demo's processes: its share of the
+/// machine's cores, which the local cluster and this process share (as
+/// `decree bench` sizes its cluster); `None` when `DECREE_WORKER_THREADS`
+/// says otherwise or each gets every core anyway.
+pub(crate) fn share_of_cores(args: &DemoArgs) -> Option<u16> {
+    if std::env::var_os("DECREE_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let participants = if args.elastic { ELASTIC_MEMBERS } else { args.participants };
+    let coordinators = if args.ha { 3 } else { 1 };
+    decree_runtime::args::share_of_cores(participants + coordinators + 1)
+}
+
 async fn demo(args: DemoArgs) -> Result<bool, String> {
     if args.participants == 0 || args.accounts < 2 || args.concurrency == 0 {
         return Err("need --participants >= 1, --accounts >= 2 and --concurrency >= 1".into());
@@ -119,6 +132,11 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         // batches make each migration long enough to kill the coordinator in one.
         options.join_first = Some(3);
         options.coordinator_args.extend(["--migration-batch-keys".into(), "32".into()]);
+    }
+    if let Some(n) = share_of_cores(&args) {
+        let flag = ["--worker-threads".to_owned(), n.to_string()];
+        options.coordinator_args.extend(flag.clone());
+        options.participant_args.extend(flag);
     }
     match args.ha {
         true => {

@@ -226,6 +226,9 @@ fn main() {
         // A local cluster's processes share this machine with the bench.
         threads.worker_threads = threads.worker_threads.or_else(|| bench::share_of_cores(args));
     }
+    if let Cmd::Demo(args) = &cli.command {
+        threads.worker_threads = threads.worker_threads.or_else(|| demo::share_of_cores(args));
+    }
     let runtime = match threads.runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
