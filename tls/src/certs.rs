@@ -400,9 +400,16 @@ mod tests {
         make(dir.path(), &default_identities()).unwrap();
         let crl = crl_path(dir.path());
         revoke(dir.path(), &["p2".to_owned()], 30).unwrap();
-        // This process's own certificate revoked: said at once, not at each peer's refusal.
+        // This process's own certificate revoked: said at once at start, not at each peer's refusal.
         let err = with_crl(dir.path(), "p2", &crl).unwrap_err().to_string();
         assert!(err.contains("revokes this process's own certificate"), "{err}");
+        // At a reload the list is taken all the same (what else it revokes is refused from then on).
+        let p3 = with_crl(dir.path(), "p3", &crl).unwrap();
+        let p1_plain = crate::Tls::load(files(dir.path(), "p1")).unwrap();
+        handshake(&p1_plain, &p3).unwrap();
+        revoke(dir.path(), &["p1".to_owned(), "p3".to_owned()], 30).unwrap();
+        assert!(p3.reload().unwrap().contains("revokes this process's own certificate"));
+        assert!(handshake(&p1_plain, &p3).unwrap_err().to_lowercase().contains("revoked"));
         // Another CA's list: every peer's status would be unknown.
         let other = tempfile::tempdir().unwrap();
         make(other.path(), &[Identity::parse("client").unwrap()]).unwrap();
@@ -421,14 +428,14 @@ mod tests {
         std::fs::write(&garbage, "nothing here").unwrap();
         assert!(with_crl(dir.path(), "p1", &garbage).unwrap_err().to_string().contains("no revocation list"));
         assert!(with_crl(dir.path(), "p1", &dir.path().join("absent.crl")).is_err());
-        // A reload that fails keeps the material in use: p2 is still refused, p3 still let in.
-        let p1 = with_crl(dir.path(), "p1", &crl).unwrap();
+        // A reload that fails keeps the material in use: p2 is still refused, the coordinator still let in.
+        let observer = with_crl(dir.path(), "observer", &crl).unwrap();
         std::fs::copy(&garbage, &crl).unwrap();
-        assert!(p1.reload().is_err());
+        assert!(observer.reload().is_err());
         let p2 = crate::Tls::load(files(dir.path(), "p2")).unwrap();
-        assert!(handshake(&p2, &p1).unwrap_err().to_lowercase().contains("revoked"));
-        let p3 = crate::Tls::load(files(dir.path(), "p3")).unwrap();
-        handshake(&p3, &p1).unwrap();
+        assert!(handshake(&p2, &observer).unwrap_err().to_lowercase().contains("revoked"));
+        let coordinator = crate::Tls::load(files(dir.path(), "coordinator")).unwrap();
+        handshake(&coordinator, &observer).unwrap();
     }
 
     #[test]

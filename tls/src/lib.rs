@@ -130,7 +130,11 @@ struct Material {
     expires: Option<i64>,
     /// Certificates the revocation lists name, if lists were given.
     revoked: Option<usize>,
+    /// The lists revoke this process's own certificate.
+    own_revoked: bool,
 }
+
+const OWN_REVOKED: &str = "it revokes this process's own certificate";
 
 /// A process's TLS material, reloadable.
 pub struct Tls {
@@ -147,15 +151,27 @@ impl std::fmt::Debug for Tls {
 impl Tls {
     /// Reads and checks the three files: a certificate, a key that goes with
     /// it, and at least one CA certificate.
+    /// A revocation list that revokes this process's own certificate is
+    /// refused here: the process would be refused by every peer that has it.
     pub fn load(files: TlsFiles) -> Result<Arc<Tls>, TlsError> {
-        let material = Arc::new(load(&files)?);
-        Ok(Arc::new(Tls { files, current: RwLock::new(material) }))
+        let material = load(&files)?;
+        if let Some(crl) = files.crl.as_ref().filter(|_| material.own_revoked) {
+            return Err(TlsError::Revocation { crl: crl.clone(), what: OWN_REVOKED.into() });
+        }
+        Ok(Arc::new(Tls { files, current: RwLock::new(Arc::new(material)) }))
     }
 
-    /// Reads the files again; on any error the material in use stays.
+    /// Reads the files again; on any error the material in use stays. A
+    /// list that now revokes this process's own certificate is taken all
+    /// the same (what else it revokes must not be let in any longer), and
+    /// said at ERROR: the process's peers refuse it from now on.
     pub fn reload(&self) -> Result<String, TlsError> {
         let material = Arc::new(load(&self.files)?);
-        let described = describe(&material);
+        let mut described = describe(&material);
+        if material.own_revoked {
+            tracing::error!(crl = ?self.files.crl, "the revocation list reloaded revokes this process's own certificate: peers refuse it");
+            described.push_str(&format!("; {OWN_REVOKED}"));
+        }
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = material;
         Ok(described)
     }
@@ -289,9 +305,10 @@ fn load(files: &TlsFiles) -> Result<Material, TlsError> {
         .only_check_end_entity_revocation()
         .build()
         .map_err(verifier_error)?;
-    if let Some(crl) = &files.crl {
-        check_own(&verifier, &roots, &chain, crl)?;
-    }
+    let own_revoked = match &files.crl {
+        Some(crl) => check_own(&verifier, &roots, &chain, crl)?,
+        None => false,
+    };
     let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
         .with_crls(crls)
         .only_check_end_entity_revocation()
@@ -322,6 +339,7 @@ fn load(files: &TlsFiles) -> Result<Material, TlsError> {
         identity: identity_of(&chain[0]),
         expires,
         revoked,
+        own_revoked,
     })
 }
 
@@ -340,27 +358,26 @@ fn revoked_count(crls: &[CertificateRevocationListDer<'_>]) -> usize {
 }
 
 /// This process's own certificate, checked as a peer would check it, with
-/// the lists and without: what fails only with them (the lists revoke it,
-/// or cannot speak for its CA, so that every peer would be refused) is
-/// refused here, with a clear error, before any peer is turned away.
+/// the lists and without: lists that fail it only because they cannot
+/// speak for its CA (so that every peer would be refused) are refused here,
+/// with a clear error, before any peer is turned away. Whether they revoke
+/// it is the answer.
 fn check_own(
     with_lists: &Arc<dyn rustls::server::danger::ClientCertVerifier>,
     roots: &Arc<rustls::RootCertStore>,
     chain: &[CertificateDer<'static>],
     crl: &Path,
-) -> Result<(), TlsError> {
+) -> Result<bool, TlsError> {
     let now = UnixTime::now();
-    let Err(err) = with_lists.verify_client_cert(&chain[0], &chain[1..], now) else { return Ok(()) };
+    let Err(err) = with_lists.verify_client_cert(&chain[0], &chain[1..], now) else { return Ok(false) };
     let without =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build();
     if without.is_ok_and(|v| v.verify_client_cert(&chain[0], &chain[1..], now).is_err()) {
         // Not the lists' business (expired, say): the handshake says so to the peer.
-        return Ok(());
+        return Ok(false);
     }
     let what = match err {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
-            "it revokes this process's own certificate".to_owned()
-        }
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => return Ok(true),
         rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownRevocationStatus) => {
             "no list in it is signed by the CA that issued this process's certificate (--tls-ca): \
              every peer would be refused"
