@@ -324,32 +324,36 @@ mod tests {
     /// Runs a TLS handshake in memory between `client` and `server`.
     fn handshake(client: &crate::Tls, server: &crate::Tls) -> Result<(), String> {
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut c = rustls::ClientConnection::new(client.client_config(), name).map_err(|e| e.to_string())?;
-        let mut s = rustls::ServerConnection::new(server.server_config()).map_err(|e| e.to_string())?;
+        let mut c: rustls::Connection =
+            rustls::ClientConnection::new(client.client_config(), name).map_err(|e| e.to_string())?.into();
+        let mut s: rustls::Connection =
+            rustls::ServerConnection::new(server.server_config()).map_err(|e| e.to_string())?.into();
         for _ in 0..10 {
-            let mut bytes = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut bytes).unwrap();
-            }
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                s.read_tls(&mut rest).unwrap();
-                s.process_new_packets().map_err(|e| format!("the server refused: {e}"))?;
-            }
-            let mut bytes = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut bytes).unwrap();
-            }
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                c.read_tls(&mut rest).unwrap();
-                c.process_new_packets().map_err(|e| format!("the client refused: {e}"))?;
-            }
+            send(&mut c, &mut s, "server")?;
+            send(&mut s, &mut c, "client")?;
             if !c.is_handshaking() && !s.is_handshaking() {
                 return Ok(());
             }
         }
         Err("the handshake did not end".into())
+    }
+
+    /// What `from` has to send, read and processed by `to` (the `receiver`'s refusal as an error).
+    fn send(
+        from: &mut rustls::Connection,
+        to: &mut rustls::Connection,
+        receiver: &str,
+    ) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut bytes).unwrap();
+        }
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets().map_err(|e| format!("the {receiver} refused: {e}"))?;
+        }
+        Ok(())
     }
 
     fn with_crl(dir: &Path, name: &str, crl: &Path) -> Result<std::sync::Arc<crate::Tls>, crate::TlsError> {
