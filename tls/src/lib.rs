@@ -272,13 +272,7 @@ fn load(files: &TlsFiles) -> Result<Material, TlsError> {
         path: files.key.clone(),
         what: format!("no private key in it ({e})"),
     })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in certificates(&files.ca)? {
-        roots
-            .add(ca)
-            .map_err(|e| TlsError::Invalid { path: files.ca.clone(), what: format!("not a CA: {e}") })?;
-    }
-    let roots = Arc::new(roots);
+    let roots = roots(&files.ca)?;
     let rustls_error = |path: &Path| {
         let path = path.to_owned();
         move |e: rustls::Error| TlsError::Invalid { path, what: e.to_string() }
@@ -343,6 +337,28 @@ fn load(files: &TlsFiles) -> Result<Material, TlsError> {
     })
 }
 
+/// The trusted CA certificates in `ca` (PEM).
+fn roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Invalid { path: ca.to_owned(), what: format!("not a CA: {e}") })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A verifier of client certificates against `roots` alone, no revocation
+/// lists (an error names `path`, the file that made it fail).
+fn plain_verifier(
+    roots: &Arc<rustls::RootCertStore>,
+    path: &Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Invalid { path: path.to_owned(), what: e.to_string() })
+}
+
 /// The revocation lists in `path` (PEM `X509 CRL` blocks, at least one).
 fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let invalid = |what: String| TlsError::Revocation { crl: path.to_owned(), what };
@@ -370,9 +386,7 @@ fn check_own(
 ) -> Result<bool, TlsError> {
     let now = UnixTime::now();
     let Err(err) = with_lists.verify_client_cert(&chain[0], &chain[1..], now) else { return Ok(false) };
-    let without =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build();
-    if without.is_ok_and(|v| v.verify_client_cert(&chain[0], &chain[1..], now).is_err()) {
+    if plain_verifier(roots, crl).is_ok_and(|v| v.verify_client_cert(&chain[0], &chain[1..], now).is_err()) {
         // Not the lists' business (expired, say): the handshake says so to the peer.
         return Ok(false);
     }
@@ -394,15 +408,7 @@ fn check_own(
 /// chain verifies to them, whatever else may be wrong with it (expired, say).
 #[cfg(feature = "certs")]
 pub(crate) fn signed_by(ca: &Path, cert: &[u8]) -> Result<bool, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca_cert in certificates(ca)? {
-        roots
-            .add(ca_cert)
-            .map_err(|e| TlsError::Invalid { path: ca.to_owned(), what: format!("not a CA: {e}") })?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| TlsError::Invalid { path: ca.to_owned(), what: e.to_string() })?;
+    let verifier = plain_verifier(&roots(ca)?, ca)?;
     let cert = CertificateDer::from(cert.to_vec());
     Ok(!matches!(
         verifier.verify_client_cert(&cert, &[], UnixTime::now()),
