@@ -15,11 +15,12 @@
 //! (the invariant checks live in the `decree-tests` crate).
 
 pub mod faults;
+pub mod ports;
 pub mod postgres;
 
 pub use faults::{Fault, FaultProxy};
+pub use ports::{free_port, free_ports, PortLease};
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -183,41 +184,6 @@ pub fn decree_binary() -> PathBuf {
     built_program("decree")
 }
 
-fn free_port() -> Result<u16> {
-    Ok(free_ports(1)?[0])
-}
-
-/// Where node ports are chosen: below Linux's ephemeral range (32768 up),
-/// so that between choosing a port and the node binding it, no outgoing
-/// connection (which takes its local port from that range) or listener on
-/// port 0 (a fault proxy's) can take it.
-const NODE_PORTS: std::ops::Range<u32> = 20_000..32_000;
-
-/// `n` distinct free ports: every listener is held until all are chosen, so
-/// the same port is never handed out twice.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let mut listeners = Vec::with_capacity(n);
-    // A start that differs per process and per call: parallel clusters rarely probe the same ports.
-    let seed =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let mut probe = seed ^ std::process::id().wrapping_mul(2_654_435_761);
-    let span = NODE_PORTS.end - NODE_PORTS.start;
-    for _ in 0..span {
-        if listeners.len() == n {
-            break;
-        }
-        probe = probe.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let port = (NODE_PORTS.start + (probe >> 8) % span) as u16;
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(listener);
-        }
-    }
-    while listeners.len() < n {
-        listeners.push(TcpListener::bind("127.0.0.1:0")?);
-    }
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
-
 /// A running cluster. Dropping it kills every process.
 pub struct Cluster {
     dir: Option<tempfile::TempDir>,
@@ -232,6 +198,9 @@ pub struct Cluster {
     /// and the clients' link to the coordinator.
     links: Vec<(FaultProxy, FaultProxy)>,
     client_link: Option<FaultProxy>,
+    /// The nodes' ports, held while the cluster lives: a node down for a
+    /// restart finds its port where it left it.
+    _leases: Vec<PortLease>,
 }
 
 /// A link of a cluster started with [`Options::faults`]; requests flow the way
@@ -285,7 +254,8 @@ impl Cluster {
                 proxy_ports.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
             }
         }
-        let mut ports = free_ports(options.participants + replicas)?.into_iter();
+        let leases = free_ports(options.participants + replicas)?;
+        let mut ports = leases.iter().map(PortLease::port);
         let mut node = |name: &str| -> Result<Node> {
             Ok(Node {
                 name: name.to_owned(),
@@ -325,6 +295,7 @@ impl Cluster {
             bootstrapped: false,
             links,
             client_link,
+            _leases: leases,
         };
         for (name, points) in cluster.options.crash_at_for.clone() {
             let node = cluster

@@ -10,13 +10,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::{free_port, HarnessError, Result};
+use crate::{free_port, HarnessError, PortLease, Result};
 
 /// A running PostgreSQL server.
 pub struct PgServer {
     dir: tempfile::TempDir,
     bin: PathBuf,
-    port: u16,
+    port: PortLease,
     as_postgres: bool,
 }
 
@@ -74,7 +74,7 @@ impl PgServer {
             .run_pg("initdb", &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_prepared_transactions={max_connections} -c max_connections={max_connections}",
-            server.port,
+            server.port(),
             server.dir.path().display()
         );
         let log = format!("{}/server.log", server.dir.path().display());
@@ -106,19 +106,19 @@ impl PgServer {
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.port.port()
     }
 
     /// The URL of the `postgres` database, for `--pg-url`.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port())
     }
 
     /// Runs `sql` with `psql` and returns its unaligned, tuples-only output, trimmed.
     pub fn psql(&self, sql: &str) -> Result<String> {
         let psql = self.bin.join("psql");
         let psql = if psql.exists() { psql } else { PathBuf::from("psql") };
-        let port = self.port.to_string();
+        let port = self.port().to_string();
         let out = run(Command::new(psql)
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres"])
             .args(["-v", "ON_ERROR_STOP=1", "-Atc", sql]))?;

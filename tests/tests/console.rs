@@ -20,13 +20,9 @@ use common::standin::{stand_in, Answer};
 use common::webdriver::Driver;
 use common::{decree_async, init, KillOnDrop};
 use decree_client::{kv_payload, v1, KvOp, Outcome};
-use decree_tests::{decree_binary, poll, Cluster, NodeId, Options};
+use decree_tests::{decree_binary, free_port, poll, Cluster, NodeId, Options};
 use serde_json::json;
 use tracing::info;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Where the screenshots go: `$DECREE_ARTIFACTS`, else next to the binaries.
 fn artefacts() -> PathBuf {
@@ -46,7 +42,7 @@ async fn cli(args: &[&str]) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_what_the_cli_says_and_acts_for_the_operator() {
     init();
-    let own_console = free_port();
+    let own_console = free_port().unwrap();
     let mut options = Options::new(3);
     options.coordinator_args =
         ["--prepare-timeout-ms", "1500", "--commit-timeout-ms", "500"].map(String::from).to_vec();
@@ -58,7 +54,7 @@ async fn the_console_shows_what_the_cli_says_and_acts_for_the_operator() {
     let shots = artefacts();
 
     info!("--- `decree console`, a process of its own (it outlives the coordinator)");
-    let port = free_port();
+    let port = free_port().unwrap();
     let log = std::fs::File::create(cluster.dir().join("console.log")).unwrap();
     let _console = KillOnDrop(
         Command::new(decree_binary())

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{decree_async, init};
 use decree_client::{v1, KvOp, Outcome, Reason};
 use decree_tests::check;
-use decree_tests::{Cluster, NodeId, Options};
+use decree_tests::{free_port, Cluster, NodeId, Options};
 use tracing::info;
 
 fn s(args: &[&str]) -> Vec<String> {
@@ -462,11 +462,6 @@ async fn leased_txids_are_used_once_and_an_outcome_query_fences_an_unused_one() 
     assert_eq!(check::balance_sum(&client, &names, 1).await.unwrap(), 0, "one transfer, whole");
 }
 
-/// A free port on 127.0.0.1 (released at once: the process started next binds it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A participant name held by a live participant is not taken by a second
 /// process from another address (it exits 2, and keys keep going to the
 /// holder); an operator's `decree participants move` gives the name to a new
@@ -490,7 +485,7 @@ async fn a_live_participants_name_is_not_taken_and_an_operator_moves_it() {
 
     info!("--- a second process named p1 is refused and exits 2; nothing changed");
     let impostor = cluster.dir().join("impostor");
-    let port = free_port();
+    let port = free_port().unwrap();
     let run = decree_async(s(&[
         "participant",
         "--name",
@@ -519,7 +514,8 @@ async fn a_live_participants_name_is_not_taken_and_an_operator_moves_it() {
     assert!(values.values().all(|v| v.as_deref() == Some(&b"2"[..])));
 
     info!("--- a move without a reason is refused; one of a name never enrolled is NOT_FOUND");
-    let target = format!("http://127.0.0.1:{}", free_port());
+    let target_port = free_port().unwrap();
+    let target = format!("http://127.0.0.1:{target_port}");
     let moving = |name: &str, reason: &str| {
         let args =
             ["participants", "move", name, "--address", &target, "--reason", reason, "--coordinator", &url];

@@ -2,10 +2,13 @@
 participants in the ring, from the `decree` binary ($DECREE_BIN, which
 `make test` sets), in a temporary directory."""
 
+import fcntl
 import os
+import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -23,10 +26,29 @@ def decree_bin() -> str:
     return binary
 
 
+# Ports leased as the Rust harness leases them (cluster/src/ports.rs): below the
+# ephemeral range, so no outgoing connection takes a port while its process is
+# down for a restart, and locked (a file per port, shared with every other
+# process choosing ports this way) for the whole session.
+_LEASES = []
+_LOCK_DIR = os.path.join(tempfile.gettempdir(), "decree-ports")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    os.makedirs(_LOCK_DIR, exist_ok=True)
+    for _ in range(2000):
+        port = random.randrange(20_000, 32_000)
+        lock = open(os.path.join(_LOCK_DIR, str(port)), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            lock.close()
+            continue
+        _LEASES.append(lock)
+        return port
+    pytest.fail("no free port between 20000 and 32000")
 
 
 def wait_for(what, probe, timeout=30.0):

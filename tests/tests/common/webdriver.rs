@@ -20,6 +20,7 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 pub struct Driver {
     child: Child,
     port: u16,
+    _lease: decree_tests::PortLease,
 }
 
 impl Drop for Driver {
@@ -32,10 +33,6 @@ impl Drop for Driver {
 pub struct Browser {
     port: u16,
     session: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One HTTP request to ChromeDriver; the `value` of its JSON answer, or its error.
@@ -91,7 +88,8 @@ impl Driver {
     pub async fn start(log: &Path) -> Driver {
         let program =
             std::env::var("DECREE_CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".to_owned());
-        let port = free_port();
+        let lease = decree_tests::free_port().unwrap();
+        let port = lease.port();
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new(&program)
             .arg(format!("--port={port}"))
@@ -102,7 +100,7 @@ impl Driver {
             .unwrap_or_else(|e| {
                 panic!("{program}: {e} (scripts/ensure-chromium.sh installs it; make test runs it)")
             });
-        let driver = Driver { child, port };
+        let driver = Driver { child, port, _lease: lease };
         let deadline = Instant::now() + Duration::from_secs(20);
         while call(port, "GET", "/status", None).await.is_err() {
             assert!(Instant::now() < deadline, "chromedriver did not answer on port {port}");
