@@ -320,6 +320,8 @@ pub(crate) fn share_of_cores(args: &BenchArgs) -> Option<u16> {
 pub(crate) struct Local {
     pub(crate) cluster: Cluster,
     pub(crate) metrics: Vec<(String, NodeId, String)>,
+    /// The metrics ports, held while the cluster runs.
+    _ports: Vec<decree_cluster::PortLease>,
 }
 
 impl Local {
@@ -343,11 +345,9 @@ impl Local {
         options.binary = Some(binary);
         options.keep_dir = args.keep;
         options.tls = tls.map(std::path::Path::to_path_buf);
-        let mut ports = Vec::new();
-        for _ in 0..args.participants + extra + coordinators {
-            ports.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
-        }
-        let addr = |i: usize| format!("127.0.0.1:{}", ports[i].local_addr().map(|a| a.port()).unwrap_or(0));
+        let ports = decree_cluster::free_ports(args.participants + extra + coordinators)
+            .map_err(|e| e.to_string())?;
+        let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
         let mut metrics = Vec::new();
         options.coordinator_args = args.coordinator_flags.clone();
         if coordinators == 1 {
@@ -376,7 +376,6 @@ impl Local {
             options.participant_args_for.push((name.clone(), vec!["--metrics-listen".into(), at.clone()]));
             metrics.push((name, NodeId::Participant(i - 1), at));
         }
-        drop(ports);
         if args.count_allocations {
             crate::alloc::start();
             for (name, _, _) in &metrics {
@@ -385,7 +384,7 @@ impl Local {
             }
         }
         let cluster = Cluster::start(options).await.map_err(|e| e.to_string())?;
-        Ok(Local { cluster, metrics })
+        Ok(Local { cluster, metrics, _ports: ports })
     }
 
     /// Per process: the counts of [`Run::per_process`].

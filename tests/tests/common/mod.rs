@@ -97,8 +97,11 @@ pub fn metric(page: &str, name: &str) -> f64 {
 
 /// A local address nothing listens on now, for a node's `--metrics-listen`.
 pub fn metrics_address() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    format!("127.0.0.1:{port}")
+    let lease = decree_tests::free_port().unwrap();
+    let address = format!("127.0.0.1:{lease}");
+    // Held until this test binary exits (a handful per binary): no other cluster is handed it.
+    std::mem::forget(lease);
+    address
 }
 
 /// The Prometheus page served at `addr`.
