@@ -525,7 +525,9 @@ fn write_group<'a>(
     }
     let mut options = WriteOptions::default();
     options.set_sync(sync);
+    let started = Instant::now();
     db.write_opt(batch, &options)?;
+    let took = started.elapsed().as_secs_f64();
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.requests.fetch_add(count, Ordering::Relaxed);
     metrics::counter!(crate::metrics::LOG_BATCHES).increment(1);
@@ -535,6 +537,8 @@ fn write_group<'a>(
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::LOG_FSYNCS).increment(1);
     }
+    let synced = if sync { "true" } else { "false" };
+    metrics::histogram!(crate::metrics::LOG_WRITE_SECONDS, "synced" => synced).record(took);
     Ok(())
 }
 

@@ -16,6 +16,9 @@ pub const LOG_BATCHES: &str = "decree_log_batches_total";
 pub const LOG_WRITES: &str = "decree_log_writes_total";
 /// Requests per write batch (the group-commit batch size).
 pub const LOG_BATCH_SIZE: &str = "decree_log_batch_requests";
+/// How long each write batch of the log took, its sync included
+/// (`synced="true"`) or not: the disk's share of a transaction's latency.
+pub const LOG_WRITE_SECONDS: &str = "decree_log_write_seconds";
 /// gRPC requests this process received (a stream counts once).
 pub const GRPC_REQUESTS: &str = "decree_grpc_requests_total";
 /// Messages this process received on its streams (TransactStream, PrepareStream).
@@ -33,6 +36,11 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
     metrics::describe_counter!(LOG_BATCHES, "write batches of the log");
     metrics::describe_counter!(LOG_WRITES, "write requests of the log");
     metrics::describe_histogram!(LOG_BATCH_SIZE, "write requests per batch (group commit)");
+    metrics::describe_histogram!(
+        LOG_WRITE_SECONDS,
+        metrics::Unit::Seconds,
+        "how long each write batch of the log took, its sync included if synced"
+    );
     metrics::describe_counter!(GRPC_REQUESTS, "gRPC requests received (a stream counts once)");
     metrics::describe_counter!(STREAM_MESSAGES, "messages received on gRPC streams");
     Ok(())

@@ -220,6 +220,10 @@ async fn metrics_move_with_the_load() {
     };
     assert!(received(&after) >= received(&before) + 21.0, "{after}");
     assert!(metric(&after, "decree_log_fsyncs_total") > metric(&before, "decree_log_fsyncs_total"));
+    // Each synced batch's time, fsync included: as many as the fsyncs, each taking some time.
+    let synced = |page: &str| metric(page, "decree_log_write_seconds_count{synced=\"true\"}");
+    assert!(synced(&after) - synced(&before) >= 1.0, "{after}");
+    assert!(metric(&after, "decree_log_write_seconds_sum{synced=\"true\"}") > 0.0, "{after}");
 }
 
 /// A cluster where transfer "t1" committed and p2 died at
