@@ -383,6 +383,10 @@ async fn the_in_doubt_gauges_rise_while_the_coordinator_is_away_and_fall_after()
     })
     .await
     .unwrap();
+    // t1's Prepare here took its time, from arrival to vote.
+    let page = scrape(&addr).await;
+    assert!(metric(&page, "decree_prepare_seconds_count") >= 1.0, "{page}");
+    assert!(metric(&page, "decree_prepare_seconds_sum") > 0.0, "{page}");
 
     info!("--- the coordinator logs one JSON object per line with --log-format json");
     let log = cluster.log_of(NodeId::Coordinator);
