@@ -81,12 +81,9 @@ fn not_started(status: &tonic::Status) -> bool {
         || Reason::of_status(status) == Reason::TxidRefused
 }
 
-/// True when no coordinator answered a call: none could be reached, or the
-/// call broke on the way (the process died with it, the connection reset).
+/// True when no coordinator answered a call (see [`decree_proto::unanswered`]).
 /// Only calls that may be repeated (Abort, Enlist) are sent again on it.
-pub fn unanswered(status: &tonic::Status) -> bool {
-    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
-}
+pub use decree_proto::unanswered;
 
 /// Maps a Transact or Commit failure, keeping the txid of an unknown outcome.
 fn decided_error(status: tonic::Status) -> ClientError {

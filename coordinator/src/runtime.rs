@@ -1121,13 +1121,7 @@ const ABORT_REDELIVERY: Duration = Duration::from_secs(60);
 fn unanswered(error: &Unanswered) -> bool {
     match error {
         Unanswered::Deadline => true,
-        Unanswered::Refused(status) => matches!(
-            status.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Cancelled
-                | tonic::Code::DeadlineExceeded
-        ),
+        Unanswered::Refused(status) => decree_proto::unanswered(status),
         Unanswered::NotEnrolled => false,
     }
 }

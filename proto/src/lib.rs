@@ -12,7 +12,7 @@ pub mod ring;
 mod txid;
 
 pub use kv::{KvOp, KEY_MAX_BYTES};
-pub use reason::Reason;
+pub use reason::{unanswered, Reason};
 pub use txid::{ParticipantName, TxId, TXID_LEASE_LIFE};
 
 /// Generated code for the `decree.v1` package.

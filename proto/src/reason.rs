@@ -141,9 +141,54 @@ impl Reason {
     }
 }
 
+/// Whether a failed call got no answer: the peer could not be reached, the
+/// call broke on the way (the process died with it, the connection reset),
+/// or no answer came in time (tonic ends a call past its timeout as
+/// `Cancelled`; grpc elsewhere, the Python SDK's or a proxy's, as
+/// `DeadlineExceeded`). Only a call that may be repeated is sent again on
+/// it; an answer, even a refusal, is final. The coordinator's phase two and
+/// Abort resends, the clients' and the participants' repeated calls all ask
+/// this.
+pub fn unanswered(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_answer_in_time_is_no_answer_and_every_refusal_is_final() {
+        use tonic::Code;
+        let none = [Code::Unavailable, Code::Unknown, Code::Cancelled, Code::DeadlineExceeded];
+        let answers = [
+            Code::Ok,
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::ResourceExhausted,
+            Code::FailedPrecondition,
+            Code::Aborted,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::DataLoss,
+            Code::Unauthenticated,
+        ];
+        for code in none {
+            assert!(unanswered(&tonic::Status::new(code, "")), "{code:?} is no answer");
+        }
+        for code in answers {
+            assert!(!unanswered(&tonic::Status::new(code, "")), "{code:?} is an answer");
+        }
+    }
 
     #[test]
     fn every_code_round_trips_and_unknown_ones_are_unspecified() {

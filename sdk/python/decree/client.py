@@ -41,9 +41,18 @@ REROUTES = 60
 #: How long a request waits for a coordinator group to have a leader again.
 FAILOVER_WAIT = 15.0
 
-#: No coordinator answered: none could be reached, or the call broke with it.
-#: Only calls that may be repeated (Abort) are sent again on these.
-_UNANSWERED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED})
+#: No coordinator answered: none could be reached, the call broke with it, or
+#: no answer came in time (grpc's own deadline; the Rust client's timeouts end a
+#: call as CANCELLED, and both clients take either as no answer). Only calls that
+#: may be repeated (Abort) are sent again on these.
+_UNANSWERED = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
 
 
 class Outcome(str, enum.Enum):

@@ -7,6 +7,7 @@ import sys
 import os
 import threading
 
+import grpc
 import pytest
 
 import decree
@@ -134,6 +135,54 @@ def test_an_abort_sent_while_the_coordinator_is_down_reaches_it_once_back(cluste
         assert c.status(tx.txid) is decree.Outcome.ABORTED
         wait_for("the key to be free", lambda: c.transact(put={"held": "3"}).committed)
         assert c.get("held") == b"3"
+
+
+class _NoAnswer(grpc.RpcError):
+    """A call that failed with ``code``, as grpc raises it."""
+
+    def __init__(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "no answer"
+
+    def trailing_metadata(self):
+        return ()
+
+
+def test_a_repeatable_call_is_sent_again_when_no_answer_came_in_time():
+    # grpc's own deadline ends a call as DEADLINE_EXCEEDED: no answer, as the Rust client takes it.
+    coordinators = decree.client.Coordinators("http://127.0.0.1:1")
+    for code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        calls = []
+
+        def call(channel):
+            calls.append(channel)
+            if len(calls) == 1:
+                raise _NoAnswer(code)
+            return "answered"
+
+        assert coordinators.ask("Abort", call, read=False, repeatable=True) == "answered", code
+        assert len(calls) == 2, code
+        # Not repeatable: the first failure is the answer.
+        calls.clear()
+        with pytest.raises(decree.RpcError):
+            coordinators.ask("Begin", call, read=False)
+        assert len(calls) == 1, code
+    # A refusal is an answer, repeatable or not.
+    calls = []
+
+    def refused(channel):
+        calls.append(channel)
+        raise _NoAnswer(grpc.StatusCode.FAILED_PRECONDITION)
+
+    with pytest.raises(decree.RpcError):
+        coordinators.ask("Abort", refused, read=False, repeatable=True)
+    assert len(calls) == 1
+    coordinators.close()
 
 
 def test_participants_are_listed(cluster):
