@@ -1,15 +1,16 @@
 //! Ports for the processes a test starts, each leased until its owner is done.
 //!
 //! A port is chosen by binding it and letting it go, so that the process
-//! started next can bind it: between the two, anything else may take it. Two
-//! things did (a node failed with "Address already in use" at its first
-//! start): another cluster of the same test binary, choosing its own ports at
-//! the same moment or while a node of this one was down for a restart, and
-//! another process running clusters (`decree bench`, `decree demo`). So a port
-//! is handed out only with a lease: an exclusive lock on a file named after
-//! it in a directory every process shares, held as long as the
-//! [`PortLease`] lives (the cluster, the PostgreSQL server, the test). The
-//! kernel lets the lock go when its process dies, whatever way it dies.
+//! started next can bind it: between the two, anything else may take it (a
+//! node failed its first start with "Address already in use"). What chooses
+//! ports in that range: another cluster of the same test binary, at the same
+//! moment or while a node of this one is down for a restart, and another
+//! process running clusters (`decree bench`, `decree demo`, the Python SDK's
+//! tests). So a port is handed out only with a lease: an exclusive lock on a
+//! file named after it in a directory every such process of the user shares,
+//! held as long as the [`PortLease`] lives (the cluster, the PostgreSQL
+//! server, the test). The kernel lets the lock go when its process dies,
+//! whatever way it dies.
 //!
 //! Ports are chosen below Linux's ephemeral range (32768 up), so that no
 //! outgoing connection (which takes its local port from that range) or
@@ -47,9 +48,12 @@ impl std::fmt::Display for PortLease {
     }
 }
 
-/// The directory of the lock files, one per port ever leased (empty files).
+/// The directory of the lock files, one per port ever leased (empty files),
+/// per user (another user's directory may not be writable).
 fn lock_dir() -> PathBuf {
-    std::env::temp_dir().join("decree-ports")
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("decree-ports-{uid}"))
 }
 
 /// The lock of `port`, if no lease holds it.

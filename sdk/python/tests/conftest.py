@@ -29,9 +29,9 @@ def decree_bin() -> str:
 # Ports leased as the Rust harness leases them (cluster/src/ports.rs): below the
 # ephemeral range, so no outgoing connection takes a port while its process is
 # down for a restart, and locked (a file per port, shared with every other
-# process choosing ports this way) for the whole session.
+# process of the user choosing ports this way) for the whole session.
 _LEASES = []
-_LOCK_DIR = os.path.join(tempfile.gettempdir(), "decree-ports")
+_LOCK_DIR = os.path.join(tempfile.gettempdir(), f"decree-ports-{os.getuid()}")
 
 
 def free_port() -> int:
