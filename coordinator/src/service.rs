@@ -156,7 +156,9 @@ impl Coordinator for Service {
         &self,
         request: Request<tonic::Streaming<v1::TransactStreamRequest>>,
     ) -> Result<Response<Self::TransactStreamStream>, Status> {
-        let service = self.clone();
+        // Shared by the stream's messages: one count to raise per message,
+        // not each of the service's handles.
+        let service = Arc::new(self.clone());
         let leases = Arc::new(Mutex::new(StreamLeases::default()));
         // Each as its own Transact would be; what is not read when the coordinator stops was not started.
         let answers = decree_runtime::serve::serve_stream(
@@ -177,7 +179,7 @@ impl Coordinator for Service {
                         Err(err) => Named::Refused(err.into()),
                     },
                 };
-                let service = service.clone();
+                let service = Arc::clone(&service);
                 async move {
                     let request = message.request.unwrap_or_default();
                     let txid = match named {

@@ -178,7 +178,9 @@ impl Participant for ParticipantService {
         &self,
         request: Request<tonic::Streaming<v1::PrepareRequest>>,
     ) -> Result<Response<Self::PrepareStreamStream>, Status> {
-        let service = self.clone();
+        // Shared by the stream's messages: one count to raise per message,
+        // not a copy of the name and each of the service's handles.
+        let service = Arc::new(self.clone());
         // Each as its own Prepare would be, concurrently: answers go out as they are ready.
         let answers = decree_runtime::serve::serve_stream(
             "prepare",
@@ -188,7 +190,7 @@ impl Participant for ParticipantService {
             move |request: v1::PrepareRequest, _early| {
                 let span = tracing::info_span!(target: decree_runtime::trace::TXN, "prepare", txid = %request.txid, participant = %service.name);
                 decree_runtime::trace::adopt_context(&span, &request.trace_context);
-                let service = service.clone();
+                let service = Arc::clone(&service);
                 async move {
                     let txid = request.txid.clone();
                     match service.vote(request).await {
@@ -243,7 +245,7 @@ impl Participant for ParticipantService {
         &self,
         request: Request<tonic::Streaming<v1::CommitBatchRequest>>,
     ) -> Result<Response<Self::CommitStreamStream>, Status> {
-        let service = self.clone();
+        let service = Arc::new(self.clone());
         // Each message as its own CommitBatch would be, concurrently: answered as each is durable.
         let answers = decree_runtime::serve::serve_stream(
             "commit",
@@ -251,7 +253,7 @@ impl Participant for ParticipantService {
             self.stopping.clone(),
             self.max_in_progress,
             move |request: v1::CommitBatchRequest, _early| {
-                let service = service.clone();
+                let service = Arc::clone(&service);
                 async move {
                     match too_many(&request) {
                         None => service.commit_all(request).await,
