@@ -19,8 +19,8 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// ChromeDriver, killed when dropped.
 pub struct Driver {
     child: Child,
-    port: u16,
-    _lease: decree_tests::PortLease,
+    /// ChromeDriver's port, held while it runs.
+    port: decree_tests::PortLease,
 }
 
 impl Drop for Driver {
@@ -100,7 +100,7 @@ impl Driver {
             .unwrap_or_else(|e| {
                 panic!("{program}: {e} (scripts/ensure-chromium.sh installs it; make test runs it)")
             });
-        let driver = Driver { child, port, _lease: lease };
+        let driver = Driver { child, port: lease };
         let deadline = Instant::now() + Duration::from_secs(20);
         while call(port, "GET", "/status", None).await.is_err() {
             assert!(Instant::now() < deadline, "chromedriver did not answer on port {port}");
@@ -121,8 +121,8 @@ impl Driver {
             },
         }}});
         let session =
-            call(self.port, "POST", "/session", Some(capabilities)).await.expect("a browser session");
-        Browser { port: self.port, session: session["sessionId"].as_str().unwrap().to_owned() }
+            call(self.port.port(), "POST", "/session", Some(capabilities)).await.expect("a browser session");
+        Browser { port: self.port.port(), session: session["sessionId"].as_str().unwrap().to_owned() }
     }
 }
 
