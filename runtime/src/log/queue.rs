@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{urgent, Durability, LogError, Request};
 
@@ -165,7 +165,8 @@ impl Receiver {
     /// Without `stop_on_urgent`, whatever is queued when the writer wakes
     /// comes along, beyond `enough` too. The writer is woken only when the
     /// queue holds what is missing or an urgent request comes, not at each
-    /// arrival.
+    /// arrival. With `pause`, it also stops once no request came for that
+    /// long: the company it waits for is not on its way.
     pub(super) fn gather(
         &self,
         group: &mut Vec<Request>,
@@ -173,9 +174,11 @@ impl Receiver {
         max: usize,
         stop_on_urgent: bool,
         deadline: Instant,
+        pause: Option<Duration>,
     ) {
         let enough = enough.min(max);
         let mut state = lock(&self.0);
+        let (mut had, mut since) = (group.len(), Instant::now());
         loop {
             if stop_on_urgent {
                 while group.len() < max && !urgent(group) {
@@ -190,12 +193,20 @@ impl Receiver {
                 return;
             }
             let now = Instant::now();
-            if now >= deadline {
+            if group.len() > had {
+                (had, since) = (group.len(), now);
+            }
+            let until = match pause {
+                Some(pause) if now >= since + pause => return,
+                Some(pause) => deadline.min(since + pause),
+                None => deadline,
+            };
+            if now >= until {
                 return;
             }
             state.wake_at = enough - group.len();
             state.wake_on_urgent = stop_on_urgent;
-            state = match self.0.arrived.wait_timeout(state, deadline - now) {
+            state = match self.0.arrived.wait_timeout(state, until - now) {
                 Ok((state, _)) => state,
                 Err(poisoned) => poisoned.into_inner().0,
             };
@@ -282,7 +293,14 @@ mod tests {
         std::thread::spawn(move || {
             let mut group = Vec::new();
             assert!(writer.recv(&mut group, 100));
-            writer.gather(&mut group, enough, 100, stop_on_urgent, Instant::now() + Duration::from_secs(30));
+            writer.gather(
+                &mut group,
+                enough,
+                100,
+                stop_on_urgent,
+                Instant::now() + Duration::from_secs(30),
+                None,
+            );
             (group, writer)
         })
     }
@@ -334,9 +352,35 @@ mod tests {
         let mut group = Vec::new();
         assert!(writer.recv(&mut group, 1));
         assert_eq!(ids(&group), [0], "no more than asked for");
-        writer.gather(&mut group, 16, 100, false, Instant::now() + Duration::from_millis(20));
+        writer.gather(&mut group, 16, 100, false, Instant::now() + Duration::from_millis(20), None);
         assert_eq!(ids(&group), [0, 1]);
         assert_eq!(wakes(&queue), 0);
+    }
+
+    #[test]
+    fn a_wait_for_company_goes_on_while_it_comes_and_ends_once_none_came_for_the_pause() {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let (queue, writer) = queue();
+        queue.try_send(request(Durability::Synced, 0, &heard)).ok().unwrap();
+        let mut group = Vec::new();
+        assert!(writer.recv(&mut group, 100));
+        // Ten more arrive 5 ms apart, each well within the pause of the one
+        // before; then nothing: the company of 100 waited for never comes.
+        let sender = {
+            let (queue, heard) = (queue.clone(), Arc::clone(&heard));
+            std::thread::spawn(move || {
+                for id in 1..=10 {
+                    std::thread::sleep(Duration::from_millis(5));
+                    queue.try_send(request(Durability::Synced, id, &heard)).ok().unwrap();
+                }
+            })
+        };
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(60);
+        writer.gather(&mut group, 100, 100, false, deadline, Some(Duration::from_secs(1)));
+        sender.join().unwrap();
+        assert_eq!(ids(&group), (0..=10).collect::<Vec<u8>>(), "every arrival within the pause came along");
+        assert!(started.elapsed() < Duration::from_secs(30), "the pause ended the wait, not the deadline");
     }
 
     #[test]
