@@ -622,8 +622,9 @@ where
 /// What [`floor`] measured, in ms.
 struct Floor {
     fsync_p50: f64,
-    /// The disk's tail: a transaction makes three synced writes in series,
-    /// so at C=1 the fsync's p99 shows in the latency's.
+    /// A lone fsync's tail. (Under several writers at once the device's
+    /// tail can be longer: a transaction makes three synced writes in
+    /// series, so at C=1 that tail shows in the latency's.)
     fsync_p99: f64,
     rtt_p50: f64,
 }

@@ -434,8 +434,8 @@ fn run_writer(db: &Database, requests: &queue::Receiver, stats: &LogStats) {
             requests.gather(&mut group, company, MAX_GROUP, false, Instant::now() + BUSY_WAIT, Some(PAUSE));
         }
         recent.note(Instant::now(), group.len() - gathered);
-        recent.grouped_after(group.len(), gathered, company);
-        recent.synced_together(group.iter().filter(|r| r.durability == Durability::Synced).count());
+        let synced = group.iter().filter(|r| r.durability == Durability::Synced).count();
+        recent.grouped_after(group.len(), gathered, company, synced);
         let result = write_batches(db, group.iter().map(|r| (&r.writes[..], r.durability)), stats);
         for request in group.drain(..) {
             request.done.finish(result.clone());
@@ -468,18 +468,18 @@ struct Arrivals {
     /// The sizes of the last [`GROUPS`] groups written.
     groups: [usize; GROUPS],
     next: usize,
-    /// How many [`Durability::Synced`] requests each of the last [`GROUPS`]
-    /// groups held.
+    /// How many [`Durability::Synced`] requests each of them held.
     synced: [usize; GROUPS],
-    next_synced: usize,
 }
 
 /// How many recent groups [`Arrivals::company`] looks back on.
 const GROUPS: usize = 4;
 
 impl Arrivals {
-    fn grouped(&mut self, size: usize) {
+    /// A group of `size` written, `synced` of them [`Durability::Synced`].
+    fn grouped(&mut self, size: usize, synced: usize) {
         self.groups[self.next % GROUPS] = size;
+        self.synced[self.next % GROUPS] = synced;
         self.next += 1;
     }
 
@@ -490,20 +490,14 @@ impl Arrivals {
     /// [`BUSY_WAIT`] at a moderate load, and their fsyncs would wait the
     /// window out (C=4: p99 3.4-4.1 ms counting only the company, 5.3-5.7
     /// counting all).
-    fn grouped_after(&mut self, size: usize, gathered: usize, company: usize) {
-        self.grouped(size.min(gathered.max(company)));
+    fn grouped_after(&mut self, size: usize, gathered: usize, company: usize, synced: usize) {
+        self.grouped(size.min(gathered.max(company)), synced);
     }
 
     /// How large a busy group waits to grow: the largest of the recent
     /// groups, at most [`BUSY_GROUP`].
     fn company(&self) -> usize {
         self.groups.iter().copied().max().unwrap_or(0).clamp(2, BUSY_GROUP)
-    }
-
-    /// A group holding `synced` requests that must be synced was written.
-    fn synced_together(&mut self, synced: usize) {
-        self.synced[self.next_synced % GROUPS] = synced;
-        self.next_synced += 1;
     }
 
     /// Whether writers are in flight at once: one of the last [`GROUPS`]
@@ -627,18 +621,17 @@ mod tests {
         // comes only once it is synced), with an unsynced one beside it.
         for i in 0..40 {
             recent.note(at(i * 100), 2);
-            recent.grouped_after(2, 2, MAX_GROUP);
-            recent.synced_together(1);
+            recent.grouped_after(2, 2, MAX_GROUP, 1);
         }
         assert!(recent.busy(at(4_000)), "the rate is high");
         assert!(!recent.concurrent(), "but no two synced writes were ever queued together");
         // Two writers in flight: one group holds two synced writes.
-        recent.synced_together(2);
+        recent.grouped_after(3, 3, MAX_GROUP, 2);
         assert!(recent.concurrent());
         // Four groups later, alone again: no longer.
         for _ in 0..GROUPS {
             assert!(recent.concurrent());
-            recent.synced_together(1);
+            recent.grouped_after(2, 2, MAX_GROUP, 1);
         }
         assert!(!recent.concurrent());
     }
@@ -663,14 +656,14 @@ mod tests {
         let mut recent = Arrivals::default();
         assert_eq!(recent.company(), 2, "at least one more");
         for size in [6, 9, 7, 8] {
-            recent.grouped(size);
+            recent.grouped(size, 1);
         }
         assert_eq!(recent.company(), 9, "the largest of the last four");
         for size in [3, 3, 3, 3] {
-            recent.grouped(size);
+            recent.grouped(size, 1);
         }
         assert_eq!(recent.company(), 3, "the 9 is four groups back");
-        recent.grouped(40);
+        recent.grouped(40, 1);
         assert_eq!(recent.company(), BUSY_GROUP, "never more than a full group");
     }
 
@@ -678,12 +671,12 @@ mod tests {
     fn what_rides_along_a_busy_group_does_not_raise_the_company_later_ones_wait_for() {
         let mut recent = Arrivals::default();
         for _ in 0..GROUPS {
-            recent.grouped_after(12, 1, 3);
+            recent.grouped_after(12, 1, 3, 1);
         }
         assert_eq!(recent.company(), 3, "waited for 3: the 9 that came along are not company to wait for");
-        recent.grouped_after(12, 7, 3);
+        recent.grouped_after(12, 7, 3, 1);
         assert_eq!(recent.company(), 7, "what was queued when the writer woke counts");
-        recent.grouped_after(9, 9, MAX_GROUP);
+        recent.grouped_after(9, 9, MAX_GROUP, 1);
         assert_eq!(recent.company(), 9, "a group that waited for none counts whole");
     }
 
