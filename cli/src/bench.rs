@@ -634,6 +634,12 @@ impl Floor {
     fn ms(&self) -> f64 {
         2.0 * self.fsync_p50 + 2.0 * self.rtt_p50
     }
+
+    /// A coordinator group's, `2F + 3R`: a decision is durable once a
+    /// follower's fsync has answered, one round trip more.
+    fn group_ms(&self) -> f64 {
+        2.0 * self.fsync_p50 + 3.0 * self.rtt_p50
+    }
 }
 
 /// The floor, measured now: fsyncs of a 4 KiB write in `dir` (1,000, or as
@@ -817,10 +823,12 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         None => std::env::temp_dir(),
     };
     let measured = floor(&probe_dir, &client).await?;
-    let (fsync_ms, rtt_ms, floor_ms) = (measured.fsync_p50, measured.rtt_p50, measured.ms());
     say(format!(
-        "floor: fsync p50 {fsync_ms:.3} ms (p99 {:.3}), round trip p50 {rtt_ms:.3} ms -> 2F + 2R = {floor_ms:.3} ms",
-        measured.fsync_p99
+        "floor: fsync p50 {:.3} ms (p99 {:.3}), round trip p50 {:.3} ms -> 2F + 2R = {:.3} ms",
+        measured.fsync_p50,
+        measured.fsync_p99,
+        measured.rtt_p50,
+        measured.ms()
     ));
 
     if !args.scale_at.is_empty() {
@@ -893,12 +901,11 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         }
         say("balances: sum 0, as seeded".into());
     }
-    let mut out = ours.to_json(floor_ms);
+    let mut out = ours.to_json(measured.ms());
     if group {
         out["coordinators"] = json!(args.coordinators);
-        // A decision is durable once a follower holds it too: one round trip more.
-        out["group_floor_ms"] = json!(round(2.0 * fsync_ms + 3.0 * rtt_ms));
-        out["single"] = alone.to_json(floor_ms);
+        out["group_floor_ms"] = json!(round(measured.group_ms()));
+        out["single"] = alone.to_json(measured.ms());
         out["group_vs_single"] = json!(round(ours.tx_per_s() / alone.tx_per_s().max(1e-9)));
     }
     if let Some(failovers) = failovers {
@@ -908,19 +915,19 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         out["tls"] = json!(true);
     }
     if plaintext.is_some() {
-        out["plaintext"] = plain.to_json(floor_ms);
+        out["plaintext"] = plain.to_json(measured.ms());
         out["tls_vs_plaintext"] = json!(round(ours.tx_per_s() / plain.tx_per_s().max(1e-9)));
     }
     out["workload"] = json!(format!("{:?}", args.workload).to_lowercase());
     out["participants"] = json!(args.participants);
     out["concurrency"] = json!(if args.rate.is_some() { Value::Null } else { json!(args.concurrency) });
     out["rate"] = json!(args.rate);
-    out["fsync_p50_ms"] = json!(round(fsync_ms));
+    out["fsync_p50_ms"] = json!(round(measured.fsync_p50));
     out["fsync_p99_ms"] = json!(round(measured.fsync_p99));
-    out["rtt_p50_ms"] = json!(round(rtt_ms));
+    out["rtt_p50_ms"] = json!(round(measured.rtt_p50));
     out["worker_threads"] = json!(share_of_cores(&args));
     if baseline.is_some() {
-        out["baseline"] = theirs.to_json(floor_ms);
+        out["baseline"] = theirs.to_json(measured.ms());
         out["ratio"] = json!(round(ours.tx_per_s() / theirs.tx_per_s().max(1e-9)));
     }
     if args.json {
