@@ -120,7 +120,7 @@ pub(crate) enum Request {
 /// How far beyond the issued sequence an outcome query may ask (and fence).
 const FAR_AHEAD: u64 = 1 << 32;
 
-/// Most events the actor takes in one turn before it executes their commands.
+/// Most events (or requests) the actor takes in one turn before it executes their commands.
 const EVENTS_PER_TURN: usize = 256;
 
 /// How many of `commands` `message` picks for the transaction of the first it picks.
@@ -571,7 +571,15 @@ impl Actor {
                     }
                 }
                 request = requests.recv() => match request {
-                    Some(request) => self.on_request(request),
+                    // A burst (a TransactStream's transactions, read together) is
+                    // taken in one turn: its Prepares go out together.
+                    Some(request) => {
+                        self.on_request(request);
+                        for _ in 1..EVENTS_PER_TURN {
+                            let Ok(request) = requests.try_recv() else { break };
+                            self.on_request(request);
+                        }
+                    }
                     None => break,
                 },
                 () = &mut sleep, if sleeping_until.is_some() => sleeping_until = None,
