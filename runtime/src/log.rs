@@ -428,6 +428,7 @@ fn run_writer(db: &Database, requests: &queue::Receiver, stats: &LogStats) {
             requests.gather(&mut group, MAX_GROUP, MAX_GROUP, true, Instant::now() + SOON, None);
         } else if company < MAX_GROUP {
             stats.company_waits.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::LOG_COMPANY_WAITS).increment(1);
             // Writes arrive fast enough: wait for company to share the fsync,
             // as many as recent groups held (the writers in flight come back
             // about once a cycle; fewer than BUSY_GROUP of them never fill it).

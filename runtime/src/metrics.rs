@@ -19,6 +19,9 @@ pub const LOG_BATCH_SIZE: &str = "decree_log_batch_requests";
 /// How long each write batch of the log took, its sync included
 /// (`synced="true"`) or not: the disk's share of a transaction's latency.
 pub const LOG_WRITE_SECONDS: &str = "decree_log_write_seconds";
+/// Synced write batches that waited for company to share their fsync
+/// (group commit under load, docs/architecture.md).
+pub const LOG_COMPANY_WAITS: &str = "decree_log_company_waits_total";
 /// gRPC requests this process received (a stream counts once).
 pub const GRPC_REQUESTS: &str = "decree_grpc_requests_total";
 /// Messages this process received on its streams (TransactStream, PrepareStream).
@@ -36,6 +39,12 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
     metrics::describe_counter!(LOG_BATCHES, "write batches of the log");
     metrics::describe_counter!(LOG_WRITES, "write requests of the log");
     metrics::describe_histogram!(LOG_BATCH_SIZE, "write requests per batch (group commit)");
+    metrics::describe_counter!(
+        LOG_COMPANY_WAITS,
+        "synced write batches that waited for company (group commit)"
+    );
+    // Shown from the start, 0 until a group waits.
+    metrics::counter!(LOG_COMPANY_WAITS).increment(0);
     metrics::describe_histogram!(
         LOG_WRITE_SECONDS,
         metrics::Unit::Seconds,

@@ -224,6 +224,8 @@ async fn metrics_move_with_the_load() {
     let synced = |page: &str| metric(page, "decree_log_write_seconds_count{synced=\"true\"}");
     assert!(synced(&after) - synced(&before) >= 1.0, "{after}");
     assert!(metric(&after, "decree_log_write_seconds_sum{synced=\"true\"}") > 0.0, "{after}");
+    // One client, one transaction at a time: no group ever waits for company.
+    assert!(after.lines().any(|l| l == "decree_log_company_waits_total 0"), "{after}");
 }
 
 /// A cluster where transfer "t1" committed and p2 died at
