@@ -120,8 +120,8 @@ pub(crate) enum Request {
 /// How far beyond the issued sequence an outcome query may ask (and fence).
 const FAR_AHEAD: u64 = 1 << 32;
 
-/// Most events (or requests) the actor takes in one turn before it executes their commands.
-const EVENTS_PER_TURN: usize = 256;
+/// Most events, or requests, the actor takes in one turn before it executes their commands.
+const PER_TURN: usize = 256;
 
 /// How many of `commands` `message` picks for the transaction of the first it picks.
 fn first_fanout(commands: &[Command], message: impl Fn(&Command) -> Option<TxId>) -> usize {
@@ -565,7 +565,7 @@ impl Actor {
                     self.on_event(event);
                     // A burst (a CommitBatch's acks, one event each) is taken in one
                     // turn: its commands are executed together, its end records in one write.
-                    for _ in 1..EVENTS_PER_TURN {
+                    for _ in 1..PER_TURN {
                         let Ok(event) = events.try_recv() else { break };
                         self.on_event(event);
                     }
@@ -575,7 +575,7 @@ impl Actor {
                     // taken in one turn: its Prepares go out together.
                     Some(request) => {
                         self.on_request(request);
-                        for _ in 1..EVENTS_PER_TURN {
+                        for _ in 1..PER_TURN {
                             let Ok(request) = requests.try_recv() else { break };
                             self.on_request(request);
                         }
