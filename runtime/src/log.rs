@@ -202,6 +202,8 @@ pub struct LogStats {
 /// The database, and a signal that it closed: the sender goes with it.
 struct Database {
     db: DB,
+    /// The log's metrics, looked up once (see [`Meters`]).
+    meters: Meters,
     /// A write failed: every later one fails too (see [`LogError::Poisoned`]).
     poisoned: AtomicBool,
     /// Dropped right after `db` (fields drop in order): receivers see it closed.
@@ -284,7 +286,12 @@ impl Log {
                 _ => LogError::Rocks(why),
             }
         })?;
-        let db = Arc::new(Database { db, poisoned: AtomicBool::new(false), _closed: closed_tx });
+        let db = Arc::new(Database {
+            db,
+            meters: Meters::new(),
+            poisoned: AtomicBool::new(false),
+            _closed: closed_tx,
+        });
         let stats = Arc::new(LogStats::default());
         let (queue, requests) = queue::queue();
         let writer_db = Arc::clone(&db);
@@ -428,7 +435,7 @@ fn run_writer(db: &Database, requests: &queue::Receiver, stats: &LogStats) {
             requests.gather(&mut group, MAX_GROUP, MAX_GROUP, true, Instant::now() + SOON, None);
         } else if company < MAX_GROUP {
             stats.company_waits.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(crate::metrics::LOG_COMPANY_WAITS).increment(1);
+            db.meters.company_waits.increment(1);
             // Writes arrive fast enough: wait for company to share the fsync,
             // as many as recent groups held (the writers in flight come back
             // about once a cycle; fewer than BUSY_GROUP of them never fill it).
@@ -541,7 +548,7 @@ fn write_batches<'a>(
 }
 
 fn write_group<'a>(
-    db: &DB,
+    db: &Database,
     requests: impl IntoIterator<Item = (&'a [Write], Durability)>,
     stats: &LogStats,
 ) -> Result<(), LogError> {
@@ -567,16 +574,48 @@ fn write_group<'a>(
     let took = started.elapsed().as_secs_f64();
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.requests.fetch_add(count, Ordering::Relaxed);
-    metrics::counter!(crate::metrics::LOG_BATCHES).increment(1);
-    metrics::counter!(crate::metrics::LOG_WRITES).increment(count);
-    metrics::histogram!(crate::metrics::LOG_BATCH_SIZE).record(count as f64);
+    let meters = &db.meters;
+    meters.batches.increment(1);
+    meters.writes.increment(count);
+    meters.batch_size.record(count as f64);
     if sync {
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(crate::metrics::LOG_FSYNCS).increment(1);
+        meters.fsyncs.increment(1);
+        meters.synced_seconds.record(took);
+    } else {
+        meters.buffered_seconds.record(took);
     }
-    let synced = if sync { "true" } else { "false" };
-    metrics::histogram!(crate::metrics::LOG_WRITE_SECONDS, "synced" => synced).record(took);
     Ok(())
+}
+
+/// The log's metrics (`crate::metrics`), looked up in the exporter's
+/// registry once, when the log opens, as the actors' and the streams' are:
+/// each `counter!` or `histogram!` looks its key up and allocates a handle,
+/// which the writer did for every batch. A process installs its exporter
+/// before it opens its log; with none installed they record nothing.
+struct Meters {
+    batches: metrics::Counter,
+    writes: metrics::Counter,
+    batch_size: metrics::Histogram,
+    fsyncs: metrics::Counter,
+    company_waits: metrics::Counter,
+    synced_seconds: metrics::Histogram,
+    buffered_seconds: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Meters {
+        use crate::metrics::*;
+        Meters {
+            batches: metrics::counter!(LOG_BATCHES),
+            writes: metrics::counter!(LOG_WRITES),
+            batch_size: metrics::histogram!(LOG_BATCH_SIZE),
+            fsyncs: metrics::counter!(LOG_FSYNCS),
+            company_waits: metrics::counter!(LOG_COMPANY_WAITS),
+            synced_seconds: metrics::histogram!(LOG_WRITE_SECONDS, "synced" => "true"),
+            buffered_seconds: metrics::histogram!(LOG_WRITE_SECONDS, "synced" => "false"),
+        }
+    }
 }
 
 #[cfg(test)]
