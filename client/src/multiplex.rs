@@ -89,6 +89,9 @@ impl Multiplexer {
             },
             None => pending,
         };
+        // Each entry is one caller's transaction, its `transact` awaiting the
+        // answer: what waits here is at most the callers' own concurrency, as
+        // many unary calls would be in flight.
         let (queue, drained) = mpsc::unbounded_channel();
         // Queued before the stream starts: a stream that fails at once (UNIMPLEMENTED)
         // closes its queue, and a send after that would drop the transaction.

@@ -78,6 +78,8 @@ impl Prepares {
             },
             None => outgoing,
         };
+        // Bounded by admission: a transaction holds one of `--max-in-flight`
+        // slots before its Prepares are queued, so at most that many wait here.
         let (queue, drained) = mpsc::unbounded_channel();
         let stream = Stream {
             participant: participant.clone(),

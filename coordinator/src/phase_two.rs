@@ -64,6 +64,8 @@ impl Deliveries {
     /// Queues a Commit of `due.txid` to `participant`; its answer comes back as an event.
     pub fn commit(&mut self, participant: &ParticipantName, due: Due) {
         let queue = self.queues.entry(participant.clone()).or_insert_with(|| {
+            // Bounded by admission: only a transaction holding one of
+            // `--max-in-flight` slots (or a recovered decision) has a Commit due.
             let (queue, due) = mpsc::unbounded_channel();
             let sender = Sender {
                 participant: participant.clone(),

@@ -437,6 +437,10 @@ pub(crate) fn start(
         coordinator_id, incarnation, unfinished, one_phase_in_doubt, active, ..
     } = recovered;
     let (requests, request_rx) = mpsc::channel(config.process.request_queue);
+    // Answers to the actor's own commands (votes, acks, logged records, from
+    // tasks and the log's writer thread), at most a few per admitted
+    // transaction: a bound here would block a sender that the actor itself
+    // waits on (the writer's callback) and could deadlock it.
     let (events, event_rx) = mpsc::unbounded_channel();
     let budget = Arc::new(RetryBudget::per_second(
         std::num::NonZeroU32::new(config.retry_budget_per_s).expect("validated: greater than 0"),

@@ -251,6 +251,10 @@ pub(crate) fn start(
     disk: Arc<decree_runtime::disk::DiskGuard>,
 ) -> Handle {
     let (requests, request_rx) = mpsc::channel(request_queue);
+    // Answers to the actor's own commands (records logged, from the log's
+    // writer thread), one per command it issued, which its bounded request
+    // queue paces: a bound here would block the writer's callback, which the
+    // actor itself waits on, and could deadlock it.
     let (events, event_rx) = mpsc::unbounded_channel();
     let actor = Actor {
         engine,

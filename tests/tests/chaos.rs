@@ -167,6 +167,8 @@ async fn chaos(coordinators: usize, disruption: Disruption) {
     let started = Instant::now();
     let mut kills = 0;
     let mut cuts = 0;
+    // The sleeps below are the fault schedule under test (when the next fault
+    // comes, how long it lasts), random by the seed; nothing waits on them.
     while disruption == Disruption::Network && started.elapsed() < CHAOS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
         let links = cluster.lock().await.links();
