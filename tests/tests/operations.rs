@@ -317,6 +317,7 @@ fn config_file_then_environment_then_flags_and_bad_values_exit_2_naming_the_opti
         ("--prepare-timeout-ms", "-5"),
         ("--worker-threads", "0"),
         ("--worker-threads", "-1"),
+        ("--log-writer", "fifo"),
     ] {
         let (code, _, stderr) = run(&[], &[flag, bad]);
         assert_eq!(code, Some(2), "{flag} {bad}");
