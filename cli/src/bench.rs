@@ -360,16 +360,21 @@ impl Local {
             metrics.push((name, NodeId::Replica(r), addr(r)));
         }
         options.participant_args = args.participant_flags.clone();
-        if let Some(n) = share_of_cores(args) {
-            let own = |flags: &[String]| flags.iter().any(|f| f.starts_with("--worker-threads"));
-            let flag = ["--worker-threads".to_owned(), n.to_string()];
+        // Each flag goes to the processes whose own flags do not set it.
+        let mut pass_on = |flag: [String; 2]| {
+            let own = |flags: &[String]| flags.iter().any(|f| f.starts_with(&flag[0]));
             if !own(&args.coordinator_flags) {
                 options.coordinator_args.extend(flag.clone());
             }
             if !own(&args.participant_flags) {
-                options.participant_args.extend(flag);
+                options.participant_args.extend(flag.clone());
             }
+        };
+        if let Some(n) = share_of_cores(args) {
+            pass_on(["--worker-threads".to_owned(), n.to_string()]);
         }
+        // The cluster's log writers are scheduled as this command's `--log-writer` says.
+        pass_on(decree_runtime::log::writer_policy().flag());
         for i in 1..=args.participants + extra {
             let name = format!("p{i}");
             let at = addr(coordinators - 1 + i);

@@ -138,6 +138,9 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         options.coordinator_args.extend(flag.clone());
         options.participant_args.extend(flag);
     }
+    let policy = decree_runtime::log::writer_policy().flag();
+    options.coordinator_args.extend(policy.clone());
+    options.participant_args.extend(policy);
     match args.ha {
         true => {
             println!("decree demo: starting a group of 3 coordinators and {participants} participants ...")

@@ -134,6 +134,14 @@ mod tests {
             |args: &[&str]| <Flags as clap::Parser>::try_parse_from(args).map(|f| f.threads.log_writer);
         assert_eq!(parse(&["x"]).unwrap(), crate::log::WriterPolicy::Batch);
         assert_eq!(parse(&["x", "--log-writer", "normal"]).unwrap(), crate::log::WriterPolicy::Normal);
+        for policy in [crate::log::WriterPolicy::Batch, crate::log::WriterPolicy::Normal] {
+            let [flag, value] = policy.flag();
+            assert_eq!(
+                parse(&["x", &flag, &value]).unwrap(),
+                policy,
+                "the flag passed on to a local cluster"
+            );
+        }
         let err = parse(&["x", "--log-writer", "fifo"]).unwrap_err().to_string();
         assert!(err.contains("--log-writer") && err.contains("batch, normal"), "{err}");
     }

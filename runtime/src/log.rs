@@ -80,15 +80,34 @@ pub fn set_writer_policy(policy: WriterPolicy) {
     WRITER_POLICY.store(policy as u8, Ordering::Relaxed);
 }
 
+/// The policy set by [`set_writer_policy`] (the default until then).
+pub fn writer_policy() -> WriterPolicy {
+    match WRITER_POLICY.load(Ordering::Relaxed) {
+        p if p == WriterPolicy::Normal as u8 => WriterPolicy::Normal,
+        _ => WriterPolicy::Batch,
+    }
+}
+
+impl WriterPolicy {
+    /// The flag that asks another decree process for this policy.
+    pub fn flag(self) -> [String; 2] {
+        let name = match self {
+            WriterPolicy::Batch => "batch",
+            WriterPolicy::Normal => "normal",
+        };
+        ["--log-writer".to_owned(), name.to_owned()]
+    }
+}
+
 /// Applies the policy set by [`set_writer_policy`] to the calling thread.
 /// A refusal (a sandbox that forbids it) leaves the thread as it was: it
 /// only costs CPU, never correctness.
 fn schedule_writer() {
     #[cfg(target_os = "linux")]
     {
-        let policy = match WRITER_POLICY.load(Ordering::Relaxed) {
-            p if p == WriterPolicy::Normal as u8 => libc::SCHED_OTHER,
-            _ => libc::SCHED_BATCH,
+        let policy = match writer_policy() {
+            WriterPolicy::Normal => libc::SCHED_OTHER,
+            WriterPolicy::Batch => libc::SCHED_BATCH,
         };
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: `param` is a valid sched_param for the call's duration;
