@@ -48,7 +48,7 @@
 //! paying two context switches, and the writer takes a larger group.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,31 +71,31 @@ pub enum WriterPolicy {
     Normal,
 }
 
-/// The policy of the writer threads of logs opened from now on: see [`set_writer_policy`].
-static WRITER_POLICY: AtomicU8 = AtomicU8::new(WriterPolicy::Batch as u8);
+/// Whether the writer threads of logs opened from now on run as batch
+/// threads ([`WriterPolicy::Batch`], the default): see [`set_writer_policy`].
+static WRITER_BATCH: AtomicBool = AtomicBool::new(true);
 
 /// Sets how the writer threads of logs opened from now on are scheduled
 /// (a process sets it once, from `--log-writer`, before it opens a log).
 pub fn set_writer_policy(policy: WriterPolicy) {
-    WRITER_POLICY.store(policy as u8, Ordering::Relaxed);
+    WRITER_BATCH.store(policy == WriterPolicy::Batch, Ordering::Relaxed);
 }
 
 /// The policy set by [`set_writer_policy`] (the default until then).
 pub fn writer_policy() -> WriterPolicy {
-    match WRITER_POLICY.load(Ordering::Relaxed) {
-        p if p == WriterPolicy::Normal as u8 => WriterPolicy::Normal,
-        _ => WriterPolicy::Batch,
+    if WRITER_BATCH.load(Ordering::Relaxed) {
+        WriterPolicy::Batch
+    } else {
+        WriterPolicy::Normal
     }
 }
 
 impl WriterPolicy {
-    /// The flag that asks another decree process for this policy.
+    /// The flag that asks another decree process for this policy, spelled as
+    /// `--log-writer` parses it.
     pub fn flag(self) -> [String; 2] {
-        let name = match self {
-            WriterPolicy::Batch => "batch",
-            WriterPolicy::Normal => "normal",
-        };
-        ["--log-writer".to_owned(), name.to_owned()]
+        let value = clap::ValueEnum::to_possible_value(&self).expect("no policy is skipped");
+        ["--log-writer".to_owned(), value.get_name().to_owned()]
     }
 }
 
