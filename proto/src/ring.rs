@@ -69,11 +69,23 @@ pub struct Ring {
 /// at or after bucket `b`'s start (`first[2^bits]` = the number of points).
 /// The first point at or after a hash in bucket `b` is then among
 /// `first[b]..=first[b + 1]`: every point of a later bucket is larger.
+///
+/// Most lookups read neither: `owners` cuts the hash space four times finer
+/// and holds, for each slice that one member owns whole, that member's index
+/// (one byte, 32 KiB for a 3-member ring), [`MIXED`] for a slice that a point
+/// splits between two members. A slice's owner is the owner of every point
+/// from the first at or after its start to the first at or after its end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Buckets {
     bits: u32,
     first: Vec<u32>,
+    owner_bits: u32,
+    owners: Vec<u8>,
 }
+
+/// An `owners` slice split between members (or owned by a member whose index
+/// does not fit a byte): its hashes are looked up in `first` and the points.
+const MIXED: u8 = u8::MAX;
 
 impl Buckets {
     fn over(points: &[(u64, usize)]) -> Buckets {
@@ -90,7 +102,39 @@ impl Buckets {
             first.push(at as u32);
         }
         first.push(points.len() as u32);
-        Buckets { bits, first }
+        let mut buckets = Buckets { bits, first, owner_bits: (bits + 2).min(18), owners: Vec::new() };
+        buckets.owners = buckets.slice_owners(points);
+        buckets
+    }
+
+    /// Each slice's owner ([`MIXED`] if not one member's), as `owners` holds them.
+    fn slice_owners(&self, points: &[(u64, usize)]) -> Vec<u8> {
+        if points.is_empty() {
+            return Vec::new();
+        }
+        let owner_at = |i: usize| points[i % points.len()].1;
+        let shift = 64 - self.owner_bits;
+        (0..1u64 << self.owner_bits)
+            .map(|slice| {
+                let start = slice << shift;
+                let (from, to) =
+                    (self.find(points, start), self.find(points, start | (u64::MAX >> self.owner_bits)));
+                let owner = owner_at(from);
+                match u8::try_from(owner) {
+                    Ok(byte) if byte != MIXED && (from..=to).all(|i| owner_at(i) == owner) => byte,
+                    _ => MIXED,
+                }
+            })
+            .collect()
+    }
+
+    /// The member (an index into the ring's names) that owns `h`: the owner
+    /// of the first point at or after it, wrapping past the last to the first.
+    fn owner(&self, points: &[(u64, usize)], h: u64) -> usize {
+        match self.owners[(h >> (64 - self.owner_bits)) as usize] {
+            MIXED => points.get(self.find(points, h)).unwrap_or(&points[0]).1,
+            owner => usize::from(owner),
+        }
     }
 
     /// The index of the first of `points` at or after `h` (`points.len()` if none).
@@ -163,10 +207,7 @@ impl Ring {
         if self.points.is_empty() {
             return None;
         }
-        let h = hash(key.as_bytes());
-        let at = self.buckets.find(&self.points, h);
-        let (_, owner) = self.points[at % self.points.len()];
-        Some(&self.names[owner])
+        Some(&self.names[self.buckets.owner(&self.points, hash(key.as_bytes()))])
     }
 
     /// Each member's share of the hash space (they sum to 1), in name order.
@@ -319,6 +360,11 @@ mod tests {
         ring.points.partition_point(|(point, _)| *point < h)
     }
 
+    /// The member that owns `h` by that search.
+    fn searched_owner(ring: &Ring, h: u64) -> usize {
+        ring.points[searched(ring, h) % ring.points.len()].1
+    }
+
     fn rings() -> Vec<Ring> {
         let weighted = [("a".to_owned(), 1), ("b".to_owned(), 3), ("c".to_owned(), 64)];
         vec![
@@ -327,7 +373,18 @@ mod tests {
             Ring::new(["p1", "p2", "p3"]),
             Ring::weighted(weighted, LEGACY_VNODES),
             Ring::new((0..10).map(|i| format!("member-{i}"))),
+            // More members than a byte of `owners` can name.
+            Ring::weighted((0..300).map(|i| (format!("m{i:03}"), 1)), 4),
         ]
+    }
+
+    /// The slice table answers most lookups alone: in a 3-member ring of
+    /// 2,048 points each, more than four slices in five are one member's.
+    #[test]
+    fn most_slices_of_a_ring_have_one_owner() {
+        let ring = Ring::new(["p1", "p2", "p3"]);
+        let whole = ring.buckets.owners.iter().filter(|o| **o != MIXED).count();
+        assert!(whole * 5 > ring.buckets.owners.len() * 4, "{whole} of {}", ring.buckets.owners.len());
     }
 
     /// Every hash finds the point a search of all points finds: at each point,
@@ -339,9 +396,11 @@ mod tests {
             for (point, _) in &ring.points {
                 hashes.extend([*point, point.wrapping_sub(1), point.wrapping_add(1)]);
             }
-            for b in 0..=(1u64 << ring.buckets.bits).min(1 << 12) {
-                let start = b.checked_shl(64 - ring.buckets.bits).unwrap_or(0);
-                hashes.extend([start, start.wrapping_sub(1)]);
+            for bits in [ring.buckets.bits, ring.buckets.owner_bits] {
+                for b in 0..=(1u64 << bits).min(1 << 12) {
+                    let start = b.checked_shl(64 - bits).unwrap_or(0);
+                    hashes.extend([start, start.wrapping_sub(1)]);
+                }
             }
             hashes.extend((0..20_000u64).map(|i| hash(&i.to_le_bytes())));
             for h in hashes {
@@ -351,6 +410,7 @@ mod tests {
                     "hash {h:#x}, {} points",
                     ring.points.len()
                 );
+                assert_eq!(ring.buckets.owner(&ring.points, h), searched_owner(&ring, h), "owner of {h:#x}");
             }
         }
     }
@@ -360,6 +420,7 @@ mod tests {
         fn any_hash_is_found_as_a_search_finds_it(h in proptest::prelude::any::<u64>()) {
             for ring in rings() {
                 proptest::prop_assert_eq!(ring.buckets.find(&ring.points, h), searched(&ring, h));
+                proptest::prop_assert_eq!(ring.buckets.owner(&ring.points, h), searched_owner(&ring, h));
             }
         }
     }
