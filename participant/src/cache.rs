@@ -23,9 +23,10 @@
 //!
 //! [`Resource::committed`]: crate::resource::Resource::committed
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
+use foldhash::fast::RandomState;
 use lru::LruCache;
 
 /// Bytes an entry is counted for beyond its key and value: the map's slot and
@@ -74,7 +75,7 @@ impl Cache {
     fn sharded(capacity: usize, shards: usize) -> Self {
         let shard = || Mutex::new(Shard { entries: LruCache::unbounded(), bytes: 0, hits: 0, misses: 0 });
         let per_shard = capacity / shards;
-        Cache { shards: (0..shards).map(|_| shard()).collect(), per_shard, hasher: RandomState::new() }
+        Cache { shards: (0..shards).map(|_| shard()).collect(), per_shard, hasher: RandomState::default() }
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
@@ -135,14 +136,25 @@ impl Shard {
     /// recently used entries down to `capacity` (one larger than it is not kept).
     fn put(&mut self, key: String, value: Option<Vec<u8>>, capacity: usize) {
         let added = cost(&key, &value);
-        if let Some((key, old)) = self.entries.pop_entry(&key) {
-            self.bytes -= cost(&key, &old);
-        }
         if added > capacity {
+            if let Some((key, old)) = self.entries.pop_entry(&key) {
+                self.bytes -= cost(&key, &old);
+            }
             return;
         }
-        self.bytes += added;
-        self.entries.put(key, value);
+        // A key already cached (a committed write to a key just read, the
+        // common case) has its value replaced where it is: one lookup, and
+        // no entry freed and allocated again.
+        match self.entries.get_mut(&key) {
+            Some(slot) => {
+                self.bytes = self.bytes - cost(&key, slot) + added;
+                *slot = value;
+            }
+            None => {
+                self.bytes += added;
+                self.entries.put(key, value);
+            }
+        }
         while self.bytes > capacity {
             let Some((key, old)) = self.entries.pop_lru() else { break };
             self.bytes -= cost(&key, &old);
@@ -235,6 +247,24 @@ mod tests {
         cache.wrote([("a".to_owned(), value("1"))]);
         assert_eq!(cache.stats().bytes, cost("a", &value("1")));
         assert_eq!(cache.stats().entries, 1);
+    }
+
+    /// A rewrite in place still makes its key the most recently used, and a
+    /// rewrite that grows evicts the least recently used others, never itself.
+    #[test]
+    fn a_rewrite_is_a_use_and_its_growth_evicts_others() {
+        let each = cost("k0", &value("v"));
+        let cache = Cache::sharded(3 * each, 1);
+        cache.wrote(["k0", "k1", "k2"].map(|key| (key.to_owned(), value("v"))));
+        cache.wrote([("k0".to_owned(), value("w"))]); // k1 is now the least recently used
+        cache.wrote([("k3".to_owned(), value("v"))]);
+        assert!(!read(&cache, "k0", &value("x")).1, "k0 was rewritten lately: kept");
+        assert!(read(&cache, "k1", &value("v")).1, "k1 was the least recently used: evicted");
+        let grown = Some(vec![b'g'; 2 * each]);
+        cache.wrote([("k3".to_owned(), grown.clone())]);
+        assert_eq!(read(&cache, "k3", &None), (grown.clone(), false), "the grown entry stays");
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.bytes), (1, cost("k3", &grown)), "the others made room");
     }
 
     #[test]
