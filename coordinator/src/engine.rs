@@ -13,10 +13,11 @@
 //! - the end record is asked for only after every participant acked;
 //! - a committed transaction keeps being redelivered until acked.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use decree_proto::{ParticipantName, Reason, TxId};
+use foldhash::HashMap;
 
 /// A participant's answer to Prepare, or what happened instead of one.
 #[derive(Debug, Clone, PartialEq, Eq)]

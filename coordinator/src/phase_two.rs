@@ -15,7 +15,7 @@
 //! per transaction. Each commit's answer becomes the engine event its own
 //! Commit would have produced.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,7 @@ use std::time::Duration;
 use decree_proto::v1::participant_client::ParticipantClient;
 use decree_proto::{v1, ParticipantName, TxId};
 use decree_runtime::{crash, trace};
+use foldhash::{HashMap, HashMapExt};
 use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn, Instrument, Span};

@@ -6,7 +6,6 @@
 //! on I/O, except where a crash point asks it to finish one send before dying.
 //! Crash points sit here, at the boundaries the engine's commands cross.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use decree_proto::{InvalidInput, ParticipantName, Reason, TxId};
 use decree_runtime::backoff::RetryBudget;
 use decree_runtime::crash;
 use decree_runtime::trace;
+use foldhash::{HashMap, HashMapExt};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn, Instrument, Span};

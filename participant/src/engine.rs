@@ -38,10 +38,11 @@
 //! `heuristics` (decisions by hand), [`tombstones`] (decided txids, within a
 //! bound); this file holds the branch states and phases one and two.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use decree_proto::{Reason, TxId};
+use foldhash::HashMap;
 
 mod heuristics;
 mod interactive;

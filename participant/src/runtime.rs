@@ -3,7 +3,6 @@
 //! Also the two background duties: enrollment with heartbeats, and asking the
 //! coordinator about branches in doubt. Crash points sit here.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use decree_proto::v1::registry_client::RegistryClient;
 use decree_proto::{v1, TxId};
 use decree_runtime::backoff::{Backoff, Jitter};
 use decree_runtime::crash;
+use foldhash::{HashMap, HashMapExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 

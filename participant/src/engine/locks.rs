@@ -3,10 +3,11 @@
 //! wait rule under which no cycle of waits can form. Pure bookkeeping: it
 //! queues no command and knows no branch state; the engine asks it and acts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use decree_proto::TxId;
+use foldhash::HashMap;
 
 /// What a lock waiter wants to do once it has its keys.
 #[derive(Debug, Clone, PartialEq, Eq)]

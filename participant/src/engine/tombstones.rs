@@ -25,10 +25,11 @@
 //!
 //! Pure: time arrives as arguments.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use decree_proto::TxId;
+use foldhash::HashMap;
 
 use super::Outcome;
 

@@ -2,9 +2,8 @@
 //! of [`super::locks`], and what happens to waiters as locks are released:
 //! granted oldest first, or refused when the rule no longer lets them wait.
 
-use std::collections::HashMap;
-
 use decree_proto::{Reason, TxId};
+use foldhash::HashMap;
 
 use super::locks::{may_wait_for, Waiter, Wanted};
 use super::{Branch, Command, Engine, Outcome, Vote};
