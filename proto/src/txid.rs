@@ -1,7 +1,9 @@
 //! Transaction ids and participant names.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::InvalidInput;
 
@@ -101,13 +103,24 @@ impl FromStr for TxId {
 }
 
 /// The name a participant enrolls under: 1-64 characters of `[A-Za-z0-9_.-]`.
+/// Shared, not copied: a transaction names each of its participants in
+/// several places (its branches, the votes it waits for, its deliveries),
+/// and a clone is a count raised, not an allocation.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ParticipantName(String);
+pub struct ParticipantName(Arc<str>);
 
 impl ParticipantName {
     pub const MAX_LEN: usize = 64;
 
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Maps keyed by name are looked up with the text a request carries, before
+/// (or instead of) making a name of it: equal, ordered and hashed as its text.
+impl Borrow<str> for ParticipantName {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }
@@ -126,7 +139,7 @@ impl FromStr for ParticipantName {
             && text.len() <= Self::MAX_LEN
             && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         if ok {
-            Ok(ParticipantName(text.to_owned()))
+            Ok(ParticipantName(Arc::from(text)))
         } else {
             Err(InvalidInput::ParticipantName { text: text.chars().take(100).collect() })
         }
@@ -170,6 +183,19 @@ mod tests {
         ] {
             assert!(text.parse::<TxId>().is_err(), "{text:?} was accepted");
         }
+    }
+
+    /// A name is found by its text in a map keyed by names, and its clones
+    /// share one string.
+    #[test]
+    fn a_name_is_looked_up_by_its_text_and_shared_by_its_clones() {
+        let names: std::collections::BTreeMap<ParticipantName, u32> =
+            ["p2", "p10", "p1"].iter().enumerate().map(|(i, t)| (t.parse().unwrap(), i as u32)).collect();
+        assert_eq!(names.get("p10"), Some(&1));
+        assert_eq!(names.get("p3"), None);
+        let (name, _) = names.get_key_value("p1").unwrap();
+        assert_eq!(name.as_str(), "p1");
+        assert!(std::ptr::eq(name.clone().as_str(), name.as_str()));
     }
 
     #[test]
