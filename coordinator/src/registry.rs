@@ -238,6 +238,12 @@ impl Registry {
         self.members().contains_key(name)
     }
 
+    /// The enrolled participant called `text`, as the registry holds its name
+    /// (shared, so a request's branches make no name of their own).
+    pub fn named(&self, text: &str) -> Option<ParticipantName> {
+        self.members().get_key_value(text).map(|(name, _)| name.clone())
+    }
+
     /// The channel to a participant (for its other services, e.g. Kv).
     pub fn channel(&self, name: &ParticipantName) -> Option<Channel> {
         self.members().get(name).map(|m| m.channel.clone())

@@ -1,7 +1,6 @@
 //! The gRPC handlers: decode, validate into domain types, call the runtime,
 //! encode. Nothing else happens here.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,14 +75,15 @@ impl Service {
                 format!("payload of {size} bytes exceeds the limit of {limit} bytes"),
             ));
         }
-        let mut seen = BTreeSet::new();
-        let mut out = Vec::with_capacity(branches.len());
+        let mut out: Vec<(ParticipantName, Vec<u8>)> = Vec::with_capacity(branches.len());
         for branch in branches {
-            let name: ParticipantName = branch.participant.parse()?;
-            if !self.handle.registry.contains(&name) {
+            let Some(name) = self.handle.registry.named(&branch.participant) else {
+                // Not enrolled: an invalid name says so, a valid one is unknown.
+                let name: ParticipantName = branch.participant.parse()?;
                 return Err(field("branches", format!("unknown participant {name:?}")));
-            }
-            if !seen.insert(name.clone()) {
+            };
+            // Distinct enrolled names: the scan is as long as the registry at most.
+            if out.iter().any(|(seen, _)| *seen == name) {
                 return Err(field("branches", format!("participant {name:?} appears twice")));
             }
             out.push((name, branch.payload));
