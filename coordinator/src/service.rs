@@ -20,6 +20,9 @@ use crate::CoordinatorError;
 /// Longest prepare deadline or idle timeout a client may ask for.
 const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// A transaction's branches: each participant and its work.
+type Branches = Vec<(ParticipantName, Vec<u8>)>;
+
 #[derive(Clone)]
 pub struct Service {
     handle: Handle,
@@ -46,8 +49,7 @@ impl Service {
         txid: Option<TxId>,
     ) -> Result<Response<v1::TransactResponse>, Status> {
         let timeout = self.timeout(request.timeout_ms, self.handle.config.prepare_timeout());
-        let branches = self.branches(request.branches)?;
-        let participants = branches.iter().map(|(p, _)| p.to_string()).collect();
+        let (branches, participants) = self.branches(request.branches)?;
         let (txid, decided) = self.handle.transact(branches, timeout, span, txid).await?;
         decided_response(txid, decided, participants, request.pending_outcome)
     }
@@ -60,10 +62,9 @@ impl Service {
         }
     }
 
-    fn branches(
-        &self,
-        branches: Vec<v1::Branch>,
-    ) -> Result<Vec<(ParticipantName, Vec<u8>)>, CoordinatorError> {
+    /// A request's branches, checked, and the names as the request spelled
+    /// them (which the response echoes: moved, not copied).
+    fn branches(&self, branches: Vec<v1::Branch>) -> Result<(Branches, Vec<String>), CoordinatorError> {
         if branches.is_empty() {
             return Err(field("branches", "a transaction needs at least one branch"));
         }
@@ -75,7 +76,8 @@ impl Service {
                 format!("payload of {size} bytes exceeds the limit of {limit} bytes"),
             ));
         }
-        let mut out: Vec<(ParticipantName, Vec<u8>)> = Vec::with_capacity(branches.len());
+        let mut out: Branches = Vec::with_capacity(branches.len());
+        let mut spelled = Vec::with_capacity(branches.len());
         for branch in branches {
             let Some(name) = self.handle.registry.named(&branch.participant) else {
                 // Not enrolled: an invalid name says so, a valid one is unknown.
@@ -87,8 +89,9 @@ impl Service {
                 return Err(field("branches", format!("participant {name:?} appears twice")));
             }
             out.push((name, branch.payload));
+            spelled.push(branch.participant);
         }
-        Ok(out)
+        Ok((out, spelled))
     }
 }
 
