@@ -30,6 +30,7 @@
 //!   start rather than forget a YES vote.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use decree_proto::TxId;
 use decree_runtime::record::TxIdRecord;
@@ -135,7 +136,8 @@ impl Loaded {
 #[derive(Clone)]
 pub struct BranchLog<S = Log> {
     log: S,
-    coordinator: String,
+    /// Shared: the runtime clones the branch log for each write it hands off.
+    coordinator: Arc<str>,
 }
 
 /// The key of `txid`'s prepared record (for checkers that read the disk).
@@ -172,7 +174,7 @@ impl BranchLog<Log> {
 impl<S: Storage> BranchLog<S> {
     /// The branch log in `log`, for branches whose decisions `coordinator` owns.
     pub fn open_on(log: S, coordinator: &str) -> BranchLog<S> {
-        BranchLog { log, coordinator: coordinator.to_owned() }
+        BranchLog { log, coordinator: Arc::from(coordinator) }
     }
 
     /// The storage the branch log and the resource's data share.
@@ -258,7 +260,7 @@ impl<S: Storage> BranchLog<S> {
         let value = record::encode(&PreparedRecord {
             keys: keys.to_vec(),
             redo: redo.to_vec(),
-            coordinator: self.coordinator.clone(),
+            coordinator: self.coordinator.to_string(),
         });
         vec![Write::put(key(PREPARED, txid), value)]
     }

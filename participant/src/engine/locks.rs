@@ -228,16 +228,16 @@ impl LockTable {
     /// The waiters whose keys are all free, oldest first, taken off the
     /// queue. A waiter never overtakes an older one that wants one of its keys.
     pub fn grantable(&mut self) -> Vec<(TxId, Waiter)> {
-        let mut blocked: Vec<String> = Vec::new();
+        let mut blocked: Vec<&str> = Vec::new();
         let mut granted = Vec::new();
         for (txid, waiter) in &self.waiting {
             let free = self.conflict(*txid, &waiter.keys).is_none()
-                && !waiter.keys.iter().any(|k| blocked.contains(k));
+                && !waiter.keys.iter().any(|k| blocked.contains(&k.as_str()));
             if free {
                 granted.push(*txid);
             }
             // Granted or not, its keys are spoken for ahead of younger waiters.
-            blocked.extend(waiter.keys.iter().cloned());
+            blocked.extend(waiter.keys.iter().map(String::as_str));
         }
         granted.into_iter().map(|txid| (txid, self.waiting.remove(&txid).expect("listed above"))).collect()
     }
