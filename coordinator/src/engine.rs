@@ -13,7 +13,7 @@
 //! - the end record is asked for only after every participant acked;
 //! - a committed transaction keeps being redelivered until acked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use decree_proto::{ParticipantName, Reason, TxId};
@@ -227,12 +227,11 @@ enum Txn {
     /// their txids first too, asks every participant instead about a txid
     /// it holds nothing of: see `Handle::outcome`.)
     Recording { participant: ParticipantName, payload: Vec<u8>, timeout: Duration },
-    /// Waiting for votes from `waiting` (in `order`'s order: a transaction
-    /// has a few branches, so a list is the cheapest set). `recorded`:
-    /// one-phase, and its question is on disk (interactive).
+    /// Waiting for votes from `waiting`. `recorded`: one-phase, and its
+    /// question is on disk (interactive).
     Preparing {
         order: Vec<ParticipantName>,
-        waiting: Vec<ParticipantName>,
+        waiting: BTreeSet<ParticipantName>,
         yes: Vec<ParticipantName>,
         recorded: bool,
     },
@@ -316,7 +315,9 @@ fn view(txid: TxId, txn: &Txn) -> InFlight {
         Txn::Recording { participant, .. } => {
             ("preparing", vec![participant.clone()], vec![participant.clone()])
         }
-        Txn::Preparing { order, waiting, .. } => ("preparing", order.clone(), waiting.clone()),
+        Txn::Preparing { order, waiting, .. } => {
+            ("preparing", order.clone(), waiting.iter().cloned().collect())
+        }
         Txn::Logging { participants } => ("deciding", participants.clone(), Vec::new()),
         Txn::Committing { unacked, .. } => {
             let owing: Vec<ParticipantName> = unacked.keys().cloned().collect();
@@ -656,11 +657,8 @@ impl Engine {
     ) {
         let one_phase = branches.len() == 1;
         let order: Vec<_> = branches.iter().map(|(p, _)| p.clone()).collect();
-        assert!(
-            order.iter().enumerate().all(|(i, p)| !order[..i].contains(p)),
-            "branches name distinct participants"
-        );
-        let waiting = order.clone();
+        let waiting: BTreeSet<_> = order.iter().cloned().collect();
+        assert_eq!(waiting.len(), order.len(), "branches name distinct participants");
         for (participant, payload) in branches {
             self.commands.push(Command::SendPrepare { txid, participant, payload, one_phase, interactive });
         }
@@ -677,10 +675,9 @@ impl Engine {
             }
             return;
         };
-        let Some(at) = waiting.iter().position(|p| *p == participant) else {
+        if !waiting.remove(&participant) {
             return; // a duplicate or a stranger's vote
-        };
-        waiting.remove(at);
+        }
         // A failed Prepare may still have prepared the branch (the reply was
         // lost): it is told to abort like a YES voter. A NO voter rolled back.
         let recorded = *recorded;

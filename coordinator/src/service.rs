@@ -1,6 +1,7 @@
 //! The gRPC handlers: decode, validate into domain types, call the runtime,
 //! encode. Nothing else happens here.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,23 @@ const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A transaction's branches: each participant and its work.
 type Branches = Vec<(ParticipantName, Vec<u8>)>;
+
+/// Up to this many branches, a request's names are checked for a repeat by a scan.
+const SCANNED_BRANCHES: usize = 8;
+
+/// Whether `name` names one of the `earlier` branches. A transaction's few
+/// names are scanned; past [`SCANNED_BRANCHES`], `seen` (filled only then,
+/// and kept by the caller across calls) keeps a request naming many
+/// participants from costing a scan per name.
+fn named_before(earlier: &Branches, name: &ParticipantName, seen: &mut BTreeSet<ParticipantName>) -> bool {
+    if earlier.len() < SCANNED_BRANCHES {
+        return earlier.iter().any(|(e, _)| e == name);
+    }
+    if seen.is_empty() {
+        seen.extend(earlier.iter().map(|(e, _)| e.clone()));
+    }
+    !seen.insert(name.clone())
+}
 
 #[derive(Clone)]
 pub struct Service {
@@ -78,14 +96,14 @@ impl Service {
         }
         let mut out: Branches = Vec::with_capacity(branches.len());
         let mut spelled = Vec::with_capacity(branches.len());
+        let mut seen = BTreeSet::new();
         for branch in branches {
             let Some(name) = self.handle.registry.named(&branch.participant) else {
                 // Not enrolled: an invalid name says so, a valid one is unknown.
                 let name: ParticipantName = branch.participant.parse()?;
                 return Err(field("branches", format!("unknown participant {name:?}")));
             };
-            // Distinct enrolled names: the scan is as long as the registry at most.
-            if out.iter().any(|(seen, _)| *seen == name) {
+            if named_before(&out, &name, &mut seen) {
                 return Err(field("branches", format!("participant {name:?} appears twice")));
             }
             out.push((name, branch.payload));
@@ -565,5 +583,39 @@ fn audit<'a>(field: &'static str, value: &'a str) -> Result<&'a str, Coordinator
             Err(InvalidInput::Field { field, why: "longer than 1024 bytes".into() }.into())
         }
         v => Ok(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first repeat is found whether it comes among the first few names
+    /// (the scan) or far past them (the set), and distinct names pass.
+    #[test]
+    fn a_repeated_name_is_found_by_the_scan_and_past_it() {
+        let name = |i: usize| -> ParticipantName { format!("p{i}").parse().unwrap() };
+        let first_repeat = |names: &[usize]| -> Option<usize> {
+            let (mut earlier, mut seen): (Branches, _) = (Vec::new(), BTreeSet::new());
+            for (at, i) in names.iter().enumerate() {
+                if named_before(&earlier, &name(*i), &mut seen) {
+                    return Some(at);
+                }
+                earlier.push((name(*i), Vec::new()));
+            }
+            None
+        };
+        assert_eq!(first_repeat(&[1, 2, 3]), None);
+        assert_eq!(first_repeat(&[1, 2, 1]), Some(2));
+        let many: Vec<usize> = (0..40).collect();
+        assert_eq!(first_repeat(&many), None);
+        for repeated in [0, 3, 7, 8, 20, 38] {
+            let mut names = many.clone();
+            names.push(repeated);
+            assert_eq!(first_repeat(&names), Some(40), "p{repeated} again after 40 names");
+            let mut early = many[..SCANNED_BRANCHES + 2].to_vec();
+            early.push(early[repeated % early.len()]);
+            assert_eq!(first_repeat(&early), Some(SCANNED_BRANCHES + 2));
+        }
     }
 }
