@@ -491,12 +491,16 @@ impl Client {
     /// resolved by asking the next leader (`GetOutcome`) until it knows.
     pub async fn transact_branches(&self, branches: Vec<v1::Branch>) -> Result<TxnResult, ClientError> {
         let group = self.coordinators.len() > 1;
-        let request =
+        let count = branches.len();
+        let mut request =
             v1::TransactRequest { branches, timeout_ms: 0, pending_outcome: true, announce_txid: false };
         let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
         let mut attempt = 0;
         let response = loop {
-            match self.transactions.transact(request.clone()).await {
+            // Only a group sends a request again (to its next leader), so only
+            // a group keeps a copy: elsewhere the payloads are sent, not cloned.
+            let sending = if group { request.clone() } else { std::mem::take(&mut request) };
+            match self.transactions.transact(sending).await {
                 Ok(response) => break response,
                 Err(status) if group && not_started(&status) && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(failover_pause(attempt)).await;
@@ -504,7 +508,7 @@ impl Client {
                 }
                 Err(status) => match decided_error(status) {
                     ClientError::OutcomeUnknown { txid, reason } if group => {
-                        return self.resolve(txid, reason, request.branches.len()).await
+                        return self.resolve(txid, reason, count).await
                     }
                     other => return Err(other),
                 },
@@ -513,7 +517,7 @@ impl Client {
         let lost_leader = response.outcome == v1::Outcome::Pending as i32
             && Reason::from_wire(response.reason_code) == Reason::NotLeader;
         if lost_leader {
-            return self.resolve(response.txid, response.reason, request.branches.len()).await;
+            return self.resolve(response.txid, response.reason, count).await;
         }
         TxnResult::from_wire(response)
     }
