@@ -57,7 +57,7 @@ pub struct BenchArgs {
     /// Closed loop: this many clients, each starting a transaction when its last one ended.
     #[arg(long, default_value_t = 64)]
     pub(crate) concurrency: usize,
-    /// Open loop instead: start this many transactions per second, whatever the latency.
+    /// Open loop instead: start this many transactions per second (at most 1000000), whatever the latency.
     #[arg(long)]
     pub(crate) rate: Option<f64>,
     /// How long to measure (after one second of warm-up): `10s`, `500ms`, `2m`; a bare number is seconds.
@@ -525,26 +525,26 @@ where
             // that lateness, up to 1 ms, counted as the system's latency
             // (p50 1.9 ms at 3,000 tx/s where C=1 ran at 0.29 ms).
             let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<u64>();
-            let period = Duration::from_secs_f64(1.0 / rate);
             let runtime = tokio::runtime::Handle::current();
             let bar = bar.clone();
+            let end = started + duration;
             let pacer = std::thread::spawn(move || {
-                let mut next = Instant::now();
-                let mut seq = 0u64;
-                while started.elapsed() < duration {
-                    if let Some(early) = next.checked_duration_since(Instant::now()) {
+                for (seq, due) in (0u64..).zip(starts(Instant::now(), end, rate)) {
+                    if let Some(early) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(early);
                     }
-                    let (one, record, bar, sender, due) =
-                        (one.clone(), record.clone(), bar.clone(), sender.clone(), next);
+                    let (one, record, bar, sender) =
+                        (one.clone(), record.clone(), bar.clone(), sender.clone());
                     runtime.spawn(async move {
                         let done = one((seq % 1024) as usize, seq).await;
                         let _ = sender.send(due.elapsed().as_micros().max(1) as u64);
                         record(done);
                         bar.inc(1);
                     });
-                    seq += 1;
-                    next += period;
+                }
+                // The run lasts its duration however few transactions it started.
+                if let Some(rest) = end.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(rest);
                 }
             });
             let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
@@ -561,6 +561,20 @@ where
         latency: Some(latency),
         ..Run::default()
     }
+}
+
+/// The fastest open loop one client paces: a period of a microsecond, which
+/// its pacing thread's sleep cannot hold to anyway (beyond, the period
+/// rounds towards zero and the pacer would only spawn).
+const MAX_RATE: f64 = 1e6;
+
+/// When an open loop at `rate` per second starts its transactions: from
+/// `first`, one each period, every one before `end`. A rate so low that its
+/// period overflows starts one; the pacer never sleeps past the run's end.
+fn starts(first: Instant, end: Instant, rate: f64) -> impl Iterator<Item = Instant> {
+    let period = Duration::try_from_secs_f64(1.0 / rate).ok();
+    std::iter::successors(Some(first), move |due| period.and_then(|period| due.checked_add(period)))
+        .take_while(move |due| *due < end)
 }
 
 /// One decree transaction of the workload.
@@ -747,8 +761,10 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
             "need --participants, --concurrency, --rounds >= 1, --accounts >= 2 and --duration > 0".into()
         );
     }
-    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err("--rate must be a positive number of transactions per second".into());
+    if args.rate.is_some_and(|r| !(r > 0.0 && r <= MAX_RATE)) {
+        return Err(format!(
+            "--rate must be a positive number of transactions per second, at most {MAX_RATE}"
+        ));
     }
     if let Some(soak) = args.soak {
         return crate::soak::soak(&args, soak).await;
@@ -1047,6 +1063,20 @@ fn print_table(out: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_open_loop_starts_each_period_and_none_at_or_past_the_end() {
+        let first = Instant::now();
+        let due: Vec<_> = starts(first, first + Duration::from_millis(10), 1000.0).collect();
+        assert_eq!(due.len(), 10);
+        assert_eq!(due[0], first);
+        assert_eq!(due[9] - first, Duration::from_millis(9));
+        // A period far past the run (or past what a Duration holds): one start, no wait for the next.
+        for rate in [1e-12, 1e-300, f64::MIN_POSITIVE] {
+            let due: Vec<_> = starts(first, first + Duration::from_secs(1), rate).collect();
+            assert_eq!(due, [first], "rate {rate}");
+        }
+    }
 
     #[test]
     fn counters_sum_every_label_set_and_skip_comments() {

@@ -352,6 +352,29 @@ fn durations_on_the_command_line_take_the_forms_people_type() {
     }
 }
 
+#[test]
+fn an_open_loop_rate_no_client_can_pace_is_refused_before_anything_starts() {
+    for bad in ["0", "-5", "nan", "inf", "1e9"] {
+        let out = std::process::Command::new(decree_tests::decree_binary())
+            .args([
+                "bench",
+                "--coordinator",
+                "http://127.0.0.1:1",
+                "--duration",
+                "1",
+                &format!("--rate={bad}"),
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("--rate must be a positive number") && stderr.contains("at most 1000000"),
+            "{bad}: {stderr}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_in_doubt_gauges_rise_while_the_coordinator_is_away_and_fall_after() {
     init();
