@@ -410,24 +410,25 @@ impl Engine {
     /// the participant restarted and lost the work of its first: refused
     /// (the participant then aborts its branch, and so the transaction).
     ///
-    /// True: the enlistment is new (or names its run for the first time)
-    /// and must be durable before the participant is answered, so that a
-    /// restart or the group's next leader prepares this branch too.
-    pub fn enlist(
-        &mut self,
-        txid: TxId,
-        participant: ParticipantName,
-        run: u64,
-    ) -> Result<bool, EngineError> {
+    /// Ok: the run to record for the enlistment, which must be durable
+    /// before the participant is answered, so that a restart or the group's
+    /// next leader prepares this branch too. A repeated Enlist is recorded
+    /// again too: it may come while the first one's record is still being
+    /// written (a duplicated message, a retry), and answered at once it let
+    /// the participant go on with work that the next leader did not know of
+    /// (simulator seed 5157392: one branch of an interactive transaction
+    /// committed one-phase, the other never prepared). The record is the same
+    /// both times, so whichever lands first makes the enlistment durable.
+    pub fn enlist(&mut self, txid: TxId, participant: ParticipantName, run: u64) -> Result<u64, EngineError> {
         match self.txns.get_mut(&txid) {
             Some(Txn::Active { enlisted }) => match enlisted.get(&participant) {
                 Some(&before) if before != 0 && run != 0 && before != run => {
                     Err(EngineError::WorkLost { txid, participant })
                 }
-                Some(&before) if before != 0 || run == 0 => Ok(false),
+                Some(&before) if before != 0 || run == 0 => Ok(before),
                 _ => {
                     enlisted.insert(participant, run);
-                    Ok(true)
+                    Ok(run)
                 }
             },
             _ => Err(EngineError::NotActive(txid)),

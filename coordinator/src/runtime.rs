@@ -719,9 +719,10 @@ impl Actor {
             }
             Request::Enlist { txid, participant, run, reply } => {
                 match self.engine.enlist(txid, participant.clone(), run) {
-                    // New: durable before the participant goes on with the
-                    // work, so every restart or next leader prepares it.
-                    Ok(true) => {
+                    // Durable before the participant goes on with the work,
+                    // so every restart or next leader prepares it; a repeat
+                    // too, as its first record may still be on its way.
+                    Ok(run) => {
                         let (store, handle) = (self.handle.store.clone(), self.handle.clone());
                         crate::tasks::spawn(async move {
                             match store.log_enlist(txid, &participant, run).await {
@@ -730,7 +731,6 @@ impl Actor {
                             }
                         });
                     }
-                    Ok(false) => drop(reply.send(Ok(()))),
                     Err(err) => drop(reply.send(Err(err.into()))),
                 }
             }

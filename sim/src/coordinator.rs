@@ -717,9 +717,9 @@ impl Coordinator {
             Msg::Enlist(rpc, txid, participant, run) => {
                 let run = if ctx.mutated(Mutation::ReenlistTaken) { 0 } else { run };
                 match process.engine.enlist(txid, participant.clone(), run) {
-                    // New: answered once its record lands (a restart or the
-                    // next leader prepares the branch).
-                    Ok(true) if !ctx.mutated(Mutation::EnlistNotDurable) => {
+                    // Answered once its record lands (a restart or the next
+                    // leader prepares the branch), a repeat's too.
+                    Ok(run) if !ctx.mutated(Mutation::EnlistNotDurable) => {
                         self.write(ctx, Disk::Enlist { txid, participant, run, to: from, rpc }, true)
                     }
                     Ok(_) => ctx.send(Node::Coordinator, from, Msg::Enlisted(rpc, Ok(()))),

@@ -543,24 +543,21 @@ fn an_enlist_from_another_run_of_a_participant_is_refused_its_earlier_work_is_lo
     let t = tx(8);
     let mut engine = Engine::new();
     engine.on_event(Event::Begin { txid: t, idle_timeout: TIMEOUT }).unwrap();
-    assert_eq!(engine.enlist(t, p("a"), 7), Ok(true), "new: recorded before it is answered");
+    assert_eq!(engine.enlist(t, p("a"), 7), Ok(7), "new: recorded before it is answered");
     assert_eq!(
         engine.enlist(t, p("a"), 7),
-        Ok(false),
-        "a repeated Enlist of the same run is taken, as recorded"
+        Ok(7),
+        "a repeated Enlist of the same run is taken, and recorded again: the first record may not have landed"
     );
     assert_eq!(
         engine.enlist(t, p("a"), 9),
         Err(EngineError::WorkLost { txid: t, participant: p("a") }),
         "the participant restarted: the work of its first run is gone"
     );
-    assert_eq!(engine.enlist(t, p("b"), 0), Ok(true));
-    assert_eq!(
-        engine.enlist(t, p("b"), 0),
-        Ok(false),
-        "a participant that names no run: every Enlist is taken"
-    );
-    assert_eq!(engine.enlist(t, p("b"), 3), Ok(true), "then naming one: taken, and recorded");
+    assert_eq!(engine.enlist(t, p("b"), 0), Ok(0));
+    assert_eq!(engine.enlist(t, p("b"), 0), Ok(0), "a participant that names no run: every Enlist is taken");
+    assert_eq!(engine.enlist(t, p("b"), 3), Ok(3), "then naming one: taken, and recorded");
+    assert_eq!(engine.enlist(t, p("b"), 0), Ok(3), "a repeat naming none records the run recorded, not none");
     assert!(engine.enlist(t, p("b"), 4).is_err());
 }
 
@@ -580,7 +577,7 @@ fn an_interactive_transaction_found_at_start_is_active_with_its_enlisted_and_its
         engine.on_event(Event::RecoveredActive { txid: t, enlisted, idle_remaining }),
         Err(EngineError::Duplicate(t))
     );
-    assert_eq!(engine.enlist(t, p("a"), 7), Ok(false), "the same run, as recorded");
+    assert_eq!(engine.enlist(t, p("a"), 7), Ok(7), "the same run, as recorded");
     assert_eq!(engine.enlist(t, p("a"), 8), Err(EngineError::WorkLost { txid: t, participant: p("a") }));
     engine.on_event(Event::CommitRequested { txid: t, timeout: TIMEOUT }).unwrap();
     let commands = engine.take_commands();
