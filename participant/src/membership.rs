@@ -156,8 +156,10 @@ impl Ownership {
     }
 
     /// The batch `txid` takes the fence of `[lo, step's cursor)`; refused while
-    /// another batch holds it.
-    pub fn fence(&self, txid: TxId, lo: &str, step: &Routing) -> Result<(), Refusal> {
+    /// another batch holds it. True if it was put up now, false if the batch
+    /// held it already (another request of the batch put it up: a step sent
+    /// again, its first copy still under way).
+    pub fn fence(&self, txid: TxId, lo: &str, step: &Routing) -> Result<bool, Refusal> {
         let mut state = self.state();
         let epoch = state.routing.as_ref().map_or(0, |r| r.epoch);
         match &state.fence {
@@ -166,11 +168,11 @@ impl Ownership {
                 reason: format!("migration batch {} is under way here", fence.txid),
                 epoch,
             }),
-            Some(_) => Ok(()),
+            Some(_) => Ok(false),
             None => {
                 state.fence = Some(Fence { txid, lo: lo.to_owned(), step: step.clone() });
                 state.generation += 1;
-                Ok(())
+                Ok(true)
             }
         }
     }
@@ -277,7 +279,8 @@ mod tests {
         let leaving = owned_by(&all, "p1", true);
         let staying = owned_by(&all, "p1", false);
         let batch = step(Cursor::End);
-        own.fence(txid(1), "", &batch).unwrap();
+        assert_eq!(own.fence(txid(1), "", &batch), Ok(true), "put up now");
+        assert_eq!(own.fence(txid(1), "", &batch), Ok(false), "held already: a step of the batch sent again");
         assert_eq!(own.check(None, &leaving).unwrap_err().code, Reason::Migrating);
         assert_eq!(own.check(Some(txid(2)), &leaving).unwrap_err().code, Reason::Migrating);
         assert!(own.check(Some(txid(1)), &leaving).is_ok(), "the batch itself");

@@ -182,6 +182,19 @@ fn done(ops: Vec<KvOp>, step: &v1::MigrationStep, so_far: &[u8]) -> Vec<u8> {
     v1::KvBatch { ops: ops.into_iter().map(Into::into).collect(), migration }.encode_to_vec()
 }
 
+/// Whether the fence goes when a step's work is refused: `put_up` says this
+/// step put it up (rather than finding it held by another request of the
+/// batch). It stays while the batch's branch lives on here: another request
+/// of the batch is under way (IN_PROGRESS, e.g. the first copy of a step sent
+/// twice, still waiting for its locks), or the batch is committing, whose
+/// commit lifts it. Lifted by a copy's refusal, it let a transaction write a
+/// key of the range that the batch's read had already missed, and the key
+/// stayed at its old owner (simulator seed 20,431,557: I10). It goes when the
+/// branch is gone (aborted), or when this step put it up for nothing.
+pub fn fence_goes(put_up: bool, code: Reason, aborted: bool) -> bool {
+    aborted || (put_up && code != Reason::InProgress)
+}
+
 /// How long a step waits for the fence of an earlier batch prepared here
 /// (whose decision is on its way) to go, before it is refused. Below the
 /// coordinator's wait for a step.
@@ -207,9 +220,12 @@ where
     // batch's reads, at a new one nothing is served before the batch's
     // commit lands (a member joining has no ring state yet that would say so).
     let deadline = tokio::time::Instant::now() + FENCE_WAIT;
-    loop {
+    let put_up = loop {
         let lifted = own.fence_lifted();
-        let Err(refusal) = own.fence(txid, &step.lo, &routing) else { break };
+        let refusal = match own.fence(txid, &step.lo, &routing) {
+            Ok(put_up) => break put_up,
+            Err(refusal) => refusal,
+        };
         match superseded(&own, txid) {
             // An earlier batch of this coordinator that never prepared here: it can never commit.
             Some(holder) if handle.supersede(holder).await? => own.release(holder),
@@ -220,7 +236,7 @@ where
             }
             _ => return Err(refused(refusal)),
         }
-    }
+    };
     let keys = if out {
         decree_runtime::crash::point(decree_runtime::crash::MIGRATION_OUT_AFTER_FENCE);
         // What is there, or locked by a branch that may still write it, is taken.
@@ -236,7 +252,9 @@ where
         match in_keys(&step) {
             Ok(keys) => keys,
             Err(status) => {
-                own.release(txid);
+                if put_up {
+                    own.release(txid);
+                }
                 return Err(status);
             }
         }
@@ -244,7 +262,9 @@ where
     let granted = match handle.work(txid, keys.clone()).await? {
         Ok(granted) => granted,
         Err(refusal) => {
-            own.release(txid);
+            if fence_goes(put_up, refusal.code, refusal.aborted) {
+                own.release(txid);
+            }
             return Err(crate::wire::work_refused(refusal.code, refusal.reason, refusal.aborted));
         }
     };
@@ -277,6 +297,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_step_lifts_the_fence_only_when_its_batch_is_gone_here_or_it_put_it_up_for_nothing() {
+        // A copy of a step whose first copy still waits for its locks: the fence stays.
+        assert!(!fence_goes(false, Reason::InProgress, false));
+        // The first copy refused while the copy waits: it stays too.
+        assert!(!fence_goes(true, Reason::InProgress, false));
+        // The batch is committing here (its commit lifts it), found by a step it did not put up.
+        assert!(!fence_goes(false, Reason::AlreadyDecided, false));
+        // The branch aborted: it goes, whoever put it up.
+        assert!(fence_goes(false, Reason::AlreadyDecided, true));
+        assert!(fence_goes(true, Reason::LockConflict, true));
+        // Put up by a late copy of a batch already decided here: it goes.
+        assert!(fence_goes(true, Reason::AlreadyDecided, false));
+    }
 
     /// A ScanMoving or a step whose ring asks for billions of points is
     /// refused before any ring is built.

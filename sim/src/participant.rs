@@ -73,6 +73,8 @@ struct PendingWork {
     so_far: Vec<u8>,
     /// A migration batch's step, and the keys it locks.
     step: Option<(v1::MigrationStep, bool, Vec<String>)>,
+    /// The step put its batch's fence up (not found held by another request of the batch).
+    put_up: bool,
 }
 
 impl PendingWork {
@@ -424,7 +426,15 @@ impl Participant {
                 let keys = kv::keys(&ops);
                 let work = process.next_work;
                 process.next_work += 1;
-                let pending = PendingWork { client: from, rpc, txid, ops, so_far: Vec::new(), step: None };
+                let pending = PendingWork {
+                    client: from,
+                    rpc,
+                    txid,
+                    ops,
+                    so_far: Vec::new(),
+                    step: None,
+                    put_up: false,
+                };
                 process.works.insert(work, pending);
                 self.feed(ctx, Event::WorkRequested { txid, work, keys, at });
             }
@@ -494,19 +504,25 @@ impl Participant {
             Err(status) => return ctx.send(node, from, Msg::Stepped(rpc, Err(status))),
         };
         let planted = !out && ctx.mutated(Mutation::NoFenceAtNewOwner);
-        if let Err(refusal) = if planted { Ok(()) } else { own.fence(txid, &step.lo, &routing) } {
-            let taken = match migration::superseded(&own, txid) {
-                Some(holder) if process.engine.supersede(holder) => {
-                    own.release(holder);
-                    own.fence(txid, &step.lo, &routing)
+        let put_up = match if planted { Ok(false) } else { own.fence(txid, &step.lo, &routing) } {
+            Ok(put_up) => put_up,
+            Err(refusal) => {
+                let taken = match migration::superseded(&own, txid) {
+                    Some(holder) if process.engine.supersede(holder) => {
+                        own.release(holder);
+                        own.fence(txid, &step.lo, &routing)
+                    }
+                    _ => Err(refusal),
+                };
+                match taken {
+                    Ok(put_up) => put_up,
+                    Err(refusal) => {
+                        ctx.send(node, from, Msg::Stepped(rpc, Err(migration::refused(refusal))));
+                        return self.execute(ctx);
+                    }
                 }
-                _ => Err(refusal),
-            };
-            if let Err(refusal) = taken {
-                ctx.send(node, from, Msg::Stepped(rpc, Err(migration::refused(refusal))));
-                return self.execute(ctx);
             }
-        }
+        };
         let keys = if out {
             if ctx.crash_point(node, crash::MIGRATION_OUT_AFTER_FENCE) {
                 return;
@@ -519,7 +535,9 @@ impl Participant {
             match migration::in_keys(&step) {
                 Ok(keys) => keys,
                 Err(status) => {
-                    own.release(txid);
+                    if put_up {
+                        own.release(txid);
+                    }
                     return ctx.send(node, from, Msg::Stepped(rpc, Err(status)));
                 }
             }
@@ -527,7 +545,8 @@ impl Participant {
         let work = process.next_work;
         process.next_work += 1;
         let step = Some((step, out, keys.clone()));
-        let pending = PendingWork { client: from, rpc, txid, ops: Vec::new(), so_far: Vec::new(), step };
+        let pending =
+            PendingWork { client: from, rpc, txid, ops: Vec::new(), so_far: Vec::new(), step, put_up };
         process.works.insert(work, pending);
         self.feed(ctx, Event::WorkRequested { txid, work, keys, at });
     }
@@ -537,7 +556,7 @@ impl Participant {
         let at = self.instant(ctx.now);
         let node = self.node();
         let Some(process) = self.process.as_mut() else { return };
-        let PendingWork { client, rpc, txid, ops, so_far, step } = pending;
+        let PendingWork { client, rpc, txid, ops, so_far, step, .. } = pending;
         if let Some((step, out, keys)) = step {
             let (done, values) = if out {
                 let values = migration::read_out(&process.kv, keys).expect("memory");
@@ -738,7 +757,7 @@ impl Participant {
             }
             Command::WorkRefused { work, code, reason, aborted } => {
                 if let Some(pending) = process.works.remove(&work) {
-                    if pending.step.is_some() {
+                    if pending.step.is_some() && migration::fence_goes(pending.put_up, code, aborted) {
                         process.kv.ownership().release(pending.txid);
                     }
                     pending.fail(ctx, node, wire::work_refused(code, reason, aborted));

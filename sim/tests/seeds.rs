@@ -43,11 +43,18 @@ fn seeds_2000_to_2999_hold_every_invariant() {
 
 /// Seeds that once broke an invariant (found by long runs of `decree-sim
 /// --seeds`), each with what it found: they hold now.
-const FOUND: &[(u64, &str)] = &[(
-    5_157_392,
-    "a repeated Enlist answered before the first one's record had landed: the group's next leader \
-     committed the transaction one-phase at the other participant",
-)];
+const FOUND: &[(u64, &str)] = &[
+    (
+        5_157_392,
+        "a repeated Enlist answered before the first one's record had landed: the group's next leader \
+         committed the transaction one-phase at the other participant",
+    ),
+    (
+        20_431_557,
+        "a migration step sent twice: the copy's refusal lifted the fence the first copy held, and a \
+         transaction wrote keys of the range that stayed at their old owner",
+    ),
+];
 
 #[test]
 fn seeds_that_found_bugs_hold_every_invariant() {
