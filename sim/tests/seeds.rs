@@ -54,6 +54,11 @@ const FOUND: &[(u64, &str)] = &[
         "a migration step sent twice: the copy's refusal lifted the fence the first copy held, and a \
          transaction wrote keys of the range that stayed at their old owner",
     ),
+    (
+        40_113_328,
+        "a stale interactive Prepare (sent before the coordinator restarted) took the active branch \
+         out of its map and aborted nothing: its keys stayed locked for good",
+    ),
 ];
 
 #[test]

@@ -140,7 +140,11 @@ impl Engine {
                 self.commands
                     .push(no(Reason::InProgress, "work of this transaction is still running here".into()));
             }
-            Some(Branch::Active { .. }) => {
+            Some(branch @ Branch::Active { .. }) => {
+                // Back in its place first: abort_active finds it there, logs
+                // the abort and frees its keys (taken out, they stayed locked
+                // for good: simulator seed 40113328, liveness).
+                self.branches.insert(txid, branch);
                 self.abort_active(txid);
                 self.commands.push(no(
                     Reason::Stale,

@@ -576,6 +576,32 @@ mod interactive {
     }
 
     #[test]
+    fn a_stale_interactive_prepare_aborts_the_branch_and_frees_its_keys() {
+        let mut engine = engine();
+        let t = tx(1);
+        work(&mut engine, t, 1, &["a", "b"]);
+        done(&mut engine, t, b"w");
+        event(&mut engine, Event::CoordinatorIncarnation { incarnation: 3 });
+        // A Prepare the coordinator's last incarnation sent before it crashed, delivered now.
+        let prepare = Event::PrepareRequested {
+            txid: t,
+            keys: vec![],
+            payload: vec![],
+            one_phase: false,
+            incarnation: 2,
+            interactive: true,
+        };
+        let commands = event(&mut engine, prepare);
+        assert!(commands.contains(&Command::LogAbort { txid: t, prepared: false }), "{commands:?}");
+        assert!(
+            commands.iter().any(|c| matches!(c, Command::Vote { txid, vote: Vote::No { code: Reason::Stale, .. } } if *txid == t)),
+            "{commands:?}"
+        );
+        assert_eq!(engine.outcome(t), Some(Outcome::Aborted));
+        assert!(engine.locks().is_empty(), "its keys are free: {:?}", engine.locks());
+    }
+
+    #[test]
     fn work_of_an_older_incarnation_outlives_a_newer_one_which_prepares_it() {
         let mut engine = engine();
         let (old, prepared_old) = (tx(1), tx(2));
