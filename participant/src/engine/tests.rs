@@ -562,6 +562,11 @@ mod read_wait {
     }
 }
 
+/// An interactive transaction's Prepare from coordinator incarnation `incarnation`.
+fn interactive_prepare(txid: TxId, one_phase: bool, incarnation: u64) -> Event {
+    Event::PrepareRequested { txid, keys: vec![], payload: vec![], one_phase, incarnation, interactive: true }
+}
+
 mod interactive {
     use super::*;
 
@@ -583,14 +588,7 @@ mod interactive {
         done(&mut engine, t, b"w");
         event(&mut engine, Event::CoordinatorIncarnation { incarnation: 3 });
         // A Prepare the coordinator's last incarnation sent before it crashed, delivered now.
-        let prepare = Event::PrepareRequested {
-            txid: t,
-            keys: vec![],
-            payload: vec![],
-            one_phase: false,
-            incarnation: 2,
-            interactive: true,
-        };
+        let prepare = interactive_prepare(t, false, 2);
         let commands = event(&mut engine, prepare);
         assert!(commands.contains(&Command::LogAbort { txid: t, prepared: false }), "{commands:?}");
         assert!(
@@ -615,14 +613,7 @@ mod interactive {
         assert_eq!(commands, vec![], "nothing aborted");
         assert_eq!(engine.outcome(old), None);
         assert_eq!(engine.locks().keys().collect::<Vec<_>>(), ["a", "p"], "both keep their locks");
-        let prepare = Event::PrepareRequested {
-            txid: old,
-            keys: vec![],
-            payload: vec![],
-            one_phase: false,
-            incarnation: 3,
-            interactive: true,
-        };
+        let prepare = interactive_prepare(old, false, 3);
         assert_eq!(
             event(&mut engine, prepare),
             vec![Command::Validate { txid: old, payload: b"w".to_vec() }],
@@ -643,14 +634,7 @@ mod interactive {
         done(&mut engine, other, b"w");
         work(&mut engine, waiting, 3, &["b"]);
         for (txid, work_refused) in [(running, false), (waiting, true)] {
-            let prepare = Event::PrepareRequested {
-                txid,
-                keys: vec![],
-                payload: vec![],
-                one_phase: false,
-                incarnation: 2,
-                interactive: true,
-            };
+            let prepare = interactive_prepare(txid, false, 2);
             let commands = event(&mut engine, prepare);
             let vote = no(txid, Reason::InProgress, "work of this transaction is still running here");
             assert_eq!(commands.last(), Some(&vote), "{commands:?}");
@@ -715,17 +699,7 @@ mod interactive {
     }
 
     fn commit(engine: &mut Engine, txid: TxId, one_phase: bool) -> Vec<Command> {
-        event(
-            engine,
-            Event::PrepareRequested {
-                txid,
-                keys: vec![],
-                payload: vec![],
-                one_phase,
-                incarnation: 2,
-                interactive: true,
-            },
-        )
+        event(engine, interactive_prepare(txid, one_phase, 2))
     }
 
     fn granted(work: u64, so_far: &[u8], first: bool) -> Command {
@@ -1008,17 +982,7 @@ fn a_message_for_a_forgotten_txid_is_refused_as_stale_never_taken_for_new() {
     assert_eq!(prepare(&mut engine, tx(1), &["a"], false), vec![no(tx(1), Reason::Stale, &reason(tx(1)))]);
     assert!(engine.locks().is_empty());
     // A late interactive Prepare too, and it leaves no tombstone that could lie later.
-    let commands = event(
-        &mut engine,
-        Event::PrepareRequested {
-            txid: tx(2),
-            keys: vec![],
-            payload: vec![],
-            one_phase: true,
-            incarnation: 2,
-            interactive: true,
-        },
-    );
+    let commands = event(&mut engine, interactive_prepare(tx(2), true, 2));
     assert_eq!(commands, vec![no(tx(2), Reason::Stale, &reason(tx(2)))]);
     // Work for it is refused, the branch aborted.
     let commands = event(
