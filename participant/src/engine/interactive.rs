@@ -124,53 +124,59 @@ impl Engine {
 
     pub(super) fn on_interactive_prepare(&mut self, txid: TxId, one_phase: bool, incarnation: u64) {
         let no = |code: Reason, reason: String| Command::Vote { txid, vote: Vote::No { code, reason } };
-        match self.branches.remove(&txid) {
-            Some(Branch::Active { keys, work, busy: false, .. })
-                if incarnation >= self.coordinator_incarnation =>
-            {
-                self.start_validating(txid, keys, work, one_phase);
+        // Looked at in place: only a branch that starts validating leaves the
+        // map here; every other arm finds it where its handlers look (a stale
+        // arm that took it out aborted nothing and left its keys locked for
+        // good: simulator seed 40113328, liveness).
+        let active = match self.branches.get(&txid) {
+            Some(Branch::Active { busy, .. }) => Some(*busy),
+            Some(_) => None,
+            None => return self.on_interactive_prepare_unknown(txid, one_phase, incarnation),
+        };
+        match active {
+            Some(false) if incarnation >= self.coordinator_incarnation => {
+                if let Some(Branch::Active { keys, work, .. }) = self.branches.remove(&txid) {
+                    self.start_validating(txid, keys, work, one_phase);
+                }
             }
-            Some(branch @ Branch::Active { busy: true, .. }) => {
+            Some(true) => {
                 // NO: the transaction aborts, and the coordinator tells only
                 // those that may hold a prepared branch, never a NO voter. So
                 // roll back here now, as every NO voter does: the keys go free
                 // (the work still running finds its branch gone).
-                self.branches.insert(txid, branch);
                 self.on_abort(txid, false);
                 self.commands
                     .push(no(Reason::InProgress, "work of this transaction is still running here".into()));
             }
-            Some(branch @ Branch::Active { .. }) => {
-                // Back in its place first: abort_active finds it there, logs
-                // the abort and frees its keys (taken out, they stayed locked
-                // for good: simulator seed 40113328, liveness).
-                self.branches.insert(txid, branch);
+            Some(false) => {
                 self.abort_active(txid);
                 self.commands.push(no(
                     Reason::Stale,
                     format!("stale Prepare from coordinator incarnation {incarnation}"),
                 ));
             }
-            Some(other) => {
-                self.branches.insert(txid, other);
-                // Already preparing or decided: answer like a repeated one-shot Prepare.
-                self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation);
+            // Already preparing or decided: answer like a repeated one-shot Prepare.
+            None => self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation),
+        }
+    }
+
+    /// An interactive Prepare for a txid with no branch here.
+    fn on_interactive_prepare_unknown(&mut self, txid: TxId, one_phase: bool, incarnation: u64) {
+        let no = |code: Reason, reason: String| Command::Vote { txid, vote: Vote::No { code, reason } };
+        match self.tombstones.get(&txid) {
+            Some(_) => self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation),
+            // Decided long ago and forgotten: stale. Remember nothing (it may have committed).
+            None if self.tombstones.forgotten(txid).is_some() => {
+                self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation)
             }
-            None => match self.tombstones.get(&txid) {
-                Some(_) => self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation),
-                // Decided long ago and forgotten: stale. Remember nothing (it may have committed).
-                None if self.tombstones.forgotten(txid).is_some() => {
-                    self.on_prepare(txid, Vec::new(), Vec::new(), one_phase, incarnation)
-                }
-                None => {
-                    // The work is gone (lost in a restart): it must not commit without it.
-                    self.remember(txid, Outcome::Aborted);
-                    self.commands.push(no(
-                        Reason::WorkLost,
-                        "no work of this transaction here (lost in a restart, or timed out)".into(),
-                    ));
-                }
-            },
+            None => {
+                // The work is gone (lost in a restart): it must not commit without it.
+                self.remember(txid, Outcome::Aborted);
+                self.commands.push(no(
+                    Reason::WorkLost,
+                    "no work of this transaction here (lost in a restart, or timed out)".into(),
+                ));
+            }
         }
     }
 }
