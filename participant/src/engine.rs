@@ -845,8 +845,12 @@ impl Engine {
                 self.abort_active(txid);
             }
             Some(Branch::Validating { keys, one_phase, .. }) => {
+                // Acked once the abort tombstone that validation's end writes
+                // is recorded (`AbortLogged`), as for any txid never prepared
+                // here: the ack tells a coordinator asking about a one-phase
+                // branch that it never commits, and only the tombstone keeps
+                // a late Prepare from committing it after a restart.
                 self.branches.insert(txid, Branch::Validating { keys, one_phase, abort_requested: true });
-                reply(self, Ack::Done);
             }
             Some(Branch::Logging { keys, redo, one_phase: false, .. }) => {
                 self.branches

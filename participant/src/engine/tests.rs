@@ -273,16 +273,43 @@ fn an_abort_during_a_one_phase_commit_is_answered_committed_once_durable() {
     );
 }
 
+/// The coordinator of a one-phase branch whose vote it lost asks with an
+/// Abort, and takes the ack as "never commits". A branch still validating is
+/// acked only once its abort tombstone is recorded: acked before, a crash
+/// would lose the tombstone, and a late copy of the Prepare could then commit
+/// what the client was told aborted.
+#[test]
+fn a_one_phase_branch_aborted_while_validating_is_acked_once_its_tombstone_is_recorded() {
+    let mut engine = Engine::new();
+    let t = tx(1);
+    prepare(&mut engine, t, &["a"], true);
+    assert_eq!(event(&mut engine, Event::AbortRequested { txid: t }), vec![], "not before the tombstone");
+    assert_eq!(
+        event(&mut engine, Event::Validated { txid: t, result: Validated::Ready { redo: vec![1] } }),
+        vec![
+            Command::LogAbort { txid: t, prepared: false },
+            no(t, Reason::AlreadyDecided, "aborted while preparing")
+        ],
+        "never committed"
+    );
+    assert_eq!(
+        event(&mut engine, Event::AbortLogged { txid: t }),
+        vec![Command::AckAbort { txid: t, ack: Ack::Done }]
+    );
+    assert!(engine.locks().is_empty());
+    assert_eq!(
+        prepare(&mut engine, t, &["a"], true),
+        vec![no(t, Reason::AlreadyDecided, "transaction already aborted here")]
+    );
+}
+
 #[test]
 fn an_abort_while_preparing_never_becomes_yes() {
     let mut engine = Engine::new();
     let (t1, t2) = (tx(1), tx(2));
     // Abort before validation finished.
     prepare(&mut engine, t1, &["a"], false);
-    assert_eq!(
-        event(&mut engine, Event::AbortRequested { txid: t1 }),
-        vec![Command::AckAbort { txid: t1, ack: Ack::Done }]
-    );
+    assert_eq!(event(&mut engine, Event::AbortRequested { txid: t1 }), vec![], "acked once recorded");
     assert_eq!(
         event(&mut engine, Event::Validated { txid: t1, result: Validated::Ready { redo: vec![] } }),
         vec![
@@ -291,7 +318,10 @@ fn an_abort_while_preparing_never_becomes_yes() {
         ]
     );
     assert_eq!(engine.outcome(t1), Some(Outcome::Aborted), "a late Prepare will vote NO");
-    event(&mut engine, Event::AbortLogged { txid: t1 });
+    assert_eq!(
+        event(&mut engine, Event::AbortLogged { txid: t1 }),
+        vec![Command::AckAbort { txid: t1, ack: Ack::Done }]
+    );
     // Abort while the prepared record is being written.
     prepare(&mut engine, t2, &["a"], false);
     event(&mut engine, Event::Validated { txid: t2, result: Validated::Ready { redo: vec![] } });
