@@ -187,6 +187,10 @@ pub struct Stats {
     /// A coordinator group's runs: leaders lost, and of their writes still
     /// replicating, those the next leader held and those it did not.
     pub group: bool,
+    /// Runs whose participants' resource waits to validate (see
+    /// `Participant::start`), and the Aborts that reached a branch still validating.
+    pub slow_resource: bool,
+    pub aborts_while_validating: u64,
     pub leader_changes: u64,
     pub replicating_kept: u64,
     pub replicating_lost: u64,
@@ -428,6 +432,10 @@ pub fn run(options: &Options) -> Report {
     let faults_end = rng.random_range(5..=30) * SECOND;
     // A third of the seeds run a coordinator group's leader (see `coordinator`).
     let group = options.seed % 3 == 2;
+    // A quarter of them, whatever the coordinator, participants whose
+    // resource waits to validate (picked apart from the random choices, so
+    // that the other seeds run as they did before).
+    let slow_resource = (options.seed / 3).is_multiple_of(4);
     let crash_odds = faults.crashes;
     let mut ctx = Ctx {
         now: 0,
@@ -437,7 +445,7 @@ pub fn run(options: &Options) -> Report {
         next_rpc: 0,
         mutation: options.mutation,
         ghost: check::Ghost::new(options.effects_only),
-        stats: Stats { faults_end, group, ..Stats::default() },
+        stats: Stats { faults_end, group, slow_resource, ..Stats::default() },
         keep_trace: options.trace,
         trace: Vec::new(),
         hasher: std::collections::hash_map::DefaultHasher::new(),
@@ -452,9 +460,10 @@ pub fn run(options: &Options) -> Report {
     ctx.trace(|| {
         format!(
             "seed {} {} participants {participants} (ring of {members}, {changes} changes, batches of \
-             {batch_keys}) clients {clients} faults {faults:?}",
+             {batch_keys}) clients {clients}{} faults {faults:?}",
             options.seed,
-            if group { "group" } else { "single" }
+            if group { "group" } else { "single" },
+            if slow_resource { " slow resource" } else { "" }
         )
     });
     let retention = check::Retention::choose(&mut ctx.rng);
@@ -463,7 +472,7 @@ pub fn run(options: &Options) -> Report {
     let coordinator =
         Coordinator::start(&mut ctx, participants, retention, routing.clone(), batch_keys, group);
     let participants: Vec<Participant> = (0..participants)
-        .map(|p| Participant::start(&mut ctx, p, retention, (p < members).then_some(&routing)))
+        .map(|p| Participant::start(&mut ctx, p, retention, (p < members).then_some(&routing), slow_resource))
         .collect();
     let view = Arc::new(routing);
     let clients: Vec<Client> = (0..clients).map(|c| Client::new(&mut ctx, c, view.clone())).collect();

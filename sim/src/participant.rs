@@ -5,7 +5,7 @@
 //! through `decree_participant::wire`, and the resolver asks the coordinator
 //! about branches in doubt.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use decree_participant::engine::{
@@ -26,7 +26,7 @@ use rand::Rng;
 
 use crate::check::Retention;
 use crate::coordinator::name;
-use crate::{Ctx, Item, Msg, Mutation, Node, Time, MS};
+use crate::{Ctx, Item, Msg, Mutation, Node, Time, MS, SECOND};
 
 const LOCK_WAIT: Duration = Duration::from_millis(200);
 const IN_DOUBT_AFTER: Time = 1_000 * MS;
@@ -112,6 +112,8 @@ struct Process {
     /// This run of the process, named in every Enlist.
     run: u64,
     disk_free: Time,
+    /// Branches whose validation is under way (the resource has not answered).
+    validating: BTreeSet<TxId>,
 }
 
 /// Bytes of committed values the first participant caches (see `boot`).
@@ -119,6 +121,11 @@ const SMALL_CACHE: usize = 16 * 256;
 
 pub struct Participant {
     index: usize,
+    /// Its resource waits to validate a branch (as a PostgreSQL resource's
+    /// `PREPARE TRANSACTION` does: its own locks, its own disk) instead of
+    /// answering on the actor's turn as the KV store does: the branch stays
+    /// validating while other messages arrive (the seed picks).
+    slow: bool,
     /// Answers as a participant that predates typed answers: status codes for
     /// refusals, no reason codes (the seed picks).
     legacy: bool,
@@ -137,10 +144,12 @@ impl Participant {
         index: usize,
         retention: Retention,
         routing: Option<&Routing>,
+        slow: bool,
     ) -> Participant {
         let legacy = ctx.rng().random_bool(0.3);
         let mut participant = Participant {
             index,
+            slow,
             legacy,
             name: name(index),
             disk: MemLog::new(),
@@ -251,6 +260,7 @@ impl Participant {
             first_resolve: recovered > 0,
             run: ctx.rng().random::<u64>() | 1,
             disk_free: ctx.now,
+            validating: BTreeSet::new(),
         });
         let epoch = self.epoch;
         let p = self.index;
@@ -302,7 +312,12 @@ impl Participant {
 
     pub fn work(&mut self, ctx: &mut Ctx, work: Work) {
         match work {
-            Work::Engine(event) => self.feed(ctx, event),
+            Work::Engine(event) => {
+                if let (Event::Validated { txid, .. }, Some(process)) = (&event, self.process.as_mut()) {
+                    process.validating.remove(txid);
+                }
+                self.feed(ctx, event)
+            }
             Work::Disk(disk) => self.disk_done(ctx, disk),
             Work::Deadline(rpc) => self.unanswered(ctx, rpc),
             Work::Resolve => self.resolve(ctx),
@@ -419,6 +434,9 @@ impl Participant {
                 self.feed(ctx, Event::CommitRequested { txid });
             }
             Msg::Abort(rpc, txid, typed) => {
+                if process.validating.contains(&txid) {
+                    ctx.stats.aborts_while_validating += 1;
+                }
                 process.abort_waiters.entry(txid).or_default().push((from, rpc, typed && !self.legacy));
                 self.feed(ctx, Event::AbortRequested { txid });
             }
@@ -677,7 +695,16 @@ impl Participant {
         match command {
             Command::Validate { txid, payload } => {
                 let result: Validated = process.kv.validate_for(Some(txid), &payload);
-                self.schedule(ctx, 20, Work::Engine(Event::Validated { txid, result }));
+                process.validating.insert(txid);
+                let after = match self.slow {
+                    // Most validations take a few milliseconds; one in fifty
+                    // waits on the resource's own locks, past the coordinator's
+                    // deadline for the vote.
+                    true if ctx.rng().random_bool(0.02) => ctx.rng().random_range(500 * MS..2 * SECOND),
+                    true => ctx.rng().random_range(100..5 * MS),
+                    false => 20,
+                };
+                self.schedule(ctx, after, Work::Engine(Event::Validated { txid, result }));
             }
             Command::LogPrepared { txid, keys, redo } => {
                 if ctx.crash_point(node, crash::PARTICIPANT_PREPARE_BEFORE_LOG) {
