@@ -40,6 +40,8 @@ const ALONE_AFTER: Time = 300 * MS;
 #[derive(Debug)]
 pub enum Work {
     Engine(Event),
+    /// A slow resource's own commit finished: the commit record goes to the disk.
+    Apply(Disk),
     Disk(Disk),
     Deadline(u64),
     Resolve,
@@ -121,10 +123,11 @@ const SMALL_CACHE: usize = 16 * 256;
 
 pub struct Participant {
     index: usize,
-    /// Its resource waits to validate a branch (as a PostgreSQL resource's
-    /// `PREPARE TRANSACTION` does: its own locks, its own disk) instead of
-    /// answering on the actor's turn as the KV store does: the branch stays
-    /// validating while other messages arrive (the seed picks).
+    /// Its resource waits to validate a branch and to commit it (as a
+    /// PostgreSQL resource's `PREPARE TRANSACTION` and `COMMIT PREPARED` do:
+    /// its own locks, its own disk) instead of answering on the actor's turn
+    /// as the KV store does: the branch stays validating, or committing
+    /// before its record is written, while other messages arrive (the seed picks).
     slow: bool,
     /// Answers as a participant that predates typed answers: status codes for
     /// refusals, no reason codes (the seed picks).
@@ -318,6 +321,7 @@ impl Participant {
                 }
                 self.feed(ctx, event)
             }
+            Work::Apply(disk) => self.write(ctx, disk, true),
             Work::Disk(disk) => self.disk_done(ctx, disk),
             Work::Deadline(rpc) => self.unanswered(ctx, rpc),
             Work::Resolve => self.resolve(ctx),
@@ -724,7 +728,14 @@ impl Participant {
                 if ctx.mutated(Mutation::AckBeforeDurable) && !one_phase {
                     self.schedule(ctx, 0, Work::Engine(Event::CommitLogged { txid }));
                 }
-                self.write(ctx, Disk::Commit { txid, redo, one_phase }, true);
+                let disk = Disk::Commit { txid, redo, one_phase };
+                if self.slow {
+                    // The resource commits first (in a task of the runtime), then the record is written.
+                    let after = ctx.rng().random_range(100..5 * MS);
+                    self.schedule(ctx, after, Work::Apply(disk));
+                } else {
+                    self.write(ctx, disk, true);
+                }
             }
             Command::LogAbort { txid, prepared } => {
                 if ctx.crash_point(node, crash::PARTICIPANT_ABORT_BEFORE_APPLY) {
